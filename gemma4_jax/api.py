@@ -1,0 +1,111 @@
+"""The notebook/script entry point: `gemma4_jax.load(...)` and the `Gemma4Model` it returns.
+
+Owns the run options (dtype default per platform, pp, max length), turning a checkpoint directory
+into a ready model, and the jitted whole-model functions behind `.logits`. The model's params are
+split from the NNX module once and passed into every compiled call as arguments.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .config import Gemma4Config
+from .errors import CheckpointError, ConfigError
+from .hf_checkpoint import model_from_params, read_hf_params
+from .model import Gemma4Text
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How a model runs (separate from what the model is)."""
+
+    dtype: str = "float32"
+    pp: int = 1
+    max_seq_len: int | None = None
+
+
+def default_dtype() -> str:
+    """bfloat16 on accelerators, float32 on the CPU."""
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def resolve_dtype(dtype) -> str:
+    if dtype is None:
+        return default_dtype()
+    name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name not in DTYPES:
+        raise ConfigError(f"unsupported dtype {dtype!r}; use 'float32' or 'bfloat16'")
+    return name
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(graphdef, state, ids_bt):
+    return nnx.merge(graphdef, state)(ids_bt)
+
+
+class Gemma4Model:
+    """A loaded Gemma 4 model: `.config`, `.tokenizer`, `.logits(tokens)`."""
+
+    def __init__(self, module: Gemma4Text, run: RunConfig, tokenizer=None, path: str | None = None):
+        self.config: Gemma4Config = module.cfg
+        self.run = run
+        self.tokenizer = tokenizer
+        self.path = path
+        self.graphdef, self.state = nnx.split(module)
+
+    @property
+    def module(self) -> Gemma4Text:
+        """The NNX module (a fresh view over the same parameter arrays)."""
+        return nnx.merge(self.graphdef, self.state)
+
+    def _check_tokens(self, tokens) -> np.ndarray:
+        ids = np.asarray(tokens)
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise ConfigError(f"tokens must be an integer array [B, T], got shape {ids.shape} of {ids.dtype}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            raise ConfigError(f"token ids must lie in [0, {self.config.vocab_size})")
+        limit = self.run.max_seq_len or self.config.max_position_embeddings
+        if ids.shape[1] > limit:
+            raise ConfigError(f"{ids.shape[1]} tokens exceed the context of {limit}")
+        return ids.astype(np.int32)
+
+    def logits(self, tokens) -> np.ndarray:
+        """Float32 soft-capped next-token logits [B, T, V] of a full causal forward over `tokens` [B, T]."""
+        ids = self._check_tokens(tokens)
+        return np.asarray(_logits(self.graphdef, self.state, jnp.asarray(ids)), dtype=np.float32)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Gemma4Model({c.name!r}, layers={c.num_layers}, d={c.hidden_size}, dtype={self.run.dtype}, "
+                f"pp={self.run.pp})")
+
+
+def load(path: str | None = None, *, pp: int = 1, dtype=None, max_seq_len: int | None = None,
+         progress: bool = True) -> Gemma4Model:
+    """Load a Gemma 4 checkpoint directory (Hugging Face format) as a ready-to-run model.
+
+    `dtype` is 'float32' or 'bfloat16' (default: bfloat16 on GPU, float32 on CPU). Errors are
+    `gemma4_jax.Gemma4Error` subclasses with one sentence naming the problem.
+    """
+    if path is None:
+        raise ConfigError("no checkpoint given: pass the path of a Gemma 4 checkpoint directory")
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} is not a directory")
+    if pp != 1:
+        raise ConfigError(f"pp={pp} is not supported yet; pipeline parallelism needs pp=1 for now")
+    run = RunConfig(dtype=resolve_dtype(dtype), pp=pp, max_seq_len=max_seq_len)
+    cfg = Gemma4Config.from_json(path)
+    jdtype = DTYPES[run.dtype]
+    params = read_hf_params(path, cfg, jdtype, progress=progress)
+    module = model_from_params(cfg, params, jdtype)
+    return Gemma4Model(module, run, tokenizer=None, path=path)

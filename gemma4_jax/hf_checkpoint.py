@@ -1,0 +1,250 @@
+"""Hugging Face Gemma 4 checkpoints → model parameters: the one strict converter table.
+
+Owns the mapping from every HF tensor name to its place in `Gemma4Text` (path, stack index,
+layout transform), the prefix detection (`model.language_model.` for Gemma4ForConditionalGeneration,
+`model.` for Gemma4ForCausalLM), the list of tensors that may be ignored (KV weights of KV-shared
+layers, the tied `lm_head`, non-text towers), and a streaming reader that fills each stacked
+parameter tensor by tensor and checks that every expected tensor is set exactly once with the
+expected shape.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .config import Gemma4Config
+from .safetensors_io import CheckpointError, SafetensorsFile, checkpoint_files
+
+Path = tuple[str, ...]
+# Prefixes of the non-text parts of a Gemma4ForConditionalGeneration checkpoint.
+NON_TEXT_PREFIXES = ("model.vision_tower.", "model.embed_vision.", "model.audio_tower.", "model.embed_audio.")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one HF tensor (or one part of it) goes."""
+
+    path: Path  # attribute path in Gemma4Text
+    index: int | None  # position in the kind's stack; None for unstacked parameters
+    transform: Callable[[np.ndarray], np.ndarray]  # HF layout -> our layout
+
+
+@dataclass(frozen=True)
+class Entry:
+    hf_shape: tuple[int, ...]
+    targets: tuple[Target, ...]
+
+
+def _t(a: np.ndarray) -> np.ndarray:
+    return a.T
+
+
+def _same(a: np.ndarray) -> np.ndarray:
+    return a
+
+
+def converter_table(cfg: Gemma4Config) -> tuple[dict[str, Entry], set[str]]:
+    """{HF name without prefix: Entry} for every tensor the model needs, and the ignorable names."""
+    d, n, L, p = cfg.hidden_size, cfg.num_heads, cfg.num_layers, cfg.ple_dim
+    table: dict[str, Entry] = {}
+    ignorable: set[str] = {"lm_head.weight"}
+
+    def put(name, shape, *targets):
+        table[name] = Entry(tuple(shape), tuple(targets))
+
+    put("embed_tokens.weight", (cfg.vocab_size, d), Target(("embed",), None, _same))
+    put("norm.weight", (d,), Target(("final_norm",), None, _same))
+    if p:
+        put("embed_tokens_per_layer.weight", (cfg.ple_vocab_size, L * p), Target(("ple_embed",), None, _same))
+        put("per_layer_model_projection.weight", (L * p, d),
+            Target(("ple_proj",), None, lambda a: a.T.reshape(d, L, p)))
+        put("per_layer_projection_norm.weight", (p,), Target(("ple_norm",), None, _same))
+
+    for spec, (kind, i) in zip(cfg.layers, cfg.layer_plan, strict=True):
+        pre, st = f"layers.{spec.index}.", ("stacks", kind)
+        h, k, f = spec.head_dim, spec.num_kv_heads, spec.mlp_width
+
+        def tgt(*path, fn=_same, st=st, i=i):
+            return Target(st + path, i, fn)
+
+        for hf, ours in (("input_layernorm", "input_norm"), ("post_attention_layernorm", "post_attn_norm"),
+                         ("pre_feedforward_layernorm", "pre_ffw_norm"),
+                         ("post_feedforward_layernorm", "post_ffw_norm")):
+            put(pre + hf + ".weight", (d,), tgt(ours))
+        put(pre + "layer_scalar", (1,), tgt("layer_scalar", fn=lambda a: a.reshape(())))
+        put(pre + "self_attn.q_proj.weight", (n * h, d), tgt("attn", "q_proj", fn=lambda a, h=h: a.T.reshape(d, n, h)))
+        put(pre + "self_attn.q_norm.weight", (h,), tgt("attn", "q_norm"))
+        put(pre + "self_attn.o_proj.weight", (d, n * h), tgt("attn", "o_proj", fn=lambda a, h=h: a.T.reshape(n, h, d)))
+        kv_names = [pre + "self_attn." + x for x in ("k_proj.weight", "v_proj.weight", "k_norm.weight")]
+        if spec.owns_kv:
+            kv_fn = lambda a, h=h, k=k: a.T.reshape(d, k, h)  # noqa: E731
+            put(kv_names[0], (k * h, d), tgt("attn", "k_proj", fn=kv_fn))
+            put(kv_names[2], (h,), tgt("attn", "k_norm"))
+            if not spec.k_eq_v:
+                put(kv_names[1], (k * h, d), tgt("attn", "v_proj", fn=kv_fn))
+        else:
+            ignorable.update(kv_names)  # stale K/V weights of shared layers: never used
+        put(pre + "mlp.gate_proj.weight", (f, d), tgt("mlp", "gate", fn=_t))
+        put(pre + "mlp.up_proj.weight", (f, d), tgt("mlp", "up", fn=_t))
+        put(pre + "mlp.down_proj.weight", (d, f), tgt("mlp", "down", fn=_t))
+        if spec.moe:
+            e, fe = cfg.num_experts, cfg.moe_intermediate_size
+            put(pre + "router.proj.weight", (e, d), tgt("moe", "router_proj", fn=_t))
+            put(pre + "router.scale", (d,), tgt("moe", "router_scale"))
+            put(pre + "router.per_expert_scale", (e,), tgt("moe", "per_expert_scale"))
+            # gate_up_proj[e] is [2F, D]: gate rows first, then up rows.
+            put(pre + "experts.gate_up_proj", (e, 2 * fe, d),
+                tgt("moe", "gate", fn=lambda a, fe=fe: a[:, :fe, :].transpose(0, 2, 1)),
+                tgt("moe", "up", fn=lambda a, fe=fe: a[:, fe:, :].transpose(0, 2, 1)))
+            put(pre + "experts.down_proj", (e, d, fe), tgt("moe", "down", fn=lambda a: a.transpose(0, 2, 1)))
+            put(pre + "pre_feedforward_layernorm_2.weight", (d,), tgt("pre_ffw_norm_2"))
+            put(pre + "post_feedforward_layernorm_1.weight", (d,), tgt("post_ffw_norm_1"))
+            put(pre + "post_feedforward_layernorm_2.weight", (d,), tgt("post_ffw_norm_2"))
+        if spec.ple:
+            put(pre + "per_layer_input_gate.weight", (p, d), tgt("ple_gate", fn=_t))
+            put(pre + "per_layer_projection.weight", (d, p), tgt("ple_proj", fn=_t))
+            put(pre + "post_per_layer_input_norm.weight", (d,), tgt("ple_post_norm"))
+    return table, ignorable
+
+
+def text_prefix(names: Iterable[str]) -> str:
+    """`model.language_model.` (multimodal wrapper) or `model.` (text-only save)."""
+    names = list(names)
+    if any(nm.startswith("model.language_model.") for nm in names):
+        return "model.language_model."
+    if any(nm.startswith("model.") for nm in names):
+        return "model."
+    raise CheckpointError("the checkpoint holds no Gemma 4 text weights (no 'model.' tensors)")
+
+
+def target_shapes(cfg: Gemma4Config, dtype) -> dict[Path, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of every parameter of the model, keyed by path."""
+    from .model import abstract_model
+
+    out = {}
+    for path, var in iter_params(abstract_model(cfg, dtype)):
+        value = var.get_value()
+        out[path] = (tuple(value.shape), np.dtype(value.dtype))
+    return out
+
+
+def iter_params(module: nnx.Module, prefix: Path = ()):
+    """(path, Param) for every parameter of a module, paths as attribute/key names."""
+    for path, var in nnx.iter_graph(module):
+        if isinstance(var, nnx.Param):
+            yield tuple(str(x) for x in path), var
+
+
+class _Filler:
+    """Stacked numpy buffers filled tensor by tensor; each slot must be set exactly once."""
+
+    def __init__(self, shapes: dict[Path, tuple[tuple[int, ...], np.dtype]], wanted: Callable[[Path], bool]):
+        self.shapes = {p: s for p, s in shapes.items() if wanted(p)}
+        self.buffers: dict[Path, np.ndarray] = {}
+        self.filled: dict[Path, np.ndarray] = {}
+
+    def set(self, target: Target, value: np.ndarray, hf_name: str) -> None:
+        if target.path not in self.shapes:
+            return
+        shape, dtype = self.shapes[target.path]
+        if target.path not in self.buffers:
+            self.buffers[target.path] = np.empty(shape, dtype)
+            self.filled[target.path] = np.zeros(shape[0] if target.index is not None else 1, bool)
+        slot = target.index if target.index is not None else 0
+        if self.filled[target.path][slot]:
+            raise CheckpointError(f"tensor {hf_name} appears twice in the checkpoint")
+        buf = self.buffers[target.path]
+        value = target.transform(value)
+        want = shape[1:] if target.index is not None else shape
+        if value.shape != want:  # the table checked the HF shape; this guards the transform
+            raise CheckpointError(f"tensor {hf_name} maps to shape {value.shape}, expected {want}")
+        if target.index is None:
+            buf[...] = value.astype(dtype, copy=False)
+        else:
+            buf[target.index] = value.astype(dtype, copy=False)
+        self.filled[target.path][slot] = True
+
+    def missing(self) -> list[Path]:
+        return [p for p in self.shapes if p not in self.filled or not self.filled[p].all()]
+
+
+def read_hf_params(hf_dir: str, cfg: Gemma4Config, dtype=jnp.float32, wanted: Callable[[Path], bool] | None = None,
+                   progress: bool = False) -> dict[Path, np.ndarray]:
+    """Read an HF directory into {path: numpy array in `dtype`}, tensor by tensor.
+
+    `wanted(path)` restricts which parameters are materialised (a pipeline stage's share); the
+    whole checkpoint is still validated. Raises CheckpointError with one clear sentence on a
+    missing, unexpected, duplicated or misshaped tensor.
+    """
+    files = checkpoint_files(hf_dir)
+    opened = [SafetensorsFile(f) for f in files]
+    names = [nm for st in opened for nm in st.keys()]
+    prefix = text_prefix(names)
+    table, ignorable = converter_table(cfg)
+    filler = _Filler(target_shapes(cfg, dtype), wanted or (lambda p: True))
+    seen: set[str] = set()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(len(st.keys()) for st in opened), desc="loading tensors", unit="tensor", leave=False)
+    for st in opened:
+        for full in st.keys():
+            if bar is not None:
+                bar.update(1)
+            if full.startswith(NON_TEXT_PREFIXES) or full == "lm_head.weight":
+                continue
+            if not full.startswith(prefix):
+                raise CheckpointError(f"unexpected tensor {full} (outside the text model prefix {prefix!r})")
+            name = full[len(prefix):]
+            if name in ignorable:
+                continue
+            entry = table.get(name)
+            if entry is None:
+                raise CheckpointError(f"unexpected tensor {full} for this config")
+            if st.shape(full) != entry.hf_shape:
+                raise CheckpointError(f"tensor {full} has shape {list(st.shape(full))}, expected {list(entry.hf_shape)}")
+            if name in seen:
+                raise CheckpointError(f"tensor {full} appears twice in the checkpoint")
+            seen.add(name)
+            if any(t.path in filler.shapes for t in entry.targets):
+                value = st.get(full)
+                for t in entry.targets:
+                    filler.set(t, value, full)
+    if bar is not None:
+        bar.close()
+    absent = sorted(set(table) - seen, key=_natural)
+    if absent:
+        more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
+        raise CheckpointError(f"checkpoint {hf_dir} lacks tensor {prefix}{absent[0]}{more}")
+    assert not filler.missing(), filler.missing()  # the table covers every parameter
+    return filler.buffers
+
+
+def _natural(s: str):
+    return [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", s)]
+
+
+def get_variable(module: nnx.Module, path: Path) -> nnx.Variable:
+    obj = module
+    for key in path:
+        obj = obj[key] if isinstance(obj, nnx.Dict) else getattr(obj, key)
+    return obj
+
+
+def model_from_params(cfg: Gemma4Config, params: dict[Path, np.ndarray], dtype, put=jnp.asarray):
+    """An NNX model whose parameters are `params` (placed with `put`, e.g. a sharded device_put)."""
+    from .model import abstract_model
+
+    model = abstract_model(cfg, dtype)
+    for path, var in iter_params(model):
+        if path not in params:
+            raise CheckpointError(f"no value for parameter {'/'.join(path)}")
+        var.set_value(put(params[path]))
+    return model

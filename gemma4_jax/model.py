@@ -1,0 +1,356 @@
+"""The Gemma 4 text decoder in Flax NNX (GEMMA4_SPEC.md §2).
+
+Owns the modules (RMSNorm-style weights, attention, dense MLP, MoE, per-layer embeddings, decoder
+layer, whole decoder) and the pure math helpers they share. Layers with equal parameter shapes are
+stacked along a leading axis, one stack per *kind* (`LayerSpec.kind`); the forward pass walks the
+static layer plan `config.layer_plan` and slices the layer it needs out of its stack.
+
+Dimension legend (einsums and names use it):
+  B batch, T query tokens, S key tokens, D model width, N query heads, K kv heads, G = N/K,
+  H head dim, F MLP width, E experts, V vocab, L layers, P per-layer-input width, M = B*T rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .config import Gemma4Config, LayerSpec
+
+F32 = jnp.float32
+# Rows of tokens×top-k below which MoE gathers the chosen experts' weights (decode); above it,
+# tokens are sorted by expert and run through one grouped matmul. Either way only routed
+# experts are computed.
+MOE_GATHER_MAX_ROWS = 64
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure math helpers. Kept as module-level functions so the tests can break them one at a time.
+
+
+def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:
+    """x · (mean(x²)+eps)^-½ · w, in float32, cast back. Gemma 4 weights multiply directly (no +1)."""
+    xf = x.astype(F32)
+    y = xf * jnp.power(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps, -0.5)
+    if weight is not None:
+        y = y * weight.astype(F32)
+    return y.astype(x.dtype)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """The tanh approximation (`gelu_pytorch_tanh`)."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+def rope_inv_freq(spec: LayerSpec) -> np.ndarray:
+    """Inverse frequencies [H/2] (float32).
+
+    Sliding layers rotate the whole head (θ=1e4). Full layers use *proportional* RoPE: the first
+    `fraction·H/2` pairs rotate with exponent denominator H (the full 512, not the rotated width)
+    and the remaining pairs get frequency 0, i.e. pass through unchanged.
+    """
+    h = spec.head_dim
+    rotated = int(spec.rope_fraction * h // 2)
+    exponents = np.arange(0, 2 * rotated, 2, dtype=np.float32) / np.float32(h)
+    inv = (1.0 / (np.float32(spec.rope_theta) ** exponents)).astype(np.float32)
+    inv = np.concatenate([inv, np.zeros(h // 2 - rotated, np.float32)])
+    return (inv / np.float32(spec.rope_factor)).astype(np.float32)
+
+
+def rope_cos_sin(positions_bt: jax.Array, inv_freq: np.ndarray, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos/sin [B,T,H] computed in float32 and cast to the activation dtype (as transformers does)."""
+    freqs = positions_bt[..., None].astype(F32) * jnp.asarray(inv_freq)  # [B,T,H/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x_btnh: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> jax.Array:
+    """Rotate-half layout: channel j pairs with j+H/2 (not interleaved)."""
+    x1, x2 = jnp.split(x_btnh, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x_btnh * cos_bth[:, :, None, :] + rotated * sin_bth[:, :, None, :]
+
+
+def attention_mask(q_pos_bt: jax.Array, k_pos_bs: jax.Array, window: int | None,
+                   k_valid_bs: jax.Array | None = None) -> jax.Array:
+    """[B,T,S] bool: causal, and on sliding layers only keys with k > q − W (W includes the current token)."""
+    mask = k_pos_bs[:, None, :] <= q_pos_bt[:, :, None]
+    if window is not None:
+        mask &= k_pos_bs[:, None, :] > q_pos_bt[:, :, None] - window
+    if k_valid_bs is not None:
+        mask &= k_valid_bs[:, None, :]
+    return mask
+
+
+def attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: jax.Array) -> jax.Array:
+    """Plain XLA grouped-query attention with scale 1.0 (q_norm/k_norm replace 1/√H)."""
+    b, t, n, h = q_btnh.shape
+    k = k_bskh.shape[2]
+    q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q_btkgh, k_bskh, preferred_element_type=F32)
+    # A large finite negative (not -inf) keeps fully masked rows (padding) free of NaNs.
+    scores = jnp.where(mask_bts[:, None, None, :, :], scores, jnp.finfo(F32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)  # softmax in float32
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_bskh, preferred_element_type=F32)
+    return out.astype(q_btnh.dtype).reshape(b, t, n, h)
+
+
+def softcap(logits: jax.Array, cap: float | None) -> jax.Array:
+    return logits if cap is None else cap * jnp.tanh(logits / cap)
+
+
+def embed_scale(dim: int, dtype) -> jax.Array:
+    """√dim rounded to the parameter dtype first (39.25, not 39.19, for E2B in bf16), as transformers does."""
+    return jnp.asarray(math.sqrt(dim), dtype=F32).astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter helpers: every parameter declares its logical axes next to its shape.
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, stack: int | None,
+           init: str = "normal") -> nnx.Param:
+    if stack is not None:
+        shape, axes = (stack, *shape), ("layers", *axes)
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:  # small normal, like transformers' initializer_range
+        value = (0.02 * jax.random.normal(rngs.params(), shape, F32)).astype(dtype)
+    return nnx.Param(value, axes=axes)
+
+
+class Attention(nnx.Module):
+    """q/k/v/o projections and q/k norms of one layer. K/V-shared layers own no k/v weights."""
+
+    def __init__(self, cfg: Gemma4Config, spec: LayerSpec, dtype, rngs: nnx.Rngs, stack: int | None = None):
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, spec.num_kv_heads, spec.head_dim
+        self.eps = cfg.rms_norm_eps
+        self.owns_kv = spec.owns_kv
+        self.k_eq_v = spec.k_eq_v
+        self.q_proj = _param(rngs, (d, n, h), ("embed", "q_heads", "head_dim"), dtype, stack)
+        self.q_norm = _param(rngs, (h,), ("head_dim",), dtype, stack, "ones")
+        self.o_proj = _param(rngs, (n, h, d), ("q_heads", "head_dim", "embed"), dtype, stack)
+        if self.owns_kv:
+            self.k_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype, stack)
+            self.k_norm = _param(rngs, (h,), ("head_dim",), dtype, stack, "ones")
+            if not self.k_eq_v:
+                self.v_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype, stack)
+
+    def queries(self, a_btd, cos, sin):
+        q = jnp.einsum("BTD,DNH->BTNH", a_btd, self.q_proj[...])
+        return apply_rope(rms_norm(q, self.q_norm[...], self.eps), cos, sin)
+
+    def keys_values(self, a_btd, cos, sin):
+        """Normalised, rotated keys and normalised values [B,T,K,H] for this step's tokens."""
+        k_raw = jnp.einsum("BTD,DKH->BTKH", a_btd, self.k_proj[...])
+        # k_eq_v: the value is the raw key projection, taken before k_norm and RoPE.
+        v_raw = k_raw if self.k_eq_v else jnp.einsum("BTD,DKH->BTKH", a_btd, self.v_proj[...])
+        k = apply_rope(rms_norm(k_raw, self.k_norm[...], self.eps), cos, sin)
+        v = rms_norm(v_raw, None, self.eps)  # v_norm has no weight and V gets no RoPE
+        return k, v
+
+    def output(self, o_btnh):
+        return jnp.einsum("BTNH,NHD->BTD", o_btnh, self.o_proj[...])
+
+
+class MLP(nnx.Module):
+    """gelu(x Wg) * (x Wu) Wd."""
+
+    def __init__(self, d: int, f: int, dtype, rngs: nnx.Rngs, stack: int | None = None):
+        self.gate = _param(rngs, (d, f), ("embed", "mlp"), dtype, stack)
+        self.up = _param(rngs, (d, f), ("embed", "mlp"), dtype, stack)
+        self.down = _param(rngs, (f, d), ("mlp", "embed"), dtype, stack)
+
+    def __call__(self, x):
+        h = gelu(x @ self.gate[...]) * (x @ self.up[...])
+        return h @ self.down[...]
+
+
+class MoE(nnx.Module):
+    """Router and experts (26B-A4B). Only the routed experts are ever computed."""
+
+    def __init__(self, cfg: Gemma4Config, dtype, rngs: nnx.Rngs, stack: int | None = None):
+        d, e, f = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+        self.top_k, self.eps = cfg.top_k_experts, cfg.rms_norm_eps
+        self.router_proj = _param(rngs, (d, e), ("embed", "experts"), dtype, stack)
+        self.router_scale = _param(rngs, (d,), ("embed",), dtype, stack, "ones")
+        self.per_expert_scale = _param(rngs, (e,), ("experts",), dtype, stack, "ones")
+        self.gate = _param(rngs, (e, d, f), ("experts", "embed", "mlp"), dtype, stack)
+        self.up = _param(rngs, (e, d, f), ("experts", "embed", "mlp"), dtype, stack)
+        self.down = _param(rngs, (e, f, d), ("experts", "mlp", "embed"), dtype, stack)
+
+    def route(self, x_md):
+        """Top-k weights [M,k] (float32) and expert ids [M,k] from the un-normalised stream."""
+        d = x_md.shape[-1]
+        r = rms_norm(x_md, None, self.eps) * self.router_scale[...] * (d**-0.5)
+        logits = r @ self.router_proj[...]
+        probs = jax.nn.softmax(logits.astype(F32), axis=-1)  # over all experts, float32
+        w, idx = jax.lax.top_k(probs, self.top_k)
+        w = w / jnp.sum(w, axis=-1, keepdims=True)  # renormalise over the chosen k first,
+        return w * self.per_expert_scale[...][idx].astype(F32), idx  # then the per-expert scale
+
+    def experts(self, y_md, w_mk, idx_mk):
+        m, k = idx_mk.shape
+        if m * k <= MOE_GATHER_MAX_ROWS:
+            # Decode: read only the chosen experts' weights.
+            g = jnp.einsum("MD,MKDF->MKF", y_md, self.gate[...][idx_mk], preferred_element_type=F32)
+            u = jnp.einsum("MD,MKDF->MKF", y_md, self.up[...][idx_mk], preferred_element_type=F32)
+            h = (gelu(g) * u).astype(y_md.dtype)
+            out = jnp.einsum("MKF,MKFD->MKD", h, self.down[...][idx_mk], preferred_element_type=F32)
+            return jnp.einsum("MKD,MK->MD", out, w_mk).astype(y_md.dtype)
+        # Prefill: sort (token, slot) pairs by expert and run one grouped matmul per projection.
+        flat_e = idx_mk.reshape(-1)
+        order = jnp.argsort(flat_e)
+        token = order // k
+        x_sorted = y_md[token]
+        sizes = jnp.bincount(flat_e, length=self.gate.shape[-3]).astype(jnp.int32)
+        g = jax.lax.ragged_dot(x_sorted, self.gate[...], sizes, preferred_element_type=F32)
+        u = jax.lax.ragged_dot(x_sorted, self.up[...], sizes, preferred_element_type=F32)
+        h = (gelu(g) * u).astype(y_md.dtype)
+        out = jax.lax.ragged_dot(h, self.down[...], sizes, preferred_element_type=F32)
+        out = out * w_mk.reshape(-1)[order][:, None]
+        return jnp.zeros((m, y_md.shape[-1]), F32).at[token].add(out).astype(y_md.dtype)
+
+
+# attend(q [B,T,N,H], kv (k, v) [B,T,K,H] or None for KV-shared layers) -> (o [B,T,N,H], aux)
+AttendFn = Callable[[jax.Array, tuple[jax.Array, jax.Array] | None], tuple[jax.Array, object]]
+
+
+class DecoderLayer(nnx.Module):
+    """One decoder layer (or, with `stack=n`, n layers of one kind stacked on a leading axis)."""
+
+    def __init__(self, cfg: Gemma4Config, spec: LayerSpec, dtype, rngs: nnx.Rngs, stack: int | None = None):
+        d = cfg.hidden_size
+        self.eps = cfg.rms_norm_eps
+        self.moe_enabled, self.ple_enabled = spec.moe, spec.ple
+        norm = lambda: _param(rngs, (d,), ("embed",), dtype, stack, "ones")  # noqa: E731
+        self.input_norm, self.post_attn_norm = norm(), norm()
+        self.pre_ffw_norm, self.post_ffw_norm = norm(), norm()
+        self.attn = Attention(cfg, spec, dtype, rngs, stack)
+        self.mlp = MLP(d, spec.mlp_width, dtype, rngs, stack)
+        if spec.moe:
+            self.moe = MoE(cfg, dtype, rngs, stack)
+            self.pre_ffw_norm_2, self.post_ffw_norm_1, self.post_ffw_norm_2 = norm(), norm(), norm()
+        if spec.ple:
+            self.ple_gate = _param(rngs, (d, cfg.ple_dim), ("embed", "ple"), dtype, stack)
+            self.ple_proj = _param(rngs, (cfg.ple_dim, d), ("ple", "embed"), dtype, stack)
+            self.ple_post_norm = norm()
+        # Learned scalar that multiplies the whole residual stream at the end of the layer.
+        self.layer_scalar = _param(rngs, (), (), dtype, stack, "ones")
+
+    def __call__(self, x_btd, ple_btp, cos, sin, attend: AttendFn):
+        eps = self.eps
+        a = rms_norm(x_btd, self.input_norm[...], eps)
+        q = self.attn.queries(a, cos, sin)
+        kv = self.attn.keys_values(a, cos, sin) if self.attn.owns_kv else None
+        o, aux = attend(q, kv)
+        x = x_btd + rms_norm(self.attn.output(o), self.post_attn_norm[...], eps)
+
+        f = self.mlp(rms_norm(x, self.pre_ffw_norm[...], eps))
+        if self.moe_enabled:
+            b, t, d = x.shape
+            dense = rms_norm(f, self.post_ffw_norm_1[...], eps)
+            x_md = x.reshape(b * t, d)
+            w, idx = self.moe.route(x_md)  # the router sees the un-normalised stream
+            m = self.moe.experts(rms_norm(x_md, self.pre_ffw_norm_2[...], eps), w, idx)
+            f = dense + rms_norm(m.reshape(b, t, d), self.post_ffw_norm_2[...], eps)
+        x = x + rms_norm(f, self.post_ffw_norm[...], eps)
+
+        if self.ple_enabled:
+            g = gelu(x @ self.ple_gate[...]) * ple_btp
+            x = x + rms_norm(g @ self.ple_proj[...], self.ple_post_norm[...], eps)
+        return x * self.layer_scalar[...], aux
+
+
+class Gemma4Text(nnx.Module):
+    """Embedding, per-layer embeddings, stacked decoder layers, final norm and tied head."""
+
+    def __init__(self, cfg: Gemma4Config, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.cfg = cfg
+        self.dtype = jnp.dtype(dtype)
+        d = cfg.hidden_size
+        self.embed = _param(rngs, (cfg.vocab_size, d), ("vocab", "embed"), dtype, None)
+        if cfg.ple_dim:
+            self.ple_embed = _param(rngs, (cfg.ple_vocab_size, cfg.num_layers * cfg.ple_dim),
+                                    ("vocab", "layers_ple"), dtype, None)
+            self.ple_proj = _param(rngs, (d, cfg.num_layers, cfg.ple_dim), ("embed", "layers", "ple"), dtype, None)
+            self.ple_norm = _param(rngs, (cfg.ple_dim,), ("ple",), dtype, None, "ones")
+        self.final_norm = _param(rngs, (d,), ("embed",), dtype, None, "ones")
+        self.stacks = nnx.Dict({
+            kind: DecoderLayer(cfg, cfg.kind_spec(kind), dtype, rngs, stack=cfg.kind_count(kind))
+            for kind in cfg.layer_kinds
+        })
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def embed_tokens(self, ids_bt):
+        return self.embed[...][ids_bt] * embed_scale(self.cfg.hidden_size, self.dtype)
+
+    def per_layer_inputs(self, ids_bt, h_btd):
+        """[B,T,L,P]: (RMS((h Wp)·D^-½) + E_ple[ids]·√P) · 2^-½."""
+        cfg = self.cfg
+        ids = jnp.where((ids_bt >= 0) & (ids_bt < cfg.ple_vocab_size), ids_bt, 0)
+        b, t = ids_bt.shape
+        tok = (self.ple_embed[...][ids] * embed_scale(cfg.ple_dim, self.dtype))
+        tok = tok.reshape(b, t, cfg.num_layers, cfg.ple_dim)
+        ctx = jnp.einsum("BTD,DLP->BTLP", h_btd, self.ple_proj[...]) * (cfg.hidden_size**-0.5)
+        ctx = rms_norm(ctx, self.ple_norm[...], cfg.rms_norm_eps)
+        return (ctx + tok) * (2.0**-0.5)
+
+    def layer_views(self) -> list[DecoderLayer]:
+        """One DecoderLayer per layer, in order, each a slice of its kind's stack."""
+        split = {kind: nnx.split(stack) for kind, stack in self.stacks.items()}
+        views = []
+        for kind, i in self.cfg.layer_plan:
+            graphdef, state = split[kind]
+            views.append(nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)))
+        return views
+
+    def head(self, x_btd):
+        """Final norm, tied head (the raw, unscaled embedding), soft cap; float32 logits [B,T,V]."""
+        x = rms_norm(x_btd, self.final_norm[...], self.cfg.rms_norm_eps)
+        logits = jnp.einsum("BTD,VD->BTV", x, self.embed[...], preferred_element_type=F32)
+        return softcap(logits, self.cfg.final_logit_softcap)
+
+    # -- whole forward ----------------------------------------------------------------------------
+    def __call__(self, ids_bt: jax.Array) -> jax.Array:
+        """Full causal forward over [B,T] token ids (positions 0..T-1); float32 logits [B,T,V]."""
+        cfg = self.cfg
+        b, t = ids_bt.shape
+        pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        x = self.embed_tokens(ids_bt)
+        ple = self.per_layer_inputs(ids_bt, x) if cfg.ple_dim else None
+        rope = {}
+        kv_of: dict[int, tuple[jax.Array, jax.Array]] = {}
+        for spec, layer in zip(cfg.layers, self.layer_views(), strict=True):
+            if spec.attn_type not in rope:
+                rope[spec.attn_type] = rope_cos_sin(pos, rope_inv_freq(spec), self.dtype)
+            mask = attention_mask(pos, pos, spec.window)
+
+            def attend(q, kv, spec=spec, mask=mask):
+                k, v = kv if kv is not None else kv_of[spec.kv_source]
+                return attention(q, k, v, mask), (k, v)
+
+            x, kv = layer(x, ple[:, :, spec.index] if ple is not None else None, *rope[spec.attn_type], attend)
+            if spec.owns_kv:
+                kv_of[spec.index] = kv
+        return self.head(x)
+
+
+def init_model(cfg: Gemma4Config, dtype=jnp.float32, seed: int = 0) -> Gemma4Text:
+    """A randomly initialised model (tests, benchmarks)."""
+    return Gemma4Text(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg: Gemma4Config, dtype=jnp.float32) -> Gemma4Text:
+    """The model with ShapeDtypeStructs for parameters: shapes without memory (loading, counting)."""
+    return nnx.eval_shape(lambda: Gemma4Text(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def count_params(model: Gemma4Text) -> int:
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))

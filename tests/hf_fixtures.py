@@ -1,0 +1,126 @@
+"""Small random transformers Gemma 4 models, one per family, saved as real HF checkpoints.
+
+Every family keeps the features of its real counterpart (GEMMA4_SPEC.md §1) at toy sizes, and
+every norm weight, `layer_scalar` and router scale is perturbed away from its init so that no
+feature can hide behind a 1.0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+S, F = "sliding_attention", "full_attention"
+
+
+def _pattern(n: int, period: int) -> list[str]:
+    return [F if (i + 1) % period == 0 else S for i in range(n)]
+
+
+COMMON = dict(vocab_size=256, hidden_size=64, num_attention_heads=4, head_dim=32, global_head_dim=64,
+              final_logit_softcapping=30.0, initializer_range=0.05, sliding_window=8,
+              vocab_size_per_layer_input=256, max_position_embeddings=4096,
+              pad_token_id=0, bos_token_id=2, eos_token_id=[1, 106])
+
+FAMILIES: dict[str, dict] = {
+    # PLE, KV sharing across both attention types, double-wide MLP on shared layers, 4:1 pattern.
+    "e2b": dict(COMMON, num_hidden_layers=10, layer_types=_pattern(10, 5), num_key_value_heads=1,
+                intermediate_size=96, hidden_size_per_layer_input=16, num_kv_shared_layers=4,
+                use_double_wide_mlp=True),
+    # PLE, KV sharing, 5:1 pattern, two KV heads.
+    "e4b": dict(COMMON, num_hidden_layers=12, layer_types=_pattern(12, 6), num_key_value_heads=2,
+                intermediate_size=128, hidden_size_per_layer_input=16, num_kv_shared_layers=4),
+    # MoE (8 experts, top 2) beside the dense branch, k_eq_v and fewer KV heads on full layers.
+    "26b-a4b": dict(COMMON, num_hidden_layers=6, layer_types=_pattern(6, 6), num_key_value_heads=2,
+                    num_global_key_value_heads=1, attention_k_eq_v=True, intermediate_size=48,
+                    hidden_size_per_layer_input=0, enable_moe_block=True, num_experts=8, top_k_experts=2,
+                    moe_intermediate_size=32),
+    # Dense, k_eq_v, fewer KV heads on full layers.
+    "31b": dict(COMMON, num_hidden_layers=12, layer_types=_pattern(12, 6), num_key_value_heads=2,
+                num_global_key_value_heads=1, attention_k_eq_v=True, intermediate_size=128,
+                hidden_size_per_layer_input=0),
+}
+
+
+def build_hf_model(family: str, seed: int = 0):
+    """A float32 `Gemma4ForCausalLM` with perturbed norms, scalars and router scales (eager attention)."""
+    import torch
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    torch.manual_seed(seed)
+    cfg = Gemma4TextConfig(**FAMILIES[family])
+    model = Gemma4ForCausalLM(cfg).eval()
+    model.config._attn_implementation = "eager"
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith(("norm.weight", "layernorm.weight", "_1.weight", "_2.weight", "layer_scalar",
+                              "router.scale", "per_expert_scale")):
+                t.copy_(0.5 + torch.rand(t.shape, generator=g))
+    return model
+
+
+def save_hf(model, out_dir: str, *, form: str = "per_layer", wrapper: bool = False,
+            max_shard_size: str | None = None) -> str:
+    """Save `model` as an HF directory.
+
+    form: 'per_layer' keeps the `per_layer_config` transformers writes; 'flat' rewrites config.json
+    the way the published checkpoints carry it (global_head_dim, num_global_key_value_heads).
+    wrapper: store the text weights under `model.language_model.` with a Gemma4ForConditionalGeneration
+    config (`text_config`), as the official multimodal checkpoints are laid out.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out_dir, **kwargs)
+    cfg_path = os.path.join(out_dir, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    if form == "flat":
+        plc = cfg.pop("per_layer_config", {}) or {}
+        full = next(iter(plc.values()), {})
+        cfg["global_head_dim"] = full.get("head_dim", cfg["head_dim"])
+        cfg["num_global_key_value_heads"] = full.get("num_key_value_heads")
+    if wrapper:
+        _rewrite_as_wrapper(out_dir)
+        cfg = {"architectures": ["Gemma4ForConditionalGeneration"], "model_type": "gemma4",
+               "eos_token_id": cfg.get("eos_token_id"), "text_config": dict(cfg, model_type="gemma4_text"),
+               "vision_config": None, "audio_config": None}
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f, indent=1)
+    return out_dir
+
+
+def _rewrite_as_wrapper(out_dir: str) -> None:
+    """Rename every `model.` tensor to `model.language_model.` in place (all shards and the index)."""
+    from gemma4_jax.safetensors_io import SafetensorsFile, checkpoint_files, save_file
+
+    for path in checkpoint_files(out_dir):
+        st = SafetensorsFile(path)
+        tensors = {k.replace("model.", "model.language_model.", 1): np.array(st.get(k)) for k in st.keys()}
+        del st
+        save_file(tensors, path)
+    index = os.path.join(out_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            idx = json.load(f)
+        idx["weight_map"] = {k.replace("model.", "model.language_model.", 1): v for k, v in idx["weight_map"].items()}
+        with open(index, "w") as f:
+            json.dump(idx, f)
+
+
+def hf_logits(model, ids: np.ndarray, dtype=None) -> np.ndarray:
+    """transformers' logits [B,T,V] as float32 numpy (optionally running the model in `dtype`)."""
+    import copy
+
+    import torch
+
+    m = model if dtype is None else copy.deepcopy(model).to(dtype)
+    with torch.no_grad():
+        out = m(input_ids=torch.as_tensor(ids, dtype=torch.long), use_cache=False).logits
+    return out.float().numpy()
+
+
+def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
