@@ -209,7 +209,8 @@ def read_hf_params(hf_dir: str, cfg: Gemma4Config, dtype=jnp.float32, wanted: Ca
             if entry is None:
                 raise CheckpointError(f"unexpected tensor {full} for this config")
             if st.shape(full) != entry.hf_shape:
-                raise CheckpointError(f"tensor {full} has shape {list(st.shape(full))}, expected {list(entry.hf_shape)}")
+                got, want = list(st.shape(full)), list(entry.hf_shape)
+                raise CheckpointError(f"tensor {full} has shape {got}, expected {want}")
             if name in seen:
                 raise CheckpointError(f"tensor {full} appears twice in the checkpoint")
             seen.add(name)

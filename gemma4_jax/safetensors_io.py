@@ -107,7 +107,8 @@ def save_file(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str
     offset = 0
     for name, arr in tensors.items():
         nbytes = arr.nbytes
-        header[name] = {"dtype": inverse[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": inverse[arr.dtype], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)

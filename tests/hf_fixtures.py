@@ -58,7 +58,7 @@ def build_hf_model(family: str, seed: int = 0):
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             if name.endswith(("norm.weight", "layernorm.weight", "_1.weight", "_2.weight", "layer_scalar",
                               "router.scale", "per_expert_scale")):
-                t.copy_(0.5 + torch.rand(t.shape, generator=g))
+                t.copy_(0.75 + 0.5 * torch.rand(t.shape, generator=g))
     return model
 
 

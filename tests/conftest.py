@@ -1,0 +1,34 @@
+"""Shared fixtures: real HF checkpoints of the four small random families, built once per session."""
+
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import pytest  # noqa: E402
+from hf_fixtures import FAMILIES, build_hf_model, save_hf  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_models():
+    """{family: float32 transformers model} with perturbed norms and scalars."""
+    return {fam: build_hf_model(fam, seed=i) for i, fam in enumerate(FAMILIES)}
+
+
+@pytest.fixture(scope="session")
+def hf_dirs(hf_models, tmp_path_factory):
+    """{(family, layout): HF directory}. Layouts:
+    'causal'  - Gemma4ForCausalLM, `per_layer_config` config, one safetensors file;
+    'wrapper' - Gemma4ForConditionalGeneration layout (`model.language_model.`), the published flat
+                config form, sharded safetensors with an index.
+    """
+    out = {}
+    for fam, model in hf_models.items():
+        base = tmp_path_factory.mktemp(fam)
+        out[fam, "causal"] = save_hf(model, str(base / "causal"), form="per_layer")
+        out[fam, "wrapper"] = save_hf(model, str(base / "wrapper"), form="flat", wrapper=True,
+                                      max_shard_size="100KB")
+    return out
