@@ -19,7 +19,9 @@ from flax import nnx
 from .config import Gemma4Config
 from .errors import CheckpointError, ConfigError
 from .hf_checkpoint import model_from_params, read_hf_params
+from .generation import Sampling, generate_tokens
 from .model import Gemma4Text
+from .tokenizer import Tokenizer, stop_ids
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -55,12 +57,18 @@ def _logits(graphdef, state, ids_bt):
 class Gemma4Model:
     """A loaded Gemma 4 model: `.config`, `.tokenizer`, `.logits(tokens)`."""
 
-    def __init__(self, module: Gemma4Text, run: RunConfig, tokenizer=None, path: str | None = None):
+    def __init__(self, module: Gemma4Text, run: RunConfig, tokenizer: Tokenizer | None = None,
+                 path: str | None = None):
         self.config: Gemma4Config = module.cfg
         self.run = run
         self.tokenizer = tokenizer
         self.path = path
         self.graphdef, self.state = nnx.split(module)
+        self.stop_tokens: tuple[int, ...] = stop_ids(path, self.config.eos_token_ids)
+
+    @property
+    def context(self) -> int:
+        return self.run.max_seq_len or self.config.max_position_embeddings
 
     @property
     def module(self) -> Gemma4Text:
@@ -82,6 +90,34 @@ class Gemma4Model:
         """Float32 soft-capped next-token logits [B, T, V] of a full causal forward over `tokens` [B, T]."""
         ids = self._check_tokens(tokens)
         return np.asarray(_logits(self.graphdef, self.state, jnp.asarray(ids)), dtype=np.float32)
+
+    def generate(self, tokens, *, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int = 0, stop_tokens=None, on_tokens=None) -> list[list[int]]:
+        """New tokens for each prompt (a list of id lists of any lengths, or an int array [B, T]).
+
+        `temperature=0.0` is greedy. `stop_tokens=None` stops at the checkpoint's end ids (kept as the
+        last element); `stop_tokens=()` never stops early. `on_tokens(block [B, n])` streams.
+        """
+        prompts = [list(map(int, p)) for p in (tokens.tolist() if isinstance(tokens, np.ndarray) else tokens)]
+        for p in prompts:
+            self._check_tokens(np.asarray([p], dtype=np.int64))
+        sampling = Sampling(float(temperature), None if top_k is None else int(top_k),
+                            None if top_p is None else float(top_p)).validate(self.config.vocab_size)
+        stops = self.stop_tokens if stop_tokens is None else tuple(int(t) for t in stop_tokens)
+        return generate_tokens(self.graphdef, self.state, self.config, prompts, max_new_tokens=int(max_new_tokens),
+                               context=self.context, dtype=DTYPES[self.run.dtype], sampling=sampling,
+                               seed=int(seed), stop_ids=stops, on_tokens=on_tokens)
+
+    def generate_text(self, prompts, *, chat: bool = True, max_new_tokens: int = 256, **sampling) -> list[str]:
+        """Generate for text prompts: chat template when `chat`, BOS once, decoded without the stop token."""
+        if self.tokenizer is None:
+            raise ConfigError("this checkpoint has no tokenizer.json, so text prompts cannot be encoded")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        ids = [self.tokenizer.encode_chat(p) if chat else self.tokenizer.encode(p) for p in prompts]
+        outs = self.generate(ids, max_new_tokens=max_new_tokens, **sampling)
+        stops = set(self.stop_tokens if sampling.get("stop_tokens") is None else sampling["stop_tokens"])
+        return [self.tokenizer.decode(o[:-1] if o and o[-1] in stops else o) for o in outs]
 
     def __repr__(self) -> str:
         c = self.config
@@ -108,4 +144,4 @@ def load(path: str | None = None, *, pp: int = 1, dtype=None, max_seq_len: int |
     jdtype = DTYPES[run.dtype]
     params = read_hf_params(path, cfg, jdtype, progress=progress)
     module = model_from_params(cfg, params, jdtype)
-    return Gemma4Model(module, run, tokenizer=None, path=path)
+    return Gemma4Model(module, run, tokenizer=Tokenizer.maybe_load(path), path=path)

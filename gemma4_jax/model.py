@@ -318,28 +318,49 @@ class Gemma4Text(nnx.Module):
         return softcap(logits, self.cfg.final_logit_softcap)
 
     # -- whole forward ----------------------------------------------------------------------------
-    def __call__(self, ids_bt: jax.Array) -> jax.Array:
-        """Full causal forward over [B,T] token ids (positions 0..T-1); float32 logits [B,T,V]."""
+    def decode_layers(self, ids_bt: jax.Array, pos_bt: jax.Array, attender: Attender) -> jax.Array:
+        """Embed, run every layer (attention delegated to `attender`), return the final stream [B,T,D]."""
         cfg = self.cfg
-        b, t = ids_bt.shape
-        pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         x = self.embed_tokens(ids_bt)
         ple = self.per_layer_inputs(ids_bt, x) if cfg.ple_dim else None
         rope = {}
-        kv_of: dict[int, tuple[jax.Array, jax.Array]] = {}
         for spec, layer in zip(cfg.layers, self.layer_views(), strict=True):
             if spec.attn_type not in rope:
-                rope[spec.attn_type] = rope_cos_sin(pos, rope_inv_freq(spec), self.dtype)
-            mask = attention_mask(pos, pos, spec.window)
+                rope[spec.attn_type] = rope_cos_sin(pos_bt, rope_inv_freq(spec), self.dtype)
 
-            def attend(q, kv, spec=spec, mask=mask):
-                k, v = kv if kv is not None else kv_of[spec.kv_source]
-                return attention(q, k, v, mask), (k, v)
+            def attend(q, kv, spec=spec):
+                return attender(spec, q, kv), None
 
-            x, kv = layer(x, ple[:, :, spec.index] if ple is not None else None, *rope[spec.attn_type], attend)
-            if spec.owns_kv:
-                kv_of[spec.index] = kv
-        return self.head(x)
+            x, _ = layer(x, ple[:, :, spec.index] if ple is not None else None, *rope[spec.attn_type], attend)
+        return x
+
+    def __call__(self, ids_bt: jax.Array) -> jax.Array:
+        """Full causal forward over [B,T] token ids (positions 0..T-1); float32 logits [B,T,V]."""
+        b, t = ids_bt.shape
+        pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        return self.head(self.decode_layers(ids_bt, pos, FullAttender(pos)))
+
+
+class Attender:
+    """Supplies attention to the layers: `attender(spec, q, kv) -> o` with kv None on KV-shared layers."""
+
+    def __call__(self, spec: LayerSpec, q_btnh: jax.Array, kv) -> jax.Array:
+        raise NotImplementedError
+
+
+class FullAttender(Attender):
+    """Attention over the step's own tokens (no cache): the full forward pass and prefill."""
+
+    def __init__(self, pos_bt: jax.Array, valid_bt: jax.Array | None = None):
+        self.pos, self.valid = pos_bt, valid_bt
+        self.kv_of: dict[int, tuple[jax.Array, jax.Array]] = {}  # source layer -> its (k, v)
+
+    def __call__(self, spec, q, kv):
+        if kv is None:
+            kv = self.kv_of[spec.kv_source]
+        else:
+            self.kv_of[spec.index] = kv
+        return attention(q, *kv, attention_mask(self.pos, self.pos, spec.window, self.valid))
 
 
 def init_model(cfg: Gemma4Config, dtype=jnp.float32, seed: int = 0) -> Gemma4Text:

@@ -1,0 +1,109 @@
+"""The KV cache: ring buffers for sliding layers, full-length buffers for full layers.
+
+Owns the cache pytree, how prefill fills it (prompts of different lengths in one batch), how a
+decode step appends one token per sequence, and the attention over it. Only layers that compute
+K/V own an entry; KV-shared layers read their source layer's entry and write nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from .config import Gemma4Config
+from .model import Attender, FullAttender, attention, attention_mask
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class LayerCache:
+    """One KV-owning layer's cache.
+
+    k, v:  [B, S, K, H] — S is the sliding window W (ring buffer, slot = position mod W) on sliding
+           layers and the maximum length on full layers (slot = position).
+    pos:   [B, S] int32 — the position held in each slot, −1 where empty (masked out).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class KVCache:
+    """{source layer index (as str): LayerCache}; donated to the decode step."""
+
+    layers: dict[str, LayerCache]
+
+
+def cache_length(cfg: Gemma4Config, layer: int, max_len: int) -> int:
+    spec = cfg.layers[layer]
+    return min(spec.window, max_len) if spec.window is not None else max_len
+
+
+def init_cache(cfg: Gemma4Config, batch: int, max_len: int, dtype) -> KVCache:
+    layers = {}
+    for spec in cfg.layers:
+        if spec.owns_kv:
+            s = cache_length(cfg, spec.index, max_len)
+            shape = (batch, s, spec.num_kv_heads, spec.head_dim)
+            layers[str(spec.index)] = LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                                                 jnp.full((batch, s), -1, jnp.int32))
+    return KVCache(layers)
+
+
+class PrefillAttender(FullAttender):
+    """Prefill: attend over the prompt itself, then store each KV layer's entries into the cache.
+
+    `lengths` [B] are the true prompt lengths; tokens past them are padding and never stored.
+    """
+
+    def __init__(self, cache: KVCache, pos_bt: jax.Array, lengths_b: jax.Array):
+        valid = pos_bt < lengths_b[:, None]
+        super().__init__(pos_bt, valid)
+        self.cache, self.lengths = KVCache(dict(cache.layers)), lengths_b
+
+    def __call__(self, spec, q, kv):
+        out = super().__call__(spec, q, kv)
+        if kv is not None:
+            entry = self.cache.layers[str(spec.index)]
+            k, v = kv
+            b, t = self.pos.shape
+            s = entry.k.shape[1]
+            # Slot j holds the latest prompt position p < length with p ≡ j (mod S).
+            j = jnp.arange(s, dtype=jnp.int32)[None, :]
+            last = self.lengths[:, None] - 1
+            p = j + s * jnp.floor_divide(last - j, s)  # [B,S]; < 0 when the slot stays empty
+            ok = (p >= 0) & (p < t)
+            src = jnp.clip(p, 0, t - 1)
+            take = jax.vmap(lambda x, i: x[i])
+            self.cache.layers[str(spec.index)] = LayerCache(
+                jnp.where(ok[..., None, None], take(k, src), entry.k),
+                jnp.where(ok[..., None, None], take(v, src), entry.v),
+                jnp.where(ok, p, -1).astype(jnp.int32),
+            )
+        return out
+
+
+class DecodeAttender(Attender):
+    """One new token per sequence at positions `pos` [B,1]: write K/V into the slot, attend the cache."""
+
+    def __init__(self, cache: KVCache, pos_b1: jax.Array):
+        self.cache, self.pos = KVCache(dict(cache.layers)), pos_b1
+
+    def __call__(self, spec, q, kv):
+        key = str(spec.kv_source)
+        entry = self.cache.layers[key]
+        if kv is not None:  # a KV-owning layer writes first; its readers come later in the step
+            k, v = kv
+            b, s = entry.pos.shape
+            slot = self.pos[:, 0] % s
+            rows = jnp.arange(b)
+            entry = LayerCache(entry.k.at[rows, slot].set(k[:, 0]), entry.v.at[rows, slot].set(v[:, 0]),
+                               entry.pos.at[rows, slot].set(self.pos[:, 0]))
+            self.cache.layers[key] = entry
+        mask = attention_mask(self.pos, entry.pos, spec.window, entry.pos >= 0)
+        return attention(q, entry.k, entry.v, mask)

@@ -1,0 +1,194 @@
+"""Generation: prefill, a compiled decode loop over a donated state, and sampling.
+
+Owns the sampling rules (greedy, temperature, top-k, top-p, seeded), the jitted prefill and decode
+functions (params and cache passed as arguments, never closed over), the loop state, and the
+host-side driver `generate_tokens` that pads prompts into length buckets (so new prompt lengths
+rarely recompile), checks the context, and streams chunks of tokens when asked.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .cache import DecodeAttender, KVCache, PrefillAttender, init_cache
+from .errors import ConfigError
+
+F32 = jnp.float32
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Static sampling options. temperature 0 is greedy."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def validate(self, vocab: int) -> Sampling:
+        if not (self.temperature >= 0.0 and np.isfinite(self.temperature)):
+            raise ConfigError(f"temperature must be a finite number ≥ 0, got {self.temperature}")
+        if self.top_k is not None and not (1 <= int(self.top_k) <= vocab):
+            raise ConfigError(f"top_k must be between 1 and the vocabulary size {vocab}, got {self.top_k}")
+        if self.top_p is not None and not (0.0 < float(self.top_p) <= 1.0):
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        return self
+
+
+def sample(logits_bv: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
+    """Next token ids [B] from float32 logits [B,V]."""
+    if s.temperature == 0.0:
+        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    logits = logits_bv.astype(F32) / s.temperature
+    neg = jnp.finfo(F32).min
+    if s.top_k is not None and s.top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, s.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if s.top_p is not None and s.top_p < 1.0:
+        # Keep the smallest set of most likely tokens whose mass reaches top_p.
+        desc = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(desc, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        kept = jnp.where(mass_before < s.top_p, desc, jnp.inf)
+        threshold = jnp.min(kept, axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, neg, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class DecodeState:
+    """The decode loop's carry (donated between calls).
+
+    cache:  KVCache;  token: [B] last sampled token (fed next);  pos: [B] its position;
+    done:   [B] bool, a stop token was sampled;  out: [B, N] generated ids (0 after a stop);
+    step:   () number of tokens generated so far;  key: PRNG key of the run.
+    """
+
+    cache: KVCache
+    token: jax.Array
+    pos: jax.Array
+    done: jax.Array
+    out: jax.Array
+    step: jax.Array
+    key: jax.Array
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(4,))
+def prefill(graphdef, params, ids_bt, lengths_b, cache: KVCache):
+    """Run the prompts [B,T] (true lengths [B]); fill the cache; return last-token logits [B,V]."""
+    model = nnx.merge(graphdef, params)
+    b, t = ids_bt.shape
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    attender = PrefillAttender(cache, pos, lengths_b)
+    x = model.decode_layers(ids_bt, pos, attender)
+    last = jnp.take_along_axis(x, (lengths_b - 1)[:, None, None], axis=1)  # [B,1,D]
+    return model.head(last)[:, 0], attender.cache
+
+
+def decode_step(model, cache: KVCache, token_b, pos_b):
+    """One token per sequence at positions [B]: logits [B,V] and the updated cache."""
+    attender = DecodeAttender(cache, pos_b[:, None])
+    x = model.decode_layers(token_b[:, None], pos_b[:, None], attender)
+    return model.head(x)[:, 0], attender.cache
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(2, 3))
+def decode_logits(graphdef, params, cache: KVCache, token_b, pos_b):
+    """Jitted `decode_step` (for tests and teacher-forced scoring)."""
+    return decode_step(nnx.merge(graphdef, params), cache, token_b, pos_b)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(2,))
+def decode_loop(graphdef, params, state: DecodeState, limit, stop_ids, sampling: Sampling) -> DecodeState:
+    """Generate until `step == limit` or every sequence has stopped; all on device."""
+    model = nnx.merge(graphdef, params)
+
+    def cond(st):
+        return (st.step < limit) & ~jnp.all(st.done)
+
+    def body(st):
+        logits, cache = decode_step(model, st.cache, st.token, st.pos)
+        tok = sample(logits, jax.random.fold_in(st.key, st.step), sampling)
+        tok = jnp.where(st.done, 0, tok)
+        out = st.out.at[:, st.step].set(tok)
+        done = st.done | jnp.isin(tok, stop_ids)
+        return DecodeState(cache, tok, st.pos + 1, done, out, st.step + 1, st.key)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _first_token(logits_bv, key, stop_ids, sampling: Sampling):
+    tok = sample(logits_bv, jax.random.fold_in(key, 0), sampling)
+    return tok, jnp.isin(tok, stop_ids)
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Round up to a power of two (at least `minimum`) so that few shapes get compiled."""
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def generate_tokens(graphdef, params, cfg, prompts: list[list[int]], *, max_new_tokens: int, context: int,
+                    dtype, sampling: Sampling, seed: int, stop_ids: tuple[int, ...],
+                    on_tokens: Callable[[np.ndarray], None] | None = None, chunk: int = 8) -> list[list[int]]:
+    """Generate for a batch of prompts of any lengths; returns the new tokens of each.
+
+    A sequence ends after its first stop token (kept as its last element). `on_tokens`, when given,
+    receives each newly decoded block [B, n] as soon as it is on the host (streaming); decoding then
+    runs in compiled chunks of `chunk` tokens instead of one loop.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ConfigError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > context:
+        raise ConfigError(f"a prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the context "
+                          f"of {context}")
+    b = len(prompts)
+    t = min(bucket(longest), context)
+    max_len = min(bucket(longest + max_new_tokens), context)
+    ids = np.zeros((b, t), np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = p
+    lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+    stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
+    key = jax.random.key(seed)
+
+    cache = init_cache(cfg, b, max_len, dtype)
+    logits, cache = prefill(graphdef, params, jnp.asarray(ids), lengths, cache)
+    tok, done = _first_token(logits, key, stops, sampling)
+    n_out = bucket(max_new_tokens, 8)
+    out = jnp.zeros((b, n_out), jnp.int32).at[:, 0].set(tok)
+    state = DecodeState(cache, tok, lengths, done, out, jnp.asarray(1, jnp.int32), key)
+    if on_tokens is None:
+        state = decode_loop(graphdef, params, state, jnp.asarray(max_new_tokens, jnp.int32), stops, sampling)
+        result = np.asarray(state.out)
+    else:
+        on_tokens(np.asarray(tok)[:, None])
+        shown = 1
+        while shown < max_new_tokens and not bool(np.all(np.asarray(state.done))):
+            limit = min(shown + chunk, max_new_tokens)
+            state = decode_loop(graphdef, params, state, jnp.asarray(limit, jnp.int32), stops, sampling)
+            step = int(state.step)
+            on_tokens(np.asarray(state.out[:, shown:step]))
+            shown = step
+        result = np.asarray(state.out)
+    steps = int(state.step)
+    outputs = []
+    for row in result[:, :steps]:
+        row = row.tolist()
+        if stop_ids:
+            for i, x in enumerate(row):
+                if x in stop_ids:
+                    row = row[: i + 1]
+                    break
+        outputs.append(row[:max_new_tokens])
+    return outputs
