@@ -18,8 +18,8 @@ from flax import nnx
 
 from .config import Gemma4Config
 from .errors import CheckpointError, ConfigError
-from .hf_checkpoint import model_from_params, read_hf_params
 from .generation import Sampling, generate_tokens
+from .hf_checkpoint import model_from_params, read_hf_params
 from .model import Gemma4Text
 from .tokenizer import Tokenizer, stop_ids
 

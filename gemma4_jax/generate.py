@@ -1,0 +1,94 @@
+"""`python -m gemma4_jax.generate`: generate text from one prompt (streamed) or many (batched).
+
+Thin command line over `gemma4_jax.load(...).generate(...)`. Prompts come from `--prompt` or stdin
+(one per line). Timing (time to first token, tokens/s) goes to stderr, text to stdout. Bad flags or
+input end with one sentence on stderr and exit status 2 (usage) or 1 (everything else).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m gemma4_jax.generate", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="HF or converted checkpoint directory")
+    p.add_argument("--prompt", nargs="*", default=None, help="prompt text(s); default: read stdin, one per line")
+    chat = p.add_mutually_exclusive_group()
+    chat.add_argument("--chat", dest="chat", action="store_true", default=True, help="apply the chat template")
+    chat.add_argument("--no-chat", dest="chat", action="store_false", help="raw text (BOS is still added once)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    return p
+
+
+def run(args: argparse.Namespace, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
+    import gemma4_jax
+
+    prompts = args.prompt if args.prompt else [line.rstrip("\n") for line in stdin if line.strip()]
+    if not prompts:
+        raise gemma4_jax.ConfigError("no prompt given: pass --prompt TEXT or write prompts to stdin")
+    t0 = time.perf_counter()
+    model = gemma4_jax.load(args.model, pp=args.pp, dtype=args.dtype)
+    if model.tokenizer is None:
+        raise gemma4_jax.ConfigError(f"{args.model} has no tokenizer.json, so text prompts cannot be encoded")
+    tok = model.tokenizer
+    ids = [tok.encode_chat(p) if args.chat else tok.encode(p) for p in prompts]
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed)
+    stops = set(model.stop_tokens)
+    first: list[float] = []
+    start = time.perf_counter()
+
+    if len(prompts) == 1:
+        shown: list[int] = []
+
+        def stream(block: np.ndarray) -> None:
+            if not first:
+                first.append(time.perf_counter())
+            for t in block[0].tolist():
+                if t in stops or (shown and shown[-1] in stops):
+                    shown.append(t)
+                    continue
+                shown.append(t)
+                out.write(tok.decode([t]))
+            out.flush()
+
+        outs = model.generate(ids, on_tokens=stream, **sampling)
+        out.write("\n")
+    else:
+        outs = model.generate(ids, **sampling)
+        first.append(time.perf_counter())
+        for o in outs:
+            out.write(tok.decode([t for t in o if t not in stops]).replace("\n", "\\n") + "\n")
+    end = time.perf_counter()
+    n = sum(len(o) for o in outs)
+    err.write(f"loaded in {start - t0:.2f}s; time to first token {first[0] - start:.3f}s; "
+              f"{n} tokens in {end - start:.2f}s ({n / max(end - start, 1e-9):.1f} tokens/s)\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gemma4_jax.errors import Gemma4Error
+
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except Gemma4Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""KV-cache decoding and sampling against transformers and against the full forward pass."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from hf_fixtures import FAMILIES, rel_err
+
+import gemma4_jax
+from gemma4_jax.cache import init_cache
+from gemma4_jax.generation import Sampling, decode_logits, prefill, sample
+
+
+def _hf_greedy(model, prompt, n):
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_greedy_tokens_equal_transformers(family, hf_models, hf_dirs):
+    """Prompts of different lengths in one batch; 5 + 20 tokens pass the window (8), so the ring wraps."""
+    model = gemma4_jax.load(hf_dirs[family, "causal"], progress=False)
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(3, 256, size=n).tolist() for n in (5, 11)]
+    ours = model.generate(prompts, max_new_tokens=20, stop_tokens=())
+    for prompt, got in zip(prompts, ours, strict=True):
+        assert got == _hf_greedy(hf_models[family], prompt, 20)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_prefill_then_decode_equals_full_forward(family, hf_dirs):
+    """Prefill 6 tokens, then teacher-force 18 more one at a time: every step's logits equal the
+    full forward's at that position (positions 8..23 are past the sliding window)."""
+    model = gemma4_jax.load(hf_dirs[family, "causal"], progress=False)
+    ids = np.random.default_rng(1).integers(3, 256, size=(2, 24)).astype(np.int32)
+    full = model.logits(ids)
+    cfg, p = model.config, 6
+    cache = init_cache(cfg, 2, 32, jnp.float32)
+    last, cache = prefill(model.graphdef, model.state, jnp.asarray(ids[:, :p]), jnp.asarray([p, p]), cache)
+    assert rel_err(np.asarray(last), full[:, p - 1]) <= 1e-4
+    for t in range(p, 24):
+        step, cache = decode_logits(model.graphdef, model.state, cache, jnp.asarray(ids[:, t]),
+                                    jnp.full((2,), t, jnp.int32))
+        assert rel_err(np.asarray(step), full[:, t]) <= 1e-4, t
+
+
+def test_batched_prompts_equal_one_at_a_time(hf_dirs):
+    model = gemma4_jax.load(hf_dirs["e2b", "causal"], progress=False)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 256, size=n).tolist() for n in (3, 17, 9, 1)]
+    together = model.generate(prompts, max_new_tokens=12, stop_tokens=())
+    alone = [model.generate([p], max_new_tokens=12, stop_tokens=())[0] for p in prompts]
+    assert together == alone
+
+
+def test_stop_tokens(hf_dirs):
+    model = gemma4_jax.load(hf_dirs["31b", "causal"], progress=False)
+    prompt = [[5, 6, 7, 8]]
+    free = model.generate(prompt, max_new_tokens=10, stop_tokens=())[0]
+    stop = free[3]
+    cut = model.generate(prompt, max_new_tokens=10, stop_tokens=(stop,))[0]
+    assert cut == free[: free.index(stop) + 1]
+    assert model.stop_tokens == (1, 106)  # config.json's eos_token_id list
+
+
+def test_sampling_is_seeded_and_respects_top_k_and_top_p():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.1, 0.06, 0.04]] * 4000, jnp.float32))
+    draw = lambda s, seed: np.asarray(sample(logits, jax.random.key(seed), s))  # noqa: E731
+    s = Sampling(temperature=1.0)
+    assert (draw(s, 0) == draw(s, 0)).all() and not (draw(s, 0) == draw(s, 1)).all()
+    assert set(np.unique(draw(Sampling(1.0, top_k=2), 0))) == {0, 1}
+    # top_p=0.85: the smallest head whose mass reaches 0.85 is {0, 1, 2} (0.5+0.3 < 0.85 ≤ 0.9).
+    assert set(np.unique(draw(Sampling(1.0, top_p=0.85), 0))) == {0, 1, 2}
+    assert set(np.unique(draw(Sampling(1.0, top_p=0.75), 0))) == {0, 1}
+    freq = np.bincount(draw(s, 2), minlength=5) / 4000
+    assert np.abs(freq - [0.5, 0.3, 0.1, 0.06, 0.04]).max() < 0.03
+    assert (draw(Sampling(0.0), 5) == 0).all()
+
+
+def test_generate_sampling_reproducible(hf_dirs):
+    model = gemma4_jax.load(hf_dirs["e4b", "causal"], progress=False)
+    kw = dict(max_new_tokens=8, temperature=1.0, top_k=20, top_p=0.9, stop_tokens=())
+    assert model.generate([[4, 5, 6]], seed=3, **kw) == model.generate([[4, 5, 6]], seed=3, **kw)
+    assert model.generate([[4, 5, 6]], seed=3, **kw) != model.generate([[4, 5, 6]], seed=4, **kw)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_k=0), "top_k"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+])
+def test_bad_sampling_parameters(kwargs, match, hf_dirs):
+    model = gemma4_jax.load(hf_dirs["31b", "causal"], progress=False)
+    kwargs = {"max_new_tokens": 4, **kwargs}
+    with pytest.raises(gemma4_jax.ConfigError, match=match):
+        model.generate([[4, 5]], **kwargs)
+
+
+def test_prompt_longer_than_context_fails_clearly(hf_dirs):
+    model = gemma4_jax.load(hf_dirs["31b", "causal"], progress=False, max_seq_len=32)
+    with pytest.raises(gemma4_jax.ConfigError, match="exceeds the context of 32"):
+        model.generate([list(range(3, 30))], max_new_tokens=8)
