@@ -52,18 +52,27 @@ def tiny_text_config(**overrides):
     return Gemma4TextConfig(**kw)
 
 
+def perturb_scales(model, seed: int):
+    """Set every norm weight, `layer_scalar` and router scale of a transformers Gemma 4 to U(0.75, 1.25),
+    so that no feature that multiplies by them can hide behind their 1.0 init."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith(("norm.weight", "layernorm.weight", "_1.weight", "_2.weight", "layer_scalar",
+                              "router.scale", "per_expert_scale")):
+                t.copy_(0.75 + 0.5 * torch.rand(t.shape, generator=g))
+    return model
+
+
 def write_tiny_checkpoint(path: str, seed: int = 0, **overrides) -> str:
     """Save a small random Gemma4ForCausalLM (norms and scalars perturbed from 1.0) with a tokenizer."""
     import torch
     from transformers import Gemma4ForCausalLM
 
     torch.manual_seed(seed)
-    model = Gemma4ForCausalLM(tiny_text_config(**overrides)).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if name.endswith(("norm.weight", "layernorm.weight", "layer_scalar", "router.scale", "per_expert_scale")):
-                t.copy_(0.75 + 0.5 * torch.rand(t.shape, generator=g))
+    model = perturb_scales(Gemma4ForCausalLM(tiny_text_config(**overrides)).eval(), seed + 1)
     model.save_pretrained(path)
     write_char_tokenizer(path, model.config.vocab_size)
     with open(os.path.join(path, "generation_config.json"), "w") as f:

@@ -49,17 +49,12 @@ def build_hf_model(family: str, seed: int = 0):
     import torch
     from transformers import Gemma4ForCausalLM, Gemma4TextConfig
 
+    from gemma4_jax.tiny import perturb_scales
+
     torch.manual_seed(seed)
-    cfg = Gemma4TextConfig(**FAMILIES[family])
-    model = Gemma4ForCausalLM(cfg).eval()
+    model = Gemma4ForCausalLM(Gemma4TextConfig(**FAMILIES[family])).eval()
     model.config._attn_implementation = "eager"
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if name.endswith(("norm.weight", "layernorm.weight", "_1.weight", "_2.weight", "layer_scalar",
-                              "router.scale", "per_expert_scale")):
-                t.copy_(0.75 + 0.5 * torch.rand(t.shape, generator=g))
-    return model
+    return perturb_scales(model, seed + 1)
 
 
 def save_hf(model, out_dir: str, *, form: str = "per_layer", wrapper: bool = False,
