@@ -1,5 +1,15 @@
-"""Pallas attention kernels for Gemma 4's large heads, installed as `gemma4_jax.kernels`.
+"""Pallas attention kernels for large heads (head_dim up to 512), installed as `gemma4_jax.kernels`.
 
-Model-agnostic: nothing here knows about Gemma. Kernels arrive with the [kernels] issue; until then the
-model uses the plain XLA attention in `gemma4_jax.model.attention`.
+Model-agnostic: nothing here knows about Gemma. Each kernel file holds the kernel body, its wrapper, a
+jitted entry point, a frozen tuning config and a plain-jnp reference; `dispatch` picks kernel or XLA.
+Masks come from positions (`masking.py`).
 """
+
+from .decode_attention import DecodeConfig, decode_attention, decode_attention_reference
+from .dispatch import IMPLS, attention, kernel_supports, resolve
+from .flash_attention import FlashConfig, flash_attention, flash_attention_reference
+
+__all__ = [
+    "DecodeConfig", "FlashConfig", "IMPLS", "attention", "decode_attention", "decode_attention_reference",
+    "flash_attention", "flash_attention_reference", "kernel_supports", "resolve",
+]

@@ -1,0 +1,173 @@
+"""Decode attention: one or a few query tokens against a KV cache (Pallas, Triton backend), with its reference.
+
+    o = softmax(scale · q kᵀ + mask) v      q [B,T,N,H] (T small), cache k/v [B,S,K,H], N = K·G
+
+The mask comes from positions (see `masking.py`): q_pos [B,T], and the cache's slot positions k_pos [B,S]
+(−1 = empty). Ring-buffer sliding caches (slot = position mod W) and sequences of different lengths in one
+batch need nothing beyond those arrays.
+
+Decode reads the whole cache once and does little arithmetic per byte, so the work is split for
+bandwidth: the grid is (split, batch, kv head); each program reads one contiguous slice of the sequence
+for one KV head and computes all T·G query rows that share it (one K/V read serves G heads). Each split
+returns an unnormalised partial output with its running max and sum (base 2); a log-sum-exp combine in
+XLA merges the splits. Key blocks that hold no visible key (beyond a sequence's length, outside the
+window) are skipped through per-split loop bounds computed in the wrapper.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from .flash_attention import LOG2E, MASK_VALUE, flash_attention_reference
+from .masking import block_visibility, pad_axis, ranges, visible
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Tuning knobs (hashable).
+
+    block_k: keys per step (K and V tiles of block_k × head_dim × num_stages in shared memory).
+    target_programs: the split count is chosen so batch × kv heads × splits reaches about this many
+    programs (a few per multiprocessor: 132 on an H100), capped by the number of key blocks.
+    """
+
+    block_k: int = 32
+    num_warps: int = 4
+    num_stages: int = 3
+    target_programs: int = 512
+
+
+def default_config(head_dim: int) -> DecodeConfig:
+    if head_dim >= 512:
+        return DecodeConfig(block_k=32, num_warps=4, num_stages=3)
+    return DecodeConfig(block_k=64, num_warps=4, num_stages=3)
+
+
+def _decode_kernel(lo_ref, hi_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
+                   scale: float, window: int | None, causal: bool, block_k: int):
+    # lo_ref, hi_ref: []          key-block range of this split (global block indices)
+    # qpos_ref: [M]               position of each query row (−1: padding row)
+    # kpos_ref: [S]               slot positions of this sequence's cache (−1: empty)
+    # q_ref: [M, H]               rows = (token, head) pairs of this KV head's G query heads
+    # k_ref, v_ref: [S, H]
+    # o_ref: [M, H]               unnormalised partial output (float32)
+    # m_ref, l_ref: [M]           running max (base 2) and sum of this split
+    rows, h = q_ref.shape
+    q = q_ref[...]
+    qp = qpos_ref[...][:, None]
+    qk_scale = scale * LOG2E
+
+    def body(j, carry):
+        acc, m_prev, l_prev = carry
+        ks = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
+        s = plgpu.dot(q, k_ref[ks, :], trans_b=True) * qk_scale  # [M, block_k]
+        vis = visible(qp, kpos_ref[ks][None, :], window, causal)
+        s = jnp.where(vis, s, MASK_VALUE)
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m_prev - m_next)
+        p = jnp.where(vis, jnp.exp2(s - m_next[:, None]), 0.0)
+        l_next = alpha * l_prev + jnp.sum(p, axis=1)
+        v = v_ref[ks, :]
+        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
+        return acc, m_next, l_next
+
+    init = (jnp.zeros((rows, h), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+    acc, m_i, l_i = lax.fori_loop(lo_ref[()], hi_ref[()], body, init)
+    o_ref[...] = acc
+    m_ref[...] = m_i
+    l_ref[...] = l_i
+
+
+def num_splits(batch: int, kv_heads: int, key_blocks: int, target_programs: int) -> int:
+    """A power of two dividing key_blocks' padded count: enough splits to fill the chip, no more."""
+    want = max(1, -(-target_programs // (batch * kv_heads)))
+    splits = 1
+    while splits < want and splits * 2 <= key_blocks:
+        splits *= 2
+    return splits
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "window", "causal", "config", "interpret"))
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, *,
+                     scale: float = 1.0, window: int | None = None, causal: bool = True,
+                     config: DecodeConfig | None = None, interpret: bool = False) -> jax.Array:
+    """q [B,T,N,H] (T small) against a cache k, v [B,S,K,H] with slot positions k_pos [B,S]; returns [B,T,N,H]."""
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    assert k.shape == v.shape == (b, s, kh, h), (q.shape, k.shape, v.shape)
+    assert n % kh == 0 and h & (h - 1) == 0 and 16 <= h <= 512, (n, kh, h)
+    assert q.dtype == k.dtype == v.dtype and q_pos.shape == (b, t) and k_pos.shape == (b, s)
+    g = n // kh
+    cfg = config or default_config(h)
+    bk = cfg.block_k
+
+    # Query rows r = t·G + g per KV head, padded to a power of two ≥ 16 (the dot's smallest M).
+    m = t * g
+    mp = max(16, 1 << (m - 1).bit_length())
+    q_rows = q.reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, m, h)
+    q_rows = pad_axis(q_rows, 2, mp, 0)
+    qpos_rows = pad_axis(jnp.repeat(q_pos.astype(jnp.int32), g, axis=1), 1, mp, -1)  # [B, Mp]
+
+    k_pos = pad_axis(k_pos.astype(jnp.int32), 1, bk, -1)
+    kp, vp = pad_axis(k, 1, bk, 0), pad_axis(v, 1, bk, 0)
+    nk = kp.shape[1] // bk
+    ns = num_splits(b, kh, nk, cfg.target_programs)
+    per = -(-nk // ns)
+    # Pad the key blocks to ns·per so every split covers the same number of blocks.
+    k_pos = pad_axis(k_pos, 1, per * ns * bk, -1)
+    kp, vp = pad_axis(kp, 1, per * ns * bk, 0), pad_axis(vp, 1, per * ns * bk, 0)
+    sp = kp.shape[1]
+    vis = block_visibility(qpos_rows, k_pos, mp, bk, window, causal)[:, 0]  # [B, nk]
+    lo, hi = ranges(vis.reshape(b, ns, per))  # [B, ns], within each split
+    base = (jnp.arange(ns, dtype=jnp.int32) * per)[None, :]
+    lo, hi = lo + base, jnp.where(hi > 0, hi + base, lo + base)
+
+    kernel = functools.partial(_decode_kernel, scale=float(scale), window=window, causal=causal, block_k=bk)
+    o_part, m_part, l_part = pl.pallas_call(
+        kernel,
+        grid=(ns, b, kh),
+        in_specs=[
+            pl.BlockSpec((None, None), lambda si, bi, hi_: (bi, si)),  # lo
+            pl.BlockSpec((None, None), lambda si, bi, hi_: (bi, si)),  # hi
+            pl.BlockSpec((None, mp), lambda si, bi, hi_: (bi, 0)),  # q positions per row
+            pl.BlockSpec((None, sp), lambda si, bi, hi_: (bi, 0)),  # k_pos
+            pl.BlockSpec((None, None, mp, h), lambda si, bi, hi_: (bi, hi_, 0, 0)),  # q rows
+            pl.BlockSpec((None, sp, None, h), lambda si, bi, hi_: (bi, 0, hi_, 0)),  # k
+            pl.BlockSpec((None, sp, None, h), lambda si, bi, hi_: (bi, 0, hi_, 0)),  # v
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, mp, h), lambda si, bi, hi_: (bi, hi_, si, 0, 0)),
+            pl.BlockSpec((None, None, None, mp), lambda si, bi, hi_: (bi, hi_, si, 0)),
+            pl.BlockSpec((None, None, None, mp), lambda si, bi, hi_: (bi, hi_, si, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, kh, ns, mp, h), jnp.float32),
+            jax.ShapeDtypeStruct((b, kh, ns, mp), jnp.float32),
+            jax.ShapeDtypeStruct((b, kh, ns, mp), jnp.float32),
+        ],
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="decode_attention",
+    )(lo, hi, qpos_rows, k_pos, q_rows, kp, vp)
+
+    # Log-sum-exp combine over splits (base 2, like the kernel's statistics).
+    m_max = jnp.max(m_part, axis=2, keepdims=True)
+    w = jnp.exp2(m_part - m_max)  # [B, K, ns, Mp]; splits that saw nothing have l = 0
+    l_tot = jnp.sum(w * l_part, axis=2)
+    o = jnp.sum(w[..., None] * o_part, axis=2) / jnp.where(l_tot == 0.0, 1.0, l_tot)[..., None]
+    o = o[:, :, :m].reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
+    return o.astype(q.dtype)
+
+
+def decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, *,
+                               scale: float = 1.0, window: int | None = None, causal: bool = True) -> jax.Array:
+    """Same semantics as `flash_attention_reference` (positions decide everything); kept as the decode name."""
+    return flash_attention_reference(q, k, v, q_pos, k_pos, scale=scale, window=window, causal=causal)

@@ -1,0 +1,172 @@
+"""Attention kernels in Pallas interpret mode (CPU) against their jnp references, and the references
+against the model's own XLA attention.
+
+Interpret mode fills every output buffer with NaN before the kernel runs (checked below), so a block the
+kernel never writes shows up as NaN; every comparison also asserts finiteness. Small block sizes make
+even these short sequences span several query blocks, key blocks and decode splits.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gemma4_jax.kernels import (
+    DecodeConfig,
+    FlashConfig,
+    attention,
+    decode_attention,
+    decode_attention_reference,
+    flash_attention,
+    flash_attention_reference,
+    resolve,
+)
+from jax.experimental import pallas as pl
+
+from gemma4_jax.model import attention as model_attention
+from gemma4_jax.model import attention_mask
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+SMALL_FLASH = FlashConfig(block_m=16, block_k=16, num_warps=4, num_stages=1)
+SMALL_DECODE = DecodeConfig(block_k=16, num_warps=4, num_stages=1, target_programs=64)
+
+
+def _qkv(seed, b, t, s, n, kh, h, dtype):
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(kq, (b, t, n, h), jnp.float32)
+    k = jax.random.normal(kk, (b, s, kh, h), jnp.float32)
+    v = jax.random.normal(kv, (b, s, kh, h), jnp.float32)
+    return q.astype(dtype), k.astype(dtype), v.astype(dtype)
+
+
+def _ring_positions(lengths, slots):
+    """Slot j of a ring buffer of `slots` holds the latest position p < length with p ≡ j (mod slots), else −1."""
+    j = np.arange(slots)[None, :]
+    last = np.asarray(lengths)[:, None] - 1
+    p = j + slots * np.floor_divide(last - j, slots)
+    return jnp.asarray(np.where(p >= 0, p, -1), jnp.int32)
+
+
+def _assert_close(out, ref, dtype):
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    assert out.shape == ref.shape
+    assert np.isfinite(out).all(), "kernel left unwritten (NaN-poisoned) or non-finite outputs"
+    err = np.max(np.abs(out - ref))
+    assert err <= TOL[dtype], f"max abs error {err:.3g} > {TOL[dtype]}"
+
+
+def test_interpret_mode_poisons_outputs():
+    """The premise of the coverage checks: outputs a kernel does not write read back as NaN."""
+    def half(x_ref, o_ref):
+        @pl.when(pl.program_id(0) == 0)
+        def _():
+            o_ref[...] = x_ref[...]
+
+    x = jnp.ones((32, 16), jnp.float32)
+    out = pl.pallas_call(half, grid=(2,), in_specs=[pl.BlockSpec((16, 16), lambda i: (i, 0))],
+                         out_specs=pl.BlockSpec((16, 16), lambda i: (i, 0)),
+                         out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), interpret=True)(x)
+    assert np.isfinite(np.asarray(out[:16])).all() and np.isnan(np.asarray(out[16:])).all()
+
+
+# (head_dim, G, dtype, window, T, S, offset, scale, causal) — offset: first query position (chunked prefill).
+FLASH_CASES = [
+    (64, 1, jnp.float32, None, 37, 37, 0, 0.125, True),  # odd length, plain causal
+    (64, 4, jnp.float32, 5, 50, 50, 0, 0.125, True),  # sliding window, GQA 4
+    (256, 2, jnp.float32, 16, 13, 43, 30, 0.0625, True),  # chunk at an offset into a cache, window
+    (512, 8, jnp.float32, None, 33, 33, 0, 1.0, True),  # Gemma-like full layer, scale 1.0
+    (512, 1, jnp.bfloat16, 9, 21, 32, 11, 0.044, True),
+    (256, 8, jnp.bfloat16, None, 40, 40, 0, 0.0625, True),
+    (64, 16, jnp.float32, 3, 24, 24, 0, 0.125, True),  # G=16: one token × 16 heads per block
+    (64, 2, jnp.float32, None, 17, 29, 0, 0.125, False),  # non-causal (all valid keys)
+]
+
+
+@pytest.mark.parametrize("h,g,dtype,window,t,s,offset,scale,causal", FLASH_CASES)
+def test_flash_attention(h, g, dtype, window, t, s, offset, scale, causal):
+    b, kh = 2, 2 if h < 512 else 1
+    q, k, v = _qkv(h + g + t, b, t, s, kh * g, kh, h, dtype)
+    if scale == 1.0:  # Gemma's scale: keep scores O(1) the way q_norm/k_norm do
+        q = (q.astype(jnp.float32) / np.sqrt(h)).astype(dtype)
+    q_pos = jnp.broadcast_to(offset + jnp.arange(t, dtype=jnp.int32), (b, t))
+    k_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    k_pos = k_pos.at[1, s - 5:].set(-1)  # second sequence: last 5 keys are padding
+    kw = dict(scale=scale, window=window, causal=causal)
+    out = flash_attention(q, k, v, q_pos, k_pos, config=SMALL_FLASH, interpret=True, **kw)
+    _assert_close(out, flash_attention_reference(q, k, v, q_pos, k_pos, **kw), dtype)
+
+
+def test_flash_attention_default_config_and_empty_rows():
+    """Default (large) blocks on a short input; query rows that see no key come back as exact zeros."""
+    b, t, s, n, kh, h = 2, 20, 20, 4, 2, 64
+    q, k, v = _qkv(7, b, t, s, n, kh, h, jnp.float32)
+    q_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)).at[0, :3].set(-1)  # 3 padding queries
+    k_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    out = flash_attention(q, k, v, q_pos, k_pos, scale=0.125, window=6, interpret=True)
+    ref = flash_attention_reference(q, k, v, q_pos, k_pos, scale=0.125, window=6)
+    _assert_close(out, ref, jnp.float32)
+    assert np.all(np.asarray(out[0, :3]) == 0.0)
+
+
+# (head_dim, G, dtype, T, cache slots, window, lengths)
+DECODE_CASES = [
+    (512, 8, jnp.float32, 1, 64, None, (64, 23, 1)),  # full cache, different lengths per sequence
+    (256, 2, jnp.bfloat16, 1, 16, 16, (50, 9, 16)),  # ring buffer: wrapped, partly empty, exactly full
+    (64, 4, jnp.float32, 3, 24, 8, (40, 5, 24)),  # a few query tokens, ring of 24 with a window of 8
+    (512, 1, jnp.bfloat16, 1, 100, None, (100, 57, 3)),  # slots not a multiple of the block
+    (64, 1, jnp.float32, 2, 48, None, (48, 2, 30)),
+]
+
+
+@pytest.mark.parametrize("h,g,dtype,t,slots,window,lengths", DECODE_CASES)
+def test_decode_attention(h, g, dtype, t, slots, window, lengths):
+    b, kh = len(lengths), 2 if h < 512 else 1
+    q, k, v = _qkv(h + g + slots, b, t, slots, kh * g, kh, h, dtype)
+    lengths = np.asarray(lengths)
+    k_pos = _ring_positions(lengths, slots)  # a full-length cache is a ring that never wraps
+    q_pos = jnp.asarray(lengths[:, None] - t + np.arange(t)[None, :], jnp.int32)  # the last t tokens
+    scale = 1.0 / np.sqrt(h)
+    out = decode_attention(q, k, v, q_pos, k_pos, scale=scale, window=window, config=SMALL_DECODE, interpret=True)
+    ref = decode_attention_reference(q, k, v, q_pos, k_pos, scale=scale, window=window)
+    _assert_close(out, ref, dtype)
+
+
+def test_decode_attention_default_config():
+    b, t, s, n, kh, h = 2, 1, 70, 8, 1, 512
+    q, k, v = _qkv(3, b, t, s, n, kh, h, jnp.bfloat16)
+    k_pos = _ring_positions([70, 12], s)
+    q_pos = jnp.asarray([[69], [11]], jnp.int32)
+    out = decode_attention(q, k, v, q_pos, k_pos, scale=0.05, interpret=True)
+    _assert_close(out, decode_attention_reference(q, k, v, q_pos, k_pos, scale=0.05), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_reference_matches_model_attention(window):
+    """The kernels' reference computes exactly the model's attention (scale 1.0, mask from positions)."""
+    b, t, s, n, kh, h = 2, 5, 12, 8, 2, 64
+    q, k, v = _qkv(11, b, t, s, n, kh, h, jnp.float32)
+    q = q / 8.0
+    lengths = np.array([12, 7])
+    k_pos = _ring_positions(lengths, s)
+    q_pos = jnp.asarray(lengths[:, None] - t + np.arange(t)[None, :], jnp.int32)
+    want = model_attention(q, k, v, attention_mask(q_pos, k_pos, window, k_pos >= 0))
+    got = flash_attention_reference(q, k, v, q_pos, k_pos, scale=1.0, window=window)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-6)
+
+
+def test_dispatch():
+    assert resolve("auto", head_dim=512, group=8, platform="cpu") == "xla"
+    assert resolve("auto", head_dim=512, group=8, platform="gpu") == "pallas"
+    assert resolve("auto", head_dim=96, group=8, platform="gpu") == "xla"  # unsupported shape → XLA
+    assert resolve("xla", head_dim=512, group=8, platform="gpu") == "xla"
+    with pytest.raises(ValueError):
+        resolve("pallas", head_dim=96, group=1)
+    with pytest.raises(ValueError):
+        resolve("cudnn-typo", head_dim=64, group=1)
+    # Both kernel paths through the dispatcher (prefill-length and decode-length queries).
+    for t in (1, 12):
+        q, k, v = _qkv(t, 1, t, 12, 4, 2, 64, jnp.float32)
+        q_pos = jnp.asarray([np.arange(12 - t, 12)], jnp.int32)
+        k_pos = jnp.arange(12, dtype=jnp.int32)[None]
+        kw = dict(scale=0.125, window=4)
+        _assert_close(attention(q, k, v, q_pos, k_pos, impl="interpret", **kw),
+                      attention(q, k, v, q_pos, k_pos, impl="xla", **kw), jnp.float32)
