@@ -64,13 +64,17 @@ def _flash_kernel(lo_ref, hi_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, o_ref
     # lo_ref, hi_ref: []          first / one-past-last key block this query block may see
     # qpos_ref: [bq]              positions of the block's tokens (−1: padding)
     # kpos_ref: [S]               key positions of this sequence (−1: empty / padding)
-    # q_ref: [bq, G, H]           the G query heads of this program's KV head
+    # q_ref: [bq, G, H]           the G query heads of this program's KV head ([bq, H] when G = 1)
     # k_ref, v_ref: [S, H]        this sequence's keys / values for the KV head
-    # o_ref: [bq, G, H]
-    bq, g, h = q_ref.shape
+    # o_ref: [bq, G, H]           ([bq, H] when G = 1)
+    bq, h = q_ref.shape[0], q_ref.shape[-1]
+    g = q_ref.shape[1] if q_ref.ndim == 3 else 1
     rows = bq * g
     q = q_ref[...].reshape(rows, h)
-    qp = jnp.broadcast_to(qpos_ref[...][:, None], (bq, g)).reshape(rows)[:, None]  # [rows, 1]
+    qp = qpos_ref[...]
+    if g > 1:
+        qp = jnp.broadcast_to(qp[:, None], (bq, g)).reshape(rows)
+    qp = qp[:, None]  # [rows, 1]
     qk_scale = scale * LOG2E  # scores in base 2: exp(x) = exp2(x·log2 e)
 
     def body(j, carry):
@@ -92,7 +96,7 @@ def _flash_kernel(lo_ref, hi_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, o_ref
             jnp.zeros((rows,), jnp.float32))
     acc, _, l_i = lax.fori_loop(lo_ref[()], hi_ref[()], body, init)
     out = acc / jnp.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows that saw nothing stay 0
-    o_ref[...] = out.reshape(bq, g, h).astype(o_ref.dtype)
+    o_ref[...] = out.reshape(o_ref.shape).astype(o_ref.dtype)
 
 
 def _check(q, k, v, q_pos, k_pos):
@@ -131,6 +135,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, 
     def qblk(i):
         return nq - 1 - i
 
+    q_block = (None, bq, g, h) if g > 1 else (None, bq, None, h)  # G query heads side by side
     kernel = functools.partial(_flash_kernel, scale=float(scale), window=window, causal=causal, block_k=bk)
     out = pl.pallas_call(
         kernel,
@@ -140,11 +145,11 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, 
             pl.BlockSpec((None, None), lambda i, bi, hi_: (bi, qblk(i))),  # hi
             pl.BlockSpec((None, bq), lambda i, bi, hi_: (bi, qblk(i))),  # q_pos
             pl.BlockSpec((None, sp), lambda i, bi, hi_: (bi, 0)),  # k_pos
-            pl.BlockSpec((None, bq, g, h), lambda i, bi, hi_: (bi, qblk(i), hi_, 0)),  # q
+            pl.BlockSpec(q_block, lambda i, bi, hi_: (bi, qblk(i), hi_, 0)),  # q
             pl.BlockSpec((None, sp, None, h), lambda i, bi, hi_: (bi, 0, hi_, 0)),  # k
             pl.BlockSpec((None, sp, None, h), lambda i, bi, hi_: (bi, 0, hi_, 0)),  # v
         ],
-        out_specs=pl.BlockSpec((None, bq, g, h), lambda i, bi, hi_: (bi, qblk(i), hi_, 0)),
+        out_specs=pl.BlockSpec(q_block, lambda i, bi, hi_: (bi, qblk(i), hi_, 0)),
         out_shape=jax.ShapeDtypeStruct((b, tp, n, h), q.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,

@@ -1,0 +1,28 @@
+"""Benchmarks, one subcommand each: `python tools/bench.py attention [--check] [--tune] [--json out.json]`.
+
+Run from the repository root with PYTHONPATH=. on a GPU. Each subcommand lives in its own module
+(`tools/bench_<name>.py`) exposing `add_parser(subparsers)`, which sets `func` to run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_attention  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench_attention.add_parser(sub)
+    args = parser.parse_args(argv)
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""`bench.py attention`: our Pallas attention kernels against XLA, cuDNN and JAX's stock Pallas ops on a GPU.
+
+Prefill (B=1, 8 heads, causal, bf16): TFLOP/s counting the causal half, 4·B·N·H·T²/2. Decode (bf16, one
+query token per sequence, full cache): GB/s of K and V read, and its share of the card's measured HBM
+bandwidth (a large device copy, bytes read plus written). Every baseline runs in the same process on the
+same card. `--check` first compares the compiled kernels with the float32 references on small shapes
+(windows, offsets, ragged lengths) and, per benchmark shape, with XLA's output; `--tune` sweeps the
+kernels' block configs and benchmarks with the fastest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from gemma4_jax.kernels import DecodeConfig, FlashConfig, decode_attention, flash_attention, flash_attention_reference
+
+from gemma4_jax.model import attention as xla_attention
+from gemma4_jax.model import attention_mask
+
+PREFILL_SHAPES = [(4096, 512), (16384, 512), (4096, 256), (16384, 256)]  # (T, head_dim); B=1, N=K=8
+DECODE_SHAPES = [(1, 8192), (1, 32768), (32, 8192), (32, 32768)]  # (B, S); N=32, K=4, head_dim 512
+FLASH_TUNE = [FlashConfig(64, 32, 8, 2), FlashConfig(64, 64, 8, 2), FlashConfig(64, 32, 4, 2),
+              FlashConfig(128, 32, 8, 2), FlashConfig(64, 64, 8, 1), FlashConfig(128, 64, 8, 1)]
+DECODE_TUNE = [DecodeConfig(32, 4, 3, 512), DecodeConfig(64, 4, 2, 512), DecodeConfig(32, 4, 2, 256),
+               DecodeConfig(32, 8, 3, 1024), DecodeConfig(16, 4, 4, 512)]
+
+
+class Deadline:
+    """Skips the remaining work once `seconds` have passed, so the table and JSON still come out."""
+
+    def __init__(self, seconds: float):
+        self.end = time.perf_counter() + seconds
+
+    def __bool__(self) -> bool:
+        return time.perf_counter() < self.end
+
+
+def time_call(fn, *args, budget_s: float = 0.25, reps: int = 5) -> float:
+    """Median seconds per call: warm up (compile), size a batch of calls to ~budget_s, median of reps."""
+    jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    once = time.perf_counter() - t0
+    n = int(min(200, max(2, budget_s / max(once, 1e-6))))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = None
+        for _ in range(n):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / n)
+    return statistics.median(times)
+
+
+def hbm_bandwidth(gib: float = 2.0) -> float:
+    """Bytes/s of a large device copy (x + 1 on bf16), counting bytes read and written."""
+    x = jnp.ones((int(gib * 2**30) // 2,), jnp.bfloat16)
+    t = time_call(jax.jit(lambda a: a + 1), x)
+    return 2 * x.nbytes / t
+
+
+def _rand(key, shape, dtype, scale=1.0):
+    return (jax.random.normal(key, shape, jnp.float32) * scale).astype(dtype)
+
+
+def _try(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # a baseline that does not run at a shape is reported, not fatal
+        msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        return msg
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def check_small() -> list[dict]:
+    """Compiled kernels vs the float32 reference: windows, offsets, GQA, ragged lengths, both dtypes."""
+    rows = []
+    cases = [(64, 1, None, 37, 37, 0), (256, 2, 16, 130, 300, 170), (512, 8, None, 200, 200, 0),
+             (512, 8, 64, 77, 333, 256), (256, 8, 1024, 1000, 1000, 0)]
+    for dtype in (jnp.float32, jnp.bfloat16):
+        for i, (h, g, window, t, s, off) in enumerate(cases):
+            kq, kk, kv = jax.random.split(jax.random.key(i), 3)
+            b, kh = 2, 2
+            q = _rand(kq, (b, t, kh * g, h), dtype, h ** -0.5)
+            k, v = _rand(kk, (b, s, kh, h), dtype), _rand(kv, (b, s, kh, h), dtype)
+            q_pos = jnp.broadcast_to(off + jnp.arange(t, dtype=jnp.int32), (b, t))
+            k_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)).at[1, s // 2:].set(-1)
+            f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+            ref = flash_attention_reference(*f32, q_pos, k_pos, window=window)
+            out = flash_attention(q, k, v, q_pos, k_pos, window=window)
+            rows.append(dict(kind="flash", dtype=jnp.dtype(dtype).name, h=h, g=g, window=window, t=t, s=s,
+                             rel_err=_rel(out, ref), finite=bool(np.isfinite(np.asarray(out, np.float32)).all())))
+            qd, qdp = q[:, -2:], q_pos[:, -2:]  # the last two tokens as a decode step
+            ref = flash_attention_reference(qd.astype(jnp.float32), *f32[1:], qdp, k_pos, window=window)
+            out = decode_attention(qd, k, v, qdp, k_pos, window=window)
+            rows.append(dict(kind="decode", dtype=jnp.dtype(dtype).name, h=h, g=g, window=window, t=2, s=s,
+                             rel_err=_rel(out, ref), finite=bool(np.isfinite(np.asarray(out, np.float32)).all())))
+    return rows
+
+
+def bench_prefill(t: int, h: int, check: bool, config: FlashConfig | None) -> dict:
+    b, n, kh = 1, 8, 8
+    kq, kk, kv = jax.random.split(jax.random.key(t + h), 3)
+    q = _rand(kq, (b, t, n, h), jnp.bfloat16, h ** -0.5)
+    k, v = _rand(kk, (b, t, kh, h), jnp.bfloat16), _rand(kv, (b, t, kh, h), jnp.bfloat16)
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    flops = 4 * b * n * h * t * t / 2
+    impls = {
+        "ours": jax.jit(lambda q, k, v: flash_attention(q, k, v, pos, pos, config=config)),
+        "xla": jax.jit(lambda q, k, v: xla_attention(q, k, v, attention_mask(pos, pos, None))),
+    }
+    if h <= 256:
+        impls["cudnn"] = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, scale=1.0, is_causal=True, implementation="cudnn"))
+    from jax.experimental.pallas.ops.gpu import attention as stock
+
+    blocks = stock.BlockSizes(block_q=64, block_k=64) if h > 256 else stock.BlockSizes(block_q=128, block_k=64)
+    impls["pallas_mha"] = jax.jit(lambda q, k, v: stock.mha(q, k, v, None, sm_scale=1.0, causal=True,
+                                                            block_sizes=blocks))
+    try:
+        from jax.experimental.pallas.ops.gpu import attention_mgpu as mgpu
+
+        cfg = mgpu.TuningConfig(block_q=64, block_kv=64, max_concurrent_steps=2, causal=True)
+        impls["mosaic_fa(f16)"] = jax.jit(lambda q, k, v: mgpu.attention(
+            q.astype(jnp.float16), k.astype(jnp.float16), v.astype(jnp.float16), cfg))
+    except Exception:
+        pass
+    row = dict(shape=f"prefill B=1 N=K=8 T={t} H={h}", flops=flops, tflops={}, errors={}, rel_err_vs_xla={})
+    ref = impls["xla"](q, k, v) if check else None
+    for name, fn in impls.items():
+        res = _try(time_call, fn, q, k, v)
+        if isinstance(res, str):
+            row["errors"][name] = res
+            continue
+        row["tflops"][name] = flops / res / 1e12
+        if check and name != "xla":
+            row["rel_err_vs_xla"][name] = _try(lambda f=fn: _rel(f(q, k, v), ref))
+    return row
+
+
+def bench_decode(b: int, s: int, check: bool, config: DecodeConfig | None, bw: float) -> dict:
+    n, kh, h = 32, 4, 512
+    kq, kk, kv = jax.random.split(jax.random.key(b + s), 3)
+    q = _rand(kq, (b, 1, n, h), jnp.bfloat16, h ** -0.5)
+    k, v = _rand(kk, (b, s, kh, h), jnp.bfloat16), _rand(kv, (b, s, kh, h), jnp.bfloat16)
+    k_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    q_pos = jnp.full((b, 1), s - 1, jnp.int32)
+    lengths = jnp.full((b,), s, jnp.int32)
+    nbytes = 2 * k.nbytes
+    impls = {
+        "ours": jax.jit(lambda q, k, v: decode_attention(q, k, v, q_pos, k_pos, config=config)),
+        "xla": jax.jit(lambda q, k, v: xla_attention(q, k, v, attention_mask(q_pos, k_pos, None, k_pos >= 0))),
+        "cudnn": jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, scale=1.0, key_value_seq_lengths=lengths, implementation="cudnn")),
+    }
+    from jax.experimental.pallas.ops.gpu import decode_attention as stock
+
+    impls["pallas_gqa"] = jax.jit(lambda q, k, v: stock.gqa(q[:, 0], k, v, kv_seq_len=lengths, sm_scale=1.0)[:, None])
+    row = dict(shape=f"decode B={b} S={s} N=32 K=4 H=512", bytes=nbytes, gbps={}, pct_hbm={}, errors={},
+               rel_err_vs_xla={})
+    ref = impls["xla"](q, k, v) if check else None
+    for name, fn in impls.items():
+        res = _try(time_call, fn, q, k, v)
+        if isinstance(res, str):
+            row["errors"][name] = res
+            continue
+        row["gbps"][name] = nbytes / res / 1e9
+        row["pct_hbm"][name] = 100 * nbytes / res / bw
+        if check and name != "xla":
+            row["rel_err_vs_xla"][name] = _try(lambda f=fn: _rel(f(q, k, v), ref))
+    return row
+
+
+def tune_flash(h: int, ok: Deadline, t: int = 4096) -> list[dict]:
+    b, n = 1, 8
+    kq, kk, kv = jax.random.split(jax.random.key(h), 3)
+    q = _rand(kq, (b, t, n, h), jnp.bfloat16, h ** -0.5)
+    k, v = _rand(kk, (b, t, n, h), jnp.bfloat16), _rand(kv, (b, t, n, h), jnp.bfloat16)
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    out = []
+    for cfg in FLASH_TUNE:
+        if not ok:
+            break
+        fn = jax.jit(lambda q, k, v, cfg=cfg: flash_attention(q, k, v, pos, pos, config=cfg))
+        res = _try(time_call, fn, q, k, v, budget_s=0.1, reps=3)
+        out.append(dict(config=dataclasses.asdict(cfg), h=h, t=t,
+                        tflops=4 * b * n * h * t * t / 2 / res / 1e12 if not isinstance(res, str) else res))
+    return out
+
+
+def tune_decode(b: int, s: int, ok: Deadline) -> list[dict]:
+    n, kh, h = 32, 4, 512
+    kq, kk, kv = jax.random.split(jax.random.key(s), 3)
+    q = _rand(kq, (b, 1, n, h), jnp.bfloat16, h ** -0.5)
+    k, v = _rand(kk, (b, s, kh, h), jnp.bfloat16), _rand(kv, (b, s, kh, h), jnp.bfloat16)
+    k_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    q_pos = jnp.full((b, 1), s - 1, jnp.int32)
+    out = []
+    for cfg in DECODE_TUNE:
+        if not ok:
+            break
+        fn = jax.jit(lambda q, k, v, cfg=cfg: decode_attention(q, k, v, q_pos, k_pos, config=cfg))
+        res = _try(time_call, fn, q, k, v, budget_s=0.1, reps=3)
+        out.append(dict(config=dataclasses.asdict(cfg), b=b, s=s,
+                        gbps=2 * k.nbytes / res / 1e9 if not isinstance(res, str) else res))
+    return out
+
+
+def _best(rows, key, cls):
+    ok = [r for r in rows if not isinstance(r[key], str)]
+    return cls(**max(ok, key=lambda r: r[key])["config"]) if ok else None
+
+
+def print_table(result: dict) -> None:
+    print(f"\ncard: {result['device']}  jax {result['jax']}  HBM copy {result['hbm_gbps']:.0f} GB/s")
+    for row in result["prefill"]:
+        cells = "  ".join(f"{k} {v:.0f}" for k, v in row["tflops"].items())
+        print(f"{row['shape']:<34} TFLOP/s  {cells}")
+        for k, v in row["errors"].items():
+            print(f"    {k}: {v}")
+    for row in result["decode"]:
+        cells = "  ".join(f"{k} {v:.0f} ({row['pct_hbm'][k]:.0f}%)" for k, v in row["gbps"].items())
+        print(f"{row['shape']:<34} GB/s  {cells}")
+        for k, v in row["errors"].items():
+            print(f"    {k}: {v}")
+
+
+def _save(result: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+
+
+def run(args) -> dict:
+    ok = Deadline(args.max_seconds)
+    dev = jax.devices()[0]
+    result = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__, date=time.strftime("%Y-%m-%d"))
+    result["hbm_gbps"] = hbm_bandwidth() / 1e9
+    print(f"card {result['device']}, HBM copy {result['hbm_gbps']:.0f} GB/s", flush=True)
+    if args.check:
+        result["check"] = check_small()
+        for r in result["check"]:
+            print("check", r, flush=True)
+    flash_cfg = {512: None, 256: None}
+    decode_cfg = None
+    if args.tune and ok:
+        for h in (512, 256):
+            rows = tune_flash(h, ok)
+            result.setdefault("tune_flash", []).extend(rows)
+            for r in rows:
+                print("tune", r, flush=True)
+            flash_cfg[h] = _best(rows, "tflops", FlashConfig)
+        rows = tune_decode(1, 32768, ok) + tune_decode(32, 32768, ok)
+        result["tune_decode"] = rows
+        for r in rows:
+            print("tune", r, flush=True)
+        decode_cfg = _best([r for r in rows if r["b"] == 1], "gbps", DecodeConfig)
+        result["tuned"] = dict(flash={h: c and dataclasses.asdict(c) for h, c in flash_cfg.items()},
+                               decode=decode_cfg and dataclasses.asdict(decode_cfg))
+    result["prefill"] = []
+    for t, h in PREFILL_SHAPES:
+        if (args.quick and t > 4096) or not ok:
+            continue
+        result["prefill"].append(bench_prefill(t, h, args.check, flash_cfg[h]))
+        print(result["prefill"][-1], flush=True)
+        _save(result, args.json)
+    result["decode"] = []
+    for b, s in DECODE_SHAPES:
+        if not ok:
+            continue
+        result["decode"].append(bench_decode(b, s, args.check, decode_cfg, result["hbm_gbps"] * 1e9))
+        print(result["decode"][-1], flush=True)
+        _save(result, args.json)
+    print_table(result)
+    _save(result, args.json)
+    return result
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("attention", help="attention kernels vs XLA / cuDNN / stock Pallas (GPU)")
+    p.add_argument("--check", action="store_true", help="correctness of the compiled kernels first")
+    p.add_argument("--tune", action="store_true", help="sweep block configs and benchmark the fastest")
+    p.add_argument("--quick", action="store_true", help="skip the 16K-token prefill shapes")
+    p.add_argument("--json", help="write all numbers to this file")
+    p.add_argument("--max-seconds", type=float, default=1e9, help="skip what remains after this long")
+    p.set_defaults(func=run)
