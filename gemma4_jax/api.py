@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from . import stage_checkpoint as sc
 from .config import Gemma4Config
 from .errors import CheckpointError, ConfigError
 from .generation import Sampling, generate_tokens
@@ -127,7 +128,10 @@ class Gemma4Model:
 
 def load(path: str | None = None, *, pp: int = 1, dtype=None, max_seq_len: int | None = None,
          progress: bool = True) -> Gemma4Model:
-    """Load a Gemma 4 checkpoint directory (Hugging Face format) as a ready-to-run model.
+    """Load a Gemma 4 checkpoint directory as a ready-to-run model.
+
+    `path` is a Hugging Face directory or one written by `tools/convert_checkpoint.py` (whose stage
+    count must equal `pp`).
 
     `dtype` is 'float32' or 'bfloat16' (default: bfloat16 on GPU, float32 on CPU). Errors are
     `gemma4_jax.Gemma4Error` subclasses with one sentence naming the problem.
@@ -137,11 +141,34 @@ def load(path: str | None = None, *, pp: int = 1, dtype=None, max_seq_len: int |
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is not a directory")
+    run = RunConfig(dtype=resolve_dtype(dtype), pp=pp, max_seq_len=max_seq_len)
+    jdtype = DTYPES[run.dtype]
+    if sc.is_stage_dir(path):
+        manifest = sc.read_manifest(path)
+        cfg = Gemma4Config.from_hf_dict(manifest["config"], name=os.path.basename(os.path.abspath(path)))
+        if manifest["num_stages"] != pp:
+            raise ConfigError(
+                f"{path} was converted for pp={manifest['num_stages']} but pp={pp} was asked; re-convert with "
+                f"python tools/convert_checkpoint.py --hf-dir {manifest['source']['hf_dir']} --out NEW_DIR --pp {pp}")
+    else:
+        cfg = Gemma4Config.from_json(path)
+    check_pp(cfg, pp)
     if pp != 1:
         raise ConfigError(f"pp={pp} is not supported yet; pipeline parallelism needs pp=1 for now")
-    run = RunConfig(dtype=resolve_dtype(dtype), pp=pp, max_seq_len=max_seq_len)
-    cfg = Gemma4Config.from_json(path)
-    jdtype = DTYPES[run.dtype]
-    params = read_hf_params(path, cfg, jdtype, progress=progress)
-    module = model_from_params(cfg, params, jdtype)
+    if sc.is_stage_dir(path):
+        params = sc.load_single_stage(path, cfg, jdtype)
+        module = model_from_params(cfg, params, jdtype, put=lambda a: a)
+    else:
+        params = read_hf_params(path, cfg, jdtype, progress=progress)
+        module = model_from_params(cfg, params, jdtype)
     return Gemma4Model(module, run, tokenizer=Tokenizer.maybe_load(path), path=path)
+
+
+def check_pp(cfg: Gemma4Config, pp: int) -> None:
+    """`pp` must be at least 1 and at most the layer count and the device count."""
+    if not isinstance(pp, int) or pp < 1:
+        raise ConfigError(f"pp must be a positive integer, got {pp!r}")
+    if pp > cfg.num_layers:
+        raise ConfigError(f"pp={pp} is more stages than the model's {cfg.num_layers} layers")
+    if pp > len(jax.devices()):
+        raise ConfigError(f"pp={pp} needs {pp} devices but only {len(jax.devices())} are visible")

@@ -33,6 +33,7 @@ class Target:
     path: Path  # attribute path in Gemma4Text
     index: int | None  # position in the kind's stack; None for unstacked parameters
     transform: Callable[[np.ndarray], np.ndarray]  # HF layout -> our layout
+    layer: int | None = None  # the decoder layer it belongs to; None for the embeddings and final norm
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,8 @@ def converter_table(cfg: Gemma4Config) -> tuple[dict[str, Entry], set[str]]:
         pre, st = f"layers.{spec.index}.", ("stacks", kind)
         h, k, f = spec.head_dim, spec.num_kv_heads, spec.mlp_width
 
-        def tgt(*path, fn=_same, st=st, i=i):
-            return Target(st + path, i, fn)
+        def tgt(*path, fn=_same, st=st, i=i, layer=spec.index):
+            return Target(st + path, i, fn, layer)
 
         for hf, ours in (("input_layernorm", "input_norm"), ("post_attention_layernorm", "post_attn_norm"),
                          ("pre_feedforward_layernorm", "pre_ffw_norm"),
@@ -174,6 +175,62 @@ class _Filler:
         return [p for p in self.shapes if p not in self.filled or not self.filled[p].all()]
 
 
+class HFCheckpoint:
+    """The text tensors of an HF directory, validated against the converter table before any is read.
+
+    Iterating yields (full name, Entry, file) for every tensor the model needs, in file order;
+    names, shapes and duplicates of *all* tensors are checked up front, so a bad checkpoint fails
+    before anything is written or allocated.
+    """
+
+    def __init__(self, hf_dir: str, cfg: Gemma4Config):
+        self.hf_dir = hf_dir
+        self.files = [SafetensorsFile(f) for f in checkpoint_files(hf_dir)]
+        names = [nm for st in self.files for nm in st.keys()]
+        self.prefix = prefix = text_prefix(names)
+        table, ignorable = converter_table(cfg)
+        self.items: list[tuple[str, Entry, SafetensorsFile]] = []
+        seen: set[str] = set()
+        for st in self.files:
+            for full in st.keys():
+                if full.startswith(NON_TEXT_PREFIXES) or full == "lm_head.weight":
+                    continue
+                if not full.startswith(prefix):
+                    raise CheckpointError(f"unexpected tensor {full} (outside the text model prefix {prefix!r})")
+                name = full[len(prefix):]
+                if name in ignorable:
+                    continue
+                entry = table.get(name)
+                if entry is None:
+                    raise CheckpointError(f"unexpected tensor {full} for this config")
+                if st.shape(full) != entry.hf_shape:
+                    got, want = list(st.shape(full)), list(entry.hf_shape)
+                    raise CheckpointError(f"tensor {full} has shape {got}, expected {want}")
+                if name in seen:
+                    raise CheckpointError(f"tensor {full} appears twice in the checkpoint")
+                seen.add(name)
+                self.items.append((full, entry, st))
+        absent = sorted(set(table) - seen, key=_natural)
+        if absent:
+            more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
+            raise CheckpointError(f"checkpoint {hf_dir} lacks tensor {prefix}{absent[0]}{more}")
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(st.nbytes(full) for full, _, st in self.items)
+
+    def source_files(self) -> list[dict]:
+        import os
+
+        return [{"name": os.path.basename(st.path), "bytes": os.path.getsize(st.path)} for st in self.files]
+
+
 def read_hf_params(hf_dir: str, cfg: Gemma4Config, dtype=jnp.float32, wanted: Callable[[Path], bool] | None = None,
                    progress: bool = False) -> dict[Path, np.ndarray]:
     """Read an HF directory into {path: numpy array in `dtype`}, tensor by tensor.
@@ -182,48 +239,18 @@ def read_hf_params(hf_dir: str, cfg: Gemma4Config, dtype=jnp.float32, wanted: Ca
     whole checkpoint is still validated. Raises CheckpointError with one clear sentence on a
     missing, unexpected, duplicated or misshaped tensor.
     """
-    files = checkpoint_files(hf_dir)
-    opened = [SafetensorsFile(f) for f in files]
-    names = [nm for st in opened for nm in st.keys()]
-    prefix = text_prefix(names)
-    table, ignorable = converter_table(cfg)
+    ckpt = HFCheckpoint(hf_dir, cfg)
     filler = _Filler(target_shapes(cfg, dtype), wanted or (lambda p: True))
-    seen: set[str] = set()
-    bar = None
+    items = iter(ckpt)
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=sum(len(st.keys()) for st in opened), desc="loading tensors", unit="tensor", leave=False)
-    for st in opened:
-        for full in st.keys():
-            if bar is not None:
-                bar.update(1)
-            if full.startswith(NON_TEXT_PREFIXES) or full == "lm_head.weight":
-                continue
-            if not full.startswith(prefix):
-                raise CheckpointError(f"unexpected tensor {full} (outside the text model prefix {prefix!r})")
-            name = full[len(prefix):]
-            if name in ignorable:
-                continue
-            entry = table.get(name)
-            if entry is None:
-                raise CheckpointError(f"unexpected tensor {full} for this config")
-            if st.shape(full) != entry.hf_shape:
-                got, want = list(st.shape(full)), list(entry.hf_shape)
-                raise CheckpointError(f"tensor {full} has shape {got}, expected {want}")
-            if name in seen:
-                raise CheckpointError(f"tensor {full} appears twice in the checkpoint")
-            seen.add(name)
-            if any(t.path in filler.shapes for t in entry.targets):
-                value = st.get(full)
-                for t in entry.targets:
-                    filler.set(t, value, full)
-    if bar is not None:
-        bar.close()
-    absent = sorted(set(table) - seen, key=_natural)
-    if absent:
-        more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
-        raise CheckpointError(f"checkpoint {hf_dir} lacks tensor {prefix}{absent[0]}{more}")
+        items = tqdm(items, total=len(ckpt), desc="loading tensors", unit="tensor", leave=False)
+    for full, entry, st in items:
+        if any(t.path in filler.shapes for t in entry.targets):
+            value = st.get(full)
+            for t in entry.targets:
+                filler.set(t, value, full)
     assert not filler.missing(), filler.missing()  # the table covers every parameter
     return filler.buffers
 

@@ -9,6 +9,7 @@ memory only when it is copied (cast, transposed or sent to a device).
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -51,7 +52,11 @@ class SafetensorsFile:
             raise CheckpointError(
                 f"{path} is truncated: its header needs {self._base + end} bytes but the file has {size}"
             )
-        self._mm = np.memmap(path, dtype=np.uint8, mode="r") if size > 0 else None
+        self._mm = None
+        if size > 0:
+            with open(path, "rb") as f:
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._mm = np.frombuffer(self._mmap, dtype=np.uint8)
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -73,6 +78,22 @@ class SafetensorsFile:
         if end - start != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
             raise CheckpointError(f"{self.path}: tensor {name} has a byte range that does not match its shape")
         return self._mm[self._base + start : self._base + end].view(dtype).reshape(shape)
+
+    def release(self, name: str, lo: int = 0, hi: int | None = None) -> None:
+        """Drop the tensor's mapped pages from this process (they stay in the page cache).
+
+        Reading a tensor maps its pages into the process; without this a streamed pass over a
+        62 GB file would end with all of it counted as resident.
+        """
+        if self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start, end = (int(x) + self._base for x in self.entries[name]["data_offsets"])
+        start, end = start + lo, min(end, start + hi) if hi is not None else end  # bytes [lo, hi) of the tensor
+        if end <= start:
+            return
+        page = mmap.PAGESIZE
+        lo = start // page * page
+        self._mmap.madvise(mmap.MADV_DONTNEED, lo, end - lo)
 
 
 def checkpoint_files(hf_dir: str) -> list[str]:

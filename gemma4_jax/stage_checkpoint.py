@@ -1,0 +1,411 @@
+"""Per-stage orbax checkpoints: converting a Hugging Face checkpoint, and restoring stages onto devices.
+
+Owns the on-disk format written by `tools/convert_checkpoint.py`:
+
+  OUT/manifest.json      written last; the loader refuses a directory without it
+  OUT/stage_<k>/         one orbax checkpoint per pipeline stage (the tree described in stages.py)
+  OUT/config.json, tokenizer.json, chat_template.jinja, generation_config.json, ...  copied as-is
+
+Conversion streams: tensors are read one at a time from memory-mapped safetensors, cut into their
+stages' leaves, cast, and handed to orbax in small batches (orbax partial saves), so the resident
+memory stays near one tensor however large the checkpoint is. Everything is written into a
+temporary directory beside OUT and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import Gemma4Config
+from .errors import CheckpointError, ConfigError
+from .hf_checkpoint import HFCheckpoint, Target, target_shapes
+from .stages import Path, Stage, stage_of_layer, stages_from_bounds
+
+MANIFEST = "manifest.json"
+FORMAT = "gemma4-jax-stages"
+FORMAT_VERSION = 1
+COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+# Leaves are handed to orbax in batches of about this many bytes (one partial save each).
+FLUSH_BYTES = 256 << 20
+DTYPE_NAMES = {"float32": np.float32, "bfloat16": jnp.bfloat16}
+
+
+def _quiet_orbax():
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+# ---------------------------------------------------------------------------------------------
+# HF tensor -> stage leaves
+
+
+TABLES = ("embed", "head", "ple_table")  # stored in row chunks so that no step holds a whole table
+CHUNK_BYTES = 64 << 20
+
+
+def table_chunk_rows(cfg: Gemma4Config, itemsize: int) -> dict[str, int]:
+    """Rows per stored chunk of each table, from the width of the whole table (the same on every stage)."""
+    widths = {"embed": cfg.hidden_size, "head": cfg.hidden_size, "ple_table": max(1, cfg.num_layers * cfg.ple_dim)}
+    return {name: max(1, CHUNK_BYTES // (w * itemsize)) for name, w in widths.items()}
+
+
+def stage_leaves(cfg: Gemma4Config, stages: tuple[Stage, ...], target: Target, value: np.ndarray):
+    """(stage index, logical leaf path, array view) for one converter-table target of one HF tensor.
+
+    Tables come back whole (views of the mapped file); the converter cuts them into row chunks.
+    """
+    path, last = target.path, stages[-1].index
+    if path[0] == "stacks":
+        layer = target.layer
+        yield stage_of_layer(stages, layer).index, ("layers", str(layer), *path[2:]), target.transform(value)
+    elif path == ("embed",):
+        yield 0, ("embed",), value
+        if len(stages) > 1:
+            yield last, ("head",), value  # the tied head, copied so the last stage stands alone
+    elif path == ("final_norm",):
+        yield last, ("final_norm",), value
+    elif path == ("ple_norm",):
+        for s in stages:
+            yield s.index, ("ple_norm",), value
+    elif path == ("ple_embed",):  # [Vp, L*P] -> each stage's columns [Vp, n*P]
+        p = cfg.ple_dim
+        for s in stages:
+            yield s.index, ("ple_table",), value[:, s.start * p:s.stop * p]
+    elif path == ("ple_proj",):  # [D, L, P] after the transform -> per layer [D, P]
+        full = target.transform(value)
+        for layer in range(cfg.num_layers):
+            yield stage_of_layer(stages, layer).index, ("layers", str(layer), "ple_model_proj"), full[:, layer]
+    else:
+        raise AssertionError(f"no stage rule for {path}")
+
+
+def expected_leaves(cfg: Gemma4Config, stages: tuple[Stage, ...]) -> list[dict[Path, tuple[int, ...]]]:
+    """{logical leaf path: shape} of every stage, from the model's parameter shapes (layout in stages.py)."""
+    out: list[dict[Path, tuple[int, ...]]] = [{} for _ in stages]
+    first, last = out[0], out[-1]
+    for path, (shape, _) in target_shapes(cfg, np.float32).items():
+        if path[0] == "stacks":
+            for layer, (kind, _) in enumerate(cfg.layer_plan):
+                if kind == path[1]:
+                    out[stage_of_layer(stages, layer).index][("layers", str(layer), *path[2:])] = shape[1:]
+        elif path == ("embed",):
+            first[path] = shape
+            if len(stages) > 1:
+                last[("head",)] = shape
+        elif path == ("final_norm",):
+            last[path] = shape
+        elif path == ("ple_norm",):
+            for leaves in out:
+                leaves[path] = shape
+        elif path == ("ple_embed",):
+            for s, leaves in zip(stages, out, strict=True):
+                leaves[("ple_table",)] = (cfg.ple_vocab_size, (s.stop - s.start) * cfg.ple_dim)
+        elif path == ("ple_proj",):
+            for layer in range(cfg.num_layers):
+                out[stage_of_layer(stages, layer).index][("layers", str(layer), "ple_model_proj")] = \
+                    (cfg.hidden_size, cfg.ple_dim)
+        else:
+            raise AssertionError(f"no stage rule for {path}")
+    return out
+
+
+def stored_leaves(leaves: dict[Path, tuple[int, ...]], chunk_rows: dict[str, int]) -> dict[Path, tuple[int, ...]]:
+    """The leaves as stored: tables cut into row chunks ("embed", "<c>"), everything else as is."""
+    out = {}
+    for path, shape in leaves.items():
+        if path[0] in TABLES:
+            rows = chunk_rows[path[0]]
+            for c, lo in enumerate(range(0, shape[0], rows)):
+                out[(path[0], str(c))] = (min(rows, shape[0] - lo), shape[1])
+        else:
+            out[path] = shape
+    return out
+
+
+class _StageWriter:
+    """Collects leaves per stage and writes them with orbax partial saves; each leaf exactly once."""
+
+    def __init__(self, root: str, stages: tuple[Stage, ...], expected, dtype, flush_bytes: int = FLUSH_BYTES):
+        from orbax.checkpoint.experimental.v1 import partial
+
+        self.partial = partial
+        self.dirs = [os.path.join(root, f"stage_{s.index}") for s in stages]
+        self.expected, self.dtype, self.flush_bytes = expected, np.dtype(dtype), flush_bytes
+        self.pending: list[dict] = [{} for _ in stages]
+        self.pending_bytes = 0
+        self.written: list[set[Path]] = [set() for _ in stages]
+
+    def add(self, stage: int, leaf: Path, value: np.ndarray, hf_name: str) -> None:
+        want = self.expected[stage].get(leaf)
+        if want is None or leaf in self.written[stage]:
+            raise CheckpointError(f"tensor {hf_name} would set stage {stage}'s {'/'.join(leaf)} twice")
+        if tuple(value.shape) != want:
+            raise CheckpointError(f"tensor {hf_name} maps to shape {list(value.shape)}, expected {list(want)}")
+        arr = np.ascontiguousarray(value, dtype=self.dtype)  # the one copy: cast (and transpose) of one tensor
+        arr = arr.reshape(1) if arr.ndim == 0 else arr  # orbax stores scalars as [1]
+        node = self.pending[stage]
+        for key in leaf[:-1]:
+            node = node.setdefault(key, {})
+        node[leaf[-1]] = arr
+        self.written[stage].add(leaf)
+        self.pending_bytes += arr.nbytes
+        if self.pending_bytes >= self.flush_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        for k, tree in enumerate(self.pending):
+            if tree:
+                self.partial.save(self.dirs[k], tree)
+        self.pending = [{} for _ in self.pending]
+        self.pending_bytes = 0
+
+    def finish(self) -> None:
+        self.flush()
+        for k, d in enumerate(self.dirs):
+            missing = sorted(set(self.expected[k]) - self.written[k])
+            if missing:
+                raise CheckpointError(f"stage {k} was not given {'/'.join(missing[0])}")
+            self.partial.finalize(d)
+
+
+def source_dtype(ckpt: HFCheckpoint) -> str:
+    full, _, st = ckpt.items[0]
+    name = np.dtype(st.get(full).dtype).name
+    if name not in DTYPE_NAMES:
+        raise ConfigError(f"the checkpoint's tensors are {name}; pass --dtype float32 or --dtype bfloat16")
+    return name
+
+
+def convert(hf_dir: str, out: str, stages: tuple[Stage, ...] | None = None, *, pp: int | None = None,
+            dtype: str | None = None, overwrite: bool = False, progress: bool = True,
+            log: Callable[[str], None] = print) -> dict:
+    """Convert an HF Gemma 4 directory into per-stage orbax checkpoints at `out`; returns the manifest.
+
+    `stages` (explicit split) or `pp` (balanced by parameter bytes); `dtype` defaults to the
+    checkpoint's own. Raises Gemma4Error subclasses with one sentence; never leaves a partial `out`.
+    """
+    from .stages import balanced_stages, describe
+
+    _quiet_orbax()
+    if not os.path.isdir(hf_dir):
+        raise CheckpointError(f"{hf_dir} is not a directory")
+    cfg = Gemma4Config.from_json(hf_dir)
+    ckpt = HFCheckpoint(hf_dir, cfg)  # validates every name and shape before anything is written
+    dtype = dtype or source_dtype(ckpt)
+    if dtype not in DTYPE_NAMES:
+        raise ConfigError(f"unsupported dtype {dtype!r}; use 'float32' or 'bfloat16'")
+    itemsize = np.dtype(DTYPE_NAMES[dtype]).itemsize
+    if stages is None:
+        stages = balanced_stages(cfg, 1 if pp is None else pp, itemsize)
+    else:
+        stages = stages_from_bounds([s.start for s in stages] + [stages[-1].stop], cfg.num_layers)
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not overwrite and (not os.path.isdir(out) or os.listdir(out)):
+        raise ConfigError(f"{out} already exists; choose another --out or pass --overwrite")
+    log(f"{cfg.num_layers} layers in {len(stages)} stage(s), {dtype}:\n" + describe(cfg, stages, itemsize))
+
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.converting-", dir=parent)
+    try:
+        chunk_rows = table_chunk_rows(cfg, itemsize)
+        expected = [stored_leaves(lv, chunk_rows) for lv in expected_leaves(cfg, stages)]
+        writer = _StageWriter(tmp, stages, expected, DTYPE_NAMES[dtype])
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=ckpt.nbytes, desc="converting", unit="B", unit_scale=True, unit_divisor=1024)
+        t0 = time.perf_counter()
+        for full, entry, st in ckpt:
+            value = st.get(full)
+            for t in entry.targets:
+                leaves = list(stage_leaves(cfg, stages, t, value))
+                if leaves[0][1][0] not in TABLES:
+                    for k, leaf, arr in leaves:
+                        writer.add(k, leaf, arr, full)
+                    continue
+                # A table: chunk by chunk, dropping each chunk's mapped pages once it is handed over.
+                rows = chunk_rows[leaves[0][1][0]]
+                row_bytes = st.nbytes(full) // value.shape[0]
+                for c, lo in enumerate(range(0, value.shape[0], rows)):
+                    for k, leaf, arr in leaves:
+                        writer.add(k, (leaf[0], str(c)), arr[lo:lo + rows], full)
+                    st.release(full, lo * row_bytes, (lo + rows) * row_bytes)
+            del value
+            st.release(full)
+            if bar is not None:
+                bar.update(st.nbytes(full))
+        writer.finish()
+        if bar is not None:
+            bar.close()
+        for name in COPIED_FILES:
+            src = os.path.join(hf_dir, name)
+            if os.path.isfile(src):
+                shutil.copy2(src, os.path.join(tmp, name))
+        with open(os.path.join(hf_dir, "config.json")) as f:
+            raw_config = json.load(f)
+        sizes = _stage_sizes(tmp, len(stages))
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "num_stages": len(stages),
+            "layer_split": [s.start for s in stages] + [stages[-1].stop],
+            "dtype": dtype,
+            "table_chunk_rows": chunk_rows,
+            "tied_head": "embedding on stage 0; copied as 'head' onto the last stage" if len(stages) > 1
+                         else "embedding on stage 0 serves as the head",
+            "stages": [{"dir": f"stage_{s.index}", "layers": [s.start, s.stop], "bytes_on_disk": b,
+                        "leaves": len(writer.written[s.index])} for s, b in zip(stages, sizes, strict=True)],
+            "source": {"hf_dir": os.path.abspath(hf_dir), "prefix": ckpt.prefix, "files": ckpt.source_files()},
+            "config": raw_config,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        with open(os.path.join(tmp, MANIFEST), "w") as f:  # the last file written
+            json.dump(manifest, f, indent=1)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _stage_sizes(root: str, n: int) -> list[int]:
+    out = []
+    for k in range(n):
+        total = 0
+        for dirpath, _, files in os.walk(os.path.join(root, f"stage_{k}")):
+            total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
+        out.append(total)
+    return out
+
+
+def _replace_dir(tmp: str, out: str) -> None:
+    if os.path.exists(out):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+        os.rename(out, os.path.join(old, "x"))
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Restoring
+
+
+def is_stage_dir(path: str) -> bool:
+    """A converter output (finished or not), as opposed to a Hugging Face directory."""
+    return os.path.exists(os.path.join(path, MANIFEST)) or any(n.startswith("stage_") for n in os.listdir(path))
+
+
+def read_manifest(path: str) -> dict:
+    mpath = os.path.join(path, MANIFEST)
+    if not os.path.exists(mpath):
+        raise CheckpointError(f"{path} has no {MANIFEST}: the conversion did not finish; convert again")
+    try:
+        with open(mpath) as f:
+            m = json.load(f)
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{mpath} is not valid JSON") from None
+    if m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{mpath} is not a {FORMAT} v{FORMAT_VERSION} manifest")
+    return m
+
+
+def manifest_stages(m: dict, cfg: Gemma4Config) -> tuple[Stage, ...]:
+    return stages_from_bounds(m["layer_split"], cfg.num_layers)
+
+
+def _restore_stored(stage_dir: str, leaves: dict[Path, tuple[tuple[int, ...], object]], sharding) -> dict:
+    """Restore stored leaves {path: (shape, dtype)} of one stage checkpoint onto `sharding`, cast to dtype."""
+    import orbax.checkpoint as ocp
+
+    _quiet_orbax()
+    item, args = {}, {}
+    for path, (shape, dtype) in leaves.items():
+        shape = shape or (1,)  # scalars are stored as [1]
+        node_i, node_a = item, args
+        for key in path[:-1]:
+            node_i, node_a = node_i.setdefault(key, {}), node_a.setdefault(key, {})
+        node_i[path[-1]] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+        node_a[path[-1]] = ocp.ArrayRestoreArgs(sharding=sharding, dtype=dtype, global_shape=shape)
+    state = os.path.join(os.path.abspath(stage_dir), "state")
+    if not os.path.isdir(state):
+        raise CheckpointError(f"{stage_dir} is missing or incomplete")
+    tree = ocp.PyTreeCheckpointer().restore(
+        state, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True))
+    out = {}
+    for path in leaves:
+        node = tree
+        for key in path:
+            node = node[key]
+        out[path] = node.reshape(()) if leaves[path][0] == () else node
+    return out
+
+
+def restore_leaves(root: str, stage: int, leaves: dict[Path, tuple[int, ...]], dtype, sharding) -> dict:
+    """Restore logical leaves {path: shape} of stage `stage` of the conversion at `root`, as `dtype`
+    arrays placed with `sharding`; tables are put back together from their row chunks on the device."""
+    chunk = read_manifest(root)["table_chunk_rows"]
+    stage_dir = os.path.join(root, f"stage_{stage}")
+    stored = {}
+    for path, shape in leaves.items():
+        if path[0] in TABLES:
+            stored.update(stored_leaves({path: shape}, chunk))
+        else:
+            stored[path] = shape
+    got = _restore_stored(stage_dir, {p: (sh, dtype) for p, sh in stored.items()}, sharding)
+    concat = jax.jit(lambda xs: jnp.concatenate(xs, axis=0), out_shardings=sharding)
+    out = {}
+    for path, shape in leaves.items():
+        if path[0] in TABLES:
+            chunks = [got.pop(c) for c in stored_leaves({path: shape}, chunk)]
+            out[path] = chunks[0] if len(chunks) == 1 else concat(chunks)
+            del chunks
+        else:
+            out[path] = got.pop(path)
+    return out
+
+
+def load_single_stage(path: str, cfg: Gemma4Config, dtype, device=None) -> dict[Path, jax.Array]:
+    """A one-stage conversion as `Gemma4Text` parameters {path: array on `device`}, group by group.
+
+    Each stacked parameter is restored as its per-layer pieces and stacked on the device before
+    the next group, so device memory peaks at the model plus one group.
+    """
+    m = read_manifest(path)
+    stages = manifest_stages(m, cfg)
+    if len(stages) != 1:
+        raise ConfigError(f"{path} holds {len(stages)} stages; load it with pp={len(stages)}")
+    sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+    leaves = expected_leaves(cfg, stages)[0]
+    groups: dict[Path, list[Path]] = {}
+    for layer, (kind, _) in enumerate(cfg.layer_plan):
+        for leaf in leaves:
+            if leaf[:2] == ("layers", str(layer)) and leaf[2] != "ple_model_proj":
+                groups.setdefault(("stacks", kind, *leaf[2:]), []).append(leaf)
+    if cfg.ple_dim:
+        groups[("ple_embed",)] = [("ple_table",)]
+        groups[("ple_proj",)] = [("layers", str(i), "ple_model_proj") for i in range(cfg.num_layers)]
+        groups[("ple_norm",)] = [("ple_norm",)]
+    groups[("embed",)] = [("embed",)]
+    groups[("final_norm",)] = [("final_norm",)]
+    stack = {"stacks": jax.jit(lambda xs: jnp.stack(xs), out_shardings=sharding),
+             "ple_proj": jax.jit(lambda xs: jnp.stack(xs, axis=1), out_shardings=sharding)}
+    out: dict[Path, jax.Array] = {}
+    for target, pieces in groups.items():
+        got = restore_leaves(path, 0, {p: leaves[p] for p in pieces}, dtype, sharding)
+        out[target] = stack[target[0]]([got[p] for p in pieces]) if target[0] in stack else got[pieces[0]]
+        del got
+    return out
