@@ -1,0 +1,62 @@
+"""Evaluate a Gemma 4 checkpoint on GSM8K (greedy, exact match of the final number).
+
+    python tools/eval_gsm8k.py [--model PATH] [--data FILE.jsonl] [--limit N] [--batch-size B] [--pp N]
+           [--max-new-tokens N] [--out RESULTS.json] [--shots K] [--resume]
+
+With no --model it evaluates the embedded demo model; with no --data it tries the `datasets`
+library (openai/gsm8k, test split). Writes a JSON summary (accuracy, correct, total, 95 % Wilson
+interval, records) to --out and the per-example records, as JSON lines, beside it
+(RESULTS.records.jsonl); --resume continues an interrupted run from that file. The logic lives in
+`gemma4_jax.gsm8k`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tools/eval_gsm8k.py", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="HF or converted checkpoint directory (default: the demo model)")
+    p.add_argument("--data", default=None, help="GSM8K JSON-lines file (default: openai/gsm8k via `datasets`)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--out", default="gsm8k_results.json", help="JSON summary (records go beside it)")
+    p.add_argument("--shots", type=int, default=0, help="few-shot examples from the train set")
+    p.add_argument("--shots-data", default=None, help="train-set JSON lines (default: train.jsonl beside --data)")
+    p.add_argument("--resume", action="store_true", help="continue from the records of an interrupted run")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from gemma4_jax.errors import Gemma4Error
+    from gemma4_jax.gsm8k import run_eval
+
+    try:
+        run_eval(args.model, args.data, out=args.out, limit=args.limit, batch_size=args.batch_size, pp=args.pp,
+                 max_new_tokens=args.max_new_tokens, shots=args.shots, shots_data=args.shots_data,
+                 resume=args.resume, dtype=args.dtype, progress=not args.quiet)
+    except Gemma4Error as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"error: {err.strerror or err} ({err.filename})", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; the finished records are kept: rerun with --resume to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
