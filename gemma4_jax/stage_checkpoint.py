@@ -29,7 +29,7 @@ import numpy as np
 from .config import Gemma4Config
 from .errors import CheckpointError, ConfigError
 from .hf_checkpoint import HFCheckpoint, Target, target_shapes
-from .stages import Path, Stage, stage_of_layer, stages_from_bounds
+from .stages import Path, Stage, stage_bytes, stage_of_layer, stages_from_bounds
 
 MANIFEST = "manifest.json"
 FORMAT = "gemma4-jax-stages"
@@ -37,7 +37,7 @@ FORMAT_VERSION = 1
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "tokenizer.model", "chat_template.jinja", "chat_template.json")
 # Leaves are handed to orbax in batches of about this many bytes (one partial save each).
-FLUSH_BYTES = 256 << 20
+FLUSH_BYTES = 64 << 20
 DTYPE_NAMES = {"float32": np.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -265,8 +265,9 @@ def convert(hf_dir: str, out: str, stages: tuple[Stage, ...] | None = None, *, p
             "table_chunk_rows": chunk_rows,
             "tied_head": "embedding on stage 0; copied as 'head' onto the last stage" if len(stages) > 1
                          else "embedding on stage 0 serves as the head",
-            "stages": [{"dir": f"stage_{s.index}", "layers": [s.start, s.stop], "bytes_on_disk": b,
-                        "leaves": len(writer.written[s.index])} for s, b in zip(stages, sizes, strict=True)],
+            "stages": [{"dir": f"stage_{s.index}", "layers": [s.start, s.stop], "param_bytes": pb,
+                        "bytes_on_disk": b, "leaves": len(writer.written[s.index])}
+                       for s, pb, b in zip(stages, stage_bytes(cfg, stages, itemsize), sizes, strict=True)],
             "source": {"hf_dir": os.path.abspath(hf_dir), "prefix": ckpt.prefix, "files": ckpt.source_files()},
             "config": raw_config,
             "seconds": round(time.perf_counter() - t0, 2),

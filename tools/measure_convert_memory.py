@@ -82,7 +82,7 @@ def main(argv=None) -> int:
         return rc
     with open(os.path.join(out, "manifest.json")) as f:
         m = json.load(f)
-    stage_max = max(s["bytes_on_disk"] for s in m["stages"])
+    stage_max = max(s["param_bytes"] for s in m["stages"])
     result = {"preset": args.preset, "layers": raw["num_hidden_layers"], "pp": args.pp,
               "checkpoint_gib": round(size / 2**30, 2), "largest_stage_gib": round(stage_max / 2**30, 2),
               "peak_rss_mib": round(peak["VmHWM"] / 2**20), "peak_anon_mib": round(peak["RssAnon"] / 2**20),
