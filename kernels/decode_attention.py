@@ -9,9 +9,10 @@ batch need nothing beyond those arrays.
 Decode reads the whole cache once and does little arithmetic per byte, so the work is split for
 bandwidth: the grid is (split, batch, kv head); each program reads one contiguous slice of the sequence
 for one KV head and computes all T·G query rows that share it (one K/V read serves G heads). Each split
-returns an unnormalised partial output with its running max and sum (base 2); a log-sum-exp combine in
-XLA merges the splits. Key blocks that hold no visible key (beyond a sequence's length, outside the
-window) are skipped through per-split loop bounds computed in the wrapper.
+returns its own normalised output (in the input dtype, to keep the extra traffic small) with its max
+score and softmax denominator in float32; a log-sum-exp combine in XLA merges the splits. Key blocks
+that hold no visible key (beyond a sequence's length, outside the window) are skipped through per-split
+loop bounds computed in the wrapper.
 """
 
 from __future__ import annotations
@@ -35,19 +36,22 @@ class DecodeConfig:
 
     block_k: keys per step (K and V tiles of block_k × head_dim × num_stages in shared memory).
     target_programs: the split count is chosen so batch × kv heads × splits reaches about this many
-    programs (a few per multiprocessor: 132 on an H100), capped by the number of key blocks.
+    programs (about one per multiprocessor: 132 on an H100), capped by the number of key blocks.
     """
 
     block_k: int = 32
     num_warps: int = 4
     num_stages: int = 3
-    target_programs: int = 512
+    target_programs: int = 128
 
 
-def default_config(head_dim: int) -> DecodeConfig:
-    if head_dim >= 512:
-        return DecodeConfig(block_k=32, num_warps=4, num_stages=3)
-    return DecodeConfig(block_k=64, num_warps=4, num_stages=3)
+def default_config(head_dim: int, dtype=jnp.bfloat16) -> DecodeConfig:
+    """Defaults per head_dim and dtype (float32: small tiles, see flash_attention.default_config)."""
+    if jnp.dtype(dtype).itemsize >= 4:
+        return DecodeConfig(block_k=16, num_warps=4, num_stages=1)
+    if head_dim >= 512:  # measured best at 32K context, batch 1 (docs/kernels.md)
+        return DecodeConfig(block_k=32, num_warps=4, num_stages=3, target_programs=128)
+    return DecodeConfig(block_k=64, num_warps=4, num_stages=3, target_programs=128)  # not measured separately
 
 
 def _decode_kernel(lo_ref, hi_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
@@ -57,8 +61,8 @@ def _decode_kernel(lo_ref, hi_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, o_re
     # kpos_ref: [S]               slot positions of this sequence's cache (−1: empty)
     # q_ref: [M, H]               rows = (token, head) pairs of this KV head's G query heads
     # k_ref, v_ref: [S, H]
-    # o_ref: [M, H]               unnormalised partial output (float32)
-    # m_ref, l_ref: [M]           running max (base 2) and sum of this split
+    # o_ref: [M, H]               this split's normalised output (input dtype: half the bytes of float32)
+    # m_ref, l_ref: [M]           this split's max score (base 2) and softmax denominator (float32)
     rows, h = q_ref.shape
     q = q_ref[...]
     qp = qpos_ref[...][:, None]
@@ -81,7 +85,7 @@ def _decode_kernel(lo_ref, hi_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, o_re
     init = (jnp.zeros((rows, h), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
     acc, m_i, l_i = lax.fori_loop(lo_ref[()], hi_ref[()], body, init)
-    o_ref[...] = acc
+    o_ref[...] = (acc / jnp.where(l_i == 0.0, 1.0, l_i)[:, None]).astype(o_ref.dtype)
     m_ref[...] = m_i
     l_ref[...] = l_i
 
@@ -106,7 +110,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
     assert n % kh == 0 and h & (h - 1) == 0 and 16 <= h <= 512, (n, kh, h)
     assert q.dtype == k.dtype == v.dtype and q_pos.shape == (b, t) and k_pos.shape == (b, s)
     g = n // kh
-    cfg = config or default_config(h)
+    cfg = config or default_config(h, q.dtype)
     bk = cfg.block_k
 
     # Query rows r = t·G + g per KV head, padded to a power of two ≥ 16 (the dot's smallest M).
@@ -149,7 +153,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
             pl.BlockSpec((None, None, None, mp), lambda si, bi, hi_: (bi, hi_, si, 0)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((b, kh, ns, mp, h), jnp.float32),
+            jax.ShapeDtypeStruct((b, kh, ns, mp, h), q.dtype),
             jax.ShapeDtypeStruct((b, kh, ns, mp), jnp.float32),
             jax.ShapeDtypeStruct((b, kh, ns, mp), jnp.float32),
         ],
@@ -158,12 +162,12 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
         name="decode_attention",
     )(lo, hi, qpos_rows, k_pos, q_rows, kp, vp)
 
-    # Log-sum-exp combine over splits (base 2, like the kernel's statistics).
-    m_max = jnp.max(m_part, axis=2, keepdims=True)
-    w = jnp.exp2(m_part - m_max)  # [B, K, ns, Mp]; splits that saw nothing have l = 0
-    l_tot = jnp.sum(w * l_part, axis=2)
-    o = jnp.sum(w[..., None] * o_part, axis=2) / jnp.where(l_tot == 0.0, 1.0, l_tot)[..., None]
-    o = o[:, :, :m].reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
+    # Log-sum-exp combine over splits (base 2, like the kernel's statistics): split s weighs l_s·2^(m_s − max).
+    o_part, m_part, l_part = o_part[:, :, :, :m], m_part[:, :, :, :m], l_part[:, :, :, :m]
+    w = jnp.exp2(m_part - jnp.max(m_part, axis=2, keepdims=True)) * l_part  # [B, K, ns, M]; 0 for empty splits
+    w_tot = jnp.sum(w, axis=2)
+    o = jnp.einsum("bksm,bksmh->bkmh", w, o_part.astype(jnp.float32)) / jnp.where(w_tot == 0.0, 1.0, w_tot)[..., None]
+    o = o.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
     return o.astype(q.dtype)
 
 
