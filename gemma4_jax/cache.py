@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import Gemma4Config
-from .model import Attender, FullAttender, attention, attention_mask
+from .model import Attender, FullAttender, attention, attention_impl, attention_mask, kernel_attention
 
 
 @jax.tree_util.register_dataclass
@@ -61,49 +61,60 @@ class PrefillAttender(FullAttender):
     `lengths` [B] are the true prompt lengths; tokens past them are padding and never stored.
     """
 
-    def __init__(self, cache: KVCache, pos_bt: jax.Array, lengths_b: jax.Array):
+    def __init__(self, cache: KVCache, pos_bt: jax.Array, lengths_b: jax.Array, impl: str = "auto"):
         valid = pos_bt < lengths_b[:, None]
-        super().__init__(pos_bt, valid)
+        super().__init__(pos_bt, valid, impl)
         self.cache, self.lengths = KVCache(dict(cache.layers)), lengths_b
 
     def __call__(self, spec, q, kv):
         out = super().__call__(spec, q, kv)
         if kv is not None:
-            entry = self.cache.layers[str(spec.index)]
-            k, v = kv
-            b, t = self.pos.shape
-            s = entry.k.shape[1]
-            # Slot j holds the latest prompt position p < length with p ≡ j (mod S).
-            j = jnp.arange(s, dtype=jnp.int32)[None, :]
-            last = self.lengths[:, None] - 1
-            p = j + s * jnp.floor_divide(last - j, s)  # [B,S]; < 0 when the slot stays empty
-            ok = (p >= 0) & (p < t)
-            src = jnp.clip(p, 0, t - 1)
-            take = jax.vmap(lambda x, i: x[i])
-            self.cache.layers[str(spec.index)] = LayerCache(
-                jnp.where(ok[..., None, None], take(k, src), entry.k),
-                jnp.where(ok[..., None, None], take(v, src), entry.v),
-                jnp.where(ok, p, -1).astype(jnp.int32),
-            )
+            key = str(spec.index)
+            self.cache.layers[key] = store_prompt(self.cache.layers[key], *kv, self.pos, self.lengths)
         return out
 
 
 class DecodeAttender(Attender):
-    """One new token per sequence at positions `pos` [B,1]: write K/V into the slot, attend the cache."""
+    """One new token per sequence at positions `pos` [B,1]: write K/V into the slot, attend the cache.
 
-    def __init__(self, cache: KVCache, pos_b1: jax.Array):
-        self.cache, self.pos = KVCache(dict(cache.layers)), pos_b1
+    `impl` as for FullAttender; the kernel path masks by the slot positions directly (ring buffers included).
+    """
+
+    def __init__(self, cache: KVCache, pos_b1: jax.Array, impl: str = "auto"):
+        self.cache, self.pos, self.impl = KVCache(dict(cache.layers)), pos_b1, impl
 
     def __call__(self, spec, q, kv):
         key = str(spec.kv_source)
         entry = self.cache.layers[key]
         if kv is not None:  # a KV-owning layer writes first; its readers come later in the step
-            k, v = kv
-            b, s = entry.pos.shape
-            slot = self.pos[:, 0] % s
-            rows = jnp.arange(b)
-            entry = LayerCache(entry.k.at[rows, slot].set(k[:, 0]), entry.v.at[rows, slot].set(v[:, 0]),
-                               entry.pos.at[rows, slot].set(self.pos[:, 0]))
-            self.cache.layers[key] = entry
+            entry = self.cache.layers[key] = write_token(entry, *kv, self.pos)
+        impl = attention_impl(self.impl, q, entry.k)
+        if impl != "xla":
+            return kernel_attention(impl, q, entry.k, entry.v, self.pos, entry.pos, spec.window)
         mask = attention_mask(self.pos, entry.pos, spec.window, entry.pos >= 0)
         return attention(q, entry.k, entry.v, mask)
+
+
+def store_prompt(entry: LayerCache, k_btkh, v_btkh, pos_bt, lengths_b) -> LayerCache:
+    """Prefill: store a prompt's K/V [B,T,K,H] (true lengths [B]) into a layer's cache."""
+    b, t = pos_bt.shape
+    s = entry.k.shape[1]
+    # Slot j holds the latest prompt position p < length with p ≡ j (mod S).
+    j = jnp.arange(s, dtype=jnp.int32)[None, :]
+    last = lengths_b[:, None] - 1
+    p = j + s * jnp.floor_divide(last - j, s)  # [B,S]; < 0 when the slot stays empty
+    ok = (p >= 0) & (p < t)
+    src = jnp.clip(p, 0, t - 1)
+    take = jax.vmap(lambda x, i: x[i])
+    return LayerCache(jnp.where(ok[..., None, None], take(k_btkh, src), entry.k),
+                      jnp.where(ok[..., None, None], take(v_btkh, src), entry.v),
+                      jnp.where(ok, p, -1).astype(jnp.int32))
+
+
+def write_token(entry: LayerCache, k_b1kh, v_b1kh, pos_b1) -> LayerCache:
+    """Decode: write one token's K/V [B,1,K,H] at positions [B,1] (slot = position mod S)."""
+    b, s = entry.pos.shape
+    slot = pos_b1[:, 0] % s
+    rows = jnp.arange(b)
+    return LayerCache(entry.k.at[rows, slot].set(k_b1kh[:, 0]), entry.v.at[rows, slot].set(v_b1kh[:, 0]),
+                      entry.pos.at[rows, slot].set(pos_b1[:, 0]))

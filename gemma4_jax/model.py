@@ -348,11 +348,29 @@ class Attender:
         raise NotImplementedError
 
 
-class FullAttender(Attender):
-    """Attention over the step's own tokens (no cache): the full forward pass and prefill."""
+def attention_impl(impl: str, q_btnh: jax.Array, k_bskh: jax.Array) -> str:
+    """'xla' or a kernel choice for this call (`gemma4_jax.kernels.dispatch`: 'auto' is XLA on CPU)."""
+    from .kernels import dispatch
 
-    def __init__(self, pos_bt: jax.Array, valid_bt: jax.Array | None = None):
-        self.pos, self.valid = pos_bt, valid_bt
+    return dispatch.resolve(impl, head_dim=q_btnh.shape[-1], group=q_btnh.shape[2] // k_bskh.shape[2],
+                            dtype=q_btnh.dtype)
+
+
+def kernel_attention(impl: str, q_btnh, k_bskh, v_bskh, q_pos_bt, k_pos_bs, window: int | None) -> jax.Array:
+    """The Pallas kernels with the model's semantics: scale 1.0, mask from positions (k_pos −1 = invalid)."""
+    from .kernels import dispatch
+
+    return dispatch.attention(q_btnh, k_bskh, v_bskh, q_pos_bt, k_pos_bs, scale=1.0, window=window, impl=impl)
+
+
+class FullAttender(Attender):
+    """Attention over the step's own tokens (no cache): the full forward pass and prefill.
+
+    `impl` ('auto' | 'xla' | 'pallas' | 'interpret', see `gemma4_jax.kernels.dispatch`) picks XLA or the kernels.
+    """
+
+    def __init__(self, pos_bt: jax.Array, valid_bt: jax.Array | None = None, impl: str = "auto"):
+        self.pos, self.valid, self.impl = pos_bt, valid_bt, impl
         self.kv_of: dict[int, tuple[jax.Array, jax.Array]] = {}  # source layer -> its (k, v)
 
     def __call__(self, spec, q, kv):
@@ -360,7 +378,11 @@ class FullAttender(Attender):
             kv = self.kv_of[spec.kv_source]
         else:
             self.kv_of[spec.index] = kv
-        return attention(q, *kv, attention_mask(self.pos, self.pos, spec.window, self.valid))
+        impl = attention_impl(self.impl, q, kv[0])
+        if impl == "xla":
+            return attention(q, *kv, attention_mask(self.pos, self.pos, spec.window, self.valid))
+        k_pos = self.pos if self.valid is None else jnp.where(self.valid, self.pos, -1)
+        return kernel_attention(impl, q, *kv, self.pos, k_pos, spec.window)
 
 
 def init_model(cfg: Gemma4Config, dtype=jnp.float32, seed: int = 0) -> Gemma4Text:
