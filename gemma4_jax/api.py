@@ -58,13 +58,14 @@ def _logits(graphdef, state, ids_bt):
 class Gemma4Model:
     """A loaded Gemma 4 model: `.config`, `.tokenizer`, `.logits(tokens)`."""
 
-    def __init__(self, module: Gemma4Text, run: RunConfig, tokenizer: Tokenizer | None = None,
-                 path: str | None = None):
-        self.config: Gemma4Config = module.cfg
+    def __init__(self, module: Gemma4Text | None, run: RunConfig, tokenizer: Tokenizer | None = None,
+                 path: str | None = None, pipeline=None):
+        self.config: Gemma4Config = module.cfg if module is not None else pipeline.plan.cfg
         self.run = run
         self.tokenizer = tokenizer
         self.path = path
-        self.graphdef, self.state = nnx.split(module)
+        self.pipeline = pipeline  # a pipeline.Pipeline when pp > 1
+        self.graphdef, self.state = nnx.split(module) if module is not None else (None, None)
         self.stop_tokens: tuple[int, ...] = stop_ids(path, self.config.eos_token_ids)
 
     @property
@@ -73,7 +74,9 @@ class Gemma4Model:
 
     @property
     def module(self) -> Gemma4Text:
-        """The NNX module (a fresh view over the same parameter arrays)."""
+        """The NNX module (a fresh view over the same parameter arrays); pp=1 only."""
+        if self.pipeline is not None:
+            raise ConfigError("a pipelined model (pp > 1) has no single NNX module; its stages are in .pipeline")
         return nnx.merge(self.graphdef, self.state)
 
     def _check_tokens(self, tokens) -> np.ndarray:
@@ -90,6 +93,8 @@ class Gemma4Model:
     def logits(self, tokens) -> np.ndarray:
         """Float32 soft-capped next-token logits [B, T, V] of a full causal forward over `tokens` [B, T]."""
         ids = self._check_tokens(tokens)
+        if self.pipeline is not None:
+            return self.pipeline.logits(ids)
         return np.asarray(_logits(self.graphdef, self.state, jnp.asarray(ids)), dtype=np.float32)
 
     def generate(self, tokens, *, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
@@ -107,7 +112,7 @@ class Gemma4Model:
         stops = self.stop_tokens if stop_tokens is None else tuple(int(t) for t in stop_tokens)
         return generate_tokens(self.graphdef, self.state, self.config, prompts, max_new_tokens=int(max_new_tokens),
                                context=self.context, dtype=DTYPES[self.run.dtype], sampling=sampling,
-                               seed=int(seed), stop_ids=stops, on_tokens=on_tokens)
+                               seed=int(seed), stop_ids=stops, on_tokens=on_tokens, pipeline=self.pipeline)
 
     def generate_text(self, prompts, *, chat: bool = True, max_new_tokens: int = 256, **sampling) -> list[str]:
         """Generate for text prompts: chat template when `chat`, BOS once, decoded without the stop token."""
@@ -127,11 +132,12 @@ class Gemma4Model:
 
 
 def load(path: str | None = None, *, pp: int = 1, dtype=None, max_seq_len: int | None = None,
-         progress: bool = True) -> Gemma4Model:
+         progress: bool = True, layer_split=None) -> Gemma4Model:
     """Load a Gemma 4 checkpoint directory as a ready-to-run model.
 
     `path` is a Hugging Face directory or one written by `tools/convert_checkpoint.py` (whose stage
-    count must equal `pp`).
+    count must equal `pp`). With `pp` > 1 the layers of an HF directory are split balanced by bytes, or
+    at `layer_split` (boundaries `0,a,...,L`, a string or a sequence).
 
     `dtype` is 'float32' or 'bfloat16' (default: bfloat16 on GPU, float32 on CPU). Errors are
     `gemma4_jax.Gemma4Error` subclasses with one sentence naming the problem.
@@ -153,15 +159,31 @@ def load(path: str | None = None, *, pp: int = 1, dtype=None, max_seq_len: int |
     else:
         cfg = Gemma4Config.from_json(path)
     check_pp(cfg, pp)
-    if pp != 1:
-        raise ConfigError(f"pp={pp} is not supported yet; pipeline parallelism needs pp=1 for now")
+    tokenizer = Tokenizer.maybe_load(path)
+    if pp > 1:
+        from .pipeline import Pipeline, stage_leaves_from_params
+        from .stages import balanced_stages, parse_layer_split, stages_from_bounds
+
+        if sc.is_stage_dir(path):
+            stages = sc.manifest_stages(manifest, cfg)
+            leaves = [sc.restore_leaves(path, s.index, lv, jdtype, jax.sharding.SingleDeviceSharding(dev))
+                      for s, lv, dev in zip(stages, sc.expected_leaves(cfg, stages), jax.devices(), strict=False)]
+        else:
+            stages = balanced_stages(cfg, pp, jnp.dtype(jdtype).itemsize)
+            if layer_split is not None:
+                stages = (parse_layer_split(layer_split, cfg.num_layers) if isinstance(layer_split, str)
+                          else stages_from_bounds(list(layer_split), cfg.num_layers))
+                if len(stages) != pp:
+                    raise ConfigError(f"layer_split {list(layer_split)} has {len(stages)} stages but pp={pp}")
+            leaves = stage_leaves_from_params(cfg, stages, read_hf_params(path, cfg, jdtype, progress=progress))
+        return Gemma4Model(None, run, tokenizer=tokenizer, path=path, pipeline=Pipeline(cfg, stages, leaves, jdtype))
     if sc.is_stage_dir(path):
         params = sc.load_single_stage(path, cfg, jdtype)
         module = model_from_params(cfg, params, jdtype, put=lambda a: a)
     else:
         params = read_hf_params(path, cfg, jdtype, progress=progress)
         module = model_from_params(cfg, params, jdtype)
-    return Gemma4Model(module, run, tokenizer=Tokenizer.maybe_load(path), path=path)
+    return Gemma4Model(module, run, tokenizer=tokenizer, path=path)
 
 
 def check_pp(cfg: Gemma4Config, pp: int) -> None:

@@ -137,12 +137,14 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 def generate_tokens(graphdef, params, cfg, prompts: list[list[int]], *, max_new_tokens: int, context: int,
                     dtype, sampling: Sampling, seed: int, stop_ids: tuple[int, ...],
-                    on_tokens: Callable[[np.ndarray], None] | None = None, chunk: int = 8) -> list[list[int]]:
+                    on_tokens: Callable[[np.ndarray], None] | None = None, chunk: int = 8,
+                    pipeline=None) -> list[list[int]]:
     """Generate for a batch of prompts of any lengths; returns the new tokens of each.
 
     A sequence ends after its first stop token (kept as its last element). `on_tokens`, when given,
     receives each newly decoded block [B, n] as soon as it is on the host (streaming); decoding then
-    runs in compiled chunks of `chunk` tokens instead of one loop.
+    runs in compiled chunks of `chunk` tokens instead of one loop. With a `pipeline.Pipeline`, the
+    prompts are micro-batched through its stages and decoded in its ring (streamed once, at the end).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token")
@@ -162,6 +164,12 @@ def generate_tokens(graphdef, params, cfg, prompts: list[list[int]], *, max_new_
     stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
     key = jax.random.key(seed)
 
+    if pipeline is not None:
+        result = pipeline.generate(prompts, max_new_tokens=max_new_tokens, max_len=max_len, t=t, sampling=sampling,
+                                   seed=seed, stop_ids=stop_ids)
+        if on_tokens is not None:
+            on_tokens(result)
+        return _trim(result, max_new_tokens, stop_ids)
     cache = init_cache(cfg, b, max_len, dtype)
     logits, cache = prefill(graphdef, params, jnp.asarray(ids), lengths, cache)
     tok, done = _first_token(logits, key, stops, sampling)
@@ -181,9 +189,13 @@ def generate_tokens(graphdef, params, cfg, prompts: list[list[int]], *, max_new_
             on_tokens(np.asarray(state.out[:, shown:step]))
             shown = step
         result = np.asarray(state.out)
-    steps = int(state.step)
+    return _trim(result[:, :int(state.step)], max_new_tokens, stop_ids)
+
+
+def _trim(result: np.ndarray, max_new_tokens: int, stop_ids: tuple[int, ...]) -> list[list[int]]:
+    """Each row cut after its first stop token and at `max_new_tokens`."""
     outputs = []
-    for row in result[:, :steps]:
+    for row in result:
         row = row.tolist()
         if stop_ids:
             for i, x in enumerate(row):

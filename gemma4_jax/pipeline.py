@@ -1,0 +1,529 @@
+"""Pipeline parallelism: stages on a `pp` mesh axis, one SPMD program under `jax.shard_map`.
+
+Owns the pipeline plan (which layers, caches and transfers each stage has), the stage-stacked
+parameters and KV cache (leading axis P sharded over 'pp'), the stage program (a `lax.switch` over
+the stages' static layer plans, so stages with different layer sequences share one program and no
+padded layer is ever computed), and the three schedules:
+
+  logits / prefill  GPipe: micro-batch m enters stage 0 at tick m and leaves the last stage at
+                    tick m + P − 1 (M + P − 1 ticks).
+  decode            a ring: with R = max(M, P) slots, at tick t stage s runs micro-batch
+                    (t − s) mod R at decode step (t − s) // R; the last stage samples and its packet
+                    (the new token ids) wraps round to stage 0. With M ≥ P every stage is busy every
+                    tick; a single prompt (M = 1) simply walks the stages.
+
+The packet sent from stage s to s + 1 (ppermute) after every tick:
+  x    [b, T, D]  the residual stream after stage s's layers (for the last stage: unused)
+  h0   [b, T, D]  the scaled input embedding, from which each stage computes its own per-layer
+                  inputs with its own share of the PLE tables (zeros without PLE)
+  ids  [b, T]     the tokens (their PLE rows); from the last stage: the sampled next tokens
+  kv   {source layer: (k, v) [b, T, K, H]}  the new K/V of every KV-sharing source layer whose
+                  readers sit on a later stage; a reader stage keeps a mirror of that layer's cache.
+Stage-stacked parameters (leading axis P):
+  table [P, V, D]  the embedding on stage 0 and its copy, the tied head, on the last stage (zeros
+                   between, only when P ≥ 3); final_norm [P, D]; ple_* the stage's PLE share,
+                   padded to the longest stage; stacks {kind: DecoderLayer state [P, n_kind_max, …]}.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from .cache import LayerCache, store_prompt, write_token
+from .config import Gemma4Config
+from .generation import Sampling, sample
+from .hf_checkpoint import iter_params
+from .model import (
+    DecoderLayer,
+    FullAttender,
+    attention,
+    attention_mask,
+    embed_scale,
+    rms_norm,
+    rope_cos_sin,
+    rope_inv_freq,
+    softcap,
+)
+from .stages import Path, Stage
+
+F32 = jnp.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan: static facts per stage
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    """Static per-stage layout. Hashable: it is a static argument of the compiled programs."""
+
+    cfg: Gemma4Config
+    stages: tuple[Stage, ...]
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @functools.cached_property
+    def local(self) -> tuple[tuple[tuple[int, str, int], ...], ...]:
+        """Per stage: (layer, kind, slot in the stage's stack of that kind) in layer order."""
+        out = []
+        for s in self.stages:
+            seen: dict[str, int] = {}
+            row = []
+            for layer in s.layers:
+                kind = self.cfg.layer_plan[layer][0]
+                row.append((layer, kind, seen.get(kind, 0)))
+                seen[kind] = seen.get(kind, 0) + 1
+            out.append(tuple(row))
+        return tuple(out)
+
+    @functools.cached_property
+    def kind_max(self) -> dict[str, int]:
+        return {k: max(1, max(sum(1 for _, kk, _ in row if kk == k) for row in self.local))
+                for k in self.cfg.layer_kinds}
+
+    @property
+    def layers_max(self) -> int:
+        return max(s.stop - s.start for s in self.stages)
+
+    @functools.cached_property
+    def xfer(self) -> tuple[int, ...]:
+        """KV-sharing source layers with a reader on a later stage (their K/V ride in the packet)."""
+        out = set()
+        for spec in self.cfg.layers:
+            if not spec.owns_kv and self._stage_of(spec.kv_source) != self._stage_of(spec.index):
+                out.add(spec.kv_source)
+        return tuple(sorted(out))
+
+    def _stage_of(self, layer: int) -> int:
+        return next(s.index for s in self.stages if s.start <= layer < s.stop)
+
+    @functools.cached_property
+    def cache_slots(self) -> tuple[dict[int, str], ...]:
+        """Per stage: {layer whose cache it holds (own K/V, or a mirrored source): slot name}."""
+        out = []
+        for s in self.stages:
+            layers = sorted({sp.kv_source for sp in self.cfg.layers[s.start:s.stop]})
+            counts: dict[str, int] = {}
+            row = {}
+            for layer in layers:
+                cls = self.cfg.layers[layer].attn_type
+                row[layer] = f"{cls}:{counts.get(cls, 0)}"
+                counts[cls] = counts.get(cls, 0) + 1
+            out.append(row)
+        return tuple(out)
+
+    @functools.cached_property
+    def slot_spec(self) -> dict[str, int]:
+        """{slot name: a layer whose cache shape it has} over all stages."""
+        out = {}
+        for row in self.cache_slots:
+            for layer, name in row.items():
+                out.setdefault(name, layer)
+        return out
+
+
+def make_mesh(pp: int) -> jax.sharding.Mesh:
+    return jax.sharding.Mesh(np.array(jax.devices()[:pp]), ("pp",))
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters: stage-local trees, stacked over stages
+
+
+def kind_graphdef(cfg: Gemma4Config, kind: str, n: int, dtype):
+    abstract = nnx.eval_shape(lambda: DecoderLayer(cfg, cfg.kind_spec(kind), dtype, nnx.Rngs(0), stack=n))
+    return abstract
+
+
+def stage_tree(plan: PipelinePlan, s: int, leaves: dict[Path, jax.Array], dtype, device) -> dict:
+    """Stage s's uniform parameter tree on `device` from its logical leaves (layout in stages.py)."""
+    cfg, stage = plan.cfg, plan.stages[s]
+    with jax.default_device(device):
+        put = lambda a: jax.device_put(jnp.asarray(a, dtype), device)  # noqa: E731
+        table = leaves.get(("embed",)) if stage.first else leaves.get(("head",))
+        tree = {"table": put(table) if table is not None else jnp.zeros((cfg.vocab_size, cfg.hidden_size), dtype),
+                "final_norm": put(leaves[("final_norm",)]) if stage.last else jnp.zeros((cfg.hidden_size,), dtype)}
+        if cfg.ple_dim:
+            n, p = stage.stop - stage.start, cfg.ple_dim
+            pad = plan.layers_max - n
+            tree["ple_norm"] = put(leaves[("ple_norm",)])
+            tree["ple_table"] = jnp.pad(put(leaves[("ple_table",)]), ((0, 0), (0, pad * p)))
+            proj = jnp.stack([put(leaves[("layers", str(i), "ple_model_proj")]) for i in stage.layers], axis=1)
+            tree["ple_proj"] = jnp.pad(proj, ((0, 0), (0, pad), (0, 0)))
+        stacks = {}
+        for kind in cfg.layer_kinds:
+            layers = [layer for layer, k, _ in plan.local[s] if k == kind]
+            module = kind_graphdef(cfg, kind, plan.kind_max[kind], dtype)
+            for path, var in iter_params(module):
+                shape = var.get_value().shape
+                parts = [put(leaves[("layers", str(layer), *path)]) for layer in layers]
+                value = jnp.stack(parts) if parts else jnp.zeros((0, *shape[1:]), dtype)
+                var.set_value(jnp.pad(value, [(0, shape[0] - value.shape[0])] + [(0, 0)] * (value.ndim - 1)))
+            stacks[kind] = nnx.split(module)[1]
+        tree["stacks"] = stacks
+    return tree
+
+
+def stack_stages(plan: PipelinePlan, trees: list[dict], mesh) -> dict:
+    """Per-stage trees (each on its device) -> one tree of arrays [P, ...] sharded P('pp')."""
+
+    devices = list(mesh.devices.flat)
+
+    def glue(*parts):
+        shape = (len(parts), *parts[0].shape)
+        blocks = [jax.device_put(a[None], d) for a, d in zip(parts, devices, strict=True)]
+        return jax.make_array_from_single_device_arrays(shape, NamedSharding(mesh, P("pp")), blocks)
+
+    return jax.tree.map(glue, *trees)
+
+
+def stage_leaves_from_params(cfg: Gemma4Config, stages: tuple[Stage, ...], params: dict[Path, np.ndarray]):
+    """`Gemma4Text` parameters {path: array} -> each stage's logical leaves (as the converter writes them)."""
+    out: list[dict[Path, np.ndarray]] = [{} for _ in stages]
+    kind_layers: dict[str, list[int]] = {}
+    for layer, (kind, _) in enumerate(cfg.layer_plan):
+        kind_layers.setdefault(kind, []).append(layer)
+    stage_of = {layer: s.index for s in stages for layer in s.layers}
+    for path, value in params.items():
+        if path[0] == "stacks":
+            for i, layer in enumerate(kind_layers[path[1]]):
+                out[stage_of[layer]][("layers", str(layer), *path[2:])] = value[i]
+        elif path == ("embed",):
+            out[0][path] = value
+            out[-1][("head",)] = value
+        elif path == ("final_norm",):
+            out[-1][path] = value
+        elif path == ("ple_norm",):
+            for leaves in out:
+                leaves[path] = value
+        elif path == ("ple_embed",):
+            p = cfg.ple_dim
+            for s in stages:
+                out[s.index][("ple_table",)] = value[:, s.start * p:s.stop * p]
+        elif path == ("ple_proj",):
+            for layer in range(cfg.num_layers):
+                out[stage_of[layer]][("layers", str(layer), "ple_model_proj")] = value[:, layer]
+    return out
+
+
+@functools.cache
+def _kind_graphdefs(plan: PipelinePlan, dtype_name: str):
+    return {k: nnx.split(kind_graphdef(plan.cfg, k, plan.kind_max[k], jnp.dtype(dtype_name)))[0]
+            for k in plan.cfg.layer_kinds}
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache: uniform slots per stage, [P, R, b, S, K, H]
+
+
+def cache_len(plan: PipelinePlan, layer: int, max_len: int) -> int:
+    w = plan.cfg.layers[layer].window
+    return min(w, max_len) if w is not None else max_len
+
+
+def init_stage_cache(plan: PipelinePlan, mesh, slots: int, b: int, max_len: int, dtype) -> dict[str, LayerCache]:
+    """{slot: LayerCache} with k, v [P, R, b, S, K, H] and pos [P, R, b, S] (−1 = empty), sharded P('pp')."""
+    sh = NamedSharding(mesh, P("pp"))
+    out = {}
+    for name, layer in plan.slot_spec.items():
+        spec = plan.cfg.layers[layer]
+        s = cache_len(plan, layer, max_len)
+        kv_shape = (plan.num_stages, slots, b, s, spec.num_kv_heads, spec.head_dim)
+        zeros = jax.jit(lambda shape=kv_shape: jnp.zeros(shape, dtype), out_shardings=sh)
+        pos = jax.jit(lambda shape=kv_shape[:4]: jnp.full(shape, -1, jnp.int32), out_shardings=sh)
+        out[name] = LayerCache(zeros(), zeros(), pos())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage program
+
+
+class _Attender(FullAttender):
+    """Attention for one stage and one micro-batch: no cache (logits), prefill, or decode.
+
+    Sources on earlier stages come from the packet (`kv_in`); their mirror caches are filled here.
+    """
+
+    def __init__(self, mode, pos, lengths, cache: dict[int, LayerCache] | None, kv_in: dict[int, tuple]):
+        valid = pos < lengths[:, None] if mode == "prefill" else None
+        super().__init__(pos, valid)
+        self.mode, self.lengths, self.cache = mode, lengths, cache
+        for src, kv in kv_in.items():
+            self._own(src, kv)
+
+    def _own(self, layer, kv):
+        self.kv_of[layer] = kv
+        if self.mode == "prefill":
+            self.cache[layer] = store_prompt(self.cache[layer], kv[0], kv[1], self.pos, self.lengths)
+        elif self.mode == "decode":
+            self.cache[layer] = write_token(self.cache[layer], kv[0], kv[1], self.pos)
+
+    def __call__(self, spec, q, kv):
+        if kv is not None:
+            self._own(spec.index, kv)
+        if self.mode != "decode":
+            return super().__call__(spec, q, kv)
+        entry = self.cache[spec.kv_source]
+        mask = attention_mask(self.pos, entry.pos, spec.window, entry.pos >= 0)
+        return attention(q, entry.k, entry.v, mask)
+
+
+def _stage_fn(plan: PipelinePlan, s: int, mode: str, dtype, graphdefs):
+    """The program of stage s: (params, packet, cache of one micro-batch, pos, lengths) -> (packet, cache, x)."""
+    cfg, stage = plan.cfg, plan.stages[s]
+    slots = plan.cache_slots[s]
+
+    def run(params, x, h0, ids, kv_in, cache, pos, lengths):
+        if stage.first:
+            x = (params["table"][ids] * embed_scale(cfg.hidden_size, dtype)).astype(dtype)
+            h0 = x
+        ple = None
+        if cfg.ple_dim:
+            b, t = ids.shape
+            n, p = plan.layers_max, cfg.ple_dim
+            safe = jnp.where((ids >= 0) & (ids < cfg.ple_vocab_size), ids, 0)
+            tok = (params["ple_table"][safe] * embed_scale(p, dtype)).reshape(b, t, n, p)
+            ctx = jnp.einsum("BTD,DLP->BTLP", h0, params["ple_proj"]) * (cfg.hidden_size**-0.5)
+            ple = (rms_norm(ctx, params["ple_norm"], cfg.rms_norm_eps) + tok) * (2.0**-0.5)
+        view = {layer: cache[name] for layer, name in slots.items()} if cache is not None else None
+        mirrored = {src: kv_in[src] for src in plan.xfer if src in slots and src < stage.start}
+        att = _Attender(mode, pos, lengths, view, mirrored)
+        rope = {}
+        for j, (layer, kind, slot) in enumerate(plan.local[s]):
+            spec = cfg.layers[layer]
+            if spec.attn_type not in rope:
+                rope[spec.attn_type] = rope_cos_sin(pos, rope_inv_freq(spec), dtype)
+            state = jax.tree.map(lambda a, slot=slot: a[slot], params["stacks"][kind])
+            module = nnx.merge(graphdefs[kind], state)
+            x, _ = module(x, ple[:, :, j] if ple is not None else None, *rope[spec.attn_type],
+                          lambda q, kv, spec=spec: (att(spec, q, kv), None))
+        kv_out = {src: att.kv_of.get(src, kv_in[src]) for src in plan.xfer}
+        if cache is not None:
+            cache = dict(cache)
+            for layer, name in slots.items():
+                cache[name] = view[layer]
+        return x, h0, kv_out, cache
+
+    return run
+
+
+def _head(plan: PipelinePlan, params, x):
+    cfg = plan.cfg
+    y = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    return softcap(jnp.einsum("BTD,VD->BTV", y, params["table"], preferred_element_type=F32), cfg.final_logit_softcap)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules (run inside shard_map; every array argument is one stage's block)
+
+
+def _ring_perm(n: int):
+    return [(i, (i + 1) % n) for i in range(n)]
+
+
+def _branches(plan, mode, dtype, graphdefs):
+    runs = [_stage_fn(plan, s, mode, dtype, graphdefs) for s in range(plan.num_stages)]
+
+    def skip(params, x, h0, ids, kv_in, cache, pos, lengths):  # a bubble: nothing runs, nothing changes
+        return x, h0, kv_in, cache
+
+    return runs + [skip]
+
+
+def _empty_packet(plan, b, t, dtype):
+    cfg = plan.cfg
+    kv = {}
+    for src in plan.xfer:
+        spec = cfg.layers[src]
+        z = jnp.zeros((b, t, spec.num_kv_heads, spec.head_dim), dtype)
+        kv[src] = (z, z)
+    d = jnp.zeros((b, t, cfg.hidden_size), dtype)
+    return d, d, jnp.zeros((b, t), jnp.int32), kv
+
+
+def _gpipe(plan: PipelinePlan, mode: str, dtype, params, ids, lengths, cache):
+    """GPipe over micro-batches: ids [M, b, T]; returns (logits, cache).
+
+    logits: [M, b, T, V] (mode 'logits') or the last prompt token's [M, b, V] (mode 'prefill'), valid
+    on the last stage.
+    """
+    graphdefs = _kind_graphdefs(plan, jnp.dtype(dtype).name)
+    params = jax.tree.map(lambda a: a[0], params)
+    cache = jax.tree.map(lambda a: a[0], cache) if cache is not None else None
+    n, s = plan.num_stages, jax.lax.axis_index("pp")
+    m_count, b, t = ids.shape
+    v = plan.cfg.vocab_size
+    branches = _branches(plan, mode, dtype, graphdefs)
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    out = jnp.zeros((m_count, b, t, v) if mode == "logits" else (m_count, b, v), F32)
+
+    def tick(i, carry):
+        packet, cache, out = carry
+        x, h0, pids, kv = packet
+        m = i - s
+        valid = (m >= 0) & (m < m_count)
+        mc = jnp.clip(m, 0, m_count - 1)
+        ids_in = jnp.where(s == 0, ids[mc], pids)
+        c_m = jax.tree.map(lambda a: a[mc], cache) if cache is not None else None
+        x, h0, kv, c_m = jax.lax.switch(jnp.where(valid, s, n), branches, params, x, h0, ids_in, kv, c_m, pos,
+                                        lengths[mc])
+        if cache is not None:
+            cache = jax.tree.map(lambda a, new: a.at[mc].set(new), cache, c_m)
+        emit = valid & (s == n - 1)
+        if mode == "logits":
+            lg = jax.lax.cond(emit, lambda: _head(plan, params, x), lambda: jnp.zeros((b, t, v), F32))
+        else:
+            last = jnp.take_along_axis(x, (lengths[mc] - 1)[:, None, None], axis=1)
+            lg = jax.lax.cond(emit, lambda: _head(plan, params, last)[:, 0], lambda: jnp.zeros((b, v), F32))
+        out = jnp.where(emit, out.at[mc].set(lg), out)
+        packet = jax.lax.ppermute((x, h0, ids_in, kv), "pp", _ring_perm(n))
+        return packet, cache, out
+
+    carry = (_empty_packet(plan, b, t, dtype), cache, out)
+    _, cache, out = jax.lax.fori_loop(0, m_count + n - 1, tick, carry)
+    if cache is not None:
+        cache = jax.tree.map(lambda a: a[None], cache)
+    return out[None], cache
+
+
+def _ring(plan: PipelinePlan, sampling: Sampling, dtype, params, cache, first, lengths, steps, stops, key):
+    """The decode ring. first [M, b]: each sequence's first new token (from prefill); returns
+    (out [M, b, N] new tokens, done [M, b], cache), valid on the last stage."""
+    graphdefs = _kind_graphdefs(plan, jnp.dtype(dtype).name)
+    params = jax.tree.map(lambda a: a[0], params)
+    cache = jax.tree.map(lambda a: a[0], cache)
+    n, s = plan.num_stages, jax.lax.axis_index("pp")
+    m_count, b = first.shape
+    r = max(m_count, n)
+    branches = _branches(plan, "decode", dtype, graphdefs)
+    tokbuf = jnp.zeros((r, b), jnp.int32).at[:m_count].set(first)
+    done = jnp.isin(first, stops)
+    total = (steps - 2) * r + m_count + n - 1
+
+    def when(u):
+        m, k = u % r, u // r
+        return m, k, (u >= 0) & (m < m_count) & (k < steps - 1)
+
+    def body(carry):
+        packet, cache, tokbuf, out, done, t = carry
+        x, h0, pids, kv = packet
+        m, k, valid = when(t - s)
+        mc = jnp.clip(m, 0, m_count - 1)
+        ids_in = jnp.where(s == 0, tokbuf[m][:, None], pids)
+        pos = (lengths[mc] + k)[:, None]
+        c_m = jax.tree.map(lambda a: a[mc], cache)
+        x, h0, kv, c_m = jax.lax.switch(jnp.where(valid, s, n), branches, params, x, h0, ids_in, kv, c_m, pos,
+                                        lengths[mc])
+        cache = jax.tree.map(lambda a, new: a.at[mc].set(new), cache, c_m)
+        emit = valid & (s == n - 1)
+        lg = jax.lax.cond(emit, lambda: _head(plan, params, x)[:, 0], lambda: jnp.zeros((b, plan.cfg.vocab_size), F32))
+        tok = sample(lg, jax.random.fold_in(jax.random.fold_in(key, mc), k + 1), sampling)
+        tok = jnp.where(done[mc], 0, tok)
+        out = jnp.where(emit, out.at[mc, :, k + 1].set(tok), out)
+        done = jnp.where(emit, done.at[mc].set(done[mc] | jnp.isin(tok, stops)), done)
+        sent = jnp.where(s == n - 1, tok[:, None], ids_in)
+        packet = jax.lax.ppermute((x, h0, sent, kv), "pp", _ring_perm(n))
+        m_l, _, valid_l = when(t - (n - 1))  # what the last stage just sent round to stage 0
+        tokbuf = jnp.where((s == 0) & valid_l, tokbuf.at[m_l].set(packet[2][:, 0]), tokbuf)
+        return packet, cache, tokbuf, out, done, t + 1
+
+    def cond(carry):
+        *_, done, t = carry
+        finished = jax.lax.psum(jnp.where(s == n - 1, jnp.all(done), False).astype(jnp.int32), "pp") > 0
+        return (t < total) & ~finished
+
+    out = jnp.zeros((m_count, b, steps), jnp.int32).at[:, :, 0].set(first)
+    carry = (_empty_packet(plan, b, 1, dtype), cache, tokbuf, out, done, jnp.asarray(0, jnp.int32))
+    _, cache, _, out, done, _ = jax.lax.while_loop(cond, body, carry)
+    return out[None], done[None], jax.tree.map(lambda a: a[None], cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled entry points and the host-side driver
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(7,))
+def _run_gpipe(plan, mode, dtype_name, mesh, params, ids, lengths, cache):
+    body = functools.partial(_gpipe, plan, mode, jnp.dtype(dtype_name))
+    cache_spec = P("pp") if cache is not None else None
+    f = jax.shard_map(body, mesh=mesh, in_specs=(P("pp"), P(), P(), cache_spec),
+                      out_specs=(P("pp"), cache_spec), check_vma=False)
+    out, cache = f(params, ids, lengths, cache)
+    return out[plan.num_stages - 1], cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 8), donate_argnums=(5,))
+def _run_ring(plan, sampling, dtype_name, mesh, params, cache, first, lengths, steps, stops, key):
+    body = functools.partial(_ring, plan, sampling, jnp.dtype(dtype_name))
+    f = jax.shard_map(lambda p, c, fi, ln, st, k: body(p, c, fi, ln, steps, st, k), mesh=mesh,
+                      in_specs=(P("pp"), P("pp"), P(), P(), P(), P()), out_specs=(P("pp"), P("pp"), P("pp")),
+                      check_vma=False)
+    out, done, cache = f(params, cache, first, lengths, stops, key)
+    return out[plan.num_stages - 1], done[plan.num_stages - 1], cache
+
+
+class Pipeline:
+    """A model split into stages on the first `pp` devices: parameters placed stage by stage."""
+
+    def __init__(self, cfg: Gemma4Config, stages: tuple[Stage, ...], leaves: list[dict[Path, object]], dtype):
+        self.plan = PipelinePlan(cfg, stages)
+        self.mesh = make_mesh(len(stages))
+        self.dtype = jnp.dtype(dtype)
+        devices = list(self.mesh.devices.flat)
+        trees = []
+        for s in range(len(stages)):
+            trees.append(stage_tree(self.plan, s, leaves[s], self.dtype, devices[s]))
+            leaves[s] = None  # let the stage's unstacked leaves go
+        self.params = stack_stages(self.plan, trees, self.mesh)
+
+    @property
+    def num_stages(self) -> int:
+        return self.plan.num_stages
+
+    def micro_batches(self, b: int) -> int:
+        return min(b, self.num_stages)
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        """Float32 logits [B, T, V] of a full causal forward, micro-batched through the stages."""
+        b, t = ids.shape
+        m = self.micro_batches(b)
+        padded = -(-b // m) * m
+        x = np.zeros((padded, t), np.int32)
+        x[:b] = ids
+        lengths = np.full((m, padded // m), t, np.int32)
+        out, _ = _run_gpipe(self.plan, "logits", self.dtype.name, self.mesh, self.params,
+                            jnp.asarray(x.reshape(m, padded // m, t)), jnp.asarray(lengths), None)
+        return np.asarray(out, np.float32).reshape(padded, t, -1)[:b]
+
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, max_len: int, t: int,
+                 sampling: Sampling, seed: int, stop_ids: tuple[int, ...]) -> np.ndarray:
+        """New tokens [B, max_new_tokens] (0 after a stop) for prompts right-padded to `t` tokens."""
+        b = len(prompts)
+        m = self.micro_batches(b)
+        per = -(-b // m)
+        ids = np.zeros((m * per, t), np.int32)
+        lengths = np.ones((m * per,), np.int32)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)], lengths[i] = p, len(p)
+        ids, lengths = ids.reshape(m, per, t), lengths.reshape(m, per)
+        cache = init_stage_cache(self.plan, self.mesh, m, per, max_len, self.dtype)
+        last, cache = _run_gpipe(self.plan, "prefill", self.dtype.name, self.mesh, self.params, jnp.asarray(ids),
+                                 jnp.asarray(lengths), cache)
+        key = jax.random.key(seed)
+        stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
+        first = jnp.stack([sample(last[i], jax.random.fold_in(jax.random.fold_in(key, i), 0), sampling)
+                           for i in range(m)])
+        out, _, _ = _run_ring(self.plan, sampling, self.dtype.name, self.mesh, self.params, cache, first,
+                              jnp.asarray(lengths), max_new_tokens, stops, key)
+        return np.asarray(out).reshape(m * per, max_new_tokens)[:b]

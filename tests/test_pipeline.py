@@ -1,0 +1,109 @@
+"""Pipeline parallelism on 4 simulated CPU devices: every split gives the single-stage logits and tokens."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from hf_fixtures import rel_err
+
+import gemma4_jax
+from gemma4_jax.config import Gemma4Config
+from gemma4_jax.errors import Gemma4Error
+from gemma4_jax.pipeline import PipelinePlan
+from gemma4_jax.stage_checkpoint import convert
+from gemma4_jax.stages import parse_layer_split
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BOUND = 1e-5  # float32, relative to the largest logit
+
+# (family, pp, layer_split or None for the balanced split). The E2B-like model's layers 6-9 read the
+# K/V of layers 4 and 5; the E4B-like model's 8-11 read 6 and 7.
+SPLITS = [
+    ("e2b", 2, None), ("e2b", 3, None), ("e2b", 4, None), ("e2b", 2, "0,5,10"), ("e2b", 2, "0,7,10"),
+    ("e2b", 3, "0,1,6,10"), ("e4b", 2, None), ("e4b", 3, "0,7,9,12"), ("e4b", 4, "0,3,6,8,12"),
+    ("26b-a4b", 2, None), ("26b-a4b", 3, "0,1,5,6"), ("31b", 2, None), ("31b", 4, None), ("31b", 2, "0,11,12"),
+]
+IDS = np.random.default_rng(0).integers(3, 256, size=(4, 13))
+PROMPTS = [[2, 5, 9, 33, 7], [2, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49], [2, 3], [2, 100, 101, 102]]
+
+
+@pytest.fixture(scope="module")
+def single(hf_dirs):
+    """pp=1 references: logits of IDS and greedy tokens of PROMPTS (20 new tokens, past the window of 8)."""
+    out = {}
+    for fam in ("e2b", "e4b", "26b-a4b", "31b"):
+        m = gemma4_jax.load(hf_dirs[fam, "causal"], progress=False)
+        out[fam] = (m.logits(IDS), m.generate(PROMPTS, max_new_tokens=20, stop_tokens=()))
+    return out
+
+
+def test_plans_cover_the_cross_stage_kv_sources(hf_dirs):
+    cfg = Gemma4Config.from_json(hf_dirs["e2b", "causal"])
+    assert PipelinePlan(cfg, parse_layer_split("0,5,10", 10)).xfer == (4,)
+    assert PipelinePlan(cfg, parse_layer_split("0,7,10", 10)).xfer == (4, 5)
+    assert PipelinePlan(cfg, parse_layer_split("0,3,10", 10)).xfer == ()
+    plan = PipelinePlan(cfg, parse_layer_split("0,7,10", 10))
+    assert set(plan.cache_slots[1]) == {4, 5}  # the reader stage mirrors both sources
+
+
+@pytest.mark.parametrize("family,pp,split", SPLITS)
+def test_every_split_gives_single_stage_logits(hf_dirs, single, family, pp, split):
+    m = gemma4_jax.load(hf_dirs[family, "causal"], pp=pp, layer_split=split, progress=False)
+    assert m.pipeline.num_stages == pp
+    got = m.logits(IDS)
+    assert rel_err(got, single[family][0]) <= BOUND
+    # The weights are really split: each stage's block lives on its own device.
+    blocks = m.pipeline.params["table"].addressable_shards
+    assert sorted(sh.device.id for sh in blocks) == [d.id for d in jax.devices()[:pp]]
+
+
+@pytest.mark.parametrize("family,pp,split", [
+    ("e2b", 2, "0,7,10"), ("e2b", 4, None), ("e4b", 3, "0,7,9,12"), ("26b-a4b", 2, None), ("31b", 3, None),
+])
+def test_every_split_gives_single_stage_tokens(hf_dirs, single, family, pp, split):
+    m = gemma4_jax.load(hf_dirs[family, "causal"], pp=pp, layer_split=split, progress=False)
+    want = single[family][1]
+    assert m.generate(PROMPTS, max_new_tokens=20, stop_tokens=()) == want  # the ring, several micro-batches
+    assert m.generate(PROMPTS[1:2], max_new_tokens=20, stop_tokens=()) == want[1:2]  # one prompt walks the stages
+
+
+def test_stop_tokens_end_sequences_in_the_ring(hf_dirs, single):
+    want = single["e2b"][1]
+    stop = want[0][5]
+    m = gemma4_jax.load(hf_dirs["e2b", "causal"], pp=2, progress=False)
+    got = m.generate(PROMPTS, max_new_tokens=20, stop_tokens=(stop,))
+    for g, w in zip(got, want, strict=True):
+        cut = w.index(stop) + 1 if stop in w else len(w)
+        assert g == w[:cut]
+
+
+def test_converted_stages_load_onto_their_devices(hf_dirs, single, tmp_path):
+    out = str(tmp_path / "conv")
+    convert(hf_dirs["e4b", "wrapper"], out, parse_layer_split("0,7,9,12", 12), progress=False, log=lambda s: None)
+    m = gemma4_jax.load(out, pp=3, progress=False)
+    assert rel_err(m.logits(IDS), single["e4b"][0]) <= BOUND
+    with pytest.raises(Gemma4Error, match="converted for pp=3 but pp=2 was asked"):
+        gemma4_jax.load(out, pp=2)
+
+
+def test_bad_pp_is_one_sentence(hf_dirs):
+    with pytest.raises(Gemma4Error, match="pp=5 needs 5 devices but only 4 are visible"):
+        gemma4_jax.load(hf_dirs["e2b", "causal"], pp=5)
+    with pytest.raises(Gemma4Error, match="has 3 stages but pp=2"):
+        gemma4_jax.load(hf_dirs["e2b", "causal"], pp=2, layer_split="0,3,6,10")
+
+
+def test_cli_runs_pipelined(tmp_path):
+    from gemma4_jax.tiny import write_tiny_checkpoint
+
+    d = write_tiny_checkpoint(str(tmp_path / "tiny"))
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    args = [sys.executable, "-m", "gemma4_jax.generate", "--model", d, "--prompt", "hello", "--max-new-tokens", "6",
+            "--temperature", "0"]
+    one = subprocess.run(args, capture_output=True, text=True, env=env)
+    two = subprocess.run(args + ["--pp", "2"], capture_output=True, text=True, env=env)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    assert one.stdout == two.stdout and one.stdout.strip()
