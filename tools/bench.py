@@ -13,12 +13,14 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_attention  # noqa: E402
+import bench_pipeline  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     bench_attention.add_parser(sub)
+    bench_pipeline.add_parser(sub)
     args = parser.parse_args(argv)
     args.func(args)
     return 0
