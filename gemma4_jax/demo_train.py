@@ -79,6 +79,7 @@ class TrainConfig:
     vocab_size: int = 512
     tokenizer_corpus: int = 20_000  # problems the BPE merges are learnt from
     held_out: int = 500
+    data_offset: int = 0  # selects another training stream (a second stage started from a checkpoint)
     log_every: int = 50
 
 
@@ -208,15 +209,18 @@ def demo_config() -> Gemma4Config:
     return Gemma4Config.from_hf_dict(DEMO_HF_CONFIG, name="gemma4-demo")
 
 
-def train(tc: TrainConfig, tokenizer, log: Callable[[str], None] = print) -> tuple[Gemma4Text, list[float]]:
-    """Train a fresh demo model; returns it and the loss of every step."""
-    cfg = demo_config()
-    model = Gemma4Text(cfg, jnp.float32, nnx.Rngs(tc.seed))
+def train(tc: TrainConfig, tokenizer, log: Callable[[str], None] = print,
+          init: Gemma4Text | None = None) -> tuple[Gemma4Text, list[float]]:
+    """Train the demo model (fresh, or continuing from `init`); returns it and the loss of every step.
+
+    The held-out problems (stream `seed + 1`) are excluded from every training stream.
+    """
+    model = init if init is not None else Gemma4Text(demo_config(), jnp.float32, nnx.Rngs(tc.seed))
     graphdef, params = nnx.split(model)
     optimizer = make_optimizer(tc)
     opt_state = optimizer.init(params)
     exclude = {p["question"] for p in arith.held_out(tc.seed + 1, tc.held_out)}
-    stream = arith.problems(tc.seed + 2, exclude)
+    stream = arith.problems(tc.seed + 2 + 1000 * tc.data_offset, exclude)
     losses: list[float] = []
     t0 = time.perf_counter()
     for step in range(1, tc.steps + 1):

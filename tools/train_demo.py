@@ -1,12 +1,15 @@
 """Train the embedded demo model and write it as a Hugging Face checkpoint directory.
 
-    python tools/train_demo.py [--out gemma4_jax/demo_model] [--steps N] [--seed S]
+    python tools/train_demo.py [--out gemma4_jax/demo_model] [--steps N] [--seed S] [--lr LR]
+                               [--init DIR --data-offset K]
 
 Builds the demo config (gemma4_jax/demo_train.py), trains a BPE tokenizer on synthetic
 grade-school problems, trains the model with optax on chat-formatted problems (loss on the answer
 only), prints the loss curve, exports config.json / model.safetensors / tokenizer files / chat
 template / generation_config.json, reloads the export with `gemma4_jax.load` and prints its greedy
-accuracy on held-out problems. Deterministic given --seed.
+accuracy on held-out problems. Deterministic given --seed. `--init DIR` continues from an earlier
+export (its weights and tokenizer) with a fresh learning-rate schedule over new problems
+(`--data-offset`); the shipped model is two such stages (see its training.json).
 """
 
 from __future__ import annotations
@@ -34,11 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--lr", type=float, default=defaults.peak_lr)
     p.add_argument("--held-out", type=int, default=defaults.held_out)
+    p.add_argument("--init", default=None, help="continue from this earlier export of tools/train_demo.py")
+    p.add_argument("--data-offset", type=int, default=0, help="another stream of training problems")
+    p.add_argument("--warmup", type=int, default=defaults.warmup)
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1 or args.held_out < 1:
         p.error("--steps, --batch-size and --held-out must be at least 1")
     tc = dataclasses.replace(defaults, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
-                             peak_lr=args.lr, held_out=args.held_out)
+                             peak_lr=args.lr, held_out=args.held_out, data_offset=args.data_offset,
+                             warmup=args.warmup)
 
     import jax
     import numpy as np
@@ -52,10 +59,19 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     print(f"jax {jax.__version__} on {jax.default_backend()}; {tc}")
     # Tokenizer: merges learnt from the chat-formatted corpus (seed distinct from training data).
-    corpus = ["user\n", "model\n"]
-    for prob in arith.held_out(tc.seed + 3, tc.tokenizer_corpus):
-        corpus += [user_text(prob["question"]), prob["answer"]]
-    tok = dt.train_tokenizer(corpus, tc.vocab_size)
+    previous, init = None, None
+    if args.init:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        init = gemma4_jax.load(args.init, dtype="float32", progress=False).module
+        tok = HFTokenizer.from_file(os.path.join(args.init, "tokenizer.json"))
+        with open(os.path.join(args.init, "training.json")) as f:
+            previous = json.load(f)
+    else:
+        corpus = ["user\n", "model\n"]
+        for prob in arith.held_out(tc.seed + 3, tc.tokenizer_corpus):
+            corpus += [user_text(prob["question"]), prob["answer"]]
+        tok = dt.train_tokenizer(corpus, tc.vocab_size)
 
     work = tempfile.mkdtemp(prefix="gemma4_demo_")
     try:
@@ -64,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         lengths = [len(dt.encode_example(tokenizer, q)[0]) for q in arith.held_out(tc.seed + 1, 200)]
         print(f"tokenizer: {tok.get_vocab_size()} ids; example lengths {min(lengths)}-{max(lengths)} tokens")
 
-        model, losses = dt.train(tc, tokenizer)
+        model, losses = dt.train(tc, tokenizer, init=init)
         print(f"trained {tc.steps} steps in {time.perf_counter() - t0:.0f}s; final loss "
               f"{np.mean(losses[-tc.log_every:]):.4f}")
 
@@ -72,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                   generation_config={"bos_token_id": 2, "pad_token_id": 0, "eos_token_id": [1, 106, 50],
                                      "do_sample": False})
         with open(os.path.join(work, "training.json"), "w") as f:
-            json.dump({"train_config": dataclasses.asdict(tc), "loss_every_50": [
+            json.dump({"train_config": dataclasses.asdict(tc), "init": args.init, "previous_stage": previous,
+                       "loss_every_50": [
                 round(float(np.mean(losses[i:i + 50])), 4) for i in range(0, len(losses), 50)]}, f, indent=1)
 
         loaded = gemma4_jax.load(work, dtype="float32", progress=False)
