@@ -21,6 +21,7 @@ from .config import Gemma4Config
 from .errors import CheckpointError, ConfigError
 from .generation import Sampling, generate_tokens
 from .hf_checkpoint import model_from_params, read_hf_params
+from .kernels.dispatch import IMPLS
 from .model import Gemma4Text
 from .tokenizer import Tokenizer, stop_ids
 
@@ -34,6 +35,7 @@ class RunConfig:
     dtype: str = "float32"
     pp: int = 1
     max_seq_len: int | None = None
+    attn_impl: str = "auto"  # 'auto' | 'xla' | 'pallas' | 'interpret' (gemma4_jax.kernels.dispatch)
 
 
 def default_dtype() -> str:
@@ -50,9 +52,9 @@ def resolve_dtype(dtype) -> str:
     return name
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _logits(graphdef, state, ids_bt):
-    return nnx.merge(graphdef, state)(ids_bt)
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _logits(graphdef, state, ids_bt, impl):
+    return nnx.merge(graphdef, state)(ids_bt, impl)
 
 
 class Gemma4Model:
@@ -95,7 +97,7 @@ class Gemma4Model:
         ids = self._check_tokens(tokens)
         if self.pipeline is not None:
             return self.pipeline.logits(ids)
-        return np.asarray(_logits(self.graphdef, self.state, jnp.asarray(ids)), dtype=np.float32)
+        return np.asarray(_logits(self.graphdef, self.state, jnp.asarray(ids), self.run.attn_impl), dtype=np.float32)
 
     def generate(self, tokens, *, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int = 0, stop_tokens=None, on_tokens=None) -> list[list[int]]:
@@ -112,7 +114,8 @@ class Gemma4Model:
         stops = self.stop_tokens if stop_tokens is None else tuple(int(t) for t in stop_tokens)
         return generate_tokens(self.graphdef, self.state, self.config, prompts, max_new_tokens=int(max_new_tokens),
                                context=self.context, dtype=DTYPES[self.run.dtype], sampling=sampling,
-                               seed=int(seed), stop_ids=stops, on_tokens=on_tokens, pipeline=self.pipeline)
+                               seed=int(seed), stop_ids=stops, on_tokens=on_tokens, pipeline=self.pipeline,
+                               impl=self.run.attn_impl)
 
     def generate_text(self, prompts, *, chat: bool = True, max_new_tokens: int = 256, **sampling) -> list[str]:
         """Generate for text prompts: chat template when `chat`, BOS once, decoded without the stop token."""
@@ -132,22 +135,28 @@ class Gemma4Model:
 
 
 def load(path: str | None = None, *, pp: int = 1, dtype=None, max_seq_len: int | None = None,
-         progress: bool = True, layer_split=None) -> Gemma4Model:
-    """Load a Gemma 4 checkpoint directory as a ready-to-run model.
+         progress: bool = True, layer_split=None, attn_impl: str = "auto") -> Gemma4Model:
+    """Load a Gemma 4 checkpoint directory as a ready-to-run model (no `path`: the embedded demo model).
 
     `path` is a Hugging Face directory or one written by `tools/convert_checkpoint.py` (whose stage
     count must equal `pp`). With `pp` > 1 the layers of an HF directory are split balanced by bytes, or
-    at `layer_split` (boundaries `0,a,...,L`, a string or a sequence).
+    at `layer_split` (boundaries `0,a,...,L`, a string or a sequence). `attn_impl` picks the attention
+    path: 'auto' (Pallas kernels on GPU where they support the shape, XLA elsewhere), 'xla', 'pallas',
+    or 'interpret' (the kernels in Pallas interpret mode, for testing).
 
     `dtype` is 'float32' or 'bfloat16' (default: bfloat16 on GPU, float32 on CPU). Errors are
     `gemma4_jax.Gemma4Error` subclasses with one sentence naming the problem.
     """
     if path is None:
-        raise ConfigError("no checkpoint given: pass the path of a Gemma 4 checkpoint directory")
+        from .demo import demo_path
+
+        path = demo_path()
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is not a directory")
-    run = RunConfig(dtype=resolve_dtype(dtype), pp=pp, max_seq_len=max_seq_len)
+    if attn_impl not in IMPLS:
+        raise ConfigError(f"attn_impl must be one of {', '.join(IMPLS)}, got {attn_impl!r}")
+    run = RunConfig(dtype=resolve_dtype(dtype), pp=pp, max_seq_len=max_seq_len, attn_impl=attn_impl)
     jdtype = DTYPES[run.dtype]
     if sc.is_stage_dir(path):
         manifest = sc.read_manifest(path)
@@ -176,7 +185,8 @@ def load(path: str | None = None, *, pp: int = 1, dtype=None, max_seq_len: int |
                 if len(stages) != pp:
                     raise ConfigError(f"layer_split {list(layer_split)} has {len(stages)} stages but pp={pp}")
             leaves = stage_leaves_from_params(cfg, stages, read_hf_params(path, cfg, jdtype, progress=progress))
-        return Gemma4Model(None, run, tokenizer=tokenizer, path=path, pipeline=Pipeline(cfg, stages, leaves, jdtype))
+        pipe = Pipeline(cfg, stages, leaves, jdtype, attn_impl)
+        return Gemma4Model(None, run, tokenizer=tokenizer, path=path, pipeline=pipe)
     if sc.is_stage_dir(path):
         params = sc.load_single_stage(path, cfg, jdtype)
         module = model_from_params(cfg, params, jdtype, put=lambda a: a)

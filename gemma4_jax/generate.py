@@ -16,7 +16,8 @@ import numpy as np
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gemma4_jax.generate", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="HF or converted checkpoint directory")
+    p.add_argument("--model", default=None,
+                   help="HF or converted checkpoint directory (default: the embedded demo model)")
     p.add_argument("--prompt", nargs="*", default=None, help="prompt text(s); default: read stdin, one per line")
     chat = p.add_mutually_exclusive_group()
     chat.add_argument("--chat", dest="chat", action="store_true", default=True, help="apply the chat template")
@@ -27,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    p.add_argument("--attn-impl", default="auto", choices=["auto", "xla", "pallas", "interpret"],
+                   help="attention: Pallas kernels on GPU where supported (auto), XLA, or forced kernels")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     return p
 
@@ -38,9 +41,9 @@ def run(args: argparse.Namespace, stdin=sys.stdin, out=sys.stdout, err=sys.stder
     if not prompts:
         raise gemma4_jax.ConfigError("no prompt given: pass --prompt TEXT or write prompts to stdin")
     t0 = time.perf_counter()
-    model = gemma4_jax.load(args.model, pp=args.pp, dtype=args.dtype)
+    model = gemma4_jax.load(args.model, pp=args.pp, dtype=args.dtype, attn_impl=args.attn_impl)
     if model.tokenizer is None:
-        raise gemma4_jax.ConfigError(f"{args.model} has no tokenizer.json, so text prompts cannot be encoded")
+        raise gemma4_jax.ConfigError(f"{model.path} has no tokenizer.json, so text prompts cannot be encoded")
     tok = model.tokenizer
     ids = [tok.encode_chat(p) if args.chat else tok.encode(p) for p in prompts]
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

@@ -80,33 +80,34 @@ class DecodeState:
     key: jax.Array
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=(4,))
-def prefill(graphdef, params, ids_bt, lengths_b, cache: KVCache):
+@functools.partial(jax.jit, static_argnums=0, static_argnames="impl", donate_argnums=(4,))
+def prefill(graphdef, params, ids_bt, lengths_b, cache: KVCache, impl: str = "auto"):
     """Run the prompts [B,T] (true lengths [B]); fill the cache; return last-token logits [B,V]."""
     model = nnx.merge(graphdef, params)
     b, t = ids_bt.shape
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    attender = PrefillAttender(cache, pos, lengths_b)
+    attender = PrefillAttender(cache, pos, lengths_b, impl)
     x = model.decode_layers(ids_bt, pos, attender)
     last = jnp.take_along_axis(x, (lengths_b - 1)[:, None, None], axis=1)  # [B,1,D]
     return model.head(last)[:, 0], attender.cache
 
 
-def decode_step(model, cache: KVCache, token_b, pos_b):
+def decode_step(model, cache: KVCache, token_b, pos_b, impl: str = "auto"):
     """One token per sequence at positions [B]: logits [B,V] and the updated cache."""
-    attender = DecodeAttender(cache, pos_b[:, None])
+    attender = DecodeAttender(cache, pos_b[:, None], impl)
     x = model.decode_layers(token_b[:, None], pos_b[:, None], attender)
     return model.head(x)[:, 0], attender.cache
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=(2, 3))
-def decode_logits(graphdef, params, cache: KVCache, token_b, pos_b):
+@functools.partial(jax.jit, static_argnums=0, static_argnames="impl", donate_argnums=(2, 3))
+def decode_logits(graphdef, params, cache: KVCache, token_b, pos_b, impl: str = "auto"):
     """Jitted `decode_step` (for tests and teacher-forced scoring)."""
-    return decode_step(nnx.merge(graphdef, params), cache, token_b, pos_b)
+    return decode_step(nnx.merge(graphdef, params), cache, token_b, pos_b, impl)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(2,))
-def decode_loop(graphdef, params, state: DecodeState, limit, stop_ids, sampling: Sampling) -> DecodeState:
+@functools.partial(jax.jit, static_argnums=(0, 5, 6), donate_argnums=(2,))
+def decode_loop(graphdef, params, state: DecodeState, limit, stop_ids, sampling: Sampling,
+                impl: str = "auto") -> DecodeState:
     """Generate until `step == limit` or every sequence has stopped; all on device."""
     model = nnx.merge(graphdef, params)
 
@@ -114,7 +115,7 @@ def decode_loop(graphdef, params, state: DecodeState, limit, stop_ids, sampling:
         return (st.step < limit) & ~jnp.all(st.done)
 
     def body(st):
-        logits, cache = decode_step(model, st.cache, st.token, st.pos)
+        logits, cache = decode_step(model, st.cache, st.token, st.pos, impl)
         tok = sample(logits, jax.random.fold_in(st.key, st.step), sampling)
         tok = jnp.where(st.done, 0, tok)
         out = st.out.at[:, st.step].set(tok)
@@ -138,7 +139,7 @@ def bucket(n: int, minimum: int = 16) -> int:
 def generate_tokens(graphdef, params, cfg, prompts: list[list[int]], *, max_new_tokens: int, context: int,
                     dtype, sampling: Sampling, seed: int, stop_ids: tuple[int, ...],
                     on_tokens: Callable[[np.ndarray], None] | None = None, chunk: int = 8,
-                    pipeline=None) -> list[list[int]]:
+                    pipeline=None, impl: str = "auto") -> list[list[int]]:
     """Generate for a batch of prompts of any lengths; returns the new tokens of each.
 
     A sequence ends after its first stop token (kept as its last element). `on_tokens`, when given,
@@ -171,20 +172,20 @@ def generate_tokens(graphdef, params, cfg, prompts: list[list[int]], *, max_new_
             on_tokens(result)
         return _trim(result, max_new_tokens, stop_ids)
     cache = init_cache(cfg, b, max_len, dtype)
-    logits, cache = prefill(graphdef, params, jnp.asarray(ids), lengths, cache)
+    logits, cache = prefill(graphdef, params, jnp.asarray(ids), lengths, cache, impl=impl)
     tok, done = _first_token(logits, key, stops, sampling)
     n_out = bucket(max_new_tokens, 8)
     out = jnp.zeros((b, n_out), jnp.int32).at[:, 0].set(tok)
     state = DecodeState(cache, tok, lengths, done, out, jnp.asarray(1, jnp.int32), key)
     if on_tokens is None:
-        state = decode_loop(graphdef, params, state, jnp.asarray(max_new_tokens, jnp.int32), stops, sampling)
+        state = decode_loop(graphdef, params, state, jnp.asarray(max_new_tokens, jnp.int32), stops, sampling, impl)
         result = np.asarray(state.out)
     else:
         on_tokens(np.asarray(tok)[:, None])
         shown = 1
         while shown < max_new_tokens and not bool(np.all(np.asarray(state.done))):
             limit = min(shown + chunk, max_new_tokens)
-            state = decode_loop(graphdef, params, state, jnp.asarray(limit, jnp.int32), stops, sampling)
+            state = decode_loop(graphdef, params, state, jnp.asarray(limit, jnp.int32), stops, sampling, impl)
             step = int(state.step)
             on_tokens(np.asarray(state.out[:, shown:step]))
             shown = step

@@ -334,11 +334,11 @@ class Gemma4Text(nnx.Module):
             x, _ = layer(x, ple[:, :, spec.index] if ple is not None else None, *rope[spec.attn_type], attend)
         return x
 
-    def __call__(self, ids_bt: jax.Array) -> jax.Array:
+    def __call__(self, ids_bt: jax.Array, impl: str = "auto") -> jax.Array:
         """Full causal forward over [B,T] token ids (positions 0..T-1); float32 logits [B,T,V]."""
         b, t = ids_bt.shape
         pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        return self.head(self.decode_layers(ids_bt, pos, FullAttender(pos)))
+        return self.head(self.decode_layers(ids_bt, pos, FullAttender(pos, impl=impl)))
 
 
 class Attender:

@@ -45,8 +45,10 @@ from .model import (
     DecoderLayer,
     FullAttender,
     attention,
+    attention_impl,
     attention_mask,
     embed_scale,
+    kernel_attention,
     rms_norm,
     rope_cos_sin,
     rope_inv_freq,
@@ -255,9 +257,10 @@ class _Attender(FullAttender):
     Sources on earlier stages come from the packet (`kv_in`); their mirror caches are filled here.
     """
 
-    def __init__(self, mode, pos, lengths, cache: dict[int, LayerCache] | None, kv_in: dict[int, tuple]):
+    def __init__(self, mode, pos, lengths, cache: dict[int, LayerCache] | None, kv_in: dict[int, tuple],
+                 impl: str = "auto"):
         valid = pos < lengths[:, None] if mode == "prefill" else None
-        super().__init__(pos, valid)
+        super().__init__(pos, valid, impl)
         self.mode, self.lengths, self.cache = mode, lengths, cache
         for src, kv in kv_in.items():
             self._own(src, kv)
@@ -275,11 +278,14 @@ class _Attender(FullAttender):
         if self.mode != "decode":
             return super().__call__(spec, q, kv)
         entry = self.cache[spec.kv_source]
+        impl = attention_impl(self.impl, q, entry.k)
+        if impl != "xla":
+            return kernel_attention(impl, q, entry.k, entry.v, self.pos, entry.pos, spec.window)
         mask = attention_mask(self.pos, entry.pos, spec.window, entry.pos >= 0)
         return attention(q, entry.k, entry.v, mask)
 
 
-def _stage_fn(plan: PipelinePlan, s: int, mode: str, dtype, graphdefs):
+def _stage_fn(plan: PipelinePlan, s: int, mode: str, dtype, graphdefs, impl: str = "auto"):
     """The program of stage s: (params, packet, cache of one micro-batch, pos, lengths) -> (packet, cache, x)."""
     cfg, stage = plan.cfg, plan.stages[s]
     slots = plan.cache_slots[s]
@@ -298,7 +304,7 @@ def _stage_fn(plan: PipelinePlan, s: int, mode: str, dtype, graphdefs):
             ple = (rms_norm(ctx, params["ple_norm"], cfg.rms_norm_eps) + tok) * (2.0**-0.5)
         view = {layer: cache[name] for layer, name in slots.items()} if cache is not None else None
         mirrored = {src: kv_in[src] for src in plan.xfer if src in slots and src < stage.start}
-        att = _Attender(mode, pos, lengths, view, mirrored)
+        att = _Attender(mode, pos, lengths, view, mirrored, impl)
         rope = {}
         for j, (layer, kind, slot) in enumerate(plan.local[s]):
             spec = cfg.layers[layer]
@@ -332,8 +338,8 @@ def _ring_perm(n: int):
     return [(i, (i + 1) % n) for i in range(n)]
 
 
-def _branches(plan, mode, dtype, graphdefs):
-    runs = [_stage_fn(plan, s, mode, dtype, graphdefs) for s in range(plan.num_stages)]
+def _branches(plan, mode, dtype, graphdefs, impl):
+    runs = [_stage_fn(plan, s, mode, dtype, graphdefs, impl) for s in range(plan.num_stages)]
 
     def skip(params, x, h0, ids, kv_in, cache, pos, lengths):  # a bubble: nothing runs, nothing changes
         return x, h0, kv_in, cache
@@ -352,7 +358,7 @@ def _empty_packet(plan, b, t, dtype):
     return d, d, jnp.zeros((b, t), jnp.int32), kv
 
 
-def _gpipe(plan: PipelinePlan, mode: str, dtype, params, ids, lengths, cache):
+def _gpipe(plan: PipelinePlan, mode: str, dtype, impl: str, params, ids, lengths, cache):
     """GPipe over micro-batches: ids [M, b, T]; returns (logits, cache).
 
     logits: [M, b, T, V] (mode 'logits') or the last prompt token's [M, b, V] (mode 'prefill'), valid
@@ -364,7 +370,7 @@ def _gpipe(plan: PipelinePlan, mode: str, dtype, params, ids, lengths, cache):
     n, s = plan.num_stages, jax.lax.axis_index("pp")
     m_count, b, t = ids.shape
     v = plan.cfg.vocab_size
-    branches = _branches(plan, mode, dtype, graphdefs)
+    branches = _branches(plan, mode, dtype, graphdefs, impl)
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     out = jnp.zeros((m_count, b, t, v) if mode == "logits" else (m_count, b, v), F32)
 
@@ -397,7 +403,8 @@ def _gpipe(plan: PipelinePlan, mode: str, dtype, params, ids, lengths, cache):
     return out[None], cache
 
 
-def _ring(plan: PipelinePlan, sampling: Sampling, dtype, params, cache, first, lengths, steps, stops, key):
+def _ring(plan: PipelinePlan, sampling: Sampling, dtype, impl: str, params, cache, first, lengths, steps, stops,
+          key):
     """The decode ring. first [M, b]: each sequence's first new token (from prefill); returns
     (out [M, b, N] new tokens, done [M, b], cache), valid on the last stage."""
     graphdefs = _kind_graphdefs(plan, jnp.dtype(dtype).name)
@@ -406,7 +413,7 @@ def _ring(plan: PipelinePlan, sampling: Sampling, dtype, params, cache, first, l
     n, s = plan.num_stages, jax.lax.axis_index("pp")
     m_count, b = first.shape
     r = max(m_count, n)
-    branches = _branches(plan, "decode", dtype, graphdefs)
+    branches = _branches(plan, "decode", dtype, graphdefs, impl)
     tokbuf = jnp.zeros((r, b), jnp.int32).at[:m_count].set(first)
     done = jnp.isin(first, stops)
     total = (steps - 2) * r + m_count + n - 1
@@ -453,9 +460,9 @@ def _ring(plan: PipelinePlan, sampling: Sampling, dtype, params, cache, first, l
 # Compiled entry points and the host-side driver
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(7,))
-def _run_gpipe(plan, mode, dtype_name, mesh, params, ids, lengths, cache):
-    body = functools.partial(_gpipe, plan, mode, jnp.dtype(dtype_name))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(8,))
+def _run_gpipe(plan, mode, dtype_name, impl, mesh, params, ids, lengths, cache):
+    body = functools.partial(_gpipe, plan, mode, jnp.dtype(dtype_name), impl)
     cache_spec = P("pp") if cache is not None else None
     f = jax.shard_map(body, mesh=mesh, in_specs=(P("pp"), P(), P(), cache_spec),
                       out_specs=(P("pp"), cache_spec), check_vma=False)
@@ -463,9 +470,9 @@ def _run_gpipe(plan, mode, dtype_name, mesh, params, ids, lengths, cache):
     return out[plan.num_stages - 1], cache
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 8), donate_argnums=(5,))
-def _run_ring(plan, sampling, dtype_name, mesh, params, cache, first, lengths, steps, stops, key):
-    body = functools.partial(_ring, plan, sampling, jnp.dtype(dtype_name))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 9), donate_argnums=(6,))
+def _run_ring(plan, sampling, dtype_name, impl, mesh, params, cache, first, lengths, steps, stops, key):
+    body = functools.partial(_ring, plan, sampling, jnp.dtype(dtype_name), impl)
     f = jax.shard_map(lambda p, c, fi, ln, st, k: body(p, c, fi, ln, steps, st, k), mesh=mesh,
                       in_specs=(P("pp"), P("pp"), P(), P(), P(), P()), out_specs=(P("pp"), P("pp"), P("pp")),
                       check_vma=False)
@@ -476,8 +483,10 @@ def _run_ring(plan, sampling, dtype_name, mesh, params, cache, first, lengths, s
 class Pipeline:
     """A model split into stages on the first `pp` devices: parameters placed stage by stage."""
 
-    def __init__(self, cfg: Gemma4Config, stages: tuple[Stage, ...], leaves: list[dict[Path, object]], dtype):
+    def __init__(self, cfg: Gemma4Config, stages: tuple[Stage, ...], leaves: list[dict[Path, object]], dtype,
+                 impl: str = "auto"):
         self.plan = PipelinePlan(cfg, stages)
+        self.impl = impl
         self.mesh = make_mesh(len(stages))
         self.dtype = jnp.dtype(dtype)
         devices = list(self.mesh.devices.flat)
@@ -502,7 +511,7 @@ class Pipeline:
         x = np.zeros((padded, t), np.int32)
         x[:b] = ids
         lengths = np.full((m, padded // m), t, np.int32)
-        out, _ = _run_gpipe(self.plan, "logits", self.dtype.name, self.mesh, self.params,
+        out, _ = _run_gpipe(self.plan, "logits", self.dtype.name, self.impl, self.mesh, self.params,
                             jnp.asarray(x.reshape(m, padded // m, t)), jnp.asarray(lengths), None)
         return np.asarray(out, np.float32).reshape(padded, t, -1)[:b]
 
@@ -518,12 +527,12 @@ class Pipeline:
             ids[i, :len(p)], lengths[i] = p, len(p)
         ids, lengths = ids.reshape(m, per, t), lengths.reshape(m, per)
         cache = init_stage_cache(self.plan, self.mesh, m, per, max_len, self.dtype)
-        last, cache = _run_gpipe(self.plan, "prefill", self.dtype.name, self.mesh, self.params, jnp.asarray(ids),
-                                 jnp.asarray(lengths), cache)
+        last, cache = _run_gpipe(self.plan, "prefill", self.dtype.name, self.impl, self.mesh, self.params,
+                                 jnp.asarray(ids), jnp.asarray(lengths), cache)
         key = jax.random.key(seed)
         stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
         first = jnp.stack([sample(last[i], jax.random.fold_in(jax.random.fold_in(key, i), 0), sampling)
                            for i in range(m)])
-        out, _, _ = _run_ring(self.plan, sampling, self.dtype.name, self.mesh, self.params, cache, first,
+        out, _, _ = _run_ring(self.plan, sampling, self.dtype.name, self.impl, self.mesh, self.params, cache, first,
                               jnp.asarray(lengths), max_new_tokens, stops, key)
         return np.asarray(out).reshape(m * per, max_new_tokens)[:b]

@@ -1,0 +1,51 @@
+"""The embedded demo model is the default of load() and the CLI; the attention path is selectable."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import gemma4_jax
+from gemma4_jax.demo import demo_path
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUESTION = "Sam has $50. He buys 3 books for $8 each. How much money does Sam have left?"
+
+
+def test_load_without_a_path_is_the_demo_model():
+    m = gemma4_jax.load(progress=False)
+    assert os.path.samefile(m.path, demo_path()) and m.tokenizer is not None
+    ref = gemma4_jax.load(demo_path(), progress=False)
+    ids = np.array([[2, 105, 30, 31, 32]])
+    np.testing.assert_array_equal(m.logits(ids), ref.logits(ids))
+
+
+def test_cli_runs_the_demo_model_out_of_the_box():
+    prompt = QUESTION + " Solve step by step and give the final answer after ####."
+    r = subprocess.run([sys.executable, "-m", "gemma4_jax.generate", "--prompt", prompt, "--max-new-tokens", "48"],
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 0, r.stderr
+    assert "#### 26" in r.stdout
+
+
+def test_attention_path_is_selectable_and_agrees():
+    """'interpret' runs the Pallas kernels (interpret mode) inside the model; it must give XLA's logits."""
+    ids = np.array([[2, 105, 30, 31, 32, 33, 34, 35, 36]])
+    xla = gemma4_jax.load(progress=False, attn_impl="xla")
+    ker = gemma4_jax.load(progress=False, attn_impl="interpret")
+    a, b = xla.logits(ids), ker.logits(ids)
+    assert np.max(np.abs(a - b)) / np.max(np.abs(a)) < 1e-5
+    assert xla.generate(ids, max_new_tokens=5, stop_tokens=()) == ker.generate(ids, max_new_tokens=5, stop_tokens=())
+    with pytest.raises(gemma4_jax.Gemma4Error, match="attn_impl must be one of"):
+        gemma4_jax.load(progress=False, attn_impl="cudnn")
+
+
+def test_pipeline_runs_the_kernels_too():
+    ids = np.array([[2, 105, 30, 31, 32, 33, 34, 35, 36], [2, 105, 40, 41, 42, 43, 44, 45, 46]])
+    xla = gemma4_jax.load(progress=False, attn_impl="xla")
+    ker = gemma4_jax.load(progress=False, pp=2, attn_impl="interpret")
+    a, b = xla.logits(ids), ker.logits(ids)
+    assert np.max(np.abs(a - b)) / np.max(np.abs(a)) < 3e-5
+    assert xla.generate(ids, max_new_tokens=6, stop_tokens=()) == ker.generate(ids, max_new_tokens=6, stop_tokens=())
