@@ -69,3 +69,29 @@ def write_random_checkpoint(path: str, raw_config: dict, *, seed: int = 0, shard
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(wrapper, f, indent=1)
     return total
+
+
+def random_model(cfg: Gemma4Config, dtype, seed: int = 0):
+    """A `Gemma4Text` with random weights at `cfg`'s shapes, made on the device by one compiled program:
+    N(0, 0.02) for matrices, 1 + N(0, 0.1) for norms, scales and layer scalars."""
+    import jax
+
+    from .hf_checkpoint import iter_params
+    from .model import abstract_model
+
+    model = abstract_model(cfg, dtype)
+    specs = []
+    for path, var in iter_params(model):
+        near_one = path[-1].endswith(("norm", "scale", "scalar", "norm_1", "norm_2"))
+        specs.append((tuple(var.get_value().shape), near_one))
+
+    @jax.jit
+    def make(key):
+        keys = jax.random.split(key, len(specs))
+        return [(1.0 if one else 0.0) + jax.random.normal(k, shape, dtype) * (0.1 if one else 0.02)
+                for k, (shape, one) in zip(keys, specs, strict=True)]
+
+    values = make(jax.random.key(seed))
+    for (_, var), value in zip(iter_params(model), values, strict=True):
+        var.set_value(value.astype(dtype))
+    return model
