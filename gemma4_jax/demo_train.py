@@ -4,8 +4,9 @@ Owns the demo's Gemma 4 config (every text feature at toy size: sliding and full
 different head dims, per-layer embeddings, KV sharing with double-wide MLPs on the shared layers,
 k_eq_v with fewer KV heads on full layers), a byte-level BPE tokenizer trained with `tokenizers`
 on the synthetic problems (digits split one per token; Gemma 4's special tokens at their ids),
-chat-formatted batches with the loss on the model turn only, and a jitted AdamW step over the NNX
-model's split parameters. `train` is deterministic given its seed.
+chat-formatted batches with the loss on the model turn only (a `TrainConfig.instruction_prob` share of
+user turns ends with `gsm8k.INSTRUCTION`, the others are the bare question), and a jitted AdamW step
+over the NNX model's split parameters. `train` is deterministic given its seed.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class TrainConfig:
     tokenizer_corpus: int = 20_000  # problems the BPE merges are learnt from
     held_out: int = 500
     data_offset: int = 0  # selects another training stream (a second stage started from a checkpoint)
+    instruction_prob: float = 1.0  # share of prompts with the instruction sentence; the rest are bare questions
     log_every: int = 50
 
 
@@ -152,24 +154,37 @@ def write_tokenizer_files(tok, out_dir: str) -> None:
 # Data
 
 
-def encode_example(tokenizer, problem: dict) -> tuple[list[int], int]:
+def prompt_text(question: str, instruction: bool = True) -> str:
+    """The user turn: the question and the instruction (`gsm8k.user_text`), or the bare question."""
+    return user_text(question) if instruction else question.strip()
+
+
+def encode_example(tokenizer, problem: dict, instruction: bool = True) -> tuple[list[int], int]:
     """Chat-formatted ids (prompt, worked answer, `<turn|>`) and the prompt's length.
 
     The prompt is encoded exactly as at inference (`encode_chat`), the answer separately, so that
-    training sees the same token boundary the generator continues from.
+    training sees the same token boundary the generator continues from. Without `instruction` the
+    user turn is the bare question.
     """
-    prompt = tokenizer.encode_chat(user_text(problem["question"]))
+    prompt = tokenizer.encode_chat(prompt_text(problem["question"], instruction))
     answer = tokenizer.encode(problem["answer"], add_bos=False)
     return prompt + answer + [TURN_END_ID], len(prompt)
 
 
-def make_batch(tokenizer, problems: list[dict], seq_len: int) -> dict[str, np.ndarray]:
-    """inputs/targets [B, seq_len] (right-padded with 0) and weights: 1 on answer targets only."""
+def make_batch(tokenizer, problems: list[dict], seq_len: int,
+               instruction: list[bool] | None = None) -> dict[str, np.ndarray]:
+    """inputs/targets [B, seq_len] (right-padded with 0) and weights: 1 on answer targets only.
+
+    `instruction[r]` False: row r's user turn is the bare question (default: every row has the instruction).
+    """
     b = len(problems)
+    instruction = [True] * b if instruction is None else list(instruction)
+    if len(instruction) != b:
+        raise ValueError(f"{len(instruction)} instruction flags for {b} problems")
     inputs, targets = np.zeros((b, seq_len), np.int32), np.zeros((b, seq_len), np.int32)
     weights = np.zeros((b, seq_len), np.float32)
     for r, p in enumerate(problems):
-        ids, n_prompt = encode_example(tokenizer, p)
+        ids, n_prompt = encode_example(tokenizer, p, instruction[r])
         if len(ids) > seq_len + 1:
             raise ValueError(f"an example of {len(ids)} tokens exceeds seq_len {seq_len}")
         n = len(ids) - 1
@@ -213,18 +228,24 @@ def train(tc: TrainConfig, tokenizer, log: Callable[[str], None] = print,
           init: Gemma4Text | None = None) -> tuple[Gemma4Text, list[float]]:
     """Train the demo model (fresh, or continuing from `init`); returns it and the loss of every step.
 
-    The held-out problems (stream `seed + 1`) are excluded from every training stream.
+    The held-out problems (stream `seed + 1`) are excluded from every training stream. Which prompts
+    keep the instruction is drawn from its own generator (seed, data_offset), so the problem stream is
+    the same whatever `instruction_prob`; at 1.0 (the default) no draw is made and every prompt has it.
     """
+    if not 0.0 <= tc.instruction_prob <= 1.0:
+        raise ValueError(f"instruction_prob must be in [0, 1], got {tc.instruction_prob}")
     model = init if init is not None else Gemma4Text(demo_config(), jnp.float32, nnx.Rngs(tc.seed))
     graphdef, params = nnx.split(model)
     optimizer = make_optimizer(tc)
     opt_state = optimizer.init(params)
     exclude = {p["question"] for p in arith.held_out(tc.seed + 1, tc.held_out)}
     stream = arith.problems(tc.seed + 2 + 1000 * tc.data_offset, exclude)
+    coin = np.random.default_rng([tc.seed, tc.data_offset, 4])  # instruction or not, per example
     losses: list[float] = []
     t0 = time.perf_counter()
     for step in range(1, tc.steps + 1):
-        batch = make_batch(tokenizer, [next(stream) for _ in range(tc.batch_size)], tc.seq_len)
+        keep = None if tc.instruction_prob >= 1.0 else (coin.random(tc.batch_size) < tc.instruction_prob).tolist()
+        batch = make_batch(tokenizer, [next(stream) for _ in range(tc.batch_size)], tc.seq_len, keep)
         params, opt_state, loss = train_step(graphdef, optimizer, params, opt_state,
                                              {k: jnp.asarray(v) for k, v in batch.items()})
         losses.append(float(loss))
@@ -234,13 +255,18 @@ def train(tc: TrainConfig, tokenizer, log: Callable[[str], None] = print,
     return nnx.merge(graphdef, params), losses
 
 
-def held_out_accuracy(model, problems: list[dict], batch_size: int = 100, max_new_tokens: int = 64) -> float:
-    """Share of problems whose greedy answer (our `generate`) ends in the right `#### <number>`."""
+def held_out_accuracy(model, problems: list[dict], batch_size: int = 100, max_new_tokens: int = 64,
+                      instruction: bool = True) -> float:
+    """Share of problems whose greedy answer (our `generate`) ends in the right `#### <number>`.
+
+    `instruction` False: the prompts are the bare questions.
+    """
     from .gsm8k import extract_answer
 
     correct = 0
     for s in range(0, len(problems), batch_size):
         chunk = problems[s:s + batch_size]
-        outs = model.generate_text([user_text(p["question"]) for p in chunk], max_new_tokens=max_new_tokens)
+        prompts = [prompt_text(p["question"], instruction) for p in chunk]
+        outs = model.generate_text(prompts, max_new_tokens=max_new_tokens)
         correct += sum(extract_answer(o) == str(p["number"]) for o, p in zip(outs, chunk, strict=True))
     return correct / len(problems)

@@ -13,7 +13,7 @@ import gemma4_jax
 from gemma4_jax import arith
 from gemma4_jax.config import FULL, PRESETS, SLIDING, Gemma4Config
 from gemma4_jax.demo import demo_path
-from gemma4_jax.demo_train import make_batch
+from gemma4_jax.demo_train import make_batch, prompt_text
 from gemma4_jax.gsm8k import extract_answer, user_text
 from gemma4_jax.hf_checkpoint import read_hf_params
 from gemma4_jax.hf_export import export_hf, hf_config_dict, module_params
@@ -86,12 +86,14 @@ def test_demo_greedy_equals_transformers(demo, hf_demo):
         assert got == out[0, len(prompt):].tolist()
 
 
-def test_demo_solves_held_out_problems(demo):
-    """The training run's own held-out set (seed + 1): most answers are right, and they end in `#### n`."""
+@pytest.mark.parametrize("instruction", [True, False], ids=["instruction", "bare"])
+def test_demo_solves_held_out_problems(demo, instruction):
+    """The training run's own held-out set (seed + 1): most answers are right, and they end in `#### n`,
+    whether the question ends with the instruction sentence or comes bare."""
     with open(os.path.join(demo_path(), "training.json")) as f:
         info = json.load(f)
     problems = arith.held_out(info["train_config"]["seed"] + 1, 40)
-    outs = demo.generate_text([user_text(p["question"]) for p in problems], max_new_tokens=64)
+    outs = demo.generate_text([prompt_text(p["question"], instruction) for p in problems], max_new_tokens=64)
     assert all("####" in o for o in outs)
     right = sum(extract_answer(o) == str(p["number"]) for o, p in zip(outs, problems, strict=True))
     assert right / len(problems) >= 0.5, right
@@ -115,14 +117,17 @@ def test_arith_problems_are_right_and_deterministic():
     assert not {next(stream)["question"] for _ in range(400)} & {p["question"] for p in problems}
 
 
-def test_training_loss_covers_exactly_the_answer(demo):
-    """The weighted targets of a batch are the model turn (worked answer + <turn|>) and nothing else."""
+@pytest.mark.parametrize("instruction", [None, [True, False, True]], ids=["default", "mixed"])
+def test_training_loss_covers_exactly_the_answer(demo, instruction):
+    """The weighted targets of a batch are the model turn (worked answer + <turn|>) and nothing else; a row
+    flagged False has the bare question as its user turn."""
     problems = arith.held_out(7, 3)
-    batch = make_batch(demo.tokenizer, problems, 128)
+    batch = make_batch(demo.tokenizer, problems, 128, instruction)
     for row, p in enumerate(problems):
         w = batch["weights"][row] > 0
         assert demo.tokenizer.decode(batch["targets"][row][w].tolist()) == p["answer"] + "<turn|>"
-        prompt = demo.tokenizer.encode_chat(user_text(p["question"]))
+        text = user_text(p["question"]) if instruction is None or instruction[row] else p["question"]
+        prompt = demo.tokenizer.encode_chat(text)
         assert batch["inputs"][row][: len(prompt)].tolist() == prompt
         assert not w[: len(prompt) - 1].any()
 

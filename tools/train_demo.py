@@ -1,15 +1,18 @@
 """Train the embedded demo model and write it as a Hugging Face checkpoint directory.
 
     python tools/train_demo.py [--out gemma4_jax/demo_model] [--steps N] [--seed S] [--lr LR]
-                               [--init DIR --data-offset K]
+                               [--init DIR --data-offset K] [--instruction-prob P]
 
 Builds the demo config (gemma4_jax/demo_train.py), trains a BPE tokenizer on synthetic
 grade-school problems, trains the model with optax on chat-formatted problems (loss on the answer
 only), prints the loss curve, exports config.json / model.safetensors / tokenizer files / chat
 template / generation_config.json, reloads the export with `gemma4_jax.load` and prints its greedy
-accuracy on held-out problems. Deterministic given --seed. `--init DIR` continues from an earlier
-export (its weights and tokenizer) with a fresh learning-rate schedule over new problems
-(`--data-offset`); the shipped model is two such stages (see its training.json).
+accuracy on held-out problems, with and without the instruction sentence. Deterministic given --seed.
+`--init DIR` continues from an earlier export (its weights and tokenizer) with a fresh learning-rate
+schedule over new problems (`--data-offset`). `--instruction-prob P` (default 1.0, every prompt has
+the instruction as in the first two stages) trains on bare questions for the other 1 - P of prompts.
+The shipped model is three such stages; its training.json records each one's command, loss curve
+and held-out accuracies.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -40,12 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init", default=None, help="continue from this earlier export of tools/train_demo.py")
     p.add_argument("--data-offset", type=int, default=0, help="another stream of training problems")
     p.add_argument("--warmup", type=int, default=defaults.warmup)
+    p.add_argument("--instruction-prob", type=float, default=defaults.instruction_prob,
+                   help="share of training prompts that end with the instruction sentence; the others are bare "
+                        "questions (default %(default)s)")
     args = p.parse_args(argv)
+    command = shlex.join(["python", "tools/train_demo.py", *(sys.argv[1:] if argv is None else argv)])
     if args.steps < 1 or args.batch_size < 1 or args.held_out < 1:
         p.error("--steps, --batch-size and --held-out must be at least 1")
+    if not 0.0 <= args.instruction_prob <= 1.0:
+        p.error("--instruction-prob must be between 0 and 1")
     tc = dataclasses.replace(defaults, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
                              peak_lr=args.lr, held_out=args.held_out, data_offset=args.data_offset,
-                             warmup=args.warmup)
+                             warmup=args.warmup, instruction_prob=args.instruction_prob)
 
     import jax
     import numpy as np
@@ -88,16 +98,21 @@ def main(argv: list[str] | None = None) -> int:
                   generation_config={"bos_token_id": 2, "pad_token_id": 0, "eos_token_id": [1, 106, 50],
                                      "do_sample": False})
         with open(os.path.join(work, "training.json"), "w") as f:
-            json.dump({"train_config": dataclasses.asdict(tc), "init": args.init, "previous_stage": previous,
+            json.dump({"command": command, "train_config": dataclasses.asdict(tc), "init": args.init,
+                       "previous_stage": previous,
                        "loss_every_50": [
                 round(float(np.mean(losses[i:i + 50])), 4) for i in range(0, len(losses), 50)]}, f, indent=1)
 
         loaded = gemma4_jax.load(work, dtype="float32", progress=False)
-        acc = dt.held_out_accuracy(loaded, arith.held_out(tc.seed + 1, tc.held_out))
-        print(f"held-out accuracy (greedy, {tc.held_out} synthetic problems): {acc:.3f}")
+        problems = arith.held_out(tc.seed + 1, tc.held_out)
+        acc = dt.held_out_accuracy(loaded, problems)
+        bare = dt.held_out_accuracy(loaded, problems, instruction=False)
+        print(f"held-out accuracy (greedy, {tc.held_out} synthetic problems): {acc:.3f} with the instruction, "
+              f"{bare:.3f} without")
         with open(os.path.join(work, "training.json")) as f:
             info = json.load(f)
         info["held_out_accuracy"] = acc
+        info["held_out_accuracy_no_instruction"] = bare
         info["train_seconds"] = round(time.perf_counter() - t0)
         with open(os.path.join(work, "training.json"), "w") as f:
             json.dump(info, f, indent=1)
