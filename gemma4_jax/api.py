@@ -170,20 +170,21 @@ def load(path: str | None = None, *, pp: int = 1, dtype=None, max_seq_len: int |
     check_pp(cfg, pp)
     tokenizer = Tokenizer.maybe_load(path)
     if pp > 1:
-        from .pipeline import Pipeline, stage_leaves_from_params
-        from .stages import balanced_stages, parse_layer_split, stages_from_bounds
+        from .pipeline import Pipeline, best_stages, stage_leaves_from_params
+        from .stages import parse_layer_split, stages_from_bounds
 
         if sc.is_stage_dir(path):
             stages = sc.manifest_stages(manifest, cfg)
             leaves = [sc.restore_leaves(path, s.index, lv, jdtype, jax.sharding.SingleDeviceSharding(dev))
                       for s, lv, dev in zip(stages, sc.expected_leaves(cfg, stages), jax.devices(), strict=False)]
         else:
-            stages = balanced_stages(cfg, pp, jnp.dtype(jdtype).itemsize)
             if layer_split is not None:
                 stages = (parse_layer_split(layer_split, cfg.num_layers) if isinstance(layer_split, str)
                           else stages_from_bounds(list(layer_split), cfg.num_layers))
                 if len(stages) != pp:
                     raise ConfigError(f"layer_split {list(layer_split)} has {len(stages)} stages but pp={pp}")
+            else:
+                stages = best_stages(cfg, pp, jnp.dtype(jdtype).itemsize)
             leaves = stage_leaves_from_params(cfg, stages, read_hf_params(path, cfg, jdtype, progress=progress))
         pipe = Pipeline(cfg, stages, leaves, jdtype, attn_impl)
         return Gemma4Model(None, run, tokenizer=tokenizer, path=path, pipeline=pipe)

@@ -243,11 +243,13 @@ class DecoderLayer(nnx.Module):
         # Learned scalar that multiplies the whole residual stream at the end of the layer.
         self.layer_scalar = _param(rngs, (), (), dtype, stack, "ones")
 
-    def __call__(self, x_btd, ple_btp, cos, sin, attend: AttendFn):
+    def __call__(self, x_btd, ple_btp, cos, sin, attend: AttendFn, owns_kv: bool | None = None):
+        """`owns_kv=False` runs a KV-shared layer from a stack that also holds K/V weights (the pipeline
+        stores shared layers beside their owning kind); by default the stack's own kind decides."""
         eps = self.eps
         a = rms_norm(x_btd, self.input_norm[...], eps)
         q = self.attn.queries(a, cos, sin)
-        kv = self.attn.keys_values(a, cos, sin) if self.attn.owns_kv else None
+        kv = self.attn.keys_values(a, cos, sin) if (self.attn.owns_kv if owns_kv is None else owns_kv) else None
         o, aux = attend(q, kv)
         x = x_btd + rms_norm(self.attn.output(o), self.post_attn_norm[...], eps)
 

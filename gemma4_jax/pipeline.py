@@ -22,7 +22,8 @@ The packet sent from stage s to s + 1 (ppermute) after every tick:
 Stage-stacked parameters (leading axis P):
   table [P, V, D]  the embedding on stage 0 and its copy, the tied head, on the last stage (zeros
                    between, only when P ≥ 3); final_norm [P, D]; ple_* the stage's PLE share,
-                   padded to the longest stage; stacks {kind: DecoderLayer state [P, n_kind_max, …]}.
+                   padded to the longest stage; stacks {stack: DecoderLayer state [P, n_max, …]}
+                   (KV-shared layers live in their owning kind's stack where shapes allow).
 """
 
 from __future__ import annotations
@@ -75,23 +76,44 @@ class PipelinePlan:
         return len(self.stages)
 
     @functools.cached_property
+    def storage_of(self) -> dict[str, str]:
+        """{layer kind: the stack it is stored in}. A KV-shared kind whose parameters are a subset of a
+        KV-owning kind's (same head dims, same MLP) shares that kind's stack: otherwise a split that puts
+        the owners on one stage and the readers on another would pad both stacks to the full count on
+        every stage (E4B at pp=2: 1.5× the weights). Shared layers leave their K/V slots at zero."""
+        shapes = {k: {p: v.get_value().shape for p, v in iter_params(kind_graphdef(self.cfg, k, 1, jnp.float32))}
+                  for k in self.cfg.layer_kinds}
+        out = {}
+        for k in self.cfg.layer_kinds:
+            out[k] = k
+            if not self.cfg.kind_spec(k).owns_kv:
+                for o in self.cfg.layer_kinds:
+                    if self.cfg.kind_spec(o).owns_kv and all(shapes[o].get(p) == sh for p, sh in shapes[k].items()):
+                        out[k] = o
+                        break
+        return out
+
+    @functools.cached_property
     def local(self) -> tuple[tuple[tuple[int, str, int], ...], ...]:
-        """Per stage: (layer, kind, slot in the stage's stack of that kind) in layer order."""
+        """Per stage: (layer, stack, slot in the stage's block of that stack) in layer order."""
         out = []
         for s in self.stages:
             seen: dict[str, int] = {}
             row = []
             for layer in s.layers:
-                kind = self.cfg.layer_plan[layer][0]
+                kind = self.storage_of[self.cfg.layer_plan[layer][0]]
                 row.append((layer, kind, seen.get(kind, 0)))
                 seen[kind] = seen.get(kind, 0) + 1
             out.append(tuple(row))
         return tuple(out)
 
+    @property
+    def stacks(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(self.storage_of.values()))
+
     @functools.cached_property
     def kind_max(self) -> dict[str, int]:
-        return {k: max(1, max(sum(1 for _, kk, _ in row if kk == k) for row in self.local))
-                for k in self.cfg.layer_kinds}
+        return {k: max(1, max(sum(1 for _, kk, _ in row if kk == k) for row in self.local)) for k in self.stacks}
 
     @property
     def layers_max(self) -> int:
@@ -134,6 +156,57 @@ class PipelinePlan:
         return out
 
 
+def device_param_bytes(plan: PipelinePlan, itemsize: int) -> int:
+    """Bytes of stage-stacked parameters on each device (every device holds one block of the same
+    shape), padding included: exact, from the layout's shapes."""
+    cfg = plan.cfg
+    n = cfg.vocab_size * cfg.hidden_size + cfg.hidden_size
+    if cfg.ple_dim:
+        n += cfg.ple_dim + (cfg.ple_vocab_size + cfg.hidden_size) * plan.layers_max * cfg.ple_dim
+    for kind in plan.stacks:
+        per_layer = sum(int(np.prod(v.get_value().shape[1:])) for _, v in
+                        iter_params(kind_graphdef(cfg, kind, 1, jnp.float32)))
+        n += plan.kind_max[kind] * per_layer
+    return n * itemsize
+
+
+def best_stages(cfg: Gemma4Config, pp: int, itemsize: int = 2) -> tuple[Stage, ...]:
+    """The contiguous split whose per-device parameter bytes (padding included) are smallest.
+
+    Exhaustive over split points when there are at most 20 000 candidates (pp ≤ 4 for every Gemma 4),
+    else the split balanced by logical bytes (`stages.balanced_stages`), which it always starts from.
+    """
+    import itertools
+    import math
+
+    from .stages import balanced_stages, stages_from_bounds
+
+    best = balanced_stages(cfg, pp, itemsize)
+    if pp == 1 or math.comb(cfg.num_layers - 1, pp - 1) > 20_000:
+        return best
+    base = PipelinePlan(cfg, best)
+    storage = [base.storage_of[kind] for kind, _ in cfg.layer_plan]
+    per_layer = {k: sum(int(np.prod(v.get_value().shape[1:])) for _, v in
+                        iter_params(kind_graphdef(cfg, k, 1, jnp.float32))) for k in base.stacks}
+    ple_row = (cfg.ple_vocab_size + cfg.hidden_size) * cfg.ple_dim if cfg.ple_dim else 0
+    prefix = {k: np.concatenate([[0], np.cumsum([s == k for s in storage])]) for k in base.stacks}
+
+    def cost(bounds):
+        n = ple_row * max(b - a for a, b in zip(bounds, bounds[1:], strict=False))
+        for k, pre in prefix.items():
+            n += per_layer[k] * max(1, max(pre[b] - pre[a] for a, b in zip(bounds, bounds[1:], strict=False)))
+        return n
+
+    best_bounds = [s.start for s in best] + [cfg.num_layers]
+    best_cost = cost(best_bounds)
+    for cut in itertools.combinations(range(1, cfg.num_layers), pp - 1):
+        bounds = [0, *cut, cfg.num_layers]
+        c = cost(bounds)
+        if c < best_cost:
+            best_bounds, best_cost = bounds, c
+    return stages_from_bounds(best_bounds, cfg.num_layers)
+
+
 def make_mesh(pp: int) -> jax.sharding.Mesh:
     return jax.sharding.Mesh(np.array(jax.devices()[:pp]), ("pp",))
 
@@ -163,12 +236,14 @@ def stage_tree(plan: PipelinePlan, s: int, leaves: dict[Path, jax.Array], dtype,
             proj = jnp.stack([put(leaves[("layers", str(i), "ple_model_proj")]) for i in stage.layers], axis=1)
             tree["ple_proj"] = jnp.pad(proj, ((0, 0), (0, pad), (0, 0)))
         stacks = {}
-        for kind in cfg.layer_kinds:
+        for kind in plan.stacks:
             layers = [layer for layer, k, _ in plan.local[s] if k == kind]
             module = kind_graphdef(cfg, kind, plan.kind_max[kind], dtype)
             for path, var in iter_params(module):
                 shape = var.get_value().shape
-                parts = [put(leaves[("layers", str(layer), *path)]) for layer in layers]
+                # A KV-shared layer stored with its owning kind has no K/V weights: zeros, never read.
+                parts = [put(leaves[key]) if (key := ("layers", str(layer), *path)) in leaves
+                         else jnp.zeros(shape[1:], dtype) for layer in layers]
                 value = jnp.stack(parts) if parts else jnp.zeros((0, *shape[1:]), dtype)
                 var.set_value(jnp.pad(value, [(0, shape[0] - value.shape[0])] + [(0, 0)] * (value.ndim - 1)))
             stacks[kind] = nnx.split(module)[1]
@@ -221,7 +296,7 @@ def stage_leaves_from_params(cfg: Gemma4Config, stages: tuple[Stage, ...], param
 @functools.cache
 def _kind_graphdefs(plan: PipelinePlan, dtype_name: str):
     return {k: nnx.split(kind_graphdef(plan.cfg, k, plan.kind_max[k], jnp.dtype(dtype_name)))[0]
-            for k in plan.cfg.layer_kinds}
+            for k in plan.stacks}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +388,7 @@ def _stage_fn(plan: PipelinePlan, s: int, mode: str, dtype, graphdefs, impl: str
             state = jax.tree.map(lambda a, slot=slot: a[slot], params["stacks"][kind])
             module = nnx.merge(graphdefs[kind], state)
             x, _ = module(x, ple[:, :, j] if ple is not None else None, *rope[spec.attn_type],
-                          lambda q, kv, spec=spec: (att(spec, q, kv), None))
+                          lambda q, kv, spec=spec: (att(spec, q, kv), None), owns_kv=spec.owns_kv)
         kv_out = {src: att.kv_of.get(src, kv_in[src]) for src in plan.xfer}
         if cache is not None:
             cache = dict(cache)

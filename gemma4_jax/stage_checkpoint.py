@@ -191,10 +191,12 @@ def convert(hf_dir: str, out: str, stages: tuple[Stage, ...] | None = None, *, p
             log: Callable[[str], None] = print) -> dict:
     """Convert an HF Gemma 4 directory into per-stage orbax checkpoints at `out`; returns the manifest.
 
-    `stages` (explicit split) or `pp` (balanced by parameter bytes); `dtype` defaults to the
+    `stages` (explicit split) or `pp` (the split with the fewest parameter bytes per device, see
+    `pipeline.best_stages`); `dtype` defaults to the
     checkpoint's own. Raises Gemma4Error subclasses with one sentence; never leaves a partial `out`.
     """
-    from .stages import balanced_stages, describe
+    from .pipeline import best_stages
+    from .stages import describe
 
     _quiet_orbax()
     if not os.path.isdir(hf_dir):
@@ -206,7 +208,7 @@ def convert(hf_dir: str, out: str, stages: tuple[Stage, ...] | None = None, *, p
         raise ConfigError(f"unsupported dtype {dtype!r}; use 'float32' or 'bfloat16'")
     itemsize = np.dtype(DTYPE_NAMES[dtype]).itemsize
     if stages is None:
-        stages = balanced_stages(cfg, 1 if pp is None else pp, itemsize)
+        stages = best_stages(cfg, 1 if pp is None else pp, itemsize)
     else:
         stages = stages_from_bounds([s.start for s in stages] + [stages[-1].stop], cfg.num_layers)
     out = os.path.abspath(out)

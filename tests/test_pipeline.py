@@ -10,9 +10,10 @@ import pytest
 from hf_fixtures import rel_err
 
 import gemma4_jax
-from gemma4_jax.config import Gemma4Config
+from gemma4_jax.config import Gemma4Config, preset
 from gemma4_jax.errors import Gemma4Error
-from gemma4_jax.pipeline import PipelinePlan
+from gemma4_jax.model import abstract_model, count_params
+from gemma4_jax.pipeline import PipelinePlan, best_stages, device_param_bytes
 from gemma4_jax.stage_checkpoint import convert
 from gemma4_jax.stages import parse_layer_split
 
@@ -42,6 +43,17 @@ def single(hf_dirs):
     return out
 
 
+@pytest.mark.parametrize("name,pp,ratio", [("e4b", 2, 0.57), ("26b-a4b", 2, 0.55), ("31b", 2, 0.55),
+                                           ("31b", 4, 0.34), ("e2b", 4, 0.42)])
+def test_real_shape_weights_per_device(name, pp, ratio):
+    """Per-device parameter bytes of the real variants at their best split, against the whole model."""
+    cfg = preset(name)
+    plan = PipelinePlan(cfg, best_stages(cfg, pp, 2))
+    if name == "e4b":  # KV-shared layers are stored with their owning kind (no double-wide MLP there)
+        assert len(plan.stacks) == 2 < len(cfg.layer_kinds)
+    assert device_param_bytes(plan, 2) <= ratio * count_params(abstract_model(cfg)) * 2
+
+
 def test_plans_cover_the_cross_stage_kv_sources(hf_dirs):
     cfg = Gemma4Config.from_json(hf_dirs["e2b", "causal"])
     assert PipelinePlan(cfg, parse_layer_split("0,5,10", 10)).xfer == (4,)
@@ -57,9 +69,15 @@ def test_every_split_gives_single_stage_logits(hf_dirs, single, family, pp, spli
     assert m.pipeline.num_stages == pp
     got = m.logits(IDS)
     assert rel_err(got, single[family][0]) <= BOUND
-    # The weights are really split: each stage's block lives on its own device.
+    # The weights are really split: each stage's block lives on its own device, and holds exactly the
+    # bytes the layout says (what the real-shape memory figures below are computed from).
     blocks = m.pipeline.params["table"].addressable_shards
     assert sorted(sh.device.id for sh in blocks) == [d.id for d in jax.devices()[:pp]]
+    per_device = {}
+    for leaf in jax.tree.leaves(m.pipeline.params):
+        for sh in leaf.addressable_shards:
+            per_device[sh.device.id] = per_device.get(sh.device.id, 0) + sh.data.nbytes
+    assert set(per_device.values()) == {device_param_bytes(m.pipeline.plan, 4)}
 
 
 @pytest.mark.parametrize("family,pp,split", [
