@@ -23,8 +23,7 @@ def test_load_without_a_path_is_the_demo_model():
 
 
 def test_cli_runs_the_demo_model_out_of_the_box():
-    prompt = QUESTION + " Solve step by step and give the final answer after ####."
-    r = subprocess.run([sys.executable, "-m", "gemma4_jax.generate", "--prompt", prompt, "--max-new-tokens", "48"],
+    r = subprocess.run([sys.executable, "-m", "gemma4_jax.generate", "--prompt", QUESTION, "--max-new-tokens", "48"],
                        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
     assert r.returncode == 0, r.stderr
     assert "#### 26" in r.stdout
