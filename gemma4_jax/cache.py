@@ -111,10 +111,14 @@ def store_prompt(entry: LayerCache, k_btkh, v_btkh, pos_bt, lengths_b) -> LayerC
                       jnp.where(ok, p, -1).astype(jnp.int32))
 
 
-def write_token(entry: LayerCache, k_b1kh, v_b1kh, pos_b1) -> LayerCache:
-    """Decode: write one token's K/V [B,1,K,H] at positions [B,1] (slot = position mod S)."""
-    b, s = entry.pos.shape
+def write_token(entry: LayerCache, k_b1kh, v_b1kh, pos_b1, mb=None) -> LayerCache:
+    """Decode: write one token's K/V [B,1,K,H] at positions [B,1] (slot = position mod S).
+
+    With `mb`, the entry has a leading micro-batch axis and only that micro-batch's slots are written.
+    """
+    s = entry.pos.shape[-1]
     slot = pos_b1[:, 0] % s
-    rows = jnp.arange(b)
-    return LayerCache(entry.k.at[rows, slot].set(k_b1kh[:, 0]), entry.v.at[rows, slot].set(v_b1kh[:, 0]),
-                      entry.pos.at[rows, slot].set(pos_b1[:, 0]))
+    rows = jnp.arange(pos_b1.shape[0])
+    at = (rows, slot) if mb is None else (mb, rows, slot)
+    return LayerCache(entry.k.at[at].set(k_b1kh[:, 0]), entry.v.at[at].set(v_b1kh[:, 0]),
+                      entry.pos.at[at].set(pos_b1[:, 0]))

@@ -327,32 +327,37 @@ def init_stage_cache(plan: PipelinePlan, mesh, slots: int, b: int, max_len: int,
 
 
 class _Attender(FullAttender):
-    """Attention for one stage and one micro-batch: no cache (logits), prefill, or decode.
+    """Attention for one stage and one micro-batch `mb`: no cache (logits), prefill, or decode.
 
+    The cache entries keep their leading micro-batch axis [R, b, S, K, H]: a decode step writes only the
+    new token's slots of micro-batch `mb` and reads that micro-batch's keys, so no tick copies a cache.
     Sources on earlier stages come from the packet (`kv_in`); their mirror caches are filled here.
     """
 
     def __init__(self, mode, pos, lengths, cache: dict[int, LayerCache] | None, kv_in: dict[int, tuple],
-                 impl: str = "auto"):
+                 impl: str = "auto", mb=None):
         valid = pos < lengths[:, None] if mode == "prefill" else None
         super().__init__(pos, valid, impl)
-        self.mode, self.lengths, self.cache = mode, lengths, cache
+        self.mode, self.lengths, self.cache, self.mb = mode, lengths, cache, mb
         for src, kv in kv_in.items():
             self._own(src, kv)
 
     def _own(self, layer, kv):
         self.kv_of[layer] = kv
-        if self.mode == "prefill":
-            self.cache[layer] = store_prompt(self.cache[layer], kv[0], kv[1], self.pos, self.lengths)
+        e, mb = self.cache[layer] if self.cache is not None else None, self.mb
+        if self.mode == "prefill":  # the whole prompt: rewrite the micro-batch's slice
+            new = store_prompt(LayerCache(e.k[mb], e.v[mb], e.pos[mb]), kv[0], kv[1], self.pos, self.lengths)
+            self.cache[layer] = LayerCache(e.k.at[mb].set(new.k), e.v.at[mb].set(new.v), e.pos.at[mb].set(new.pos))
         elif self.mode == "decode":
-            self.cache[layer] = write_token(self.cache[layer], kv[0], kv[1], self.pos)
+            self.cache[layer] = write_token(e, kv[0], kv[1], self.pos, mb)
 
     def __call__(self, spec, q, kv):
         if kv is not None:
             self._own(spec.index, kv)
         if self.mode != "decode":
             return super().__call__(spec, q, kv)
-        entry = self.cache[spec.kv_source]
+        e = self.cache[spec.kv_source]
+        entry = LayerCache(e.k[self.mb], e.v[self.mb], e.pos[self.mb])
         impl = attention_impl(self.impl, q, entry.k)
         if impl != "xla":
             return kernel_attention(impl, q, entry.k, entry.v, self.pos, entry.pos, spec.window)
@@ -361,11 +366,11 @@ class _Attender(FullAttender):
 
 
 def _stage_fn(plan: PipelinePlan, s: int, mode: str, dtype, graphdefs, impl: str = "auto"):
-    """The program of stage s: (params, packet, cache of one micro-batch, pos, lengths) -> (packet, cache, x)."""
+    """The program of stage s: (params, packet, cache, pos, lengths, micro-batch index) -> (packet, cache)."""
     cfg, stage = plan.cfg, plan.stages[s]
     slots = plan.cache_slots[s]
 
-    def run(params, x, h0, ids, kv_in, cache, pos, lengths):
+    def run(params, x, h0, ids, kv_in, cache, pos, lengths, mb):
         if stage.first:
             x = (params["table"][ids] * embed_scale(cfg.hidden_size, dtype)).astype(dtype)
             h0 = x
@@ -379,7 +384,7 @@ def _stage_fn(plan: PipelinePlan, s: int, mode: str, dtype, graphdefs, impl: str
             ple = (rms_norm(ctx, params["ple_norm"], cfg.rms_norm_eps) + tok) * (2.0**-0.5)
         view = {layer: cache[name] for layer, name in slots.items()} if cache is not None else None
         mirrored = {src: kv_in[src] for src in plan.xfer if src in slots and src < stage.start}
-        att = _Attender(mode, pos, lengths, view, mirrored, impl)
+        att = _Attender(mode, pos, lengths, view, mirrored, impl, mb)
         rope = {}
         for j, (layer, kind, slot) in enumerate(plan.local[s]):
             spec = cfg.layers[layer]
@@ -416,7 +421,7 @@ def _ring_perm(n: int):
 def _branches(plan, mode, dtype, graphdefs, impl):
     runs = [_stage_fn(plan, s, mode, dtype, graphdefs, impl) for s in range(plan.num_stages)]
 
-    def skip(params, x, h0, ids, kv_in, cache, pos, lengths):  # a bubble: nothing runs, nothing changes
+    def skip(params, x, h0, ids, kv_in, cache, pos, lengths, mb):  # a bubble: nothing runs, nothing changes
         return x, h0, kv_in, cache
 
     return runs + [skip]
@@ -456,11 +461,8 @@ def _gpipe(plan: PipelinePlan, mode: str, dtype, impl: str, params, ids, lengths
         valid = (m >= 0) & (m < m_count)
         mc = jnp.clip(m, 0, m_count - 1)
         ids_in = jnp.where(s == 0, ids[mc], pids)
-        c_m = jax.tree.map(lambda a: a[mc], cache) if cache is not None else None
-        x, h0, kv, c_m = jax.lax.switch(jnp.where(valid, s, n), branches, params, x, h0, ids_in, kv, c_m, pos,
-                                        lengths[mc])
-        if cache is not None:
-            cache = jax.tree.map(lambda a, new: a.at[mc].set(new), cache, c_m)
+        x, h0, kv, cache = jax.lax.switch(jnp.where(valid, s, n), branches, params, x, h0, ids_in, kv, cache, pos,
+                                          lengths[mc], mc)
         emit = valid & (s == n - 1)
         if mode == "logits":
             lg = jax.lax.cond(emit, lambda: _head(plan, params, x), lambda: jnp.zeros((b, t, v), F32))
@@ -504,10 +506,8 @@ def _ring(plan: PipelinePlan, sampling: Sampling, dtype, impl: str, params, cach
         mc = jnp.clip(m, 0, m_count - 1)
         ids_in = jnp.where(s == 0, tokbuf[m][:, None], pids)
         pos = (lengths[mc] + k)[:, None]
-        c_m = jax.tree.map(lambda a: a[mc], cache)
-        x, h0, kv, c_m = jax.lax.switch(jnp.where(valid, s, n), branches, params, x, h0, ids_in, kv, c_m, pos,
-                                        lengths[mc])
-        cache = jax.tree.map(lambda a, new: a.at[mc].set(new), cache, c_m)
+        x, h0, kv, cache = jax.lax.switch(jnp.where(valid, s, n), branches, params, x, h0, ids_in, kv, cache, pos,
+                                          lengths[mc], mc)
         emit = valid & (s == n - 1)
         lg = jax.lax.cond(emit, lambda: _head(plan, params, x)[:, 0], lambda: jnp.zeros((b, plan.cfg.vocab_size), F32))
         tok = sample(lg, jax.random.fold_in(jax.random.fold_in(key, mc), k + 1), sampling)
