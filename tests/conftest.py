@@ -12,6 +12,16 @@ import pytest  # noqa: E402
 from hf_fixtures import FAMILIES, build_hf_model, save_hf  # noqa: E402
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_compile_caches():
+    """Drop compiled programs between test files: the suite compiles hundreds of programs (every
+    pipeline split is its own), and keeping them all bounds neither memory nor the compiler's heap."""
+    yield
+    import jax
+
+    jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def hf_models():
     """{family: float32 transformers model} with perturbed norms and scalars."""
