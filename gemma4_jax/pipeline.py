@@ -316,8 +316,8 @@ def init_stage_cache(plan: PipelinePlan, mesh, slots: int, b: int, max_len: int,
         spec = plan.cfg.layers[layer]
         s = cache_len(plan, layer, max_len)
         kv_shape = (plan.num_stages, slots, b, s, spec.num_kv_heads, spec.head_dim)
-        zeros = jax.jit(lambda shape=kv_shape: jnp.zeros(shape, dtype), out_shardings=sh)
-        pos = jax.jit(lambda shape=kv_shape[:4]: jnp.full(shape, -1, jnp.int32), out_shardings=sh)
+        zeros = lambda shape=kv_shape: jnp.zeros(shape, dtype, device=sh)  # noqa: E731
+        pos = lambda shape=kv_shape[:4]: jnp.full(shape, -1, jnp.int32, device=sh)  # noqa: E731
         out[name] = LayerCache(zeros(), zeros(), pos())
     return out
 
