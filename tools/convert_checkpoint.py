@@ -5,7 +5,7 @@
 
 Each pipeline stage gets only its layers (and its columns of the per-layer embedding table); the
 embedding goes to the first stage and a copy of it, the tied head, with the final norm to the last.
-The default split balances parameter bytes. See gemma4_jax/stage_checkpoint.py for the format.
+The default split minimises the parameter bytes per device. See gemma4_jax/stage_checkpoint.py for the format.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ def main(argv=None) -> int:
     p.add_argument("--hf-dir", required=True, help="Hugging Face Gemma 4 checkpoint directory")
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     split = p.add_mutually_exclusive_group()
-    split.add_argument("--pp", type=int, default=None, help="number of stages, split balanced by bytes (default 1)")
+    split.add_argument("--pp", type=int, default=None,
+                       help="number of stages, split by parameter bytes per device (default 1)")
     split.add_argument("--layer-split", default=None, help="explicit stage boundaries, e.g. 0,21,42")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="stored dtype (default: the checkpoint's own)")
