@@ -480,10 +480,11 @@ def _gpipe(plan: PipelinePlan, mode: str, dtype, impl: str, params, ids, lengths
     return out[None], cache
 
 
-def _ring(plan: PipelinePlan, sampling: Sampling, dtype, impl: str, params, cache, first, lengths, steps, stops,
-          key):
-    """The decode ring. first [M, b]: each sequence's first new token (from prefill); returns
-    (out [M, b, N] new tokens, done [M, b], cache), valid on the last stage."""
+def _ring(plan: PipelinePlan, sampling: Sampling, dtype, impl: str, width: int, params, cache, first, lengths,
+          steps, stops, key):
+    """The decode ring. first [M, b]: each sequence's first new token (from prefill); `steps` (traced, ≤
+    `width`) new tokens per sequence. Returns (out [M, b, width] new tokens, done [M, b], cache), valid on
+    the last stage. `width` is a bucket, so one compiled ring serves every length up to it."""
     graphdefs = _kind_graphdefs(plan, jnp.dtype(dtype).name)
     params = jax.tree.map(lambda a: a[0], params)
     cache = jax.tree.map(lambda a: a[0], cache)
@@ -491,7 +492,9 @@ def _ring(plan: PipelinePlan, sampling: Sampling, dtype, impl: str, params, cach
     m_count, b = first.shape
     r = max(m_count, n)
     branches = _branches(plan, "decode", dtype, graphdefs, impl)
-    tokbuf = jnp.zeros((r, b), jnp.int32).at[:m_count].set(first)
+    # Built by concatenation, not `.at[:m].set`: a full-range set lowers to a scatter with an empty index
+    # constant, which XLA's GPU partitioner (Shardy, jax 0.11) crashes on inside shard_map.
+    tokbuf = jnp.concatenate([first, jnp.zeros((r - m_count, b), jnp.int32)]) if r > m_count else first
     done = jnp.isin(first, stops)
     total = (steps - 2) * r + m_count + n - 1
 
@@ -525,7 +528,7 @@ def _ring(plan: PipelinePlan, sampling: Sampling, dtype, impl: str, params, cach
         finished = jax.lax.psum(jnp.where(s == n - 1, jnp.all(done), False).astype(jnp.int32), "pp") > 0
         return (t < total) & ~finished
 
-    out = jnp.zeros((m_count, b, steps), jnp.int32).at[:, :, 0].set(first)
+    out = jnp.concatenate([first[:, :, None], jnp.zeros((m_count, b, width - 1), jnp.int32)], axis=2)
     carry = (_empty_packet(plan, b, 1, dtype), cache, tokbuf, out, done, jnp.asarray(0, jnp.int32))
     _, cache, _, out, done, _ = jax.lax.while_loop(cond, body, carry)
     return out[None], done[None], jax.tree.map(lambda a: a[None], cache)
@@ -545,13 +548,12 @@ def _run_gpipe(plan, mode, dtype_name, impl, mesh, params, ids, lengths, cache):
     return out[plan.num_stages - 1], cache
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 9), donate_argnums=(6,))
-def _run_ring(plan, sampling, dtype_name, impl, mesh, params, cache, first, lengths, steps, stops, key):
-    body = functools.partial(_ring, plan, sampling, jnp.dtype(dtype_name), impl)
-    f = jax.shard_map(lambda p, c, fi, ln, st, k: body(p, c, fi, ln, steps, st, k), mesh=mesh,
-                      in_specs=(P("pp"), P("pp"), P(), P(), P(), P()), out_specs=(P("pp"), P("pp"), P("pp")),
-                      check_vma=False)
-    out, done, cache = f(params, cache, first, lengths, stops, key)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5), donate_argnums=(7,))
+def _run_ring(plan, sampling, dtype_name, impl, mesh, width, params, cache, first, lengths, steps, stops, key):
+    body = functools.partial(_ring, plan, sampling, jnp.dtype(dtype_name), impl, width)
+    f = jax.shard_map(body, mesh=mesh, in_specs=(P("pp"), P("pp"), P(), P(), P(), P(), P()),
+                      out_specs=(P("pp"), P("pp"), P("pp")), check_vma=False)
+    out, done, cache = f(params, cache, first, lengths, steps, stops, key)
     return out[plan.num_stages - 1], done[plan.num_stages - 1], cache
 
 
@@ -575,6 +577,12 @@ class Pipeline:
     def num_stages(self) -> int:
         return self.plan.num_stages
 
+    def replicated(self, *arrays):
+        """`arrays` placed whole on every stage's device (the shard_map programs' replicated inputs), so
+        no input reaches the compiler committed to a single device."""
+        rep = NamedSharding(self.mesh, P())
+        return tuple(jax.device_put(a, rep) for a in arrays)
+
     def micro_batches(self, b: int) -> int:
         return min(b, self.num_stages)
 
@@ -587,7 +595,7 @@ class Pipeline:
         x[:b] = ids
         lengths = np.full((m, padded // m), t, np.int32)
         out, _ = _run_gpipe(self.plan, "logits", self.dtype.name, self.impl, self.mesh, self.params,
-                            jnp.asarray(x.reshape(m, padded // m, t)), jnp.asarray(lengths), None)
+                            *self.replicated(x.reshape(m, padded // m, t), lengths), None)
         return np.asarray(out, np.float32).reshape(padded, t, -1)[:b]
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, max_len: int, t: int,
@@ -603,11 +611,13 @@ class Pipeline:
         ids, lengths = ids.reshape(m, per, t), lengths.reshape(m, per)
         cache = init_stage_cache(self.plan, self.mesh, m, per, max_len, self.dtype)
         last, cache = _run_gpipe(self.plan, "prefill", self.dtype.name, self.impl, self.mesh, self.params,
-                                 jnp.asarray(ids), jnp.asarray(lengths), cache)
+                                 *self.replicated(ids, lengths), cache)
         key = jax.random.key(seed)
         stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
         first = jnp.stack([sample(last[i], jax.random.fold_in(jax.random.fold_in(key, i), 0), sampling)
                            for i in range(m)])
-        out, _, _ = _run_ring(self.plan, sampling, self.dtype.name, self.impl, self.mesh, self.params, cache, first,
-                              jnp.asarray(lengths), max_new_tokens, stops, key)
-        return np.asarray(out).reshape(m * per, max_new_tokens)[:b]
+        width = max(8, 1 << (max_new_tokens - 1).bit_length())  # one compiled ring per power-of-two bucket
+        first, lengths, steps, stops, key = self.replicated(first, lengths, np.int32(max_new_tokens), stops, key)
+        out, _, _ = _run_ring(self.plan, sampling, self.dtype.name, self.impl, self.mesh, width, self.params, cache,
+                              first, lengths, steps, stops, key)
+        return np.asarray(out)[:, :, :max_new_tokens].reshape(m * per, max_new_tokens)[:b]

@@ -1,21 +1,49 @@
 """`bench.py generate`: end-to-end generation speed on random real-shape weights, beside transformers.
 
-    PYTHONPATH=. python tools/bench.py generate --preset e4b --batch 1 --prompt-len 128 --gen-len 128 \
-        [--pp N] [--compare transformers] [--json out.json]
+    PYTHONPATH=. python tools/bench.py generate --preset e4b --batch 1,16,64 --prompt-len 128 --gen-len 128 \
+        [--prefill-len 2048] [--repeat 2] [--pp N] [--profile DIR] \
+        [--compare transformers [--compile-batches 16]] [--json out.json]
 
-Reports, for our model: time from nothing to the first token (random weights built on the device,
-compile, prefill), compile time, prefill ms and % MFU, decode ms/token and tokens/s, the HBM roofline
-(bytes a decode step must read — weights, only the routed experts' share for MoE, plus the KV cache —
-over the bandwidth measured in the same process with a large copy) and peak device memory. Prefill is
-timed as a 1-token generation; decode as the difference between a `gen-len`- and a 1-token run, both
-compiled beforehand. `--compare transformers` runs the same shapes through transformers' Gemma 4 in the
-same process: eager, and with a static cache under `torch.compile`.
+The random model is built once on the device (`gemma4_jax.synthetic.random_model`, `random_init_s`), the
+HBM bandwidth measured with a large copy (`hbm_gb_s`); then, for each batch size in turn
+(`results[str(batch)]`), with prompts of `--prompt-len` random tokens:
+
+- compile and first run: the first `gen-len`-token generation (it compiles prefill and the decode loop);
+  `compile_s` is that less a timed one;
+- decode ms/token and tokens/s: the difference between a `gen-len`- and a `gen-len/2 + 1`-token generation
+  (the same compiled programs, the same prefill), best of `--repeat`;
+- the HBM roofline: the bytes a decode step must read (weights, only the routed experts' share for MoE,
+  and the KV cache at the mean context of the timed steps) over the measured bandwidth, and decode's
+  ratio to it;
+- prefill ms and % MFU of the batch's prompts: `gemma4_jax.generation.prefill` called directly on the
+  shapes generation compiled, best of `--repeat`;
+- device memory: the process's peak so far (so list the batches in increasing order) and the bytes in use.
+
+`load_to_first_run_s` is the random init plus the first batch's compile and first run.
+
+After the first batch: prefill of `--prefill-len` tokens at batch 1 (`long_prefill`: compile, ms, % MFU;
+0 skips it), then, with `--profile DIR`, a perfetto trace of one (already compiled) `gen-len/2 + 1`-token
+generation. With `--pp N` (a pipeline), prefill is timed as a 1-token generation instead.
+
+`--compare transformers` then runs the same shapes through transformers' Gemma4ForCausalLM (bf16,
+random weights, built once; `transformers[str(batch)]`): `eager` for every batch, and `static_compiled`
+(a static cache, with the decode step under transformers' own `torch.compile(mode="reduce-overhead")`)
+for the batches in `--compile-batches` ('' for none). Decode again by the two-length difference (one run
+each, after an 8-token warm-up, whose time is `first_run_s`), prefill as a 1-token generation. JAX keeps
+freed device memory in its own pool until its process ends, so with `--compare` our side runs in a child
+process: the two models are never on the device together.
+
+The JSON file is rewritten after every measured item, so a run cut short keeps what it measured; each
+phase prints a line with its seconds. A batch that fails (out of memory) records its error and the
+run goes on.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -30,11 +58,16 @@ def add_parser(sub) -> None:
     p.add_argument("--preset", default="e4b")
     p.add_argument("--config", default=None, help="a config.json instead of --preset (smoke tests)")
     p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--batch", default="1", help="batch sizes measured in turn with one model, e.g. 1,16,64")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens of the decode runs")
     p.add_argument("--gen-len", type=int, default=128)
+    p.add_argument("--prefill-len", type=int, default=2048, help="prompt tokens of the batch-1 prefill (0: skip)")
+    p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--attn-impl", default="auto")
+    p.add_argument("--profile", default=None, metavar="DIR", help="perfetto trace of one generation (first batch)")
     p.add_argument("--compare", default="none", choices=["none", "transformers"])
+    p.add_argument("--compile-batches", default="16",
+                   help="batches for transformers' static cache + torch.compile ('' for none)")
     p.add_argument("--json", default=None)
     p.set_defaults(func=run)
 
@@ -46,6 +79,54 @@ def _timed(fn, repeat: int = 1) -> float:
         fn()
         best = min(best, time.perf_counter() - t)
     return best
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in str(text).split(",") if x.strip()]
+
+
+def _prompts(vocab: int, batch: int, length: int) -> list[list[int]]:
+    """The same random prompts on both sides (seeded by the batch size)."""
+    return np.random.default_rng(batch).integers(3, vocab, size=(batch, length)).tolist()
+
+
+def _save(res: dict, path: str | None) -> None:
+    if path:
+        with open(path + ".tmp", "w") as f:
+            json.dump(res, f, indent=1)
+        os.replace(path + ".tmp", path)  # a kill mid-write leaves the previous file whole
+
+
+class Progress:
+    """Ends a phase: records its seconds in `res["phases_s"]`, rewrites the JSON file, prints a line."""
+
+    def __init__(self, res: dict, path: str | None, start: float):
+        self.res, self.path, self.start, self.clock = res, path, start, time.time()
+        res.setdefault("phases_s", {})
+
+    def __call__(self, name: str) -> None:
+        now = time.time()
+        self.res["phases_s"][name] = round(now - self.clock, 2)
+        self.clock = now
+        _save(self.res, self.path)
+        print(f"[{name}] {self.res['phases_s'][name]} s ({now - self.start:.0f} s in all)", flush=True)
+
+
+def short_len(prompt_len: int, gen_len: int, context: int) -> int:
+    """The shortest generation from `gen_len // 2 + 1` on that runs the same compiled programs as `gen_len`
+    (output bucket and cache length), so that the difference of the two is decode steps only."""
+    from gemma4_jax.generation import bucket
+
+    def key(n):
+        return bucket(n, 8), min(bucket(prompt_len + n), context)
+
+    n = gen_len // 2 + 1
+    while n < gen_len and key(n) != key(gen_len):
+        n += 1
+    if n >= gen_len:
+        raise SystemExit(f"--gen-len {gen_len}: no shorter generation shares its compiled programs "
+                         f"(use a power of two ≥ 4)")
+    return n
 
 
 def hbm_bandwidth() -> float:
@@ -90,19 +171,59 @@ def prefill_flops(cfg, batch: int, tokens: int) -> float:
     return flops
 
 
-def run(args) -> dict:
-    from gemma4_jax.api import Gemma4Model, RunConfig
+def _config(args):
     from gemma4_jax.config import Gemma4Config, preset
+
+    return Gemma4Config.from_json(args.config) if args.config else preset(args.preset)
+
+
+def _header(args, cfg) -> dict:
+    return {"preset": args.config or args.preset, "pp": args.pp, "batches": _ints(args.batch),
+            "prompt_len": args.prompt_len, "gen_len": args.gen_len,
+            "short_len": short_len(args.prompt_len, args.gen_len, cfg.max_position_embeddings),
+            "prefill_len": args.prefill_len, "repeat": args.repeat, "date": time.strftime("%Y-%m-%d")}
+
+
+def run(args) -> dict:
+    start = time.time()
+    _header(args, _config(args))  # bad arguments fail here, before any device work
+    if args.compare == "none":
+        res = ours(args, start)
+    else:
+        # JAX gives freed device memory back only when its process ends: our model is measured in a child
+        # process, so that the device is empty when transformers' model is built.
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            try:
+                res = pool.submit(ours, args, start).result()
+            except Exception as e:  # the child raised or died: keep what its JSON file holds
+                traceback.print_exception(e)
+                res = _header(args, _config(args))
+                if args.json and os.path.exists(args.json):
+                    with open(args.json) as f:
+                        res = json.load(f)
+                res["error"] = repr(e)
+        _transformers(args, res, Progress(res, args.json, start))
+    print(json.dumps(res, indent=1), flush=True)
+    return res
+
+
+def ours(args, start: float) -> dict:
+    """Our model at every batch size (see the module docstring); the results, also in the JSON file."""
+    from gemma4_jax.api import Gemma4Model, RunConfig
+    from gemma4_jax.cache import init_cache
+    from gemma4_jax.generation import bucket, prefill
     from gemma4_jax.synthetic import random_model
 
-    cfg = Gemma4Config.from_json(args.config) if args.config else preset(args.preset)
+    cfg = _config(args)
     dev = jax.devices()[0]
-    prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, size=(args.batch, args.prompt_len)).tolist()
-    res = {"preset": args.config or args.preset, "card": dev.device_kind, "jax": jax.__version__, "pp": args.pp,
-           "batch": args.batch, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
-           "date": time.strftime("%Y-%m-%d")}
-    bw = hbm_bandwidth()
-    res["hbm_gb_s"] = bw / 1e9
+    res = _header(args, cfg)
+    res.update(card=dev.device_kind, jax=jax.__version__, results={})
+    progress = Progress(res, args.json, start)
+    res["hbm_gb_s"] = (bw := hbm_bandwidth()) / 1e9
+    progress("hbm_bandwidth")
 
     t0 = time.perf_counter()
     module = random_model(cfg, jnp.bfloat16)
@@ -114,77 +235,186 @@ def run(args) -> dict:
         del module
         stages = best_stages(cfg, args.pp, 2)
         pipe = Pipeline(cfg, stages, stage_leaves_from_params(cfg, stages, params), jnp.bfloat16, args.attn_impl)
+        del params
         model = Gemma4Model(None, RunConfig("bfloat16", args.pp, None, args.attn_impl), pipeline=pipe)
     else:
         model = Gemma4Model(module, RunConfig("bfloat16", 1, None, args.attn_impl))
-
-    def gen(n):
-        return model.generate(prompts, max_new_tokens=n, stop_tokens=())
-
     jax.block_until_ready(jax.tree.leaves(model.state if model.pipeline is None else model.pipeline.params))
     res["random_init_s"] = time.perf_counter() - t0
-    first = _timed(lambda: gen(1))  # compiles prefill and the decode loop
-    res["load_to_first_token_s"] = res["random_init_s"] + first
-    gen(args.gen_len)  # a pipeline compiles its ring per length
-    prefill = _timed(lambda: gen(1), 3)
-    full = _timed(lambda: gen(args.gen_len), 3)
-    res["compile_s"] = first - prefill
-    decode = (full - prefill) / (args.gen_len - 1)
-    res["prefill_ms"] = prefill * 1e3
-    res["decode_ms_per_token"] = decode * 1e3
-    res["decode_tokens_s"] = args.batch / decode
-    floor = step_bytes(cfg, args.batch, args.prompt_len + args.gen_len // 2) / bw
-    res["roofline_ms_per_token"] = floor * 1e3
-    res["decode_vs_roofline"] = decode / floor
+    progress("random_init")
+
     peak = next((v for k, v in PEAK_BF16.items() if k in dev.device_kind), None)
-    res["prefill_mfu"] = prefill_flops(cfg, args.batch, args.prompt_len) / prefill / peak if peak else None
-    res["peak_device_gib"] = (dev.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
-    print(json.dumps(res), flush=True)
-    if args.compare == "transformers":
-        del model
-        res["transformers"] = _transformers(cfg, args, prompts)
-        print(json.dumps(res["transformers"]), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+    context = model.context
+    short = res["short_len"]
+
+    def prefill_times(prompts: list[list[int]], max_len: int, calls: int) -> list[float]:
+        """Seconds of `calls` prefills of `prompts` (a fresh cache of `max_len` each: it is donated)."""
+        if model.pipeline is not None:  # no separate prefill: a 1-token generation
+            return [_timed(lambda: model.generate(prompts, max_new_tokens=1, stop_tokens=())) for _ in range(calls)]
+        b, t = len(prompts), len(prompts[0])
+        ids = np.zeros((b, min(bucket(t), context)), np.int32)  # padded as generate pads
+        ids[:, :t] = prompts
+        ids, lengths = jnp.asarray(ids), jnp.asarray([t] * b, jnp.int32)
+        times = []
+        for _ in range(calls):
+            cache = jax.block_until_ready(init_cache(cfg, b, max_len, jnp.bfloat16))
+            t0 = time.perf_counter()
+            jax.block_until_ready(prefill(model.graphdef, model.state, ids, lengths, cache, impl=model.run.attn_impl))
+            times.append(time.perf_counter() - t0)
+        return times
+
+    def memory(entry: dict) -> None:
+        stats = dev.memory_stats() or {}
+        entry["peak_device_gib"] = stats.get("peak_bytes_in_use", 0) / 2**30
+        entry["device_gib_in_use"] = stats.get("bytes_in_use", 0) / 2**30
+
+    def measure(b: int, entry: dict):
+        prompts = _prompts(cfg.vocab_size, b, args.prompt_len)
+
+        def gen(n):
+            return model.generate(prompts, max_new_tokens=n, stop_tokens=())
+
+        entry["first_run_s"] = _timed(lambda: gen(args.gen_len))  # compiles prefill and the decode loop
+        progress(f"b{b}_compile_and_first_run")
+        t_short = _timed(lambda: gen(short), args.repeat)
+        t_long = _timed(lambda: gen(args.gen_len), args.repeat)
+        decode = (t_long - t_short) / (args.gen_len - short)
+        floor = step_bytes(cfg, b, args.prompt_len + (short + args.gen_len) // 2) / bw
+        entry.update(compile_s=entry["first_run_s"] - t_long,
+                     generate_s={str(short): t_short, str(args.gen_len): t_long},
+                     decode_ms_per_token=decode * 1e3, decode_tokens_s=b / decode,
+                     roofline_ms_per_token=floor * 1e3, decode_vs_roofline=decode / floor)
+        memory(entry)
+        progress(f"b{b}_decode")
+        max_len = min(bucket(args.prompt_len + args.gen_len), context)  # generate's cache: nothing new compiles
+        pre = min(prefill_times(prompts, max_len, args.repeat + (1 if model.pipeline is not None else 0)))
+        mfu = prefill_flops(cfg, b, args.prompt_len) / pre / peak if peak else None
+        entry.update(prefill_ms=pre * 1e3, prefill_mfu=mfu)
+        memory(entry)
+        progress(f"b{b}_prefill")
+        return gen
+
+    extras_done = False
+    for b in res["batches"]:
+        entry = res["results"][str(b)] = {}
+        try:
+            gen = measure(b, entry)
+        except Exception as e:  # out of memory, most likely: keep the other batches
+            traceback.print_exc()
+            entry["error"] = repr(e)
+            progress(f"b{b}_error")
+            continue
+        res.setdefault("load_to_first_run_s", res["random_init_s"] + entry["first_run_s"])
+        if extras_done:
+            continue
+        extras_done = True  # after the first batch measured
+        if args.prefill_len > 0:
+            n = args.prefill_len
+            long = res["long_prefill"] = {"batch": 1, "tokens": n}
+            try:
+                first, *rest = prefill_times(_prompts(cfg.vocab_size, 1, n), n, 1 + args.repeat)
+                best = min(rest)
+                long.update(compile_s=first - best, ms=best * 1e3, tokens_s=n / best,
+                            mfu=prefill_flops(cfg, 1, n) / best / peak if peak else None)
+                memory(long)
+            except Exception as e:
+                traceback.print_exc()
+                long["error"] = repr(e)
+            progress("long_prefill")
+        if args.profile:
+            with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+                gen(short)
+            res["profile"] = {"dir": args.profile, "batch": b, "new_tokens": short}
+            progress("profile")
     return res
 
 
-def _transformers(cfg, args, prompts) -> dict:
-    """The same shapes through transformers' Gemma4ForCausalLM (bf16): eager, then static cache + compile."""
+def _transformers(args, res: dict, progress: Progress) -> None:
+    """The same shapes through transformers' Gemma4ForCausalLM (bf16, built once): eager, and static cache +
+    compile for `--compile-batches`; into `res["transformers"]`."""
+    import gc
+
     import torch
-    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+    import transformers
+    from transformers import CompileConfig, Gemma4ForCausalLM, Gemma4TextConfig
 
     from gemma4_jax.config import PRESETS
 
-    raw = PRESETS[args.preset] if not args.config else json.load(open(args.config))
+    raw = PRESETS[args.preset.lower()] if not args.config else json.load(open(args.config))
     raw = raw.get("text_config", raw)
+    vocab = raw["vocab_size"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = Gemma4ForCausalLM(Gemma4TextConfig(**{k: v for k, v in raw.items() if k != "model_type"}))
-    model = model.to(torch.bfloat16).eval()
-    ids = torch.tensor(prompts, device=device)
-    out = {}
+    out = res["transformers"] = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                                 "torch": torch.__version__, "transformers": transformers.__version__}
 
     def sync():
         if device == "cuda":
             torch.cuda.synchronize()
 
-    for name, kw in (("eager", {}), ("static_compiled", {"cache_implementation": "static"})):
-        if name == "static_compiled":
-            model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
+    t0 = time.perf_counter()
+    try:
+        with torch.device(device):  # bf16 from the start: a 31B model in float32 would not fit
+            config = Gemma4TextConfig(**{k: v for k, v in raw.items() if k != "model_type"})
+            model = Gemma4ForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
+        sync()
+    except Exception as e:
+        traceback.print_exc()
+        out["error"] = repr(e)
+        progress("transformers_error")
+        return
+    out["random_init_s"] = time.perf_counter() - t0
+    progress("transformers_random_init")
 
-        def gen(n, kw=kw):
+    # transformers compiles the decode step itself when the cache is static (on CUDA; on a CPU, when told to).
+    compiled = CompileConfig(mode="reduce-overhead")
+    if device == "cpu":
+        compiled._compile_all_devices = True
+    modes = {"eager": {"disable_compile": True},
+             "static_compiled": {"cache_implementation": "static", "compile_config": compiled,
+                                 "max_cache_len": args.prompt_len + args.gen_len}}  # one cache size: no recompile
+    short = short_len(args.prompt_len, args.gen_len, _config(args).max_position_embeddings)
+    compile_batches = set(_ints(args.compile_batches))
+
+    def generator(ids, kw):
+        def gen(n):
             with torch.no_grad():
                 model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kw)
             sync()
+        return gen
 
-        t = time.perf_counter()
-        gen(args.gen_len)
-        warm = time.perf_counter() - t
-        prefill = _timed(lambda gen=gen: gen(1), 2)
-        full = _timed(lambda gen=gen: gen(args.gen_len), 2)
-        decode = (full - prefill) / (args.gen_len - 1)
-        out[name] = {"first_run_s": warm, "prefill_ms": prefill * 1e3, "decode_ms_per_token": decode * 1e3,
-                     "decode_tokens_s": args.batch / decode}
-    return out
+    for b in _ints(args.batch):
+        entry = out[str(b)] = {}
+        ids = torch.tensor(_prompts(vocab, b, args.prompt_len), device=device)
+        for name in ("eager", "static_compiled") if b in compile_batches else ("eager",):
+            gen = generator(ids, modes[name])
+            m = entry[name] = {}
+            try:
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                m["first_run_s"] = _timed(lambda gen=gen: gen(min(8, args.gen_len)))  # warm-up (compiles)
+                t_short = _timed(lambda gen=gen: gen(short))
+                t_long = _timed(lambda gen=gen: gen(args.gen_len))
+                prefill = _timed(lambda gen=gen: gen(1))
+                decode = (t_long - t_short) / (args.gen_len - short)
+                m.update(prefill_ms=prefill * 1e3, decode_ms_per_token=decode * 1e3, decode_tokens_s=b / decode,
+                         generate_s={str(short): t_short, str(args.gen_len): t_long})
+                if device == "cuda":
+                    m["peak_device_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            except Exception as e:
+                traceback.print_exc()
+                m["error"] = repr(e)
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            progress(f"transformers_b{b}_{name}")
+    if args.prefill_len > 0:
+        n = args.prefill_len
+        gen = generator(torch.tensor(_prompts(vocab, 1, n), device=device), modes["eager"])
+        long = out["long_prefill"] = {"batch": 1, "tokens": n}
+        try:
+            gen(1)
+            long["ms"] = _timed(lambda: gen(1)) * 1e3
+        except Exception as e:
+            traceback.print_exc()
+            long["error"] = repr(e)
+        progress("transformers_long_prefill")

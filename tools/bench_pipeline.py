@@ -1,16 +1,27 @@
 """`bench.py pipeline`: pp=1 against pp=N on random real-shape weights (memory, decode speed, agreement).
 
-    PYTHONPATH=. python tools/bench.py pipeline --preset e4b --pp 2 --batch 8 --prompt-len 128 --gen-len 64
+    PYTHONPATH=. python tools/bench.py pipeline --preset 31b --pp 2,4 --batch 8 --prompt-len 128 --gen-len 64 \
+        --json out.json
 
-pp=1 is the plain model (`gemma4_jax.load(..., pp=1)` path); pp=N is the pipeline with the same
-weights, the same total batch split into N micro-batches (the ring full). Reports per-device weight
-bytes (device memory in use after placing the weights), decode tokens/s (timed between a 2-token and a
-`gen-len`-token run, both compiled beforehand), the fraction of greedy tokens equal to pp=1's, and
-the KV budget each layout leaves on an 80 GB card.
+pp=1 is the plain model; pp=N is the pipeline (`gemma4_jax.pipeline.Pipeline`) with the same weights
+(copied through the host), at the split `load(..., pp=N)` would pick unless `--layer-split`, and the same
+total batch cut into N micro-batches (the ring full). For each it reports:
+
+- weights per device: the bytes of the arrays on each device (exact) and the device's bytes in use;
+- the KV budget: the device's free bytes after the weights (`bytes_limit − bytes_in_use`, measured) over
+  the bytes one more token of context costs on that device (full-attention K/V of the layers it holds),
+  and the same at a fixed 80 GB per device;
+- decode tokens/s: the difference between a `gen-len` and a `gen-len/2 + 1` token generation (same
+  compiled programs, same prefill), best of `--repeat`;
+- agreement with pp=1: the fraction of greedy tokens equal, the first divergence of each row, and the
+  KL divergence per token between pp=1's and pp=N's next-token distributions over the first two prompts.
+
+The JSON file is rewritten after every phase, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 
@@ -20,111 +31,165 @@ import numpy as np
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("pipeline", help="pp=1 vs pp=N: weight memory per device, decode speed, agreement")
+    p = sub.add_parser("pipeline", help="pp=1 vs pp=N: weight memory per device, KV budget, decode speed, agreement")
     p.add_argument("--preset", default="e4b")
     p.add_argument("--config", default=None, help="a config.json to use instead of --preset (smoke tests)")
-    p.add_argument("--pp", type=int, default=2)
+    p.add_argument("--pp", default="2", help="stage counts to compare with pp=1, e.g. 2 or 2,4")
+    p.add_argument("--layer-split", default=None, help="a split 0,a,...,L to use instead of the default (one --pp)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--gen-len", type=int, default=64)
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--attn-impl", default="auto", help="attention: auto | xla | pallas (both layouts)")
+    p.add_argument("--no-logits", action="store_true", help="skip the KL comparison (saves two compiles)")
     p.add_argument("--json", default=None)
-    p.add_argument("--skip-pp1", action="store_true", help="measure only the pipeline (weights still compared)")
     p.set_defaults(func=run)
 
 
-def _mem(devices) -> list[int]:
-    return [int((d.memory_stats() or {}).get("bytes_in_use", 0)) for d in devices]
+def _stats(devices) -> list[dict]:
+    return [d.memory_stats() or {} for d in devices]
 
 
-def _timed(fn):
-    t = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t
+def _best(fn, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def kv_bytes_per_token(cfg, layers, itemsize: int = 2) -> int:
+    """Bytes one more context token costs in the K/V of `layers` (full attention; sliding caches are a fixed
+    window per sequence)."""
+    owners = {cfg.layers[i].kv_source for i in layers}
+    return sum(2 * cfg.layers[i].num_kv_heads * cfg.layers[i].head_dim * itemsize for i in owners
+               if cfg.layers[i].window is None)
+
+
+def _budget(free: list[float], per_token: list[int]) -> int:
+    """Context tokens that fit on every device (a stage holding no full-attention layer is no limit)."""
+    return int(min((f // k for f, k in zip(free, per_token, strict=True) if k), default=0))
+
+
+def kl_per_token(ref: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """KL(ref ‖ other) of the softmaxes of float32 logits [..., V], per position."""
+    lp = ref - np.logaddexp.reduce(ref, axis=-1, keepdims=True)
+    lq = other - np.logaddexp.reduce(other, axis=-1, keepdims=True)
+    return np.sum(np.exp(lp) * (lp - lq), axis=-1)
 
 
 def run(args) -> dict:
     from gemma4_jax.api import Gemma4Model, RunConfig
     from gemma4_jax.config import Gemma4Config, preset
     from gemma4_jax.hf_checkpoint import iter_params
-    from gemma4_jax.pipeline import Pipeline, stage_leaves_from_params
-    from gemma4_jax.stages import balanced_stages
+    from gemma4_jax.pipeline import Pipeline, best_stages, stage_leaves_from_params
+    from gemma4_jax.stages import parse_layer_split
     from gemma4_jax.synthetic import random_model
 
     cfg = Gemma4Config.from_json(args.config) if args.config else preset(args.preset)
+    pps = [int(x) for x in str(args.pp).split(",")]
     devices = jax.devices()
     dtype = jnp.bfloat16
     rng = np.random.default_rng(0)
     prompts = rng.integers(3, cfg.vocab_size, size=(args.batch, args.prompt_len)).tolist()
-    result = {"preset": args.preset, "card": devices[0].device_kind, "batch": args.batch,
-              "prompt_len": args.prompt_len, "gen_len": args.gen_len, "jax": jax.__version__}
+    short = args.gen_len // 2 + 1  # same power-of-two bucket as gen_len: no extra compile
+    res = {"preset": args.config or args.preset, "attn_impl": args.attn_impl, "card": devices[0].device_kind,
+           "devices": len(devices),
+           "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"), "batch": args.batch,
+           "prompt_len": args.prompt_len, "gen_len": args.gen_len, "phases_s": {}}
+    clock = time.perf_counter()
 
-    def measure(model):
-        model.generate(prompts, max_new_tokens=2, stop_tokens=())  # compile
-        model.generate(prompts, max_new_tokens=args.gen_len, stop_tokens=())
-        _, t2 = _timed(lambda: model.generate(prompts, max_new_tokens=2, stop_tokens=()))
-        toks, tg = _timed(lambda: model.generate(prompts, max_new_tokens=args.gen_len, stop_tokens=()))
-        return toks, args.batch * (args.gen_len - 2) / (tg - t2), (tg - t2) / (args.gen_len - 2) * 1e3
+    def phase(name):
+        nonlocal clock
+        now = time.perf_counter()
+        res["phases_s"][name] = round(now - clock, 2)
+        clock = now
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+        print(f"[{name}] {res['phases_s'][name]} s", flush=True)
 
-    t0 = time.perf_counter()
+    def measure(model, key):
+        gen = lambda n: model.generate(prompts, max_new_tokens=n, stop_tokens=())  # noqa: E731
+        toks = gen(args.gen_len)  # compiles prefill and decode
+        phase(f"{key}_compile_and_first_run")
+        t_short = _best(lambda: gen(short), args.repeat)
+        t_long = _best(lambda: gen(args.gen_len), args.repeat)
+        step = (t_long - t_short) / (args.gen_len - short)
+        res[key].update(decode_ms_per_step=step * 1e3, decode_tok_s=args.batch / step,
+                        generate_s={str(short): t_short, str(args.gen_len): t_long})
+        phase(f"{key}_timed")
+        return toks
+
+    def memory(key, n, weights, per_token):
+        stats = _stats(devices[:n])
+        free = [s.get("bytes_limit", 0) - s.get("bytes_in_use", 0) for s in stats]
+        res[key].update(weights_gib_per_device=[w / 2**30 for w in weights],
+                        bytes_in_use_gib=[s.get("bytes_in_use", 0) / 2**30 for s in stats],
+                        bytes_limit_gib=[s.get("bytes_limit", 0) / 2**30 for s in stats],
+                        kv_bytes_per_token=per_token,
+                        kv_budget_tokens=_budget(free, per_token),
+                        kv_budget_tokens_80gb=_budget([80e9 - w for w in weights], per_token))
+
     module = random_model(cfg, dtype)
-    jax.block_until_ready(jax.tree.leaves(nnx_state(module)))
-    init_s = time.perf_counter() - t0
-    one = Gemma4Model(module, RunConfig(dtype="bfloat16", max_seq_len=None))
-    w1 = sum(a.nbytes for a in jax.tree.leaves(nnx_state(module)))
-    toks1, tps1, ms1 = measure(one) if not args.skip_pp1 else (None, float("nan"), float("nan"))
-    result["pp1"] = {"weights_gib_per_device": w1 / 2**30, "decode_tok_s": tps1, "ms_per_step": ms1,
-                     "random_init_s": init_s}
-    print(json.dumps(result["pp1"]), flush=True)
+    state = jax.tree.leaves(nnx_state(module))
+    jax.block_until_ready(state)
+    one = Gemma4Model(module, RunConfig(dtype="bfloat16", max_seq_len=None, attn_impl=args.attn_impl))
+    res["pp1"] = {}
+    memory("pp1", 1, [sum(a.nbytes for a in state)], [kv_bytes_per_token(cfg, range(cfg.num_layers))])
+    del state
+    phase("pp1_random_init")
+    toks1 = measure(one, "pp1")
+    few = np.asarray(prompts[:2])
+    if not args.no_logits:
+        logits1 = one.logits(few)
+        phase("pp1_logits")
     params = {path: np.asarray(var.get_value()) for path, var in iter_params(one.module)}
     del one, module
-    stages = balanced_stages(cfg, args.pp, 2)
-    leaves = stage_leaves_from_params(cfg, stages, params)
-    del params
-    base = _mem(devices)
-    pipe = Gemma4Model(None, RunConfig(dtype="bfloat16", pp=args.pp), pipeline=Pipeline(cfg, stages, leaves, dtype))
-    wn = [0] * args.pp  # bytes of each device's blocks of the stage-stacked parameters
-    for leaf in jax.tree.leaves(pipe.pipeline.params):
-        for shard in leaf.addressable_shards:
-            wn[devices.index(shard.device)] += shard.data.nbytes
-    result["device_bytes_in_use_after_load"] = [a - b for a, b in zip(_mem(devices), base, strict=True)][: args.pp]
-    print(json.dumps({"pp": args.pp, "weights_gib_per_device": [w / 2**30 for w in wn]}), flush=True)
-    toksn, tpsn, msn = measure(pipe)
-    toks1 = toks1 or toksn
-    same = np.mean([a == b for ra, rb in zip(toks1, toksn, strict=True) for a, b in zip(ra, rb, strict=True)])
-    first_diff = [next((i for i, (a, b) in enumerate(zip(ra, rb, strict=True)) if a != b), None)
-                  for ra, rb in zip(toks1, toksn, strict=True)]
-    kv_tok = _kv_bytes_per_token(cfg, stages)
-    result[f"pp{args.pp}"] = {"split": [s.start for s in stages] + [cfg.num_layers],
-                              "weights_gib_per_device": [w / 2**30 for w in wn], "decode_tok_s": tpsn,
-                              "ms_per_step": msn, "greedy_equal_fraction": float(same),
-                              "first_divergence": first_diff}
-    hbm = 80 * 2**30
-    full_kv = _kv_bytes_per_token(cfg, (stages[0].__class__(0, 0, cfg.num_layers, 1),))
-    result["kv_budget_tokens_80gb"] = {
-        "pp1": int((hbm - w1) // full_kv[0]),
-        f"pp{args.pp}": int(min((hbm - w) // k for w, k in zip(wn, kv_tok, strict=True))),
-    }
-    budget = result["kv_budget_tokens_80gb"]
-    result["ratios"] = {"weights_per_device": max(wn) / w1, "decode_throughput": tpsn / tps1,
-                        "kv_budget": budget[f"pp{args.pp}"] / budget["pp1"]}
-    print(json.dumps(result, indent=1), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    gc.collect()
+    phase("to_host")
+
+    for n in pps:
+        key = f"pp{n}"
+        stages = parse_layer_split(args.layer_split, cfg.num_layers) if args.layer_split else best_stages(cfg, n, 2)
+        res[key] = {"split": [s.start for s in stages] + [cfg.num_layers]}
+        pipe = Gemma4Model(None, RunConfig(dtype="bfloat16", pp=n, attn_impl=args.attn_impl),
+                           pipeline=Pipeline(cfg, stages, stage_leaves_from_params(cfg, stages, params), dtype,
+                                             args.attn_impl))
+        weights = [0] * n
+        for leaf in jax.tree.leaves(pipe.pipeline.params):
+            for shard in leaf.addressable_shards:
+                weights[devices.index(shard.device)] += shard.data.nbytes
+        jax.block_until_ready(pipe.pipeline.params)
+        memory(key, n, weights, [kv_bytes_per_token(cfg, s.layers) for s in stages])
+        phase(f"{key}_place")
+        toks = measure(pipe, key)
+        same = [[a == b for a, b in zip(ra, rb, strict=True)] for ra, rb in zip(toks1, toks, strict=True)]
+        res[key]["greedy_equal_fraction"] = float(np.mean(same))
+        res[key]["first_divergence"] = [row.index(False) if False in row else None for row in same]
+        if not args.no_logits:
+            logits = pipe.logits(few)
+            kl = kl_per_token(logits1, logits)
+            res[key]["kl_per_token"] = {"mean": float(kl.mean()), "max": float(kl.max())}
+            res[key]["top1_equal_fraction"] = float(np.mean(logits1.argmax(-1) == logits.argmax(-1)))
+            del logits
+        p1 = res["pp1"]
+        res[key]["ratios_vs_pp1"] = {
+            "weights_per_device": max(weights) / p1["weights_gib_per_device"][0] / 2**30,
+            "decode_throughput": res[key]["decode_tok_s"] / p1["decode_tok_s"],
+            "kv_budget": res[key]["kv_budget_tokens"] / p1["kv_budget_tokens"] if p1["kv_budget_tokens"] else None,
+            "kv_budget_80gb": res[key]["kv_budget_tokens_80gb"] / p1["kv_budget_tokens_80gb"],
+        }
+        phase(f"{key}_agreement")
+        print(json.dumps({key: res[key]}), flush=True)
+        del pipe
+        gc.collect()
+    print(json.dumps(res, indent=1), flush=True)
+    return res
 
 
 def nnx_state(module):
     from flax import nnx
 
     return nnx.state(module)
-
-
-def _kv_bytes_per_token(cfg, stages) -> list[int]:
-    """Bytes of full-attention K/V per context token on each stage (sliding layers are fixed windows)."""
-    out = []
-    for s in stages:
-        layers = {cfg.layers[i].kv_source for i in s.layers}
-        out.append(sum(2 * cfg.layers[i].num_kv_heads * cfg.layers[i].head_dim * 2 for i in layers
-                       if cfg.layers[i].window is None))
-    return out
