@@ -128,3 +128,25 @@ def test_cli_runs_pipelined(tmp_path):
     two = subprocess.run(args + ["--pp", "2"], capture_output=True, text=True, env=env)
     assert one.returncode == 0 and two.returncode == 0, two.stderr
     assert one.stdout == two.stdout and one.stdout.strip()
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS, PROMPTS[:1]])
+def test_stage_programs_close_over_no_empty_constant(hf_dirs, prompts):
+    """XLA's GPU partitioner (Shardy, jax 0.11) segfaults on an empty constant inside shard_map, such as
+    the index of a full-range `.at[:n].set`. Neither the GPipe prefill nor the ring may contain one."""
+    from gemma4_jax import pipeline as pl
+    from gemma4_jax.generation import Sampling
+
+    pipe = gemma4_jax.load(hf_dirs["e2b", "causal"], pp=2, progress=False).pipeline
+    m = pipe.micro_batches(len(prompts))
+    ids, lengths = pipe.replicated(np.ones((m, 1, 16), np.int32), np.full((m, 1), 5, np.int32))
+    cache = pl.init_stage_cache(pipe.plan, pipe.mesh, m, 1, 32, pipe.dtype)
+    texts = [pl._run_gpipe.lower(pipe.plan, mode, pipe.dtype.name, "xla", pipe.mesh, pipe.params, ids, lengths,
+                                 cache if mode == "prefill" else None).as_text() for mode in ("prefill", "logits")]
+    first, steps, stops, key = pipe.replicated(np.ones((m, 1), np.int32), np.int32(8), np.array([-1], np.int32),
+                                               jax.random.key(0))
+    texts.append(pl._run_ring.lower(pipe.plan, Sampling(0.0, None, None), pipe.dtype.name, "xla", pipe.mesh, 8,
+                                    pipe.params, cache, first, lengths, steps, stops, key).as_text())
+    for text in texts:
+        assert "manual" in text  # the stage program itself was lowered
+        assert "tensor<0x" not in text

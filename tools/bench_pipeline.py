@@ -14,7 +14,9 @@ total batch cut into N micro-batches (the ring full). For each it reports:
 - decode tokens/s: the difference between a `gen-len` and a `gen-len/2 + 1` token generation (same
   compiled programs, same prefill), best of `--repeat`;
 - agreement with pp=1: the fraction of greedy tokens equal, the first divergence of each row, and the
-  KL divergence per token between pp=1's and pp=N's next-token distributions over the first two prompts.
+  KL divergence per token between pp=1's and pp=N's next-token distributions over the first two prompts;
+  with `--f32-reference`, also each layout's KL from a float32 forward of the same weights (bf16's own
+  error, against which pp=N's difference from pp=1 is read).
 
 The JSON file is rewritten after every phase, so a run cut short keeps what it measured.
 """
@@ -42,6 +44,9 @@ def add_parser(sub) -> None:
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--attn-impl", default="auto", help="attention: auto | xla | pallas (both layouts)")
     p.add_argument("--no-logits", action="store_true", help="skip the KL comparison (saves two compiles)")
+    p.add_argument("--f32-reference", action="store_true",
+                   help="also compare both layouts with a float32 forward of the same weights (4 bytes/param on one "
+                        "device): the bf16 noise floor that pp=N's difference from pp=1 should be read against")
     p.add_argument("--json", default=None)
     p.set_defaults(func=run)
 
@@ -70,6 +75,12 @@ def kv_bytes_per_token(cfg, layers, itemsize: int = 2) -> int:
 def _budget(free: list[float], per_token: list[int]) -> int:
     """Context tokens that fit on every device (a stage holding no full-attention layer is no limit)."""
     return int(min((f // k for f, k in zip(free, per_token, strict=True) if k), default=0))
+
+
+def _kl_summary(ref: np.ndarray, other: np.ndarray) -> dict:
+    kl = kl_per_token(ref, other)
+    return {"mean": float(kl.mean()), "max": float(kl.max()),
+            "top1_equal_fraction": float(np.mean(ref.argmax(-1) == other.argmax(-1)))}
 
 
 def kl_per_token(ref: np.ndarray, other: np.ndarray) -> np.ndarray:
@@ -149,6 +160,18 @@ def run(args) -> dict:
     del one, module
     gc.collect()
     phase("to_host")
+    ref = None
+    if args.f32_reference and not args.no_logits:
+        from gemma4_jax.model import abstract_model
+
+        m32 = abstract_model(cfg, jnp.float32)
+        for path, var in iter_params(m32):
+            var.set_value(jnp.asarray(params[path], jnp.float32))
+        ref = Gemma4Model(m32, RunConfig(dtype="float32", attn_impl="xla")).logits(few)
+        del m32
+        gc.collect()
+        res["pp1"]["kl_vs_f32"] = _kl_summary(ref, logits1)
+        phase("f32_reference")
 
     for n in pps:
         key = f"pp{n}"
@@ -170,9 +193,9 @@ def run(args) -> dict:
         res[key]["first_divergence"] = [row.index(False) if False in row else None for row in same]
         if not args.no_logits:
             logits = pipe.logits(few)
-            kl = kl_per_token(logits1, logits)
-            res[key]["kl_per_token"] = {"mean": float(kl.mean()), "max": float(kl.max())}
-            res[key]["top1_equal_fraction"] = float(np.mean(logits1.argmax(-1) == logits.argmax(-1)))
+            res[key]["kl_vs_pp1"] = _kl_summary(logits1, logits)
+            if ref is not None:
+                res[key]["kl_vs_f32"] = _kl_summary(ref, logits)
             del logits
         p1 = res["pp1"]
         res[key]["ratios_vs_pp1"] = {
