@@ -53,8 +53,8 @@ def resolve_dtype(dtype) -> str:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
-def _logits(graphdef, state, ids_bt, impl):
-    return nnx.merge(graphdef, state)(ids_bt, impl)
+def _logits(graphdef, state, ids_bt, impl, mm=None):
+    return nnx.merge(graphdef, state)(ids_bt, impl, mm)
 
 
 class Gemma4Model:

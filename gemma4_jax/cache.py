@@ -61,9 +61,10 @@ class PrefillAttender(FullAttender):
     `lengths` [B] are the true prompt lengths; tokens past them are padding and never stored.
     """
 
-    def __init__(self, cache: KVCache, pos_bt: jax.Array, lengths_b: jax.Array, impl: str = "auto"):
+    def __init__(self, cache: KVCache, pos_bt: jax.Array, lengths_b: jax.Array, impl: str = "auto",
+                 blocks_bt: jax.Array | None = None):
         valid = pos_bt < lengths_b[:, None]
-        super().__init__(pos_bt, valid, impl)
+        super().__init__(pos_bt, valid, impl, blocks_bt)
         self.cache, self.lengths = KVCache(dict(cache.layers)), lengths_b
 
     def __call__(self, spec, q, kv):

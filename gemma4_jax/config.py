@@ -89,6 +89,8 @@ class Gemma4Config:
     tie_word_embeddings: bool = True
     architecture: str = "Gemma4ForCausalLM"
     name: str = "custom"
+    # Tokens of one image attend to each other on sliding layers (use_bidirectional_attention="vision").
+    bidirectional_vision: bool = False
 
     # ----------------------------------------------------------------------------------------
     @property
@@ -260,6 +262,7 @@ class Gemma4Config:
             tie_word_embeddings=bool(t.get("tie_word_embeddings", True)),
             architecture=architecture,
             name=name,
+            bidirectional_vision=t.get("use_bidirectional_attention") == "vision",
         )
 
     @classmethod

@@ -81,13 +81,14 @@ class DecodeState:
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames="impl", donate_argnums=(4,))
-def prefill(graphdef, params, ids_bt, lengths_b, cache: KVCache, impl: str = "auto"):
-    """Run the prompts [B,T] (true lengths [B]); fill the cache; return last-token logits [B,V]."""
+def prefill(graphdef, params, ids_bt, lengths_b, cache: KVCache, impl: str = "auto", mm=None):
+    """Run the prompts [B,T] (true lengths [B]; soft tokens `mm`, a `model.Multimodal`, merged); fill the
+    cache; return last-token logits [B,V]."""
     model = nnx.merge(graphdef, params)
     b, t = ids_bt.shape
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    attender = PrefillAttender(cache, pos, lengths_b, impl)
-    x = model.decode_layers(ids_bt, pos, attender)
+    attender = PrefillAttender(cache, pos, lengths_b, impl, model.blocks(mm))
+    x = model.decode_layers(ids_bt, pos, attender, mm)
     last = jnp.take_along_axis(x, (lengths_b - 1)[:, None, None], axis=1)  # [B,1,D]
     return model.head(last)[:, 0], attender.cache
 
@@ -139,13 +140,15 @@ def bucket(n: int, minimum: int = 16) -> int:
 def generate_tokens(graphdef, params, cfg, prompts: list[list[int]], *, max_new_tokens: int, context: int,
                     dtype, sampling: Sampling, seed: int, stop_ids: tuple[int, ...],
                     on_tokens: Callable[[np.ndarray], None] | None = None, chunk: int = 8,
-                    pipeline=None, impl: str = "auto") -> list[list[int]]:
+                    pipeline=None, impl: str = "auto", soft_tokens=None) -> list[list[int]]:
     """Generate for a batch of prompts of any lengths; returns the new tokens of each.
 
     A sequence ends after its first stop token (kept as its last element). `on_tokens`, when given,
     receives each newly decoded block [B, n] as soon as it is on the host (streaming); decoding then
     runs in compiled chunks of `chunk` tokens instead of one loop. With a `pipeline.Pipeline`, the
     prompts are micro-batched through its stages and decoded in its ring (streamed once, at the end).
+    `soft_tokens(t) -> model.Multimodal` (mask and blocks [B, t] for the prompts right-padded to t tokens)
+    merges image and audio features into the prompts.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token")
@@ -166,13 +169,16 @@ def generate_tokens(graphdef, params, cfg, prompts: list[list[int]], *, max_new_
     key = jax.random.key(seed)
 
     if pipeline is not None:
+        if soft_tokens is not None:
+            raise ConfigError("images and audio need pp=1 for now")
         result = pipeline.generate(prompts, max_new_tokens=max_new_tokens, max_len=max_len, t=t, sampling=sampling,
                                    seed=seed, stop_ids=stop_ids)
         if on_tokens is not None:
             on_tokens(result)
         return _trim(result, max_new_tokens, stop_ids)
     cache = init_cache(cfg, b, max_len, dtype)
-    logits, cache = prefill(graphdef, params, jnp.asarray(ids), lengths, cache, impl=impl)
+    mm = soft_tokens(t) if soft_tokens is not None else None
+    logits, cache = prefill(graphdef, params, jnp.asarray(ids), lengths, cache, impl=impl, mm=mm)
     tok, done = _first_token(logits, key, stops, sampling)
     n_out = bucket(max_new_tokens, 8)
     out = jnp.zeros((b, n_out), jnp.int32).at[:, 0].set(tok)

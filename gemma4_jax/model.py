@@ -12,6 +12,7 @@ Dimension legend (einsums and names use it):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -77,10 +78,16 @@ def apply_rope(x_btnh: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> jax
 
 
 def attention_mask(q_pos_bt: jax.Array, k_pos_bs: jax.Array, window: int | None,
-                   k_valid_bs: jax.Array | None = None) -> jax.Array:
-    """[B,T,S] bool: causal, and on sliding layers only keys with k > q − W (W includes the current token)."""
+                   k_valid_bs: jax.Array | None = None, blocks_bt: jax.Array | None = None) -> jax.Array:
+    """[B,T,S] bool: causal, and on sliding layers only keys with k > q − W (W includes the current token).
+
+    `blocks_bt` (queries and keys the same tokens): on sliding layers, tokens of one block (an image)
+    also see the block's later tokens — AND(window, OR(causal, same block)), as transformers masks it.
+    """
     mask = k_pos_bs[:, None, :] <= q_pos_bt[:, :, None]
     if window is not None:
+        if blocks_bt is not None:
+            mask |= (blocks_bt[:, :, None] >= 0) & (blocks_bt[:, :, None] == blocks_bt[:, None, :])
         mask &= k_pos_bs[:, None, :] > q_pos_bt[:, :, None] - window
     if k_valid_bs is not None:
         mask &= k_valid_bs[:, None, :]
@@ -102,6 +109,33 @@ def attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts:
 
 def softcap(logits: jax.Array, cap: float | None) -> jax.Array:
     return logits if cap is None else cap * jnp.tanh(logits / cap)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Multimodal:
+    """Soft tokens merged into a prompt (images, audio), as transformers' Gemma4Model does it.
+
+    features [N, D]: the projected tower outputs (images' and audio clips' soft tokens);
+    slots [B, T] int32: the row of `features` each placeholder position takes, −1 on text tokens;
+    blocks [B, T] int32: ≥ 0 numbers the tokens of one image, which attend to each other in both directions
+    on the sliding layers of models with `use_bidirectional_attention="vision"` (26B-A4B, 31B); −1 elsewhere.
+    """
+
+    features: jax.Array
+    slots: jax.Array
+    blocks: jax.Array
+
+    @property
+    def mask(self) -> jax.Array:
+        return self.slots >= 0
+
+
+def vision_blocks(image_mask_bt: np.ndarray) -> np.ndarray:
+    """Block ids [B, T]: each run of consecutive image placeholders gets its own id (per row), −1 elsewhere."""
+    m = np.asarray(image_mask_bt, bool)
+    starts = m & ~np.concatenate([np.zeros_like(m[:, :1]), m[:, :-1]], axis=1)
+    return np.where(m, np.cumsum(starts, axis=1) - 1, -1).astype(np.int32)
 
 
 def embed_scale(dim: int, dtype) -> jax.Array:
@@ -320,11 +354,29 @@ class Gemma4Text(nnx.Module):
         return softcap(logits, self.cfg.final_logit_softcap)
 
     # -- whole forward ----------------------------------------------------------------------------
-    def decode_layers(self, ids_bt: jax.Array, pos_bt: jax.Array, attender: Attender) -> jax.Array:
-        """Embed, run every layer (attention delegated to `attender`), return the final stream [B,T,D]."""
+    def embed_inputs(self, ids_bt, mm: Multimodal | None = None):
+        """The input stream [B,T,D] and per-layer inputs [B,T,L,P] (None without PLE).
+
+        With soft tokens (`mm`), as transformers' Gemma4Model: placeholders are embedded as the pad id and
+        then overwritten by the features; the per-layer inputs take the pad id there (token part) and the
+        merged stream (context part).
+        """
         cfg = self.cfg
-        x = self.embed_tokens(ids_bt)
-        ple = self.per_layer_inputs(ids_bt, x) if cfg.ple_dim else None
+        ids = ids_bt
+        x = self.embed_tokens(ids)
+        if mm is not None:
+            ids = jnp.where(mm.mask, cfg.pad_token_id, ids_bt)
+            x = self.embed_tokens(ids)
+            if mm.features.shape[0]:
+                x = jnp.where(mm.mask[..., None], mm.features[jnp.maximum(mm.slots, 0)].astype(x.dtype), x)
+        return x, (self.per_layer_inputs(ids, x) if cfg.ple_dim else None)
+
+    def decode_layers(self, ids_bt: jax.Array, pos_bt: jax.Array, attender: Attender,
+                      mm: Multimodal | None = None) -> jax.Array:
+        """Embed (merging soft tokens `mm`), run every layer (attention delegated to `attender`), return
+        the final stream [B,T,D]."""
+        cfg = self.cfg
+        x, ple = self.embed_inputs(ids_bt, mm)
         rope = {}
         for spec, layer in zip(cfg.layers, self.layer_views(), strict=True):
             if spec.attn_type not in rope:
@@ -336,11 +388,17 @@ class Gemma4Text(nnx.Module):
             x, _ = layer(x, ple[:, :, spec.index] if ple is not None else None, *rope[spec.attn_type], attend)
         return x
 
-    def __call__(self, ids_bt: jax.Array, impl: str = "auto") -> jax.Array:
-        """Full causal forward over [B,T] token ids (positions 0..T-1); float32 logits [B,T,V]."""
+    def __call__(self, ids_bt: jax.Array, impl: str = "auto", mm: Multimodal | None = None) -> jax.Array:
+        """Full causal forward over [B,T] token ids (positions 0..T-1), soft tokens `mm` merged; float32
+        logits [B,T,V]."""
         b, t = ids_bt.shape
         pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        return self.head(self.decode_layers(ids_bt, pos, FullAttender(pos, impl=impl)))
+        attender = FullAttender(pos, impl=impl, blocks_bt=self.blocks(mm))
+        return self.head(self.decode_layers(ids_bt, pos, attender, mm))
+
+    def blocks(self, mm: Multimodal | None) -> jax.Array | None:
+        """The image blocks that attend bidirectionally, when this model does that."""
+        return mm.blocks if mm is not None and self.cfg.bidirectional_vision else None
 
 
 class Attender:
@@ -371,8 +429,9 @@ class FullAttender(Attender):
     `impl` ('auto' | 'xla' | 'pallas' | 'interpret', see `gemma4_jax.kernels.dispatch`) picks XLA or the kernels.
     """
 
-    def __init__(self, pos_bt: jax.Array, valid_bt: jax.Array | None = None, impl: str = "auto"):
-        self.pos, self.valid, self.impl = pos_bt, valid_bt, impl
+    def __init__(self, pos_bt: jax.Array, valid_bt: jax.Array | None = None, impl: str = "auto",
+                 blocks_bt: jax.Array | None = None):
+        self.pos, self.valid, self.impl, self.blocks = pos_bt, valid_bt, impl, blocks_bt
         self.kv_of: dict[int, tuple[jax.Array, jax.Array]] = {}  # source layer -> its (k, v)
 
     def __call__(self, spec, q, kv):
@@ -380,9 +439,11 @@ class FullAttender(Attender):
             kv = self.kv_of[spec.kv_source]
         else:
             self.kv_of[spec.index] = kv
-        impl = attention_impl(self.impl, q, kv[0])
+        bidirectional = self.blocks is not None and spec.window is not None
+        impl = "xla" if bidirectional else attention_impl(self.impl, q, kv[0])  # the kernels are causal only
         if impl == "xla":
-            return attention(q, *kv, attention_mask(self.pos, self.pos, spec.window, self.valid))
+            mask = attention_mask(self.pos, self.pos, spec.window, self.valid, self.blocks if bidirectional else None)
+            return attention(q, *kv, mask)
         k_pos = self.pos if self.valid is None else jnp.where(self.valid, self.pos, -1)
         return kernel_attention(impl, q, *kv, self.pos, k_pos, spec.window)
 

@@ -1,0 +1,101 @@
+"""Soft tokens merged into the text model, against transformers' Gemma4ForConditionalGeneration.
+
+transformers computes the image features (its own vision tower and `embed_vision`); our text model merges
+them (placeholders embedded as pad, PLE's pad handling, row-major placement, bidirectional image blocks on
+the sliding layers of 26B/31B-style models) and must give transformers' logits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hf_fixtures import FAMILIES, rel_err
+
+import gemma4_jax
+from gemma4_jax.model import Multimodal, vision_blocks
+
+IMAGE, BOI, EOI = 250, 251, 252
+TOKENS = dict(image_token_id=IMAGE, boi_token_id=BOI, eoi_token_id=EOI, audio_token_id=253, boa_token_id=254,
+              eoa_token_index=255, video_token_id=249)
+VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+              head_dim=16, patch_size=16, pooling_kernel_size=3, position_embedding_size=32)
+# Row 0: text, a 4-token image, text, a 2-token image, text. Row 1: text, a 4-token image, text.
+ROWS = [[2, 10, 11, BOI, *[IMAGE] * 4, EOI, 12, BOI, *[IMAGE] * 2, EOI, 13],
+        [2, 20, BOI, *[IMAGE] * 4, EOI, 21, 22, 23, 24, 25, 26, 27]]
+
+
+def _images(seed: int):
+    """Three images as the processor lays them out: [3, 36, 768] pixels in [0, 1], (x, y) patch positions
+    [3, 36, 2] with (−1, −1) padding; 6×6, 3×6 (padded) and 6×6 patch grids -> 4, 2 and 4 soft tokens."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.random((3, 36, 768), dtype=np.float32)
+    pos = np.full((3, 36, 2), -1, np.int64)
+    for i, (rows, cols) in enumerate([(6, 6), (3, 6), (6, 6)]):
+        yy, xx = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+        pos[i, : rows * cols] = np.stack([xx.ravel(), yy.ravel()], axis=-1)
+        pixels[i, rows * cols:] = 0.0
+    return pixels, pos
+
+
+@pytest.fixture(scope="module", params=["e2b", "31b"])
+def multimodal(request, tmp_path_factory):
+    import torch
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig, Gemma4VisionConfig
+
+    from gemma4_jax.tiny import perturb_scales
+
+    family = request.param
+    text = dict(FAMILIES[family])
+    if family == "31b":
+        text["use_bidirectional_attention"] = "vision"
+    torch.manual_seed(0)
+    cfg = Gemma4Config(text_config=Gemma4TextConfig(**text), vision_config=Gemma4VisionConfig(**VISION),
+                       audio_config=None, **TOKENS)
+    model = perturb_scales(Gemma4ForConditionalGeneration(cfg).eval(), 1)
+    model.config._attn_implementation = "eager"
+    path = str(tmp_path_factory.mktemp(f"mm_{family}"))
+    model.save_pretrained(path)
+    return family, model, path
+
+
+def _hf(model, ids, pixels, pos):
+    import torch
+
+    with torch.no_grad():
+        ids_t = torch.as_tensor(ids)
+        logits = model(input_ids=ids_t, pixel_values=torch.as_tensor(pixels),
+                       image_position_ids=torch.as_tensor(pos), mm_token_type_ids=(ids_t == IMAGE).long(),
+                       use_cache=False).logits
+        feats = model.model.get_image_features(torch.as_tensor(pixels), torch.as_tensor(pos)).pooler_output
+    return logits.float().numpy(), torch.cat(list(feats), dim=0).float().numpy()
+
+
+def soft_tokens(ids: np.ndarray, features: np.ndarray) -> Multimodal:
+    is_image = ids == IMAGE
+    slots = np.where(is_image, np.cumsum(is_image.ravel()).reshape(ids.shape) - 1, -1).astype(np.int32)
+    return Multimodal(features, slots, vision_blocks(is_image))
+
+
+def test_merged_images_give_transformers_logits(multimodal):
+    import jax.numpy as jnp
+
+    from gemma4_jax.api import _logits
+
+    family, model, path = multimodal
+    ids = np.asarray(ROWS, np.int64)
+    pixels, pos = _images(0)
+    want, features = _hf(model, ids, pixels, pos)
+    assert features.shape[0] == int((ids == IMAGE).sum())
+    m = gemma4_jax.load(path, dtype="float32", progress=False)
+    assert m.config.bidirectional_vision == (family == "31b")
+    mm = soft_tokens(ids, features)
+    got = np.asarray(_logits(m.graphdef, m.state, jnp.asarray(ids, jnp.int32), "xla", mm))
+    assert rel_err(got, want) <= 1e-4  # the float32 bound of test_parity.py
+    # The merge matters: text-only logits at the image positions are far off.
+    plain = m.logits(ids)
+    assert rel_err(plain, want) > 1e-2
+    if family == "31b":  # the image tokens see their block's later tokens on sliding layers
+        causal = Multimodal(mm.features, mm.slots, np.full_like(mm.blocks, -1))
+        m_causal = np.asarray(_logits(m.graphdef, m.state, jnp.asarray(ids, jnp.int32), "xla", causal))
+        first = int(np.argmax(ids[0] == IMAGE))
+        assert rel_err(m_causal[0, first], want[0, first]) > 1e-3
