@@ -61,12 +61,13 @@ class Gemma4Model:
     """A loaded Gemma 4 model: `.config`, `.tokenizer`, `.logits(tokens)`."""
 
     def __init__(self, module: Gemma4Text | None, run: RunConfig, tokenizer: Tokenizer | None = None,
-                 path: str | None = None, pipeline=None):
+                 path: str | None = None, pipeline=None, towers=None):
         self.config: Gemma4Config = module.cfg if module is not None else pipeline.plan.cfg
         self.run = run
         self.tokenizer = tokenizer
         self.path = path
         self.pipeline = pipeline  # a pipeline.Pipeline when pp > 1
+        self.towers = towers  # multimodal.Towers: vision / audio towers of a multimodal checkpoint (pp=1)
         self.graphdef, self.state = nnx.split(module) if module is not None else (None, None)
         self.stop_tokens: tuple[int, ...] = stop_ids(path, self.config.eos_token_ids)
 
@@ -100,11 +101,13 @@ class Gemma4Model:
         return np.asarray(_logits(self.graphdef, self.state, jnp.asarray(ids), self.run.attn_impl), dtype=np.float32)
 
     def generate(self, tokens, *, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int = 0, stop_tokens=None, on_tokens=None) -> list[list[int]]:
+                 top_p: float | None = None, seed: int = 0, stop_tokens=None, on_tokens=None,
+                 soft_tokens=None) -> list[list[int]]:
         """New tokens for each prompt (a list of id lists of any lengths, or an int array [B, T]).
 
         `temperature=0.0` is greedy. `stop_tokens=None` stops at the checkpoint's end ids (kept as the
         last element); `stop_tokens=()` never stops early. `on_tokens(block [B, n])` streams.
+        `soft_tokens(t) -> model.Multimodal` merges image/audio features (see `generate_text`).
         """
         prompts = [list(map(int, p)) for p in (tokens.tolist() if isinstance(tokens, np.ndarray) else tokens)]
         for p in prompts:
@@ -115,18 +118,53 @@ class Gemma4Model:
         return generate_tokens(self.graphdef, self.state, self.config, prompts, max_new_tokens=int(max_new_tokens),
                                context=self.context, dtype=DTYPES[self.run.dtype], sampling=sampling,
                                seed=int(seed), stop_ids=stops, on_tokens=on_tokens, pipeline=self.pipeline,
-                               impl=self.run.attn_impl)
+                               impl=self.run.attn_impl, soft_tokens=soft_tokens)
 
-    def generate_text(self, prompts, *, chat: bool = True, max_new_tokens: int = 256, **sampling) -> list[str]:
-        """Generate for text prompts: chat template when `chat`, BOS once, decoded without the stop token."""
+    def generate_text(self, prompts, *, chat: bool = True, max_new_tokens: int = 256, images=(), audio=(),
+                      max_soft_tokens: int = 280, **sampling) -> list[str]:
+        """Generate for text prompts: chat template when `chat`, BOS once, decoded without the stop token.
+
+        `images` (paths, PIL images or HxWx3 arrays; `max_soft_tokens` each, one of 70/140/280/560/1120)
+        and `audio` (16 kHz arrays or mono .wav paths) go with a single prompt, at its `<|image|>` /
+        `<|audio|>` markers or, without markers, first in the user turn.
+        """
         if self.tokenizer is None:
             raise ConfigError("this checkpoint has no tokenizer.json, so text prompts cannot be encoded")
         if isinstance(prompts, str):
             prompts = [prompts]
-        ids = [self.tokenizer.encode_chat(p) if chat else self.tokenizer.encode(p) for p in prompts]
-        outs = self.generate(ids, max_new_tokens=max_new_tokens, **sampling)
+        images, audio = list(images or ()), list(audio or ())
+        soft = None
+        if images or audio:
+            prompts, soft = self._media_prompt(prompts, images, audio, max_soft_tokens, chat)
+            ids = prompts
+        else:
+            ids = [self.tokenizer.encode_chat(p) if chat else self.tokenizer.encode(p) for p in prompts]
+        outs = self.generate(ids, max_new_tokens=max_new_tokens, soft_tokens=soft, **sampling)
         stops = set(self.stop_tokens if sampling.get("stop_tokens") is None else sampling["stop_tokens"])
         return [self.tokenizer.decode(o[:-1] if o and o[-1] in stops else o) for o in outs]
+
+    def _media_prompt(self, prompts, images, audio, max_soft_tokens, chat):
+        """([expanded prompt ids], soft_tokens(t)) for one prompt with images and/or audio."""
+        from . import multimodal as mmod
+
+        if self.towers is None:
+            raise ConfigError("this checkpoint has no vision or audio tower (a Gemma4ForConditionalGeneration "
+                              "checkpoint loaded with pp=1 is needed for images and audio)")
+        if len(prompts) != 1:
+            raise ConfigError("images and audio go with a single prompt")
+        sp = self.towers.ids
+        img, n_img = self.towers.image_features(images, max_soft_tokens) if images else (None, [])
+        aud, n_aud = self.towers.audio_features(audio) if audio else (None, [])
+        text = mmod.with_markers(prompts[0], len(images), len(audio))
+        ids = self.tokenizer.encode_chat(text) if chat else self.tokenizer.encode(text)
+        ids = mmod.expand(ids, n_img, n_aud, sp)
+
+        def soft_tokens(t: int):
+            row = np.zeros((1, t), np.int64)
+            row[0, :len(ids)] = ids
+            return mmod.soft_tokens(row, img, aud, sp)
+
+        return [ids], soft_tokens
 
     def __repr__(self) -> str:
         c = self.config
@@ -191,10 +229,14 @@ def load(path: str | None = None, *, pp: int = 1, dtype=None, max_seq_len: int |
     if sc.is_stage_dir(path):
         params = sc.load_single_stage(path, cfg, jdtype)
         module = model_from_params(cfg, params, jdtype, put=lambda a: a)
+        towers = None
     else:
         params = read_hf_params(path, cfg, jdtype, progress=progress)
         module = model_from_params(cfg, params, jdtype)
-    return Gemma4Model(module, run, tokenizer=tokenizer, path=path)
+        from .multimodal import Towers
+
+        towers = Towers.load(path, cfg.hidden_size, jdtype)
+    return Gemma4Model(module, run, tokenizer=tokenizer, path=path, towers=towers)
 
 
 def check_pp(cfg: Gemma4Config, pp: int) -> None:

@@ -99,3 +99,69 @@ def test_merged_images_give_transformers_logits(multimodal):
         m_causal = np.asarray(_logits(m.graphdef, m.state, jnp.asarray(ids, jnp.int32), "xla", causal))
         first = int(np.argmax(ids[0] == IMAGE))
         assert rel_err(m_causal[0, first], want[0, first]) > 1e-3
+
+
+def _add_media_tokens(path: str) -> None:
+    """A character tokenizer whose ids 249-255 are the multimodal specials of TOKENS."""
+    import json
+    import os
+
+    from gemma4_jax.tiny import write_char_tokenizer
+
+    write_char_tokenizer(path)
+    names = {IMAGE: "<|image|>", BOI: "<|image>", EOI: "<image|>", 253: "<|audio|>", 254: "<|audio>",
+             255: "<audio|>", 249: "<|video|>"}
+    f = os.path.join(path, "tokenizer.json")
+    with open(f) as fh:
+        tok = json.load(fh)
+    vocab = tok["model"]["vocab"]
+    for i, name in names.items():
+        old = next(k for k, v in vocab.items() if v == i)
+        del vocab[old]
+        vocab[name] = i
+        tok["added_tokens"].append({"id": i, "content": name, "single_word": False, "lstrip": False,
+                                    "rstrip": False, "normalized": False, "special": True})
+    with open(f, "w") as fh:
+        json.dump(tok, fh)
+
+
+def test_towers_and_generate_text_with_an_image(multimodal, tmp_path):
+    """Our vision tower + merge give transformers' logits; generate_text runs an image prompt end to end,
+    and its greedy tokens equal transformers' greedy generation on the same expanded prompt."""
+    import jax.numpy as jnp
+    import torch
+
+    from gemma4_jax.api import _logits
+    from gemma4_jax.multimodal import soft_tokens as place
+    from gemma4_jax.preprocess import preprocess_images
+
+    family, model, path = multimodal
+    m = gemma4_jax.load(path, dtype="float32", progress=False)
+    assert m.towers is not None and m.towers.vision is not None and m.towers.ids.image == IMAGE
+    rng = np.random.default_rng(1)
+    picture = (rng.random((61, 90, 3)) * 255).astype(np.uint8)
+    feats, counts = m.towers.image_features([picture], max_soft_tokens=70)
+    inp = preprocess_images([picture], 70)
+    ids = np.asarray([[2, 10, BOI, *[IMAGE] * counts[0], EOI, 11, 12]], np.int64)
+    with torch.no_grad():
+        ids_t = torch.as_tensor(ids)
+        want = model(input_ids=ids_t, pixel_values=torch.as_tensor(inp.pixel_values),
+                     image_position_ids=torch.as_tensor(inp.image_position_ids),
+                     mm_token_type_ids=(ids_t == IMAGE).long(), use_cache=False).logits.float().numpy()
+    got = np.asarray(_logits(m.graphdef, m.state, jnp.asarray(ids, jnp.int32), "xla",
+                             place(ids, feats, None, m.towers.ids)))
+    assert rel_err(got, want) <= 1e-4
+
+    _add_media_tokens(path)
+    m = gemma4_jax.load(path, dtype="float32", progress=False)
+    text = m.generate_text("What is in <|image|>?", images=[picture], max_soft_tokens=70, chat=False,
+                           max_new_tokens=6, stop_tokens=())
+    assert isinstance(text[0], str)
+    prompt = m.tokenizer.encode("What is in ") + [BOI, *[IMAGE] * counts[0], EOI] + m.tokenizer.encode("?", add_bos=False)
+    with torch.no_grad():
+        ids_t = torch.as_tensor([prompt])
+        ref = model.generate(input_ids=ids_t, pixel_values=torch.as_tensor(inp.pixel_values),
+                             image_position_ids=torch.as_tensor(inp.image_position_ids),
+                             mm_token_type_ids=(ids_t == IMAGE).long(), max_new_tokens=6, min_new_tokens=6,
+                             do_sample=False)[0, len(prompt):].tolist()
+    assert m.tokenizer.decode(ref) == text[0]
