@@ -135,7 +135,7 @@ class Gemma4Model:
         images, audio = list(images or ()), list(audio or ())
         soft = None
         if images or audio:
-            prompts, soft = self._media_prompt(prompts, images, audio, max_soft_tokens, chat)
+            prompts, soft = self.media_prompt(prompts, images, audio, max_soft_tokens, chat)
             ids = prompts
         else:
             ids = [self.tokenizer.encode_chat(p) if chat else self.tokenizer.encode(p) for p in prompts]
@@ -143,8 +143,9 @@ class Gemma4Model:
         stops = set(self.stop_tokens if sampling.get("stop_tokens") is None else sampling["stop_tokens"])
         return [self.tokenizer.decode(o[:-1] if o and o[-1] in stops else o) for o in outs]
 
-    def _media_prompt(self, prompts, images, audio, max_soft_tokens, chat):
-        """([expanded prompt ids], soft_tokens(t)) for one prompt with images and/or audio."""
+    def media_prompt(self, prompts, images=(), audio=(), max_soft_tokens: int = 280, chat: bool = True):
+        """([expanded prompt ids], soft_tokens) for one prompt with images and/or audio: pass both to
+        `generate(ids, soft_tokens=...)` (what `generate_text(..., images=, audio=)` does)."""
         from . import multimodal as mmod
 
         if self.towers is None:

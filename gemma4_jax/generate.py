@@ -8,6 +8,7 @@ input end with one sentence on stderr and exit status 2 (usage) or 1 (everything
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -31,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn-impl", default="auto", choices=["auto", "xla", "pallas", "interpret"],
                    help="attention: Pallas kernels on GPU where supported (auto), XLA, or forced kernels")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image for the (single) prompt; repeat for several; placed at the prompt's <|image|> "
+                        "markers, else first")
+    p.add_argument("--audio", action="append", default=[], metavar="PATH",
+                   help="a mono 16 kHz 16-bit .wav for the prompt; repeat for several")
+    p.add_argument("--image-tokens", type=int, default=280, choices=[70, 140, 280, 560, 1120],
+                   help="soft tokens per image")
     return p
 
 
@@ -40,12 +48,20 @@ def run(args: argparse.Namespace, stdin=sys.stdin, out=sys.stdout, err=sys.stder
     prompts = args.prompt if args.prompt else [line.rstrip("\n") for line in stdin if line.strip()]
     if not prompts:
         raise gemma4_jax.ConfigError("no prompt given: pass --prompt TEXT or write prompts to stdin")
+    for kind, paths in (("image", args.image), ("audio", args.audio)):
+        for path in paths:
+            if not os.path.isfile(path):
+                raise gemma4_jax.ConfigError(f"{kind} file {path!r} does not exist")
     t0 = time.perf_counter()
     model = gemma4_jax.load(args.model, pp=args.pp, dtype=args.dtype, attn_impl=args.attn_impl)
     if model.tokenizer is None:
         raise gemma4_jax.ConfigError(f"{model.path} has no tokenizer.json, so text prompts cannot be encoded")
     tok = model.tokenizer
-    ids = [tok.encode_chat(p) if args.chat else tok.encode(p) for p in prompts]
+    soft = None
+    if args.image or args.audio:
+        ids, soft = model.media_prompt(prompts, args.image, args.audio, args.image_tokens, args.chat)
+    else:
+        ids = [tok.encode_chat(p) if args.chat else tok.encode(p) for p in prompts]
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed)
     stops = set(model.stop_tokens)
@@ -66,7 +82,7 @@ def run(args: argparse.Namespace, stdin=sys.stdin, out=sys.stdout, err=sys.stder
                 out.write(tok.decode([t]))
             out.flush()
 
-        outs = model.generate(ids, on_tokens=stream, **sampling)
+        outs = model.generate(ids, on_tokens=stream, soft_tokens=soft, **sampling)
         out.write("\n")
     else:
         outs = model.generate(ids, **sampling)

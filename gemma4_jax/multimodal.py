@@ -77,12 +77,9 @@ class Towers:
 
             vision = load_vision(tensors, VisionConfig.from_hf(vision_cfg, text_hidden_size), dtype)
         if audio_cfg:
-            try:
-                from .audio import AudioConfig, load_audio
-            except ImportError:  # the audio tower is not part of this build
-                audio = None
-            else:
-                audio = load_audio(tensors, AudioConfig.from_hf(audio_cfg, text_hidden_size), dtype)
+            from .audio import AudioConfig, load_audio
+
+            audio = load_audio(AudioConfig.from_hf(audio_cfg, text_hidden_size), tensors, dtype)
         return cls(vision, audio, SpecialIds.from_config(raw))
 
     def image_features(self, images, max_soft_tokens: int = 280):
@@ -101,11 +98,13 @@ class Towers:
         """(features [N, D], soft tokens per clip) for a list of clips (16 kHz arrays or .wav paths)."""
         if self.audio is None:
             raise ConfigError("this checkpoint has no audio tower")
-        from .audio import audio_features
+        from .audio import audio_soft_tokens
         from .preprocess import preprocess_audio_batch
 
         inp = preprocess_audio_batch(list(clips))
-        feats = audio_features(self.audio, inp.input_features, inp.input_features_mask)
+        feats = audio_soft_tokens(self.audio, inp.input_features, inp.input_features_mask)
+        if feats.shape[0] != sum(inp.num_soft_tokens_per_audio):
+            raise CheckpointError("the audio tower's soft-token count differs from the feature extractor's")
         return feats, list(inp.num_soft_tokens_per_audio)
 
 

@@ -19,6 +19,9 @@ TOKENS = dict(image_token_id=IMAGE, boi_token_id=BOI, eoi_token_id=EOI, audio_to
               eoa_token_index=255, video_token_id=249)
 VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
               head_dim=16, patch_size=16, pooling_kernel_size=3, position_embedding_size=32)
+AUDIO = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, subsampling_conv_channels=[128, 8],
+             attention_chunk_size=4, attention_context_left=5, attention_context_right=0, output_proj_dims=40)
+AUDIO_ID, BOA, EOA = 253, 254, 255
 # Row 0: text, a 4-token image, text, a 2-token image, text. Row 1: text, a 4-token image, text.
 ROWS = [[2, 10, 11, BOI, *[IMAGE] * 4, EOI, 12, BOI, *[IMAGE] * 2, EOI, 13],
         [2, 20, BOI, *[IMAGE] * 4, EOI, 21, 22, 23, 24, 25, 26, 27]]
@@ -40,7 +43,13 @@ def _images(seed: int):
 @pytest.fixture(scope="module", params=["e2b", "31b"])
 def multimodal(request, tmp_path_factory):
     import torch
-    from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig, Gemma4VisionConfig
+    from transformers import (
+        Gemma4AudioConfig,
+        Gemma4Config,
+        Gemma4ForConditionalGeneration,
+        Gemma4TextConfig,
+        Gemma4VisionConfig,
+    )
 
     from gemma4_jax.tiny import perturb_scales
 
@@ -49,8 +58,9 @@ def multimodal(request, tmp_path_factory):
     if family == "31b":
         text["use_bidirectional_attention"] = "vision"
     torch.manual_seed(0)
+    audio = Gemma4AudioConfig(**AUDIO) if family == "e2b" else None  # audio towers come with E2B/E4B only
     cfg = Gemma4Config(text_config=Gemma4TextConfig(**text), vision_config=Gemma4VisionConfig(**VISION),
-                       audio_config=None, **TOKENS)
+                       audio_config=audio, **TOKENS)
     model = perturb_scales(Gemma4ForConditionalGeneration(cfg).eval(), 1)
     model.config._attn_implementation = "eager"
     path = str(tmp_path_factory.mktemp(f"mm_{family}"))
@@ -157,7 +167,8 @@ def test_towers_and_generate_text_with_an_image(multimodal, tmp_path):
     text = m.generate_text("What is in <|image|>?", images=[picture], max_soft_tokens=70, chat=False,
                            max_new_tokens=6, stop_tokens=())
     assert isinstance(text[0], str)
-    prompt = m.tokenizer.encode("What is in ") + [BOI, *[IMAGE] * counts[0], EOI] + m.tokenizer.encode("?", add_bos=False)
+    prompt = [*m.tokenizer.encode("What is in "), BOI, *[IMAGE] * counts[0], EOI,
+              *m.tokenizer.encode("?", add_bos=False)]
     with torch.no_grad():
         ids_t = torch.as_tensor([prompt])
         ref = model.generate(input_ids=ids_t, pixel_values=torch.as_tensor(inp.pixel_values),
@@ -165,3 +176,58 @@ def test_towers_and_generate_text_with_an_image(multimodal, tmp_path):
                              mm_token_type_ids=(ids_t == IMAGE).long(), max_new_tokens=6, min_new_tokens=6,
                              do_sample=False)[0, len(prompt):].tolist()
     assert m.tokenizer.decode(ref) == text[0]
+
+
+def test_cli_answers_about_an_image(multimodal, tmp_path):
+    """`python -m gemma4_jax.generate --image` end to end on the small random checkpoint (a real PNG file),
+    equal to `generate_text`; a missing image is one sentence and exit status 1."""
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    family, _, path = multimodal
+    if family != "e2b":
+        pytest.skip("one family is enough for the command line")
+    _add_media_tokens(path)
+    png = str(tmp_path / "picture.png")
+    Image.fromarray((np.random.default_rng(2).random((50, 70, 3)) * 255).astype(np.uint8)).save(png)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "gemma4_jax.generate", "--model", path, "--image", png, "--image-tokens", "70",
+           "--prompt", "What is in this picture?", "--max-new-tokens", "5", "--dtype", "float32"]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert run.returncode == 0, run.stderr
+    m = gemma4_jax.load(path, dtype="float32", progress=False)
+    want = m.generate_text("What is in this picture?", images=[png], max_soft_tokens=70, max_new_tokens=5)[0]
+    assert run.stdout.rstrip("\n") == want and want
+    bad = subprocess.run(cmd[:6] + [str(tmp_path / "missing.png")] + cmd[7:], capture_output=True, text=True,
+                         env=env, cwd=root, timeout=300)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_audio_tower_and_merge_give_transformers_logits(multimodal):
+    """A synthetic tone through our feature extractor, audio tower and merge equals transformers' forward."""
+    import jax.numpy as jnp
+    import torch
+
+    from gemma4_jax.api import _logits
+    from gemma4_jax.multimodal import soft_tokens as place
+    from gemma4_jax.preprocess import preprocess_audio
+
+    family, model, path = multimodal
+    if family != "e2b":
+        pytest.skip("audio towers belong to E2B/E4B")
+    m = gemma4_jax.load(path, dtype="float32", progress=False)
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(9000) / 16000)).astype(np.float32)
+    feats, counts = m.towers.audio_features([tone])
+    inp = preprocess_audio(tone)
+    ids = np.asarray([[2, 10, BOA, *[AUDIO_ID] * counts[0], EOA, 11, 12]], np.int64)
+    with torch.no_grad():
+        want = model(input_ids=torch.as_tensor(ids), input_features=torch.as_tensor(inp.input_features),
+                     input_features_mask=torch.as_tensor(inp.input_features_mask), use_cache=False).logits.numpy()
+    got = np.asarray(_logits(m.graphdef, m.state, jnp.asarray(ids, jnp.int32), "xla",
+                             place(ids, None, feats, m.towers.ids)))
+    assert rel_err(got, want) <= 1e-4
+    assert rel_err(m.logits(ids), want) > 1e-2  # the audio matters
