@@ -93,12 +93,15 @@ class Gemma4Model:
             raise ConfigError(f"{ids.shape[1]} tokens exceed the context of {limit}")
         return ids.astype(np.int32)
 
-    def logits(self, tokens) -> np.ndarray:
-        """Float32 soft-capped next-token logits [B, T, V] of a full causal forward over `tokens` [B, T]."""
+    def logits(self, tokens, soft_tokens=None) -> np.ndarray:
+        """Float32 soft-capped next-token logits [B, T, V] of a full causal forward over `tokens` [B, T];
+        `soft_tokens` (a `model.Multimodal` over [B, T], see `multimodal.soft_tokens`) merges image/audio
+        features into their placeholders."""
         ids = self._check_tokens(tokens)
         if self.pipeline is not None:
-            return self.pipeline.logits(ids)
-        return np.asarray(_logits(self.graphdef, self.state, jnp.asarray(ids), self.run.attn_impl), dtype=np.float32)
+            return self.pipeline.logits(ids, soft_tokens)
+        return np.asarray(_logits(self.graphdef, self.state, jnp.asarray(ids), self.run.attn_impl, soft_tokens),
+                          dtype=np.float32)
 
     def generate(self, tokens, *, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int = 0, stop_tokens=None, on_tokens=None,
@@ -149,8 +152,8 @@ class Gemma4Model:
         from . import multimodal as mmod
 
         if self.towers is None:
-            raise ConfigError("this checkpoint has no vision or audio tower (a Gemma4ForConditionalGeneration "
-                              "checkpoint loaded with pp=1 is needed for images and audio)")
+            raise ConfigError("this checkpoint has no vision or audio tower (images and audio need a "
+                              "Gemma4ForConditionalGeneration checkpoint with them)")
         if len(prompts) != 1:
             raise ConfigError("images and audio go with a single prompt")
         sp = self.towers.ids
@@ -226,18 +229,21 @@ def load(path: str | None = None, *, pp: int = 1, dtype=None, max_seq_len: int |
                 stages = best_stages(cfg, pp, jnp.dtype(jdtype).itemsize)
             leaves = stage_leaves_from_params(cfg, stages, read_hf_params(path, cfg, jdtype, progress=progress))
         pipe = Pipeline(cfg, stages, leaves, jdtype, attn_impl)
-        return Gemma4Model(None, run, tokenizer=tokenizer, path=path, pipeline=pipe)
+        return Gemma4Model(None, run, tokenizer=tokenizer, path=path, pipeline=pipe, towers=_towers(path, cfg, jdtype))
     if sc.is_stage_dir(path):
         params = sc.load_single_stage(path, cfg, jdtype)
         module = model_from_params(cfg, params, jdtype, put=lambda a: a)
-        towers = None
     else:
         params = read_hf_params(path, cfg, jdtype, progress=progress)
         module = model_from_params(cfg, params, jdtype)
-        from .multimodal import Towers
+    return Gemma4Model(module, run, tokenizer=tokenizer, path=path, towers=_towers(path, cfg, jdtype))
 
-        towers = Towers.load(path, cfg.hidden_size, jdtype)
-    return Gemma4Model(module, run, tokenizer=tokenizer, path=path, towers=towers)
+
+def _towers(path: str, cfg: Gemma4Config, dtype):
+    """The vision/audio towers of a multimodal checkpoint (HF or converted), on the first device."""
+    from .multimodal import Towers
+
+    return Towers.load(path, cfg.hidden_size, dtype)
 
 
 def check_pp(cfg: Gemma4Config, pp: int) -> None:

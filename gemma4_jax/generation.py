@@ -169,10 +169,9 @@ def generate_tokens(graphdef, params, cfg, prompts: list[list[int]], *, max_new_
     key = jax.random.key(seed)
 
     if pipeline is not None:
-        if soft_tokens is not None:
-            raise ConfigError("images and audio need pp=1 for now")
         result = pipeline.generate(prompts, max_new_tokens=max_new_tokens, max_len=max_len, t=t, sampling=sampling,
-                                   seed=seed, stop_ids=stop_ids)
+                                   seed=seed, stop_ids=stop_ids,
+                                   mm=soft_tokens(t) if soft_tokens is not None else None)
         if on_tokens is not None:
             on_tokens(result)
         return _trim(result, max_new_tokens, stop_ids)

@@ -335,9 +335,9 @@ class _Attender(FullAttender):
     """
 
     def __init__(self, mode, pos, lengths, cache: dict[int, LayerCache] | None, kv_in: dict[int, tuple],
-                 impl: str = "auto", mb=None):
+                 impl: str = "auto", mb=None, blocks=None):
         valid = pos < lengths[:, None] if mode == "prefill" else None
-        super().__init__(pos, valid, impl)
+        super().__init__(pos, valid, impl, blocks)
         self.mode, self.lengths, self.cache, self.mb = mode, lengths, cache, mb
         for src, kv in kv_in.items():
             self._own(src, kv)
@@ -370,9 +370,12 @@ def _stage_fn(plan: PipelinePlan, s: int, mode: str, dtype, graphdefs, impl: str
     cfg, stage = plan.cfg, plan.stages[s]
     slots = plan.cache_slots[s]
 
-    def run(params, x, h0, ids, kv_in, cache, pos, lengths, mb):
+    def run(params, x, h0, ids, kv_in, cache, pos, lengths, mb, mm):
         if stage.first:
             x = (params["table"][ids] * embed_scale(cfg.hidden_size, dtype)).astype(dtype)
+            if mm is not None:  # soft tokens (images, audio) overwrite their placeholders (already pad ids)
+                feats, at = mm[0], mm[1][mb]
+                x = jnp.where(at[..., None] >= 0, feats[jnp.maximum(at, 0)].astype(dtype), x)
             h0 = x
         ple = None
         if cfg.ple_dim:
@@ -384,7 +387,8 @@ def _stage_fn(plan: PipelinePlan, s: int, mode: str, dtype, graphdefs, impl: str
             ple = (rms_norm(ctx, params["ple_norm"], cfg.rms_norm_eps) + tok) * (2.0**-0.5)
         view = {layer: cache[name] for layer, name in slots.items()} if cache is not None else None
         mirrored = {src: kv_in[src] for src in plan.xfer if src in slots and src < stage.start}
-        att = _Attender(mode, pos, lengths, view, mirrored, impl, mb)
+        blocks = mm[2][mb] if mm is not None and cfg.bidirectional_vision else None
+        att = _Attender(mode, pos, lengths, view, mirrored, impl, mb, blocks)
         rope = {}
         for j, (layer, kind, slot) in enumerate(plan.local[s]):
             spec = cfg.layers[layer]
@@ -421,7 +425,7 @@ def _ring_perm(n: int):
 def _branches(plan, mode, dtype, graphdefs, impl):
     runs = [_stage_fn(plan, s, mode, dtype, graphdefs, impl) for s in range(plan.num_stages)]
 
-    def skip(params, x, h0, ids, kv_in, cache, pos, lengths, mb):  # a bubble: nothing runs, nothing changes
+    def skip(params, x, h0, ids, kv_in, cache, pos, lengths, mb, mm):  # a bubble: nothing runs, nothing changes
         return x, h0, kv_in, cache
 
     return runs + [skip]
@@ -438,8 +442,9 @@ def _empty_packet(plan, b, t, dtype):
     return d, d, jnp.zeros((b, t), jnp.int32), kv
 
 
-def _gpipe(plan: PipelinePlan, mode: str, dtype, impl: str, params, ids, lengths, cache):
-    """GPipe over micro-batches: ids [M, b, T]; returns (logits, cache).
+def _gpipe(plan: PipelinePlan, mode: str, dtype, impl: str, params, ids, lengths, cache, mm=None):
+    """GPipe over micro-batches: ids [M, b, T]; returns (logits, cache). `mm`: soft tokens (features [1, N, D],
+    this stage's block — real on stage 0 only —, slots [M, b, T], blocks [M, b, T]; `model.Multimodal`).
 
     logits: [M, b, T, V] (mode 'logits') or the last prompt token's [M, b, V] (mode 'prefill'), valid
     on the last stage.
@@ -447,6 +452,7 @@ def _gpipe(plan: PipelinePlan, mode: str, dtype, impl: str, params, ids, lengths
     graphdefs = _kind_graphdefs(plan, jnp.dtype(dtype).name)
     params = jax.tree.map(lambda a: a[0], params)
     cache = jax.tree.map(lambda a: a[0], cache) if cache is not None else None
+    mm = (mm[0][0], mm[1], mm[2]) if mm is not None else None
     n, s = plan.num_stages, jax.lax.axis_index("pp")
     m_count, b, t = ids.shape
     v = plan.cfg.vocab_size
@@ -462,7 +468,7 @@ def _gpipe(plan: PipelinePlan, mode: str, dtype, impl: str, params, ids, lengths
         mc = jnp.clip(m, 0, m_count - 1)
         ids_in = jnp.where(s == 0, ids[mc], pids)
         x, h0, kv, cache = jax.lax.switch(jnp.where(valid, s, n), branches, params, x, h0, ids_in, kv, cache, pos,
-                                          lengths[mc], mc)
+                                          lengths[mc], mc, mm)
         emit = valid & (s == n - 1)
         if mode == "logits":
             lg = jax.lax.cond(emit, lambda: _head(plan, params, x), lambda: jnp.zeros((b, t, v), F32))
@@ -510,7 +516,7 @@ def _ring(plan: PipelinePlan, sampling: Sampling, dtype, impl: str, width: int, 
         ids_in = jnp.where(s == 0, tokbuf[m][:, None], pids)
         pos = (lengths[mc] + k)[:, None]
         x, h0, kv, cache = jax.lax.switch(jnp.where(valid, s, n), branches, params, x, h0, ids_in, kv, cache, pos,
-                                          lengths[mc], mc)
+                                          lengths[mc], mc, None)
         emit = valid & (s == n - 1)
         lg = jax.lax.cond(emit, lambda: _head(plan, params, x)[:, 0], lambda: jnp.zeros((b, plan.cfg.vocab_size), F32))
         tok = sample(lg, jax.random.fold_in(jax.random.fold_in(key, mc), k + 1), sampling)
@@ -539,12 +545,13 @@ def _ring(plan: PipelinePlan, sampling: Sampling, dtype, impl: str, width: int, 
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(8,))
-def _run_gpipe(plan, mode, dtype_name, impl, mesh, params, ids, lengths, cache):
+def _run_gpipe(plan, mode, dtype_name, impl, mesh, params, ids, lengths, cache, mm=None):
     body = functools.partial(_gpipe, plan, mode, jnp.dtype(dtype_name), impl)
     cache_spec = P("pp") if cache is not None else None
-    f = jax.shard_map(body, mesh=mesh, in_specs=(P("pp"), P(), P(), cache_spec),
+    mm_spec = (P("pp"), P(), P()) if mm is not None else None
+    f = jax.shard_map(body, mesh=mesh, in_specs=(P("pp"), P(), P(), cache_spec, mm_spec),
                       out_specs=(P("pp"), cache_spec), check_vma=False)
-    out, cache = f(params, ids, lengths, cache)
+    out, cache = f(params, ids, lengths, cache, mm)
     return out[plan.num_stages - 1], cache
 
 
@@ -586,21 +593,43 @@ class Pipeline:
     def micro_batches(self, b: int) -> int:
         return min(b, self.num_stages)
 
-    def logits(self, ids: np.ndarray) -> np.ndarray:
-        """Float32 logits [B, T, V] of a full causal forward, micro-batched through the stages."""
+    def soft_tokens(self, mm, ids: np.ndarray, m: int, per: int):
+        """(ids with placeholders as pad, the stage programs' soft-token inputs) for `mm` (a
+        `model.Multimodal` over ids [B, t]): the features sit on the first stage's device only (zeros of
+        the same shape elsewhere, never sent); slots and blocks [M, b, t] go to every stage."""
+        if mm is None:
+            return ids, None
+        b, t = np.asarray(mm.slots).shape
+        slots = np.full((m * per, t), -1, np.int32)
+        blocks = np.full((m * per, t), -1, np.int32)
+        slots[:b], blocks[:b] = np.asarray(mm.slots), np.asarray(mm.blocks)
+        ids = np.where(slots.reshape(ids.shape) >= 0, self.plan.cfg.pad_token_id, ids).astype(np.int32)
+        devices = list(self.mesh.devices.flat)
+        feats = jnp.asarray(mm.features, self.dtype)
+        blocks_p = [jax.device_put(feats[None], devices[0])]
+        blocks_p += [jnp.zeros((1, *feats.shape), self.dtype, device=d) for d in devices[1:]]
+        feats_p = jax.make_array_from_single_device_arrays((len(devices), *feats.shape),
+                                                           NamedSharding(self.mesh, P("pp")), blocks_p)
+        return ids, (feats_p, *self.replicated(slots.reshape(m, per, t), blocks.reshape(m, per, t)))
+
+    def logits(self, ids: np.ndarray, mm=None) -> np.ndarray:
+        """Float32 logits [B, T, V] of a full causal forward, micro-batched through the stages (soft tokens
+        `mm`, a `model.Multimodal`, merged on the first stage)."""
         b, t = ids.shape
         m = self.micro_batches(b)
         padded = -(-b // m) * m
         x = np.zeros((padded, t), np.int32)
         x[:b] = ids
+        x, soft = self.soft_tokens(mm, x, m, padded // m)
         lengths = np.full((m, padded // m), t, np.int32)
         out, _ = _run_gpipe(self.plan, "logits", self.dtype.name, self.impl, self.mesh, self.params,
-                            *self.replicated(x.reshape(m, padded // m, t), lengths), None)
+                            *self.replicated(x.reshape(m, padded // m, t), lengths), None, soft)
         return np.asarray(out, np.float32).reshape(padded, t, -1)[:b]
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, max_len: int, t: int,
-                 sampling: Sampling, seed: int, stop_ids: tuple[int, ...]) -> np.ndarray:
-        """New tokens [B, max_new_tokens] (0 after a stop) for prompts right-padded to `t` tokens."""
+                 sampling: Sampling, seed: int, stop_ids: tuple[int, ...], mm=None) -> np.ndarray:
+        """New tokens [B, max_new_tokens] (0 after a stop) for prompts right-padded to `t` tokens (soft
+        tokens `mm` merged on the first stage)."""
         b = len(prompts)
         m = self.micro_batches(b)
         per = -(-b // m)
@@ -608,10 +637,11 @@ class Pipeline:
         lengths = np.ones((m * per,), np.int32)
         for i, p in enumerate(prompts):
             ids[i, :len(p)], lengths[i] = p, len(p)
+        ids, soft = self.soft_tokens(mm, ids, m, per)
         ids, lengths = ids.reshape(m, per, t), lengths.reshape(m, per)
         cache = init_stage_cache(self.plan, self.mesh, m, per, max_len, self.dtype)
         last, cache = _run_gpipe(self.plan, "prefill", self.dtype.name, self.impl, self.mesh, self.params,
-                                 *self.replicated(ids, lengths), cache)
+                                 *self.replicated(ids, lengths), cache, soft)
         key = jax.random.key(seed)
         stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
         first = jnp.stack([sample(last[i], jax.random.fold_in(jax.random.fold_in(key, i), 0), sampling)

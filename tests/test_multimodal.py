@@ -231,3 +231,32 @@ def test_audio_tower_and_merge_give_transformers_logits(multimodal):
                              place(ids, None, feats, m.towers.ids)))
     assert rel_err(got, want) <= 1e-4
     assert rel_err(m.logits(ids), want) > 1e-2  # the audio matters
+
+
+@pytest.mark.parametrize("pp", [2, 3])
+def test_pipelined_soft_tokens_give_transformers_logits(multimodal, pp):
+    """The towers run on the first device, the features enter on the first stage (every split), and the
+    pipeline gives transformers' logits (text+image; bidirectional blocks on 31B-like stages) and pp=1's
+    greedy tokens."""
+    from gemma4_jax.multimodal import soft_tokens as place
+
+    family, model, path = multimodal
+    if (family, pp) not in (("e2b", 3), ("31b", 2)):
+        pytest.skip("two splits keep the test short: E2B-like in three stages, 31B-like in two")
+    ids = np.asarray(ROWS, np.int64)
+    pixels, pos = _images(0)
+    want, features = _hf(model, ids, pixels, pos)
+    one = gemma4_jax.load(path, dtype="float32", progress=False)
+    m = gemma4_jax.load(path, pp=pp, dtype="float32", progress=False)
+    assert m.towers is not None and m.pipeline is not None
+    mm = place(ids, features, None, m.towers.ids)
+    assert rel_err(m.logits(ids, mm), want) <= 1e-4
+
+    def soft(t):
+        padded = np.zeros((len(ROWS), t), np.int64)
+        padded[:, :ids.shape[1]] = ids
+        return place(padded, features, None, m.towers.ids)
+
+    prompts = [list(r) for r in ROWS]
+    assert m.generate(prompts, max_new_tokens=6, stop_tokens=(), soft_tokens=soft) == \
+        one.generate(prompts, max_new_tokens=6, stop_tokens=(), soft_tokens=soft)
