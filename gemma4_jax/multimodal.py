@@ -63,14 +63,30 @@ class Towers:
         self.vision, self.audio, self.ids = vision, audio, ids
 
     @classmethod
-    def load(cls, hf_dir: str, text_hidden_size: int, dtype) -> Towers | None:
-        """The towers of `hf_dir`, or None when its config has neither a vision nor an audio config."""
-        with open(os.path.join(hf_dir, "config.json")) as f:
-            raw = json.load(f)
+    def load(cls, path: str, text_hidden_size: int, dtype) -> Towers | None:
+        """The towers of an HF or converted directory (whose first stage keeps them), placed on the first
+        device; None when its config has neither a vision nor an audio config."""
+        from . import stage_checkpoint as sc
+
+        if sc.is_stage_dir(path):
+            manifest = sc.read_manifest(path)
+            raw = manifest["config"]
+            towers = manifest.get("towers")
+        else:
+            with open(os.path.join(path, "config.json")) as f:
+                raw = json.load(f)
         vision_cfg, audio_cfg = raw.get("vision_config"), raw.get("audio_config")
         if not vision_cfg and not audio_cfg:
             return None
-        tensors = read_tower_tensors(hf_dir)
+        if sc.is_stage_dir(path):
+            if not towers:
+                raise CheckpointError(f"{path} was converted without its vision/audio towers; re-convert it")
+            from .safetensors_io import SafetensorsFile
+
+            st = SafetensorsFile(os.path.join(path, towers["file"]))
+            tensors = {name: np.array(st.get(name)) for name in st.keys()}
+        else:
+            tensors = read_tower_tensors(path)
         vision = audio = None
         if vision_cfg:
             from .vision import VisionConfig, load_vision

@@ -251,6 +251,7 @@ def convert(hf_dir: str, out: str, stages: tuple[Stage, ...] | None = None, *, p
         writer.finish()
         if bar is not None:
             bar.close()
+        towers = _write_towers(hf_dir, tmp, dtype)
         for name in COPIED_FILES:
             src = os.path.join(hf_dir, name)
             if os.path.isfile(src):
@@ -274,6 +275,8 @@ def convert(hf_dir: str, out: str, stages: tuple[Stage, ...] | None = None, *, p
             "config": raw_config,
             "seconds": round(time.perf_counter() - t0, 2),
         }
+        if towers:
+            manifest["towers"] = towers
         with open(os.path.join(tmp, MANIFEST), "w") as f:  # the last file written
             json.dump(manifest, f, indent=1)
         _replace_dir(tmp, out)
@@ -281,6 +284,26 @@ def convert(hf_dir: str, out: str, stages: tuple[Stage, ...] | None = None, *, p
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+TOWERS_FILE = "stage_0_towers.safetensors"
+
+
+def _write_towers(hf_dir: str, root: str, dtype: str) -> dict | None:
+    """The vision/audio towers and their embedders, for the first stage only: one safetensors file of
+    their HF-named tensors (cast to `dtype`) beside stage 0's checkpoint; None when there are none."""
+    from .multimodal import read_tower_tensors
+    from .safetensors_io import save_file
+
+    tensors = read_tower_tensors(hf_dir)
+    if not tensors:
+        return None
+    target = np.dtype(jnp.dtype(dtype))
+    tensors = {k: (v.astype(target) if np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16" else v)
+               for k, v in tensors.items()}
+    save_file(tensors, os.path.join(root, TOWERS_FILE))
+    return {"file": TOWERS_FILE, "stage": 0, "tensors": len(tensors),
+            "bytes": os.path.getsize(os.path.join(root, TOWERS_FILE))}
 
 
 def _stage_sizes(root: str, n: int) -> list[int]:

@@ -260,3 +260,30 @@ def test_pipelined_soft_tokens_give_transformers_logits(multimodal, pp):
     prompts = [list(r) for r in ROWS]
     assert m.generate(prompts, max_new_tokens=6, stop_tokens=(), soft_tokens=soft) == \
         one.generate(prompts, max_new_tokens=6, stop_tokens=(), soft_tokens=soft)
+
+
+def test_converter_keeps_the_towers_on_the_first_stage(multimodal, tmp_path):
+    """A converted multimodal checkpoint: the towers sit beside stage 0 only (not in any stage's leaves),
+    load with the stages, and give the HF directory's features and logits exactly."""
+    import json
+    import os
+
+    from gemma4_jax.multimodal import soft_tokens as place
+    from gemma4_jax.stage_checkpoint import convert
+
+    family, _, path = multimodal
+    if family != "31b":
+        pytest.skip("one family is enough for the converter")
+    out = str(tmp_path / "stages")
+    convert(path, out, pp=2, dtype="float32", progress=False)
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert manifest["towers"]["stage"] == 0 and os.path.isfile(os.path.join(out, manifest["towers"]["file"]))
+    hf = gemma4_jax.load(path, pp=2, dtype="float32", progress=False)
+    conv = gemma4_jax.load(out, pp=2, dtype="float32", progress=False)
+    pixels = (np.random.default_rng(3).random((40, 40, 3)) * 255).astype(np.uint8)
+    f_hf, n_hf = hf.towers.image_features([pixels], 70)
+    f_conv, n_conv = conv.towers.image_features([pixels], 70)
+    assert n_hf == n_conv and np.array_equal(np.asarray(f_hf), np.asarray(f_conv))
+    ids = np.asarray([[2, 10, BOI, *[IMAGE] * n_hf[0], EOI, 11]], np.int64)
+    mm = place(ids, f_hf, None, hf.towers.ids)
+    assert np.array_equal(hf.logits(ids, mm), conv.logits(ids, mm))
