@@ -25,8 +25,8 @@ def _rsqrt_scaled_attention(q, k, v, mask):
     return _orig["attention"](q * q.shape[-1] ** -0.5, k, v, mask)
 
 
-def _window_off_by_one(q_pos, k_pos, window, k_valid=None):
-    return _orig["attention_mask"](q_pos, k_pos, None if window is None else window + 1, k_valid)
+def _window_off_by_one(q_pos, k_pos, window, k_valid=None, blocks=None):
+    return _orig["attention_mask"](q_pos, k_pos, None if window is None else window + 1, k_valid, blocks)
 
 
 def _rope_denominator_is_rotated_width(spec):
