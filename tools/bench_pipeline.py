@@ -16,7 +16,8 @@ total batch cut into N micro-batches (the ring full). For each it reports:
 - agreement with pp=1: the fraction of greedy tokens equal, the first divergence of each row, and the
   KL divergence per token between pp=1's and pp=N's next-token distributions over the first two prompts;
   with `--f32-reference`, also each layout's KL from a float32 forward of the same weights (bf16's own
-  error, against which pp=N's difference from pp=1 is read).
+  error, against which pp=N's difference from pp=1 is read); with `--shape-control`, pp=1 against itself
+  at another batch size (how far bf16 results move when only the matmul shapes change).
 
 The JSON file is rewritten after every phase, so a run cut short keeps what it measured.
 """
@@ -44,6 +45,8 @@ def add_parser(sub) -> None:
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--attn-impl", default="auto", help="attention: auto | xla | pallas (both layouts)")
     p.add_argument("--no-logits", action="store_true", help="skip the KL comparison (saves two compiles)")
+    p.add_argument("--shape-control", action="store_true",
+                   help="also compare pp=1 with itself at batch 1 vs 2: how far bf16 moves with matmul shapes alone")
     p.add_argument("--f32-reference", action="store_true",
                    help="also compare both layouts with a float32 forward of the same weights (4 bytes/param on one "
                         "device): the bf16 noise floor that pp=N's difference from pp=1 should be read against")
@@ -156,6 +159,9 @@ def run(args) -> dict:
     if not args.no_logits:
         logits1 = one.logits(few)
         phase("pp1_logits")
+        if args.shape_control:  # the same model and prompt at another batch size: bf16's shape noise
+            res["pp1"]["kl_batch1_vs_batch2"] = _kl_summary(logits1[:1], one.logits(few[:1]))
+            phase("pp1_shape_control")
     params = {path: np.asarray(var.get_value()) for path, var in iter_params(one.module)}
     del one, module
     gc.collect()
