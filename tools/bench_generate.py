@@ -23,7 +23,8 @@ HBM bandwidth measured with a large copy (`hbm_gb_s`); then, for each batch size
 
 After the first batch: prefill of `--prefill-len` tokens at batch 1 (`long_prefill`: compile, ms, % MFU;
 0 skips it), then, with `--profile DIR`, a perfetto trace of one (already compiled) `gen-len/2 + 1`-token
-generation. With `--pp N` (a pipeline), prefill is timed as a 1-token generation instead.
+generation, summarised into `profile` (the busiest kernels, by `tools/trace_summary.py`). With `--pp N`
+(a pipeline), prefill is timed as a 1-token generation instead.
 
 `--compare transformers` then runs the same shapes through transformers' Gemma4ForCausalLM (bf16,
 random weights, built once; `transformers[str(batch)]`): `eager` for every batch, and `static_compiled`
@@ -68,6 +69,9 @@ def add_parser(sub) -> None:
     p.add_argument("--compare", default="none", choices=["none", "transformers"])
     p.add_argument("--compile-batches", default="16",
                    help="batches for transformers' static cache + torch.compile ('' for none)")
+    p.add_argument("--deadline", type=float, default=None, metavar="S",
+                   help="seconds for the whole run: our side starts no new batch after 0.6·S, transformers no "
+                        "new item after S (skipped items are recorded as such)")
     p.add_argument("--json", default=None)
     p.set_defaults(func=run)
 
@@ -297,6 +301,10 @@ def ours(args, start: float) -> dict:
     extras_done = False
     for b in res["batches"]:
         entry = res["results"][str(b)] = {}
+        if args.deadline and time.time() - start > 0.6 * args.deadline:
+            entry["skipped"] = f"--deadline {args.deadline:g} s: our side's share was spent"
+            progress(f"b{b}_skipped")
+            continue
         try:
             gen = measure(b, entry)
         except Exception as e:  # out of memory, most likely: keep the other batches
@@ -325,6 +333,12 @@ def ours(args, start: float) -> dict:
             with jax.profiler.trace(args.profile, create_perfetto_trace=True):
                 gen(short)
             res["profile"] = {"dir": args.profile, "batch": b, "new_tokens": short}
+            try:  # the busiest kernels, so that the JSON carries the evidence without the trace
+                from trace_summary import newest_trace, summarise
+
+                res["profile"].update(summarise(newest_trace(args.profile), 30))
+            except Exception as e:
+                res["profile"]["summary_error"] = repr(e)
             progress("profile")
     return res
 
@@ -388,6 +402,10 @@ def _transformers(args, res: dict, progress: Progress) -> None:
         for name in ("eager", "static_compiled") if b in compile_batches else ("eager",):
             gen = generator(ids, modes[name])
             m = entry[name] = {}
+            if args.deadline and time.time() - progress.start > args.deadline:
+                m["skipped"] = f"--deadline {args.deadline:g} s reached"
+                progress(f"transformers_b{b}_{name}_skipped")
+                continue
             try:
                 if device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
@@ -407,7 +425,7 @@ def _transformers(args, res: dict, progress: Progress) -> None:
             if device == "cuda":
                 torch.cuda.empty_cache()
             progress(f"transformers_b{b}_{name}")
-    if args.prefill_len > 0:
+    if args.prefill_len > 0 and not (args.deadline and time.time() - progress.start > args.deadline):
         n = args.prefill_len
         gen = generator(torch.tensor(_prompts(vocab, 1, n), device=device), modes["eager"])
         long = out["long_prefill"] = {"batch": 1, "tokens": n}
