@@ -22,7 +22,7 @@ from .errors import CheckpointError, ConfigError
 from .generation import Sampling, generate_tokens
 from .hf_checkpoint import model_from_params, read_hf_params
 from .kernels.dispatch import IMPLS
-from .model import Gemma4Text
+from .model import Gemma4Text, restack_layers, unstack_layers
 from .tokenizer import Tokenizer, stop_ids
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -68,7 +68,8 @@ class Gemma4Model:
         self.path = path
         self.pipeline = pipeline  # a pipeline.Pipeline when pp > 1
         self.towers = towers  # multimodal.Towers: vision / audio towers of a multimodal checkpoint (pp=1)
-        self.graphdef, self.state = nnx.split(module) if module is not None else (None, None)
+        # Per-layer arrays, not stacks, for the compiled programs: see `model.unstack_layers`.
+        self.graphdef, self.state = nnx.split(unstack_layers(module)) if module is not None else (None, None)
         self.stop_tokens: tuple[int, ...] = stop_ids(path, self.config.eos_token_ids)
 
     @property
@@ -77,10 +78,12 @@ class Gemma4Model:
 
     @property
     def module(self) -> Gemma4Text:
-        """The NNX module (a fresh view over the same parameter arrays); pp=1 only."""
+        """The NNX module with its layer parameters stacked per kind (a fresh module: the stacks are new
+        arrays, the other parameters shared); pp=1 only."""
         if self.pipeline is not None:
             raise ConfigError("a pipelined model (pp > 1) has no single NNX module; its stages are in .pipeline")
-        return nnx.merge(self.graphdef, self.state)
+        fresh = jax.tree.map(lambda a: a, self.state)  # new Variables over the same arrays: restacking leaves
+        return restack_layers(nnx.merge(self.graphdef, fresh))  # self.state as it is
 
     def _check_tokens(self, tokens) -> np.ndarray:
         ids = np.asarray(tokens)

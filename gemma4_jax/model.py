@@ -339,12 +339,13 @@ class Gemma4Text(nnx.Module):
         return (ctx + tok) * (2.0**-0.5)
 
     def layer_views(self) -> list[DecoderLayer]:
-        """One DecoderLayer per layer, in order, each a slice of its kind's stack."""
+        """One DecoderLayer per layer, in order, each a slice of its kind's stack (or, once `unstack_layers`
+        has run, the layer's own arrays: no slice, so no copy of the weights in a compiled step)."""
         split = {kind: nnx.split(stack) for kind, stack in self.stacks.items()}
         views = []
         for kind, i in self.cfg.layer_plan:
             graphdef, state = split[kind]
-            views.append(nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)))
+            views.append(nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state, is_leaf=is_layer_tuple)))
         return views
 
     def head(self, x_btd):
@@ -446,6 +447,37 @@ class FullAttender(Attender):
             return attention(q, *kv, mask)
         k_pos = self.pos if self.valid is None else jnp.where(self.valid, self.pos, -1)
         return kernel_attention(impl, q, *kv, self.pos, k_pos, spec.window)
+
+
+def is_layer_tuple(x) -> bool:
+    """A layer parameter held as per-layer arrays (`unstack_layers`), indexed like a stack."""
+    return isinstance(x, tuple)
+
+
+def unstack_layers(module: Gemma4Text) -> Gemma4Text:
+    """Turn every stacked layer parameter [n, ...] into a tuple of its n per-layer arrays, in place, one
+    parameter at a time (device memory peaks at the model plus one parameter).
+
+    Why: in the unrolled layer loop, a layer's weight is `stack[i]`; XLA on the GPU materialises that slice
+    as a device-to-device copy wherever the weight feeds a library GEMM, so every decode step would copy
+    about half the model (measured: 58 % of 31B's decode time). Separate arrays are read in place. The
+    layer loop (`layer_views`) takes either form.
+    """
+    for stack in module.stacks.values():
+        for _, var in nnx.iter_graph(stack):
+            if isinstance(var, nnx.Param) and not isinstance(value := var.get_value(), tuple):
+                var.set_value(tuple(value[i] for i in range(value.shape[0])))
+                del value
+    return module
+
+
+def restack_layers(module: Gemma4Text) -> Gemma4Text:
+    """The inverse of `unstack_layers` (in place): every layer parameter one stacked array again."""
+    for stack in module.stacks.values():
+        for _, var in nnx.iter_graph(stack):
+            if isinstance(var, nnx.Param) and isinstance(value := var.get_value(), tuple):
+                var.set_value(jnp.stack(value))
+    return module
 
 
 def init_model(cfg: Gemma4Config, dtype=jnp.float32, seed: int = 0) -> Gemma4Text:

@@ -22,8 +22,9 @@ The packet sent from stage s to s + 1 (ppermute) after every tick:
 Stage-stacked parameters (leading axis P):
   table [P, V, D]  the embedding on stage 0 and its copy, the tied head, on the last stage (zeros
                    between, only when P ≥ 3); final_norm [P, D]; ple_* the stage's PLE share,
-                   padded to the longest stage; stacks {stack: DecoderLayer state [P, n_max, …]}
-                   (KV-shared layers live in their owning kind's stack where shapes allow).
+                   padded to the longest stage; stacks {stack: DecoderLayer state, each parameter a
+                   tuple of n_max arrays [P, …], one per slot} (KV-shared layers live in their owning
+                   kind's stack where shapes allow).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from .model import (
     attention_impl,
     attention_mask,
     embed_scale,
+    is_layer_tuple,
     kernel_attention,
     rms_norm,
     rope_cos_sin,
@@ -242,10 +244,13 @@ def stage_tree(plan: PipelinePlan, s: int, leaves: dict[Path, jax.Array], dtype,
             for path, var in iter_params(module):
                 shape = var.get_value().shape
                 # A KV-shared layer stored with its owning kind has no K/V weights: zeros, never read.
+                # One array per slot, not a stack: a slice of a stacked weight inside the stage program is a
+                # device-to-device copy on the GPU every tick (see model.unstack_layers). Padding slots are
+                # zeros, never computed.
                 parts = [put(leaves[key]) if (key := ("layers", str(layer), *path)) in leaves
                          else jnp.zeros(shape[1:], dtype) for layer in layers]
-                value = jnp.stack(parts) if parts else jnp.zeros((0, *shape[1:]), dtype)
-                var.set_value(jnp.pad(value, [(0, shape[0] - value.shape[0])] + [(0, 0)] * (value.ndim - 1)))
+                parts += [jnp.zeros(shape[1:], dtype) for _ in range(shape[0] - len(parts))]
+                var.set_value(tuple(parts))
             stacks[kind] = nnx.split(module)[1]
         tree["stacks"] = stacks
     return tree
@@ -394,7 +399,7 @@ def _stage_fn(plan: PipelinePlan, s: int, mode: str, dtype, graphdefs, impl: str
             spec = cfg.layers[layer]
             if spec.attn_type not in rope:
                 rope[spec.attn_type] = rope_cos_sin(pos, rope_inv_freq(spec), dtype)
-            state = jax.tree.map(lambda a, slot=slot: a[slot], params["stacks"][kind])
+            state = jax.tree.map(lambda a, slot=slot: a[slot], params["stacks"][kind], is_leaf=is_layer_tuple)
             module = nnx.merge(graphdefs[kind], state)
             x, _ = module(x, ple[:, :, j] if ple is not None else None, *rope[spec.attn_type],
                           lambda q, kv, spec=spec: (att(spec, q, kv), None), owns_kv=spec.owns_kv)

@@ -105,3 +105,27 @@ def test_prompt_longer_than_context_fails_clearly(hf_dirs):
     model = gemma4_jax.load(hf_dirs["31b", "causal"], progress=False, max_seq_len=32)
     with pytest.raises(gemma4_jax.ConfigError, match="exceeds the context of 32"):
         model.generate([list(range(3, 30))], max_new_tokens=8)
+
+
+def test_decode_program_reads_layer_weights_in_place():
+    """The loaded model keeps one array per layer weight, so the compiled decode step slices no weight (on the
+    GPU such a slice is a device-to-device copy of the weight every step); `.module` gives the stacks back."""
+    import re
+
+    from flax import nnx
+
+    model = gemma4_jax.load("gemma4_jax/demo_model", progress=False)
+    cache = init_cache(model.config, 2, 32, jnp.float32)
+    tok, pos = jnp.zeros((2,), jnp.int32), jnp.ones((2,), jnp.int32)
+
+    def sliced_args(state):
+        text = decode_logits.lower(model.graphdef, state, cache, tok, pos).as_text()
+        n = len(jax.tree.leaves(state))  # the parameters are the program's first n arguments
+        return {int(a) for a in re.findall(r"stablehlo\.(?:dynamic_)?slice %arg(\d+)", text) if int(a) < n}
+
+    stacked = nnx.split(model.module)[1]
+    assert sliced_args(stacked), "premise: stacked layer weights are sliced inside the program"
+    assert not sliced_args(model.state)
+    assert len(jax.tree.leaves(model.state)) > len(jax.tree.leaves(stacked))  # .module left the model as it was
+    for a, b in zip(jax.tree.leaves(nnx.split(model.module)[1]), jax.tree.leaves(stacked), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

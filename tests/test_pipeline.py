@@ -7,6 +7,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from hf_fixtures import rel_err
 
 import gemma4_jax
@@ -147,6 +148,16 @@ def test_stage_programs_close_over_no_empty_constant(hf_dirs, prompts):
                                                jax.random.key(0))
     texts.append(pl._run_ring.lower(pipe.plan, Sampling(0.0, None, None), pipe.dtype.name, "xla", pipe.mesh, 8,
                                     pipe.params, cache, first, lengths, steps, stops, key).as_text())
+    # Layer weights reach the programs as one array per slot: a stack [n, ...] would be sliced per layer,
+    # which on the GPU copies the weight every tick (model.unstack_layers).
+    stacked = set()
+    for kind, n in pipe.plan.kind_max.items():
+        one = jax.tree.leaves(nnx.state(pl.kind_graphdef(pipe.plan.cfg, kind, 1, pipe.dtype)))
+        for shape in (leaf.shape[1:] for leaf in one if n > 1 and len(leaf.shape) >= 3):  # the matrices
+            dims = "x".join(map(str, (n, *shape))) + "x"
+            stacked |= {f"tensor<{dims}", f"tensor<1x{dims}"}  # the stack, or its block inside shard_map
+    assert any(n > 1 for n in pipe.plan.kind_max.values())
     for text in texts:
         assert "manual" in text  # the stage program itself was lowered
         assert "tensor<0x" not in text
+        assert not [t for t in stacked if t in text]
