@@ -31,6 +31,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 
 def add_parser(sub) -> None:
@@ -147,9 +148,10 @@ def run(args) -> dict:
                         kv_budget_tokens_80gb=_budget([80e9 - w for w in weights], per_token))
 
     module = random_model(cfg, dtype)
-    state = jax.tree.leaves(nnx_state(module))
-    jax.block_until_ready(state)
     one = Gemma4Model(module, RunConfig(dtype="bfloat16", max_seq_len=None, attn_impl=args.attn_impl))
+    del module  # the model holds its own (per-layer) arrays; the stacks it was built from are gone
+    state = jax.tree.leaves(one.state)
+    jax.block_until_ready(state)
     res["pp1"] = {}
     memory("pp1", 1, [sum(a.nbytes for a in state)], [kv_bytes_per_token(cfg, range(cfg.num_layers))])
     del state
@@ -162,8 +164,12 @@ def run(args) -> dict:
         if args.shape_control:  # the same model and prompt at another batch size: bf16's shape noise
             res["pp1"]["kl_batch1_vs_batch2"] = _kl_summary(logits1[:1], one.logits(few[:1]))
             phase("pp1_shape_control")
-    params = {path: np.asarray(var.get_value()) for path, var in iter_params(one.module)}
-    del one, module
+    # Read per layer (a tuple of arrays stacks on the host), not through `.module`, which restacks on the device.
+    def host(value):
+        return np.stack([np.asarray(a) for a in value]) if isinstance(value, tuple) else np.asarray(value)
+
+    params = {path: host(var.get_value()) for path, var in iter_params(nnx.merge(one.graphdef, one.state))}
+    del one
     gc.collect()
     phase("to_host")
     ref = None
@@ -217,8 +223,3 @@ def run(args) -> dict:
     print(json.dumps(res, indent=1), flush=True)
     return res
 
-
-def nnx_state(module):
-    from flax import nnx
-
-    return nnx.state(module)
