@@ -220,7 +220,9 @@ def load(path: str | None = None, *, pp: int = 1, dtype=None, max_seq_len: int |
 
         if sc.is_stage_dir(path):
             stages = sc.manifest_stages(manifest, cfg)
+            mine = {d.id for d in jax.local_devices()}  # with several hosts, each restores only its stages
             leaves = [sc.restore_leaves(path, s.index, lv, jdtype, jax.sharding.SingleDeviceSharding(dev))
+                      if dev.id in mine else None
                       for s, lv, dev in zip(stages, sc.expected_leaves(cfg, stages), jax.devices(), strict=False)]
         else:
             if layer_split is not None:

@@ -41,6 +41,7 @@ from jax.sharding import PartitionSpec as P
 
 from .cache import LayerCache, store_prompt, write_token
 from .config import Gemma4Config
+from .errors import ConfigError
 from .generation import Sampling, sample
 from .hf_checkpoint import iter_params
 from .model import (
@@ -210,7 +211,15 @@ def best_stages(cfg: Gemma4Config, pp: int, itemsize: int = 2) -> tuple[Stage, .
 
 
 def make_mesh(pp: int) -> jax.sharding.Mesh:
-    return jax.sharding.Mesh(np.array(jax.devices()[:pp]), ("pp",))
+    """Axis 'pp' over the first `pp` devices of all processes (`jax.devices()` lists them process by process).
+    Every process must own at least one stage: it runs the same programs and holds its stages' parameters."""
+    devices = jax.devices()[:pp]
+    idle = sorted({d.process_index for d in jax.devices()} - {d.process_index for d in devices})
+    if idle:
+        raise ConfigError(f"pp={pp} uses the first {pp} of {len(jax.devices())} devices, leaving process(es) "
+                          f"{idle} without a stage; with {jax.process_count()} processes use pp = "
+                          f"{len(jax.devices())} (every device) or start fewer processes")
+    return jax.sharding.Mesh(np.array(devices), ("pp",))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,17 +265,25 @@ def stage_tree(plan: PipelinePlan, s: int, leaves: dict[Path, jax.Array], dtype,
     return tree
 
 
-def stack_stages(plan: PipelinePlan, trees: list[dict], mesh) -> dict:
-    """Per-stage trees (each on its device) -> one tree of arrays [P, ...] sharded P('pp')."""
+def stack_stages(plan: PipelinePlan, trees: dict[int, dict], mesh) -> dict:
+    """This process's stage trees {stage: tree on that stage's device} -> one tree of global arrays [P, ...]
+    sharded P('pp'). With several processes (hosts), each passes only the stages on its own devices."""
 
     devices = list(mesh.devices.flat)
+    order = sorted(trees)
 
     def glue(*parts):
-        shape = (len(parts), *parts[0].shape)
-        blocks = [jax.device_put(a[None], d) for a, d in zip(parts, devices, strict=True)]
+        shape = (len(devices), *parts[0].shape)
+        blocks = [jax.device_put(a[None], devices[s]) for s, a in zip(order, parts, strict=True)]
         return jax.make_array_from_single_device_arrays(shape, NamedSharding(mesh, P("pp")), blocks)
 
-    return jax.tree.map(glue, *trees)
+    return jax.tree.map(glue, *[trees[s] for s in order])
+
+
+def local_stages(mesh) -> list[int]:
+    """The stages whose device belongs to this process."""
+    mine = {d.id for d in jax.local_devices()}
+    return [s for s, d in enumerate(mesh.devices.flat) if d.id in mine]
 
 
 def stage_leaves_from_params(cfg: Gemma4Config, stages: tuple[Stage, ...], params: dict[Path, np.ndarray]):
@@ -557,7 +574,12 @@ def _run_gpipe(plan, mode, dtype_name, impl, mesh, params, ids, lengths, cache, 
     f = jax.shard_map(body, mesh=mesh, in_specs=(P("pp"), P(), P(), cache_spec, mm_spec),
                       out_specs=(P("pp"), cache_spec), check_vma=False)
     out, cache = f(params, ids, lengths, cache, mm)
-    return out[plan.num_stages - 1], cache
+    return _everywhere(mesh, out[plan.num_stages - 1]), cache
+
+
+def _everywhere(mesh, x):
+    """`x` replicated on every stage's device, so that every process (host) can read it."""
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P()))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5), donate_argnums=(7,))
@@ -566,7 +588,7 @@ def _run_ring(plan, sampling, dtype_name, impl, mesh, width, params, cache, firs
     f = jax.shard_map(body, mesh=mesh, in_specs=(P("pp"), P("pp"), P(), P(), P(), P(), P()),
                       out_specs=(P("pp"), P("pp"), P("pp")), check_vma=False)
     out, done, cache = f(params, cache, first, lengths, steps, stops, key)
-    return out[plan.num_stages - 1], done[plan.num_stages - 1], cache
+    return _everywhere(mesh, out[plan.num_stages - 1]), _everywhere(mesh, done[plan.num_stages - 1]), cache
 
 
 class Pipeline:
@@ -579,9 +601,9 @@ class Pipeline:
         self.mesh = make_mesh(len(stages))
         self.dtype = jnp.dtype(dtype)
         devices = list(self.mesh.devices.flat)
-        trees = []
-        for s in range(len(stages)):
-            trees.append(stage_tree(self.plan, s, leaves[s], self.dtype, devices[s]))
+        trees = {}
+        for s in local_stages(self.mesh):  # with several processes, each builds only its own stages
+            trees[s] = stage_tree(self.plan, s, leaves[s], self.dtype, devices[s])
             leaves[s] = None  # let the stage's unstacked leaves go
         self.params = stack_stages(self.plan, trees, self.mesh)
 
@@ -593,7 +615,16 @@ class Pipeline:
         """`arrays` placed whole on every stage's device (the shard_map programs' replicated inputs), so
         no input reaches the compiler committed to a single device."""
         rep = NamedSharding(self.mesh, P())
-        return tuple(jax.device_put(a, rep) for a in arrays)
+
+        def put(a):
+            if isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+                return jax.random.wrap_key_data(put(jax.random.key_data(a)), impl=jax.random.key_impl(a))
+            # From the host's copy, built per device: with several processes a sharding over the whole mesh
+            # is not addressable from one of them, and device_put refuses it.
+            host = np.asarray(a)
+            return jax.make_array_from_callback(host.shape, rep, lambda index: host[index])
+
+        return tuple(put(a) for a in arrays)
 
     def micro_batches(self, b: int) -> int:
         return min(b, self.num_stages)
@@ -610,9 +641,9 @@ class Pipeline:
         slots[:b], blocks[:b] = np.asarray(mm.slots), np.asarray(mm.blocks)
         ids = np.where(slots.reshape(ids.shape) >= 0, self.plan.cfg.pad_token_id, ids).astype(np.int32)
         devices = list(self.mesh.devices.flat)
-        feats = jnp.asarray(mm.features, self.dtype)
-        blocks_p = [jax.device_put(feats[None], devices[0])]
-        blocks_p += [jnp.zeros((1, *feats.shape), self.dtype, device=d) for d in devices[1:]]
+        feats = np.asarray(mm.features).astype(self.dtype)
+        blocks_p = [jax.device_put(feats[None], devices[s]) if s == 0
+                    else jnp.zeros((1, *feats.shape), self.dtype, device=devices[s]) for s in local_stages(self.mesh)]
         feats_p = jax.make_array_from_single_device_arrays((len(devices), *feats.shape),
                                                            NamedSharding(self.mesh, P("pp")), blocks_p)
         return ids, (feats_p, *self.replicated(slots.reshape(m, per, t), blocks.reshape(m, per, t)))
