@@ -241,6 +241,9 @@ def load(path: str | None = None, *, pp: int = 1, dtype=None, max_seq_len: int |
     else:
         params = read_hf_params(path, cfg, jdtype, progress=progress)
         module = model_from_params(cfg, params, jdtype)
+    # Drop our references to the stacked arrays before the model splits them into per-layer arrays, so
+    # device memory peaks at the model plus one parameter, not twice the model.
+    del params
     return Gemma4Model(module, run, tokenizer=tokenizer, path=path, towers=_towers(path, cfg, jdtype))
 
 
