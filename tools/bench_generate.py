@@ -13,8 +13,9 @@ HBM bandwidth measured with a large copy (`hbm_gb_s`); then, for each batch size
 - decode ms/token and tokens/s: the difference between a `gen-len`- and a `gen-len/2 + 1`-token generation
   (the same compiled programs, the same prefill), best of `--repeat`;
 - the HBM roofline: the bytes a decode step must read (weights, only the routed experts' share for MoE,
-  and the KV cache at the mean context of the timed steps) over the measured bandwidth, and decode's
-  ratio to it;
+  and the KV cache at the mean context of the timed steps) over the measured bandwidth (`hbm_gb_s`, a
+  copy), and decode's ratio to it; the same over a read-only bandwidth (`hbm_read_gb_s`, a 4 GiB sum) as
+  `read_roofline_ms_per_token` / `decode_vs_read_roofline`;
 - prefill ms and % MFU of the batch's prompts: `gemma4_jax.generation.prefill` called directly on the
   shapes generation compiled, best of `--repeat`;
 - device memory: the process's peak so far (so list the batches in increasing order) and the bytes in use.
@@ -133,6 +134,14 @@ def short_len(prompt_len: int, gen_len: int, context: int) -> int:
     return n
 
 
+def hbm_read_bandwidth() -> float:
+    """Bytes/s of reading 4 GiB of bf16 into a sum (read only, as decode mostly is), best of 5."""
+    x = jnp.ones((1 << 31,), jnp.bfloat16)
+    f = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+    f(x).block_until_ready()
+    return x.nbytes / _timed(lambda: f(x).block_until_ready(), 5)
+
+
 def hbm_bandwidth() -> float:
     """Bytes/s of a 2 GiB bf16 `x + 1` (read + write), best of 5."""
     x = jnp.zeros((1 << 30,), jnp.bfloat16)
@@ -227,6 +236,7 @@ def ours(args, start: float) -> dict:
     res.update(card=dev.device_kind, jax=jax.__version__, results={})
     progress = Progress(res, args.json, start)
     res["hbm_gb_s"] = (bw := hbm_bandwidth()) / 1e9
+    res["hbm_read_gb_s"] = (read_bw := hbm_read_bandwidth()) / 1e9
     progress("hbm_bandwidth")
 
     t0 = time.perf_counter()
@@ -288,7 +298,9 @@ def ours(args, start: float) -> dict:
         entry.update(compile_s=entry["first_run_s"] - t_long,
                      generate_s={str(short): t_short, str(args.gen_len): t_long},
                      decode_ms_per_token=decode * 1e3, decode_tokens_s=b / decode,
-                     roofline_ms_per_token=floor * 1e3, decode_vs_roofline=decode / floor)
+                     roofline_ms_per_token=floor * 1e3, decode_vs_roofline=decode / floor,
+                     read_roofline_ms_per_token=floor * bw / read_bw * 1e3,
+                     decode_vs_read_roofline=decode / (floor * bw / read_bw))
         memory(entry)
         progress(f"b{b}_decode")
         max_len = min(bucket(args.prompt_len + args.gen_len), context)  # generate's cache: nothing new compiles
