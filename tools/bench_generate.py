@@ -70,6 +70,8 @@ def add_parser(sub) -> None:
     p.add_argument("--compare", default="none", choices=["none", "transformers"])
     p.add_argument("--compile-batches", default="16",
                    help="batches for transformers' static cache + torch.compile ('' for none)")
+    p.add_argument("--hbm-gib", type=float, default=2.0,
+                   help="GiB copied to measure the bandwidth (twice that is summed for the read-only figure)")
     p.add_argument("--deadline", type=float, default=None, metavar="S",
                    help="seconds for the whole run: our side starts no new batch after 0.6·S, transformers no "
                         "new item after S (skipped items are recorded as such)")
@@ -134,17 +136,17 @@ def short_len(prompt_len: int, gen_len: int, context: int) -> int:
     return n
 
 
-def hbm_read_bandwidth() -> float:
-    """Bytes/s of reading 4 GiB of bf16 into a sum (read only, as decode mostly is), best of 5."""
-    x = jnp.ones((1 << 31,), jnp.bfloat16)
+def hbm_read_bandwidth(gib: float = 4.0) -> float:
+    """Bytes/s of reading `gib` GiB of bf16 into a sum (read only, as decode mostly is), best of 5."""
+    x = jnp.ones((int(gib * 2**29),), jnp.bfloat16)
     f = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
     f(x).block_until_ready()
     return x.nbytes / _timed(lambda: f(x).block_until_ready(), 5)
 
 
-def hbm_bandwidth() -> float:
-    """Bytes/s of a 2 GiB bf16 `x + 1` (read + write), best of 5."""
-    x = jnp.zeros((1 << 30,), jnp.bfloat16)
+def hbm_bandwidth(gib: float = 2.0) -> float:
+    """Bytes/s of a `gib` GiB bf16 `x + 1` (read + write), best of 5."""
+    x = jnp.zeros((int(gib * 2**29),), jnp.bfloat16)
     f = jax.jit(lambda a: a + 1)
     f(x).block_until_ready()
     return 2 * x.nbytes / _timed(lambda: f(x).block_until_ready(), 5)
@@ -235,8 +237,8 @@ def ours(args, start: float) -> dict:
     res = _header(args, cfg)
     res.update(card=dev.device_kind, jax=jax.__version__, results={})
     progress = Progress(res, args.json, start)
-    res["hbm_gb_s"] = (bw := hbm_bandwidth()) / 1e9
-    res["hbm_read_gb_s"] = (read_bw := hbm_read_bandwidth()) / 1e9
+    res["hbm_gb_s"] = (bw := hbm_bandwidth(args.hbm_gib)) / 1e9
+    res["hbm_read_gb_s"] = (read_bw := hbm_read_bandwidth(2 * args.hbm_gib)) / 1e9
     progress("hbm_bandwidth")
 
     t0 = time.perf_counter()
