@@ -199,3 +199,33 @@ def test_pipeline_across_processes(hf_dirs, single, tmp_path):
         for i in range(2):  # the HF directory, the converted checkpoint
             assert rel_err(got[f"logits{i}"], ref_logits) <= BOUND
             assert got[f"tokens{i}"].tolist() == ref_tokens
+
+
+def test_generate_cli_across_processes():
+    """`python -m gemma4_jax.generate --coordinator … --pp 4` on two processes (2 CPU devices each): process 0
+    prints the single-process text, process 1 prints nothing."""
+    cmd = [sys.executable, "-m", "gemma4_jax.generate", "--prompt", "What is 7 + 5?", "--max-new-tokens", "10"]
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu"}
+    one = subprocess.run(cmd, env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    port = _free_port()
+    procs = [subprocess.Popen(cmd + ["--pp", "4", "--coordinator", f"localhost:{port}", "--num-processes", "2",
+                                     "--process-id", str(i)],
+                              env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, stderr) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, stderr[-3000:]
+    # gloo (CPU collectives only) prints its connections to stdout from C++; the text is the rest
+    text = ["".join(line for line in o.splitlines(keepends=True) if not line.startswith("[Gloo]")) for o, _ in outs]
+    assert one.stdout.strip() and text[0] == one.stdout
+    assert text[1] == ""
+
+
+def test_generate_cli_cluster_flags_go_together(capsys):
+    from gemma4_jax.generate import main
+
+    assert main(["--prompt", "hi", "--coordinator", "localhost:1234"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --coordinator, --num-processes and --process-id go together"
