@@ -14,6 +14,8 @@ import time
 
 import numpy as np
 
+from .cluster import add_cluster_args, join_cluster
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gemma4_jax.generate", description=__doc__.splitlines()[0])
@@ -39,30 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a mono 16 kHz 16-bit .wav for the prompt; repeat for several")
     p.add_argument("--image-tokens", type=int, default=280, choices=[70, 140, 280, 560, 1120],
                    help="soft tokens per image")
-    hosts = p.add_argument_group("several hosts (run the same command on each; use --pp = all devices)")
-    hosts.add_argument("--distributed", action="store_true",
-                       help="join a multi-host run with jax.distributed.initialize() (cluster auto-detection)")
-    hosts.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                       help="the coordinator's address (implies --distributed; needs --num-processes, --process-id)")
-    hosts.add_argument("--num-processes", type=int, default=None)
-    hosts.add_argument("--process-id", type=int, default=None)
+    add_cluster_args(p)
     return p
-
-
-def join_cluster(args: argparse.Namespace) -> bool:
-    """`jax.distributed.initialize` when asked; True when this process prints (process 0, or no cluster)."""
-    import gemma4_jax
-
-    explicit = (args.coordinator, args.num_processes, args.process_id)
-    if not args.distributed and all(x is None for x in explicit):
-        return True
-    if any(x is not None for x in explicit) and any(x is None for x in explicit):
-        raise gemma4_jax.ConfigError("--coordinator, --num-processes and --process-id go together")
-    import jax
-
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices across processes
-    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    return jax.process_index() == 0
 
 
 def run(args: argparse.Namespace, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:

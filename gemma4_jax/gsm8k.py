@@ -204,11 +204,12 @@ def read_records(path: str) -> list[dict]:
 
 def evaluate(model, examples: Sequence[dict], *, batch_size: int = 8, max_new_tokens: int = 256,
              shots: Sequence[dict] = (), records_file: str | None = None, resume: bool = False,
-             progress: bool = True, on_batch: Callable[[int], None] | None = None) -> dict:
+             progress: bool = True, on_batch: Callable[[int], None] | None = None, write: bool = True) -> dict:
     """Greedy-generate an answer to every example and score it; returns the summary dict.
 
-    With `records_file`, the records so far are rewritten atomically after each batch; with
-    `resume`, records already there (matched by index and question) are kept and not redone.
+    With `records_file`, the records so far are rewritten atomically after each batch (unless `write` is
+    False: the other hosts of a multi-host run); with `resume`, records already there (matched by index and
+    question) are kept and not redone.
     `on_batch(n_done)` is called after each batch (tests use it to simulate an interruption).
     """
     if model.tokenizer is None:
@@ -242,7 +243,7 @@ def evaluate(model, examples: Sequence[dict], *, batch_size: int = 8, max_new_to
             got = extract_answer(text)
             done[i] = {"index": i, "question": examples[i]["question"], "reference": ref, "output": text,
                        "extracted": got, "correct": got is not None and Decimal(got) == Decimal(ref)}
-        if records_file:
+        if records_file and write:
             atomic_write(records_file, "".join(json.dumps(done[i]) + "\n" for i in sorted(done)))
         if bar is not None:
             correct = sum(r["correct"] for r in done.values())
@@ -264,8 +265,10 @@ def evaluate(model, examples: Sequence[dict], *, batch_size: int = 8, max_new_to
 def run_eval(model_path: str | None, data: str | None, *, out: str, limit: int | None = None, batch_size: int = 8,
              pp: int = 1, max_new_tokens: int = 256, shots: int = 0, shots_data: str | None = None,
              resume: bool = False, dtype: str | None = None, progress: bool = True,
-             log: Callable[[str], None] = print, on_batch: Callable[[int], None] | None = None) -> dict:
-    """What `tools/eval_gsm8k.py` does: load model and data, evaluate, write the summary (atomically)."""
+             log: Callable[[str], None] = print, on_batch: Callable[[int], None] | None = None,
+             write: bool = True) -> dict:
+    """What `tools/eval_gsm8k.py` does: load model and data, evaluate, write the summary (atomically).
+    `write=False` (the hosts other than process 0) computes the same and writes and logs nothing."""
     import gemma4_jax
 
     from .demo import demo_path
@@ -292,8 +295,10 @@ def run_eval(model_path: str | None, data: str | None, *, out: str, limit: int |
         raise DataError(f"the output directory {out_dir} does not exist")
     records_file = records_path(out)
     summary = evaluate(model, examples, batch_size=batch_size, max_new_tokens=max_new_tokens, shots=few,
-                       records_file=records_file, resume=resume, progress=progress, on_batch=on_batch)
+                       records_file=records_file, resume=resume, progress=progress, on_batch=on_batch, write=write)
     summary = {"model": path, "data": data or "openai/gsm8k:test", "limit": limit, **summary}
+    if not write:
+        return summary
     atomic_write(out, json.dumps(summary, indent=1) + "\n")
     lo, hi = summary["ci95"]
     log(f"GSM8K accuracy {summary['accuracy']:.4f} ({summary['correct']}/{summary['total']}; 95% CI "

@@ -229,3 +229,32 @@ def test_generate_cli_cluster_flags_go_together(capsys):
     assert main(["--prompt", "hi", "--coordinator", "localhost:1234"]) == 1
     err = capsys.readouterr().err.strip()
     assert err == "error: --coordinator, --num-processes and --process-id go together"
+
+
+def test_gsm8k_eval_across_processes(tmp_path):
+    """`tools/eval_gsm8k.py --coordinator … --pp 4` on two processes: process 0 writes the single-process
+    run's records and summary; process 1 writes nothing."""
+    import json
+
+    from gemma4_jax import gsm8k
+
+    data = "/work/shared/data/gsm8k/test.jsonl"
+    if not os.path.exists(data):
+        pytest.skip("GSM8K data not present")
+    kw = dict(limit=3, batch_size=2, max_new_tokens=16, progress=False, log=lambda s: None)
+    ref = gsm8k.run_eval(None, data, out=str(tmp_path / "one.json"), **kw)
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "TOKENIZERS_PARALLELISM": "false"}
+    port, outs = _free_port(), [tmp_path / f"p{i}.json" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "tools", "eval_gsm8k.py"), "--data", data,
+                               "--limit", "3", "--batch-size", "2", "--max-new-tokens", "16", "--quiet", "--pp", "4",
+                               "--out", str(outs[i]), "--coordinator", f"localhost:{port}", "--num-processes", "2",
+                               "--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log[-3000:]
+    got = json.loads(outs[0].read_text())
+    assert [r["output"] for r in got["records"]] == [r["output"] for r in ref["records"]]
+    assert got["correct"] == ref["correct"] and got["total"] == 3
+    assert not outs[1].exists() and not os.path.exists(gsm8k.records_path(str(outs[1])))

@@ -33,19 +33,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the records of an interrupted run")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    from gemma4_jax.cluster import add_cluster_args
+
+    add_cluster_args(p)  # several hosts: only process 0 writes; --resume needs a file system they share
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from gemma4_jax.cluster import join_cluster
     from gemma4_jax.errors import Gemma4Error
     from gemma4_jax.gsm8k import run_eval
 
     try:
+        writer = join_cluster(args)
         run_eval(args.model, args.data, out=args.out, limit=args.limit, batch_size=args.batch_size, pp=args.pp,
                  max_new_tokens=args.max_new_tokens, shots=args.shots, shots_data=args.shots_data,
-                 resume=args.resume, dtype=args.dtype, progress=not args.quiet)
+                 resume=args.resume, dtype=args.dtype, progress=not args.quiet and writer, write=writer)
     except Gemma4Error as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
