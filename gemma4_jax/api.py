@@ -35,7 +35,7 @@ class RunConfig:
     dtype: str = "float32"
     pp: int = 1
     max_seq_len: int | None = None
-    attn_impl: str = "auto"  # 'auto' | 'xla' | 'pallas' | 'interpret' (gemma4_jax.kernels.dispatch)
+    attn_impl: str = "auto"  # 'auto' | 'xla' | 'cudnn' | 'pallas' | 'interpret' (gemma4_jax.kernels.dispatch)
 
 
 def default_dtype() -> str:
@@ -186,8 +186,9 @@ def load(path: str | None = None, *, pp: int = 1, dtype=None, max_seq_len: int |
     `path` is a Hugging Face directory or one written by `tools/convert_checkpoint.py` (whose stage
     count must equal `pp`). With `pp` > 1 the layers of an HF directory are split balanced by bytes, or
     at `layer_split` (boundaries `0,a,...,L`, a string or a sequence). `attn_impl` picks the attention
-    path: 'auto' (Pallas kernels on GPU where they support the shape, XLA elsewhere), 'xla', 'pallas',
-    or 'interpret' (the kernels in Pallas interpret mode, for testing).
+    path: 'auto' (on GPU, per call the fastest measured of the Pallas kernels, cuDNN and XLA; XLA on CPU),
+    'xla', 'cudnn' (cuDNN where it applies, XLA elsewhere), 'pallas', or 'interpret' (the kernels in Pallas
+    interpret mode, for testing). See `gemma4_jax.kernels.dispatch`.
 
     `dtype` is 'float32' or 'bfloat16' (default: bfloat16 on GPU, float32 on CPU). Errors are
     `gemma4_jax.Gemma4Error` subclasses with one sentence naming the problem.

@@ -31,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pp", type=int, default=1, help="pipeline stages")
-    p.add_argument("--attn-impl", default="auto", choices=["auto", "xla", "pallas", "interpret"],
-                   help="attention: Pallas kernels on GPU where supported (auto), XLA, or forced kernels")
+    p.add_argument("--attn-impl", default="auto", choices=["auto", "xla", "cudnn", "pallas", "interpret"],
+                   help="attention: on GPU the fastest measured of Pallas kernels, cuDNN and XLA per call (auto), "
+                        "or one forced")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image for the (single) prompt; repeat for several; placed at the prompt's <|image|> "

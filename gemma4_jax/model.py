@@ -409,25 +409,34 @@ class Attender:
         raise NotImplementedError
 
 
-def attention_impl(impl: str, q_btnh: jax.Array, k_bskh: jax.Array) -> str:
-    """'xla' or a kernel choice for this call (`gemma4_jax.kernels.dispatch`: 'auto' is XLA on CPU)."""
+def attention_impl(impl: str, q_btnh: jax.Array, k_bskh: jax.Array, aligned: bool = False) -> str:
+    """'xla' or the library choice for this call (`gemma4_jax.kernels.dispatch`: 'auto' is XLA on CPU).
+
+    `aligned`: queries and keys are the same tokens at positions 0..T-1 (prefill), which cuDNN can take.
+    """
     from .kernels import dispatch
 
     return dispatch.resolve(impl, head_dim=q_btnh.shape[-1], group=q_btnh.shape[2] // k_bskh.shape[2],
-                            dtype=q_btnh.dtype)
+                            dtype=q_btnh.dtype, q_len=q_btnh.shape[1], kv_len=k_bskh.shape[1],
+                            batch=q_btnh.shape[0], kv_heads=k_bskh.shape[2], aligned=aligned)
 
 
-def kernel_attention(impl: str, q_btnh, k_bskh, v_bskh, q_pos_bt, k_pos_bs, window: int | None) -> jax.Array:
-    """The Pallas kernels with the model's semantics: scale 1.0, mask from positions (k_pos −1 = invalid)."""
+def kernel_attention(impl: str, q_btnh, k_bskh, v_bskh, q_pos_bt, k_pos_bs, window: int | None,
+                     aligned: bool = False) -> jax.Array:
+    """The Pallas kernels or cuDNN with the model's semantics: scale 1.0, mask from positions (k_pos −1 =
+    invalid)."""
     from .kernels import dispatch
 
-    return dispatch.attention(q_btnh, k_bskh, v_bskh, q_pos_bt, k_pos_bs, scale=1.0, window=window, impl=impl)
+    return dispatch.attention(q_btnh, k_bskh, v_bskh, q_pos_bt, k_pos_bs, scale=1.0, window=window, impl=impl,
+                              aligned=aligned)
 
 
 class FullAttender(Attender):
     """Attention over the step's own tokens (no cache): the full forward pass and prefill.
 
-    `impl` ('auto' | 'xla' | 'pallas' | 'interpret', see `gemma4_jax.kernels.dispatch`) picks XLA or the kernels.
+    `pos_bt` must be 0..T-1 in every row (tokens past `valid_bt` are padding at the end): the dispatcher may
+    hand such calls to cuDNN, which knows only that layout. `impl` ('auto' | 'xla' | 'cudnn' | 'pallas' |
+    'interpret', see `gemma4_jax.kernels.dispatch`) picks XLA, cuDNN or the kernels.
     """
 
     def __init__(self, pos_bt: jax.Array, valid_bt: jax.Array | None = None, impl: str = "auto",
@@ -441,12 +450,12 @@ class FullAttender(Attender):
         else:
             self.kv_of[spec.index] = kv
         bidirectional = self.blocks is not None and spec.window is not None
-        impl = "xla" if bidirectional else attention_impl(self.impl, q, kv[0])  # the kernels are causal only
+        impl = "xla" if bidirectional else attention_impl(self.impl, q, kv[0], aligned=True)  # kernels: causal only
         if impl == "xla":
             mask = attention_mask(self.pos, self.pos, spec.window, self.valid, self.blocks if bidirectional else None)
             return attention(q, *kv, mask)
         k_pos = self.pos if self.valid is None else jnp.where(self.valid, self.pos, -1)
-        return kernel_attention(impl, q, *kv, self.pos, k_pos, spec.window)
+        return kernel_attention(impl, q, *kv, self.pos, k_pos, spec.window, aligned=True)
 
 
 def is_layer_tuple(x) -> bool:

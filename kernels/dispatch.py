@@ -1,12 +1,19 @@
-"""Chooses how attention runs: the Pallas kernels or plain XLA, by platform and shape, overridable.
+"""Chooses how attention runs: the Pallas kernels, cuDNN or plain XLA, by platform and shape, overridable.
 
 `impl` is one of
-  'auto'      XLA on CPU (and on anything that is not a CUDA GPU); on a GPU the Pallas kernels for 16-bit
-              inputs wherever they support the shape (power-of-two head_dim ≤ 512 and heads-per-KV-head),
-              else XLA (float32 runs the kernels' small-tile correctness configuration, not a fast one);
+  'auto'      XLA on CPU (and on anything that is not a CUDA GPU). On a GPU, for 16-bit inputs, whatever
+              measured fastest on an H100 (docs/kernels.md):
+                prefill (more than DECODE_MAX_TOKENS queries): cuDNN's flash attention for head_dim ≤ 256
+                  when the queries and keys are the same tokens at positions 0..T-1 (`aligned`), else the
+                  Pallas `flash_attention` (head_dim 512 has no library kernel);
+                decode: the Pallas `decode_attention` for batches that read enough cache for its split-K to
+                  pay (`decode_prefers_kernel`), else XLA;
+              XLA for shapes the kernels do not take, and for float32 (the kernels' float32 path is a
+              small-tile correctness configuration, not a fast one);
   'xla'       always XLA;
-  'pallas'    always the kernels (raises if the shape is unsupported);
-  'interpret' the kernels in Pallas interpret mode (any platform; slow; for tests).
+  'cudnn'     cuDNN wherever it can express the call (aligned prefill, head_dim ≤ 256, 16-bit), XLA elsewhere;
+  'pallas'    always the Pallas kernels (raises if the shape is unsupported);
+  'interpret' the Pallas kernels in interpret mode (any platform; slow; for tests).
 Within the kernels, a call with at most DECODE_MAX_TOKENS query tokens uses `decode_attention` (split-K
 over the sequence), longer ones `flash_attention`.
 """
@@ -19,8 +26,17 @@ import jax.numpy as jnp
 from .decode_attention import decode_attention
 from .flash_attention import flash_attention, flash_attention_reference
 
-IMPLS = ("auto", "xla", "pallas", "interpret")
+IMPLS = ("auto", "xla", "cudnn", "pallas", "interpret")
 DECODE_MAX_TOKENS = 8
+# `auto` decode (H200, docs/kernels.md): the kernel's split-K pays once a call reads at least this many K+V
+# bytes for a batch of at least two (1.2–3.7× XLA there); for one sequence XLA's fused reduction was at
+# 0.8–1.2× the kernel at every context up to 32K, and below the threshold the kernel's few extra small
+# launches (block bounds, the combine) cost more than they save.
+DECODE_KERNEL_MIN_BYTES = 64 * 2**20
+CUDNN_MAX_HEAD_DIM = 256
+# The backend `cudnn_attention` asks jax.nn.dot_product_attention for; tests set 'xla' to check the mapping
+# of our semantics onto its arguments on a CPU.
+CUDNN_BACKEND = "cudnn"
 
 
 def kernel_supports(head_dim: int, group: int) -> bool:
@@ -28,25 +44,72 @@ def kernel_supports(head_dim: int, group: int) -> bool:
     return head_dim & (head_dim - 1) == 0 and 16 <= head_dim <= 512 and group >= 1 and group & (group - 1) == 0
 
 
-def resolve(impl: str, *, head_dim: int, group: int, dtype=jnp.bfloat16, platform: str | None = None) -> str:
-    """The concrete choice ('xla' | 'pallas' | 'interpret') for `impl` on this platform and shape."""
+def cudnn_supports(head_dim: int, dtype) -> bool:
+    """What cuDNN's flash attention takes: 16-bit inputs, head_dim a multiple of 8 up to 256."""
+    return jnp.dtype(dtype).itemsize == 2 and head_dim % 8 == 0 and head_dim <= CUDNN_MAX_HEAD_DIM
+
+
+def decode_prefers_kernel(batch: int, kv_len: int, kv_heads: int, head_dim: int, itemsize: int = 2) -> bool:
+    """`auto` decode: the Pallas kernel for batches ≥ 2 reading at least DECODE_KERNEL_MIN_BYTES of K and V."""
+    return batch >= 2 and 2 * batch * kv_len * kv_heads * head_dim * itemsize >= DECODE_KERNEL_MIN_BYTES
+
+
+def _on_gpu(platform: str | None) -> bool:
+    return (platform or jax.default_backend()) in ("gpu", "cuda")
+
+
+def resolve(impl: str, *, head_dim: int, group: int, dtype=jnp.bfloat16, platform: str | None = None,
+            q_len: int | None = None, kv_len: int | None = None, batch: int = 1, kv_heads: int = 1,
+            aligned: bool = False) -> str:
+    """The concrete choice ('xla' | 'cudnn' | 'pallas' | 'interpret') for `impl` on this platform and call.
+
+    q_len None means a prefill-length call; kv_len None means a long one. `aligned`: the call's queries and
+    keys are the same T tokens at positions 0..T-1 in every row (keys past a row's length may be padding).
+    """
     if impl not in IMPLS:
         raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
     if impl in ("pallas", "interpret") and not kernel_supports(head_dim, group):
         raise ValueError(f"the Pallas kernels do not support head_dim={head_dim} with {group} heads per KV head")
-    if impl != "auto":
+    if impl in ("xla", "pallas", "interpret"):
         return impl
-    platform = platform or jax.default_backend()
-    if platform in ("gpu", "cuda") and kernel_supports(head_dim, group) and jnp.dtype(dtype).itemsize == 2:
-        return "pallas"
-    return "xla"
+    gpu = _on_gpu(platform)
+    if impl == "cudnn" and not gpu:
+        raise ValueError("attention impl 'cudnn' needs a CUDA GPU")
+    prefill = q_len is None or q_len > DECODE_MAX_TOKENS
+    if gpu and prefill and aligned and cudnn_supports(head_dim, dtype):
+        return "cudnn"
+    if impl == "cudnn" or not gpu or jnp.dtype(dtype).itemsize != 2 or not kernel_supports(head_dim, group):
+        return "xla"
+    if not prefill and kv_len is not None and not decode_prefers_kernel(batch, kv_len, kv_heads, head_dim):
+        return "xla"
+    return "pallas"
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float = 1.0, window: int | None = None,
+                    causal: bool = True) -> jax.Array:
+    """Aligned attention (queries = keys = positions 0..T-1) through jax.nn.dot_product_attention's cuDNN path.
+
+    Our window W (the current token plus W−1 earlier) is its left window W−1. Keys past a row's length are
+    padding at the end; under the causal mask no valid query sees them, so no length argument is needed
+    (rows that are themselves padding get values nobody reads).
+    """
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
+                                        local_window_size=None if window is None else (window - 1, 0),
+                                        implementation=CUDNN_BACKEND)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, *,
-              scale: float = 1.0, window: int | None = None, causal: bool = True, impl: str = "auto") -> jax.Array:
-    """q [B,T,N,H] over k, v [B,S,K,H], masked by positions (see masking.py); returns [B,T,N,H]."""
-    choice = resolve(impl, head_dim=q.shape[-1], group=q.shape[2] // k.shape[2], dtype=q.dtype)
+              scale: float = 1.0, window: int | None = None, causal: bool = True, impl: str = "auto",
+              aligned: bool = False) -> jax.Array:
+    """q [B,T,N,H] over k, v [B,S,K,H], masked by positions (see masking.py); returns [B,T,N,H].
+
+    `aligned` (see `resolve`) lets cuDNN take the call; the caller vouches for it.
+    """
+    choice = resolve(impl, head_dim=q.shape[-1], group=q.shape[2] // k.shape[2], dtype=q.dtype, q_len=q.shape[1],
+                     kv_len=k.shape[1], batch=q.shape[0], kv_heads=k.shape[2], aligned=aligned and causal)
     if choice == "xla":
         return flash_attention_reference(q, k, v, q_pos, k_pos, scale=scale, window=window, causal=causal)
+    if choice == "cudnn":
+        return cudnn_attention(q, k, v, scale=scale, window=window, causal=causal)
     fn = decode_attention if q.shape[1] <= DECODE_MAX_TOKENS else flash_attention
     return fn(q, k, v, q_pos, k_pos, scale=scale, window=window, causal=causal, interpret=choice == "interpret")

@@ -154,11 +154,32 @@ def test_reference_matches_model_attention(window):
 
 
 def test_dispatch():
+    gpu = dict(platform="gpu", group=8)
     assert resolve("auto", head_dim=512, group=8, platform="cpu") == "xla"
-    assert resolve("auto", head_dim=512, group=8, platform="gpu") == "pallas"
-    assert resolve("auto", head_dim=96, group=8, platform="gpu") == "xla"  # unsupported shape → XLA
-    assert resolve("auto", head_dim=512, group=8, dtype=jnp.float32, platform="gpu") == "xla"
-    assert resolve("xla", head_dim=512, group=8, platform="gpu") == "xla"
+    assert resolve("auto", head_dim=512, **gpu) == "pallas"
+    assert resolve("auto", head_dim=96, **gpu) == "xla"  # unsupported shape → XLA
+    assert resolve("auto", head_dim=512, dtype=jnp.float32, **gpu) == "xla"
+    assert resolve("xla", head_dim=512, **gpu) == "xla"
+    # Prefill: cuDNN for aligned calls up to head_dim 256; the kernel at 512 or when not aligned.
+    assert resolve("auto", head_dim=256, q_len=4096, aligned=True, **gpu) == "cudnn"
+    assert resolve("auto", head_dim=512, q_len=4096, aligned=True, **gpu) == "pallas"
+    assert resolve("auto", head_dim=256, q_len=4096, aligned=False, **gpu) == "pallas"
+    assert resolve("auto", head_dim=256, q_len=4096, aligned=True, dtype=jnp.float32, **gpu) == "xla"
+    assert resolve("auto", head_dim=256, q_len=4, aligned=True, kv_len=4, **gpu) == "xla"  # too short for either
+    # Decode: the split-K kernel for a batch reading ≥ DECODE_KERNEL_MIN_BYTES (64 MiB) of K+V, else XLA.
+    one = dict(q_len=1, kv_len=32768, batch=1, kv_heads=4)  # 256 MiB, but one sequence
+    small = dict(q_len=1, kv_len=512, batch=16, kv_heads=2)  # 16 MiB at head_dim 256
+    big = dict(q_len=1, kv_len=512, batch=64, kv_heads=2)  # 64 MiB
+    assert resolve("auto", head_dim=512, **one, **gpu) == "xla"
+    assert resolve("auto", head_dim=256, **small, **gpu) == "xla"
+    assert resolve("auto", head_dim=256, **big, **gpu) == "pallas"
+    assert resolve("pallas", head_dim=512, **one, **gpu) == "pallas"  # forced
+    # 'cudnn': cuDNN where it applies, XLA elsewhere; a GPU-only choice.
+    assert resolve("cudnn", head_dim=256, q_len=4096, aligned=True, **gpu) == "cudnn"
+    assert resolve("cudnn", head_dim=512, q_len=4096, aligned=True, **gpu) == "xla"
+    assert resolve("cudnn", head_dim=256, **big, **gpu) == "xla"  # decode: cuDNN is not used
+    with pytest.raises(ValueError, match="CUDA GPU"):
+        resolve("cudnn", head_dim=256, group=1, platform="cpu")
     with pytest.raises(ValueError):
         resolve("pallas", head_dim=96, group=1)
     with pytest.raises(ValueError):
@@ -203,3 +224,65 @@ def test_model_through_kernels_equals_xla():
     valid = np.arange(12)[None, :] < np.asarray(lengths)[:, None]  # padding rows are never used
     np.testing.assert_allclose(np.asarray(x)[valid], np.asarray(x_ref)[valid], rtol=0, atol=1e-4)
     np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("h,g,window", [(64, 1, None), (256, 4, 5), (128, 2, 1), (64, 8, 16)])
+def test_cudnn_mapping(monkeypatch, h, g, window):
+    """Our semantics map onto jax.nn.dot_product_attention's arguments: causal, window W = left window W−1,
+    padding keys at the end of ragged rows ignored by the valid queries. Checked through its XLA backend
+    (cuDNN itself needs a GPU: `bench.py attention --check` compares it there)."""
+    from gemma4_jax.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "CUDNN_BACKEND", "xla")
+    b, t, kh = 2, 23, 2
+    q, k, v = _qkv(h + g, b, t, t, kh * g, kh, h, jnp.float32)
+    lengths = np.array([23, 9])
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    k_pos = jnp.where(pos < lengths[:, None], pos, -1)
+    got = dispatch.cudnn_attention(q, k, v, scale=0.3, window=window)
+    want = flash_attention_reference(q, k, v, pos, k_pos, scale=0.3, window=window)
+    valid = np.arange(t)[None, :] < lengths[:, None]
+    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], rtol=0, atol=1e-5)
+
+
+def test_model_prefill_routes_to_cudnn(monkeypatch):
+    """Wire-up: on a (pretended) GPU, `auto` prefill sends the head_dim-≤256 layers to cuDNN (run through its
+    XLA backend here) and the result equals the model's XLA path; decode never goes to cuDNN."""
+    from flax import nnx
+    from gemma4_jax.kernels import dispatch
+
+    from gemma4_jax.cache import DecodeAttender, PrefillAttender, init_cache
+    from gemma4_jax.config import Gemma4Config
+    from gemma4_jax.model import init_model
+    from gemma4_jax.tiny import tiny_text_config
+
+    monkeypatch.setattr(dispatch, "CUDNN_BACKEND", "xla")
+    monkeypatch.setattr(dispatch, "_on_gpu", lambda platform: True)
+    calls = []
+    real = dispatch.cudnn_attention
+    monkeypatch.setattr(dispatch, "cudnn_attention", lambda *a, **kw: calls.append(kw["window"]) or real(*a, **kw))
+    hf = tiny_text_config(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"],
+                          num_kv_shared_layers=0, hidden_size_per_layer_input=0, sliding_window=5)
+    cfg = Gemma4Config.from_hf_dict(hf.to_dict())
+    graphdef, params = nnx.split(init_model(cfg, jnp.bfloat16, seed=1))
+    t = 12  # longer than DECODE_MAX_TOKENS, so a prefill call
+    ids = jax.random.randint(jax.random.key(2), (2, t), 5, 200)
+    lengths = jnp.asarray([t, 10], jnp.int32)
+
+    def run(params, impl):
+        model = nnx.merge(graphdef, params)
+        pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (2, t))
+        pre = PrefillAttender(init_cache(cfg, 2, 16, jnp.bfloat16), pos, lengths, impl)
+        x = model.decode_layers(ids, pos, pre)
+        y = model.decode_layers(ids[:, :1], lengths[:, None], DecodeAttender(pre.cache, lengths[:, None], impl))
+        return x, y
+
+    x_ref, y_ref = run(params, "xla")
+    assert calls == []
+    x, y = run(params, "auto")
+    assert calls == [5, None], calls  # both layers' prefill (the sliding one with its window), no decode call
+    valid = np.arange(t)[None, :] < np.asarray(lengths)[:, None]
+    for got, want in ((np.asarray(x, np.float32)[valid], np.asarray(x_ref, np.float32)[valid]),
+                      (np.asarray(y, np.float32), np.asarray(y_ref, np.float32))):
+        assert np.isfinite(got).all()
+        assert np.max(np.abs(got - want)) <= 2e-2 * max(1.0, float(np.max(np.abs(want))))

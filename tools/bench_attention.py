@@ -20,11 +20,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from gemma4_jax.kernels import DecodeConfig, FlashConfig, decode_attention, flash_attention, flash_attention_reference
+from gemma4_jax.kernels import dispatch
 
 from gemma4_jax.model import attention as xla_attention
 from gemma4_jax.model import attention_mask
 
-PREFILL_SHAPES = [(4096, 512), (16384, 512), (4096, 256), (16384, 256)]  # (T, head_dim); B=1, N=K=8
+PREFILL_SHAPES = [(4096, 512, None), (16384, 512, None), (4096, 256, None), (16384, 256, None),
+                  (4096, 256, 1024), (16384, 256, 1024), (4096, 512, 1024)]  # (T, head_dim, window); B=1, N=K=8
+# The models' own decode calls (name, query heads, KV heads, head_dim, cache slots): sliding layers read a
+# ring of W slots, full layers the context. Timed at batch 1, 16 and 64 for ours, XLA and `auto`'s choice.
+MODEL_DECODE = [("e4b sliding", 8, 2, 256, 512), ("e4b full 2K", 8, 2, 512, 2048), ("e4b full 32K", 8, 2, 512, 32768),
+                ("31b sliding", 32, 16, 256, 1024), ("31b full 2K", 32, 4, 512, 2048),
+                ("31b full 8K", 32, 4, 512, 8192), ("31b full 32K", 32, 4, 512, 32768)]
+MODEL_DECODE_BATCH = (1, 16, 64)
 DECODE_SHAPES = [(1, 8192), (1, 32768), (32, 8192), (32, 32768)]  # (B, S); N=32, K=4, head_dim 512
 FLASH_TUNE = {512: [FlashConfig(64, 32, 8, 2), FlashConfig(64, 16, 8, 3), FlashConfig(32, 32, 4, 3),
                     FlashConfig(64, 16, 4, 3)],
@@ -113,34 +121,53 @@ def check_small() -> list[dict]:
     return rows
 
 
-def bench_prefill(t: int, h: int, check: bool, config: FlashConfig | None) -> dict:
+def _mgpu():
+    """Our Mosaic GPU prefill kernel, when this checkout has it."""
+    try:
+        from gemma4_jax.kernels import flash_attention_mgpu as m
+
+        return m
+    except Exception as e:  # absent, or mid-development: the rest of the bench still runs
+        print(f"no Mosaic GPU kernel: {type(e).__name__}: {e}", flush=True)
+        return None
+
+
+def bench_prefill(t: int, h: int, check: bool, config: FlashConfig | None, window: int | None = None) -> dict:
     b, n, kh = 1, 8, 8
     kq, kk, kv = jax.random.split(jax.random.key(t + h), 3)
     q = _rand(kq, (b, t, n, h), jnp.bfloat16, h ** -0.5)
     k, v = _rand(kk, (b, t, kh, h), jnp.bfloat16), _rand(kv, (b, t, kh, h), jnp.bfloat16)
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    flops = 4 * b * n * h * t * t / 2
+    # Visible (query, key) pairs: the causal triangle, cut to the window's band.
+    pairs = t * (t + 1) / 2 if window is None else window * t - window * (window - 1) / 2
+    flops = 4 * b * n * h * pairs
     impls = {
-        "ours": jax.jit(lambda q, k, v: flash_attention(q, k, v, pos, pos, config=config)),
-        "xla": jax.jit(lambda q, k, v: xla_attention(q, k, v, attention_mask(pos, pos, None))),
+        "ours": jax.jit(lambda q, k, v: flash_attention(q, k, v, pos, pos, window=window, config=config)),
+        "xla": jax.jit(lambda q, k, v: xla_attention(q, k, v, attention_mask(pos, pos, window))),
     }
+    m = _mgpu()
+    if m is not None:
+        impls["ours_mgpu"] = jax.jit(lambda q, k, v: m.flash_attention_mgpu(q, k, v, window=window))
     if h <= 256:
-        impls["cudnn"] = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, scale=1.0, is_causal=True, implementation="cudnn"))
-    from jax.experimental.pallas.ops.gpu import attention as stock
+        impls["cudnn"] = jax.jit(lambda q, k, v: dispatch.cudnn_attention(q, k, v, window=window))
+    impls["auto"] = jax.jit(lambda q, k, v: dispatch.attention(q, k, v, pos, pos, window=window, aligned=True))
+    if window is None:
+        from jax.experimental.pallas.ops.gpu import attention as stock
 
-    blocks = stock.BlockSizes(block_q=64, block_k=64) if h > 256 else stock.BlockSizes(block_q=128, block_k=64)
-    impls["pallas_mha"] = jax.jit(lambda q, k, v: stock.mha(q, k, v, None, sm_scale=1.0, causal=True,
-                                                            block_sizes=blocks))
-    try:
-        from jax.experimental.pallas.ops.gpu import attention_mgpu as mgpu
+        blocks = stock.BlockSizes(block_q=64, block_k=64) if h > 256 else stock.BlockSizes(block_q=128, block_k=64)
+        impls["pallas_mha"] = jax.jit(lambda q, k, v: stock.mha(q, k, v, None, sm_scale=1.0, causal=True,
+                                                                block_sizes=blocks))
+        try:
+            from jax.experimental.pallas.ops.gpu import attention_mgpu as mgpu
 
-        cfg = mgpu.TuningConfig(block_q=64, block_kv=64, max_concurrent_steps=2, causal=True)
-        impls["mosaic_fa(f16)"] = jax.jit(lambda q, k, v: mgpu.attention(
-            q.astype(jnp.float16), k.astype(jnp.float16), v.astype(jnp.float16), cfg))
-    except Exception:
-        pass
-    row = dict(shape=f"prefill B=1 N=K=8 T={t} H={h}", flops=flops, tflops={}, errors={}, rel_err_vs_xla={})
+            cfg = mgpu.TuningConfig(block_q=64, block_kv=64, max_concurrent_steps=2, causal=True)
+            impls["mosaic_fa(f16)"] = jax.jit(lambda q, k, v: mgpu.attention(
+                q.astype(jnp.float16), k.astype(jnp.float16), v.astype(jnp.float16), cfg))
+        except Exception:
+            pass
+    row = dict(shape=f"prefill B=1 N=K=8 T={t} H={h}" + (f" W={window}" if window else ""), flops=flops,
+               tflops={}, errors={}, rel_err_vs_xla={},
+               auto=dispatch.resolve("auto", head_dim=h, group=1, q_len=t, aligned=True))
     ref = impls["xla"](q, k, v) if check else None
     for name, fn in impls.items():
         res = _try(time_call, fn, q, k, v)
@@ -150,6 +177,32 @@ def bench_prefill(t: int, h: int, check: bool, config: FlashConfig | None) -> di
         row["tflops"][name] = flops / res / 1e12
         if check and name != "xla":
             row["rel_err_vs_xla"][name] = _try(lambda f=fn: _rel(f(q, k, v), ref))
+    return row
+
+
+def bench_model_decode(name: str, n: int, kh: int, h: int, s: int, b: int, bw: float) -> dict:
+    """One model decode call (one token per sequence, a full cache of s slots): ours, XLA and auto's choice."""
+    kq, kk, kv = jax.random.split(jax.random.key(b * s + h), 3)
+    q = _rand(kq, (b, 1, n, h), jnp.bfloat16, h ** -0.5)
+    k, v = _rand(kk, (b, s, kh, h), jnp.bfloat16), _rand(kv, (b, s, kh, h), jnp.bfloat16)
+    k_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    q_pos = jnp.full((b, 1), s - 1, jnp.int32)
+    window = s if "sliding" in name else None
+    nbytes = 2 * k.nbytes
+    impls = {
+        "ours": jax.jit(lambda q, k, v: decode_attention(q, k, v, q_pos, k_pos, window=window)),
+        "xla": jax.jit(lambda q, k, v: xla_attention(q, k, v, attention_mask(q_pos, k_pos, window, k_pos >= 0))),
+    }
+    row = dict(shape=f"{name} B={b} N={n} K={kh} H={h} S={s}", bytes=nbytes, us={}, gbps={}, errors={},
+               auto=dispatch.resolve("auto", head_dim=h, group=n // kh, q_len=1, kv_len=s, batch=b, kv_heads=kh))
+    for key, fn in impls.items():
+        res = _try(time_call, fn, q, k, v)
+        if isinstance(res, str):
+            row["errors"][key] = res
+            continue
+        row["us"][key], row["gbps"][key] = res * 1e6, nbytes / res / 1e9
+    if "ours" in row["us"] and "xla" in row["us"]:
+        row["ours_over_xla_speed"] = row["us"]["xla"] / row["us"]["ours"]
     return row
 
 
@@ -238,6 +291,9 @@ def print_table(result: dict) -> None:
         print(f"{row['shape']:<34} GB/s  {cells}")
         for k, v in row["errors"].items():
             print(f"    {k}: {v}")
+    for row in result.get("model_decode", []):
+        cells = "  ".join(f"{k} {v:.1f}" for k, v in row["us"].items())
+        print(f"{row['shape']:<44} µs  {cells}  (auto: {row['auto']})")
 
 
 def _save(result: dict, path: str | None) -> None:
@@ -246,7 +302,27 @@ def _save(result: dict, path: str | None) -> None:
             json.dump(result, f, indent=1, default=str)
 
 
+def for_profiler(quick: bool = False) -> None:
+    """Run each prefill kernel a few times at T=4096 and nothing else, for `ncu` to capture (no timing)."""
+    m = _mgpu()
+    for h in (512, 256):
+        kq, kk, kv = jax.random.split(jax.random.key(h), 3)
+        q = _rand(kq, (1, 4096, 8, h), jnp.bfloat16, h ** -0.5)
+        k, v = _rand(kk, (1, 4096, 8, h), jnp.bfloat16), _rand(kv, (1, 4096, 8, h), jnp.bfloat16)
+        pos = jnp.broadcast_to(jnp.arange(4096, dtype=jnp.int32), (1, 4096))
+        fns = {"ours": jax.jit(lambda q, k, v: flash_attention(q, k, v, pos, pos))}
+        if m is not None:
+            fns["ours_mgpu"] = jax.jit(lambda q, k, v: m.flash_attention_mgpu(q, k, v))
+        for name, fn in fns.items():
+            for _ in range(2):
+                out = _try(lambda f=fn: jax.block_until_ready(f(q, k, v)))
+            print("ran", name, h, "error: " + out if isinstance(out, str) else "ok", flush=True)
+
+
 def run(args) -> dict:
+    if args.for_profiler:
+        for_profiler()
+        return {}
     ok = Deadline(args.max_seconds)
     dev = jax.devices()[0]
     result = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__, date=time.strftime("%Y-%m-%d"))
@@ -273,11 +349,18 @@ def run(args) -> dict:
         result["tuned"] = dict(flash={h: c and dataclasses.asdict(c) for h, c in flash_cfg.items()},
                                decode=decode_cfg and dataclasses.asdict(decode_cfg))
     result["prefill"] = []
-    for t, h in PREFILL_SHAPES:
+    for t, h, window in PREFILL_SHAPES:
         if (args.quick and t > 4096) or not ok:
             continue
-        result["prefill"].append(bench_prefill(t, h, args.check, flash_cfg[h]))
+        result["prefill"].append(bench_prefill(t, h, args.check, flash_cfg[h], window))
         print(result["prefill"][-1], flush=True)
+        _save(result, args.json)
+    result["model_decode"] = []
+    for name, n, kh, h, s in MODEL_DECODE:
+        for b in MODEL_DECODE_BATCH:
+            if ok:
+                result["model_decode"].append(bench_model_decode(name, n, kh, h, s, b, result["hbm_gbps"] * 1e9))
+                print(result["model_decode"][-1], flush=True)
         _save(result, args.json)
     result["decode"] = []
     for b, s in DECODE_SHAPES:
@@ -298,4 +381,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="skip the 16K-token prefill shapes")
     p.add_argument("--json", help="write all numbers to this file")
     p.add_argument("--max-seconds", type=float, default=1e9, help="skip what remains after this long")
+    p.add_argument("--for-profiler", action="store_true",
+                   help="only run the prefill kernels at T=4096 a few times (under ncu), no timing")
     p.set_defaults(func=run)
