@@ -417,8 +417,7 @@ def attention_impl(impl: str, q_btnh: jax.Array, k_bskh: jax.Array, aligned: boo
     from .kernels import dispatch
 
     return dispatch.resolve(impl, head_dim=q_btnh.shape[-1], group=q_btnh.shape[2] // k_bskh.shape[2],
-                            dtype=q_btnh.dtype, q_len=q_btnh.shape[1], kv_len=k_bskh.shape[1],
-                            batch=q_btnh.shape[0], kv_heads=k_bskh.shape[2], aligned=aligned)
+                            dtype=q_btnh.dtype, q_len=q_btnh.shape[1], batch=q_btnh.shape[0], aligned=aligned)
 
 
 def kernel_attention(impl: str, q_btnh, k_bskh, v_bskh, q_pos_bt, k_pos_bs, window: int | None,

@@ -6,8 +6,8 @@
                 prefill (more than DECODE_MAX_TOKENS queries): cuDNN's flash attention for head_dim ≤ 256
                   when the queries and keys are the same tokens at positions 0..T-1 (`aligned`), else the
                   Pallas `flash_attention` (head_dim 512 has no library kernel);
-                decode: the Pallas `decode_attention` for batches that read enough cache for its split-K to
-                  pay (`decode_prefers_kernel`), else XLA;
+                decode: the Pallas `decode_attention` for batches of two or more, XLA for one sequence
+                  (`decode_prefers_kernel`);
               XLA for shapes the kernels do not take, and for float32 (the kernels' float32 path is a
               small-tile correctness configuration, not a fast one);
   'xla'       always XLA;
@@ -28,11 +28,12 @@ from .flash_attention import flash_attention, flash_attention_reference
 
 IMPLS = ("auto", "xla", "cudnn", "pallas", "interpret")
 DECODE_MAX_TOKENS = 8
-# `auto` decode (H200, docs/kernels.md): the kernel's split-K pays once a call reads at least this many K+V
-# bytes for a batch of at least two (1.2–3.7× XLA there); for one sequence XLA's fused reduction was at
-# 0.8–1.2× the kernel at every context up to 32K, and below the threshold the kernel's few extra small
-# launches (block bounds, the combine) cost more than they save.
-DECODE_KERNEL_MIN_BYTES = 64 * 2**20
+# `auto` decode uses the Pallas kernel for batches of at least this many sequences and XLA below. Measured
+# on an H200 (docs/kernels.md): for one sequence XLA's fused reduction ran the models' decode calls at
+# 0.8–1.2× the kernel's time at every context up to 32K and made 31B's whole decode step 1.15× faster; from
+# batch 16 the kernel was 1.8–3.7× XLA on most shapes, and whole-model decode at batch 16 was 2 % faster with
+# the kernel on every layer than with XLA on the small ones.
+DECODE_KERNEL_MIN_BATCH = 2
 CUDNN_MAX_HEAD_DIM = 256
 # The backend `cudnn_attention` asks jax.nn.dot_product_attention for; tests set 'xla' to check the mapping
 # of our semantics onto its arguments on a CPU.
@@ -49,9 +50,9 @@ def cudnn_supports(head_dim: int, dtype) -> bool:
     return jnp.dtype(dtype).itemsize == 2 and head_dim % 8 == 0 and head_dim <= CUDNN_MAX_HEAD_DIM
 
 
-def decode_prefers_kernel(batch: int, kv_len: int, kv_heads: int, head_dim: int, itemsize: int = 2) -> bool:
-    """`auto` decode: the Pallas kernel for batches ≥ 2 reading at least DECODE_KERNEL_MIN_BYTES of K and V."""
-    return batch >= 2 and 2 * batch * kv_len * kv_heads * head_dim * itemsize >= DECODE_KERNEL_MIN_BYTES
+def decode_prefers_kernel(batch: int) -> bool:
+    """`auto` decode: the Pallas kernel for batches of at least DECODE_KERNEL_MIN_BATCH, else XLA."""
+    return batch >= DECODE_KERNEL_MIN_BATCH
 
 
 def _on_gpu(platform: str | None) -> bool:
@@ -59,11 +60,10 @@ def _on_gpu(platform: str | None) -> bool:
 
 
 def resolve(impl: str, *, head_dim: int, group: int, dtype=jnp.bfloat16, platform: str | None = None,
-            q_len: int | None = None, kv_len: int | None = None, batch: int = 1, kv_heads: int = 1,
-            aligned: bool = False) -> str:
+            q_len: int | None = None, batch: int = 1, aligned: bool = False) -> str:
     """The concrete choice ('xla' | 'cudnn' | 'pallas' | 'interpret') for `impl` on this platform and call.
 
-    q_len None means a prefill-length call; kv_len None means a long one. `aligned`: the call's queries and
+    q_len None means a prefill-length call. `aligned`: the call's queries and
     keys are the same T tokens at positions 0..T-1 in every row (keys past a row's length may be padding).
     """
     if impl not in IMPLS:
@@ -80,7 +80,7 @@ def resolve(impl: str, *, head_dim: int, group: int, dtype=jnp.bfloat16, platfor
         return "cudnn"
     if impl == "cudnn" or not gpu or jnp.dtype(dtype).itemsize != 2 or not kernel_supports(head_dim, group):
         return "xla"
-    if not prefill and kv_len is not None and not decode_prefers_kernel(batch, kv_len, kv_heads, head_dim):
+    if not prefill and not decode_prefers_kernel(batch):
         return "xla"
     return "pallas"
 
@@ -106,7 +106,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos:
     `aligned` (see `resolve`) lets cuDNN take the call; the caller vouches for it.
     """
     choice = resolve(impl, head_dim=q.shape[-1], group=q.shape[2] // k.shape[2], dtype=q.dtype, q_len=q.shape[1],
-                     kv_len=k.shape[1], batch=q.shape[0], kv_heads=k.shape[2], aligned=aligned and causal)
+                     batch=q.shape[0], aligned=aligned and causal)
     if choice == "xla":
         return flash_attention_reference(q, k, v, q_pos, k_pos, scale=scale, window=window, causal=causal)
     if choice == "cudnn":

@@ -165,19 +165,16 @@ def test_dispatch():
     assert resolve("auto", head_dim=512, q_len=4096, aligned=True, **gpu) == "pallas"
     assert resolve("auto", head_dim=256, q_len=4096, aligned=False, **gpu) == "pallas"
     assert resolve("auto", head_dim=256, q_len=4096, aligned=True, dtype=jnp.float32, **gpu) == "xla"
-    assert resolve("auto", head_dim=256, q_len=4, aligned=True, kv_len=4, **gpu) == "xla"  # too short for either
-    # Decode: the split-K kernel for a batch reading ≥ DECODE_KERNEL_MIN_BYTES (64 MiB) of K+V, else XLA.
-    one = dict(q_len=1, kv_len=32768, batch=1, kv_heads=4)  # 256 MiB, but one sequence
-    small = dict(q_len=1, kv_len=512, batch=16, kv_heads=2)  # 16 MiB at head_dim 256
-    big = dict(q_len=1, kv_len=512, batch=64, kv_heads=2)  # 64 MiB
+    assert resolve("auto", head_dim=256, q_len=4, aligned=True, **gpu) == "xla"  # a short prompt: decode rules
+    # Decode: the split-K kernel for batches of two or more, XLA for one sequence.
+    one, two = dict(q_len=1, batch=1), dict(q_len=1, batch=2)
     assert resolve("auto", head_dim=512, **one, **gpu) == "xla"
-    assert resolve("auto", head_dim=256, **small, **gpu) == "xla"
-    assert resolve("auto", head_dim=256, **big, **gpu) == "pallas"
+    assert resolve("auto", head_dim=256, **two, **gpu) == "pallas"
     assert resolve("pallas", head_dim=512, **one, **gpu) == "pallas"  # forced
     # 'cudnn': cuDNN where it applies, XLA elsewhere; a GPU-only choice.
     assert resolve("cudnn", head_dim=256, q_len=4096, aligned=True, **gpu) == "cudnn"
     assert resolve("cudnn", head_dim=512, q_len=4096, aligned=True, **gpu) == "xla"
-    assert resolve("cudnn", head_dim=256, **big, **gpu) == "xla"  # decode: cuDNN is not used
+    assert resolve("cudnn", head_dim=256, **two, **gpu) == "xla"  # decode: cuDNN is not used
     with pytest.raises(ValueError, match="CUDA GPU"):
         resolve("cudnn", head_dim=256, group=1, platform="cpu")
     with pytest.raises(ValueError):
@@ -246,8 +243,9 @@ def test_cudnn_mapping(monkeypatch, h, g, window):
 
 
 def test_model_prefill_routes_to_cudnn(monkeypatch):
-    """Wire-up: on a (pretended) GPU, `auto` prefill sends the head_dim-≤256 layers to cuDNN (run through its
-    XLA backend here) and the result equals the model's XLA path; decode never goes to cuDNN."""
+    """Wire-up: on a (pretended) GPU, 'cudnn' prefill sends the head_dim-≤256 layers to cuDNN (run through its
+    XLA backend here) with the model's positions vouched for as aligned, and the result equals the model's XLA
+    path; decode never goes to cuDNN. (`auto` makes the same prefill choice: test_dispatch.)"""
     from flax import nnx
     from gemma4_jax.kernels import dispatch
 
@@ -279,7 +277,7 @@ def test_model_prefill_routes_to_cudnn(monkeypatch):
 
     x_ref, y_ref = run(params, "xla")
     assert calls == []
-    x, y = run(params, "auto")
+    x, y = run(params, "cudnn")
     assert calls == [5, None], calls  # both layers' prefill (the sliding one with its window), no decode call
     valid = np.arange(t)[None, :] < np.asarray(lengths)[:, None]
     for got, want in ((np.asarray(x, np.float32)[valid], np.asarray(x_ref, np.float32)[valid]),
