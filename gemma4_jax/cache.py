@@ -91,7 +91,7 @@ class DecodeAttender(Attender):
             entry = self.cache.layers[key] = write_token(entry, *kv, self.pos)
         impl = attention_impl(self.impl, q, entry.k)
         if impl != "xla":
-            return kernel_attention(impl, q, entry.k, entry.v, self.pos, entry.pos, spec.window)
+            return kernel_attention(self.impl, q, entry.k, entry.v, self.pos, entry.pos, spec.window)
         mask = attention_mask(self.pos, entry.pos, spec.window, entry.pos >= 0)
         return attention(q, entry.k, entry.v, mask)
 

@@ -422,8 +422,8 @@ def attention_impl(impl: str, q_btnh: jax.Array, k_bskh: jax.Array, aligned: boo
 
 def kernel_attention(impl: str, q_btnh, k_bskh, v_bskh, q_pos_bt, k_pos_bs, window: int | None,
                      aligned: bool = False) -> jax.Array:
-    """The Pallas kernels or cuDNN with the model's semantics: scale 1.0, mask from positions (k_pos −1 =
-    invalid)."""
+    """The dispatcher's non-XLA paths with the model's semantics: scale 1.0, mask from positions (k_pos −1 =
+    invalid). `impl` is the caller's setting (the dispatcher resolves it again, to the same choice)."""
     from .kernels import dispatch
 
     return dispatch.attention(q_btnh, k_bskh, v_bskh, q_pos_bt, k_pos_bs, scale=1.0, window=window, impl=impl,
@@ -454,7 +454,7 @@ class FullAttender(Attender):
             mask = attention_mask(self.pos, self.pos, spec.window, self.valid, self.blocks if bidirectional else None)
             return attention(q, *kv, mask)
         k_pos = self.pos if self.valid is None else jnp.where(self.valid, self.pos, -1)
-        return kernel_attention(impl, q, *kv, self.pos, k_pos, spec.window, aligned=True)
+        return kernel_attention(self.impl, q, *kv, self.pos, k_pos, spec.window, aligned=True)
 
 
 def is_layer_tuple(x) -> bool:

@@ -382,7 +382,7 @@ class _Attender(FullAttender):
         entry = LayerCache(e.k[self.mb], e.v[self.mb], e.pos[self.mb])
         impl = attention_impl(self.impl, q, entry.k)
         if impl != "xla":
-            return kernel_attention(impl, q, entry.k, entry.v, self.pos, entry.pos, spec.window)
+            return kernel_attention(self.impl, q, entry.k, entry.v, self.pos, entry.pos, spec.window)
         mask = attention_mask(self.pos, entry.pos, spec.window, entry.pos >= 0)
         return attention(q, entry.k, entry.v, mask)
 

@@ -1,7 +1,9 @@
 """Pallas attention kernels for large heads (head_dim up to 512), installed as `gemma4_jax.kernels`.
 
 Model-agnostic: nothing here knows about Gemma. Each kernel file holds the kernel body, its wrapper, a
-jitted entry point, a frozen tuning config and a plain-jnp reference; `dispatch` picks kernel or XLA.
+jitted entry point, a frozen tuning config and a plain-jnp reference (the Mosaic GPU kernel,
+`flash_attention_mgpu`, shares `flash_attention_reference` and is imported lazily: Hopper only); `dispatch`
+picks a kernel, cuDNN or XLA per call.
 Masks come from positions (`masking.py`).
 """
 

@@ -3,19 +3,21 @@
 `impl` is one of
   'auto'      XLA on CPU (and on anything that is not a CUDA GPU). On a GPU, for 16-bit inputs, whatever
               measured fastest on an H100 (docs/kernels.md):
-                prefill (more than DECODE_MAX_TOKENS queries): cuDNN's flash attention for head_dim ≤ 256
-                  when the queries and keys are the same tokens at positions 0..T-1 (`aligned`), else the
-                  Pallas `flash_attention` (head_dim 512 has no library kernel);
+                prefill (more than DECODE_MAX_TOKENS queries) whose queries and keys are the same tokens at
+                  positions 0..T-1 (`aligned`): cuDNN's flash attention for head_dim ≤ 256, our Mosaic GPU
+                  `flash_attention_mgpu` at head_dim 512 on Hopper (no library kernel takes 512); other
+                  prefill (chunked, at an offset) the Pallas (Triton) `flash_attention`;
                 decode: the Pallas `decode_attention` for batches of two or more, XLA for one sequence
                   (`decode_prefers_kernel`);
               XLA for shapes the kernels do not take, and for float32 (the kernels' float32 path is a
               small-tile correctness configuration, not a fast one);
   'xla'       always XLA;
   'cudnn'     cuDNN wherever it can express the call (aligned prefill, head_dim ≤ 256, 16-bit), XLA elsewhere;
-  'pallas'    always the Pallas kernels (raises if the shape is unsupported);
+  'pallas'    always our Pallas kernels (raises if the shape is unsupported): the Mosaic GPU one where `auto`
+              would take it, else the Triton ones;
   'interpret' the Pallas kernels in interpret mode (any platform; slow; for tests).
-Within the kernels, a call with at most DECODE_MAX_TOKENS query tokens uses `decode_attention` (split-K
-over the sequence), longer ones `flash_attention`.
+Within the Triton kernels, a call with at most DECODE_MAX_TOKENS query tokens uses `decode_attention`
+(split-K over the sequence), longer ones `flash_attention`.
 """
 
 from __future__ import annotations
@@ -35,9 +37,12 @@ DECODE_MAX_TOKENS = 8
 # the kernel on every layer than with XLA on the small ones.
 DECODE_KERNEL_MIN_BATCH = 2
 CUDNN_MAX_HEAD_DIM = 256
+MOSAIC_HEAD_DIM = 512
 # The backend `cudnn_attention` asks jax.nn.dot_product_attention for; tests set 'xla' to check the mapping
 # of our semantics onto its arguments on a CPU.
 CUDNN_BACKEND = "cudnn"
+# Likewise for the Mosaic kernel: tests set True to run it in GPU interpret mode behind the dispatcher.
+MOSAIC_INTERPRET = False
 
 
 def kernel_supports(head_dim: int, group: int) -> bool:
@@ -50,6 +55,18 @@ def cudnn_supports(head_dim: int, dtype) -> bool:
     return jnp.dtype(dtype).itemsize == 2 and head_dim % 8 == 0 and head_dim <= CUDNN_MAX_HEAD_DIM
 
 
+def mosaic_supports(head_dim: int, group: int, dtype) -> bool:
+    """Where the Mosaic GPU prefill kernel is used: head_dim 512 (where it was measured against the rest),
+    16-bit inputs, a power-of-two group of at most 64 query heads per KV head."""
+    return head_dim == MOSAIC_HEAD_DIM and jnp.dtype(dtype).itemsize == 2 and group & (group - 1) == 0 and group <= 64
+
+
+def is_hopper() -> bool:
+    """The default device is a Hopper GPU (compute capability 9.x): the Mosaic kernel uses wgmma and TMA."""
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+
+
 def decode_prefers_kernel(batch: int) -> bool:
     """`auto` decode: the Pallas kernel for batches of at least DECODE_KERNEL_MIN_BATCH, else XLA."""
     return batch >= DECODE_KERNEL_MIN_BATCH
@@ -60,22 +77,28 @@ def _on_gpu(platform: str | None) -> bool:
 
 
 def resolve(impl: str, *, head_dim: int, group: int, dtype=jnp.bfloat16, platform: str | None = None,
-            q_len: int | None = None, batch: int = 1, aligned: bool = False) -> str:
-    """The concrete choice ('xla' | 'cudnn' | 'pallas' | 'interpret') for `impl` on this platform and call.
+            q_len: int | None = None, batch: int = 1, aligned: bool = False, hopper: bool | None = None) -> str:
+    """The concrete choice ('xla' | 'cudnn' | 'mosaic' | 'pallas' | 'interpret') for `impl` on this platform
+    and call ('pallas' = the Triton kernels, 'mosaic' = the Mosaic GPU prefill kernel).
 
-    q_len None means a prefill-length call. `aligned`: the call's queries and
-    keys are the same T tokens at positions 0..T-1 in every row (keys past a row's length may be padding).
+    q_len None means a prefill-length call. `aligned`: the call's queries and keys are the same T tokens at
+    positions 0..T-1 in every row (keys past a row's length may be padding). `hopper` None asks the device.
     """
     if impl not in IMPLS:
         raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
     if impl in ("pallas", "interpret") and not kernel_supports(head_dim, group):
         raise ValueError(f"the Pallas kernels do not support head_dim={head_dim} with {group} heads per KV head")
-    if impl in ("xla", "pallas", "interpret"):
+    if impl in ("xla", "interpret"):
         return impl
     gpu = _on_gpu(platform)
     if impl == "cudnn" and not gpu:
         raise ValueError("attention impl 'cudnn' needs a CUDA GPU")
     prefill = q_len is None or q_len > DECODE_MAX_TOKENS
+    if (impl in ("auto", "pallas") and gpu and prefill and aligned and mosaic_supports(head_dim, group, dtype)
+            and (is_hopper() if hopper is None else hopper)):
+        return "mosaic"
+    if impl == "pallas":
+        return impl
     if gpu and prefill and aligned and cudnn_supports(head_dim, dtype):
         return "cudnn"
     if impl == "cudnn" or not gpu or jnp.dtype(dtype).itemsize != 2 or not kernel_supports(head_dim, group):
@@ -98,12 +121,20 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float = 
                                         implementation=CUDNN_BACKEND)
 
 
+def mosaic_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float = 1.0,
+                     window: int | None = None) -> jax.Array:
+    """Aligned causal attention through the Mosaic GPU kernel (positions implicit, as for cuDNN)."""
+    from .flash_attention_mgpu import flash_attention_mgpu
+
+    return flash_attention_mgpu(q, k, v, scale=scale, window=window, interpret=MOSAIC_INTERPRET)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, *,
               scale: float = 1.0, window: int | None = None, causal: bool = True, impl: str = "auto",
               aligned: bool = False) -> jax.Array:
     """q [B,T,N,H] over k, v [B,S,K,H], masked by positions (see masking.py); returns [B,T,N,H].
 
-    `aligned` (see `resolve`) lets cuDNN take the call; the caller vouches for it.
+    `aligned` (see `resolve`) lets cuDNN or the Mosaic kernel take the call; the caller vouches for it.
     """
     choice = resolve(impl, head_dim=q.shape[-1], group=q.shape[2] // k.shape[2], dtype=q.dtype, q_len=q.shape[1],
                      batch=q.shape[0], aligned=aligned and causal)
@@ -111,5 +142,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos:
         return flash_attention_reference(q, k, v, q_pos, k_pos, scale=scale, window=window, causal=causal)
     if choice == "cudnn":
         return cudnn_attention(q, k, v, scale=scale, window=window, causal=causal)
+    if choice == "mosaic":
+        return mosaic_attention(q, k, v, scale=scale, window=window)
     fn = decode_attention if q.shape[1] <= DECODE_MAX_TOKENS else flash_attention
     return fn(q, k, v, q_pos, k_pos, scale=scale, window=window, causal=causal, interpret=choice == "interpret")

@@ -162,7 +162,16 @@ def test_dispatch():
     assert resolve("xla", head_dim=512, **gpu) == "xla"
     # Prefill: cuDNN for aligned calls up to head_dim 256; the kernel at 512 or when not aligned.
     assert resolve("auto", head_dim=256, q_len=4096, aligned=True, **gpu) == "cudnn"
-    assert resolve("auto", head_dim=512, q_len=4096, aligned=True, **gpu) == "pallas"
+    assert resolve("auto", head_dim=512, q_len=4096, aligned=True, hopper=False, **gpu) == "pallas"
+    # ... and the Mosaic GPU kernel at head_dim 512 on Hopper, also when the kernels are forced.
+    assert resolve("auto", head_dim=512, q_len=4096, aligned=True, hopper=True, **gpu) == "mosaic"
+    assert resolve("pallas", head_dim=512, q_len=4096, aligned=True, hopper=True, **gpu) == "mosaic"
+    assert resolve("auto", head_dim=512, q_len=4096, aligned=False, hopper=True, **gpu) == "pallas"
+    assert resolve("auto", head_dim=512, q_len=1, aligned=True, batch=4, hopper=True, **gpu) == "pallas"
+    assert resolve("auto", head_dim=512, q_len=4096, aligned=True, hopper=True, dtype=jnp.float32,
+                   **gpu) == "xla"
+    assert resolve("auto", head_dim=256, q_len=4096, aligned=True, hopper=True, **gpu) == "cudnn"
+    assert resolve("auto", head_dim=512, q_len=4096, aligned=True, platform="cpu", group=8) == "xla"
     assert resolve("auto", head_dim=256, q_len=4096, aligned=False, **gpu) == "pallas"
     assert resolve("auto", head_dim=256, q_len=4096, aligned=True, dtype=jnp.float32, **gpu) == "xla"
     assert resolve("auto", head_dim=256, q_len=4, aligned=True, **gpu) == "xla"  # a short prompt: decode rules
