@@ -202,6 +202,8 @@ def load(path: str | None = None, *, pp: int = 1, dtype=None, max_seq_len: int |
         raise CheckpointError(f"{path} is not a directory")
     if attn_impl not in IMPLS:
         raise ConfigError(f"attn_impl must be one of {', '.join(IMPLS)}, got {attn_impl!r}")
+    if attn_impl == "cudnn" and jax.default_backend() not in ("gpu", "cuda"):
+        raise ConfigError(f"attn_impl 'cudnn' needs a CUDA GPU; this process runs on {jax.default_backend()}")
     run = RunConfig(dtype=resolve_dtype(dtype), pp=pp, max_seq_len=max_seq_len, attn_impl=attn_impl)
     jdtype = DTYPES[run.dtype]
     if sc.is_stage_dir(path):

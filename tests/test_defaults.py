@@ -38,6 +38,8 @@ def test_attention_path_is_selectable_and_agrees():
     assert np.max(np.abs(a - b)) / np.max(np.abs(a)) < 1e-5
     assert xla.generate(ids, max_new_tokens=5, stop_tokens=()) == ker.generate(ids, max_new_tokens=5, stop_tokens=())
     with pytest.raises(gemma4_jax.Gemma4Error, match="attn_impl must be one of"):
+        gemma4_jax.load(progress=False, attn_impl="flash")
+    with pytest.raises(gemma4_jax.Gemma4Error, match="needs a CUDA GPU"):  # this is a CPU
         gemma4_jax.load(progress=False, attn_impl="cudnn")
 
 
