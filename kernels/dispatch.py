@@ -22,6 +22,9 @@ Within the Triton kernels, a call with at most DECODE_MAX_TOKENS query tokens us
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import jax
 import jax.numpy as jnp
 
@@ -61,6 +64,25 @@ def mosaic_supports(head_dim: int, group: int, dtype) -> bool:
     return head_dim == MOSAIC_HEAD_DIM and jnp.dtype(dtype).itemsize == 2 and group & (group - 1) == 0 and group <= 64
 
 
+@functools.cache
+def mosaic_compiles(head_dim: int, group: int, dtype_name: str) -> bool:
+    """Whether the Mosaic GPU kernel compiles here for this head_dim, group and dtype (tried once per process on
+    a small shape). Mosaic GPU's Pallas API still moves between jax releases; where this jax cannot build the
+    kernel, `auto` and 'pallas' fall back to the Triton kernel with a warning instead of failing the model."""
+    from .flash_attention_mgpu import flash_attention_mgpu
+
+    q = jax.ShapeDtypeStruct((1, 128, group, head_dim), jnp.dtype(dtype_name))
+    kv = jax.ShapeDtypeStruct((1, 128, 1, head_dim), jnp.dtype(dtype_name))
+    try:
+        flash_attention_mgpu.lower(q, kv, kv).compile()
+        return True
+    except Exception as e:  # any failure to build it means: do not use it in this process
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        warnings.warn(f"the Mosaic GPU attention kernel does not compile with this jax ({type(e).__name__}: "
+                      f"{first}); using the Triton kernel for head_dim-{head_dim} prefill", stacklevel=2)
+        return False
+
+
 def is_hopper() -> bool:
     """The default device is a Hopper GPU (compute capability 9.x): the Mosaic kernel uses wgmma and TMA."""
     dev = jax.devices()[0]
@@ -82,7 +104,8 @@ def resolve(impl: str, *, head_dim: int, group: int, dtype=jnp.bfloat16, platfor
     and call ('pallas' = the Triton kernels, 'mosaic' = the Mosaic GPU prefill kernel).
 
     q_len None means a prefill-length call. `aligned`: the call's queries and keys are the same T tokens at
-    positions 0..T-1 in every row (keys past a row's length may be padding). `hopper` None asks the device.
+    positions 0..T-1 in every row (keys past a row's length may be padding). `hopper` None asks the device
+    (and whether the Mosaic kernel compiles there: `mosaic_compiles`); True / False assert it (tests).
     """
     if impl not in IMPLS:
         raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
@@ -95,7 +118,8 @@ def resolve(impl: str, *, head_dim: int, group: int, dtype=jnp.bfloat16, platfor
         raise ValueError("attention impl 'cudnn' needs a CUDA GPU")
     prefill = q_len is None or q_len > DECODE_MAX_TOKENS
     if (impl in ("auto", "pallas") and gpu and prefill and aligned and mosaic_supports(head_dim, group, dtype)
-            and (is_hopper() if hopper is None else hopper)):
+            and (is_hopper() and mosaic_compiles(head_dim, group, jnp.dtype(dtype).name) if hopper is None
+                 else hopper)):
         return "mosaic"
     if impl == "pallas":
         return impl

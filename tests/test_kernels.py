@@ -293,3 +293,25 @@ def test_model_prefill_routes_to_cudnn(monkeypatch):
                       (np.asarray(y, np.float32), np.asarray(y_ref, np.float32))):
         assert np.isfinite(got).all()
         assert np.max(np.abs(got - want)) <= 2e-2 * max(1.0, float(np.max(np.abs(want))))
+
+
+def test_mosaic_falls_back_when_it_does_not_compile(monkeypatch):
+    """Where this jax cannot build the Mosaic kernel (its API moves between releases), `auto` on a Hopper GPU
+    takes the Triton kernel and says so once, instead of failing the model."""
+    from gemma4_jax.kernels import dispatch, flash_attention_mgpu
+
+    monkeypatch.setattr(dispatch, "is_hopper", lambda: True)
+    dispatch.mosaic_compiles.cache_clear()
+
+    class Broken:
+        @staticmethod
+        def lower(*args):
+            raise NotImplementedError("no such Mosaic GPU primitive in this jax")
+
+    monkeypatch.setattr(flash_attention_mgpu, "flash_attention_mgpu", Broken)
+    try:
+        with pytest.warns(UserWarning, match="does not compile with this jax"):
+            assert resolve("auto", head_dim=512, group=8, platform="gpu", q_len=4096, aligned=True) == "pallas"
+        assert resolve("pallas", head_dim=512, group=8, platform="gpu", q_len=4096, aligned=True) == "pallas"
+    finally:
+        dispatch.mosaic_compiles.cache_clear()
