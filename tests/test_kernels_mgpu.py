@@ -171,6 +171,7 @@ def test_dispatcher_routes_prefill_at_512_to_mosaic(monkeypatch):
     monkeypatch.setattr(dispatch, "MOSAIC_INTERPRET", True)
     monkeypatch.setattr(dispatch, "_on_gpu", lambda platform: True)
     monkeypatch.setattr(dispatch, "is_hopper", lambda: True)
+    monkeypatch.setattr(dispatch, "mosaic_compiles", lambda *args: True)  # the real check compiles for a GPU
     calls = []
     real = dispatch.mosaic_attention
     monkeypatch.setattr(dispatch, "mosaic_attention", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
