@@ -228,27 +228,39 @@ class MoE(nnx.Module):
         w = w / jnp.sum(w, axis=-1, keepdims=True)  # renormalise over the chosen k first,
         return w * self.per_expert_scale[...][idx].astype(F32), idx  # then the per-expert scale
 
-    def experts(self, y_md, w_mk, idx_mk):
+    def experts(self, y_md, w_mk, idx_mk, impl: str = "auto"):
+        """Σ_k w·expert_k(y) over the routed experts [M,D]. Where `impl` resolves to the kernels
+        (`gemma4_jax.kernels.dispatch.resolve_moe`: 16-bit on a GPU by default), the grouped Pallas kernels
+        read the routed experts' weights in place; else XLA, at full precision for float32."""
+        from .kernels import dispatch, moe
+
+        e, d, f = self.gate.shape[-3:]
+        choice = dispatch.resolve_moe(impl, d=d, f=f, dtype=y_md.dtype)
+        if choice != "xla":
+            return moe.moe_experts(y_md, w_mk, idx_mk, self.gate[...], self.up[...], self.down[...],
+                                   interpret=choice == "interpret")
         m, k = idx_mk.shape
+        kw = dict(preferred_element_type=F32,
+                  precision=jax.lax.Precision.HIGHEST if y_md.dtype == F32 else None)
         if m * k <= MOE_GATHER_MAX_ROWS:
             # Decode: read only the chosen experts' weights.
-            g = jnp.einsum("MD,MKDF->MKF", y_md, self.gate[...][idx_mk], preferred_element_type=F32)
-            u = jnp.einsum("MD,MKDF->MKF", y_md, self.up[...][idx_mk], preferred_element_type=F32)
+            g = jnp.einsum("MD,MKDF->MKF", y_md, self.gate[...][idx_mk], **kw)
+            u = jnp.einsum("MD,MKDF->MKF", y_md, self.up[...][idx_mk], **kw)
             h = (gelu(g) * u).astype(y_md.dtype)
-            out = jnp.einsum("MKF,MKFD->MKD", h, self.down[...][idx_mk], preferred_element_type=F32)
-            return jnp.einsum("MKD,MK->MD", out, w_mk).astype(y_md.dtype)
+            out = jnp.einsum("MKF,MKFD->MKD", h, self.down[...][idx_mk], **kw)
+            return jnp.einsum("MKD,MK->MD", out, w_mk, precision=kw["precision"]).astype(y_md.dtype)
         # Prefill: sort (token, slot) pairs by expert and run one grouped matmul per projection.
         flat_e = idx_mk.reshape(-1)
         order = jnp.argsort(flat_e)
         token = order // k
         x_sorted = y_md[token]
-        sizes = jnp.bincount(flat_e, length=self.gate.shape[-3]).astype(jnp.int32)
-        g = jax.lax.ragged_dot(x_sorted, self.gate[...], sizes, preferred_element_type=F32)
-        u = jax.lax.ragged_dot(x_sorted, self.up[...], sizes, preferred_element_type=F32)
+        sizes = jnp.bincount(flat_e, length=e).astype(jnp.int32)
+        g = jax.lax.ragged_dot(x_sorted, self.gate[...], sizes, **kw)
+        u = jax.lax.ragged_dot(x_sorted, self.up[...], sizes, **kw)
         h = (gelu(g) * u).astype(y_md.dtype)
-        out = jax.lax.ragged_dot(h, self.down[...], sizes, preferred_element_type=F32)
+        out = jax.lax.ragged_dot(h, self.down[...], sizes, **kw)
         out = out * w_mk.reshape(-1)[order][:, None]
-        return jnp.zeros((m, y_md.shape[-1]), F32).at[token].add(out).astype(y_md.dtype)
+        return jnp.zeros((m, d), F32).at[token].add(out).astype(y_md.dtype)
 
 
 # attend(q [B,T,N,H], kv (k, v) [B,T,K,H] or None for KV-shared layers) -> (o [B,T,N,H], aux)
@@ -277,9 +289,11 @@ class DecoderLayer(nnx.Module):
         # Learned scalar that multiplies the whole residual stream at the end of the layer.
         self.layer_scalar = _param(rngs, (), (), dtype, stack, "ones")
 
-    def __call__(self, x_btd, ple_btp, cos, sin, attend: AttendFn, owns_kv: bool | None = None):
+    def __call__(self, x_btd, ple_btp, cos, sin, attend: AttendFn, owns_kv: bool | None = None,
+                 impl: str = "auto"):
         """`owns_kv=False` runs a KV-shared layer from a stack that also holds K/V weights (the pipeline
-        stores shared layers beside their owning kind); by default the stack's own kind decides."""
+        stores shared layers beside their owning kind); by default the stack's own kind decides. `impl` is
+        the run's kernel setting, for the MoE experts (attention gets it through `attend`)."""
         eps = self.eps
         a = rms_norm(x_btd, self.input_norm[...], eps)
         q = self.attn.queries(a, cos, sin)
@@ -293,7 +307,7 @@ class DecoderLayer(nnx.Module):
             dense = rms_norm(f, self.post_ffw_norm_1[...], eps)
             x_md = x.reshape(b * t, d)
             w, idx = self.moe.route(x_md)  # the router sees the un-normalised stream
-            m = self.moe.experts(rms_norm(x_md, self.pre_ffw_norm_2[...], eps), w, idx)
+            m = self.moe.experts(rms_norm(x_md, self.pre_ffw_norm_2[...], eps), w, idx, impl)
             f = dense + rms_norm(m.reshape(b, t, d), self.post_ffw_norm_2[...], eps)
         x = x + rms_norm(f, self.post_ffw_norm[...], eps)
 
@@ -386,7 +400,8 @@ class Gemma4Text(nnx.Module):
             def attend(q, kv, spec=spec):
                 return attender(spec, q, kv), None
 
-            x, _ = layer(x, ple[:, :, spec.index] if ple is not None else None, *rope[spec.attn_type], attend)
+            x, _ = layer(x, ple[:, :, spec.index] if ple is not None else None, *rope[spec.attn_type], attend,
+                         impl=attender.impl)
         return x
 
     def __call__(self, ids_bt: jax.Array, impl: str = "auto", mm: Multimodal | None = None) -> jax.Array:
@@ -403,7 +418,10 @@ class Gemma4Text(nnx.Module):
 
 
 class Attender:
-    """Supplies attention to the layers: `attender(spec, q, kv) -> o` with kv None on KV-shared layers."""
+    """Supplies attention to the layers: `attender(spec, q, kv) -> o` with kv None on KV-shared layers.
+    `impl` is the run's kernel setting (the layers' MoE experts follow it too)."""
+
+    impl: str = "auto"
 
     def __call__(self, spec: LayerSpec, q_btnh: jax.Array, kv) -> jax.Array:
         raise NotImplementedError

@@ -419,7 +419,7 @@ def _stage_fn(plan: PipelinePlan, s: int, mode: str, dtype, graphdefs, impl: str
             state = jax.tree.map(lambda a, slot=slot: a[slot], params["stacks"][kind], is_leaf=is_layer_tuple)
             module = nnx.merge(graphdefs[kind], state)
             x, _ = module(x, ple[:, :, j] if ple is not None else None, *rope[spec.attn_type],
-                          lambda q, kv, spec=spec: (att(spec, q, kv), None), owns_kv=spec.owns_kv)
+                          lambda q, kv, spec=spec: (att(spec, q, kv), None), owns_kv=spec.owns_kv, impl=impl)
         kv_out = {src: att.kv_of.get(src, kv_in[src]) for src in plan.xfer}
         if cache is not None:
             cache = dict(cache)

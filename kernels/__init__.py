@@ -1,17 +1,20 @@
-"""Pallas attention kernels for large heads (head_dim up to 512), installed as `gemma4_jax.kernels`.
+"""Pallas kernels: attention for large heads (head_dim up to 512) and the routed experts of an MoE FFN,
+installed as `gemma4_jax.kernels`.
 
 Model-agnostic: nothing here knows about Gemma. Each kernel file holds the kernel body, its wrapper, a
 jitted entry point, a frozen tuning config and a plain-jnp reference (the Mosaic GPU kernel,
 `flash_attention_mgpu`, shares `flash_attention_reference` and is imported lazily: Hopper only); `dispatch`
-picks a kernel, cuDNN or XLA per call.
+picks a kernel, cuDNN or XLA per call (`resolve` for attention, `resolve_moe` for the experts).
 Masks come from positions (`masking.py`).
 """
 
 from .decode_attention import DecodeConfig, decode_attention, decode_attention_reference
-from .dispatch import IMPLS, attention, kernel_supports, resolve
+from .dispatch import IMPLS, attention, kernel_supports, resolve, resolve_moe
 from .flash_attention import FlashConfig, flash_attention, flash_attention_reference
+from .moe import MoeConfig, moe_experts, moe_experts_reference
 
 __all__ = [
-    "DecodeConfig", "FlashConfig", "IMPLS", "attention", "decode_attention", "decode_attention_reference",
-    "flash_attention", "flash_attention_reference", "kernel_supports", "resolve",
+    "DecodeConfig", "FlashConfig", "IMPLS", "MoeConfig", "attention", "decode_attention", "decode_attention_reference",
+    "flash_attention", "flash_attention_reference", "kernel_supports", "moe_experts", "moe_experts_reference",
+    "resolve", "resolve_moe",
 ]

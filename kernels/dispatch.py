@@ -1,4 +1,5 @@
-"""Chooses how attention runs: the Pallas kernels, cuDNN or plain XLA, by platform and shape, overridable.
+"""Chooses how attention and the MoE experts run: the Pallas kernels, cuDNN or plain XLA, by platform and shape,
+overridable. (MoE: `resolve_moe`, at the end.)
 
 `impl` is one of
   'auto'      XLA on CPU (and on anything that is not a CUDA GPU). On a GPU, for 16-bit inputs, whatever
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 
 from .decode_attention import decode_attention
 from .flash_attention import flash_attention, flash_attention_reference
+from .moe import supports as moe_supports
 
 IMPLS = ("auto", "xla", "cudnn", "pallas", "interpret")
 DECODE_MAX_TOKENS = 8
@@ -170,3 +172,29 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos:
         return mosaic_attention(q, k, v, scale=scale, window=window)
     fn = decode_attention if q.shape[1] <= DECODE_MAX_TOKENS else flash_attention
     return fn(q, k, v, q_pos, k_pos, scale=scale, window=window, causal=causal, interpret=choice == "interpret")
+
+
+# Benches set this to 'xla' to time the XLA experts beside the kernels in one process, attention unchanged.
+MOE_FORCE: str | None = None
+
+
+def resolve_moe(impl: str, *, d: int, f: int, dtype=jnp.bfloat16, platform: str | None = None) -> str:
+    """How the routed experts run ('xla' | 'pallas' | 'interpret'), under the same `impl` setting as attention.
+
+    'auto' and 'cudnn' (cuDNN has no MoE): the grouped Pallas kernels (`moe.moe_experts`) on a GPU for 16-bit
+    inputs; XLA on the CPU and for float32 (at full precision: `Precision.HIGHEST`, never TF32). 'pallas': the
+    kernels for any dtype (float32 operands at IEEE precision). 'xla': the XLA paths (a gather of the routed
+    experts at few rows, `ragged_dot` at many). 'interpret': the kernels in interpret mode.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
+    impl = MOE_FORCE or impl
+    if impl == "xla":
+        return "xla"
+    if not moe_supports(d, f):
+        if impl in ("pallas", "interpret"):
+            raise ValueError(f"the MoE kernels need D={d} and F={f} divisible by a power of two of at least 16")
+        return "xla"
+    if impl in ("pallas", "interpret"):
+        return impl
+    return "pallas" if _on_gpu(platform) and jnp.dtype(dtype).itemsize == 2 else "xla"

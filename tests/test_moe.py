@@ -1,0 +1,191 @@
+"""The MoE expert kernels (`gemma4_jax.kernels.moe`) in Pallas interpret mode against their jnp reference, the
+block plans, the GPU lowering at 26B-A4B's real shapes, the dispatcher, and the model (pp = 1 and pp = 2) with
+the kernels in place of XLA against transformers.
+
+Interpret mode fills every output buffer with NaN before a kernel runs (tests/test_kernels.py checks that), so
+a block the kernels never write and the combine reads shows up as NaN; every comparison asserts finiteness.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gemma4_jax.kernels import MoeConfig, dispatch, moe_experts, moe_experts_reference, resolve_moe
+from gemma4_jax.kernels.moe import default_config, plan_rows, plan_sorted
+from hf_fixtures import FAMILIES, hf_logits, rel_err
+
+import gemma4_jax
+
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
+# Small blocks: several column tiles, depth steps and row blocks even at these sizes.
+SORTED16 = MoeConfig(plan="sorted", block_m=16, block_n_up=16, block_k_up=16, block_n_down=32, block_k_down=16,
+                     num_warps=4, num_stages=1)
+ROWS16 = MoeConfig(plan="rows", block_m=16, block_n_up=32, block_k_up=32, block_n_down=16, block_k_down=32,
+                   num_warps=4, num_stages=1)
+
+
+def _inputs(seed, m, k, e, d, f, dtype, idx=None):
+    ks = jax.random.split(jax.random.key(seed), 6)
+    x = jax.random.normal(ks[0], (m, d), jnp.float32).astype(dtype)
+    gate = (d**-0.5 * jax.random.normal(ks[1], (e, d, f), jnp.float32)).astype(dtype)
+    up = (d**-0.5 * jax.random.normal(ks[2], (e, d, f), jnp.float32)).astype(dtype)
+    down = (f**-0.5 * jax.random.normal(ks[3], (e, f, d), jnp.float32)).astype(dtype)
+    if idx is None:  # k distinct experts per token, as top-k gives
+        idx = jax.vmap(lambda kk: jax.random.permutation(kk, e)[:k])(jax.random.split(ks[4], m))
+    w = jax.random.uniform(ks[5], (m, k), jnp.float32, 0.1, 1.0)
+    return x, w, jnp.asarray(idx, jnp.int32), gate, up, down
+
+
+def _check(out, ref, dtype):
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    assert out.shape == ref.shape
+    assert np.isfinite(out).all(), "the combine read an unwritten (NaN-poisoned) or non-finite row"
+    err = np.max(np.abs(out - ref)) / np.max(np.abs(ref))
+    assert err <= TOL[dtype], f"max|Δ|/max|ref| = {err:.3g} > {TOL[dtype]}"
+
+
+def _one_expert_everywhere(m, k, e):
+    """Every token sends slot 0 to expert 3; the other slots take distinct other experts."""
+    rest = [x for x in range(e) if x != 3]
+    return np.array([[3] + [rest[(i + j) % len(rest)] for j in range(k - 1)] for i in range(m)])
+
+
+# (case, M, k, E, D, F, dtype, idx builder or None, config)
+CASES = [
+    ("batch1_top8_rows", 1, 8, 16, 64, 32, jnp.float32, None, ROWS16),
+    ("batch1_top8_sorted", 1, 8, 16, 64, 32, jnp.bfloat16, None, SORTED16),
+    ("few_rows_unused_experts", 3, 2, 16, 64, 32, jnp.float32, None, SORTED16),  # 10 of 16 experts get nothing
+    ("one_expert_gets_every_row", 40, 2, 8, 64, 32, jnp.float32, _one_expert_everywhere, SORTED16),  # 3 blocks
+    ("rows_not_block_multiple", 37, 2, 8, 32, 48, jnp.bfloat16, None, SORTED16),
+    ("batch64_top8", 64, 8, 16, 64, 32, jnp.bfloat16, None, SORTED16),
+    ("batch64_rows_plan", 64, 2, 8, 64, 32, jnp.float32, None, ROWS16),
+    ("default_config", 9, 8, 16, 128, 64, jnp.bfloat16, None, None),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_moe_kernels_match_reference(case):
+    _, m, k, e, d, f, dtype, build, cfg = case
+    idx = build(m, k, e) if build else None
+    x, w, idx, gate, up, down = _inputs(hash(case[0]) % 1000, m, k, e, d, f, dtype, idx)
+    out = moe_experts(x, w, idx, gate, up, down, config=cfg, interpret=True)
+    ref = moe_experts_reference(x, w, idx, gate, up, down, precision=jax.lax.Precision.HIGHEST)
+    assert out.dtype == x.dtype
+    _check(out, ref, dtype)
+
+
+def test_moe_kernels_detect_a_wrong_expert():
+    """The comparison above is sensitive: the same inputs with one routed expert changed disagree."""
+    x, w, idx, gate, up, down = _inputs(7, 5, 2, 8, 64, 32, jnp.float32)
+    out = moe_experts(x, w, idx, gate, up, down, config=SORTED16, interpret=True)
+    wrong = moe_experts_reference(x, w, idx.at[2, 1].set((idx[2, 1] + 1) % 8), gate, up, down)
+    assert np.max(np.abs(np.asarray(out) - np.asarray(wrong))) > 1e-2
+
+
+@pytest.mark.parametrize("m,k,e,bm", [(1, 8, 128, 16), (37, 2, 8, 16), (64, 8, 16, 64), (40, 2, 8, 16)])
+def test_block_plans(m, k, e, bm):
+    """Each routed row sits exactly once in a block of its own expert, at the position `pos` says; unused blocks
+    hold no rows; the sorted plan's blocks run in expert order (one expert's blocks adjacent)."""
+    rng = np.random.default_rng(m)
+    idx = np.stack([rng.permutation(e)[:k] for _ in range(m)]).astype(np.int32)
+    if m == 40:
+        idx = _one_expert_everywhere(m, k, e).astype(np.int32)
+    flat = idx.reshape(-1)
+    for kind, plan in (("rows", plan_rows(jnp.asarray(idx), bm)), ("sorted", plan_sorted(jnp.asarray(idx), e, bm))):
+        expert, rows, pos = (np.asarray(a) for a in (plan.expert, plan.rows, plan.pos))
+        valid = rows >= 0
+        assert sorted(rows[valid].tolist()) == list(range(m * k))
+        assert (np.asarray(rows).reshape(-1)[pos] == np.arange(m * k)).all()
+        b, _ = np.nonzero(valid)
+        assert (expert[b] == flat[rows[valid]]).all()
+        assert not valid[expert < 0].any()
+        if kind == "sorted":
+            used = expert[expert >= 0]
+            assert (np.diff(used) >= 0).all() and (expert[len(used):] < 0).all()
+        else:
+            assert valid[:, 0].all() and not valid[:, 1:].any()
+
+
+def test_sorted_plan_blocks_are_dense():
+    """The sorted plan pads only each expert's last block: used blocks = Σ_e ceil(n_e / bm)."""
+    rng = np.random.default_rng(0)
+    idx = np.stack([rng.permutation(16)[:8] for _ in range(64)]).astype(np.int32)
+    plan = plan_sorted(jnp.asarray(idx), 16, 16)
+    n = np.bincount(idx.reshape(-1), minlength=16)
+    assert int((np.asarray(plan.expert) >= 0).sum()) == int(np.sum(-(-n // 16)))
+    used = np.asarray(plan.expert)[np.asarray(plan.expert) >= 0]
+    assert (np.diff(used) >= 0).all()
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 2048])
+def test_moe_kernels_lower_for_the_gpu_at_real_shapes(tokens):
+    """26B-A4B's shapes (D 2816, F 704, 128 experts, top 8) lower to Triton on this CPU, and the program passes
+    the expert weights to the kernels untouched: no transpose, gather or copy of a weight-shaped array."""
+    d, f, e, k = 2816, 704, 128, 8
+    bf = jnp.bfloat16
+    s = jax.ShapeDtypeStruct
+    args = (s((tokens, d), bf), s((tokens, k), jnp.float32), s((tokens, k), jnp.int32), s((e, d, f), bf),
+            s((e, d, f), bf), s((e, f, d), bf))
+    text = moe_experts.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("stablehlo.custom_call") == 2, "one gate_up and one down kernel"
+    weight_types = ("tensor<128x2816x704xbf16>", "tensor<128x704x2816xbf16>")
+    for line in text.splitlines():
+        if any(t in line for t in weight_types):
+            assert "custom_call" in line or "func.func" in line or "return" in line, line
+
+
+def test_default_config_by_rows():
+    assert default_config(8, 2816, 704).plan == "rows"
+    assert default_config(128, 2816, 704).plan == "sorted" and default_config(128, 2816, 704).block_m == 16
+    big = default_config(16384, 2816, 704)
+    assert big.plan == "sorted" and big.block_m >= 64
+    for cfg in (default_config(r, 2816, 704) for r in (8, 128, 16384)):
+        assert 704 % cfg.block_n_up == 0 and 2816 % cfg.block_k_up == 0
+        assert 2816 % cfg.block_n_down == 0 and 704 % cfg.block_k_down == 0
+
+
+def test_resolve_moe():
+    r = resolve_moe
+    assert r("auto", d=2816, f=704, dtype=jnp.bfloat16, platform="gpu") == "pallas"
+    assert r("cudnn", d=2816, f=704, dtype=jnp.bfloat16, platform="gpu") == "pallas"
+    assert r("auto", d=2816, f=704, dtype=jnp.float32, platform="gpu") == "xla"  # float32: XLA at HIGHEST
+    assert r("auto", d=2816, f=704, dtype=jnp.bfloat16, platform="cpu") == "xla"
+    assert r("xla", d=2816, f=704, dtype=jnp.bfloat16, platform="gpu") == "xla"
+    assert r("pallas", d=2816, f=704, dtype=jnp.float32, platform="gpu") == "pallas"
+    assert r("interpret", d=64, f=32, dtype=jnp.float32, platform="cpu") == "interpret"
+    assert r("auto", d=2816, f=700, dtype=jnp.bfloat16, platform="gpu") == "xla"  # F has no 16-aligned block
+    with pytest.raises(ValueError, match="MoE kernels"):
+        r("pallas", d=2816, f=700, dtype=jnp.bfloat16, platform="gpu")
+    with pytest.raises(ValueError, match="impl"):
+        r("fast", d=64, f=32)
+
+
+@pytest.fixture
+def moe_kernels_in_model(monkeypatch):
+    """The model's MoE layers take the kernels (interpret mode) while attention stays on XLA."""
+    monkeypatch.setattr(dispatch, "MOE_FORCE", "interpret")
+
+
+@pytest.mark.parametrize("shape", [(2, 24), (1, 4)], ids=["sorted_plan", "rows_plan"])
+def test_model_with_moe_kernels_matches_transformers(shape, hf_models, hf_dirs, moe_kernels_in_model):
+    """26B-A4B family, float32: the kernels in the model give transformers' logits (2×24 tokens = 96 routed rows
+    take the sorted plan; 1×4 = 8 rows the rows plan)."""
+    ids = np.random.default_rng(5).integers(3, 256, size=shape)
+    assert (ids.size * FAMILIES["26b-a4b"]["top_k_experts"] > 16) == (shape[0] == 2)
+    model = gemma4_jax.load(hf_dirs["26b-a4b", "causal"], dtype="float32", attn_impl="xla", progress=False)
+    assert rel_err(model.logits(ids), hf_logits(hf_models["26b-a4b"], ids)) <= 1e-4
+
+
+def test_generation_and_pipeline_with_moe_kernels(hf_dirs, moe_kernels_in_model):
+    """Prefill + decode (rows plan at decode) and a pp = 2 split with the kernels give the XLA path's greedy
+    tokens (float32: bfloat16 pipelines drift from pp = 1 on random weights, docs/pipeline.md)."""
+    prompts = [[2, 17, 99, 40, 7, 12], [2, 5, 6]]
+    path = hf_dirs["26b-a4b", "causal"]
+    with_kernels = gemma4_jax.load(path, dtype="float32", attn_impl="xla", progress=False)
+    ours = with_kernels.generate(prompts, max_new_tokens=5, stop_tokens=())
+    piped = gemma4_jax.load(path, dtype="float32", attn_impl="xla", pp=2, progress=False)
+    ours_pp = piped.generate(prompts, max_new_tokens=5, stop_tokens=())
+    dispatch.MOE_FORCE = "xla"
+    plain = gemma4_jax.load(path, dtype="float32", attn_impl="xla", progress=False)
+    xla = plain.generate(prompts, max_new_tokens=5, stop_tokens=())
+    assert ours == xla and ours_pp == xla, (ours, ours_pp, xla)
