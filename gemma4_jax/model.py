@@ -24,10 +24,6 @@ from flax import nnx
 from .config import Gemma4Config, LayerSpec
 
 F32 = jnp.float32
-# Rows of tokens×top-k below which MoE gathers the chosen experts' weights (decode); above it,
-# tokens are sorted by expert and run through one grouped matmul. Either way only routed
-# experts are computed.
-MOE_GATHER_MAX_ROWS = 64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,36 +227,17 @@ class MoE(nnx.Module):
     def experts(self, y_md, w_mk, idx_mk, impl: str = "auto"):
         """Σ_k w·expert_k(y) over the routed experts [M,D]. Where `impl` resolves to the kernels
         (`gemma4_jax.kernels.dispatch.resolve_moe`: 16-bit on a GPU by default), the grouped Pallas kernels
-        read the routed experts' weights in place; else XLA, at full precision for float32."""
+        read the routed experts' weights in place; else XLA (`moe.moe_experts_xla`: a gather of the chosen
+        experts at few rows, `ragged_dot` at many), at full precision for float32."""
         from .kernels import dispatch, moe
 
-        e, d, f = self.gate.shape[-3:]
+        d, f = self.gate.shape[-2:]
         choice = dispatch.resolve_moe(impl, d=d, f=f, dtype=y_md.dtype)
         if choice != "xla":
             return moe.moe_experts(y_md, w_mk, idx_mk, self.gate[...], self.up[...], self.down[...],
                                    interpret=choice == "interpret")
-        m, k = idx_mk.shape
-        kw = dict(preferred_element_type=F32,
-                  precision=jax.lax.Precision.HIGHEST if y_md.dtype == F32 else None)
-        if m * k <= MOE_GATHER_MAX_ROWS:
-            # Decode: read only the chosen experts' weights.
-            g = jnp.einsum("MD,MKDF->MKF", y_md, self.gate[...][idx_mk], **kw)
-            u = jnp.einsum("MD,MKDF->MKF", y_md, self.up[...][idx_mk], **kw)
-            h = (gelu(g) * u).astype(y_md.dtype)
-            out = jnp.einsum("MKF,MKFD->MKD", h, self.down[...][idx_mk], **kw)
-            return jnp.einsum("MKD,MK->MD", out, w_mk, precision=kw["precision"]).astype(y_md.dtype)
-        # Prefill: sort (token, slot) pairs by expert and run one grouped matmul per projection.
-        flat_e = idx_mk.reshape(-1)
-        order = jnp.argsort(flat_e)
-        token = order // k
-        x_sorted = y_md[token]
-        sizes = jnp.bincount(flat_e, length=e).astype(jnp.int32)
-        g = jax.lax.ragged_dot(x_sorted, self.gate[...], sizes, **kw)
-        u = jax.lax.ragged_dot(x_sorted, self.up[...], sizes, **kw)
-        h = (gelu(g) * u).astype(y_md.dtype)
-        out = jax.lax.ragged_dot(h, self.down[...], sizes, **kw)
-        out = out * w_mk.reshape(-1)[order][:, None]
-        return jnp.zeros((m, d), F32).at[token].add(out).astype(y_md.dtype)
+        return moe.moe_experts_xla(y_md, w_mk, idx_mk, self.gate[...], self.up[...], self.down[...],
+                                   precision=jax.lax.Precision.HIGHEST if y_md.dtype == F32 else None)
 
 
 # attend(q [B,T,N,H], kv (k, v) [B,T,K,H] or None for KV-shared layers) -> (o [B,T,N,H], aux)

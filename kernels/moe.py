@@ -78,10 +78,14 @@ def default_config(rows: int, d: int, f: int) -> MoeConfig:
     """Block sizes for R routed rows and an expert of width D → F → D (see docs/kernels.md for the sweep)."""
     if rows <= ROWS_PLAN_MAX:
         plan, bm, n_up, k_up, n_dn, k_dn, warps, stages = "rows", 16, 32, 128, 64, 64, 4, 4
-    elif rows <= 1024:
+    elif rows <= 512:
         plan, bm, n_up, k_up, n_dn, k_dn, warps, stages = "sorted", 16, 32, 128, 64, 64, 4, 4
-    else:
+    elif rows <= 4096:
+        plan, bm, n_up, k_up, n_dn, k_dn, warps, stages = "sorted", 32, 64, 64, 128, 64, 4, 3
+    elif rows <= 16384:
         plan, bm, n_up, k_up, n_dn, k_dn, warps, stages = "sorted", 64, 64, 64, 128, 64, 4, 3
+    else:
+        plan, bm, n_up, k_up, n_dn, k_dn, warps, stages = "sorted", 128, 64, 64, 128, 64, 8, 3
     return MoeConfig(plan=plan, block_m=bm, block_n_up=_fit(f, n_up), block_k_up=_fit(d, k_up),
                      block_n_down=_fit(d, n_dn), block_k_down=_fit(f, k_dn), num_warps=warps, num_stages=stages)
 
@@ -135,7 +139,9 @@ def plan_sorted(idx_mk: jax.Array, num_experts: int, block_m: int) -> BlockPlan:
     dest = (block_end - blocks)[expert_sorted] * block_m + rank  # [R] blocked position of sorted row i
     rows = jnp.full((nb * block_m,), -1, jnp.int32).at[dest].set(order).reshape(nb, block_m)
     b = jnp.arange(nb, dtype=jnp.int32)
-    expert = jnp.searchsorted(block_end, b, side="right").astype(jnp.int32)
+    # The expert of block b: how many experts end at or before it. A compare-and-count, not
+    # jnp.searchsorted, whose default method is a loop (a while loop on the GPU: a host round trip a step).
+    expert = jnp.sum(block_end[None, :] <= b[:, None], axis=1, dtype=jnp.int32)
     expert = jnp.where(b < block_end[-1], expert, -1)
     pos = jnp.zeros((r,), jnp.int32).at[order].set(dest)
     return BlockPlan(expert, rows, pos)
@@ -262,7 +268,7 @@ def moe_experts(x: jax.Array, w: jax.Array, idx: jax.Array, gate: jax.Array, up:
 
 def moe_experts_reference(x: jax.Array, w: jax.Array, idx: jax.Array, gate: jax.Array, up: jax.Array,
                           down: jax.Array, *, precision=None) -> jax.Array:
-    """Plain jnp, row by row: each (token, slot) reads its expert's weights; float32 accumulation, h rounded
+    """Plain jnp, row by row: each (token, slot) gathers its expert's weights; float32 accumulation, h rounded
     to x's dtype before the down projection, weighted sum over slots in float32."""
     kw = dict(preferred_element_type=F32, precision=precision)
     g = jnp.einsum("MD,MKDF->MKF", x, gate[idx], **kw)
@@ -270,3 +276,27 @@ def moe_experts_reference(x: jax.Array, w: jax.Array, idx: jax.Array, gate: jax.
     h = (_gelu_tanh(g) * u).astype(x.dtype)
     y = jnp.einsum("MKF,MKFD->MKD", h, down[idx], **kw)
     return jnp.einsum("MKD,MK->MD", y, w.astype(F32), precision=precision).astype(x.dtype)
+
+
+# The XLA path gathers the routed experts' weights up to this many routed rows, and above it runs
+# `lax.ragged_dot` over rows sorted by expert (which XLA's GPU lowering computes densely over every expert).
+XLA_GATHER_MAX_ROWS = 64
+
+
+def moe_experts_xla(x: jax.Array, w: jax.Array, idx: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
+                    *, precision=None) -> jax.Array:
+    """The same function through XLA alone (CPU, float32, and the baseline the kernels are measured against)."""
+    m, k = idx.shape
+    if m * k <= XLA_GATHER_MAX_ROWS:
+        return moe_experts_reference(x, w, idx, gate, up, down, precision=precision)
+    kw = dict(preferred_element_type=F32, precision=precision)
+    flat_e = idx.reshape(-1)
+    order = jnp.argsort(flat_e)
+    token = order // k
+    x_sorted = x[token]
+    sizes = jnp.bincount(flat_e, length=gate.shape[0]).astype(jnp.int32)
+    g = lax.ragged_dot(x_sorted, gate, sizes, **kw)
+    u = lax.ragged_dot(x_sorted, up, sizes, **kw)
+    h = (_gelu_tanh(g) * u).astype(x.dtype)
+    y = lax.ragged_dot(h, down, sizes, **kw) * w.reshape(-1)[order][:, None].astype(F32)
+    return jnp.zeros((m, x.shape[1]), F32).at[token].add(y).astype(x.dtype)

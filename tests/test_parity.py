@@ -25,11 +25,11 @@ def test_float32_logits_match_transformers(family, layout, hf_models, hf_dirs):
 
 
 def test_moe_gather_path_matches_transformers(hf_models, hf_dirs):
-    """Few tokens take the decode path (gather the chosen experts) rather than the sorted one."""
-    from gemma4_jax import model as mdl
+    """Few tokens take XLA's decode path (gather the chosen experts) rather than the sorted one."""
+    from gemma4_jax.kernels import moe
 
     ids = _ids(1, 4, seed=3)
-    assert ids.size * FAMILIES["26b-a4b"]["top_k_experts"] <= mdl.MOE_GATHER_MAX_ROWS
+    assert ids.size * FAMILIES["26b-a4b"]["top_k_experts"] <= moe.XLA_GATHER_MAX_ROWS
     model = gemma4_jax.load(hf_dirs["26b-a4b", "causal"], dtype="float32", progress=False)
     assert rel_err(model.logits(ids), hf_logits(hf_models["26b-a4b"], ids)) <= F32_BOUND
 

@@ -66,6 +66,8 @@ def add_parser(sub) -> None:
     p.add_argument("--prefill-len", type=int, default=2048, help="prompt tokens of the batch-1 prefill (0: skip)")
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--attn-impl", default="auto")
+    p.add_argument("--moe-impl", default=None, choices=["xla"],
+                   help="run the MoE experts through XLA (the path before the kernels), attention unchanged")
     p.add_argument("--profile", default=None, metavar="DIR", help="perfetto trace of one generation (first batch)")
     p.add_argument("--compare", default="none", choices=["none", "transformers"])
     p.add_argument("--compile-batches", default="16",
@@ -196,7 +198,8 @@ def _header(args, cfg) -> dict:
     return {"preset": args.config or args.preset, "pp": args.pp, "batches": _ints(args.batch),
             "prompt_len": args.prompt_len, "gen_len": args.gen_len,
             "short_len": short_len(args.prompt_len, args.gen_len, cfg.max_position_embeddings),
-            "prefill_len": args.prefill_len, "repeat": args.repeat, "date": time.strftime("%Y-%m-%d")}
+            "prefill_len": args.prefill_len, "repeat": args.repeat, "date": time.strftime("%Y-%m-%d"),
+            "moe_impl": getattr(args, "moe_impl", None) or args.attn_impl}
 
 
 def run(args) -> dict:
@@ -234,6 +237,10 @@ def ours(args, start: float) -> dict:
 
     cfg = _config(args)
     dev = jax.devices()[0]
+    if getattr(args, "moe_impl", None):
+        from gemma4_jax.kernels import dispatch
+
+        dispatch.MOE_FORCE = args.moe_impl
     res = _header(args, cfg)
     res.update(card=dev.device_kind, jax=jax.__version__, results={})
     progress = Progress(res, args.json, start)

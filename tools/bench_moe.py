@@ -1,0 +1,145 @@
+"""`bench.py moe`: the routed-expert kernels against the XLA path at one model's expert shapes, on random data.
+
+    PYTHONPATH=. python tools/bench.py moe --preset 26b-a4b --tokens 1,16,64,128,2048 [--sweep] [--json out.json]
+
+For each token count M (routed rows R = M · top-k, experts drawn uniformly, k distinct per token): the XLA path
+(`moe_experts_xla`: a gather of the routed experts up to 64 rows, `ragged_dot` above) and the kernels
+(`moe_experts`) at the default config, plus, with `--sweep`, the candidate configs below. Each is checked
+against `moe_experts_reference` in float32 at `Precision.HIGHEST` on the same inputs (max|Δ| / max|ref|), then
+timed: `--iters` calls back to back, median of `--repeat` such runs, rotating over `--weight-sets` layers of
+expert weights so that the routed experts come from HBM, not L2, as in a model (layers differ).
+
+Reported per call: µs, useful TFLOP/s (2 · R · 3 · D · F), and GB/s over the bytes of the experts the routing
+touches (each read once), the HBM floor; the same in the JSON with every config tried.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("moe", help="MoE expert kernels vs XLA at a model's expert shapes")
+    p.add_argument("--preset", default="26b-a4b")
+    p.add_argument("--tokens", default="1,16,64,128,2048")
+    p.add_argument("--sweep", action="store_true", help="also time the candidate configs")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--weight-sets", type=int, default=4)
+    p.add_argument("--no-xla", action="store_true", help="skip the XLA path (it is slow at many rows)")
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=run)
+
+
+def candidates(rows: int, d: int, f: int):
+    """Configs worth timing at this many routed rows (block sizes fitted to D and F)."""
+    from gemma4_jax.kernels.moe import MoeConfig, _fit
+
+    out = []
+    if rows <= 64:
+        for plan in ("rows", "sorted"):
+            for n_up, k_up, n_dn, stages in ((32, 128, 64, 4), (64, 128, 128, 3), (16, 256, 32, 4), (32, 64, 64, 6)):
+                out.append(MoeConfig(plan, 16, _fit(f, n_up), _fit(d, k_up), _fit(d, n_dn), _fit(f, 64), 4, stages))
+    if rows > 16:
+        for bm, n_up, k_up, n_dn, k_dn, warps, stages in (
+                (16, 32, 128, 64, 64, 4, 4), (32, 64, 64, 128, 64, 4, 3), (64, 64, 64, 128, 64, 4, 3),
+                (64, 64, 64, 128, 64, 8, 4), (128, 64, 64, 128, 64, 8, 3), (64, 64, 128, 128, 64, 4, 3),
+                (64, 64, 128, 256, 64, 8, 3), (128, 64, 128, 128, 64, 8, 3), (64, 64, 64, 128, 32, 4, 4)):
+            if bm <= max(16, rows // 8):
+                out.append(MoeConfig("sorted", bm, _fit(f, n_up), _fit(d, k_up), _fit(d, n_dn), _fit(f, k_dn),
+                                     warps, stages))
+    return list(dict.fromkeys(out))
+
+
+def _time(fn, sets, iters: int, repeat: int) -> float:
+    """Median seconds per call over `repeat` runs of `iters` calls, cycling through the weight sets."""
+    jax.block_until_ready(fn(*sets[0]))
+    runs = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = None
+        for i in range(iters):
+            out = fn(*sets[i % len(sets)])
+        jax.block_until_ready(out)
+        runs.append((time.perf_counter() - t0) / iters)
+    return float(np.median(runs))
+
+
+def run(args) -> dict:
+    from gemma4_jax.config import preset
+    from gemma4_jax.kernels.moe import default_config, moe_experts, moe_experts_reference, moe_experts_xla
+
+    cfg = preset(args.preset)
+    d, f, e, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.top_k_experts
+    bf = jnp.bfloat16
+    key = jax.random.key(0)
+    weights = []
+    for s in range(args.weight_sets):
+        kg, ku, kd = jax.random.split(jax.random.fold_in(key, s), 3)
+        weights.append(((d**-0.5 * jax.random.normal(kg, (e, d, f), jnp.float32)).astype(bf),
+                        (d**-0.5 * jax.random.normal(ku, (e, d, f), jnp.float32)).astype(bf),
+                        (f**-0.5 * jax.random.normal(kd, (e, f, d), jnp.float32)).astype(bf)))
+    dev = jax.devices()[0]
+    res = dict(preset=args.preset, d=d, f=f, experts=e, top_k=k, card=dev.device_kind, jax=jax.__version__,
+               date=time.strftime("%Y-%m-%d"), rows=[])
+    print(f"{args.preset}: D={d} F={f} E={e} top-{k}, {dev.device_kind}", flush=True)
+    for m in [int(t) for t in args.tokens.split(",")]:
+        kx, ki, kw = jax.random.split(jax.random.fold_in(key, 1000 + m), 3)
+        x = jax.random.normal(kx, (m, d), jnp.float32).astype(bf)
+        idx = jax.vmap(lambda kk: jax.random.permutation(kk, e)[:k])(jax.random.split(ki, m)).astype(jnp.int32)
+        w = jax.random.uniform(kw, (m, k), jnp.float32, 0.1, 1.0)
+        touched = int(np.unique(np.asarray(idx)).size)
+        nbytes = touched * 3 * d * f * 2
+        flops = 2 * m * k * 3 * d * f
+        g0, u0, d0 = weights[0]
+        ref = np.asarray(jax.jit(lambda *a: moe_experts_reference(*a, precision=jax.lax.Precision.HIGHEST))(
+            x.astype(jnp.float32), w, idx, g0.astype(jnp.float32), u0.astype(jnp.float32), d0.astype(jnp.float32)))
+        row = dict(tokens=m, routed_rows=m * k, experts_touched=touched, expert_bytes=nbytes, flops=flops,
+                   default=str(default_config(m * k, d, f)), results=[])
+
+        def measure(name, fn, row=row, x=x, w=w, idx=idx, ref=ref, nbytes=nbytes, flops=flops, g0=g0, u0=u0,
+                    d0=d0):
+            try:
+                out = np.asarray(fn(x, w, idx, g0, u0, d0), np.float32)
+                err = float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
+                finite = bool(np.isfinite(out).all())
+                sets = [(x, w, idx, *ws) for ws in weights]
+                s = _time(fn, sets, args.iters, args.repeat)
+                r = dict(impl=name, us=s * 1e6, tflops=flops / s / 1e12, gb_s=nbytes / s / 1e9, rel_err=err,
+                         finite=finite)
+            except Exception as ex:  # a config that does not compile here: record it, go on
+                r = dict(impl=name, error=f"{type(ex).__name__}: {str(ex).splitlines()[0][:200]}")
+            row["results"].append(r)
+            if "us" in r:
+                print(f"  M={m:5d} R={m * k:6d} {name:90s} {r['us']:9.1f} us {r['tflops']:7.1f} TFLOP/s "
+                      f"{r['gb_s']:7.0f} GB/s err {r['rel_err']:.1e}", flush=True)
+            else:
+                print(f"  M={m:5d} {name}: {r['error']}", flush=True)
+            return r
+
+        if not args.no_xla:
+            measure("xla", jax.jit(moe_experts_xla))
+        measure("kernel default", moe_experts)
+        if args.sweep:
+            for c in candidates(m * k, d, f):
+                measure(f"kernel {c}", jax.jit(lambda *a, c=c: moe_experts(*a, config=c)))
+        res["rows"].append(row)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(res, fh, indent=1)
+    print("\nsummary (best kernel config vs XLA, per token count)")
+    for row in res["rows"]:
+        ok = [r for r in row["results"] if "us" in r]
+        xla = next((r for r in ok if r["impl"] == "xla"), None)
+        best = min((r for r in ok if r["impl"] != "xla"), key=lambda r: r["us"], default=None)
+        dflt = next((r for r in ok if r["impl"] == "kernel default"), None)
+        if best:
+            print(f"M={row['tokens']:5d}: best {best['us']:.1f} us ({best['tflops']:.0f} TFLOP/s, {best['gb_s']:.0f} GB/s)"
+                  f" default {dflt['us'] if dflt else float('nan'):.1f} us"
+                  f" xla {xla['us'] if xla else float('nan'):.1f} us :: {best['impl']}")
+    return res
