@@ -11,6 +11,11 @@ expert weights so that the routed experts come from HBM, not L2, as in a model (
 
 Reported per call: µs, useful TFLOP/s (2 · R · 3 · D · F), and GB/s over the bytes of the experts the routing
 touches (each read once), the HBM floor; the same in the JSON with every config tried.
+
+`--model-kl L` then builds the preset cut to its first L layers (real widths, all experts; random weights,
+norms near 1) and runs one 512-token forward three ways: float32 with XLA experts at `Precision.HIGHEST` (the
+reference), bfloat16 with the XLA experts (the path before the kernels) and bfloat16 with the kernels; it
+reports each bf16 run's KL(reference ‖ run) per token (mean, p99, max) and top-1 agreement.
 """
 
 from __future__ import annotations
@@ -32,8 +37,45 @@ def add_parser(sub) -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--weight-sets", type=int, default=4)
     p.add_argument("--no-xla", action="store_true", help="skip the XLA path (it is slow at many rows)")
+    p.add_argument("--model-kl", type=int, default=0, metavar="L",
+                   help="also: bf16 XLA experts vs bf16 kernels against a float32 forward, the preset cut to L layers")
     p.add_argument("--json", default=None)
     p.set_defaults(func=run)
+
+
+def model_kl(preset_name: str, layers: int, tokens: int = 512) -> dict:
+    """KL per token of bf16 forwards (XLA experts, kernels) from a float32 XLA forward of the same weights."""
+    from gemma4_jax.api import Gemma4Model, RunConfig
+    from gemma4_jax.config import PRESETS, Gemma4Config
+    from gemma4_jax.hf_checkpoint import iter_params
+    from gemma4_jax.kernels import dispatch
+    from gemma4_jax.synthetic import random_model
+
+    raw = dict(PRESETS[preset_name], num_hidden_layers=layers)
+    raw["layer_types"] = raw["layer_types"][:layers]
+    cfg = Gemma4Config.from_hf_dict(raw, name=f"{preset_name}-{layers}l")
+    ids = np.random.default_rng(0).integers(3, cfg.vocab_size, size=(1, tokens))
+    m32 = random_model(cfg, jnp.float32)
+    m16 = random_model(cfg, jnp.bfloat16)
+    for (_, a), (_, b) in zip(iter_params(m32), iter_params(m16), strict=True):
+        b.set_value(a.get_value().astype(jnp.bfloat16))  # the same weights, rounded to bf16
+    dispatch.MOE_FORCE = "xla"
+    with jax.default_matmul_precision("highest"):
+        ref = Gemma4Model(m32, RunConfig(dtype="float32", attn_impl="xla")).logits(ids)
+    del m32
+    out = {"config": cfg.name, "tokens": tokens}
+    for name, force in (("bf16_xla_experts", "xla"), ("bf16_kernels", None)):
+        dispatch.MOE_FORCE = force
+        got = Gemma4Model(m16, RunConfig(dtype="bfloat16", attn_impl="auto")).logits(ids)
+        lp = ref - np.logaddexp.reduce(ref, axis=-1, keepdims=True)
+        lq = got - np.logaddexp.reduce(got, axis=-1, keepdims=True)
+        kl = np.sum(np.exp(lp) * (lp - lq), axis=-1).reshape(-1)
+        out[name] = {"kl_mean": float(kl.mean()), "kl_p99": float(np.percentile(kl, 99)), "kl_max": float(kl.max()),
+                     "top1_equal": float(np.mean(ref.argmax(-1) == got.argmax(-1)))}
+        print(f"  {name}: KL mean {kl.mean():.3e} p99 {np.percentile(kl, 99):.3e} max {kl.max():.3e}, "
+              f"top-1 equal {out[name]['top1_equal']:.3f}", flush=True)
+    dispatch.MOE_FORCE = None
+    return out
 
 
 def candidates(rows: int, d: int, f: int):
@@ -129,6 +171,12 @@ def run(args) -> dict:
             for c in candidates(m * k, d, f):
                 measure(f"kernel {c}", jax.jit(lambda *a, c=c: moe_experts(*a, config=c)))
         res["rows"].append(row)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(res, fh, indent=1)
+    if args.model_kl:
+        print(f"model KL, {args.preset} cut to {args.model_kl} layers", flush=True)
+        res["model_kl"] = model_kl(args.preset, args.model_kl)
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(res, fh, indent=1)
