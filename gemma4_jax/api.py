@@ -19,7 +19,7 @@ from flax import nnx
 from . import stage_checkpoint as sc
 from .config import Gemma4Config
 from .errors import CheckpointError, ConfigError
-from .generation import Sampling, generate_tokens
+from .generation import check_sampling, generate_tokens
 from .hf_checkpoint import model_from_params, read_hf_params
 from .kernels.dispatch import IMPLS
 from .model import Gemma4Text, restack_layers, unstack_layers
@@ -108,23 +108,29 @@ class Gemma4Model:
 
     def generate(self, tokens, *, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int = 0, stop_tokens=None, on_tokens=None,
-                 soft_tokens=None) -> list[list[int]]:
+                 soft_tokens=None, timings: dict | None = None) -> list[list[int]]:
         """New tokens for each prompt (a list of id lists of any lengths, or an int array [B, T]).
 
         `temperature=0.0` is greedy. `stop_tokens=None` stops at the checkpoint's end ids (kept as the
         last element); `stop_tokens=()` never stops early. `on_tokens(block [B, n])` streams.
-        `soft_tokens(t) -> model.Multimodal` merges image/audio features (see `generate_text`).
+        `soft_tokens(t) -> model.Multimodal` merges image/audio features (see `generate_text`). `timings` (a
+        dict) receives `prefill_s` and `decode_s`, each timed on its own (benchmarks).
         """
-        prompts = [list(map(int, p)) for p in (tokens.tolist() if isinstance(tokens, np.ndarray) else tokens)]
+        sampling = check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  seed=seed, vocab=self.config.vocab_size)
+        if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__"):
+            raise ConfigError(f"tokens must be a list of id lists or an int array [B, T], got {type(tokens).__name__}")
+        try:
+            prompts = [list(map(int, p)) for p in (tokens.tolist() if isinstance(tokens, np.ndarray) else tokens)]
+        except (TypeError, ValueError):
+            raise ConfigError("tokens must be a list of id lists or an int array [B, T]") from None
         for p in prompts:
             self._check_tokens(np.asarray([p], dtype=np.int64))
-        sampling = Sampling(float(temperature), None if top_k is None else int(top_k),
-                            None if top_p is None else float(top_p)).validate(self.config.vocab_size)
         stops = self.stop_tokens if stop_tokens is None else tuple(int(t) for t in stop_tokens)
         return generate_tokens(self.graphdef, self.state, self.config, prompts, max_new_tokens=int(max_new_tokens),
                                context=self.context, dtype=DTYPES[self.run.dtype], sampling=sampling,
                                seed=int(seed), stop_ids=stops, on_tokens=on_tokens, pipeline=self.pipeline,
-                               impl=self.run.attn_impl, soft_tokens=soft_tokens)
+                               impl=self.run.attn_impl, soft_tokens=soft_tokens, timings=timings)
 
     def generate_text(self, prompts, *, chat: bool = True, max_new_tokens: int = 256, images=(), audio=(),
                       max_soft_tokens: int = 280, **sampling) -> list[str]:
@@ -138,6 +144,10 @@ class Gemma4Model:
             raise ConfigError("this checkpoint has no tokenizer.json, so text prompts cannot be encoded")
         if isinstance(prompts, str):
             prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts or not all(
+                isinstance(p, str) or (isinstance(p, list) and all(isinstance(m, dict) for m in p)) for p in prompts):
+            raise ConfigError("prompts must be a string or a non-empty list of strings or message lists, got "
+                              f"{prompts!r:.80}")
         images, audio = list(images or ()), list(audio or ())
         soft = None
         if images or audio:
@@ -202,8 +212,10 @@ def load(path: str | None = None, *, pp: int = 1, dtype=None, max_seq_len: int |
         raise CheckpointError(f"{path} is not a directory")
     if attn_impl not in IMPLS:
         raise ConfigError(f"attn_impl must be one of {', '.join(IMPLS)}, got {attn_impl!r}")
-    if attn_impl == "cudnn" and jax.default_backend() not in ("gpu", "cuda"):
-        raise ConfigError(f"attn_impl 'cudnn' needs a CUDA GPU; this process runs on {jax.default_backend()}")
+    if attn_impl in ("cudnn", "pallas") and jax.default_backend() not in ("gpu", "cuda"):
+        hint = "; 'interpret' runs the Pallas kernels on the CPU (slowly)" if attn_impl == "pallas" else ""
+        raise ConfigError(f"attn_impl {attn_impl!r} needs a CUDA GPU; this process runs on "
+                          f"{jax.default_backend()}{hint}")
     run = RunConfig(dtype=resolve_dtype(dtype), pp=pp, max_seq_len=max_seq_len, attn_impl=attn_impl)
     jdtype = DTYPES[run.dtype]
     if sc.is_stage_dir(path):
@@ -211,8 +223,9 @@ def load(path: str | None = None, *, pp: int = 1, dtype=None, max_seq_len: int |
         cfg = Gemma4Config.from_hf_dict(manifest["config"], name=os.path.basename(os.path.abspath(path)))
         if manifest["num_stages"] != pp:
             raise ConfigError(
-                f"{path} was converted for pp={manifest['num_stages']} but pp={pp} was asked; re-convert with "
-                f"python tools/convert_checkpoint.py --hf-dir {manifest['source']['hf_dir']} --out NEW_DIR --pp {pp}")
+                f"{path} was converted for pp={manifest['num_stages']} but pp={pp} was asked; load it with "
+                f"pp={manifest['num_stages']} (--pp {manifest['num_stages']}), or re-convert with python "
+                f"tools/convert_checkpoint.py --hf-dir {manifest['source']['hf_dir']} --out NEW_DIR --pp {pp}")
     else:
         cfg = Gemma4Config.from_json(path)
     check_pp(cfg, pp)

@@ -149,6 +149,13 @@ class Gemma4Config:
             intermediate = int(t["intermediate_size"])
         except KeyError as err:
             raise ConfigError(f"config.json lacks the field {err.args[0]!r}") from None
+        except (TypeError, ValueError):
+            raise ConfigError("config.json's num_hidden_layers, hidden_size, num_attention_heads, vocab_size and "
+                              "intermediate_size must be integers") from None
+        for field, value in (("num_hidden_layers", num_layers), ("hidden_size", hidden),
+                             ("num_attention_heads", num_heads), ("vocab_size", vocab)):
+            if value < 1:
+                raise ConfigError(f"config.json's {field} must be at least 1, got {value}")
         head_dim = int(t.get("head_dim") or hidden // num_heads)
         num_kv = int(t.get("num_key_value_heads") or num_heads)
         window = int(t.get("sliding_window") or 512)

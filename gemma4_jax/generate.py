@@ -1,8 +1,9 @@
 """`python -m gemma4_jax.generate`: generate text from one prompt (streamed) or many (batched).
 
 Thin command line over `gemma4_jax.load(...).generate(...)`. Prompts come from `--prompt` or stdin
-(one per line). Timing (time to first token, tokens/s) goes to stderr, text to stdout. Bad flags or
-input end with one sentence on stderr and exit status 2 (usage) or 1 (everything else).
+(UTF-8, one per line; a blank line gets an empty output line, so outputs stay in line with inputs).
+Timing goes to stderr, text to stdout. Flags are checked before the model loads. Bad flags or input end
+with one sentence on stderr and exit status 2 (usage) or 1 (everything else); Ctrl-C ends with 130.
 """
 
 from __future__ import annotations
@@ -14,27 +15,30 @@ import time
 
 import numpy as np
 
+from .cli import exit_now, on_interrupt_exit
 from .cluster import add_cluster_args, join_cluster
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gemma4_jax.generate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m gemma4_jax.generate", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None,
                    help="HF or converted checkpoint directory (default: the embedded demo model)")
-    p.add_argument("--prompt", nargs="*", default=None, help="prompt text(s); default: read stdin, one per line")
+    p.add_argument("--prompt", nargs="*", default=None, help="prompt text(s); none: read stdin, one per line")
     chat = p.add_mutually_exclusive_group()
     chat.add_argument("--chat", dest="chat", action="store_true", default=True, help="apply the chat template")
     chat.add_argument("--no-chat", dest="chat", action="store_false", help="raw text (BOS is still added once)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens generated per prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages")
     p.add_argument("--attn-impl", default="auto", choices=["auto", "xla", "cudnn", "pallas", "interpret"],
                    help="attention: on GPU the fastest measured of Pallas kernels, cuDNN and XLA per call (auto), "
                         "or one forced")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="parameters and activations (none: bfloat16 on a GPU, float32 on the CPU)")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image for the (single) prompt; repeat for several; placed at the prompt's <|image|> "
                         "markers, else first")
@@ -46,16 +50,53 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
+def read_prompts(args: argparse.Namespace, stdin, err) -> list[str]:
+    """The prompts: `--prompt` texts (none may be blank), or stdin's lines (UTF-8; blank lines kept as '')."""
+    from .errors import ConfigError
+
+    if args.prompt:
+        for i, text in enumerate(args.prompt, 1):
+            if not text.strip():
+                raise ConfigError(f"prompt {i} is empty")
+        return list(args.prompt)
+    if stdin.isatty():
+        err.write("reading prompts from stdin, one per line; Ctrl-D to end\n")
+        err.flush()
+    raw = stdin.buffer.read() if hasattr(stdin, "buffer") else stdin.read()
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"stdin is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+    prompts = raw.splitlines()
+    if not any(p.strip() for p in prompts):
+        raise ConfigError("no prompt given: pass --prompt TEXT or write prompts to stdin")
+    return prompts
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Everything about the flags that can be checked before the model loads (minutes, for a real one)."""
     import gemma4_jax
 
-    prompts = args.prompt if args.prompt else [line.rstrip("\n") for line in stdin if line.strip()]
-    if not prompts:
-        raise gemma4_jax.ConfigError("no prompt given: pass --prompt TEXT or write prompts to stdin")
+    from .generation import check_sampling
+
+    check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed)
+    if args.pp < 1:
+        raise gemma4_jax.ConfigError(f"--pp must be at least 1, got {args.pp}")
     for kind, paths in (("image", args.image), ("audio", args.audio)):
         for path in paths:
             if not os.path.isfile(path):
                 raise gemma4_jax.ConfigError(f"{kind} file {path!r} does not exist")
+
+
+def run(args: argparse.Namespace, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
+    import gemma4_jax
+
+    from .tokenizer import StreamDecoder
+
+    check_args(args)
+    prompts = read_prompts(args, stdin, err)
     if not join_cluster(args):  # the other hosts compute in step with process 0; only it prints
         out = err = open(os.devnull, "w")  # noqa: SIM115
     t0 = time.perf_counter()
@@ -64,41 +105,46 @@ def run(args: argparse.Namespace, stdin=sys.stdin, out=sys.stdout, err=sys.stder
         raise gemma4_jax.ConfigError(f"{model.path} has no tokenizer.json, so text prompts cannot be encoded")
     tok = model.tokenizer
     soft = None
+    todo = [i for i, p in enumerate(prompts) if p.strip()]  # blank stdin lines get an empty output line
+    texts = [prompts[i] for i in todo]
     if args.image or args.audio:
-        ids, soft = model.media_prompt(prompts, args.image, args.audio, args.image_tokens, args.chat)
+        ids, soft = model.media_prompt(texts, args.image, args.audio, args.image_tokens, args.chat)
     else:
-        ids = [tok.encode_chat(p) if args.chat else tok.encode(p) for p in prompts]
+        ids = [tok.encode_chat(p) if args.chat else tok.encode(p) for p in texts]
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed)
     stops = set(model.stop_tokens)
     first: list[float] = []
     start = time.perf_counter()
+    streaming = len(prompts) == 1 and args.pp == 1  # the pipeline returns its tokens at the end
 
     if len(prompts) == 1:
-        shown: list[int] = []
+        text = StreamDecoder(tok)
+        ended = []
 
         def stream(block: np.ndarray) -> None:
             if not first:
                 first.append(time.perf_counter())
             for t in block[0].tolist():
-                if t in stops or (shown and shown[-1] in stops):
-                    shown.append(t)
+                if ended or t in stops:
+                    ended.append(t)
                     continue
-                shown.append(t)
-                out.write(tok.decode([t]))
+                out.write(text.push([t]))
             out.flush()
 
         outs = model.generate(ids, on_tokens=stream, soft_tokens=soft, **sampling)
-        out.write("\n")
+        out.write(text.flush() + "\n")
     else:
         outs = model.generate(ids, **sampling)
-        first.append(time.perf_counter())
-        for o in outs:
-            out.write(tok.decode([t for t in o if t not in stops]).replace("\n", "\\n") + "\n")
+        texts_out = [""] * len(prompts)
+        for i, o in zip(todo, outs, strict=True):
+            texts_out[i] = tok.decode([t for t in o if t not in stops]).replace("\n", "\\n")
+        out.write("".join(t + "\n" for t in texts_out))
     end = time.perf_counter()
     n = sum(len(o) for o in outs)
-    err.write(f"loaded in {start - t0:.2f}s; time to first token {first[0] - start:.3f}s; "
-              f"{n} tokens in {end - start:.2f}s ({n / max(end - start, 1e-9):.1f} tokens/s)\n")
+    ttft = f"time to first token {first[0] - start:.3f}s; " if streaming and first else ""
+    err.write(f"loaded in {start - t0:.2f}s; {ttft}{n} tokens in {end - start:.2f}s "
+              f"({n / max(end - start, 1e-9):.1f} tokens/s)\n")
     return 0
 
 
@@ -116,4 +162,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    on_interrupt_exit(130)  # Ctrl-C anywhere (a compile, a gc callback) ends the process at once, with 130
+    status = main()
+    if status == 130:
+        exit_now(status)
+    sys.exit(status)

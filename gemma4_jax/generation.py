@@ -9,6 +9,7 @@ rarely recompile), checks the context, and streams chunks of tokens when asked.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,6 +40,34 @@ class Sampling:
         if self.top_p is not None and not (0.0 < float(self.top_p) <= 1.0):
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         return self
+
+
+SEED_LIMIT = 2**63  # seeds are int64 in JAX's key derivation
+
+
+def _number(name: str, value, kind) -> float | int:
+    """`value` as an int (kind int) or a finite float, or a one-sentence ConfigError."""
+    ok = isinstance(value, (int, np.integer)) if kind is int else isinstance(value, (int, float, np.number))
+    if not ok or isinstance(value, bool):
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"{name} must be {what}, got {value!r}")
+    return kind(value)
+
+
+def check_sampling(*, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=0,
+                   vocab: int | None = None) -> Sampling:
+    """Types and ranges of the sampling options (before any device work: the CLIs call it before loading);
+    the Sampling they describe. `vocab` None skips top_k's upper bound."""
+    n = _number("max_new_tokens", max_new_tokens, int)
+    if n < 1:
+        raise ConfigError(f"max_new_tokens must be at least 1, got {n}")
+    seed = _number("seed", seed, int)
+    if not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"seed must be between 0 and 2**63 - 1, got {seed}")
+    s = Sampling(float(_number("temperature", temperature, float)),
+                 None if top_k is None else _number("top_k", top_k, int),
+                 None if top_p is None else float(_number("top_p", top_p, float)))
+    return s.validate(vocab if vocab is not None else max(s.top_k or 1, 1))
 
 
 def sample(logits_bv: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
@@ -140,7 +169,8 @@ def bucket(n: int, minimum: int = 16) -> int:
 def generate_tokens(graphdef, params, cfg, prompts: list[list[int]], *, max_new_tokens: int, context: int,
                     dtype, sampling: Sampling, seed: int, stop_ids: tuple[int, ...],
                     on_tokens: Callable[[np.ndarray], None] | None = None, chunk: int = 8,
-                    pipeline=None, impl: str = "auto", soft_tokens=None) -> list[list[int]]:
+                    pipeline=None, impl: str = "auto", soft_tokens=None,
+                    timings: dict | None = None) -> list[list[int]]:
     """Generate for a batch of prompts of any lengths; returns the new tokens of each.
 
     A sequence ends after its first stop token (kept as its last element). `on_tokens`, when given,
@@ -148,7 +178,9 @@ def generate_tokens(graphdef, params, cfg, prompts: list[list[int]], *, max_new_
     runs in compiled chunks of `chunk` tokens instead of one loop. With a `pipeline.Pipeline`, the
     prompts are micro-batched through its stages and decoded in its ring (streamed once, at the end).
     `soft_tokens(t) -> model.Multimodal` (mask and blocks [B, t] for the prompts right-padded to t tokens)
-    merges image and audio features into the prompts.
+    merges image and audio features into the prompts. `timings`, when given, receives `prefill_s` (prefill and
+    the first token) and `decode_s` (the other tokens), each timed on its own after the device finished the
+    step before: never negative, unlike a difference of two generations.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token")
@@ -171,14 +203,21 @@ def generate_tokens(graphdef, params, cfg, prompts: list[list[int]], *, max_new_
     if pipeline is not None:
         result = pipeline.generate(prompts, max_new_tokens=max_new_tokens, max_len=max_len, t=t, sampling=sampling,
                                    seed=seed, stop_ids=stop_ids,
-                                   mm=soft_tokens(t) if soft_tokens is not None else None)
-        if on_tokens is not None:
-            on_tokens(result)
-        return _trim(result, max_new_tokens, stop_ids)
+                                   mm=soft_tokens(t) if soft_tokens is not None else None, timings=timings)
+        rows = _trim(result, max_new_tokens, stop_ids)
+        if on_tokens is not None:  # streamed once, at the end; never the buffer past a row's end
+            width = max(len(r) for r in rows)
+            on_tokens(np.asarray([r + r[-1:] * (width - len(r)) for r in rows], np.int32))
+        return rows
     cache = init_cache(cfg, b, max_len, dtype)
     mm = soft_tokens(t) if soft_tokens is not None else None
+    t0 = time.perf_counter()
     logits, cache = prefill(graphdef, params, jnp.asarray(ids), lengths, cache, impl=impl, mm=mm)
     tok, done = _first_token(logits, key, stops, sampling)
+    if timings is not None:
+        jax.block_until_ready(tok)
+        t1 = time.perf_counter()
+        timings["prefill_s"] = t1 - t0
     n_out = bucket(max_new_tokens, 8)
     out = jnp.zeros((b, n_out), jnp.int32).at[:, 0].set(tok)
     state = DecodeState(cache, tok, lengths, done, out, jnp.asarray(1, jnp.int32), key)
@@ -195,6 +234,8 @@ def generate_tokens(graphdef, params, cfg, prompts: list[list[int]], *, max_new_
             on_tokens(np.asarray(state.out[:, shown:step]))
             shown = step
         result = np.asarray(state.out)
+    if timings is not None:
+        timings["decode_s"] = time.perf_counter() - t1  # the transfer of `out` above waited for the device
     return _trim(result[:, :int(state.step)], max_new_tokens, stop_ids)
 
 

@@ -169,9 +169,14 @@ def load_hf_gsm8k(split: str = "test") -> list[dict]:
 def atomic_write(path: str, text: str) -> None:
     """Write via a temporary file and a rename, so that `path` is never half-written."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, Ctrl-C: leave no temporary file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def records_path(out: str) -> str:
@@ -204,23 +209,32 @@ def read_records(path: str) -> list[dict]:
 
 def evaluate(model, examples: Sequence[dict], *, batch_size: int = 8, max_new_tokens: int = 256,
              shots: Sequence[dict] = (), records_file: str | None = None, resume: bool = False,
-             progress: bool = True, on_batch: Callable[[int], None] | None = None, write: bool = True) -> dict:
+             progress: bool = True, on_batch: Callable[[int], None] | None = None, write: bool = True,
+             settings: dict | None = None) -> dict:
     """Greedy-generate an answer to every example and score it; returns the summary dict.
 
     With `records_file`, the records so far are rewritten atomically after each batch (unless `write` is
     False: the other hosts of a multi-host run); with `resume`, records already there (matched by index and
-    question) are kept and not redone.
+    question) are kept and not redone. Every record carries `settings` (what changes an answer: the model,
+    max_new_tokens, shots), and `resume` refuses records made with other settings.
     `on_batch(n_done)` is called after each batch (tests use it to simulate an interruption).
     """
     if model.tokenizer is None:
         raise DataError("the model has no tokenizer.json, so GSM8K questions cannot be encoded")
     if batch_size < 1 or max_new_tokens < 1:
         raise DataError("--batch-size and --max-new-tokens must be at least 1")
+    settings = dict(settings or {}, max_new_tokens=max_new_tokens, shots=len(shots))
     done: dict[int, dict] = {}
     if resume and records_file:
         for rec in read_records(records_file):
+            if rec.get("settings") != settings:
+                theirs = rec.get("settings") or "no recorded settings"
+                raise DataError(f"records file {records_file} was made with {theirs}, not {settings}; rerun with "
+                                f"those settings, or delete it to start over")
             i = rec["index"]
-            if not (isinstance(i, int) and 0 <= i < len(examples)) or examples[i]["question"] != rec["question"]:
+            if isinstance(i, int) and i >= len(examples):
+                continue  # past a smaller --limit than the first run's
+            if not (isinstance(i, int) and 0 <= i) or examples[i]["question"] != rec["question"]:
                 raise DataError(f"records file {records_file} belongs to other data (record {i} does not match); "
                                 f"delete it or drop --resume")
             done[i] = rec
@@ -242,7 +256,8 @@ def evaluate(model, examples: Sequence[dict], *, batch_size: int = 8, max_new_to
             ref = reference_answer(examples[i]["answer"])
             got = extract_answer(text)
             done[i] = {"index": i, "question": examples[i]["question"], "reference": ref, "output": text,
-                       "extracted": got, "correct": got is not None and Decimal(got) == Decimal(ref)}
+                       "extracted": got, "correct": got is not None and Decimal(got) == Decimal(ref),
+                       "settings": settings}
         if records_file and write:
             atomic_write(records_file, "".join(json.dumps(done[i]) + "\n" for i in sorted(done)))
         if bar is not None:
@@ -260,6 +275,22 @@ def evaluate(model, examples: Sequence[dict], *, batch_size: int = 8, max_new_to
     return {"accuracy": correct / total if total else 0.0, "correct": correct, "total": total,
             "ci95": [lo, hi], "shots": len(shots), "max_new_tokens": max_new_tokens,
             "elapsed_s": round(time.perf_counter() - t0, 2), "records_file": records_file, "records": records}
+
+
+def check_out(out: str) -> str:
+    """The records file beside `out`, once both paths are usable: checked before any work, so that a bad --out
+    fails in a second, not after the evaluation."""
+    out_dir = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(out_dir):
+        raise DataError(f"the output directory {out_dir} does not exist")
+    if not os.access(out_dir, os.W_OK):
+        raise DataError(f"the output directory {out_dir} is not writable")
+    records_file = records_path(out)
+    for p in (out, records_file):
+        if os.path.isdir(p):
+            raise DataError(f"--out names {p}, which is a directory; give a file name such as "
+                            f"{os.path.join(p, 'gsm8k_results.json')}")
+    return records_file
 
 
 def run_eval(model_path: str | None, data: str | None, *, out: str, limit: int | None = None, batch_size: int = 8,
@@ -289,13 +320,11 @@ def run_eval(model_path: str | None, data: str | None, *, out: str, limit: int |
             raise DataError(f"--shots {shots} asks for more examples than the {len(pool)} of the shots file")
         few = pool[:shots]
     path = model_path or demo_path()
+    records_file = check_out(out)
     model = gemma4_jax.load(path, pp=pp, dtype=dtype, progress=progress)
-    out_dir = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(out_dir):
-        raise DataError(f"the output directory {out_dir} does not exist")
-    records_file = records_path(out)
     summary = evaluate(model, examples, batch_size=batch_size, max_new_tokens=max_new_tokens, shots=few,
-                       records_file=records_file, resume=resume, progress=progress, on_batch=on_batch, write=write)
+                       records_file=records_file, resume=resume, progress=progress, on_batch=on_batch, write=write,
+                       settings={"model": os.path.abspath(path)})
     summary = {"model": path, "data": data or "openai/gsm8k:test", "limit": limit, **summary}
     if not write:
         return summary

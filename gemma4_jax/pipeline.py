@@ -30,6 +30,7 @@ Stage-stacked parameters (leading axis P):
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
 
 import jax
@@ -663,9 +664,11 @@ class Pipeline:
         return np.asarray(out, np.float32).reshape(padded, t, -1)[:b]
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, max_len: int, t: int,
-                 sampling: Sampling, seed: int, stop_ids: tuple[int, ...], mm=None) -> np.ndarray:
+                 sampling: Sampling, seed: int, stop_ids: tuple[int, ...], mm=None,
+                 timings: dict | None = None) -> np.ndarray:
         """New tokens [B, max_new_tokens] (0 after a stop) for prompts right-padded to `t` tokens (soft
-        tokens `mm` merged on the first stage)."""
+        tokens `mm` merged on the first stage). `timings` receives `prefill_s` and `decode_s` (the ring)."""
+        t0 = time.perf_counter()
         b = len(prompts)
         m = self.micro_batches(b)
         per = -(-b // m)
@@ -684,6 +687,13 @@ class Pipeline:
                            for i in range(m)])
         width = max(8, 1 << (max_new_tokens - 1).bit_length())  # one compiled ring per power-of-two bucket
         first, lengths, steps, stops, key = self.replicated(first, lengths, np.int32(max_new_tokens), stops, key)
+        if timings is not None:
+            jax.block_until_ready((first, cache))
+            t1 = time.perf_counter()
+            timings["prefill_s"] = t1 - t0
         out, _, _ = _run_ring(self.plan, sampling, self.dtype.name, self.impl, self.mesh, width, self.params, cache,
                               first, lengths, steps, stops, key)
-        return np.asarray(out)[:, :, :max_new_tokens].reshape(m * per, max_new_tokens)[:b]
+        out = np.asarray(out)
+        if timings is not None:
+            timings["decode_s"] = time.perf_counter() - t1
+        return out[:, :, :max_new_tokens].reshape(m * per, max_new_tokens)[:b]

@@ -188,8 +188,9 @@ def source_dtype(ckpt: HFCheckpoint) -> str:
 
 def convert(hf_dir: str, out: str, stages: tuple[Stage, ...] | None = None, *, pp: int | None = None,
             dtype: str | None = None, overwrite: bool = False, progress: bool = True,
-            log: Callable[[str], None] = print) -> dict:
+            log: Callable[[str], None] = print, progress_file=None) -> dict:
     """Convert an HF Gemma 4 directory into per-stage orbax checkpoints at `out`; returns the manifest.
+    The progress bar goes to `progress_file` (default: stderr).
 
     `stages` (explicit split) or `pp` (the split with the fewest parameter bytes per device, see
     `pipeline.best_stages`); `dtype` defaults to the
@@ -214,6 +215,13 @@ def convert(hf_dir: str, out: str, stages: tuple[Stage, ...] | None = None, *, p
     out = os.path.abspath(out)
     if os.path.exists(out) and not overwrite and (not os.path.isdir(out) or os.listdir(out)):
         raise ConfigError(f"{out} already exists; choose another --out or pass --overwrite")
+    base = os.path.dirname(out)
+    while not os.path.exists(base):  # the nearest existing folder above --out must take new entries
+        base = os.path.dirname(base)
+    if not os.path.isdir(base):
+        raise ConfigError(f"cannot write {out}: {base} is a file, not a directory")
+    if not os.access(base, os.W_OK):
+        raise ConfigError(f"cannot write {out}: {base} is not writable")
     log(f"{cfg.num_layers} layers in {len(stages)} stage(s), {dtype}:\n" + describe(cfg, stages, itemsize))
 
     parent = os.path.dirname(out)
@@ -227,7 +235,8 @@ def convert(hf_dir: str, out: str, stages: tuple[Stage, ...] | None = None, *, p
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=ckpt.nbytes, desc="converting", unit="B", unit_scale=True, unit_divisor=1024)
+            bar = tqdm(total=ckpt.nbytes, desc="converting", unit="B", unit_scale=True, unit_divisor=1024,
+                       file=progress_file)
         t0 = time.perf_counter()
         for full, entry, st in ckpt:
             value = st.get(full)
@@ -279,6 +288,9 @@ def convert(hf_dir: str, out: str, stages: tuple[Stage, ...] | None = None, *, p
             manifest["towers"] = towers
         with open(os.path.join(tmp, MANIFEST), "w") as f:  # the last file written
             json.dump(manifest, f, indent=1)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the result is an ordinary directory
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

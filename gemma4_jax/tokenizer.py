@@ -27,6 +27,34 @@ def builtin_chat_prompt(messages: list[dict], add_generation_prompt: bool = True
     return "".join(parts)
 
 
+class StreamDecoder:
+    """Text of a token stream, piece by piece, never splitting a character.
+
+    Byte-level tokens can carry part of a character (an emoji, CJK); decoding tokens one at a time would print
+    U+FFFD for each part. `push(ids)` returns the text that became final: the decode of everything so far,
+    less what was already returned, held back while it ends in an incomplete character (U+FFFD).
+    `flush()` returns whatever is left at the end (U+FFFD included, if the stream really ends mid-character).
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tok = tokenizer
+        self._ids: list[int] = []
+        self._shown = 0  # characters of the full decode already returned
+
+    def push(self, ids) -> str:
+        self._ids.extend(int(t) for t in ids)
+        text = self._tok.decode(self._ids)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self._shown = text[self._shown:], len(text)
+        return piece
+
+    def flush(self) -> str:
+        text = self._tok.decode(self._ids)
+        piece, self._shown = text[self._shown:], len(text)
+        return piece
+
+
 class Tokenizer:
     """Encode/decode and chat prompts for one checkpoint directory."""
 

@@ -165,7 +165,7 @@ def test_cli_converts_and_prints_the_split(hf_dirs, tmp_path, capsys):
     assert rc == 0, err
     assert "stage 0: layers 0-3" in err and "stage 1: layers 4-9" in err and "GiB" in err
     assert read_manifest(out)["layer_split"] == [0, 4, 10]
-    with pytest.raises(Gemma4Error, match="converted for pp=2 but pp=1 was asked; re-convert"):
+    with pytest.raises(Gemma4Error, match="converted for pp=2 but pp=1 was asked; load it with pp=2 .--pp 2."):
         gemma4_jax.load(out)
 
 

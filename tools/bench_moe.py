@@ -45,10 +45,11 @@ def add_parser(sub) -> None:
 
 def model_kl(preset_name: str, layers: int, tokens: int = 512) -> dict:
     """KL per token of bf16 forwards (XLA experts, kernels) from a float32 XLA forward of the same weights."""
+    from gemma4_jax.kernels import dispatch
+
     from gemma4_jax.api import Gemma4Model, RunConfig
     from gemma4_jax.config import PRESETS, Gemma4Config
     from gemma4_jax.hf_checkpoint import iter_params
-    from gemma4_jax.kernels import dispatch
     from gemma4_jax.synthetic import random_model
 
     raw = dict(PRESETS[preset_name], num_hidden_layers=layers)
@@ -113,8 +114,9 @@ def _time(fn, sets, iters: int, repeat: int) -> float:
 
 
 def run(args) -> dict:
-    from gemma4_jax.config import preset
     from gemma4_jax.kernels.moe import default_config, moe_experts, moe_experts_reference, moe_experts_xla
+
+    from gemma4_jax.config import preset
 
     cfg = preset(args.preset)
     d, f, e, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.top_k_experts
@@ -145,7 +147,7 @@ def run(args) -> dict:
                    default=str(default_config(m * k, d, f)), results=[])
 
         def measure(name, fn, row=row, x=x, w=w, idx=idx, ref=ref, nbytes=nbytes, flops=flops, g0=g0, u0=u0,
-                    d0=d0):
+                    d0=d0, m=m, k=k):
             try:
                 out = np.asarray(fn(x, w, idx, g0, u0, d0), np.float32)
                 err = float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
@@ -187,7 +189,8 @@ def run(args) -> dict:
         best = min((r for r in ok if r["impl"] != "xla"), key=lambda r: r["us"], default=None)
         dflt = next((r for r in ok if r["impl"] == "kernel default"), None)
         if best:
-            print(f"M={row['tokens']:5d}: best {best['us']:.1f} us ({best['tflops']:.0f} TFLOP/s, {best['gb_s']:.0f} GB/s)"
+            print(f"M={row['tokens']:5d}: best {best['us']:.1f} us ({best['tflops']:.0f} TFLOP/s, "
+                  f"{best['gb_s']:.0f} GB/s)"
                   f" default {dflt['us'] if dflt else float('nan'):.1f} us"
                   f" xla {xla['us'] if xla else float('nan'):.1f} us :: {best['impl']}")
     return res

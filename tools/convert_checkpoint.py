@@ -11,13 +11,34 @@ The default split minimises the parameter bytes per device. See gemma4_jax/stage
 from __future__ import annotations
 
 import argparse
+import io
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def main(argv=None) -> int:
+def os_error_in(err: BaseException) -> str | None:
+    """The operating system's complaint behind `err` — an OSError, one that orbax wrapped in another exception
+    or an exception group, or tensorstore's "[os_error_code='N']" — as its strerror, else None."""
+    seen, todo = set(), [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and (e.strerror or e.errno):
+            return e.strerror or os.strerror(e.errno)
+        if code := re.search(r"os_error_code='(\d+)'", str(e)):
+            return os.strerror(int(code.group(1)))
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+    return None
+
+
+def main(argv=None, exiting: bool = False) -> int:
+    """The command. `exiting`: the process ends right after a failure (`exit_now`), so orbax's threads stay
+    silenced until then instead of printing after the error sentence."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hf-dir", required=True, help="Hugging Face Gemma 4 checkpoint directory")
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
@@ -36,20 +57,37 @@ def main(argv=None) -> int:
     from gemma4_jax.stage_checkpoint import convert
     from gemma4_jax.stages import parse_layer_split
 
+    real_err, noise = sys.stderr, io.StringIO()
     try:
         stages = None
         if args.layer_split is not None:
             if not os.path.isdir(args.hf_dir):
                 raise Gemma4Error(f"{args.hf_dir} is not a directory")
             stages = parse_layer_split(args.layer_split, Gemma4Config.from_json(args.hf_dir).num_layers)
+        # While writing, orbax's background threads print their own tracebacks when the file system fails;
+        # they go to `noise`, shown only if the failure is not one this command explains in a sentence.
+        sys.stderr = noise
         m = convert(args.hf_dir, args.out, stages, pp=args.pp, dtype=args.dtype, overwrite=args.overwrite,
-                    progress=not args.no_progress, log=lambda s: print(s, file=sys.stderr))
+                    progress=not args.no_progress, log=lambda s: print(s, file=real_err), progress_file=real_err)
+        sys.stderr = real_err
+        real_err.write(noise.getvalue())
     except Gemma4Error as err:
+        sys.stderr = real_err
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        sys.stderr = real_err
         print("interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Exception as err:  # a file system that refuses (read-only, full, over a size limit), maybe wrapped
+        os_err = os_error_in(err)
+        if os_err is None or not exiting:
+            sys.stderr = real_err
+        if os_err is None:
+            real_err.write(noise.getvalue())
+            raise
+        print(f"error: cannot write {os.path.abspath(args.out)}: {os_err}; nothing was written", file=real_err)
+        return 1
     total = sum(s["bytes_on_disk"] for s in m["stages"])
     print(f"wrote {m['num_stages']} stage(s), {total / 2**30:.2f} GiB, to {os.path.abspath(args.out)} "
           f"in {m['seconds']:.1f} s", file=sys.stderr)
@@ -57,4 +95,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from gemma4_jax.cli import exit_now
+
+    status = main(exiting=True)
+    if status:
+        exit_now(status)  # after a failure orbax's threads would print again during the interpreter's shutdown
+    sys.exit(status)

@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tools/eval_gsm8k.py", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="tools/eval_gsm8k.py", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None, help="HF or converted checkpoint directory (default: the demo model)")
     p.add_argument("--data", default=None, help="GSM8K JSON-lines file (default: openai/gsm8k via `datasets`)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, interrupts=None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from gemma4_jax.cluster import join_cluster
@@ -48,9 +49,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         writer = join_cluster(args)
+        # A Ctrl-C that lands inside a callback whose exceptions are ignored still stops the run after the batch.
+        on_batch = (lambda n: interrupts.raise_if_set()) if interrupts is not None else None
         run_eval(args.model, args.data, out=args.out, limit=args.limit, batch_size=args.batch_size, pp=args.pp,
                  max_new_tokens=args.max_new_tokens, shots=args.shots, shots_data=args.shots_data,
-                 resume=args.resume, dtype=args.dtype, progress=not args.quiet and writer, write=writer)
+                 resume=args.resume, dtype=args.dtype, progress=not args.quiet and writer, write=writer,
+                 on_batch=on_batch)
     except Gemma4Error as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -64,4 +68,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from gemma4_jax.cli import InterruptFlag, exit_now
+
+    status = main(interrupts=InterruptFlag())
+    if status == 130:
+        exit_now(status)  # no interpreter shutdown after Ctrl-C: it can crash inside XLA's threads
+    sys.exit(status)

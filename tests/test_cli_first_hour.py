@@ -1,0 +1,225 @@
+"""What a new user meets in the first hour with the command lines and the API, each as it must behave: one
+sentence and a non-zero exit for bad input (no traceback, nothing left on disk), exit 130 on Ctrl-C without a
+crash, the pipeline's answer without padding, whole characters when streaming.
+
+The commands run as subprocesses on the embedded demo model (vocabulary 512, byte-level tokens for characters
+outside its training text).
+"""
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import gemma4_jax
+from gemma4_jax.demo import demo_path
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUESTION = "Sam has $50. He buys 3 books for $8 each. How much money does Sam have left?"
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
+
+
+def _run(argv, stdin=None, text=True, preexec_fn=None, timeout=300):
+    return subprocess.run([sys.executable, *argv], input=stdin, text=text, capture_output=True, env=_env(),
+                          timeout=timeout, preexec_fn=preexec_fn, cwd=ROOT)
+
+
+def _gen(*args, stdin=None, text=True):
+    return _run(["-m", "gemma4_jax.generate", *args], stdin=stdin, text=text)
+
+
+def _one_sentence(r, code: int, match: str, log_lines: bool = False):
+    """Exit `code`, no traceback, and stderr one 'error: …' sentence (after the command's own log lines, where
+    `log_lines`: the converter prints the split it writes)."""
+    err = r.stderr if isinstance(r.stderr, str) else r.stderr.decode()
+    assert r.returncode == code, (r.returncode, err)
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(errors) == 1 and match in errors[0] and (log_lines or len(lines) == 1), err
+    assert lines[-1] == errors[0], err
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return gemma4_jax.load(progress=False)
+
+
+def test_pp2_prints_exactly_what_pp1_prints():
+    one = _gen("--prompt", QUESTION, "--max-new-tokens", "40")
+    two = _gen("--prompt", QUESTION, "--max-new-tokens", "40", "--pp", "2")
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr, two.stderr)
+    assert "#### 26" in one.stdout and "<pad>" not in two.stdout
+    assert two.stdout == one.stdout
+    assert "time to first token" in one.stderr and "time to first token" not in two.stderr  # nothing streams at pp 2
+
+
+def test_ctrl_c_while_the_next_chunk_compiles_exits_130():
+    """SIGINT soon after the first token (the decode loop for the next chunk compiling): exit 130, no signal
+    death (the segmentation fault was a crash during the interpreter's shutdown), no traceback."""
+    hits = 0
+    for delay in (0.0, 0.2, 0.4):
+        p = subprocess.Popen([sys.executable, "-m", "gemma4_jax.generate", "--prompt", QUESTION, "--max-new-tokens",
+                              "400", "--no-chat"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=ROOT)
+        p.stdout.read(1)  # the first streamed character
+        time.sleep(delay)
+        signaled = p.poll() is None
+        if signaled:
+            p.send_signal(signal.SIGINT)
+            hits += 1
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == (130 if signaled else 0), (p.returncode, err.decode())
+        assert b"Traceback" not in err and b"Exception ignored" not in err, err.decode()
+    assert hits >= 2, "the generation ended before the signal too often to test anything"
+
+
+def test_blank_stdin_lines_keep_their_place(demo):
+    want = demo.generate_text(["What is 2 + 3?", "Tom has 4 apples."], max_new_tokens=12)
+    r = _gen("--max-new-tokens", "12", stdin="What is 2 + 3?\n\nTom has 4 apples.\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:3] == [want[0].replace("\n", "\\n"), "", want[1].replace("\n", "\\n")]
+    _one_sentence(_gen(stdin="\n  \n"), 1, "no prompt given")
+
+
+def test_streaming_never_splits_a_character(demo, monkeypatch, capsys):
+    """The demo tokenizer spells é, 😀 and 数 as several byte tokens; streamed one token at a time, the CLI must
+    print them whole (token-by-token decoding printed U+FFFD for each piece)."""
+    from gemma4_jax import generate as cli
+    from gemma4_jax.tokenizer import StreamDecoder
+
+    text = "Jané 😀 ünï 数学"
+    ids = demo.tokenizer.encode(text, add_bos=False)
+    assert "\ufffd" in "".join(demo.tokenizer.decode([i]) for i in ids)  # the premise: single tokens are partial
+    dec = StreamDecoder(demo.tokenizer)
+    pieces = [dec.push([i]) for i in ids] + [dec.flush()]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+
+    def fake_generate(self, tokens, *, on_tokens=None, **kw):  # the model "answers" with the text's ids
+        for i in ids:
+            on_tokens(np.asarray([[i]]))
+        on_tokens(np.asarray([[106]]))  # then the end of the turn
+        return [ids + [106]]
+
+    monkeypatch.setattr(gemma4_jax.api.Gemma4Model, "generate", fake_generate)
+    args = cli.build_parser().parse_args(["--prompt", "hi"])
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    assert cli.run(args, stdin=io.StringIO(), out=out, err=err) == 0
+    assert out.getvalue() == text + "\n"
+
+
+def test_non_utf8_stdin():
+    _one_sentence(_gen(stdin=b"\xff\xfeHi\n", text=False), 1, "stdin is not UTF-8")
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--prompt", ""], "prompt 1 is empty"),  # a repeated --prompt replaces the "Hi" below
+    (["--prompt", "Hi", "   "], "prompt 2 is empty"),
+    (["--attn-impl", "pallas"], "needs a CUDA GPU"),
+    (["--seed", "1180591620717411303424"], "seed must be between 0 and 2**63 - 1"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be at least 1"),
+    (["--top-p", "1.5", "--model", "/no/such/dir"], "top_p must be in (0, 1]"),  # flags checked before loading
+    (["--top-k", "0", "--model", "/no/such/dir"], "top_k must be between 1"),
+])
+def test_bad_flags_get_one_sentence(args, match):
+    _one_sentence(_gen("--prompt", "Hi", *args), 1, match)
+
+
+def test_help_shows_the_defaults():
+    r = _gen("--help")
+    assert r.returncode == 0 and "(default: 256)" in r.stdout and "(default: 0.0)" in r.stdout
+
+
+def test_config_with_no_layers(tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(demo_path(), bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (cfg.get("text_config") or cfg)["num_hidden_layers"] = 0
+    (bad / "config.json").write_text(json.dumps(cfg))
+    _one_sentence(_gen("--model", str(bad), "--prompt", "Hi"), 1, "num_hidden_layers must be at least 1")
+
+
+def _convert(out, preexec_fn=None):
+    return _run(["tools/convert_checkpoint.py", "--hf-dir", demo_path(), "--out", str(out), "--no-progress"],
+                preexec_fn=preexec_fn)
+
+
+def _leftovers(parent, name):
+    return [f for f in os.listdir(parent) if name in f]
+
+
+def test_converter_unwritable_out_and_full_disk(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    r = _convert(tmp_path / "a_file" / "out")
+    _one_sentence(r, 1, "a_file is a file, not a directory", log_lines=True)
+
+    def small_files():  # every file the converter writes may hold 100 KB: the first stage's table fails
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    r = _convert(tmp_path / "full", preexec_fn=small_files)
+    _one_sentence(r, 1, "File too large", log_lines=True)
+    assert _leftovers(tmp_path, "full") == []
+
+
+def test_converted_directory_is_an_ordinary_directory(tmp_path):
+    r = _convert(tmp_path / "conv")
+    assert r.returncode == 0, r.stderr
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(tmp_path / "conv").st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_eval_out_naming_a_directory_fails_first(tmp_path):
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps({"question": "What is 2 + 3?", "answer": "#### 5"}) + "\n")
+    (tmp_path / "res").mkdir()
+    r = _run(["tools/eval_gsm8k.py", "--data", str(data), "--out", str(tmp_path / "res"), "--quiet"])
+    _one_sentence(r, 1, "is a directory")
+    assert sorted(os.listdir(tmp_path)) == ["q.jsonl", "res"] and os.listdir(tmp_path / "res") == []
+
+
+def test_resume_refuses_records_made_with_other_settings(tmp_path, demo):
+    from gemma4_jax import gsm8k
+
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} + 3?", "answer": f"#### {i + 3}"}) + "\n"
+                            for i in range(3)))
+    out = str(tmp_path / "r.json")
+    gsm8k.run_eval(None, str(data), out=out, max_new_tokens=8, progress=False, log=lambda s: None)
+    with pytest.raises(gemma4_jax.Gemma4Error, match="was made with .*max_new_tokens.: 8"):
+        gsm8k.run_eval(None, str(data), out=out, max_new_tokens=16, resume=True, progress=False, log=lambda s: None)
+    again = gsm8k.run_eval(None, str(data), out=out, max_new_tokens=8, resume=True, limit=2, progress=False,
+                           log=lambda s: None)  # a smaller --limit with the same settings is fine
+    assert again["total"] == 2
+
+
+def test_api_bad_arguments_are_gemma4_errors(demo):
+    with pytest.raises(gemma4_jax.Gemma4Error, match="prompts must be"):
+        demo.generate_text(None)
+    with pytest.raises(gemma4_jax.Gemma4Error, match="temperature must be a number"):
+        demo.generate_text("Hi", temperature="hot")
+    with pytest.raises(gemma4_jax.Gemma4Error, match="top_k must be an integer"):
+        demo.generate_text("Hi", top_k=3.5)
+    with pytest.raises(gemma4_jax.Gemma4Error, match="seed must be"):
+        demo.generate([[2, 5]], max_new_tokens=2, seed=-1)
+    with pytest.raises(gemma4_jax.Gemma4Error, match="tokens must be"):
+        demo.generate("Hi", max_new_tokens=2)
+
+
+def test_readme_python_examples_run_on_the_demo_model(demo):
+    ids = demo.tokenizer.encode("What is 12 + 30?")
+    assert len(demo.generate([ids], max_new_tokens=8, stop_tokens=())[0]) == 8
+    assert demo.logits(np.array([ids])).shape == (1, len(ids), demo.config.vocab_size)
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert 'model.generate([model.tokenizer.encode("What is 12 + 30?")]' in readme
