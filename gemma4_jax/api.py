@@ -19,10 +19,11 @@ from flax import nnx
 from . import stage_checkpoint as sc
 from .config import Gemma4Config
 from .errors import CheckpointError, ConfigError
-from .generation import check_sampling, generate_tokens
+from .generation import generate_tokens
 from .hf_checkpoint import model_from_params, read_hf_params
 from .kernels.dispatch import IMPLS
 from .model import Gemma4Text, restack_layers, unstack_layers
+from .options import check_sampling
 from .tokenizer import Tokenizer, stop_ids
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

@@ -78,7 +78,7 @@ def check_args(args: argparse.Namespace) -> None:
     """Everything about the flags that can be checked before the model loads (minutes, for a real one)."""
     import gemma4_jax
 
-    from .generation import check_sampling
+    from .options import check_sampling
 
     check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed)

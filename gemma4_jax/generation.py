@@ -20,54 +20,9 @@ from flax import nnx
 
 from .cache import DecodeAttender, KVCache, PrefillAttender, init_cache
 from .errors import ConfigError
+from .options import Sampling  # noqa: F401 (re-exported: the sampling options live there)
 
 F32 = jnp.float32
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Static sampling options. temperature 0 is greedy."""
-
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-
-    def validate(self, vocab: int) -> Sampling:
-        if not (self.temperature >= 0.0 and np.isfinite(self.temperature)):
-            raise ConfigError(f"temperature must be a finite number ≥ 0, got {self.temperature}")
-        if self.top_k is not None and not (1 <= int(self.top_k) <= vocab):
-            raise ConfigError(f"top_k must be between 1 and the vocabulary size {vocab}, got {self.top_k}")
-        if self.top_p is not None and not (0.0 < float(self.top_p) <= 1.0):
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        return self
-
-
-SEED_LIMIT = 2**63  # seeds are int64 in JAX's key derivation
-
-
-def _number(name: str, value, kind) -> float | int:
-    """`value` as an int (kind int) or a finite float, or a one-sentence ConfigError."""
-    ok = isinstance(value, (int, np.integer)) if kind is int else isinstance(value, (int, float, np.number))
-    if not ok or isinstance(value, bool):
-        what = "an integer" if kind is int else "a number"
-        raise ConfigError(f"{name} must be {what}, got {value!r}")
-    return kind(value)
-
-
-def check_sampling(*, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=0,
-                   vocab: int | None = None) -> Sampling:
-    """Types and ranges of the sampling options (before any device work: the CLIs call it before loading);
-    the Sampling they describe. `vocab` None skips top_k's upper bound."""
-    n = _number("max_new_tokens", max_new_tokens, int)
-    if n < 1:
-        raise ConfigError(f"max_new_tokens must be at least 1, got {n}")
-    seed = _number("seed", seed, int)
-    if not 0 <= seed < SEED_LIMIT:
-        raise ConfigError(f"seed must be between 0 and 2**63 - 1, got {seed}")
-    s = Sampling(float(_number("temperature", temperature, float)),
-                 None if top_k is None else _number("top_k", top_k, int),
-                 None if top_p is None else float(_number("top_p", top_p, float)))
-    return s.validate(vocab if vocab is not None else max(s.top_k or 1, 1))
 
 
 def sample(logits_bv: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:

@@ -110,13 +110,32 @@ def test_streaming_never_splits_a_character(demo, monkeypatch, capsys):
         on_tokens(np.asarray([[106]]))  # then the end of the turn
         return [ids + [106]]
 
-    monkeypatch.setattr(gemma4_jax.api.Gemma4Model, "generate", fake_generate)
+    from gemma4_jax.api import Gemma4Model
+
+    monkeypatch.setattr(Gemma4Model, "generate", fake_generate)
     args = cli.build_parser().parse_args(["--prompt", "hi"])
     import io
 
     out, err = io.StringIO(), io.StringIO()
     assert cli.run(args, stdin=io.StringIO(), out=out, err=err) == 0
     assert out.getvalue() == text + "\n"
+
+
+def test_a_terminal_on_stdin_is_told_what_to_do():
+    """With no --prompt and a terminal on stdin, the CLI says it reads prompts (it used to wait in silence)."""
+    import pty
+
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "gemma4_jax.generate", "--max-new-tokens", "2"], stdin=slave,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=ROOT)
+    os.close(slave)
+    try:
+        os.write(master, b"\x04")  # Ctrl-D at once: no prompt
+        _, err = p.communicate(timeout=120)
+    finally:
+        os.close(master)
+    assert b"reading prompts from stdin, one per line; Ctrl-D to end" in err, err.decode()
+    assert p.returncode == 1 and b"no prompt given" in err and b"Traceback" not in err
 
 
 def test_non_utf8_stdin():
