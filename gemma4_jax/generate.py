@@ -118,7 +118,11 @@ def run(args: argparse.Namespace, stdin=sys.stdin, out=sys.stdout, err=sys.stder
     start = time.perf_counter()
     streaming = len(prompts) == 1 and args.pp == 1  # the pipeline returns its tokens at the end
 
-    if len(prompts) == 1:
+    if len(prompts) == 1 and not streaming:  # the pipeline's answer arrives whole: one write, one line
+        outs = model.generate(ids, soft_tokens=soft, **sampling)
+        first.append(time.perf_counter())
+        out.write(tok.decode([t for t in outs[0] if t not in stops]) + "\n")
+    elif len(prompts) == 1:
         text = StreamDecoder(tok)
         ended = []
 
