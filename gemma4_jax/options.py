@@ -18,11 +18,13 @@ class Sampling:
     top_k: int | None = None
     top_p: float | None = None
 
-    def validate(self, vocab: int) -> Sampling:
+    def validate(self, vocab: int | None = None) -> Sampling:
+        """Ranges of the options (`vocab` None: no upper bound on top_k)."""
         if not (self.temperature >= 0.0 and np.isfinite(self.temperature)):
             raise ConfigError(f"temperature must be a finite number ≥ 0, got {self.temperature}")
-        if self.top_k is not None and not (1 <= int(self.top_k) <= vocab):
-            raise ConfigError(f"top_k must be between 1 and the vocabulary size {vocab}, got {self.top_k}")
+        if self.top_k is not None and not (1 <= int(self.top_k) <= (vocab or int(self.top_k))):
+            size = f" {vocab}" if vocab else ""
+            raise ConfigError(f"top_k must be between 1 and the vocabulary size{size}, got {self.top_k}")
         if self.top_p is not None and not (0.0 < float(self.top_p) <= 1.0):
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         return self
@@ -53,4 +55,4 @@ def check_sampling(*, max_new_tokens, temperature=0.0, top_k=None, top_p=None, s
     s = Sampling(float(_number("temperature", temperature, float)),
                  None if top_k is None else _number("top_k", top_k, int),
                  None if top_p is None else float(_number("top_p", top_p, float)))
-    return s.validate(vocab if vocab is not None else max(s.top_k or 1, 1))
+    return s.validate(vocab)

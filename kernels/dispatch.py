@@ -96,6 +96,11 @@ def decode_prefers_kernel(batch: int) -> bool:
     return batch >= DECODE_KERNEL_MIN_BATCH
 
 
+def _check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
+
+
 def _on_gpu(platform: str | None) -> bool:
     return (platform or jax.default_backend()) in ("gpu", "cuda")
 
@@ -109,8 +114,7 @@ def resolve(impl: str, *, head_dim: int, group: int, dtype=jnp.bfloat16, platfor
     positions 0..T-1 in every row (keys past a row's length may be padding). `hopper` None asks the device
     (and whether the Mosaic kernel compiles there: `mosaic_compiles`); True / False assert it (tests).
     """
-    if impl not in IMPLS:
-        raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
+    _check_impl(impl)
     if impl in ("pallas", "interpret") and not kernel_supports(head_dim, group):
         raise ValueError(f"the Pallas kernels do not support head_dim={head_dim} with {group} heads per KV head")
     if impl in ("xla", "interpret"):
@@ -186,8 +190,7 @@ def resolve_moe(impl: str, *, d: int, f: int, dtype=jnp.bfloat16, platform: str 
     kernels for any dtype (float32 operands at IEEE precision). 'xla': the XLA paths (a gather of the routed
     experts at few rows, `ragged_dot` at many). 'interpret': the kernels in interpret mode.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
+    _check_impl(impl)
     impl = MOE_FORCE or impl
     if impl == "xla":
         return "xla"
