@@ -103,6 +103,25 @@ def attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts:
     return out.astype(q_btnh.dtype).reshape(b, t, n, h)
 
 
+def linear(eq: str, x: jax.Array, w: jax.Array, impl: str = "auto") -> jax.Array:
+    """The projection `einsum(eq, x, w)` where the contracted dims are x's last and w's first (every weight
+    product of a layer). At a decode step's few rows it can run as the skinny Pallas kernel
+    (`kernels.dispatch.resolve_dense`), on x and w viewed as matrices; else it is the einsum itself."""
+    from .kernels import dispatch, gemv
+
+    ins, out = eq.split("->")
+    xs, ws = ins.split(",")
+    c = len(set(xs) & set(ws) - set(out))
+    assert xs[len(xs) - c:] == ws[:c] and out == xs[:len(xs) - c] + ws[c:], eq
+    k = math.prod(w.shape[:c])
+    rows = x.size // k
+    choice = dispatch.resolve_dense(impl, rows=rows, k=k, n=w.size // k, dtype=x.dtype)
+    if choice == "xla":
+        return jnp.einsum(eq, x, w)
+    y = gemv.gemv(x.reshape(rows, k), w.reshape(k, -1), interpret=choice == "interpret")
+    return y.reshape(*x.shape[:x.ndim - c], *w.shape[c:])
+
+
 def softcap(logits: jax.Array, cap: float | None) -> jax.Array:
     return logits if cap is None else cap * jnp.tanh(logits / cap)
 
@@ -171,21 +190,21 @@ class Attention(nnx.Module):
             if not self.k_eq_v:
                 self.v_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype, stack)
 
-    def queries(self, a_btd, cos, sin):
-        q = jnp.einsum("BTD,DNH->BTNH", a_btd, self.q_proj[...])
+    def queries(self, a_btd, cos, sin, impl: str = "auto"):
+        q = linear("BTD,DNH->BTNH", a_btd, self.q_proj[...], impl)
         return apply_rope(rms_norm(q, self.q_norm[...], self.eps), cos, sin)
 
-    def keys_values(self, a_btd, cos, sin):
+    def keys_values(self, a_btd, cos, sin, impl: str = "auto"):
         """Normalised, rotated keys and normalised values [B,T,K,H] for this step's tokens."""
-        k_raw = jnp.einsum("BTD,DKH->BTKH", a_btd, self.k_proj[...])
+        k_raw = linear("BTD,DKH->BTKH", a_btd, self.k_proj[...], impl)
         # k_eq_v: the value is the raw key projection, taken before k_norm and RoPE.
-        v_raw = k_raw if self.k_eq_v else jnp.einsum("BTD,DKH->BTKH", a_btd, self.v_proj[...])
+        v_raw = k_raw if self.k_eq_v else linear("BTD,DKH->BTKH", a_btd, self.v_proj[...], impl)
         k = apply_rope(rms_norm(k_raw, self.k_norm[...], self.eps), cos, sin)
         v = rms_norm(v_raw, None, self.eps)  # v_norm has no weight and V gets no RoPE
         return k, v
 
-    def output(self, o_btnh):
-        return jnp.einsum("BTNH,NHD->BTD", o_btnh, self.o_proj[...])
+    def output(self, o_btnh, impl: str = "auto"):
+        return linear("BTNH,NHD->BTD", o_btnh, self.o_proj[...], impl)
 
 
 class MLP(nnx.Module):
@@ -196,9 +215,9 @@ class MLP(nnx.Module):
         self.up = _param(rngs, (d, f), ("embed", "mlp"), dtype, stack)
         self.down = _param(rngs, (f, d), ("mlp", "embed"), dtype, stack)
 
-    def __call__(self, x):
-        h = gelu(x @ self.gate[...]) * (x @ self.up[...])
-        return h @ self.down[...]
+    def __call__(self, x_btd, impl: str = "auto"):
+        h = gelu(linear("BTD,DF->BTF", x_btd, self.gate[...], impl)) * linear("BTD,DF->BTF", x_btd, self.up[...], impl)
+        return linear("BTF,FD->BTD", h, self.down[...], impl)
 
 
 class MoE(nnx.Module):
@@ -214,11 +233,11 @@ class MoE(nnx.Module):
         self.up = _param(rngs, (e, d, f), ("experts", "embed", "mlp"), dtype, stack)
         self.down = _param(rngs, (e, f, d), ("experts", "mlp", "embed"), dtype, stack)
 
-    def route(self, x_md):
+    def route(self, x_md, impl: str = "auto"):
         """Top-k weights [M,k] (float32) and expert ids [M,k] from the un-normalised stream."""
         d = x_md.shape[-1]
         r = rms_norm(x_md, None, self.eps) * self.router_scale[...] * (d**-0.5)
-        logits = r @ self.router_proj[...]
+        logits = linear("MD,DE->ME", r, self.router_proj[...], impl)
         probs = jax.nn.softmax(logits.astype(F32), axis=-1)  # over all experts, float32
         w, idx = jax.lax.top_k(probs, self.top_k)
         w = w / jnp.sum(w, axis=-1, keepdims=True)  # renormalise over the chosen k first,
@@ -270,27 +289,29 @@ class DecoderLayer(nnx.Module):
                  impl: str = "auto"):
         """`owns_kv=False` runs a KV-shared layer from a stack that also holds K/V weights (the pipeline
         stores shared layers beside their owning kind); by default the stack's own kind decides. `impl` is
-        the run's kernel setting, for the MoE experts (attention gets it through `attend`)."""
+        the run's kernel setting, for the MoE experts and the decode-step projections (attention gets it through
+        `attend`)."""
         eps = self.eps
         a = rms_norm(x_btd, self.input_norm[...], eps)
-        q = self.attn.queries(a, cos, sin)
-        kv = self.attn.keys_values(a, cos, sin) if (self.attn.owns_kv if owns_kv is None else owns_kv) else None
+        q = self.attn.queries(a, cos, sin, impl)
+        owns = self.attn.owns_kv if owns_kv is None else owns_kv
+        kv = self.attn.keys_values(a, cos, sin, impl) if owns else None
         o, aux = attend(q, kv)
-        x = x_btd + rms_norm(self.attn.output(o), self.post_attn_norm[...], eps)
+        x = x_btd + rms_norm(self.attn.output(o, impl), self.post_attn_norm[...], eps)
 
-        f = self.mlp(rms_norm(x, self.pre_ffw_norm[...], eps))
+        f = self.mlp(rms_norm(x, self.pre_ffw_norm[...], eps), impl)
         if self.moe_enabled:
             b, t, d = x.shape
             dense = rms_norm(f, self.post_ffw_norm_1[...], eps)
             x_md = x.reshape(b * t, d)
-            w, idx = self.moe.route(x_md)  # the router sees the un-normalised stream
+            w, idx = self.moe.route(x_md, impl)  # the router sees the un-normalised stream
             m = self.moe.experts(rms_norm(x_md, self.pre_ffw_norm_2[...], eps), w, idx, impl)
             f = dense + rms_norm(m.reshape(b, t, d), self.post_ffw_norm_2[...], eps)
         x = x + rms_norm(f, self.post_ffw_norm[...], eps)
 
         if self.ple_enabled:
-            g = gelu(x @ self.ple_gate[...]) * ple_btp
-            x = x + rms_norm(g @ self.ple_proj[...], self.ple_post_norm[...], eps)
+            g = gelu(linear("BTD,DP->BTP", x, self.ple_gate[...], impl)) * ple_btp
+            x = x + rms_norm(linear("BTP,PD->BTD", g, self.ple_proj[...], impl), self.ple_post_norm[...], eps)
         return x * self.layer_scalar[...], aux
 
 

@@ -1,5 +1,5 @@
-"""Chooses how attention and the MoE experts run: the Pallas kernels, cuDNN or plain XLA, by platform and shape,
-overridable. (MoE: `resolve_moe`, at the end.)
+"""Chooses how attention, the MoE experts and the decode-time dense projections run: the Pallas kernels, cuDNN
+or plain XLA, by platform and shape, overridable. (MoE: `resolve_moe`; projections: `resolve_dense`; at the end.)
 
 `impl` is one of
   'auto'      XLA on CPU (and on anything that is not a CUDA GPU). On a GPU, for 16-bit inputs, whatever
@@ -31,6 +31,8 @@ import jax.numpy as jnp
 
 from .decode_attention import decode_attention
 from .flash_attention import flash_attention, flash_attention_reference
+from .gemv import GEMV_MAX_ROWS
+from .gemv import supports as gemv_supports
 from .moe import supports as moe_supports
 
 IMPLS = ("auto", "xla", "cudnn", "pallas", "interpret")
@@ -197,6 +199,27 @@ def resolve_moe(impl: str, *, d: int, f: int, dtype=jnp.bfloat16, platform: str 
     if not moe_supports(d, f):
         if impl in ("pallas", "interpret"):
             raise ValueError(f"the MoE kernels need D={d} and F={f} divisible by a power of two of at least 16")
+        return "xla"
+    if impl in ("pallas", "interpret"):
+        return impl
+    return "pallas" if _on_gpu(platform) and jnp.dtype(dtype).itemsize == 2 else "xla"
+
+
+# Benches set this to 'xla' to time XLA's dense projections beside the skinny kernel in one process.
+DENSE_FORCE: str | None = None
+
+
+def resolve_dense(impl: str, *, rows: int, k: int, n: int, dtype=jnp.bfloat16, platform: str | None = None) -> str:
+    """How a dense projection x [rows,K] @ W [K,N] runs ('xla' | 'pallas' | 'interpret'), under the same `impl`.
+
+    A decode step's projections (at most GEMV_MAX_ROWS rows) go to the skinny Pallas kernel (`gemv.gemv`, which
+    streams W in place) where XLA would lower them as a slow column reduction: 'auto' and 'cudnn' on a GPU for
+    16-bit inputs, 'pallas' and 'interpret' for any dtype. Everything else, and every shape the kernel does not
+    take, is XLA's.
+    """
+    _check_impl(impl)
+    impl = DENSE_FORCE or impl
+    if impl == "xla" or rows > GEMV_MAX_ROWS or not gemv_supports(k, n):
         return "xla"
     if impl in ("pallas", "interpret"):
         return impl

@@ -1,4 +1,4 @@
-"""Benchmarks, one subcommand each: `python tools/bench.py {attention,generate,moe,pipeline} ...` (see --help).
+"""Benchmarks, one subcommand each: `python tools/bench.py {attention,dense,generate,moe,pipeline} ...` (see --help).
 
 Run from the repository root with PYTHONPATH=. on a GPU. Each subcommand lives in its own module
 (`tools/bench_<name>.py`) exposing `add_parser(subparsers)`, which sets `func` to run it.
@@ -13,6 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_attention  # noqa: E402
+import bench_dense  # noqa: E402
 import bench_generate  # noqa: E402
 import bench_moe  # noqa: E402
 import bench_pipeline  # noqa: E402
@@ -22,6 +23,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     bench_attention.add_parser(sub)
+    bench_dense.add_parser(sub)
     bench_generate.add_parser(sub)
     bench_moe.add_parser(sub)
     bench_pipeline.add_parser(sub)

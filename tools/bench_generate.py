@@ -70,6 +70,8 @@ def add_parser(sub) -> None:
     p.add_argument("--attn-impl", default="auto")
     p.add_argument("--moe-impl", default=None, choices=["xla"],
                    help="run the MoE experts through XLA (the path before the kernels), attention unchanged")
+    p.add_argument("--dense-impl", default=None, choices=["xla"],
+                   help="run the decode-step projections through XLA (the path before the skinny kernel)")
     p.add_argument("--profile", default=None, metavar="DIR", help="perfetto trace of one generation (first batch)")
     p.add_argument("--compare", default="none", choices=["none", "transformers"])
     p.add_argument("--compile-batches", default="16",
@@ -201,7 +203,8 @@ def _header(args, cfg) -> dict:
             "prompt_len": args.prompt_len, "gen_len": args.gen_len,
             "short_len": short_len(args.prompt_len, args.gen_len, cfg.max_position_embeddings),
             "prefill_len": args.prefill_len, "repeat": args.repeat, "date": time.strftime("%Y-%m-%d"),
-            "moe_impl": getattr(args, "moe_impl", None) or args.attn_impl}
+            "moe_impl": getattr(args, "moe_impl", None) or args.attn_impl,
+            "dense_impl": getattr(args, "dense_impl", None) or args.attn_impl}
 
 
 def run(args) -> dict:
@@ -239,10 +242,10 @@ def ours(args, start: float) -> dict:
 
     cfg = _config(args)
     dev = jax.devices()[0]
-    if getattr(args, "moe_impl", None):
-        from gemma4_jax.kernels import dispatch
+    from gemma4_jax.kernels import dispatch
 
-        dispatch.MOE_FORCE = args.moe_impl
+    dispatch.MOE_FORCE = getattr(args, "moe_impl", None)
+    dispatch.DENSE_FORCE = getattr(args, "dense_impl", None)
     res = _header(args, cfg)
     res.update(card=dev.device_kind, jax=jax.__version__, results={})
     progress = Progress(res, args.json, start)
