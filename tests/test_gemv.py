@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from gemma4_jax.kernels import dispatch
-from gemma4_jax.kernels.gemv import GEMV_MAX_ROWS, TARGET_PROGRAMS, GemvConfig, default_config, gemv, gemv_reference
 from gemma4_jax.kernels.dispatch import resolve_dense
+from gemma4_jax.kernels.gemv import GEMV_MAX_ROWS, TARGET_PROGRAMS, GemvConfig, default_config, gemv, gemv_reference
 from hf_fixtures import FAMILIES, hf_logits, rel_err
 
 import gemma4_jax

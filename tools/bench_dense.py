@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
     p.add_argument("--preset", default="26b-a4b")
     p.add_argument("--tokens", default="1,16")
     p.add_argument("--sweep", action="store_true",
-                   help="also time other block sizes and K splits (first token count, the --sweep-shapes heaviest shapes)")
+                   help="also time other block sizes and K splits (first token count, heaviest shapes)")
     p.add_argument("--sweep-shapes", type=int, default=4)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--min-mb", type=float, default=256.0, help="MB of distinct weights per timed program")
@@ -116,7 +116,7 @@ def run(args) -> dict:
                                      precision=jax.lax.Precision.HIGHEST))
             row = dict(tokens=m, results=[])
 
-            def measure(name, fn, row=row, x=x, ref=ref, nbytes=nbytes, m=m):
+            def measure(name, fn, row=row, x=x, ref=ref, nbytes=nbytes, m=m, ws=ws, k=k, n=n):
                 try:
                     out = np.asarray(jax.jit(fn)(x, ws[0]), np.float32)
                     err = float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
