@@ -99,11 +99,12 @@ def converter_table(cfg: Gemma4Config) -> tuple[dict[str, Entry], set[str]]:
             put(pre + "router.proj.weight", (e, d), tgt("moe", "router_proj", fn=_t))
             put(pre + "router.scale", (d,), tgt("moe", "router_scale"))
             put(pre + "router.per_expert_scale", (e,), tgt("moe", "per_expert_scale"))
-            # gate_up_proj[e] is [2F, D]: gate rows first, then up rows.
+            # gate_up_proj[e] is [2F, D]: gate rows first, then up rows. The experts keep the checkpoint's
+            # [out, in] layout (the MoE kernels read it in place).
             put(pre + "experts.gate_up_proj", (e, 2 * fe, d),
-                tgt("moe", "gate", fn=lambda a, fe=fe: a[:, :fe, :].transpose(0, 2, 1)),
-                tgt("moe", "up", fn=lambda a, fe=fe: a[:, fe:, :].transpose(0, 2, 1)))
-            put(pre + "experts.down_proj", (e, d, fe), tgt("moe", "down", fn=lambda a: a.transpose(0, 2, 1)))
+                tgt("moe", "gate", fn=lambda a, fe=fe: a[:, :fe, :]),
+                tgt("moe", "up", fn=lambda a, fe=fe: a[:, fe:, :]))
+            put(pre + "experts.down_proj", (e, d, fe), tgt("moe", "down"))
             put(pre + "pre_feedforward_layernorm_2.weight", (d,), tgt("pre_ffw_norm_2"))
             put(pre + "post_feedforward_layernorm_1.weight", (d,), tgt("post_ffw_norm_1"))
             put(pre + "post_feedforward_layernorm_2.weight", (d,), tgt("post_ffw_norm_2"))

@@ -229,9 +229,10 @@ class MoE(nnx.Module):
         self.router_proj = _param(rngs, (d, e), ("embed", "experts"), dtype, stack)
         self.router_scale = _param(rngs, (d,), ("embed",), dtype, stack, "ones")
         self.per_expert_scale = _param(rngs, (e,), ("experts",), dtype, stack, "ones")
-        self.gate = _param(rngs, (e, d, f), ("experts", "embed", "mlp"), dtype, stack)
-        self.up = _param(rngs, (e, d, f), ("experts", "embed", "mlp"), dtype, stack)
-        self.down = _param(rngs, (e, f, d), ("experts", "mlp", "embed"), dtype, stack)
+        # Each expert's matrices as the checkpoint stores them, [out, in]: the layout the kernels stream fastest.
+        self.gate = _param(rngs, (e, f, d), ("experts", "mlp", "embed"), dtype, stack)
+        self.up = _param(rngs, (e, f, d), ("experts", "mlp", "embed"), dtype, stack)
+        self.down = _param(rngs, (e, d, f), ("experts", "embed", "mlp"), dtype, stack)
 
     def route(self, x_md, impl: str = "auto"):
         """Top-k weights [M,k] (float32) and expert ids [M,k] from the un-normalised stream."""
@@ -250,7 +251,7 @@ class MoE(nnx.Module):
         experts at few rows, `ragged_dot` at many), at full precision for float32."""
         from .kernels import dispatch, moe
 
-        d, f = self.gate.shape[-2:]
+        f, d = self.gate.shape[-2:]
         choice = dispatch.resolve_moe(impl, d=d, f=f, dtype=y_md.dtype)
         if choice != "xla":
             return moe.moe_experts(y_md, w_mk, idx_mk, self.gate[...], self.up[...], self.down[...],

@@ -33,7 +33,8 @@ from .stages import Path, Stage, stage_bytes, stage_of_layer, stages_from_bounds
 
 MANIFEST = "manifest.json"
 FORMAT = "gemma4-jax-stages"
-FORMAT_VERSION = 1
+# v2 (2026-12-02): MoE expert weights kept in the checkpoint's [out, in] layout (v1 stored them transposed).
+FORMAT_VERSION = 2
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "tokenizer.model", "chat_template.jinja", "chat_template.json")
 # Leaves are handed to orbax in batches of about this many bytes (one partial save each).
@@ -356,8 +357,12 @@ def read_manifest(path: str) -> dict:
             m = json.load(f)
     except json.JSONDecodeError:
         raise CheckpointError(f"{mpath} is not valid JSON") from None
-    if m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
+    if m.get("format") != FORMAT:
         raise CheckpointError(f"{mpath} is not a {FORMAT} v{FORMAT_VERSION} manifest")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} was converted by another version of gemma4-jax "
+                              f"(format v{m.get('format_version')}, this one reads v{FORMAT_VERSION}); "
+                              "convert it again")
     return m
 
 

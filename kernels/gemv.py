@@ -6,7 +6,7 @@ At batch 1, XLA's GPU compiler rewrites a vector × matrix product whose size is
 multiply-and-reduce over K (a column reduction when W is [K,N] with N minor), which streams the weight at
 well under the HBM bandwidth (docs/kernels.md, "Skinny matmuls"). This kernel streams W once, in place:
 
-  grid (N tiles, K splits): program (j, s) multiplies x's rows (padded to 16, Triton's smallest dot) by the
+  grid (N tiles, K splits): program (j, s) multiplies x's rows (a 16-row block, Triton's smallest dot) by the
   [K/S, block_n] slab of W in block_k steps and writes its float32 partial sum; with `split_k` S > 1 the
   partials are added in XLA (a tiny reduction that fuses with the cast). Splitting K gives enough programs to
   keep every SM streaming when N / block_n alone is too few.
@@ -78,13 +78,19 @@ def _dot(a, b):
     return plgpu.dot(a, b, precision=lax.Precision.HIGHEST if a.dtype == F32 else None)
 
 
-def _kernel(x_ref, w_ref, o_ref, *, block_k: int):
-    # x_ref [16, K/S]: x's rows (padded), this split's depth; w_ref [K/S, bn]; o_ref [16, bn] float32
+def _kernel(x_ref, w_ref, o_ref, *, block_k: int, rows: int):
+    # x_ref [16, K/S]: a 16-row block of x, of which the first `rows` exist; w_ref [K/S, bn];
+    # o_ref [16, bn] float32, likewise only `rows` rows stored. The missing rows are masked (read as 0, not
+    # written): no padded copy of x in the step.
+    valid = (lax.broadcasted_iota(jnp.int32, (ROWS, 1), 0) < rows)
+
     def body(i, acc):
         ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
-        return acc + _dot(x_ref[:, ks], w_ref[ks, :])
+        xb = plgpu.load(x_ref.at[:, ks], mask=valid, other=0)
+        return acc + _dot(xb, w_ref[ks, :])
 
-    o_ref[...] = lax.fori_loop(0, x_ref.shape[1] // block_k, body, jnp.zeros(o_ref.shape, F32))
+    acc = lax.fori_loop(0, x_ref.shape[1] // block_k, body, jnp.zeros(o_ref.shape, F32))
+    plgpu.store(o_ref, acc, mask=valid)
 
 
 def _check(x, w, cfg: GemvConfig):
@@ -106,18 +112,17 @@ def gemv(x: jax.Array, w: jax.Array, *, config: GemvConfig | None = None, interp
     cfg = config or default_config(k, n)
     _check(x, w, cfg)
     s, kc = cfg.split_k, k // cfg.split_k
-    xp = jnp.pad(x, ((0, ROWS - m), (0, 0)))
     part = pl.pallas_call(
-        functools.partial(_kernel, block_k=cfg.block_k),
+        functools.partial(_kernel, block_k=cfg.block_k, rows=m),
         grid=(n // cfg.block_n, s),
         in_specs=[pl.BlockSpec((ROWS, kc), lambda j, i: (0, i)), pl.BlockSpec((kc, cfg.block_n), lambda j, i: (i, j))],
         out_specs=pl.BlockSpec((None, ROWS, cfg.block_n), lambda j, i: (i, 0, j)),
-        out_shape=jax.ShapeDtypeStruct((s, ROWS, n), F32),
+        out_shape=jax.ShapeDtypeStruct((s, m, n), F32),
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
-        name="gemv",
-    )(xp, w)
-    return jnp.sum(part[:, :m], axis=0).astype(x.dtype)
+        name=f"gemv_{k}x{n}",  # one name per shape: profiles tell the projections apart
+    )(x, w)
+    return jnp.sum(part, axis=0).astype(x.dtype)
 
 
 def gemv_reference(x: jax.Array, w: jax.Array, *, precision=None) -> jax.Array:

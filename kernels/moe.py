@@ -1,10 +1,12 @@
 """Routed experts of a mixture-of-experts FFN (Pallas, Triton backend), with its jnp reference.
 
-    out[m] = Σ_j w[m,j] · ( gelu_tanh(x[m] G_e) * (x[m] U_e) ) D_e,    e = idx[m,j]
-    x [M,D], idx/w [M,k], G and U [E,D,F], D [E,F,D]        (R = M·k routed rows)
+    out[m] = Σ_j w[m,j] · ( gelu_tanh(x[m] G_eᵀ) * (x[m] U_eᵀ) ) D_eᵀ,    e = idx[m,j]
+    x [M,D], idx/w [M,k], G and U [E,F,D], D [E,D,F]        (R = M·k routed rows)
 
-The expert weights are read in place, in the layout the model holds them ([E,D,F] / [E,F,D]): nothing is
-transposed, gathered or copied per call. The work is a grouped matmul over *blocks*: a block is up to
+The expert weights are read in place, in the layout the model holds them, which is the checkpoint's (each
+expert's matrix [out, in], the contracted axis minor): nothing is transposed, gathered or copied per call.
+That layout also streams faster than [in, out] at decode (docs/kernels.md, "MoE experts": a program's tile is
+block_n rows of contiguous block_k-element runs). The work is a grouped matmul over *blocks*: a block is up to
 `block_m` routed rows that all go to one expert. A `BlockPlan` lists each block's expert and rows:
 
   'rows'   (few rows, decode): every routed row is its own block. No sort; each program reads one chosen
@@ -160,11 +162,16 @@ def _dot(a, b):
     return plgpu.dot(a, b, precision=lax.Precision.HIGHEST if a.dtype == F32 else None)
 
 
+def _weight_tile(ref, e, ks, cols):
+    """The [bk, bn] tile (depth ks, output columns cols) of expert e's weight, stored [E, out, in]."""
+    return ref[e, cols, ks].T
+
+
 def _gate_up_kernel(e_ref, rows_ref, x_ref, g_ref, u_ref, h_ref, *, top_k: int, block_k: int):
     # e_ref: []            the block's expert (−1: unused block)
     # rows_ref: [bm]       routed-row ids of the block (−1: padding)
     # x_ref: [M, D]        all tokens (rows gathered by index)
-    # g_ref, u_ref: [E, D, F]  every expert's gate / up weights (read in place)
+    # g_ref, u_ref: [E, F, D]  every expert's gate / up weights (read in place)
     # h_ref: [bm, bn]      this block's rows × this program's F columns
     e = e_ref[()]
     cols = pl.ds(pl.program_id(0) * h_ref.shape[1], h_ref.shape[1])  # (outside the when: interpret mode)
@@ -177,7 +184,8 @@ def _gate_up_kernel(e_ref, rows_ref, x_ref, g_ref, u_ref, h_ref, *, top_k: int, 
         def body(i, acc):
             ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
             xb = x_ref[tok, ks]  # [bm, bk]
-            return acc[0] + _dot(xb, g_ref[e, ks, cols]), acc[1] + _dot(xb, u_ref[e, ks, cols])
+            g, u = _weight_tile(g_ref, e, ks, cols), _weight_tile(u_ref, e, ks, cols)
+            return acc[0] + _dot(xb, g), acc[1] + _dot(xb, u)
 
         zero = jnp.zeros(h_ref.shape, F32)
         ag, au = lax.fori_loop(0, x_ref.shape[1] // block_k, body, (zero, zero))
@@ -189,7 +197,7 @@ def _down_kernel(e_ref, rows_ref, w_ref, h_ref, d_ref, y_ref, *, block_k: int):
     # rows_ref: [bm]       routed-row ids of the block (−1: padding)
     # w_ref: [R]           routing weights (float32), by routed row
     # h_ref: [bm, F]       the block's gate_up output
-    # d_ref: [E, F, D]     every expert's down weights (read in place)
+    # d_ref: [E, D, F]     every expert's down weights (read in place)
     # y_ref: [bm, bn]      float32, weighted, this program's D columns
     e = e_ref[()]
     cols = pl.ds(pl.program_id(0) * y_ref.shape[1], y_ref.shape[1])
@@ -201,7 +209,7 @@ def _down_kernel(e_ref, rows_ref, w_ref, h_ref, d_ref, y_ref, *, block_k: int):
 
         def body(i, acc):
             ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
-            return acc + _dot(h_ref[:, ks], d_ref[e, ks, cols])
+            return acc + _dot(h_ref[:, ks], _weight_tile(d_ref, e, ks, cols))
 
         acc = lax.fori_loop(0, h_ref.shape[1] // block_k, body, jnp.zeros(y_ref.shape, F32))
         y_ref[...] = acc * wt[:, None]
@@ -213,9 +221,9 @@ def _down_kernel(e_ref, rows_ref, w_ref, h_ref, d_ref, y_ref, *, block_k: int):
 
 def _check(x, w, idx, gate, up, down, cfg: MoeConfig):
     m, d = x.shape
-    e, d2, f = gate.shape
+    e, f, d2 = gate.shape
     assert idx.shape == w.shape and idx.ndim == 2 and idx.shape[0] == m, (x.shape, idx.shape, w.shape)
-    assert d2 == d and up.shape == gate.shape and down.shape == (e, f, d), (gate.shape, up.shape, down.shape)
+    assert d2 == d and up.shape == gate.shape and down.shape == (e, d, f), (gate.shape, up.shape, down.shape)
     assert x.dtype == gate.dtype == up.dtype == down.dtype, (x.dtype, gate.dtype, up.dtype, down.dtype)
     assert cfg.plan in ("rows", "sorted"), cfg.plan
     for dim, b in ((f, cfg.block_n_up), (d, cfg.block_k_up), (d, cfg.block_n_down), (f, cfg.block_k_down)):
@@ -226,10 +234,10 @@ def _check(x, w, idx, gate, up, down, cfg: MoeConfig):
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def moe_experts(x: jax.Array, w: jax.Array, idx: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, *,
                 config: MoeConfig | None = None, interpret: bool = False) -> jax.Array:
-    """Routed experts: x [M,D], routing weights w [M,k] and expert ids idx [M,k], weights gate/up [E,D,F] and
-    down [E,F,D]; returns [M,D] in x's dtype."""
+    """Routed experts: x [M,D], routing weights w [M,k] and expert ids idx [M,k], weights gate/up [E,F,D] and
+    down [E,D,F]; returns [M,D] in x's dtype."""
     m, d = x.shape
-    e, _, f = gate.shape
+    e, f = gate.shape[:2]
     k = idx.shape[1]
     cfg = config or default_config(m * k, d, f)
     _check(x, w, idx, gate, up, down, cfg)
@@ -271,16 +279,21 @@ def moe_experts_reference(x: jax.Array, w: jax.Array, idx: jax.Array, gate: jax.
     """Plain jnp, row by row: each (token, slot) gathers its expert's weights; float32 accumulation, h rounded
     to x's dtype before the down projection, weighted sum over slots in float32."""
     kw = dict(preferred_element_type=F32, precision=precision)
-    g = jnp.einsum("MD,MKDF->MKF", x, gate[idx], **kw)
-    u = jnp.einsum("MD,MKDF->MKF", x, up[idx], **kw)
+    g = jnp.einsum("MD,MKFD->MKF", x, gate[idx], **kw)
+    u = jnp.einsum("MD,MKFD->MKF", x, up[idx], **kw)
     h = (_gelu_tanh(g) * u).astype(x.dtype)
-    y = jnp.einsum("MKF,MKFD->MKD", h, down[idx], **kw)
+    y = jnp.einsum("MKF,MKDF->MKD", h, down[idx], **kw)
     return jnp.einsum("MKD,MK->MD", y, w.astype(F32), precision=precision).astype(x.dtype)
 
 
 # The XLA path gathers the routed experts' weights up to this many routed rows, and above it runs
 # `lax.ragged_dot` over rows sorted by expert (which XLA's GPU lowering computes densely over every expert).
 XLA_GATHER_MAX_ROWS = 64
+
+
+# rows [R, in] (ragged over the groups) times each group's [out, in] weight (contracted on its last axis)
+_RAGGED_NK = lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0],
+                                           rhs_group_dimensions=[0])
 
 
 def moe_experts_xla(x: jax.Array, w: jax.Array, idx: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
@@ -295,8 +308,8 @@ def moe_experts_xla(x: jax.Array, w: jax.Array, idx: jax.Array, gate: jax.Array,
     token = order // k
     x_sorted = x[token]
     sizes = jnp.bincount(flat_e, length=gate.shape[0]).astype(jnp.int32)
-    g = lax.ragged_dot(x_sorted, gate, sizes, **kw)
-    u = lax.ragged_dot(x_sorted, up, sizes, **kw)
+    g = lax.ragged_dot_general(x_sorted, gate, sizes, _RAGGED_NK, **kw)
+    u = lax.ragged_dot_general(x_sorted, up, sizes, _RAGGED_NK, **kw)
     h = (_gelu_tanh(g) * u).astype(x.dtype)
-    y = lax.ragged_dot(h, down, sizes, **kw) * w.reshape(-1)[order][:, None].astype(F32)
+    y = lax.ragged_dot_general(h, down, sizes, _RAGGED_NK, **kw) * w.reshape(-1)[order][:, None].astype(F32)
     return jnp.zeros((m, x.shape[1]), F32).at[token].add(y).astype(x.dtype)

@@ -253,6 +253,21 @@ def test_loader_refuses_a_conversion_without_manifest(hf_dirs, tmp_path):
         gemma4_jax.load(out)
 
 
+def test_loader_refuses_a_conversion_of_another_format_version(hf_dirs, tmp_path):
+    """v1 conversions stored the MoE experts transposed: loading one must ask for a new conversion, not fail on
+    shapes (or, worse, load a square expert the wrong way round)."""
+    out = str(tmp_path / "conv")
+    convert(hf_dirs["26b-a4b", "causal"], out, progress=False, log=lambda s: None)
+    path = os.path.join(out, "manifest.json")
+    with open(path) as f:
+        m = json.load(f)
+    m["format_version"] = 1
+    with open(path, "w") as f:
+        json.dump(m, f)
+    with pytest.raises(Gemma4Error, match="format v1, this one reads v2.*convert it again"):
+        gemma4_jax.load(out)
+
+
 def test_cli_has_no_traceback_in_a_fresh_process(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "--hf-dir",
                         str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")], capture_output=True, text=True)

@@ -27,9 +27,9 @@ ROWS16 = MoeConfig(plan="rows", block_m=16, block_n_up=32, block_k_up=32, block_
 def _inputs(seed, m, k, e, d, f, dtype, idx=None):
     ks = jax.random.split(jax.random.key(seed), 6)
     x = jax.random.normal(ks[0], (m, d), jnp.float32).astype(dtype)
-    gate = (d**-0.5 * jax.random.normal(ks[1], (e, d, f), jnp.float32)).astype(dtype)
-    up = (d**-0.5 * jax.random.normal(ks[2], (e, d, f), jnp.float32)).astype(dtype)
-    down = (f**-0.5 * jax.random.normal(ks[3], (e, f, d), jnp.float32)).astype(dtype)
+    gate = (d**-0.5 * jax.random.normal(ks[1], (e, f, d), jnp.float32)).astype(dtype)
+    up = (d**-0.5 * jax.random.normal(ks[2], (e, f, d), jnp.float32)).astype(dtype)
+    down = (f**-0.5 * jax.random.normal(ks[3], (e, d, f), jnp.float32)).astype(dtype)
     if idx is None:  # k distinct experts per token, as top-k gives
         idx = jax.vmap(lambda kk: jax.random.permutation(kk, e)[:k])(jax.random.split(ks[4], m))
     w = jax.random.uniform(ks[5], (m, k), jnp.float32, 0.1, 1.0)
@@ -124,8 +124,8 @@ def test_moe_kernels_lower_for_the_gpu_at_real_shapes(tokens):
     d, f, e, k = 2816, 704, 128, 8
     bf = jnp.bfloat16
     s = jax.ShapeDtypeStruct
-    args = (s((tokens, d), bf), s((tokens, k), jnp.float32), s((tokens, k), jnp.int32), s((e, d, f), bf),
-            s((e, d, f), bf), s((e, f, d), bf))
+    args = (s((tokens, d), bf), s((tokens, k), jnp.float32), s((tokens, k), jnp.int32), s((e, f, d), bf),
+            s((e, f, d), bf), s((e, d, f), bf))
     text = moe_experts.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("stablehlo.custom_call") == 2, "one gate_up and one down kernel"
     weight_types = ("tensor<128x2816x704xbf16>", "tensor<128x704x2816xbf16>")

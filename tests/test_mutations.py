@@ -38,14 +38,14 @@ def _rope_denominator_is_rotated_width(spec):
     return inv
 
 
-def _keqv_after_norm(self, a, cos, sin):
+def _keqv_after_norm(self, a, cos, sin, impl="auto"):
     k_raw = jnp.einsum("BTD,DKH->BTKH", a, self.k_proj[...])
     k_normed = mdl.rms_norm(k_raw, self.k_norm[...], self.eps)
     v_raw = k_normed if self.k_eq_v else jnp.einsum("BTD,DKH->BTKH", a, self.v_proj[...])
     return mdl.apply_rope(k_normed, cos, sin), mdl.rms_norm(v_raw, None, self.eps)
 
 
-def _scale_then_renormalise(self, x):
+def _scale_then_renormalise(self, x, impl="auto"):
     d = x.shape[-1]
     r = mdl.rms_norm(x, None, self.eps) * self.router_scale[...] * d**-0.5
     w, idx = mdl.jax.lax.top_k(mdl.jax.nn.softmax((r @ self.router_proj[...]).astype(jnp.float32)), self.top_k)

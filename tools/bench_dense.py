@@ -6,9 +6,9 @@ For each distinct projection shape W [K,N] of the preset's layers (queries, keys
 router, per-layer-input gate/projection) and each row count M: XLA's product (`jnp.dot`, what the model ran before
 the kernel) and `gemv.gemv` at its default config, plus, with `--sweep`, other block sizes and K splits. Each is
 checked against a float32 product at `Precision.HIGHEST`, then timed on the device: one compiled program applies
-the projection to `--weights` distinct weight matrices (at least 256 MB of them, so they stream from HBM, not L2),
-median of `--repeat` runs, divided by the count. That is the time a projection takes inside a model's step,
-launch gaps included, without the host's per-call dispatch.
+the projection to distinct weight matrices (at least `--min-mb` of them, so they stream from HBM, not L2), and a
+second one to half as many; the difference of their medians over `--repeat` runs, per extra call, is the time a
+projection takes inside a model's step, launch gaps included, without the program's fixed launch and sync cost.
 
 Reported per shape: µs and GB/s over W's bytes; the summary adds up one decode step's projections (each shape
 times how many layers use it) for XLA and for the kernel.
@@ -77,15 +77,20 @@ def candidates(k: int, n: int):
 
 
 def _device_time(fn, x, ws, repeat: int) -> float:
-    """Seconds per projection: one program applies fn to every weight in ws."""
-    many = jax.jit(lambda x, ws: tuple(fn(x, w) for w in ws))
-    jax.block_until_ready(many(x, ws))
-    runs = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        jax.block_until_ready(many(x, ws))
-        runs.append((time.perf_counter() - t0) / len(ws))
-    return float(np.median(runs))
+    """Seconds per projection on the device: programs that apply fn to the first half of ws and to all of it,
+    timed alike; the difference over the extra calls (a program's fixed launch and sync cost cancels)."""
+    half = ws[:len(ws) // 2]
+    progs = [jax.jit(lambda x, ws: tuple(fn(x, w) for w in ws)) for _ in range(2)]
+    out = []
+    for prog, some in zip(progs, (half, ws), strict=True):
+        jax.block_until_ready(prog(x, some))
+        runs = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            jax.block_until_ready(prog(x, some))
+            runs.append(time.perf_counter() - t0)
+        out.append(float(np.median(runs)))
+    return max(out[1] - out[0], 1e-9) / (len(ws) - len(half))
 
 
 def run(args) -> dict:
@@ -105,7 +110,7 @@ def run(args) -> dict:
     heaviest = sorted(shapes, key=lambda s: -s[0] * s[1] * shapes[s])[:args.sweep_shapes]
     for (k, n), uses in sorted(shapes.items()):
         nbytes = k * n * 2
-        count = min(args.max_weights, max(2, int(np.ceil(args.min_mb * 1e6 / nbytes))))
+        count = min(args.max_weights, max(8, int(np.ceil(args.min_mb * 1e6 / nbytes))))
         ws = [(k**-0.5 * jax.random.normal(jax.random.fold_in(key, i), (k, n), jnp.float32)).astype(bf)
               for i in range(count)]
         entry = dict(k=k, n=n, uses_per_step=uses, weight_bytes=nbytes, weights_timed=count,

@@ -125,9 +125,9 @@ def run(args) -> dict:
     weights = []
     for s in range(args.weight_sets):
         kg, ku, kd = jax.random.split(jax.random.fold_in(key, s), 3)
-        weights.append(((d**-0.5 * jax.random.normal(kg, (e, d, f), jnp.float32)).astype(bf),
-                        (d**-0.5 * jax.random.normal(ku, (e, d, f), jnp.float32)).astype(bf),
-                        (f**-0.5 * jax.random.normal(kd, (e, f, d), jnp.float32)).astype(bf)))
+        weights.append(((d**-0.5 * jax.random.normal(kg, (e, f, d), jnp.float32)).astype(bf),
+                        (d**-0.5 * jax.random.normal(ku, (e, f, d), jnp.float32)).astype(bf),
+                        (f**-0.5 * jax.random.normal(kd, (e, d, f), jnp.float32)).astype(bf)))
     dev = jax.devices()[0]
     res = dict(preset=args.preset, d=d, f=f, experts=e, top_k=k, card=dev.device_kind, jax=jax.__version__,
                date=time.strftime("%Y-%m-%d"), rows=[])
