@@ -7,6 +7,7 @@ split from the NNX module once and passed into every compiled call as arguments.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -51,6 +52,13 @@ def resolve_dtype(dtype) -> str:
     if name not in DTYPES:
         raise ConfigError(f"unsupported dtype {dtype!r}; use 'float32' or 'bfloat16'")
     return name
+
+
+def precision_scope(dtype: str):
+    """The matmul precision a model's programs are traced under: float32 at full float32 precision
+    (`Precision.HIGHEST`; JAX's default lets a GPU run float32 matmuls in TF32, which is not float32),
+    16-bit dtypes at JAX's default. Part of each program's cache key, so the two never share a program."""
+    return jax.default_matmul_precision("highest") if dtype == "float32" else contextlib.nullcontext()
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -102,10 +110,11 @@ class Gemma4Model:
         `soft_tokens` (a `model.Multimodal` over [B, T], see `multimodal.soft_tokens`) merges image/audio
         features into their placeholders."""
         ids = self._check_tokens(tokens)
-        if self.pipeline is not None:
-            return self.pipeline.logits(ids, soft_tokens)
-        return np.asarray(_logits(self.graphdef, self.state, jnp.asarray(ids), self.run.attn_impl, soft_tokens),
-                          dtype=np.float32)
+        with precision_scope(self.run.dtype):
+            if self.pipeline is not None:
+                return self.pipeline.logits(ids, soft_tokens)
+            return np.asarray(_logits(self.graphdef, self.state, jnp.asarray(ids), self.run.attn_impl, soft_tokens),
+                              dtype=np.float32)
 
     def generate(self, tokens, *, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int = 0, stop_tokens=None, on_tokens=None,
@@ -128,10 +137,11 @@ class Gemma4Model:
         for p in prompts:
             self._check_tokens(np.asarray([p], dtype=np.int64))
         stops = self.stop_tokens if stop_tokens is None else tuple(int(t) for t in stop_tokens)
-        return generate_tokens(self.graphdef, self.state, self.config, prompts, max_new_tokens=int(max_new_tokens),
-                               context=self.context, dtype=DTYPES[self.run.dtype], sampling=sampling,
-                               seed=int(seed), stop_ids=stops, on_tokens=on_tokens, pipeline=self.pipeline,
-                               impl=self.run.attn_impl, soft_tokens=soft_tokens, timings=timings)
+        with precision_scope(self.run.dtype):
+            return generate_tokens(self.graphdef, self.state, self.config, prompts, max_new_tokens=int(max_new_tokens),
+                                   context=self.context, dtype=DTYPES[self.run.dtype], sampling=sampling,
+                                   seed=int(seed), stop_ids=stops, on_tokens=on_tokens, pipeline=self.pipeline,
+                                   impl=self.run.attn_impl, soft_tokens=soft_tokens, timings=timings)
 
     def generate_text(self, prompts, *, chat: bool = True, max_new_tokens: int = 256, images=(), audio=(),
                       max_soft_tokens: int = 280, **sampling) -> list[str]:
@@ -171,8 +181,9 @@ class Gemma4Model:
         if len(prompts) != 1:
             raise ConfigError("images and audio go with a single prompt")
         sp = self.towers.ids
-        img, n_img = self.towers.image_features(images, max_soft_tokens) if images else (None, [])
-        aud, n_aud = self.towers.audio_features(audio) if audio else (None, [])
+        with precision_scope(self.run.dtype):
+            img, n_img = self.towers.image_features(images, max_soft_tokens) if images else (None, [])
+            aud, n_aud = self.towers.audio_features(audio) if audio else (None, [])
         text = mmod.with_markers(prompts[0], len(images), len(audio))
         ids = self.tokenizer.encode_chat(text) if chat else self.tokenizer.encode(text)
         ids = mmod.expand(ids, n_img, n_aud, sp)

@@ -128,6 +128,8 @@ class Gemma4Config:
             if model_type not in (None, "gemma4"):
                 raise ConfigError(f"unsupported model_type {model_type!r}; expected 'gemma4' or 'gemma4_text'")
             text = dict(raw["text_config"])
+            if "tie_word_embeddings" in raw:  # the wrapper's own setting decides, as in transformers
+                text["tie_word_embeddings"] = raw["tie_word_embeddings"]
             architecture = "Gemma4ForConditionalGeneration"
         else:
             if model_type not in (None, "gemma4_text"):

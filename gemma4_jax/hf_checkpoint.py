@@ -50,17 +50,24 @@ def _same(a: np.ndarray) -> np.ndarray:
     return a
 
 
+# The untied head's tensor, outside the text model's prefix in every layout. Tied checkpoints may carry it too
+# (a copy of the embedding); transformers then ignores it, and so do we.
+LM_HEAD = "lm_head.weight"
+
+
 def converter_table(cfg: Gemma4Config) -> tuple[dict[str, Entry], set[str]]:
     """{HF name without prefix: Entry} for every tensor the model needs, and the ignorable names."""
     d, n, L, p = cfg.hidden_size, cfg.num_heads, cfg.num_layers, cfg.ple_dim
     table: dict[str, Entry] = {}
-    ignorable: set[str] = {"lm_head.weight"}
+    ignorable: set[str] = set() if not cfg.tie_word_embeddings else {LM_HEAD}
 
     def put(name, shape, *targets):
         table[name] = Entry(tuple(shape), tuple(targets))
 
     put("embed_tokens.weight", (cfg.vocab_size, d), Target(("embed",), None, _same))
     put("norm.weight", (d,), Target(("final_norm",), None, _same))
+    if not cfg.tie_word_embeddings:  # an untied head (a fine-tune); its name has no model prefix
+        put(LM_HEAD, (cfg.vocab_size, d), Target(("lm_head",), None, _same))
     if p:
         put("embed_tokens_per_layer.weight", (cfg.ple_vocab_size, L * p), Target(("ple_embed",), None, _same))
         put("per_layer_model_projection.weight", (L * p, d),
@@ -194,11 +201,11 @@ class HFCheckpoint:
         seen: set[str] = set()
         for st in self.files:
             for full in st.keys():
-                if full.startswith(NON_TEXT_PREFIXES) or full == "lm_head.weight":
+                if full.startswith(NON_TEXT_PREFIXES) or (full == LM_HEAD and LM_HEAD in ignorable):
                     continue
-                if not full.startswith(prefix):
+                if full != LM_HEAD and not full.startswith(prefix):
                     raise CheckpointError(f"unexpected tensor {full} (outside the text model prefix {prefix!r})")
-                name = full[len(prefix):]
+                name = full if full == LM_HEAD else full[len(prefix):]
                 if name in ignorable:
                     continue
                 entry = table.get(name)
@@ -212,6 +219,9 @@ class HFCheckpoint:
                 seen.add(name)
                 self.items.append((full, entry, st))
         absent = sorted(set(table) - seen, key=_natural)
+        if LM_HEAD in absent:
+            raise CheckpointError(f"checkpoint {hf_dir} says its head is not tied to the embedding "
+                                  f"(tie_word_embeddings false) but holds no {LM_HEAD}")
         if absent:
             more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
             raise CheckpointError(f"checkpoint {hf_dir} lacks tensor {prefix}{absent[0]}{more}")

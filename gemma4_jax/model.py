@@ -317,7 +317,8 @@ class DecoderLayer(nnx.Module):
 
 
 class Gemma4Text(nnx.Module):
-    """Embedding, per-layer embeddings, stacked decoder layers, final norm and tied head."""
+    """Embedding, per-layer embeddings, stacked decoder layers, final norm and head (the embedding itself when
+    `tie_word_embeddings`, as every released Gemma 4 checkpoint; else its own `lm_head` [V,D])."""
 
     def __init__(self, cfg: Gemma4Config, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
@@ -331,6 +332,8 @@ class Gemma4Text(nnx.Module):
             self.ple_proj = _param(rngs, (d, cfg.num_layers, cfg.ple_dim), ("embed", "layers", "ple"), dtype, None)
             self.ple_norm = _param(rngs, (cfg.ple_dim,), ("ple",), dtype, None, "ones")
         self.final_norm = _param(rngs, (d,), ("embed",), dtype, None, "ones")
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(rngs, (cfg.vocab_size, d), ("vocab", "embed"), dtype, None)
         self.stacks = nnx.Dict({
             kind: DecoderLayer(cfg, cfg.kind_spec(kind), dtype, rngs, stack=cfg.kind_count(kind))
             for kind in cfg.layer_kinds
@@ -362,9 +365,10 @@ class Gemma4Text(nnx.Module):
         return views
 
     def head(self, x_btd):
-        """Final norm, tied head (the raw, unscaled embedding), soft cap; float32 logits [B,T,V]."""
+        """Final norm, head (tied: the raw, unscaled embedding), soft cap; float32 logits [B,T,V]."""
         x = rms_norm(x_btd, self.final_norm[...], self.cfg.rms_norm_eps)
-        logits = jnp.einsum("BTD,VD->BTV", x, self.embed[...], preferred_element_type=F32)
+        table = self.embed[...] if self.cfg.tie_word_embeddings else self.lm_head[...]
+        logits = jnp.einsum("BTD,VD->BTV", x, table, preferred_element_type=F32)
         return softcap(logits, self.cfg.final_logit_softcap)
 
     # -- whole forward ----------------------------------------------------------------------------

@@ -300,6 +300,9 @@ def stage_leaves_from_params(cfg: Gemma4Config, stages: tuple[Stage, ...], param
                 out[stage_of[layer]][("layers", str(layer), *path[2:])] = value[i]
         elif path == ("embed",):
             out[0][path] = value
+            if cfg.tie_word_embeddings:
+                out[-1][("head",)] = value
+        elif path == ("lm_head",):
             out[-1][("head",)] = value
         elif path == ("final_norm",):
             out[-1][path] = value

@@ -29,7 +29,7 @@ import numpy as np
 from .config import Gemma4Config
 from .errors import CheckpointError, ConfigError
 from .hf_checkpoint import HFCheckpoint, Target, target_shapes
-from .stages import Path, Stage, stage_bytes, stage_of_layer, stages_from_bounds
+from .stages import Path, Stage, holds_head, stage_bytes, stage_of_layer, stages_from_bounds
 
 MANIFEST = "manifest.json"
 FORMAT = "gemma4-jax-stages"
@@ -71,8 +71,10 @@ def stage_leaves(cfg: Gemma4Config, stages: tuple[Stage, ...], target: Target, v
         yield stage_of_layer(stages, layer).index, ("layers", str(layer), *path[2:]), target.transform(value)
     elif path == ("embed",):
         yield 0, ("embed",), value
-        if len(stages) > 1:
+        if cfg.tie_word_embeddings and holds_head(cfg, len(stages)):
             yield last, ("head",), value  # the tied head, copied so the last stage stands alone
+    elif path == ("lm_head",):
+        yield last, ("head",), value
     elif path == ("final_norm",):
         yield last, ("final_norm",), value
     elif path == ("ple_norm",):
@@ -101,8 +103,10 @@ def expected_leaves(cfg: Gemma4Config, stages: tuple[Stage, ...]) -> list[dict[P
                     out[stage_of_layer(stages, layer).index][("layers", str(layer), *path[2:])] = shape[1:]
         elif path == ("embed",):
             first[path] = shape
-            if len(stages) > 1:
+            if cfg.tie_word_embeddings and holds_head(cfg, len(stages)):
                 last[("head",)] = shape
+        elif path == ("lm_head",):
+            last[("head",)] = shape
         elif path == ("final_norm",):
             last[path] = shape
         elif path == ("ple_norm",):
@@ -276,8 +280,9 @@ def convert(hf_dir: str, out: str, stages: tuple[Stage, ...] | None = None, *, p
             "layer_split": [s.start for s in stages] + [stages[-1].stop],
             "dtype": dtype,
             "table_chunk_rows": chunk_rows,
-            "tied_head": "embedding on stage 0; copied as 'head' onto the last stage" if len(stages) > 1
-                         else "embedding on stage 0 serves as the head",
+            "head": ("untied: lm_head.weight as 'head' on the last stage" if not cfg.tie_word_embeddings
+                     else "tied: embedding on stage 0; copied as 'head' onto the last stage" if len(stages) > 1
+                     else "tied: embedding on stage 0 serves as the head"),
             "stages": [{"dir": f"stage_{s.index}", "layers": [s.start, s.stop], "param_bytes": pb,
                         "bytes_on_disk": b, "leaves": len(writer.written[s.index])}
                        for s, pb, b in zip(stages, stage_bytes(cfg, stages, itemsize), sizes, strict=True)],
@@ -443,6 +448,8 @@ def load_single_stage(path: str, cfg: Gemma4Config, dtype, device=None) -> dict[
         groups[("ple_proj",)] = [("layers", str(i), "ple_model_proj") for i in range(cfg.num_layers)]
         groups[("ple_norm",)] = [("ple_norm",)]
     groups[("embed",)] = [("embed",)]
+    if not cfg.tie_word_embeddings:
+        groups[("lm_head",)] = [("head",)]
     groups[("final_norm",)] = [("final_norm",)]
     stack = {"stacks": jax.jit(lambda xs: jnp.stack(xs), out_shardings=sharding),
              "ple_proj": jax.jit(lambda xs: jnp.stack(xs, axis=1), out_shardings=sharding)}

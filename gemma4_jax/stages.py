@@ -6,8 +6,9 @@ read. Layer ranges are half-open `[start, stop)` over the decoder layers.
 
 What a stage holds (the stage-local parameter tree, leaf paths as tuples):
   ("embed",)                     [V, D]  first stage only (token embedding)
-  ("head",)                      [V, D]  last stage only, when there are ≥ 2 stages: a copy of the
-                                         tied embedding, so the last stage needs nothing from the first
+  ("head",)                      [V, D]  last stage only (`holds_head`): the untied head, or, when there are
+                                         ≥ 2 stages, a copy of the tied embedding, so the last stage needs
+                                         nothing from the first
   ("final_norm",)                [D]     last stage
   ("ple_norm",)                  [P]     every stage (per-layer-input models)
   ("layers", "<l>", *rest)               layer l's parameters, `rest` as in `DecoderLayer`
@@ -86,15 +87,21 @@ def layer_bytes(cfg: Gemma4Config, itemsize: int) -> np.ndarray:
     return out
 
 
+def holds_head(cfg: Gemma4Config, num_stages: int) -> bool:
+    """Whether the last stage holds a ("head",) table: the untied head always, the tied embedding's copy when
+    there are ≥ 2 stages (one stage reads the embedding itself)."""
+    return not cfg.tie_word_embeddings or num_stages > 1
+
+
 def stage_bytes(cfg: Gemma4Config, stages: tuple[Stage, ...], itemsize: int) -> list[int]:
-    """Parameter bytes each stage holds (embedding on the first, its copy as the head on the last)."""
+    """Parameter bytes each stage holds (embedding on the first, the head on the last: `holds_head`)."""
     per_layer = layer_bytes(cfg, itemsize)
     emb = cfg.vocab_size * cfg.hidden_size * itemsize
     out = []
     for s in stages:
         b = int(per_layer[s.start:s.stop].sum())
         b += emb if s.first else 0
-        b += emb if (s.last and not s.first) else 0
+        b += emb if (s.last and holds_head(cfg, len(stages))) else 0
         out.append(b)
     return out
 
@@ -119,7 +126,7 @@ def balanced_stages(cfg: Gemma4Config, pp: int, itemsize: int = 2) -> tuple[Stag
         c = prefix[hi] - prefix[lo]
         if k == 0:
             c += emb
-        if k == pp - 1 and pp > 1:
+        if k == pp - 1 and holds_head(cfg, pp):
             c += emb
         return c
 

@@ -6,10 +6,12 @@ import shutil
 
 import numpy as np
 import pytest
-from hf_fixtures import rel_err
+from hf_fixtures import FAMILIES, hf_logits, rel_err, save_hf
 
 import gemma4_jax
+from gemma4_jax.errors import Gemma4Error
 from gemma4_jax.safetensors_io import SafetensorsFile, save_file
+from gemma4_jax.stage_checkpoint import convert
 
 
 def _copy(src, dst):
@@ -80,3 +82,45 @@ def test_load_rejects_bad_options(hf_dirs):
         gemma4_jax.load(hf_dirs["31b", "causal"], dtype="int8")
     with pytest.raises(gemma4_jax.CheckpointError, match="not a directory"):
         gemma4_jax.load("/nonexistent/dir")
+
+
+@pytest.fixture(scope="module")
+def untied(tmp_path_factory):
+    """An E4B-family checkpoint whose head is its own tensor (`tie_word_embeddings` false), and transformers'
+    model of it."""
+    import torch
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    from gemma4_jax.tiny import perturb_scales
+
+    torch.manual_seed(11)
+    hf = Gemma4ForCausalLM(Gemma4TextConfig(**FAMILIES["e4b"], tie_word_embeddings=False)).eval()
+    hf.config._attn_implementation = "eager"
+    hf = perturb_scales(hf, 12)
+    assert not torch.equal(hf.lm_head.weight, hf.model.embed_tokens.weight)
+    return hf, save_hf(hf, str(tmp_path_factory.mktemp("untied")))
+
+
+@pytest.mark.parametrize("route", ["hf_pp1", "hf_pp2", "converted_pp1", "converted_pp2"])
+def test_untied_head_gives_transformers_logits(untied, tmp_path, route):
+    """The head is lm_head.weight, not the embedding: from the HF directory and through the converter (which
+    puts it on the last stage), at pp = 1 and 2."""
+    hf, path = untied
+    pp = int(route[-1])
+    if route.startswith("converted"):
+        out = str(tmp_path / "conv")
+        convert(path, out, pp=pp, progress=False, log=lambda s: None)
+        with open(os.path.join(out, "manifest.json")) as f:
+            assert json.load(f)["head"].startswith("untied")
+        path = out
+    ids = np.random.default_rng(3).integers(3, 256, size=(2, 12))
+    ours = gemma4_jax.load(path, dtype="float32", attn_impl="xla", pp=pp, progress=False).logits(ids)
+    assert rel_err(ours, hf_logits(hf, ids)) <= 1e-4
+
+
+def test_untied_config_without_its_head_is_refused(untied, tmp_path):
+    _, src = untied
+    d = _copy(src, tmp_path / "m")
+    _rewrite(os.path.join(d, "model.safetensors"), lambda t: t.pop("lm_head.weight"))
+    with pytest.raises(Gemma4Error, match="not tied to the embedding .* holds no lm_head.weight"):
+        gemma4_jax.load(d, progress=False)
