@@ -1,4 +1,4 @@
-"""Benchmarks, one subcommand each: `python tools/bench.py {attention,dense,generate,moe,pipeline} ...` (see --help).
+"""Benchmarks, one subcommand each: `python tools/bench.py {attention,dense,generate,moe,numerics,pipeline} ...` (see --help).
 
 Run from the repository root with PYTHONPATH=. on a GPU. Each subcommand lives in its own module
 (`tools/bench_<name>.py`) exposing `add_parser(subparsers)`, which sets `func` to run it.
@@ -16,6 +16,7 @@ import bench_attention  # noqa: E402
 import bench_dense  # noqa: E402
 import bench_generate  # noqa: E402
 import bench_moe  # noqa: E402
+import bench_numerics  # noqa: E402
 import bench_pipeline  # noqa: E402
 
 
@@ -26,6 +27,7 @@ def main(argv=None) -> int:
     bench_dense.add_parser(sub)
     bench_generate.add_parser(sub)
     bench_moe.add_parser(sub)
+    bench_numerics.add_parser(sub)
     bench_pipeline.add_parser(sub)
     args = parser.parse_args(argv)
     args.func(args)
