@@ -265,6 +265,7 @@ def test_model_prefill_routes_to_cudnn(monkeypatch):
 
     monkeypatch.setattr(dispatch, "CUDNN_BACKEND", "xla")
     monkeypatch.setattr(dispatch, "_on_gpu", lambda platform: True)
+    monkeypatch.setattr(dispatch, "DENSE_FORCE", "xla")  # the projections' kernel has no CPU path outside interpret
     calls = []
     real = dispatch.cudnn_attention
     monkeypatch.setattr(dispatch, "cudnn_attention", lambda *a, **kw: calls.append(kw["window"]) or real(*a, **kw))
