@@ -1,4 +1,5 @@
-"""Benchmarks, one subcommand each: `python tools/bench.py {attention,dense,generate,moe,numerics,pipeline} ...` (see --help).
+"""Benchmarks, one subcommand each: `python tools/bench.py SUBCOMMAND ...` (see --help; attention, dense, generate,
+moe, numerics, pipeline).
 
 Run from the repository root with PYTHONPATH=. on a GPU. Each subcommand lives in its own module
 (`tools/bench_<name>.py`) exposing `add_parser(subparsers)`, which sets `func` to run it.
