@@ -1,10 +1,11 @@
-"""Pallas kernels: attention for large heads (head_dim up to 512) and the routed experts of an MoE FFN,
-installed as `gemma4_jax.kernels`.
+"""Pallas kernels: attention for large heads (head_dim up to 512), the routed experts of an MoE FFN and a
+skinny matmul for decode-step projections (`gemv`), installed as `gemma4_jax.kernels`.
 
 Model-agnostic: nothing here knows about Gemma. Each kernel file holds the kernel body, its wrapper, a
 jitted entry point, a frozen tuning config and a plain-jnp reference (the Mosaic GPU kernel,
 `flash_attention_mgpu`, shares `flash_attention_reference` and is imported lazily: Hopper only); `dispatch`
-picks a kernel, cuDNN or XLA per call (`resolve` for attention, `resolve_moe` for the experts).
+picks a kernel, cuDNN or XLA per call (`resolve` for attention, `resolve_moe` for the experts, `resolve_dense`
+for the projections); `tiling.fit_block` fits block sizes to dimensions.
 Masks come from positions (`masking.py`).
 """
 

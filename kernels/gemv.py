@@ -26,6 +26,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from .tiling import fit_block as _fit
+
 F32 = jnp.float32
 ROWS = 16  # x is padded to this many rows (Triton's dot needs at least 16)
 GEMV_MAX_ROWS = ROWS  # the dispatcher sends products with at most this many rows here
@@ -42,16 +44,6 @@ class GemvConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 4
-
-
-def _fit(dim: int, want: int) -> int:
-    """The largest power of two ≤ want that divides dim (0 when none of at least 16 does)."""
-    b = want
-    while b >= 16:
-        if dim % b == 0:
-            return b
-        b //= 2
-    return 0
 
 
 def supports(k: int, n: int) -> bool:

@@ -39,6 +39,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from .tiling import fit_block as _fit
+
 F32 = jnp.float32
 
 
@@ -60,16 +62,6 @@ class MoeConfig:
     block_k_down: int = 64
     num_warps: int = 4
     num_stages: int = 3
-
-
-def _fit(dim: int, want: int) -> int:
-    """The largest power of two ≤ want that divides dim (0 when none of at least 16 does)."""
-    b = want
-    while b >= 16:
-        if dim % b == 0:
-            return b
-        b //= 2
-    return 0
 
 
 # Below this many routed rows (tokens × top-k) the 'rows' plan is used: no sort, one row a block.

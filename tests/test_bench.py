@@ -58,3 +58,41 @@ def test_roofline_bytes_match_published_sizes():
     assert 2 * 3.6e9 < step_bytes(preset("26b-a4b"), 1, 0) < 2 * 4.0e9
     # At batch 16, 16 × 8 routed slots can reach all 128 experts: every expert counts.
     assert step_bytes(preset("26b-a4b"), 16, 0) == pytest.approx(2 * 25.2e9, rel=0.01)
+
+
+@pytest.mark.parametrize("name", ["e2b", "e4b", "26b-a4b", "31b"])
+def test_dense_bench_counts_every_decode_projection(name):
+    """`bench.py dense`'s shapes × uses add up to exactly the elements of every weight product in the model's
+    layers (attention, MLP, router, per-layer-input block): none missed, none counted twice."""
+    import numpy as np
+    from bench_dense import projection_shapes
+
+    from gemma4_jax.config import preset
+    from gemma4_jax.hf_checkpoint import iter_params
+    from gemma4_jax.model import abstract_model
+
+    cfg = preset(name)
+    products = {("attn", "q_proj"), ("attn", "k_proj"), ("attn", "v_proj"), ("attn", "o_proj"), ("mlp", "gate"),
+                ("mlp", "up"), ("mlp", "down"), ("moe", "router_proj"), ("ple_gate",), ("ple_proj",)}
+    want = sum(int(np.prod(v.get_value().shape)) for p, v in iter_params(abstract_model(cfg))
+               if p[0] == "stacks" and p[2:] in products)
+    assert sum(k * n * uses for (k, n), uses in projection_shapes(cfg).items()) == want
+
+
+def test_numerics_bench_cuts_and_scores():
+    from bench_numerics import cut_config, errors
+
+    from gemma4_jax.config import PRESETS, Gemma4Config
+
+    raw = cut_config(PRESETS["e2b"], 10, 8192)
+    cfg = Gemma4Config.from_hf_dict(raw)
+    assert cfg.num_layers == 10 and cfg.vocab_size == 8192 and cfg.ple_vocab_size == 8192
+    assert 0 < cfg.num_kv_shared_layers < 10
+    moe = Gemma4Config.from_hf_dict(cut_config(PRESETS["26b-a4b"], 4, 4096, experts=16))
+    assert moe.num_experts == 16 and moe.top_k_experts == 8
+    import numpy as np
+
+    ref = np.array([[[1.0, -2.0, 4.0], [0.5, 3.0, -1.0]]])
+    e = errors(ref, ref + np.array([[[0.0, 0.0, 0.4], [0.0, 0.0, 0.0]]]))
+    assert abs(e["mean_rel"] - 0.4 / 6 / (11.5 / 6)) < 1e-12 and e["top1"] == 1.0
+    assert errors(ref, ref[..., ::-1])["top1"] == 0.5

@@ -60,7 +60,8 @@ def projection_shapes(cfg) -> dict[tuple[int, int], int]:
 
 
 def candidates(k: int, n: int):
-    from gemma4_jax.kernels.gemv import GemvConfig, _fit, default_config
+    from gemma4_jax.kernels.gemv import GemvConfig, default_config
+    from gemma4_jax.kernels.tiling import fit_block as _fit
 
     out = []
     for bn in (32, 64, 128):

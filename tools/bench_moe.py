@@ -81,7 +81,8 @@ def model_kl(preset_name: str, layers: int, tokens: int = 512) -> dict:
 
 def candidates(rows: int, d: int, f: int):
     """Configs worth timing at this many routed rows (block sizes fitted to D and F)."""
-    from gemma4_jax.kernels.moe import MoeConfig, _fit
+    from gemma4_jax.kernels.moe import MoeConfig
+    from gemma4_jax.kernels.tiling import fit_block as _fit
 
     out = []
     if rows <= 64:
