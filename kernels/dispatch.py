@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from .decode_attention import decode_attention
 from .flash_attention import flash_attention, flash_attention_reference
-from .gemv import GEMV_MAX_ROWS
+from .gemv import GEMV_MAX_ROWS, GEMV_MAX_WEIGHT
 from .gemv import supports as gemv_supports
 from .moe import supports as moe_supports
 
@@ -212,14 +212,14 @@ DENSE_FORCE: str | None = None
 def resolve_dense(impl: str, *, rows: int, k: int, n: int, dtype=jnp.bfloat16, platform: str | None = None) -> str:
     """How a dense projection x [rows,K] @ W [K,N] runs ('xla' | 'pallas' | 'interpret'), under the same `impl`.
 
-    A decode step's projections (at most GEMV_MAX_ROWS rows) go to the skinny Pallas kernel (`gemv.gemv`, which
-    streams W in place) where XLA would lower them as a slow column reduction: 'auto' and 'cudnn' on a GPU for
-    16-bit inputs, 'pallas' and 'interpret' for any dtype. Everything else, and every shape the kernel does not
-    take, is XLA's.
+    A decode step's projections (at most GEMV_MAX_ROWS rows, weights of at most GEMV_MAX_WEIGHT elements) go to the
+    skinny Pallas kernel (`gemv.gemv`, which streams W in place) where XLA would lower the smaller ones as a slow
+    column reduction: 'auto' and 'cudnn' on a GPU for 16-bit inputs, 'pallas' and 'interpret' for any dtype.
+    Everything else, and every shape the kernel does not take, is XLA's.
     """
     _check_impl(impl)
     impl = DENSE_FORCE or impl
-    if impl == "xla" or rows > GEMV_MAX_ROWS or not gemv_supports(k, n):
+    if impl == "xla" or rows > GEMV_MAX_ROWS or k * n > GEMV_MAX_WEIGHT or not gemv_supports(k, n):
         return "xla"
     if impl in ("pallas", "interpret"):
         return impl

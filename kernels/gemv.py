@@ -31,6 +31,10 @@ from .tiling import fit_block as _fit
 F32 = jnp.float32
 ROWS = 16  # x is padded to this many rows (Triton's dot needs at least 16)
 GEMV_MAX_ROWS = ROWS  # the dispatcher sends products with at most this many rows here
+# ... and weights of at most this many elements: the largest measured (26B-A4B's 2816 × 8192, where the kernel
+# matched cuBLAS and the smaller ones beat XLA's reduction 2.4×, docs/kernels.md run 7). Larger weights stay on
+# XLA, whose cuBLAS GEMV streamed 31B's at 4.26 TB/s.
+GEMV_MAX_WEIGHT = 24 * 2**20
 # Aim for at least this many programs, so that every SM of an H100/H200 (132) streams part of W.
 TARGET_PROGRAMS = 264
 

@@ -89,6 +89,8 @@ def test_resolve_dense():
     assert r("auto", rows=1, k=2816, n=2112, dtype=jnp.bfloat16, platform="gpu") == "pallas"
     assert r("cudnn", rows=16, k=2816, n=2112, dtype=jnp.bfloat16, platform="gpu") == "pallas"
     assert r("auto", rows=GEMV_MAX_ROWS + 1, k=2816, n=2112, dtype=jnp.bfloat16, platform="gpu") == "xla"
+    assert r("auto", rows=1, k=2816, n=8192, dtype=jnp.bfloat16, platform="gpu") == "pallas"  # 26B-A4B's largest
+    assert r("auto", rows=1, k=5376, n=21504, dtype=jnp.bfloat16, platform="gpu") == "xla"  # 31B's MLP: cuBLAS
     assert r("auto", rows=1, k=2816, n=2112, dtype=jnp.float32, platform="gpu") == "xla"
     assert r("auto", rows=1, k=2816, n=2112, dtype=jnp.bfloat16, platform="cpu") == "xla"
     assert r("pallas", rows=1, k=2816, n=2112, dtype=jnp.float32, platform="gpu") == "pallas"
