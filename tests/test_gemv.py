@@ -141,3 +141,35 @@ def test_generation_with_gemv_equals_xla(hf_dirs, monkeypatch):
     plain = gemma4_jax.load(path, dtype="float32", attn_impl="xla", progress=False).generate(
         prompts, max_new_tokens=5, stop_tokens=())
     assert ours == plain, (ours, plain)
+
+
+@pytest.mark.parametrize("name", ["e2b", "e4b", "26b-a4b", "31b"])
+def test_every_variant_lowers_its_decode_step_for_the_gpu(name, monkeypatch):
+    """Each released variant's batch-1 decode step, at the real shapes, lowers for CUDA on this CPU with the skinny
+    kernel at exactly the projections the dispatcher gives it (and 26B-A4B's MoE kernels)."""
+    import os
+    import re
+    import sys
+
+    from flax import nnx
+    from gemma4_jax.kernels.gemv import GEMV_MAX_WEIGHT
+    from gemma4_jax.kernels.gemv import supports as gemv_supports
+
+    from gemma4_jax.cache import init_cache
+    from gemma4_jax.config import preset
+    from gemma4_jax.generation import decode_logits
+    from gemma4_jax.model import Gemma4Text, unstack_layers
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    from bench_dense import projection_shapes
+
+    monkeypatch.setattr(dispatch, "_on_gpu", lambda platform: True)
+    cfg = preset(name)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: unstack_layers(Gemma4Text(cfg, jnp.bfloat16, nnx.Rngs(0)))))
+    cache = jax.eval_shape(lambda: init_cache(cfg, 1, 256, jnp.bfloat16))
+    tok = jax.ShapeDtypeStruct((1,), jnp.int32)
+    text = decode_logits.trace(graphdef, state, cache, tok, tok).lower(lowering_platforms=("cuda",)).as_text()
+    got = set(re.findall(r'name = "(gemv_\d+x\d+|moe_\w+)"', text))
+    want = {f"gemv_{k}x{n}" for k, n in projection_shapes(cfg) if k * n <= GEMV_MAX_WEIGHT and gemv_supports(k, n)}
+    want |= {"moe_gate_up", "moe_down"} if cfg.num_experts else set()
+    assert got == want, (sorted(got ^ want))
