@@ -201,11 +201,14 @@ class HFCheckpoint:
         seen: set[str] = set()
         for st in self.files:
             for full in st.keys():
-                if full.startswith(NON_TEXT_PREFIXES) or (full == LM_HEAD and LM_HEAD in ignorable):
+                if full.startswith(NON_TEXT_PREFIXES):
                     continue
-                if full != LM_HEAD and not full.startswith(prefix):
+                if full == LM_HEAD:  # the one text tensor outside the prefix
+                    name = full
+                elif full.startswith(prefix):
+                    name = full[len(prefix):]
+                else:
                     raise CheckpointError(f"unexpected tensor {full} (outside the text model prefix {prefix!r})")
-                name = full if full == LM_HEAD else full[len(prefix):]
                 if name in ignorable:
                     continue
                 entry = table.get(name)

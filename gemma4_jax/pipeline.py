@@ -59,7 +59,7 @@ from .model import (
     rope_inv_freq,
     softcap,
 )
-from .stages import Path, Stage
+from .stages import Path, Stage, head_source, holds_head
 
 F32 = jnp.float32
 
@@ -295,15 +295,13 @@ def stage_leaves_from_params(cfg: Gemma4Config, stages: tuple[Stage, ...], param
         kind_layers.setdefault(kind, []).append(layer)
     stage_of = {layer: s.index for s in stages for layer in s.layers}
     for path, value in params.items():
+        if path == head_source(cfg) and holds_head(cfg, len(stages)):
+            out[-1][("head",)] = value
         if path[0] == "stacks":
             for i, layer in enumerate(kind_layers[path[1]]):
                 out[stage_of[layer]][("layers", str(layer), *path[2:])] = value[i]
         elif path == ("embed",):
             out[0][path] = value
-            if cfg.tie_word_embeddings:
-                out[-1][("head",)] = value
-        elif path == ("lm_head",):
-            out[-1][("head",)] = value
         elif path == ("final_norm",):
             out[-1][path] = value
         elif path == ("ple_norm",):

@@ -29,7 +29,7 @@ import numpy as np
 from .config import Gemma4Config
 from .errors import CheckpointError, ConfigError
 from .hf_checkpoint import HFCheckpoint, Target, target_shapes
-from .stages import Path, Stage, holds_head, stage_bytes, stage_of_layer, stages_from_bounds
+from .stages import Path, Stage, head_source, holds_head, stage_bytes, stage_of_layer, stages_from_bounds
 
 MANIFEST = "manifest.json"
 FORMAT = "gemma4-jax-stages"
@@ -66,15 +66,15 @@ def stage_leaves(cfg: Gemma4Config, stages: tuple[Stage, ...], target: Target, v
     Tables come back whole (views of the mapped file); the converter cuts them into row chunks.
     """
     path, last = target.path, stages[-1].index
+    if path == head_source(cfg) and holds_head(cfg, len(stages)):
+        yield last, ("head",), value  # the head table, so the last stage stands alone
     if path[0] == "stacks":
         layer = target.layer
         yield stage_of_layer(stages, layer).index, ("layers", str(layer), *path[2:]), target.transform(value)
     elif path == ("embed",):
         yield 0, ("embed",), value
-        if cfg.tie_word_embeddings and holds_head(cfg, len(stages)):
-            yield last, ("head",), value  # the tied head, copied so the last stage stands alone
     elif path == ("lm_head",):
-        yield last, ("head",), value
+        pass  # the head table, above
     elif path == ("final_norm",):
         yield last, ("final_norm",), value
     elif path == ("ple_norm",):
@@ -97,16 +97,16 @@ def expected_leaves(cfg: Gemma4Config, stages: tuple[Stage, ...]) -> list[dict[P
     out: list[dict[Path, tuple[int, ...]]] = [{} for _ in stages]
     first, last = out[0], out[-1]
     for path, (shape, _) in target_shapes(cfg, np.float32).items():
+        if path == head_source(cfg) and holds_head(cfg, len(stages)):
+            last[("head",)] = shape
         if path[0] == "stacks":
             for layer, (kind, _) in enumerate(cfg.layer_plan):
                 if kind == path[1]:
                     out[stage_of_layer(stages, layer).index][("layers", str(layer), *path[2:])] = shape[1:]
         elif path == ("embed",):
             first[path] = shape
-            if cfg.tie_word_embeddings and holds_head(cfg, len(stages)):
-                last[("head",)] = shape
         elif path == ("lm_head",):
-            last[("head",)] = shape
+            pass  # the head table, above
         elif path == ("final_norm",):
             last[path] = shape
         elif path == ("ple_norm",):

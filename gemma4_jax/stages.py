@@ -93,6 +93,11 @@ def holds_head(cfg: Gemma4Config, num_stages: int) -> bool:
     return not cfg.tie_word_embeddings or num_stages > 1
 
 
+def head_source(cfg: Gemma4Config) -> Path:
+    """The model parameter the last stage's ("head",) table is: the embedding when tied, else `lm_head`."""
+    return ("embed",) if cfg.tie_word_embeddings else ("lm_head",)
+
+
 def stage_bytes(cfg: Gemma4Config, stages: tuple[Stage, ...], itemsize: int) -> list[int]:
     """Parameter bytes each stage holds (embedding on the first, the head on the last: `holds_head`)."""
     per_layer = layer_bytes(cfg, itemsize)
