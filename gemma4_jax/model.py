@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from .config import Gemma4Config, LayerSpec
+from .kernels import numerics
 
 F32 = jnp.float32
 
@@ -41,7 +42,7 @@ def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:
 
 def gelu(x: jax.Array) -> jax.Array:
     """The tanh approximation (`gelu_pytorch_tanh`)."""
-    return jax.nn.gelu(x, approximate=True)
+    return numerics.gelu_tanh(x)
 
 
 def rope_inv_freq(spec: LayerSpec) -> np.ndarray:
@@ -95,11 +96,11 @@ def attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts:
     b, t, n, h = q_btnh.shape
     k = k_bskh.shape[2]
     q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q_btkgh, k_bskh, preferred_element_type=F32)
+    scores = numerics.einsum("BTKGH,BSKH->BKGTS", q_btkgh, k_bskh, preferred_element_type=F32)
     # A large finite negative (not -inf) keeps fully masked rows (padding) free of NaNs.
     scores = jnp.where(mask_bts[:, None, None, :, :], scores, jnp.finfo(F32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)  # softmax in float32
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_bskh, preferred_element_type=F32)
+    out = numerics.einsum("BKGTS,BSKH->BTKGH", probs, v_bskh, preferred_element_type=F32)
     return out.astype(q_btnh.dtype).reshape(b, t, n, h)
 
 
@@ -117,7 +118,7 @@ def linear(eq: str, x: jax.Array, w: jax.Array, impl: str = "auto") -> jax.Array
     rows = x.size // k
     choice = dispatch.resolve_dense(impl, rows=rows, k=k, n=w.size // k, dtype=x.dtype)
     if choice == "xla":
-        return jnp.einsum(eq, x, w)
+        return numerics.einsum(eq, x, w)
     y = gemv.gemv(x.reshape(rows, k), w.reshape(k, -1), interpret=choice == "interpret")
     return y.reshape(*x.shape[:x.ndim - c], *w.shape[c:])
 
@@ -350,7 +351,7 @@ class Gemma4Text(nnx.Module):
         b, t = ids_bt.shape
         tok = (self.ple_embed[...][ids] * embed_scale(cfg.ple_dim, self.dtype))
         tok = tok.reshape(b, t, cfg.num_layers, cfg.ple_dim)
-        ctx = jnp.einsum("BTD,DLP->BTLP", h_btd, self.ple_proj[...]) * (cfg.hidden_size**-0.5)
+        ctx = numerics.einsum("BTD,DLP->BTLP", h_btd, self.ple_proj[...]) * (cfg.hidden_size**-0.5)
         ctx = rms_norm(ctx, self.ple_norm[...], cfg.rms_norm_eps)
         return (ctx + tok) * (2.0**-0.5)
 
@@ -368,7 +369,7 @@ class Gemma4Text(nnx.Module):
         """Final norm, head (tied: the raw, unscaled embedding), soft cap; float32 logits [B,T,V]."""
         x = rms_norm(x_btd, self.final_norm[...], self.cfg.rms_norm_eps)
         table = self.embed[...] if self.cfg.tie_word_embeddings else self.lm_head[...]
-        logits = jnp.einsum("BTD,VD->BTV", x, table, preferred_element_type=F32)
+        logits = numerics.einsum("BTD,VD->BTV", x, table, preferred_element_type=F32)
         return softcap(logits, self.cfg.final_logit_softcap)
 
     # -- whole forward ----------------------------------------------------------------------------
@@ -390,9 +391,9 @@ class Gemma4Text(nnx.Module):
         return x, (self.per_layer_inputs(ids, x) if cfg.ple_dim else None)
 
     def decode_layers(self, ids_bt: jax.Array, pos_bt: jax.Array, attender: Attender,
-                      mm: Multimodal | None = None) -> jax.Array:
+                      mm: Multimodal | None = None, taps: list | None = None) -> jax.Array:
         """Embed (merging soft tokens `mm`), run every layer (attention delegated to `attender`), return
-        the final stream [B,T,D]."""
+        the final stream [B,T,D]. `taps`, when given, receives the stream entering each layer (diagnostics)."""
         cfg = self.cfg
         x, ple = self.embed_inputs(ids_bt, mm)
         rope = {}
@@ -403,6 +404,8 @@ class Gemma4Text(nnx.Module):
             def attend(q, kv, spec=spec):
                 return attender(spec, q, kv), None
 
+            if taps is not None:
+                taps.append(x)
             x, _ = layer(x, ple[:, :, spec.index] if ple is not None else None, *rope[spec.attn_type], attend,
                          impl=attender.impl)
         return x

@@ -45,6 +45,7 @@ from .config import Gemma4Config
 from .errors import ConfigError
 from .generation import Sampling, sample
 from .hf_checkpoint import iter_params
+from .kernels import numerics
 from .model import (
     DecoderLayer,
     FullAttender,
@@ -407,7 +408,7 @@ def _stage_fn(plan: PipelinePlan, s: int, mode: str, dtype, graphdefs, impl: str
             n, p = plan.layers_max, cfg.ple_dim
             safe = jnp.where((ids >= 0) & (ids < cfg.ple_vocab_size), ids, 0)
             tok = (params["ple_table"][safe] * embed_scale(p, dtype)).reshape(b, t, n, p)
-            ctx = jnp.einsum("BTD,DLP->BTLP", h0, params["ple_proj"]) * (cfg.hidden_size**-0.5)
+            ctx = numerics.einsum("BTD,DLP->BTLP", h0, params["ple_proj"]) * (cfg.hidden_size**-0.5)
             ple = (rms_norm(ctx, params["ple_norm"], cfg.rms_norm_eps) + tok) * (2.0**-0.5)
         view = {layer: cache[name] for layer, name in slots.items()} if cache is not None else None
         mirrored = {src: kv_in[src] for src in plan.xfer if src in slots and src < stage.start}
@@ -435,7 +436,8 @@ def _stage_fn(plan: PipelinePlan, s: int, mode: str, dtype, graphdefs, impl: str
 def _head(plan: PipelinePlan, params, x):
     cfg = plan.cfg
     y = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    return softcap(jnp.einsum("BTD,VD->BTV", y, params["table"], preferred_element_type=F32), cfg.final_logit_softcap)
+    logits = numerics.einsum("BTD,VD->BTV", y, params["table"], preferred_element_type=F32)
+    return softcap(logits, cfg.final_logit_softcap)
 
 
 # ---------------------------------------------------------------------------------------------

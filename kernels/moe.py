@@ -39,6 +39,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from . import numerics
 from .tiling import fit_block as _fit
 
 F32 = jnp.float32
@@ -146,6 +147,8 @@ def plan_sorted(idx_mk: jax.Array, num_experts: int, block_m: int) -> BlockPlan:
 
 
 def _gelu_tanh(x):
+    """Inside the kernel: tanh's form. (`numerics.gelu_tanh`'s exact-division form made the 2K-token gate_up
+    kernel 2.1× slower on an H200.)"""
     return jax.nn.gelu(x, approximate=True)
 
 
@@ -271,10 +274,10 @@ def moe_experts_reference(x: jax.Array, w: jax.Array, idx: jax.Array, gate: jax.
     """Plain jnp, row by row: each (token, slot) gathers its expert's weights; float32 accumulation, h rounded
     to x's dtype before the down projection, weighted sum over slots in float32."""
     kw = dict(preferred_element_type=F32, precision=precision)
-    g = jnp.einsum("MD,MKFD->MKF", x, gate[idx], **kw)
-    u = jnp.einsum("MD,MKFD->MKF", x, up[idx], **kw)
-    h = (_gelu_tanh(g) * u).astype(x.dtype)
-    y = jnp.einsum("MKF,MKDF->MKD", h, down[idx], **kw)
+    g = numerics.einsum("MD,MKFD->MKF", x, gate[idx], **kw)
+    u = numerics.einsum("MD,MKFD->MKF", x, up[idx], **kw)
+    h = (numerics.gelu_tanh(g) * u).astype(x.dtype)
+    y = numerics.einsum("MKF,MKDF->MKD", h, down[idx], **kw)
     return jnp.einsum("MKD,MK->MD", y, w.astype(F32), precision=precision).astype(x.dtype)
 
 
@@ -300,8 +303,11 @@ def moe_experts_xla(x: jax.Array, w: jax.Array, idx: jax.Array, gate: jax.Array,
     token = order // k
     x_sorted = x[token]
     sizes = jnp.bincount(flat_e, length=gate.shape[0]).astype(jnp.int32)
-    g = lax.ragged_dot_general(x_sorted, gate, sizes, _RAGGED_NK, **kw)
-    u = lax.ragged_dot_general(x_sorted, up, sizes, _RAGGED_NK, **kw)
-    h = (_gelu_tanh(g) * u).astype(x.dtype)
-    y = lax.ragged_dot_general(h, down, sizes, _RAGGED_NK, **kw) * w.reshape(-1)[order][:, None].astype(F32)
+
+    def grouped(a, b):  # rows [R, in] × each group's [out, in], blocked over `in` for float32 on the CPU
+        return numerics.contract(lambda a, b: lax.ragged_dot_general(a, b, sizes, _RAGGED_NK, **kw), a, b, 1, 2)
+
+    g, u = grouped(x_sorted, gate), grouped(x_sorted, up)
+    h = (numerics.gelu_tanh(g) * u).astype(x.dtype)
+    y = grouped(h, down) * w.reshape(-1)[order][:, None].astype(F32)
     return jnp.zeros((m, x.shape[1]), F32).at[token].add(y).astype(x.dtype)

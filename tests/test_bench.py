@@ -96,3 +96,24 @@ def test_numerics_bench_cuts_and_scores():
     e = errors(ref, ref + np.array([[[0.0, 0.0, 0.4], [0.0, 0.0, 0.0]]]))
     assert abs(e["mean_rel"] - 0.4 / 6 / (11.5 / 6)) < 1e-12 and e["top1"] == 1.0
     assert errors(ref, ref[..., ::-1])["top1"] == 0.5
+
+
+def test_towers_bench_scores_tiny_towers(tmp_path):
+    """`bench.py towers --tiny`, in this process (no second start-up of jax, torch and transformers; the CPU here):
+    both towers, ours and transformers' float32 within float32 rounding of the float64 reference, bfloat16 far
+    from it (so the scoring measures something)."""
+    import bench
+
+    out = tmp_path / "towers.json"
+    bench.main(["towers", "--tiny", "--images", "2", "--image-tokens", "70", "--audio-seconds", "1",
+                "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert set(res["towers"]) == {"vision", "audio"} and res["card"] and res["transformers_on"] in ("cpu", "cuda")
+    for name, tower in res["towers"].items():
+        runs = tower["runs"]
+        assert tower["clipped_linears"] > 0 and tower["output"][1] == res["text_width"], name
+        assert runs["ours_f32"]["max_rel"] <= 1e-4 and runs["transformers_f32"]["max_rel"] <= 1e-4, (name, runs)
+        assert runs["ours_bf16"]["max_rel"] > 10 * runs["ours_f32"]["max_rel"], (name, runs)
+        assert runs["transformers_bf16"]["max_rel"] > 10 * runs["transformers_f32"]["max_rel"], (name, runs)
+        ratio = tower["ours_over_transformers"]["f32"]["max_rel"]
+        assert ratio == pytest.approx(runs["ours_f32"]["max_rel"] / runs["transformers_f32"]["max_rel"])

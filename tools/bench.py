@@ -1,5 +1,5 @@
 """Benchmarks, one subcommand each: `python tools/bench.py SUBCOMMAND ...` (see --help; attention, dense, generate,
-moe, numerics, pipeline).
+moe, numerics, pipeline, towers).
 
 Run from the repository root with PYTHONPATH=. on a GPU. Each subcommand lives in its own module
 (`tools/bench_<name>.py`) exposing `add_parser(subparsers)`, which sets `func` to run it.
@@ -19,6 +19,7 @@ import bench_generate  # noqa: E402
 import bench_moe  # noqa: E402
 import bench_numerics  # noqa: E402
 import bench_pipeline  # noqa: E402
+import bench_towers  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -30,6 +31,7 @@ def main(argv=None) -> int:
     bench_moe.add_parser(sub)
     bench_numerics.add_parser(sub)
     bench_pipeline.add_parser(sub)
+    bench_towers.add_parser(sub)
     args = parser.parse_args(argv)
     args.func(args)
     return 0

@@ -89,11 +89,23 @@ def candidates(rows: int, d: int, f: int):
         for plan in ("rows", "sorted"):
             for n_up, k_up, n_dn, stages in ((32, 128, 64, 4), (64, 128, 128, 3), (16, 256, 32, 4), (32, 64, 64, 6)):
                 out.append(MoeConfig(plan, 16, _fit(f, n_up), _fit(d, k_up), _fit(d, n_dn), _fit(f, 64), 4, stages))
+    if 16 < rows <= 512:  # decode at batch 3–64: one block of 16 rows an expert, the tiles and pipelining vary
+        for n_up, k_up, n_dn, k_dn, warps, stages in (
+                (32, 128, 64, 64, 4, 4), (16, 256, 64, 64, 4, 4), (32, 256, 64, 64, 4, 3), (64, 128, 64, 64, 4, 4),
+                (32, 128, 32, 64, 4, 4), (32, 128, 128, 64, 4, 4), (32, 128, 64, 32, 4, 5), (32, 128, 64, 64, 2, 4),
+                (16, 128, 32, 64, 2, 5), (32, 128, 64, 64, 4, 6), (64, 64, 64, 64, 4, 5), (16, 512, 64, 64, 4, 3),
+                (32, 128, 64, 64, 8, 4), (64, 256, 128, 64, 8, 3)):
+            out.append(MoeConfig("sorted", 16, _fit(f, n_up), _fit(d, k_up), _fit(d, n_dn), _fit(f, k_dn), warps,
+                                 stages))
     if rows > 16:
         for bm, n_up, k_up, n_dn, k_dn, warps, stages in (
                 (16, 32, 128, 64, 64, 4, 4), (32, 64, 64, 128, 64, 4, 3), (64, 64, 64, 128, 64, 4, 3),
                 (64, 64, 64, 128, 64, 8, 4), (128, 64, 64, 128, 64, 8, 3), (64, 64, 128, 128, 64, 4, 3),
-                (64, 64, 128, 256, 64, 8, 3), (128, 64, 128, 128, 64, 8, 3), (64, 64, 64, 128, 32, 4, 4)):
+                (64, 64, 128, 256, 64, 8, 3), (128, 64, 128, 128, 64, 8, 3), (64, 64, 64, 128, 32, 4, 4),
+                # wider gate_up tiles (two accumulators of bm × block_n: 8 warps keep them in registers)
+                (64, 128, 64, 128, 64, 8, 3), (64, 128, 64, 256, 64, 8, 3), (64, 128, 32, 128, 64, 8, 4),
+                (128, 128, 64, 256, 64, 8, 3), (128, 128, 32, 128, 64, 8, 4), (64, 64, 64, 256, 64, 4, 4),
+                (64, 128, 64, 128, 64, 4, 3), (128, 64, 64, 256, 64, 8, 4), (64, 32, 64, 128, 64, 4, 4)):
             if bm <= max(16, rows // 8):
                 out.append(MoeConfig("sorted", bm, _fit(f, n_up), _fit(d, k_up), _fit(d, n_dn), _fit(f, k_dn),
                                      warps, stages))

@@ -7,14 +7,20 @@ proportion; `--experts` to cut an MoE's experts) with the vocabulary shrunk to `
 norm, layer scalar and router scale perturbed away from 1.0, and saves it as a real HF directory. One forward over
 `--tokens` random tokens, five ways:
 
-  reference             transformers in float64 on the CPU
-  transformers_f32      transformers in float32 (on the GPU when there is one; torch's defaults: no TF32)
+  reference             transformers in float64 (IEEE double: on the GPU when there is one, else the CPU)
+  transformers_f32      transformers in float32 (the same device; torch's defaults: no TF32)
   ours_f32              gemma4_jax, dtype float32 (every matmul at full float32 precision)
   ours_f32_default      the same under JAX's default matmul precision (what float32 was before: TF32 on a GPU)
   ours_bf16             gemma4_jax, dtype bfloat16 (for scale)
 
 Against the reference: mean rel. error = mean|Δ| / mean|ref| over all logits; per-token p99 = the 99th
 percentile over tokens of max|Δ| (over the vocabulary) / max|ref|; top-1 agreement.
+
+`--per-layer` adds the mean rel. error of the stream entering each layer (ours in float32, and transformers'
+float32, each against the float64 run), which says in which layer our float32 starts to drift further.
+`--ops` instead measures single ops on this device at the model's shapes — a float32 matmul (ours at full
+precision, as `linear` runs it), tanh, exp, cos/sin of RoPE angles up to 1024 rad, x^-½, a mean of squares,
+softmax and the GELU — JAX's and torch's, each against float64 numpy.
 """
 
 from __future__ import annotations
@@ -36,6 +42,10 @@ def add_parser(sub) -> None:
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--tokens", type=int, default=768)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-default-run", action="store_true", help="skip ours_f32_default (saves a load)")
+    p.add_argument("--per-layer", action="store_true",
+                   help="also: the stream entering each layer, ours and transformers' float32 against float64")
+    p.add_argument("--ops", action="store_true", help="only the per-op errors on this device (no model)")
     p.add_argument("--json", default=None)
     p.set_defaults(func=run)
 
@@ -64,6 +74,56 @@ def errors(ref: np.ndarray, got: np.ndarray) -> dict:
             "top1": float(np.mean(ref.argmax(-1) == got.argmax(-1)))}
 
 
+def op_errors() -> dict:
+    """Mean and max relative error of single float32 ops, JAX's (as the model runs them) and torch's, on this
+    device, against float64 numpy."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from gemma4_jax.kernels import numerics
+
+    from gemma4_jax import api
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((768, 2816), np.float32), rng.standard_normal((2816, 2112), np.float32)
+    a = (3 * rng.standard_normal((768, 1536))).astype(np.float32)
+    ang = (np.arange(1024, dtype=np.float32)[:, None] * (10000.0 ** -(np.arange(128) / 128))).astype(np.float32)
+    c = np.sqrt(2 / np.pi)
+    cases = {  # name: (jax fn, torch fn, float64 fn, inputs)
+        "matmul 768x2816x2112": (lambda x, w: numerics.einsum("MK,KN->MN", x, w), lambda x, w: x @ w,
+                                 lambda x, w: x @ w, (x, w)),
+        "tanh": (jnp.tanh, torch.tanh, np.tanh, (a,)),
+        "exp": (lambda v: jnp.exp(-jnp.abs(v)), lambda v: torch.exp(-torch.abs(v)), lambda v: np.exp(-np.abs(v)),
+                (a,)),
+        "cos (RoPE angles)": (jnp.cos, torch.cos, np.cos, (ang,)),
+        "sin (RoPE angles)": (jnp.sin, torch.sin, np.sin, (ang,)),
+        "x^-1/2": (lambda v: jnp.power(v * v + 1e-6, -0.5), lambda v: torch.pow(v * v + 1e-6, -0.5),
+                   lambda v: (v * v + 1e-6) ** -0.5, (a,)),
+        "mean of squares": (lambda v: jnp.mean(v * v, -1), lambda v: (v * v).mean(-1), lambda v: (v * v).mean(-1),
+                            (a,)),
+        "softmax": (lambda v: jax.nn.softmax(v, -1), lambda v: torch.softmax(v, -1),
+                    lambda v: np.exp(v - v.max(-1, keepdims=True)) / np.exp(v - v.max(-1, keepdims=True)).sum(
+                        -1, keepdims=True), (a,)),
+        "gelu_tanh": (numerics.gelu_tanh, lambda v: torch.nn.functional.gelu(v, approximate="tanh"),
+                      lambda v: 0.5 * v * (1 + np.tanh(c * (v + 0.044715 * v**3))), (a,)),
+    }
+    out = {}
+    for name, (fj, ft, fr, ins) in cases.items():
+        ref = fr(*(i.astype(np.float64) for i in ins))
+        with api.precision_scope("float32"):
+            got_j = np.asarray(jax.jit(fj)(*ins), np.float64)
+        got_t = ft(*(torch.as_tensor(i, device=dev) for i in ins)).cpu().numpy().astype(np.float64)
+        scale = np.abs(ref)
+        out[name] = {who: {"mean_rel": float(np.abs(g - ref).mean() / scale.mean()),
+                           "max_rel": float(np.abs(g - ref).max() / scale.max())}
+                     for who, g in (("jax", got_j), ("torch", got_t))}
+        j, t = out[name]["jax"], out[name]["torch"]
+        print(f"  {name:22s} jax mean {j['mean_rel']:.2e} max {j['max_rel']:.2e}   torch mean {t['mean_rel']:.2e} "
+              f"max {t['max_rel']:.2e}", flush=True)
+    return out
+
+
 def run(args) -> dict:
     import jax
     import torch
@@ -74,16 +134,26 @@ def run(args) -> dict:
     from gemma4_jax.config import PRESETS
     from gemma4_jax.tiny import perturb_scales
 
+    if args.ops:
+        res = {"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__, "torch": torch.__version__,
+               "card": jax.devices()[0].device_kind, "ops": op_errors()}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return res
     base = json.load(open(args.config)) if args.config else PRESETS[args.preset]
     raw = cut_config(base, args.layers, args.vocab, args.experts)
     cuda = torch.cuda.is_available()
     res = {"preset": args.config or args.preset, "layers": args.layers, "vocab": args.vocab, "tokens": args.tokens,
            "experts": raw.get("num_experts", 0), "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
            "torch": torch.__version__, "card": jax.devices()[0].device_kind,
-           "transformers_f32_on": "cuda" if cuda else "cpu", "runs": {}}
+           "transformers_on": "cuda" if cuda else "cpu", "runs": {}}
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
-    hf = perturb_scales(Gemma4ForCausalLM(Gemma4TextConfig(**raw)).eval(), args.seed + 1)
+    dev = "cuda" if cuda else "cpu"
+    with torch.device(dev):  # built where it runs: initialising billions of weights on a host CPU takes minutes
+        hf = Gemma4ForCausalLM(Gemma4TextConfig(**raw)).eval()
+    hf = perturb_scales(hf, args.seed + 1)
     hf.config._attn_implementation = "eager"
     hf.config._experts_implementation = "eager"  # torch's grouped_mm has no float64
     ids = np.random.default_rng(args.seed).integers(3, args.vocab, size=(1, args.tokens))
@@ -92,21 +162,31 @@ def run(args) -> dict:
         print(f"{res['preset']} cut to {args.layers} layers, vocab {args.vocab}, {args.tokens} tokens "
               f"({time.perf_counter() - t0:.0f} s to build)", flush=True)
         with torch.no_grad():
-            ref = hf.double()(torch.as_tensor(ids)).logits.numpy()
-            dev = "cuda" if cuda else "cpu"
-            f32 = hf.float().to(dev)(torch.as_tensor(ids, device=dev)).logits.float().cpu().numpy()
+            tids = torch.as_tensor(ids, device=dev)
+            out32 = hf(tids, output_hidden_states=args.per_layer)
+            f32 = out32.logits.float().cpu().numpy()
+            out64 = hf.double()(tids, output_hidden_states=args.per_layer)  # float64 holds the float32 weights
+            ref = out64.logits.cpu().numpy()
+            if args.per_layer:  # transformers' hidden_states[i] is the stream entering layer i (the last: normed)
+                h32 = [h.cpu().numpy() for h in out32.hidden_states[:-1]]
+                h64 = [h.cpu().numpy() for h in out64.hidden_states[:-1]]
+            del out32, out64
         del hf
         if cuda:
             torch.cuda.empty_cache()
         runs = {"transformers_f32": f32}
         for name, dtype, scope in (("ours_f32", "float32", None), ("ours_f32_default", "float32", "default"),
                                    ("ours_bf16", "bfloat16", None)):
+            if name == "ours_f32_default" and args.no_default_run:
+                continue
             model = gemma4_jax.load(d, dtype=dtype, progress=False)
             keep = api.precision_scope
             if scope == "default":  # what float32 ran at before: JAX's default precision
                 api.precision_scope = lambda dtype: contextlib.nullcontext()
             try:
                 runs[name] = np.asarray(model.logits(ids), np.float64)
+                if args.per_layer and name == "ours_f32":
+                    ours_h = layer_inputs(model, ids)
             finally:
                 api.precision_scope = keep
             del model
@@ -120,7 +200,38 @@ def run(args) -> dict:
     res["ours_over_transformers"] = {k: o[k] / t[k] for k in ("mean_rel", "token_p99")}
     print(f"  ours ÷ transformers (float32): mean {res['ours_over_transformers']['mean_rel']:.2f}×, "
           f"p99 {res['ours_over_transformers']['token_p99']:.2f}×  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if args.per_layer:
+        def rel(a, r):
+            return float(np.abs(np.asarray(a, np.float64) - r).mean() / np.abs(r).mean())
+
+        res["per_layer"] = [{"layer": i, "transformers_f32": rel(h32[i], h64[i]), "ours_f32": rel(ours_h[i], h64[i])}
+                            for i in range(len(h64))]
+        for e in res["per_layer"]:
+            print(f"  entering layer {e['layer']:2d}: transformers {e['transformers_f32']:.2e}  ours "
+                  f"{e['ours_f32']:.2e}  ({e['ours_f32'] / max(e['transformers_f32'], 1e-30):.2f}×)", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
     return res
+
+
+def layer_inputs(model, ids) -> list[np.ndarray]:
+    """The stream entering each layer of a float32 forward (XLA attention), as `model.logits` runs it."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from gemma4_jax import api
+    from gemma4_jax.model import FullAttender
+
+    graphdef, state = nnx.split(model.module)
+
+    @jax.jit
+    def forward(state, ids_bt):  # the weights as an argument: closed over, they would be constants to fold
+        pos = jnp.broadcast_to(jnp.arange(ids_bt.shape[1], dtype=jnp.int32), ids_bt.shape)
+        taps = []
+        nnx.merge(graphdef, state).decode_layers(ids_bt, pos, FullAttender(pos, impl="xla"), taps=taps)
+        return taps
+
+    with api.precision_scope("float32"):
+        return [np.asarray(t) for t in forward(state, jnp.asarray(ids))]
