@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from . import stage_checkpoint as sc
+from .chat import split_thoughts
 from .config import Gemma4Config
 from .errors import CheckpointError, ConfigError
 from .generation import generate_tokens
@@ -143,9 +144,14 @@ class Gemma4Model:
                                    seed=int(seed), stop_ids=stops, on_tokens=on_tokens, pipeline=self.pipeline,
                                    impl=self.run.attn_impl, soft_tokens=soft_tokens, timings=timings)
 
-    def generate_text(self, prompts, *, chat: bool = True, max_new_tokens: int = 256, images=(), audio=(),
-                      max_soft_tokens: int = 280, **sampling) -> list[str]:
-        """Generate for text prompts: chat template when `chat`, BOS once, decoded without the stop token.
+    def generate_text(self, prompts, *, chat: bool = True, thinking: bool = False, return_thoughts: bool = False,
+                      max_new_tokens: int = 256, images=(), audio=(), max_soft_tokens: int = 280, **sampling):
+        """Generate for prompts (strings, or message lists in transformers' format): chat template when `chat`,
+        BOS once, decoded without the stop token.
+
+        With the chat template the answer is the text after the model's thought channel
+        (`<|channel>thought\n…<channel|>`); `thinking=True` turns the template's thinking mode on, and
+        `return_thoughts=True` returns (answer, thoughts) pairs instead of answers.
 
         `images` (paths, PIL images or HxWx3 arrays; `max_soft_tokens` each, one of 70/140/280/560/1120)
         and `audio` (16 kHz arrays or mono .wav paths) go with a single prompt, at its `<|image|>` /
@@ -162,15 +168,22 @@ class Gemma4Model:
         images, audio = list(images or ()), list(audio or ())
         soft = None
         if images or audio:
-            prompts, soft = self.media_prompt(prompts, images, audio, max_soft_tokens, chat)
+            prompts, soft = self.media_prompt(prompts, images, audio, max_soft_tokens, chat, thinking)
             ids = prompts
         else:
-            ids = [self.tokenizer.encode_chat(p) if chat else self.tokenizer.encode(p) for p in prompts]
+            if not chat and not all(isinstance(p, str) for p in prompts):
+                raise ConfigError("message lists need the chat template: drop chat=False")
+            ids = [self.tokenizer.encode_chat(p, thinking) if chat else self.tokenizer.encode(p) for p in prompts]
         outs = self.generate(ids, max_new_tokens=max_new_tokens, soft_tokens=soft, **sampling)
         stops = set(self.stop_tokens if sampling.get("stop_tokens") is None else sampling["stop_tokens"])
-        return [self.tokenizer.decode(o[:-1] if o and o[-1] in stops else o) for o in outs]
+        texts = [self.tokenizer.decode(o[:-1] if o and o[-1] in stops else o) for o in outs]
+        if not chat:
+            return [(t, "") for t in texts] if return_thoughts else texts
+        split = [split_thoughts(t) for t in texts]
+        return [(answer, thoughts) for thoughts, answer in split] if return_thoughts else [a for _, a in split]
 
-    def media_prompt(self, prompts, images=(), audio=(), max_soft_tokens: int = 280, chat: bool = True):
+    def media_prompt(self, prompts, images=(), audio=(), max_soft_tokens: int = 280, chat: bool = True,
+                     thinking: bool = False):
         """([expanded prompt ids], soft_tokens) for one prompt with images and/or audio: pass both to
         `generate(ids, soft_tokens=...)` (what `generate_text(..., images=, audio=)` does)."""
         from . import multimodal as mmod
@@ -184,8 +197,18 @@ class Gemma4Model:
         with precision_scope(self.run.dtype):
             img, n_img = self.towers.image_features(images, max_soft_tokens) if images else (None, [])
             aud, n_aud = self.towers.audio_features(audio) if audio else (None, [])
-        text = mmod.with_markers(prompts[0], len(images), len(audio))
-        ids = self.tokenizer.encode_chat(text) if chat else self.tokenizer.encode(text)
+        if isinstance(prompts[0], str):
+            text = mmod.with_markers(prompts[0], len(images), len(audio))
+            ids = self.tokenizer.encode_chat(text, thinking) if chat else self.tokenizer.encode(text)
+        else:  # messages: the template places a marker for each image and audio part
+            if not chat:
+                raise ConfigError("message lists need the chat template: drop chat=False")
+            text = self.tokenizer.chat_prompt(prompts[0], thinking)
+            if (text.count(mmod.IMAGE_TEXT), text.count(mmod.AUDIO_TEXT)) != (len(images), len(audio)):
+                raise ConfigError(f"the messages render {text.count(mmod.IMAGE_TEXT)} image and "
+                                  f"{text.count(mmod.AUDIO_TEXT)} audio markers for {len(images)} image(s) and "
+                                  f"{len(audio)} audio clip(s)")
+            ids = self.tokenizer.encode(text)
         ids = mmod.expand(ids, n_img, n_aud, sp)
 
         def soft_tokens(t: int):
@@ -242,6 +265,8 @@ def load(path: str | None = None, *, pp: int = 1, dtype=None, max_seq_len: int |
         cfg = Gemma4Config.from_json(path)
     check_pp(cfg, pp)
     tokenizer = Tokenizer.maybe_load(path)
+    if tokenizer is not None:  # the built-in format follows the size class: 26B/31B (no per-layer inputs)
+        tokenizer.empty_thoughts = not cfg.ple_dim  # write an empty thought channel when thinking is off
     if pp > 1:
         from .pipeline import Pipeline, best_stages, stage_leaves_from_params
         from .stages import parse_layer_split, stages_from_bounds

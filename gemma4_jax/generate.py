@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat = p.add_mutually_exclusive_group()
     chat.add_argument("--chat", dest="chat", action="store_true", default=True, help="apply the chat template")
     chat.add_argument("--no-chat", dest="chat", action="store_false", help="raw text (BOS is still added once)")
+    p.add_argument("--think", action="store_true",
+                   help="the template's thinking mode: the model thinks before answering; only the answer is printed")
+    p.add_argument("--show-thoughts", action="store_true", help="also print the thoughts, on stderr")
     p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens generated per prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
@@ -84,6 +87,8 @@ def check_args(args: argparse.Namespace) -> None:
                    top_p=args.top_p, seed=args.seed)
     if args.pp < 1:
         raise gemma4_jax.ConfigError(f"--pp must be at least 1, got {args.pp}")
+    if (args.think or args.show_thoughts) and not args.chat:
+        raise gemma4_jax.ConfigError("--think and --show-thoughts need the chat template: drop --no-chat")
     for kind, paths in (("image", args.image), ("audio", args.audio)):
         for path in paths:
             if not os.path.isfile(path):
@@ -93,6 +98,7 @@ def check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
     import gemma4_jax
 
+    from .chat import ThoughtStream, split_thoughts
     from .tokenizer import StreamDecoder
 
     check_args(args)
@@ -110,7 +116,7 @@ def run(args: argparse.Namespace, stdin=sys.stdin, out=sys.stdout, err=sys.stder
     if args.image or args.audio:
         ids, soft = model.media_prompt(texts, args.image, args.audio, args.image_tokens, args.chat)
     else:
-        ids = [tok.encode_chat(p) if args.chat else tok.encode(p) for p in texts]
+        ids = [tok.encode_chat(p, args.think) if args.chat else tok.encode(p) for p in texts]
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed)
     stops = set(model.stop_tokens)
@@ -118,13 +124,22 @@ def run(args: argparse.Namespace, stdin=sys.stdin, out=sys.stdout, err=sys.stder
     start = time.perf_counter()
     streaming = len(prompts) == 1 and args.pp == 1  # the pipeline returns its tokens at the end
 
+    def answer_of(text: str) -> str:  # with the chat template, the thought channel is not the answer
+        if not args.chat:
+            return text
+        thoughts, answer = split_thoughts(text)
+        if thoughts and args.show_thoughts:
+            err.write(f"[thoughts] {thoughts}\n")
+        return answer
+
     if len(prompts) == 1 and not streaming:  # the pipeline's answer arrives whole: one write, one line
         outs = model.generate(ids, soft_tokens=soft, **sampling)
         first.append(time.perf_counter())
-        out.write(tok.decode([t for t in outs[0] if t not in stops]) + "\n")
+        out.write(answer_of(tok.decode([t for t in outs[0] if t not in stops])) + "\n")
     elif len(prompts) == 1:
         text = StreamDecoder(tok)
         ended = []
+        shown = ThoughtStream(out.write, err.write if args.show_thoughts else None) if args.chat else None
 
         def stream(block: np.ndarray) -> None:
             if not first:
@@ -133,16 +148,19 @@ def run(args: argparse.Namespace, stdin=sys.stdin, out=sys.stdout, err=sys.stder
                 if ended or t in stops:
                     ended.append(t)
                     continue
-                out.write(text.push([t]))
+                (shown.push if shown else out.write)(text.push([t]))
             out.flush()
 
         outs = model.generate(ids, on_tokens=stream, soft_tokens=soft, **sampling)
-        out.write(text.flush() + "\n")
+        (shown.push if shown else out.write)(text.flush())
+        if shown:
+            shown.flush()
+        out.write("\n")
     else:
         outs = model.generate(ids, **sampling)
         texts_out = [""] * len(prompts)
         for i, o in zip(todo, outs, strict=True):
-            texts_out[i] = tok.decode([t for t in o if t not in stops]).replace("\n", "\\n")
+            texts_out[i] = answer_of(tok.decode([t for t in o if t not in stops])).replace("\n", "\\n")
         out.write("".join(t + "\n" for t in texts_out))
     end = time.perf_counter()
     n = sum(len(o) for o in outs)

@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
 
+from .chat import split_thoughts
 from .errors import Gemma4Error
-from .tokenizer import BOS, builtin_chat_prompt
 
 INSTRUCTION = "Solve step by step and give the final answer after ####."
 _NUMBER = re.compile(r"-?\$?\s?\d[\d,]*(?:\.\d+)?|-?\$?\s?\.\d+")
@@ -103,24 +103,13 @@ def chat_messages(question: str, shots: Sequence[dict] = ()) -> list[dict]:
     return [*messages, {"role": "user", "content": user_text(question)}]
 
 
-def render_chat(tokenizer, messages: list[dict]) -> str:
-    """The checkpoint's chat template rendered over several turns (built-in Gemma 4 format without one)."""
-    if tokenizer.template is None:
-        return builtin_chat_prompt(messages)
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-    def raise_exception(msg):
-        raise DataError(f"the chat template refused the prompt: {msg}")
-
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(tokenizer.template).render(messages=messages, add_generation_prompt=True,
-                                                      bos_token=BOS, eos_token="<eos>")
+def render_chat(tokenizer, messages: list[dict], enable_thinking: bool = False) -> str:
+    """The checkpoint's chat template rendered over several turns (`tokenizer.apply_chat_template`)."""
+    return tokenizer.apply_chat_template(messages, enable_thinking=enable_thinking)
 
 
-def prompt_ids(tokenizer, question: str, shots: Sequence[dict] = ()) -> list[int]:
-    return tokenizer.encode(render_chat(tokenizer, chat_messages(question, shots)), add_bos=True)
+def prompt_ids(tokenizer, question: str, shots: Sequence[dict] = (), enable_thinking: bool = False) -> list[int]:
+    return tokenizer.encode(render_chat(tokenizer, chat_messages(question, shots), enable_thinking), add_bos=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,8 +199,11 @@ def read_records(path: str) -> list[dict]:
 def evaluate(model, examples: Sequence[dict], *, batch_size: int = 8, max_new_tokens: int = 256,
              shots: Sequence[dict] = (), records_file: str | None = None, resume: bool = False,
              progress: bool = True, on_batch: Callable[[int], None] | None = None, write: bool = True,
-             settings: dict | None = None) -> dict:
+             settings: dict | None = None, thinking: bool = False) -> dict:
     """Greedy-generate an answer to every example and score it; returns the summary dict.
+
+    With `thinking`, the template's thinking mode is on and the answer is extracted from the text after the
+    thought channel only (the record keeps the thoughts apart).
 
     With `records_file`, the records so far are rewritten atomically after each batch (unless `write` is
     False: the other hosts of a multi-host run); with `resume`, records already there (matched by index and
@@ -224,6 +216,8 @@ def evaluate(model, examples: Sequence[dict], *, batch_size: int = 8, max_new_to
     if batch_size < 1 or max_new_tokens < 1:
         raise DataError("--batch-size and --max-new-tokens must be at least 1")
     settings = dict(settings or {}, max_new_tokens=max_new_tokens, shots=len(shots))
+    if thinking:
+        settings["thinking"] = True
     done: dict[int, dict] = {}
     if resume and records_file:
         for rec in read_records(records_file):
@@ -249,15 +243,17 @@ def evaluate(model, examples: Sequence[dict], *, batch_size: int = 8, max_new_to
     t0 = time.perf_counter()
     for start in range(0, len(todo), batch_size):
         idx = todo[start:start + batch_size]
-        ids = [prompt_ids(tok, examples[i]["question"], shots) for i in idx]
+        ids = [prompt_ids(tok, examples[i]["question"], shots, thinking) for i in idx]
         outs = model.generate(ids, max_new_tokens=max_new_tokens, temperature=0.0)
         for i, o in zip(idx, outs, strict=True):
-            text = tok.decode([t for t in o if t not in stops])
+            thoughts, text = split_thoughts(tok.decode([t for t in o if t not in stops]))
             ref = reference_answer(examples[i]["answer"])
             got = extract_answer(text)
             done[i] = {"index": i, "question": examples[i]["question"], "reference": ref, "output": text,
                        "extracted": got, "correct": got is not None and Decimal(got) == Decimal(ref),
                        "settings": settings}
+            if thinking:
+                done[i]["thoughts"] = thoughts
         if records_file and write:
             atomic_write(records_file, "".join(json.dumps(done[i]) + "\n" for i in sorted(done)))
         if bar is not None:
@@ -297,7 +293,7 @@ def run_eval(model_path: str | None, data: str | None, *, out: str, limit: int |
              pp: int = 1, max_new_tokens: int = 256, shots: int = 0, shots_data: str | None = None,
              resume: bool = False, dtype: str | None = None, progress: bool = True,
              log: Callable[[str], None] = print, on_batch: Callable[[int], None] | None = None,
-             write: bool = True) -> dict:
+             write: bool = True, thinking: bool = False) -> dict:
     """What `tools/eval_gsm8k.py` does: load model and data, evaluate, write the summary (atomically).
     `write=False` (the hosts other than process 0) computes the same and writes and logs nothing."""
     import gemma4_jax
@@ -324,7 +320,7 @@ def run_eval(model_path: str | None, data: str | None, *, out: str, limit: int |
     model = gemma4_jax.load(path, pp=pp, dtype=dtype, progress=progress)
     summary = evaluate(model, examples, batch_size=batch_size, max_new_tokens=max_new_tokens, shots=few,
                        records_file=records_file, resume=resume, progress=progress, on_batch=on_batch, write=write,
-                       settings={"model": os.path.abspath(path)})
+                       settings={"model": os.path.abspath(path)}, thinking=thinking)
     summary = {"model": path, "data": data or "openai/gsm8k:test", "limit": limit, **summary}
     if not write:
         return summary

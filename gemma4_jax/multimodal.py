@@ -17,8 +17,8 @@ import numpy as np
 
 from .errors import CheckpointError, ConfigError
 from .model import Multimodal, vision_blocks
-
-IMAGE_TEXT, AUDIO_TEXT = "<|image|>", "<|audio|>"
+from .tokenizer import AUDIO_MARK as AUDIO_TEXT
+from .tokenizer import IMAGE_MARK as IMAGE_TEXT
 
 
 @dataclass(frozen=True)

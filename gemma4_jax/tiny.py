@@ -15,13 +15,19 @@ SPECIALS = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 4: "<mask>", 50: "<|
             105: "<|turn>", 106: "<turn|>"}
 
 
-def write_char_tokenizer(path: str, vocab_size: int = 256) -> None:
-    """A character-level `tokenizer.json`: specials at Gemma's ids, printable ASCII and newline elsewhere."""
+# Gemma 4's thinking-mode tokens, for tokenizers that need them (`write_char_tokenizer(..., extra=THINKING)`).
+THINKING = {98: "<|think|>", 100: "<|channel>", 101: "<channel|>"}
+
+
+def write_char_tokenizer(path: str, vocab_size: int = 256, extra: dict[int, str] | None = None) -> None:
+    """A character-level `tokenizer.json`: specials (SPECIALS, plus `extra`) at Gemma's ids, printable ASCII and
+    newline elsewhere."""
     from tokenizers import AddedToken, Tokenizer, decoders
     from tokenizers.models import BPE
 
+    specials = {**SPECIALS, **(extra or {})}
     chars = ["\n"] + [chr(c) for c in range(32, 127)]
-    vocab, free = dict((v, k) for k, v in SPECIALS.items()), [i for i in range(vocab_size) if i not in SPECIALS]
+    vocab, free = dict((v, k) for k, v in specials.items()), [i for i in range(vocab_size) if i not in specials]
     if len(free) < len(chars):
         raise ValueError(f"vocab_size {vocab_size} is too small for a character tokenizer")
     for ch, i in zip(chars, free, strict=False):
@@ -30,7 +36,7 @@ def write_char_tokenizer(path: str, vocab_size: int = 256) -> None:
         vocab[f"<unused{i}>"] = i
     tok = Tokenizer(BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.decoder = decoders.Fuse()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS.values()])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials.values()])
     os.makedirs(path, exist_ok=True)
     tok.save(os.path.join(path, "tokenizer.json"))
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:

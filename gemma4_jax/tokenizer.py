@@ -2,8 +2,8 @@
 
 Owns encoding with BOS exactly once, decoding, the stop ids of a checkpoint (`config.json` plus
 `generation_config.json`), and the Gemma 4 chat prompt: the checkpoint's own template
-(`chat_template.jinja`, or `chat_template` in `tokenizer_config.json`) rendered with jinja2 when
-present, else the built-in format of GEMMA4_SPEC.md §4. No torch at run time.
+(`chat_template.jinja`, or `chat_template` in `tokenizer_config.json`) rendered as transformers renders it
+(`gemma4_jax.chat`) when present, else the built-in format of GEMMA4_SPEC.md §4. No torch at run time.
 """
 
 from __future__ import annotations
@@ -14,16 +14,51 @@ import os
 from .errors import CheckpointError
 
 BOS, TURN_START, TURN_END = "<bos>", "<|turn>", "<turn|>"
+IMAGE_MARK, AUDIO_MARK = "<|image|>", "<|audio|>"
 
 
-def builtin_chat_prompt(messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """`<bos><|turn>user\\n{text}<turn|>\\n<|turn>model\\n` (GEMMA4_SPEC.md §4)."""
+def _text_of(content) -> str:
+    """A message's content as text: a string, or a list of parts (text; image and audio parts become their
+    placeholders), trimmed as the published templates trim it."""
+    if isinstance(content, str):
+        return content.strip()
+    parts = []
+    for p in content or ():
+        kind = p.get("type") if isinstance(p, dict) else None
+        parts.append(p.get("text", "").strip() if kind == "text" else
+                     {"image": IMAGE_MARK, "audio": AUDIO_MARK}.get(kind, ""))
+    return "".join(parts)
+
+
+def builtin_chat_prompt(messages: list[dict], add_generation_prompt: bool = True,
+                        enable_thinking: bool = False, empty_thoughts: bool = False) -> str:
+    """The chat format of GEMMA4_SPEC.md §4, for checkpoints that ship no template:
+    `<bos>[<|turn>system\n[<|think|>\n]{system}<turn|>\n]<|turn>user\n{text}<turn|>\n…<|turn>model\n`.
+    A system turn is written for a system/developer message or when thinking is on; earlier model turns lose
+    their thought channels; `empty_thoughts` (the 26B/31B templates) writes an empty thought channel after the
+    generation prompt when thinking is off."""
+    from .chat import split_thoughts
+
+    if not messages:
+        from .errors import ConfigError
+
+        raise ConfigError("the conversation is empty: give at least one message")
     parts = [BOS]
-    for m in messages:
+    first = messages[0]
+    system = first["role"] in ("system", "developer")
+    if system or enable_thinking:
+        body = _text_of(first["content"]) if system else ""
+        parts.append(f"{TURN_START}system\n{'<|think|>' + chr(10) if enable_thinking else ''}{body}{TURN_END}\n")
+    for m in messages[1:] if system else messages:
         role = {"assistant": "model", "developer": "system"}.get(m["role"], m["role"])
-        parts.append(f"{TURN_START}{role}\n{m['content']}{TURN_END}\n")
+        text = _text_of(m.get("content"))
+        if role == "model":
+            text = split_thoughts(text)[1]
+        parts.append(f"{TURN_START}{role}\n{text}{TURN_END}\n")
     if add_generation_prompt:
         parts.append(f"{TURN_START}model\n")
+        if empty_thoughts and not enable_thinking:
+            parts.append("<|channel>thought\n<channel|>")
     return "".join(parts)
 
 
@@ -68,6 +103,7 @@ class Tokenizer:
             raise CheckpointError(f"{path}/tokenizer.json cannot be read ({str(err).splitlines()[0]})") from None
         self.bos_id = self._tok.token_to_id(BOS)
         self.template = _read_template(path)
+        self.empty_thoughts = False  # the built-in format's size class (set by `load` from the config)
 
     @classmethod
     def maybe_load(cls, path: str) -> Tokenizer | None:
@@ -90,22 +126,30 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(i)
 
-    def chat_prompt(self, text: str) -> str:
-        messages = [{"role": "user", "content": text}]
+    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True,
+                            enable_thinking: bool = False, tools: list[dict] | None = None) -> str:
+        """The prompt for `messages` (transformers' format: `role`, `content` as a string or a list of parts
+        `{"type": "text", "text": …}`, `{"type": "image"}`, `{"type": "audio"}`; `tool_calls`; role `tool`),
+        rendered with the checkpoint's template exactly as transformers renders it (`gemma4_jax.chat`), or with
+        the built-in format when the checkpoint has no template. A bad conversation raises `ConfigError`."""
         if self.template is None:
-            return builtin_chat_prompt(messages)
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+            if tools:
+                from .errors import ConfigError
 
-        def raise_exception(msg):
-            raise CheckpointError(f"the chat template refused the prompt: {msg}")
+                raise ConfigError("this checkpoint has no chat template, and the built-in format has no tools")
+            return builtin_chat_prompt(list(messages), add_generation_prompt, enable_thinking, self.empty_thoughts)
+        from .chat import render
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.template).render(messages=messages, add_generation_prompt=True,
-                                                     bos_token=BOS, eos_token="<eos>")
+        return render(self.template, list(messages), add_generation_prompt=add_generation_prompt,
+                      enable_thinking=enable_thinking, tools=tools)
 
-    def encode_chat(self, text: str) -> list[int]:
-        return self.encode(self.chat_prompt(text), add_bos=True)
+    def chat_prompt(self, prompt, enable_thinking: bool = False) -> str:
+        """The chat prompt of one user text, or of a message list."""
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return self.apply_chat_template(messages, enable_thinking=enable_thinking)
+
+    def encode_chat(self, prompt, enable_thinking: bool = False) -> list[int]:
+        return self.encode(self.chat_prompt(prompt, enable_thinking), add_bos=True)
 
 
 def _read_template(path: str) -> str | None:

@@ -150,6 +150,7 @@ def test_non_utf8_stdin():
     (["--max-new-tokens", "0"], "max_new_tokens must be at least 1"),
     (["--top-p", "1.5", "--model", "/no/such/dir"], "top_p must be in (0, 1]"),  # flags checked before loading
     (["--top-k", "0", "--model", "/no/such/dir"], "top_k must be between 1"),
+    (["--think", "--no-chat", "--model", "/no/such/dir"], "--think and --show-thoughts need the chat template"),
 ])
 def test_bad_flags_get_one_sentence(args, match):
     _one_sentence(_gen("--prompt", "Hi", *args), 1, match)

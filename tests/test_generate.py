@@ -114,8 +114,10 @@ def test_decode_program_reads_layer_weights_in_place():
 
     from flax import nnx
 
-    model = gemma4_jax.load("gemma4_jax/demo_model", progress=False)
-    cache = init_cache(model.config, 2, 32, jnp.float32)
+    # bf16, the GPU's dtype: a float32 model on the CPU sums long contractions in blocks (`kernels.numerics`),
+    # which slices weights by design.
+    model = gemma4_jax.load("gemma4_jax/demo_model", dtype="bfloat16", progress=False)
+    cache = init_cache(model.config, 2, 32, jnp.bfloat16)
     tok, pos = jnp.zeros((2,), jnp.int32), jnp.ones((2,), jnp.int32)
 
     def sliced_args(state):

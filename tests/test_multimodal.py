@@ -183,6 +183,13 @@ def test_towers_and_generate_text_with_an_image(multimodal, tmp_path):
                              mm_token_type_ids=(ids_t == IMAGE).long(), max_new_tokens=6, min_new_tokens=6,
                              do_sample=False)[0, len(prompt):].tolist()
     assert m.tokenizer.decode(ref) == text[0]
+    if family == "e2b":  # messages with an image part: the chat format places the marker (one family is enough)
+        parts = [{"role": "user", "content": [{"type": "text", "text": "What is in"}, {"type": "image"},
+                                              {"type": "text", "text": "?"}]}]
+        kw = dict(images=[picture], max_soft_tokens=70, max_new_tokens=4, stop_tokens=())
+        assert m.generate_text([parts], **kw) == m.generate_text("What is in<|image|>?", **kw)
+        with pytest.raises(gemma4_jax.ConfigError, match="render 1 image and 0 audio markers for 2 image"):
+            m.generate_text([parts], **dict(kw, images=[picture, picture]))
 
 
 def test_cli_answers_about_an_image(multimodal, tmp_path):

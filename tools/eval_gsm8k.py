@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots-data", default=None, help="train-set JSON lines (default: train.jsonl beside --data)")
     p.add_argument("--resume", action="store_true", help="continue from the records of an interrupted run")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--think", action="store_true",
+                   help="the template's thinking mode; answers are read after the thought channel")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     from gemma4_jax.cluster import add_cluster_args
 
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None, interrupts=None) -> int:
         run_eval(args.model, args.data, out=args.out, limit=args.limit, batch_size=args.batch_size, pp=args.pp,
                  max_new_tokens=args.max_new_tokens, shots=args.shots, shots_data=args.shots_data,
                  resume=args.resume, dtype=args.dtype, progress=not args.quiet and writer, write=writer,
-                 on_batch=on_batch)
+                 on_batch=on_batch, thinking=args.think)
     except Gemma4Error as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
