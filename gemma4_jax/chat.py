@@ -21,7 +21,8 @@ from datetime import datetime
 
 from .errors import ConfigError
 
-THOUGHT_START, THOUGHT_END = "<|channel>", "<channel|>"
+THOUGHT_START, THOUGHT_END, THINK = "<|channel>", "<channel|>", "<|think|>"
+EMPTY_THOUGHTS = f"{THOUGHT_START}thought\n{THOUGHT_END}"  # what the 26B/31B templates write when not thinking
 SPECIAL_TOKENS = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
@@ -63,17 +64,22 @@ def _with_reasoning_aliases(message: dict) -> dict:
     return {"thinking": reasoning, **message, "reasoning_content": reasoning}
 
 
+def check_conversation(messages) -> list[dict]:
+    """`messages` as a list, or one `ConfigError` sentence: it must be a non-empty list of dicts with a role."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ConfigError("the conversation is empty: give at least one message")
+    bad = next((m for m in messages if not (isinstance(m, dict) and isinstance(m.get("role"), str))), None)
+    if bad is not None:
+        raise ConfigError(f"each message must be a dict with a 'role' (and 'content'), got {bad!r:.80}")
+    return list(messages)
+
+
 def render(template: str, messages: list[dict], *, add_generation_prompt: bool = True, enable_thinking: bool = False,
            tools: list[dict] | None = None, documents: list[dict] | None = None) -> str:
     """The prompt `template` makes of `messages` (transformers' message format), as transformers renders it."""
     import jinja2
 
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise ConfigError("the conversation is empty: give at least one message")
-    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
-        raise ConfigError("each message must be a dict with a 'role' (and 'content'), got "
-                          f"{next(m for m in messages if not (isinstance(m, dict) and 'role' in m))!r:.80}")
-    messages = [_with_reasoning_aliases(dict(m)) for m in messages]
+    messages = [_with_reasoning_aliases(dict(m)) for m in check_conversation(messages)]
     try:
         return compile_template(template).render(messages=messages, tools=tools, documents=documents,
                                                  add_generation_prompt=add_generation_prompt,
@@ -108,7 +114,7 @@ class ThoughtStream:
         self._buf += piece
         if self._state == "start":
             head = self._buf.lstrip()
-            if not head or THOUGHT_START.startswith(head[:len(THOUGHT_START)]) and len(head) < len(THOUGHT_START):
+            if len(head) < len(THOUGHT_START) and THOUGHT_START.startswith(head):
                 return  # not yet known
             if not head.startswith(THOUGHT_START):
                 self._state = "answer"

@@ -140,6 +140,7 @@ def run(args: argparse.Namespace, stdin=sys.stdin, out=sys.stdout, err=sys.stder
         text = StreamDecoder(tok)
         ended = []
         shown = ThoughtStream(out.write, err.write if args.show_thoughts else None) if args.chat else None
+        emit = shown.push if shown else out.write
 
         def stream(block: np.ndarray) -> None:
             if not first:
@@ -148,11 +149,11 @@ def run(args: argparse.Namespace, stdin=sys.stdin, out=sys.stdout, err=sys.stder
                 if ended or t in stops:
                     ended.append(t)
                     continue
-                (shown.push if shown else out.write)(text.push([t]))
+                emit(text.push([t]))
             out.flush()
 
         outs = model.generate(ids, on_tokens=stream, soft_tokens=soft, **sampling)
-        (shown.push if shown else out.write)(text.flush())
+        emit(text.flush())
         if shown:
             shown.flush()
         out.write("\n")

@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 import os
 
+from .chat import THINK, THOUGHT_END, THOUGHT_START
+
 # Gemma 4's special ids (GEMMA4_SPEC.md §4) that a tiny vocabulary keeps at the same numbers.
 SPECIALS = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 4: "<mask>", 50: "<|tool_response>",
             105: "<|turn>", 106: "<turn|>"}
 
 
 # Gemma 4's thinking-mode tokens, for tokenizers that need them (`write_char_tokenizer(..., extra=THINKING)`).
-THINKING = {98: "<|think|>", 100: "<|channel>", 101: "<channel|>"}
+THINKING = {98: THINK, 100: THOUGHT_START, 101: THOUGHT_END}
 
 
 def write_char_tokenizer(path: str, vocab_size: int = 256, extra: dict[int, str] | None = None) -> None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import os
 
-from .errors import CheckpointError
+from .chat import EMPTY_THOUGHTS, THINK, check_conversation, split_thoughts
+from .errors import CheckpointError, ConfigError
 
 BOS, TURN_START, TURN_END = "<bos>", "<|turn>", "<turn|>"
 IMAGE_MARK, AUDIO_MARK = "<|image|>", "<|audio|>"
@@ -37,18 +38,14 @@ def builtin_chat_prompt(messages: list[dict], add_generation_prompt: bool = True
     A system turn is written for a system/developer message or when thinking is on; earlier model turns lose
     their thought channels; `empty_thoughts` (the 26B/31B templates) writes an empty thought channel after the
     generation prompt when thinking is off."""
-    from .chat import split_thoughts
-
-    if not messages:
-        from .errors import ConfigError
-
-        raise ConfigError("the conversation is empty: give at least one message")
+    messages = check_conversation(messages)
     parts = [BOS]
     first = messages[0]
     system = first["role"] in ("system", "developer")
     if system or enable_thinking:
         body = _text_of(first["content"]) if system else ""
-        parts.append(f"{TURN_START}system\n{'<|think|>' + chr(10) if enable_thinking else ''}{body}{TURN_END}\n")
+        think = f"{THINK}\n" if enable_thinking else ""
+        parts.append(f"{TURN_START}system\n{think}{body}{TURN_END}\n")
     for m in messages[1:] if system else messages:
         role = {"assistant": "model", "developer": "system"}.get(m["role"], m["role"])
         text = _text_of(m.get("content"))
@@ -58,7 +55,7 @@ def builtin_chat_prompt(messages: list[dict], add_generation_prompt: bool = True
     if add_generation_prompt:
         parts.append(f"{TURN_START}model\n")
         if empty_thoughts and not enable_thinking:
-            parts.append("<|channel>thought\n<channel|>")
+            parts.append(EMPTY_THOUGHTS)
     return "".join(parts)
 
 
@@ -134,13 +131,11 @@ class Tokenizer:
         the built-in format when the checkpoint has no template. A bad conversation raises `ConfigError`."""
         if self.template is None:
             if tools:
-                from .errors import ConfigError
-
                 raise ConfigError("this checkpoint has no chat template, and the built-in format has no tools")
-            return builtin_chat_prompt(list(messages), add_generation_prompt, enable_thinking, self.empty_thoughts)
+            return builtin_chat_prompt(messages, add_generation_prompt, enable_thinking, self.empty_thoughts)
         from .chat import render
 
-        return render(self.template, list(messages), add_generation_prompt=add_generation_prompt,
+        return render(self.template, messages, add_generation_prompt=add_generation_prompt,
                       enable_thinking=enable_thinking, tools=tools)
 
     def chat_prompt(self, prompt, enable_thinking: bool = False) -> str:

@@ -1,7 +1,5 @@
 """float32 arithmetic as close to exact as torch's: blocked contractions on the CPU and an accurate GELU-tanh.
 
-Long float32 contractions on the CPU are summed in blocks, as a GPU's or torch's matmul sums them.
-
 XLA's CPU backend sums a float32 dot's contraction in one running total: over K = 2816 terms its error is about
 2.5× that of a blocked sum (torch's CPU matmul, cuBLAS on a GPU), which is what made our float32 drift from
 exact faster than transformers' (docs/design-notes.md, "float32 numerics"). `contract` splits the longest
