@@ -248,16 +248,19 @@ class MoE(nnx.Module):
     def experts(self, y_md, w_mk, idx_mk, impl: str = "auto"):
         """Σ_k w·expert_k(y) over the routed experts [M,D]. Where `impl` resolves to the kernels
         (`gemma4_jax.kernels.dispatch.resolve_moe`: 16-bit on a GPU by default), the grouped Pallas kernels
-        read the routed experts' weights in place; else XLA (`moe.moe_experts_xla`: a gather of the chosen
-        experts at few rows, `ragged_dot` at many), at full precision for float32."""
-        from .kernels import dispatch, moe
+        (Triton, or Mosaic GPU on Hopper at many rows) read the routed experts' weights in place; else XLA
+        (`moe.moe_experts_xla`: a gather of the chosen experts at few rows, `ragged_dot` at many), at full
+        precision for float32."""
+        from .kernels import dispatch, moe, moe_mgpu
 
         f, d = self.gate.shape[-2:]
-        choice = dispatch.resolve_moe(impl, d=d, f=f, dtype=y_md.dtype)
+        choice = dispatch.resolve_moe(impl, d=d, f=f, rows=idx_mk.size, dtype=y_md.dtype)
+        weights = (self.gate[...], self.up[...], self.down[...])
+        if choice == "mosaic":
+            return moe_mgpu.moe_experts_mgpu(y_md, w_mk, idx_mk, *weights, interpret=dispatch.MOSAIC_INTERPRET)
         if choice != "xla":
-            return moe.moe_experts(y_md, w_mk, idx_mk, self.gate[...], self.up[...], self.down[...],
-                                   interpret=choice == "interpret")
-        return moe.moe_experts_xla(y_md, w_mk, idx_mk, self.gate[...], self.up[...], self.down[...],
+            return moe.moe_experts(y_md, w_mk, idx_mk, *weights, interpret=choice == "interpret")
+        return moe.moe_experts_xla(y_md, w_mk, idx_mk, *weights,
                                    precision=jax.lax.Precision.HIGHEST if y_md.dtype == F32 else None)
 
 

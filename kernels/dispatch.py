@@ -34,6 +34,7 @@ from .flash_attention import flash_attention, flash_attention_reference
 from .gemv import GEMV_MAX_ROWS, GEMV_MAX_WEIGHT
 from .gemv import supports as gemv_supports
 from .moe import supports as moe_supports
+from .moe_mgpu import supports as moe_mgpu_supports
 
 IMPLS = ("auto", "xla", "cudnn", "pallas", "interpret")
 DECODE_MAX_TOKENS = 8
@@ -48,8 +49,11 @@ MOSAIC_HEAD_DIM = 512
 # The backend `cudnn_attention` asks jax.nn.dot_product_attention for; tests set 'xla' to check the mapping
 # of our semantics onto its arguments on a CPU.
 CUDNN_BACKEND = "cudnn"
-# Likewise for the Mosaic kernel: tests set True to run it in GPU interpret mode behind the dispatcher.
+# Likewise for the Mosaic kernels: tests set True to run them in GPU interpret mode behind the dispatcher.
 MOSAIC_INTERPRET = False
+# `auto` sends the routed experts to the Mosaic GPU grouped GEMM (`moe_mgpu`) on Hopper from this many routed
+# rows (tokens × top-k) up, and to the Triton kernels below it (docs/kernels.md, "MoE on Mosaic GPU"). None: never.
+MOSAIC_MOE_MIN_ROWS: int | None = None
 
 
 def kernel_supports(head_dim: int, group: int) -> bool:
@@ -184,25 +188,38 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos:
 MOE_FORCE: str | None = None
 
 
-def resolve_moe(impl: str, *, d: int, f: int, dtype=jnp.bfloat16, platform: str | None = None) -> str:
-    """How the routed experts run ('xla' | 'pallas' | 'interpret'), under the same `impl` setting as attention.
+def resolve_moe(impl: str, *, d: int, f: int, rows: int | None = None, dtype=jnp.bfloat16,
+                platform: str | None = None) -> str:
+    """How the routed experts run ('xla' | 'pallas' | 'mosaic' | 'interpret'), under the same `impl` as attention.
 
-    'auto' and 'cudnn' (cuDNN has no MoE): the grouped Pallas kernels (`moe.moe_experts`) on a GPU for 16-bit
-    inputs; XLA on the CPU and for float32 (at full precision: `Precision.HIGHEST`, never TF32). 'pallas': the
-    kernels for any dtype (float32 operands at IEEE precision). 'xla': the XLA paths (a gather of the routed
-    experts at few rows, `ragged_dot` at many). 'interpret': the kernels in interpret mode.
+    'auto' and 'cudnn' (cuDNN has no MoE): on a GPU for 16-bit inputs, the Mosaic GPU grouped GEMM
+    (`moe_mgpu.moe_experts_mgpu`) on Hopper from MOSAIC_MOE_MIN_ROWS routed rows up, else the grouped Triton
+    kernels (`moe.moe_experts`); XLA on the CPU and for float32 (at full precision: `Precision.HIGHEST`, never
+    TF32). 'pallas': the Triton kernels for any dtype (float32 operands at IEEE precision). 'xla': the XLA paths
+    (a gather of the routed experts at few rows, `ragged_dot` at many). 'interpret': the Triton kernels in
+    interpret mode. `MOE_FORCE = 'mosaic'` (benches, tests) forces the Mosaic kernels, interpreted where
+    MOSAIC_INTERPRET is set.
     """
     _check_impl(impl)
     impl = MOE_FORCE or impl
     if impl == "xla":
         return "xla"
+    if impl == "mosaic":
+        if not moe_mgpu_supports(d, f, dtype):
+            raise ValueError(f"the Mosaic MoE kernels need 16-bit inputs and D={d}, F={f} multiples of 32")
+        return "mosaic"
     if not moe_supports(d, f):
         if impl in ("pallas", "interpret"):
             raise ValueError(f"the MoE kernels need D={d} and F={f} divisible by a power of two of at least 16")
         return "xla"
     if impl in ("pallas", "interpret"):
         return impl
-    return "pallas" if _on_gpu(platform) and jnp.dtype(dtype).itemsize == 2 else "xla"
+    if not _on_gpu(platform) or jnp.dtype(dtype).itemsize != 2:
+        return "xla"
+    if (MOSAIC_MOE_MIN_ROWS is not None and rows is not None and rows >= MOSAIC_MOE_MIN_ROWS
+            and moe_mgpu_supports(d, f, dtype) and is_hopper()):
+        return "mosaic"
+    return "pallas"
 
 
 # Benches set this to 'xla' to time XLA's dense projections beside the skinny kernel in one process.

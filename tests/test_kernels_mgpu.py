@@ -6,8 +6,8 @@ barriers, so these tests exercise the kernel's whole synchronisation protocol (r
 between the two consumers, the producer's drain) and its masking and loop bounds; they say nothing about
 speed or about Mosaic's GPU lowering (layouts, register limits), which only a GPU run can check.
 
-The interpreter needs ≥ 3 CPU devices so that the three simulated threads never share one (see
-`_install_interpret_thread_runner`); tests/conftest.py sets XLA_FLAGS=--xla_force_host_platform_device_count=4.
+The interpreter needs ≥ 3 CPU devices so that the three simulated threads never share one
+(`kernels/mgpu_interpret.py`); tests/conftest.py sets XLA_FLAGS=--xla_force_host_platform_device_count=4.
 Uninitialised interpreter buffers are NaN, so every comparison also asserts finiteness. Cases marked slow run
 only with MGPU_INTERPRET_SLOW=1. A separate test lowers the real GPU path for CUDA (no GPU needed), which
 checks what Pallas/Mosaic verify at lowering time.

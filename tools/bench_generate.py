@@ -68,8 +68,9 @@ def add_parser(sub) -> None:
     p.add_argument("--prefill-len", type=int, default=2048, help="prompt tokens of the batch-1 prefill (0: skip)")
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--attn-impl", default="auto")
-    p.add_argument("--moe-impl", default=None, choices=["xla"],
-                   help="run the MoE experts through XLA (the path before the kernels), attention unchanged")
+    p.add_argument("--moe-impl", default=None, choices=["xla", "pallas", "mosaic"],
+                   help="force the MoE experts' path (xla: before the kernels; pallas: the Triton kernels; mosaic: "
+                        "the Mosaic GPU grouped GEMM), attention unchanged")
     p.add_argument("--dense-impl", default=None, choices=["xla"],
                    help="run the decode-step projections through XLA (the path before the skinny kernel)")
     p.add_argument("--profile", default=None, metavar="DIR", help="perfetto trace of one generation (first batch)")

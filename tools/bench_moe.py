@@ -37,13 +37,16 @@ def add_parser(sub) -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--weight-sets", type=int, default=4)
     p.add_argument("--no-xla", action="store_true", help="skip the XLA path (it is slow at many rows)")
+    p.add_argument("--mosaic", action="store_true",
+                   help="also the Mosaic GPU grouped GEMM (moe_mgpu; with --sweep, its candidate configs too)")
+    p.add_argument("--no-triton", action="store_true", help="skip the Triton kernels' sweep (keep their default)")
     p.add_argument("--model-kl", type=int, default=0, metavar="L",
                    help="also: bf16 XLA experts vs bf16 kernels against a float32 forward, the preset cut to L layers")
     p.add_argument("--json", default=None)
     p.set_defaults(func=run)
 
 
-def model_kl(preset_name: str, layers: int, tokens: int = 512) -> dict:
+def model_kl(preset_name: str, layers: int, tokens: int = 512, mosaic: bool = False) -> dict:
     """KL per token of bf16 forwards (XLA experts, kernels) from a float32 XLA forward of the same weights."""
     from gemma4_jax.kernels import dispatch
 
@@ -65,7 +68,8 @@ def model_kl(preset_name: str, layers: int, tokens: int = 512) -> dict:
         ref = Gemma4Model(m32, RunConfig(dtype="float32", attn_impl="xla")).logits(ids)
     del m32
     out = {"config": cfg.name, "tokens": tokens}
-    for name, force in (("bf16_xla_experts", "xla"), ("bf16_kernels", None)):
+    runs = [("bf16_xla_experts", "xla"), ("bf16_kernels", "pallas")] + ([("bf16_mosaic", "mosaic")] if mosaic else [])
+    for name, force in runs:
         dispatch.MOE_FORCE = force
         got = Gemma4Model(m16, RunConfig(dtype="bfloat16", attn_impl="auto")).logits(ids)
         lp = ref - np.logaddexp.reduce(ref, axis=-1, keepdims=True)
@@ -112,6 +116,21 @@ def candidates(rows: int, d: int, f: int):
     return list(dict.fromkeys(out))
 
 
+def mosaic_candidates(d: int, f: int):
+    """Mosaic configs worth timing: gate_up / down column tiles, ring depth (block sizes fitted to D and F)."""
+    from gemma4_jax.kernels.moe_mgpu import SMEM_BYTES, MgpuMoeConfig, smem_bytes
+    from gemma4_jax.kernels.tiling import fit_block as _fit
+
+    out = []
+    for n_up, n_dn, stages in ((64, 128, 4), (64, 128, 6), (128, 128, 4), (128, 256, 4), (32, 64, 6), (64, 256, 3),
+                               (128, 128, 3), (64, 64, 8), (32, 128, 8), (128, 256, 2)):
+        c = MgpuMoeConfig(block_n_up=_fit(f, n_up), block_n_down=_fit(d, n_dn), block_k=_fit(min(d, f), 64),
+                          stages=stages)
+        if smem_bytes(c) <= SMEM_BYTES - 1024:
+            out.append(c)
+    return list(dict.fromkeys(out))
+
+
 def _time(fn, sets, iters: int, repeat: int) -> float:
     """Median seconds per call over `repeat` runs of `iters` calls, cycling through the weight sets."""
     jax.block_until_ready(fn(*sets[0]))
@@ -128,6 +147,7 @@ def _time(fn, sets, iters: int, repeat: int) -> float:
 
 def run(args) -> dict:
     from gemma4_jax.kernels.moe import default_config, moe_experts, moe_experts_reference, moe_experts_xla
+    from gemma4_jax.kernels.moe_mgpu import moe_experts_mgpu
 
     from gemma4_jax.config import preset
 
@@ -170,28 +190,33 @@ def run(args) -> dict:
                 r = dict(impl=name, us=s * 1e6, tflops=flops / s / 1e12, gb_s=nbytes / s / 1e9, rel_err=err,
                          finite=finite)
             except Exception as ex:  # a config that does not compile here: record it, go on
-                r = dict(impl=name, error=f"{type(ex).__name__}: {str(ex).splitlines()[0][:200]}")
+                r = dict(impl=name, error=f"{type(ex).__name__}: {str(ex)[:3000]}")
             row["results"].append(r)
             if "us" in r:
                 print(f"  M={m:5d} R={m * k:6d} {name:90s} {r['us']:9.1f} us {r['tflops']:7.1f} TFLOP/s "
                       f"{r['gb_s']:7.0f} GB/s err {r['rel_err']:.1e}", flush=True)
             else:
-                print(f"  M={m:5d} {name}: {r['error']}", flush=True)
+                print(f"  M={m:5d} {name}: {r['error'][:1500]}", flush=True)
             return r
 
         if not args.no_xla:
             measure("xla", jax.jit(moe_experts_xla))
         measure("kernel default", moe_experts)
-        if args.sweep:
+        if args.mosaic:
+            measure("mosaic default", moe_experts_mgpu)
+        if args.sweep and not args.no_triton:
             for c in candidates(m * k, d, f):
                 measure(f"kernel {c}", jax.jit(lambda *a, c=c: moe_experts(*a, config=c)))
+        if args.sweep and args.mosaic:
+            for c in mosaic_candidates(d, f):
+                measure(f"mosaic {c}", jax.jit(lambda *a, c=c: moe_experts_mgpu(*a, config=c)))
         res["rows"].append(row)
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(res, fh, indent=1)
     if args.model_kl:
         print(f"model KL, {args.preset} cut to {args.model_kl} layers", flush=True)
-        res["model_kl"] = model_kl(args.preset, args.model_kl)
+        res["model_kl"] = model_kl(args.preset, args.model_kl, mosaic=args.mosaic)
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(res, fh, indent=1)

@@ -1,0 +1,265 @@
+"""Routed experts on Hopper: a grouped GEMM in Pallas's Mosaic GPU backend (TMA tiles, wgmma).
+
+The same function as `moe.moe_experts` (see its docstring for the math and the weight layout):
+
+    out[m] = Σ_j w[m,j] · ( gelu_tanh(x[m] G_eᵀ) * (x[m] U_eᵀ) ) D_eᵀ,    e = idx[m,j]
+
+Why a second implementation: the Triton-backend kernels load tiles with per-thread pointer loads and stall at
+≈ 216 TFLOP/s on the 2K-token expert shapes of 26B-A4B and at ≈ 3.5 TB/s on the decode shapes (docs/kernels.md).
+Here every tile is a TMA copy into a ring of shared-memory slots (`plgpu.emit_pipeline`, `stages` deep) and the
+products are wgmma instructions reading shared memory.
+
+Layout of the work
+------------------
+* Rows sorted by expert, unpadded: `x_sorted[i] = x[order[i] // k]` for the R = M·k routed rows (R rounded up
+  to a multiple of block_m with zero rows). Expert e owns the contiguous run [start_e, end_e).
+* Tiles. A *tile* is (expert, row block) for every row block of block_m sorted rows that the expert's run
+  meets, so a block shared by two experts is computed twice, each time storing only its own rows. There are at
+  most ceil(R / bm) + min(E, R) − 1 tiles (`TilePlan.table`, computed in XLA): [expert, block, lo, hi] with
+  rows [lo, hi) of the block the tile's own; expert −1 marks an unused tile, which returns at once.
+* Grid (tile, column tile). Per CTA: one warpgroup runs the K loop — TMA brings the [bm, bk] row tile and the
+  [bn, bk] weight tile(s) of the tile's expert (the weights stay [out, in]; wgmma reads them transposed from
+  shared memory), wgmma accumulates in float32 registers.
+  - gate_up: two accumulators (gate and up, the same x tile), the GELU-tanh product in registers, h in x's dtype.
+  - down: one accumulator, float32 out; the routing weight is applied in the combine.
+* Stores. A tile stores its rows [lo, hi) only: the row count is known at run time, and a TMA store needs a
+  static box, so the rows go out as a sum of powers of two (for 37 rows: 32, then 4, then 1), each a
+  statically-shaped copy at a dynamic offset.
+* Combine (XLA): out[m] = Σ_j w[m,j] · y[pos of (m, j)] in float32, cast to x's dtype.
+
+16-bit inputs only (wgmma's float32 is TF32, which float32 models must never get silently): `supports` says so.
+Interpret mode (CPU tests) runs the same code in JAX's GPU interpreter; `mgpu_interpret.install()` teaches the
+interpreter what it lacks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from . import mgpu_interpret
+
+F32 = jnp.float32
+SMEM_BYTES = 227 * 1024  # H100 / H200 opt-in dynamic shared memory per block
+_GELU_C = 0.7978845608028654  # sqrt(2 / pi)
+
+
+@dataclasses.dataclass(frozen=True)
+class MgpuMoeConfig:
+    """Tuning knobs (hashable: a static argument of the jitted entry point).
+
+    block_m: sorted rows per tile (a wgmma M: 64); block_k: depth per pipeline step (64 = one 128-byte swizzle
+    of 16-bit values, 32 for 32-aligned shapes); block_n_up / block_n_down: output columns of a gate_up / down
+    CTA; stages: TMA ring depth.
+    """
+
+    block_m: int = 64
+    block_n_up: int = 64
+    block_n_down: int = 128
+    block_k: int = 64
+    stages: int = 4
+
+    def __post_init__(self):
+        if self.block_m != 64:
+            raise ValueError(f"block_m must be 64 (one warpgroup's wgmma M), got {self.block_m}")
+        for name in ("block_n_up", "block_n_down", "block_k"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1) or (name == "block_k" and v < 32):
+                raise ValueError(f"{name} must be a power of two ≥ 16, got {v}")
+        if self.stages < 2:
+            raise ValueError(f"stages must be ≥ 2 (one slot in flight while wgmma reads another), got {self.stages}")
+
+
+def default_config(rows: int, d: int, f: int) -> MgpuMoeConfig:
+    """The configuration for R routed rows and an expert D → F → D (docs/kernels.md, the Mosaic sweep)."""
+    del rows
+    return MgpuMoeConfig(block_n_up=_fit(f, 64), block_n_down=_fit(d, 128), block_k=_fit(min(d, f), 64))
+
+
+def _fit(dim: int, want: int) -> int:
+    b = want
+    while b >= 16 and dim % b:
+        b //= 2
+    return b
+
+
+def smem_bytes(config: MgpuMoeConfig, itemsize: int = 2) -> int:
+    """Shared memory of the larger of the two kernels (ring + output tile)."""
+    bm, bk, s = config.block_m, config.block_k, config.stages
+    up = s * (bm + 2 * config.block_n_up) * bk * itemsize + bm * config.block_n_up * itemsize
+    down = s * (bm + config.block_n_down) * bk * itemsize + bm * config.block_n_down * 4
+    return max(up, down)
+
+
+def supports(d: int, f: int, dtype) -> bool:
+    """Shapes and dtypes the kernels take: 16-bit inputs, D and F multiples of 32 (a 64-byte swizzle)."""
+    return jnp.dtype(dtype).itemsize == 2 and d % 32 == 0 and f % 32 == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The tile plan
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TilePlan:
+    """Which rows each tile computes.
+
+    table [4, T] int32: per tile its expert (−1: unused), row block, and its own rows [lo, hi) of the block;
+    order [R] int32: sorted position i holds flat routed row order[i] (= m·k + j);
+    pos [R] int32: where flat routed row r sits among the sorted rows.
+    """
+
+    table: jax.Array
+    order: jax.Array
+    pos: jax.Array
+
+
+def num_tiles(rows: int, num_experts: int, block_m: int) -> int:
+    """Static bound on the tiles: each row block once, plus one more per expert boundary inside a block."""
+    return -(-rows // block_m) + min(num_experts, rows) - 1
+
+
+def plan_tiles(idx_mk: jax.Array, num_experts: int, block_m: int) -> TilePlan:
+    r = idx_mk.size
+    flat = idx_mk.reshape(r).astype(jnp.int32)
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+    sizes = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
+    end = jnp.cumsum(sizes)
+    start = end - sizes
+    first = start // block_m
+    tiles = jnp.where(sizes > 0, (jnp.maximum(end, 1) - 1) // block_m - first + 1, 0)
+    tile_end = jnp.cumsum(tiles)
+    t = jnp.arange(num_tiles(r, num_experts, block_m), dtype=jnp.int32)
+    # the expert of tile t: the first whose tiles end after t (compare-and-count, no loop on the GPU)
+    e = jnp.sum(tile_end[None, :] <= t[:, None], axis=1, dtype=jnp.int32)
+    used = t < tile_end[-1]
+    ec = jnp.minimum(e, num_experts - 1)
+    block = first[ec] + t - (tile_end - tiles)[ec]
+    base = block * block_m
+    lo = jnp.maximum(start[ec], base) - base
+    hi = jnp.minimum(end[ec], base + block_m) - base
+    table = jnp.stack([jnp.where(used, e, -1), jnp.where(used, block, 0), jnp.where(used, lo, 0),
+                       jnp.where(used, hi, 0)])
+    pos = jnp.zeros((r,), jnp.int32).at[order].set(jnp.arange(r, dtype=jnp.int32))
+    return TilePlan(table, order, pos)
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel
+
+
+def _gelu_product(g, u):
+    """gelu_tanh(g) · u in float32 registers (tanh's form, as `moe._gelu_tanh`)."""
+    return 0.5 * g * (1.0 + jnp.tanh(_GELU_C * (g + 0.044715 * (g * g * g)))) * u
+
+
+def _store_rows(o_smem, o_gmem, row0, lo, hi, col0, bn, bm):
+    """Copy rows [lo, hi) of the [bm, bn] tile in shared memory to o_gmem[row0 + lo : row0 + hi, col0 : +bn],
+    as statically-sized TMA stores of 2^i rows for the set bits of hi − lo, largest first."""
+    size = hi - lo
+    at = lo
+    p = bm
+    while p >= 1:
+        @pl.when((size & p) != 0)
+        def _(at=at, p=p):
+            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(at, p)], o_gmem.at[pl.ds(row0 + at, p), pl.ds(col0, bn)])
+
+        at = at + (size & p)
+        p //= 2
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _grouped_kernel(tab_ref, a_ref, *refs, n_b: int, bm: int, bn: int, bk: int, stages: int, gelu: bool):
+    # tab_ref [4, T] (GMEM): per tile expert, block, lo, hi;  a_ref [Rp, K]: sorted rows;
+    # refs: n_b weights [E, N, K] (GMEM, read in place), then the output [Rp, N].
+    b_refs, o_ref = refs[:n_b], refs[n_b]
+    t, j = lax.axis_index("t"), lax.axis_index("n")
+    e = tab_ref[0, t]
+
+    @pl.when(e >= 0)
+    def _():
+        block, lo, hi = tab_ref[1, t], tab_ref[2, t], tab_ref[3, t]
+
+        def acc_scope(*accs):
+            def step(_, a_smem, *b_smem):
+                for acc, b in zip(accs, b_smem, strict=True):
+                    plgpu.wgmma(acc, a_smem, plgpu.transpose_ref(b, (1, 0)))
+                plgpu.wgmma_wait(n_b)  # the previous step's products are done: its slots may be refilled
+
+            plgpu.emit_pipeline(
+                step,
+                grid=(a_ref.shape[1] // bk,),
+                in_specs=[plgpu.BlockSpec((bm, bk), lambda k: (block, k), delay_release=1)]
+                + [plgpu.BlockSpec((bn, bk), lambda k: (j, k), delay_release=1)] * n_b,
+                max_concurrent_steps=stages,
+            )(a_ref, *(b.at[e] for b in b_refs))
+            return tuple(acc[...] for acc in accs)
+
+        vals = pl.run_scoped(acc_scope, *[plgpu.ACC((bm, bn), F32)] * n_b)
+        out = _gelu_product(*vals) if gelu else vals[0]
+
+        @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bm, bn), o_ref.dtype))
+        def _(o_smem):
+            o_smem[...] = out.astype(o_ref.dtype)
+            plgpu.commit_smem()
+            _store_rows(o_smem, o_ref, block * bm, lo, hi, j * bn, bn, bm)
+
+
+def _grouped(table, a, bs, out_dtype, *, bn: int, cfg: MgpuMoeConfig, gelu: bool, interpret: bool):
+    """One grouped GEMM: for every tile, rows of `a` times its expert's [N, K] weight(s), rows [lo, hi) stored."""
+    rp = a.shape[0]
+    n = bs[0].shape[1]
+    kernel = plgpu.kernel(
+        functools.partial(_grouped_kernel, n_b=len(bs), bm=cfg.block_m, bn=bn, bk=cfg.block_k, stages=cfg.stages,
+                          gelu=gelu),
+        out_type=jax.ShapeDtypeStruct((rp, n), out_dtype),
+        grid=(table.shape[1], n // bn),
+        grid_names=("t", "n"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=mgpu_interpret.params(interpret),
+    )
+    return kernel(table, a, *bs)
+
+
+def _check(x, w, idx, gate, up, down, cfg: MgpuMoeConfig):
+    m, d = x.shape
+    e, f, d2 = gate.shape
+    if idx.shape != w.shape or idx.ndim != 2 or idx.shape[0] != m:
+        raise ValueError(f"routing shapes {idx.shape}, {w.shape} do not match {m} tokens")
+    if d2 != d or up.shape != gate.shape or down.shape != (e, d, f):
+        raise ValueError(f"expert shapes {gate.shape}, {up.shape}, {down.shape} do not match hidden size {d}")
+    if not (x.dtype == gate.dtype == up.dtype == down.dtype) or not supports(d, f, x.dtype):
+        raise ValueError(f"the Mosaic MoE kernel takes 16-bit inputs with D, F multiples of 32; got {x.dtype}, "
+                         f"D={d}, F={f}")
+    for name, dim, b in (("block_n_up", f, cfg.block_n_up), ("block_n_down", d, cfg.block_n_down),
+                         ("block_k", d, cfg.block_k), ("block_k", f, cfg.block_k)):
+        if dim % b:
+            raise ValueError(f"{name}={b} does not divide {dim}")
+    if smem_bytes(cfg, x.dtype.itemsize) > SMEM_BYTES - 1024:
+        raise ValueError(f"config {cfg} needs {smem_bytes(cfg)} bytes of shared memory, more than {SMEM_BYTES}")
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def moe_experts_mgpu(x: jax.Array, w: jax.Array, idx: jax.Array, gate: jax.Array, up: jax.Array,
+                     down: jax.Array, *, config: MgpuMoeConfig | None = None, interpret: bool = False) -> jax.Array:
+    """Routed experts (as `moe.moe_experts`): x [M,D], w/idx [M,k], gate/up [E,F,D], down [E,D,F] → [M,D]."""
+    m, d = x.shape
+    e, f = gate.shape[:2]
+    k = idx.shape[1]
+    cfg = config or default_config(m * k, d, f)
+    _check(x, w, idx, gate, up, down, cfg)
+    r = m * k
+    plan = plan_tiles(idx, e, cfg.block_m)
+    rp = -(-r // cfg.block_m) * cfg.block_m
+    xs = jnp.pad(x[plan.order // k], ((0, rp - r), (0, 0)))
+    h = _grouped(plan.table, xs, (gate, up), x.dtype, bn=cfg.block_n_up, cfg=cfg, gelu=True, interpret=interpret)
+    y = _grouped(plan.table, h, (down,), F32, bn=cfg.block_n_down, cfg=cfg, gelu=False, interpret=interpret)
+    ys = y[plan.pos].reshape(m, k, d)
+    return jnp.einsum("MKD,MK->MD", ys, w.astype(F32), precision=lax.Precision.HIGHEST).astype(x.dtype)
