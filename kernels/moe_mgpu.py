@@ -25,6 +25,8 @@ Layout of the work
 * Stores. A tile stores its rows [lo, hi) only: the row count is known at run time, and a TMA store needs a
   static box, so the rows go out as a sum of powers of two (for 37 rows: 32, then 4, then 1), each a
   statically-shaped copy at a dynamic offset.
+* `padded=True` instead gathers each expert's rows to start at a multiple of block_m (`moe.plan_sorted`'s blocks):
+  one tile a block, stored whole; more rows to gather and compute, no tile shared by two experts.
 * Combine (XLA): out[m] = Σ_j w[m,j] · y[pos of (m, j)] in float32, cast to x's dtype.
 
 16-bit inputs only (wgmma's float32 is TF32, which float32 models must never get silently): `supports` says so.
@@ -44,6 +46,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from . import mgpu_interpret
+from .moe import plan_sorted
+from .tiling import fit_block as _fit
 
 F32 = jnp.float32
 SMEM_BYTES = 227 * 1024  # H100 / H200 opt-in dynamic shared memory per block
@@ -54,9 +58,11 @@ _GELU_C = 0.7978845608028654  # sqrt(2 / pi)
 class MgpuMoeConfig:
     """Tuning knobs (hashable: a static argument of the jitted entry point).
 
-    block_m: sorted rows per tile (a wgmma M: 64); block_k: depth per pipeline step (64 = one 128-byte swizzle
-    of 16-bit values, 32 for 32-aligned shapes); block_n_up / block_n_down: output columns of a gate_up / down
-    CTA; stages: TMA ring depth.
+    block_m: sorted rows per tile (64 or 128: one warpgroup's wgmma M, once or twice); block_k: depth per
+    pipeline step (64 = one 128-byte swizzle of 16-bit values); block_n_up / block_n_down: output columns of a
+    gate_up / down CTA (a stored row is a multiple of 128 bytes: TMA's shared-memory alignment, as row offsets are
+    dynamic); stages: TMA ring depth; padded: each expert's rows start at a multiple of block_m (gathered so by
+    XLA; a tile is one expert's whole block) instead of the unpadded run shared by neighbouring experts.
     """
 
     block_m: int = 64
@@ -64,14 +70,15 @@ class MgpuMoeConfig:
     block_n_down: int = 128
     block_k: int = 64
     stages: int = 4
+    padded: bool = False
 
     def __post_init__(self):
-        if self.block_m != 64:
-            raise ValueError(f"block_m must be 64 (one warpgroup's wgmma M), got {self.block_m}")
-        for name in ("block_n_up", "block_n_down", "block_k"):
+        if self.block_m not in (64, 128):
+            raise ValueError(f"block_m must be 64 or 128 (one warpgroup's wgmma M, once or twice), got {self.block_m}")
+        for name, least in (("block_n_up", 64), ("block_n_down", 32), ("block_k", 64)):
             v = getattr(self, name)
-            if v < 16 or v & (v - 1) or (name == "block_k" and v < 32):
-                raise ValueError(f"{name} must be a power of two ≥ 16, got {v}")
+            if v < least or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two ≥ {least}, got {v}")
         if self.stages < 2:
             raise ValueError(f"stages must be ≥ 2 (one slot in flight while wgmma reads another), got {self.stages}")
 
@@ -80,13 +87,6 @@ def default_config(rows: int, d: int, f: int) -> MgpuMoeConfig:
     """The configuration for R routed rows and an expert D → F → D (docs/kernels.md, the Mosaic sweep)."""
     del rows
     return MgpuMoeConfig(block_n_up=_fit(f, 64), block_n_down=_fit(d, 128), block_k=_fit(min(d, f), 64))
-
-
-def _fit(dim: int, want: int) -> int:
-    b = want
-    while b >= 16 and dim % b:
-        b //= 2
-    return b
 
 
 def smem_bytes(config: MgpuMoeConfig, itemsize: int = 2) -> int:
@@ -98,8 +98,8 @@ def smem_bytes(config: MgpuMoeConfig, itemsize: int = 2) -> int:
 
 
 def supports(d: int, f: int, dtype) -> bool:
-    """Shapes and dtypes the kernels take: 16-bit inputs, D and F multiples of 32 (a 64-byte swizzle)."""
-    return jnp.dtype(dtype).itemsize == 2 and d % 32 == 0 and f % 32 == 0
+    """Shapes and dtypes the kernels take: 16-bit inputs, D and F multiples of 64."""
+    return jnp.dtype(dtype).itemsize == 2 and d % 64 == 0 and f % 64 == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,7 +112,7 @@ class TilePlan:
     """Which rows each tile computes.
 
     table [4, T] int32: per tile its expert (−1: unused), row block, and its own rows [lo, hi) of the block;
-    order [R] int32: sorted position i holds flat routed row order[i] (= m·k + j);
+    order [R] int32: sorted position i holds flat routed row order[i] (= m·k + j); −1 for padding (padded plan);
     pos [R] int32: where flat routed row r sits among the sorted rows.
     """
 
@@ -149,6 +149,18 @@ def plan_tiles(idx_mk: jax.Array, num_experts: int, block_m: int) -> TilePlan:
                        jnp.where(used, hi, 0)])
     pos = jnp.zeros((r,), jnp.int32).at[order].set(jnp.arange(r, dtype=jnp.int32))
     return TilePlan(table, order, pos)
+
+
+def plan_padded(idx_mk: jax.Array, num_experts: int, block_m: int) -> tuple[TilePlan, jax.Array]:
+    """Each expert's rows from a multiple of block_m (`moe.plan_sorted`'s blocks): one tile a block, its rows
+    [0, bm) stored whole (padding rows compute on token 0 and are never read). Also returns the token of each
+    padded row, for the gather."""
+    plan = plan_sorted(idx_mk, num_experts, block_m)
+    nb = plan.expert.shape[0]
+    b = jnp.arange(nb, dtype=jnp.int32)
+    table = jnp.stack([plan.expert, b, jnp.zeros_like(b), jnp.full_like(b, block_m)])
+    rows = plan.rows.reshape(-1)
+    return TilePlan(table, rows, plan.pos), jnp.where(rows >= 0, rows // idx_mk.shape[1], 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +248,7 @@ def _check(x, w, idx, gate, up, down, cfg: MgpuMoeConfig):
     if d2 != d or up.shape != gate.shape or down.shape != (e, d, f):
         raise ValueError(f"expert shapes {gate.shape}, {up.shape}, {down.shape} do not match hidden size {d}")
     if not (x.dtype == gate.dtype == up.dtype == down.dtype) or not supports(d, f, x.dtype):
-        raise ValueError(f"the Mosaic MoE kernel takes 16-bit inputs with D, F multiples of 32; got {x.dtype}, "
+        raise ValueError(f"the Mosaic MoE kernel takes 16-bit inputs with D, F multiples of 64; got {x.dtype}, "
                          f"D={d}, F={f}")
     for name, dim, b in (("block_n_up", f, cfg.block_n_up), ("block_n_down", d, cfg.block_n_down),
                          ("block_k", d, cfg.block_k), ("block_k", f, cfg.block_k)):
@@ -256,9 +268,13 @@ def moe_experts_mgpu(x: jax.Array, w: jax.Array, idx: jax.Array, gate: jax.Array
     cfg = config or default_config(m * k, d, f)
     _check(x, w, idx, gate, up, down, cfg)
     r = m * k
-    plan = plan_tiles(idx, e, cfg.block_m)
-    rp = -(-r // cfg.block_m) * cfg.block_m
-    xs = jnp.pad(x[plan.order // k], ((0, rp - r), (0, 0)))
+    if cfg.padded:
+        plan, token = plan_padded(idx, e, cfg.block_m)
+        xs = x[token]
+    else:
+        plan = plan_tiles(idx, e, cfg.block_m)
+        rp = -(-r // cfg.block_m) * cfg.block_m
+        xs = jnp.pad(x[plan.order // k], ((0, rp - r), (0, 0)))
     h = _grouped(plan.table, xs, (gate, up), x.dtype, bn=cfg.block_n_up, cfg=cfg, gelu=True, interpret=interpret)
     y = _grouped(plan.table, h, (down,), F32, bn=cfg.block_n_down, cfg=cfg, gelu=False, interpret=interpret)
     ys = y[plan.pos].reshape(m, k, d)

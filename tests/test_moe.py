@@ -6,6 +6,7 @@ Interpret mode fills every output buffer with NaN before a kernel runs (tests/te
 a block the kernels never write and the combine reads shows up as NaN; every comparison asserts finiteness.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -198,7 +199,8 @@ def test_generation_and_pipeline_with_moe_kernels(hf_dirs, moe_kernels_in_model)
 # ---------------------------------------------------------------------------------------------
 # The Mosaic GPU grouped GEMM (`moe_mgpu`), in JAX's GPU interpret mode (unwritten outputs are NaN there too)
 
-MGPU_SMALL = MgpuMoeConfig(block_n_up=32, block_n_down=64, block_k=64, stages=2)
+MGPU_SMALL = MgpuMoeConfig(block_n_up=64, block_n_down=64, block_k=64, stages=2)
+MGPU_PADDED128 = MgpuMoeConfig(block_m=128, block_n_up=64, block_n_down=32, stages=3, padded=True)
 # (case, M, k, E, D, F, idx builder or None, config): 16-bit only, D and F multiples of 64, 64-row tiles
 MGPU_CASES = [
     ("batch1_top8", 1, 8, 16, 64, 64, None, None),
@@ -206,6 +208,8 @@ MGPU_CASES = [
     ("one_expert_gets_every_row", 80, 2, 8, 64, 128, _one_expert_everywhere, None),  # its run spans 2 tiles
     ("rows_not_block_multiple", 37, 2, 8, 128, 192, None, MGPU_SMALL),  # 74 rows: a partial last block
     ("batch64_top8", 64, 8, 16, 64, 128, None, None),  # 512 rows, experts straddling block boundaries
+    ("batch64_top8_padded_bm128", 64, 8, 16, 64, 128, None, MGPU_PADDED128),  # each expert from its own block
+    ("one_expert_padded", 80, 2, 8, 128, 64, _one_expert_everywhere, dataclasses.replace(MGPU_SMALL, padded=True)),
 ]
 
 
@@ -278,7 +282,7 @@ def test_mosaic_moe_refuses_float32_and_misfit_configs(monkeypatch):
         xb, wb, ib, gb, ub, db = _inputs(1, 4, 2, 8, 64, 64 * 3, jnp.bfloat16)
         moe_experts_mgpu(xb, wb, ib, gb, ub, db, config=MgpuMoeConfig(block_n_up=128))
     with pytest.raises(ValueError, match="block_m"):
-        MgpuMoeConfig(block_m=128)
+        MgpuMoeConfig(block_m=32)
 
 
 def test_resolve_moe_mosaic_by_rows(monkeypatch):
@@ -293,17 +297,23 @@ def test_resolve_moe_mosaic_by_rows(monkeypatch):
     assert r(rows=4096, platform="gpu") == "pallas"
 
 
-def test_model_with_mosaic_moe_kernels_matches_xla_experts(hf_dirs, monkeypatch):
-    """26B-A4B family in bf16 with the Mosaic kernels (interpreted) in every MoE layer: the logits agree with the
-    same model on XLA's experts to bf16 accuracy at pp = 1 (prefill rows), and greedy decode tokens agree."""
-    path = hf_dirs["26b-a4b", "causal"]
-    ids = np.random.default_rng(9).integers(3, 256, size=(2, 24))
+def test_model_with_mosaic_moe_kernels_matches_xla_experts(monkeypatch):
+    """A 26B-A4B-family model in bf16 (random weights, norms and scalars perturbed; expert width 64, which the
+    kernels need) with the Mosaic kernels (interpreted) in every MoE layer: its logits agree with the same model
+    on XLA's experts to bf16 accuracy, through prefill at pp = 1 (48 routed rows a layer)."""
+    from gemma4_jax.api import Gemma4Model, RunConfig
+    from gemma4_jax.config import Gemma4Config
+    from gemma4_jax.synthetic import random_model
+
+    cfg = Gemma4Config.from_hf_dict(dict(FAMILIES["26b-a4b"], moe_intermediate_size=64), name="moe-f64")
+    model = random_model(cfg, jnp.bfloat16)
+    ids = np.random.default_rng(9).integers(3, 256, size=(2, 12))
     monkeypatch.setattr(dispatch, "MOSAIC_INTERPRET", True)
     got = {}
     for force in ("xla", "mosaic"):
         monkeypatch.setattr(dispatch, "MOE_FORCE", force)
         jax.clear_caches()
-        model = gemma4_jax.load(path, dtype="bfloat16", attn_impl="xla", progress=False)
-        got[force] = np.asarray(model.logits(ids), np.float32)
+        got[force] = np.asarray(Gemma4Model(model, RunConfig(dtype="bfloat16", attn_impl="xla")).logits(ids),
+                                np.float32)
     assert np.isfinite(got["mosaic"]).all()
     assert rel_err(got["mosaic"], got["xla"]) <= 3e-2

@@ -122,10 +122,12 @@ def mosaic_candidates(d: int, f: int):
     from gemma4_jax.kernels.tiling import fit_block as _fit
 
     out = []
-    for n_up, n_dn, stages in ((64, 128, 4), (64, 128, 6), (128, 128, 4), (128, 256, 4), (32, 64, 6), (64, 256, 3),
-                               (128, 128, 3), (64, 64, 8), (32, 128, 8), (128, 256, 2)):
-        c = MgpuMoeConfig(block_n_up=_fit(f, n_up), block_n_down=_fit(d, n_dn), block_k=_fit(min(d, f), 64),
-                          stages=stages)
+    for bm, padded, n_up, n_dn, stages in (
+            (64, False, 64, 128, 4), (64, False, 64, 128, 6), (64, False, 64, 256, 4), (64, False, 64, 64, 4),
+            (64, True, 64, 128, 4), (64, True, 64, 256, 4), (128, False, 64, 128, 3), (128, False, 64, 128, 4),
+            (128, True, 64, 128, 3), (128, True, 64, 128, 4), (128, True, 64, 64, 5)):
+        c = MgpuMoeConfig(block_m=bm, block_n_up=_fit(f, n_up), block_n_down=_fit(d, n_dn),
+                          block_k=_fit(min(d, f), 64), stages=stages, padded=padded)
         if smem_bytes(c) <= SMEM_BYTES - 1024:
             out.append(c)
     return list(dict.fromkeys(out))
