@@ -226,18 +226,12 @@ def _check(x, w, idx, gate, up, down, cfg: MoeConfig):
     assert cfg.block_m >= 16 and cfg.block_m & (cfg.block_m - 1) == 0, cfg.block_m
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def moe_experts(x: jax.Array, w: jax.Array, idx: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, *,
-                config: MoeConfig | None = None, interpret: bool = False) -> jax.Array:
-    """Routed experts: x [M,D], routing weights w [M,k] and expert ids idx [M,k], weights gate/up [E,F,D] and
-    down [E,D,F]; returns [M,D] in x's dtype."""
+def grouped_gemms(plan: BlockPlan, x: jax.Array, w: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
+                  cfg: MoeConfig, *, top_k: int, interpret: bool = False) -> jax.Array:
+    """The two kernels over a plan: the weighted expert outputs y [NB·bm, D] (float32) by blocked row."""
     m, d = x.shape
-    e, f = gate.shape[:2]
-    k = idx.shape[1]
-    cfg = config or default_config(m * k, d, f)
-    _check(x, w, idx, gate, up, down, cfg)
+    f = gate.shape[1]
     bm = cfg.block_m
-    plan = plan_rows(idx, bm) if cfg.plan == "rows" else plan_sorted(idx, e, bm)
     nb = plan.expert.shape[0]
     params = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     block = pl.BlockSpec((None,), lambda j, b: (b,))
@@ -245,7 +239,7 @@ def moe_experts(x: jax.Array, w: jax.Array, idx: jax.Array, gate: jax.Array, up:
     whole = pl.BlockSpec()  # the whole array: indexed inside the kernel (gathered rows, the block's expert)
 
     h = pl.pallas_call(
-        functools.partial(_gate_up_kernel, top_k=k, block_k=cfg.block_k_up),
+        functools.partial(_gate_up_kernel, top_k=top_k, block_k=cfg.block_k_up),
         grid=(f // cfg.block_n_up, nb),
         in_specs=[block, block_rows, whole, whole, whole],
         out_specs=pl.BlockSpec((bm, cfg.block_n_up), lambda j, b: (b, j)),
@@ -255,7 +249,7 @@ def moe_experts(x: jax.Array, w: jax.Array, idx: jax.Array, gate: jax.Array, up:
         name="moe_gate_up",
     )(plan.expert, plan.rows, x, gate, up)
 
-    y = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_down_kernel, block_k=cfg.block_k_down),
         grid=(d // cfg.block_n_down, nb),
         in_specs=[block, block_rows, whole, pl.BlockSpec((bm, f), lambda j, b: (b, 0)), whole],
@@ -266,6 +260,23 @@ def moe_experts(x: jax.Array, w: jax.Array, idx: jax.Array, gate: jax.Array, up:
         name="moe_down",
     )(plan.expert, plan.rows, w.reshape(-1).astype(F32), h, down)
 
+
+def make_plan(idx: jax.Array, num_experts: int, cfg: MoeConfig) -> BlockPlan:
+    return plan_rows(idx, cfg.block_m) if cfg.plan == "rows" else plan_sorted(idx, num_experts, cfg.block_m)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def moe_experts(x: jax.Array, w: jax.Array, idx: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, *,
+                config: MoeConfig | None = None, interpret: bool = False) -> jax.Array:
+    """Routed experts: x [M,D], routing weights w [M,k] and expert ids idx [M,k], weights gate/up [E,F,D] and
+    down [E,D,F]; returns [M,D] in x's dtype."""
+    m, d = x.shape
+    f = gate.shape[1]
+    k = idx.shape[1]
+    cfg = config or default_config(m * k, d, f)
+    _check(x, w, idx, gate, up, down, cfg)
+    plan = make_plan(idx, gate.shape[0], cfg)
+    y = grouped_gemms(plan, x, w, gate, up, down, cfg, top_k=k, interpret=interpret)
     return jnp.sum(y[plan.pos].reshape(m, k, d), axis=1).astype(x.dtype)
 
 

@@ -224,7 +224,7 @@ def _grouped_kernel(tab_ref, a_ref, *refs, n_b: int, bm: int, bn: int, bk: int, 
             _store_rows(o_smem, o_ref, block * bm, lo, hi, j * bn, bn, bm)
 
 
-def _grouped(table, a, bs, out_dtype, *, bn: int, cfg: MgpuMoeConfig, gelu: bool, interpret: bool):
+def _grouped(table, a, bs, out_dtype, *, bn: int, cfg: MgpuMoeConfig, gelu: bool, interpret: bool, name: str):
     """One grouped GEMM: for every tile, rows of `a` times its expert's [N, K] weight(s), rows [lo, hi) stored."""
     rp = a.shape[0]
     n = bs[0].shape[1]
@@ -234,6 +234,7 @@ def _grouped(table, a, bs, out_dtype, *, bn: int, cfg: MgpuMoeConfig, gelu: bool
         out_type=jax.ShapeDtypeStruct((rp, n), out_dtype),
         grid=(table.shape[1], n // bn),
         grid_names=("t", "n"),
+        kernel_name=name,
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=mgpu_interpret.params(interpret),
     )
@@ -267,15 +268,27 @@ def moe_experts_mgpu(x: jax.Array, w: jax.Array, idx: jax.Array, gate: jax.Array
     k = idx.shape[1]
     cfg = config or default_config(m * k, d, f)
     _check(x, w, idx, gate, up, down, cfg)
-    r = m * k
-    if cfg.padded:
-        plan, token = plan_padded(idx, e, cfg.block_m)
-        xs = x[token]
-    else:
-        plan = plan_tiles(idx, e, cfg.block_m)
-        rp = -(-r // cfg.block_m) * cfg.block_m
-        xs = jnp.pad(x[plan.order // k], ((0, rp - r), (0, 0)))
-    h = _grouped(plan.table, xs, (gate, up), x.dtype, bn=cfg.block_n_up, cfg=cfg, gelu=True, interpret=interpret)
-    y = _grouped(plan.table, h, (down,), F32, bn=cfg.block_n_down, cfg=cfg, gelu=False, interpret=interpret)
+    plan, xs = make_plan(x, idx, e, cfg)
+    y = grouped_gemms(plan, xs, gate, up, down, cfg, interpret=interpret)
     ys = y[plan.pos].reshape(m, k, d)
     return jnp.einsum("MKD,MK->MD", ys, w.astype(F32), precision=lax.Precision.HIGHEST).astype(x.dtype)
+
+
+def make_plan(x: jax.Array, idx: jax.Array, num_experts: int, cfg: MgpuMoeConfig) -> tuple[TilePlan, jax.Array]:
+    """The tile plan and the routed rows of x in its order (unpadded and rounded up to block_m, or padded)."""
+    m, k = idx.shape
+    if cfg.padded:
+        plan, token = plan_padded(idx, num_experts, cfg.block_m)
+        return plan, x[token]
+    plan = plan_tiles(idx, num_experts, cfg.block_m)
+    rp = -(-(m * k) // cfg.block_m) * cfg.block_m
+    return plan, jnp.pad(x[plan.order // k], ((0, rp - m * k), (0, 0)))
+
+
+def grouped_gemms(plan: TilePlan, xs: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
+                  cfg: MgpuMoeConfig, *, interpret: bool = False) -> jax.Array:
+    """The two kernels over a plan: unweighted expert outputs y (float32) by sorted row."""
+    h = _grouped(plan.table, xs, (gate, up), xs.dtype, bn=cfg.block_n_up, cfg=cfg, gelu=True, interpret=interpret,
+                 name="moe_mgpu_gate_up")
+    return _grouped(plan.table, h, (down,), F32, bn=cfg.block_n_down, cfg=cfg, gelu=False, interpret=interpret,
+                    name="moe_mgpu_down")

@@ -40,6 +40,8 @@ def add_parser(sub) -> None:
     p.add_argument("--mosaic", action="store_true",
                    help="also the Mosaic GPU grouped GEMM (moe_mgpu; with --sweep, its candidate configs too)")
     p.add_argument("--no-triton", action="store_true", help="skip the Triton kernels' sweep (keep their default)")
+    p.add_argument("--gemm-only", action="store_true",
+                   help="also time each default's two grouped-GEMM kernels alone (plan, gather and combine outside)")
     p.add_argument("--model-kl", type=int, default=0, metavar="L",
                    help="also: bf16 XLA experts vs bf16 kernels against a float32 forward, the preset cut to L layers")
     p.add_argument("--json", default=None)
@@ -206,6 +208,25 @@ def run(args) -> dict:
         measure("kernel default", moe_experts)
         if args.mosaic:
             measure("mosaic default", moe_experts_mgpu)
+        if args.gemm_only:
+            from gemma4_jax.kernels import moe as tri
+            from gemma4_jax.kernels import moe_mgpu as mos
+
+            tcfg, mcfg = default_config(m * k, d, f), mos.default_config(m * k, d, f)
+            tplan = jax.jit(lambda i, c=tcfg: tri.make_plan(i, e, c))(idx)
+            mplan, xs = jax.jit(lambda x_, i, c=mcfg: mos.make_plan(x_, i, e, c))(x, idx)
+            gemms = [("kernel default, GEMMs only", jax.jit(
+                lambda p_, x_, w_, g, u, dn, c=tcfg, k=k: tri.grouped_gemms(p_, x_, w_, g, u, dn, c, top_k=k)),
+                [(tplan, x, w, *ws) for ws in weights])]
+            if args.mosaic:
+                gemms.append(("mosaic default, GEMMs only", jax.jit(
+                    lambda p_, x_, g, u, dn, c=mcfg: mos.grouped_gemms(p_, x_, g, u, dn, c)),
+                    [(mplan, xs, *ws) for ws in weights]))
+            for name, fn, sets in gemms:
+                s = _time(fn, sets, args.iters, args.repeat)
+                row["results"].append(dict(impl=name, us=s * 1e6, tflops=flops / s / 1e12, gb_s=nbytes / s / 1e9))
+                print(f"  M={m:5d} R={m * k:6d} {name:90s} {s * 1e6:9.1f} us {flops / s / 1e12:7.1f} TFLOP/s "
+                      f"{nbytes / s / 1e9:7.0f} GB/s", flush=True)
         if args.sweep and not args.no_triton:
             for c in candidates(m * k, d, f):
                 measure(f"kernel {c}", jax.jit(lambda *a, c=c: moe_experts(*a, config=c)))
