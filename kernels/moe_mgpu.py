@@ -84,9 +84,12 @@ class MgpuMoeConfig:
 
 
 def default_config(rows: int, d: int, f: int) -> MgpuMoeConfig:
-    """The configuration for R routed rows and an expert D → F → D (docs/kernels.md, the Mosaic sweep)."""
-    del rows
-    return MgpuMoeConfig(block_n_up=_fit(f, 64), block_n_down=_fit(d, 128), block_k=_fit(min(d, f), 64))
+    """The configuration for R routed rows and an expert D → F → D (docs/kernels.md, "MoE on Mosaic GPU": at
+    16 and 128 tokens of 26B-A4B the unpadded 64-row tiles won; at 2048 tokens 128-row padded tiles)."""
+    sizes = dict(block_n_up=_fit(f, 64), block_n_down=_fit(d, 128), block_k=_fit(min(d, f), 64))
+    if rows > 8192:
+        return MgpuMoeConfig(block_m=128, stages=3, padded=True, **sizes)
+    return MgpuMoeConfig(**sizes)
 
 
 def smem_bytes(config: MgpuMoeConfig, itemsize: int = 2) -> int:

@@ -74,6 +74,7 @@ def add_parser(sub) -> None:
     p.add_argument("--dense-impl", default=None, choices=["xla"],
                    help="run the decode-step projections through XLA (the path before the skinny kernel)")
     p.add_argument("--profile", default=None, metavar="DIR", help="perfetto trace of one generation (first batch)")
+    p.add_argument("--profile-top", type=int, default=30, help="kernels kept in the profile summary")
     p.add_argument("--compare", default="none", choices=["none", "transformers"])
     p.add_argument("--compile-batches", default="16",
                    help="batches for transformers' static cache + torch.compile ('' for none)")
@@ -373,7 +374,7 @@ def ours(args, start: float) -> dict:
             try:  # the busiest kernels, so that the JSON carries the evidence without the trace
                 from trace_summary import newest_trace, summarise
 
-                res["profile"].update(summarise(newest_trace(args.profile), 30))
+                res["profile"].update(summarise(newest_trace(args.profile), getattr(args, "profile_top", 30)))
             except Exception as e:
                 res["profile"]["summary_error"] = repr(e)
             progress("profile")
