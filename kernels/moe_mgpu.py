@@ -273,8 +273,8 @@ def moe_experts_mgpu(x: jax.Array, w: jax.Array, idx: jax.Array, gate: jax.Array
     _check(x, w, idx, gate, up, down, cfg)
     plan, xs = make_plan(x, idx, e, cfg)
     y = grouped_gemms(plan, xs, gate, up, down, cfg, interpret=interpret)
-    ys = y[plan.pos].reshape(m, k, d)
-    return jnp.einsum("MKD,MK->MD", ys, w.astype(F32), precision=lax.Precision.HIGHEST).astype(x.dtype)
+    ys = y[plan.pos].reshape(m, k, d)  # gather, weight and sum: one elementwise fusion, float32 throughout
+    return jnp.sum(ys * w.astype(F32)[:, :, None], axis=1).astype(x.dtype)
 
 
 def make_plan(x: jax.Array, idx: jax.Array, num_experts: int, cfg: MgpuMoeConfig) -> tuple[TilePlan, jax.Array]:
