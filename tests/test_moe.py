@@ -289,10 +289,13 @@ def test_resolve_moe_mosaic_by_rows(monkeypatch):
     """On a (pretended) Hopper GPU, `auto` takes the Mosaic kernels from MOSAIC_MOE_MIN_ROWS routed rows up and
     the Triton kernels below; never for float32 or on the CPU."""
     monkeypatch.setattr(dispatch, "is_hopper", lambda: True)
+    monkeypatch.setattr(dispatch, "mosaic_moe_compiles", lambda *args: True)  # the real check compiles for a GPU
     monkeypatch.setattr(dispatch, "MOSAIC_MOE_MIN_ROWS", 256)
     r = functools.partial(resolve_moe, "auto", d=2816, f=704)
     assert r(rows=255, platform="gpu") == "pallas" and r(rows=256, platform="gpu") == "mosaic"
     assert r(rows=4096, dtype=jnp.float32, platform="gpu") == "xla" and r(rows=4096, platform="cpu") == "xla"
+    monkeypatch.setattr(dispatch, "mosaic_moe_compiles", lambda *args: False)  # this jax cannot build them
+    assert r(rows=4096, platform="gpu") == "pallas"
     monkeypatch.setattr(dispatch, "is_hopper", lambda: False)
     assert r(rows=4096, platform="gpu") == "pallas"
 
@@ -317,3 +320,14 @@ def test_model_with_mosaic_moe_kernels_matches_xla_experts(monkeypatch):
                                 np.float32)
     assert np.isfinite(got["mosaic"]).all()
     assert rel_err(got["mosaic"], got["xla"]) <= 3e-2
+
+
+def test_mosaic_moe_build_check_falls_back_with_a_warning():
+    """Where the Mosaic MoE kernels cannot be built (here: no GPU to compile for; elsewhere a jax whose Mosaic GPU
+    API moved), the check says so once and `auto` keeps the Triton kernels."""
+    dispatch.mosaic_moe_compiles.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="MoE kernels does not compile with this jax"):
+            assert dispatch.mosaic_moe_compiles(64, 64, "bfloat16") is False
+    finally:
+        dispatch.mosaic_moe_compiles.cache_clear()
