@@ -89,11 +89,15 @@ class DecodeAttender(Attender):
         entry = self.cache.layers[key]
         if kv is not None:  # a KV-owning layer writes first; its readers come later in the step
             entry = self.cache.layers[key] = write_token(entry, *kv, self.pos)
-        impl = attention_impl(self.impl, q, entry.k)
-        if impl != "xla":
-            return kernel_attention(self.impl, q, entry.k, entry.v, self.pos, entry.pos, spec.window)
-        mask = attention_mask(self.pos, entry.pos, spec.window, entry.pos >= 0)
-        return attention(q, entry.k, entry.v, mask)
+        return attend_cache(self.impl, q, entry, self.pos, spec.window)
+
+
+def attend_cache(impl: str, q_btnh, entry: LayerCache, pos_bt, window: int | None) -> jax.Array:
+    """Decode attention of queries at `pos` over one layer's cache entry (the decode kernel or XLA, by `impl`);
+    the slots' own positions mask it (empty slots, ring buffers, the window)."""
+    if attention_impl(impl, q_btnh, entry.k) != "xla":
+        return kernel_attention(impl, q_btnh, entry.k, entry.v, pos_bt, entry.pos, window)
+    return attention(q_btnh, entry.k, entry.v, attention_mask(pos_bt, entry.pos, window, entry.pos >= 0))
 
 
 def store_prompt(entry: LayerCache, k_btkh, v_btkh, pos_bt, lengths_b) -> LayerCache:

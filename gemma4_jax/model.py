@@ -320,6 +320,57 @@ class DecoderLayer(nnx.Module):
         return x * self.layer_scalar[...], aux
 
 
+# -- the model's pieces as functions of arrays: the one source for both runtimes (this module's Gemma4Text and
+#    the pipeline's stage programs) --------------------------------------------------------------------------
+
+
+def embed(table_vd, ids_bt, dtype) -> jax.Array:
+    """Token embeddings scaled by √D (in `dtype`, as the model rounds the scale)."""
+    return table_vd[ids_bt] * embed_scale(table_vd.shape[-1], dtype)
+
+
+def merge_soft_tokens(x_btd, features_nd, slots_bt) -> jax.Array:
+    """Soft tokens (image / audio features) overwrite the placeholders where `slots` ≥ 0 (feature row index)."""
+    return jnp.where(slots_bt[..., None] >= 0, features_nd[jnp.maximum(slots_bt, 0)].astype(x_btd.dtype), x_btd)
+
+
+def per_layer_inputs(cfg: Gemma4Config, table, proj_dlp, norm_p, ids_bt, h_btd, dtype) -> jax.Array:
+    """[B,T,L,P]: (RMS((h Wp)·D^-½) + E_ple[ids]·√P) · 2^-½, for the L layers whose columns `table` [V, L·P]
+    and `proj` [D, L, P] hold (all of them, or a pipeline stage's)."""
+    ids = jnp.where((ids_bt >= 0) & (ids_bt < cfg.ple_vocab_size), ids_bt, 0)
+    b, t = ids_bt.shape
+    n, p = proj_dlp.shape[1:]
+    tok = (table[ids] * embed_scale(p, dtype)).reshape(b, t, n, p)  # rows are L·P wide; the scale is √P
+    ctx = numerics.einsum("BTD,DLP->BTLP", h_btd, proj_dlp) * (cfg.hidden_size**-0.5)
+    ctx = rms_norm(ctx, norm_p, cfg.rms_norm_eps)
+    return (ctx + tok) * (2.0**-0.5)
+
+
+def head(cfg: Gemma4Config, final_norm_d, table_vd, x_btd) -> jax.Array:
+    """Final norm, head (tied: the raw, unscaled embedding), soft cap; float32 logits [B,T,V]."""
+    x = rms_norm(x_btd, final_norm_d, cfg.rms_norm_eps)
+    logits = numerics.einsum("BTD,VD->BTV", x, table_vd, preferred_element_type=F32)
+    return softcap(logits, cfg.final_logit_softcap)
+
+
+def run_layers(layers, x_btd, ple_btlp, pos_bt, attender: Attender, dtype, taps: list | None = None) -> jax.Array:
+    """The decoder layers in order: `layers` yields (spec, DecoderLayer, column of `ple` for it); RoPE tables
+    once per attention type; attention delegated to `attender`. `taps` receives the stream entering each layer."""
+    rope = {}
+    for spec, layer, j in layers:
+        if spec.attn_type not in rope:
+            rope[spec.attn_type] = rope_cos_sin(pos_bt, rope_inv_freq(spec), dtype)
+
+        def attend(q, kv, spec=spec):
+            return attender(spec, q, kv), None
+
+        if taps is not None:
+            taps.append(x_btd)
+        x_btd, _ = layer(x_btd, ple_btlp[:, :, j] if ple_btlp is not None else None, *rope[spec.attn_type], attend,
+                         owns_kv=spec.owns_kv, impl=attender.impl)
+    return x_btd
+
+
 class Gemma4Text(nnx.Module):
     """Embedding, per-layer embeddings, stacked decoder layers, final norm and head (the embedding itself when
     `tie_word_embeddings`, as every released Gemma 4 checkpoint; else its own `lm_head` [V,D])."""
@@ -345,18 +396,12 @@ class Gemma4Text(nnx.Module):
 
     # -- pieces ---------------------------------------------------------------------------------
     def embed_tokens(self, ids_bt):
-        return self.embed[...][ids_bt] * embed_scale(self.cfg.hidden_size, self.dtype)
+        return embed(self.embed[...], ids_bt, self.dtype)
 
     def per_layer_inputs(self, ids_bt, h_btd):
-        """[B,T,L,P]: (RMS((h Wp)·D^-½) + E_ple[ids]·√P) · 2^-½."""
-        cfg = self.cfg
-        ids = jnp.where((ids_bt >= 0) & (ids_bt < cfg.ple_vocab_size), ids_bt, 0)
-        b, t = ids_bt.shape
-        tok = (self.ple_embed[...][ids] * embed_scale(cfg.ple_dim, self.dtype))
-        tok = tok.reshape(b, t, cfg.num_layers, cfg.ple_dim)
-        ctx = numerics.einsum("BTD,DLP->BTLP", h_btd, self.ple_proj[...]) * (cfg.hidden_size**-0.5)
-        ctx = rms_norm(ctx, self.ple_norm[...], cfg.rms_norm_eps)
-        return (ctx + tok) * (2.0**-0.5)
+        """[B,T,L,P] (`per_layer_inputs`)."""
+        return per_layer_inputs(self.cfg, self.ple_embed[...], self.ple_proj[...], self.ple_norm[...], ids_bt, h_btd,
+                                self.dtype)
 
     def layer_views(self) -> list[DecoderLayer]:
         """One DecoderLayer per layer, in order, each a slice of its kind's stack (or, once `unstack_layers`
@@ -369,11 +414,9 @@ class Gemma4Text(nnx.Module):
         return views
 
     def head(self, x_btd):
-        """Final norm, head (tied: the raw, unscaled embedding), soft cap; float32 logits [B,T,V]."""
-        x = rms_norm(x_btd, self.final_norm[...], self.cfg.rms_norm_eps)
+        """Float32 logits [B,T,V] (`head`, with the embedding when tied, else `lm_head`)."""
         table = self.embed[...] if self.cfg.tie_word_embeddings else self.lm_head[...]
-        logits = numerics.einsum("BTD,VD->BTV", x, table, preferred_element_type=F32)
-        return softcap(logits, self.cfg.final_logit_softcap)
+        return head(self.cfg, self.final_norm[...], table, x_btd)
 
     # -- whole forward ----------------------------------------------------------------------------
     def embed_inputs(self, ids_bt, mm: Multimodal | None = None):
@@ -390,28 +433,16 @@ class Gemma4Text(nnx.Module):
             ids = jnp.where(mm.mask, cfg.pad_token_id, ids_bt)
             x = self.embed_tokens(ids)
             if mm.features.shape[0]:
-                x = jnp.where(mm.mask[..., None], mm.features[jnp.maximum(mm.slots, 0)].astype(x.dtype), x)
+                x = merge_soft_tokens(x, mm.features, mm.slots)
         return x, (self.per_layer_inputs(ids, x) if cfg.ple_dim else None)
 
     def decode_layers(self, ids_bt: jax.Array, pos_bt: jax.Array, attender: Attender,
                       mm: Multimodal | None = None, taps: list | None = None) -> jax.Array:
         """Embed (merging soft tokens `mm`), run every layer (attention delegated to `attender`), return
         the final stream [B,T,D]. `taps`, when given, receives the stream entering each layer (diagnostics)."""
-        cfg = self.cfg
         x, ple = self.embed_inputs(ids_bt, mm)
-        rope = {}
-        for spec, layer in zip(cfg.layers, self.layer_views(), strict=True):
-            if spec.attn_type not in rope:
-                rope[spec.attn_type] = rope_cos_sin(pos_bt, rope_inv_freq(spec), self.dtype)
-
-            def attend(q, kv, spec=spec):
-                return attender(spec, q, kv), None
-
-            if taps is not None:
-                taps.append(x)
-            x, _ = layer(x, ple[:, :, spec.index] if ple is not None else None, *rope[spec.attn_type], attend,
-                         impl=attender.impl)
-        return x
+        layers = ((spec, layer, spec.index) for spec, layer in zip(self.cfg.layers, self.layer_views(), strict=True))
+        return run_layers(layers, x, ple, pos_bt, attender, self.dtype, taps)
 
     def __call__(self, ids_bt: jax.Array, impl: str = "auto", mm: Multimodal | None = None) -> jax.Array:
         """Full causal forward over [B,T] token ids (positions 0..T-1), soft tokens `mm` merged; float32

@@ -40,26 +40,13 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from .cache import LayerCache, store_prompt, write_token
+from . import model
+from .cache import LayerCache, attend_cache, cache_length, store_prompt, write_token
 from .config import Gemma4Config
 from .errors import ConfigError
 from .generation import Sampling, sample
 from .hf_checkpoint import iter_params
-from .kernels import numerics
-from .model import (
-    DecoderLayer,
-    FullAttender,
-    attention,
-    attention_impl,
-    attention_mask,
-    embed_scale,
-    is_layer_tuple,
-    kernel_attention,
-    rms_norm,
-    rope_cos_sin,
-    rope_inv_freq,
-    softcap,
-)
+from .model import DecoderLayer, FullAttender, is_layer_tuple
 from .stages import Path, Stage, head_source, holds_head
 
 F32 = jnp.float32
@@ -328,18 +315,13 @@ def _kind_graphdefs(plan: PipelinePlan, dtype_name: str):
 # KV cache: uniform slots per stage, [P, R, b, S, K, H]
 
 
-def cache_len(plan: PipelinePlan, layer: int, max_len: int) -> int:
-    w = plan.cfg.layers[layer].window
-    return min(w, max_len) if w is not None else max_len
-
-
 def init_stage_cache(plan: PipelinePlan, mesh, slots: int, b: int, max_len: int, dtype) -> dict[str, LayerCache]:
     """{slot: LayerCache} with k, v [P, R, b, S, K, H] and pos [P, R, b, S] (−1 = empty), sharded P('pp')."""
     sh = NamedSharding(mesh, P("pp"))
     out = {}
     for name, layer in plan.slot_spec.items():
         spec = plan.cfg.layers[layer]
-        s = cache_len(plan, layer, max_len)
+        s = cache_length(plan.cfg, layer, max_len)
         kv_shape = (plan.num_stages, slots, b, s, spec.num_kv_heads, spec.head_dim)
         zeros = lambda shape=kv_shape: jnp.zeros(shape, dtype, device=sh)  # noqa: E731
         pos = lambda shape=kv_shape[:4]: jnp.full(shape, -1, jnp.int32, device=sh)  # noqa: E731
@@ -382,47 +364,40 @@ class _Attender(FullAttender):
         if self.mode != "decode":
             return super().__call__(spec, q, kv)
         e = self.cache[spec.kv_source]
-        entry = LayerCache(e.k[self.mb], e.v[self.mb], e.pos[self.mb])
-        impl = attention_impl(self.impl, q, entry.k)
-        if impl != "xla":
-            return kernel_attention(self.impl, q, entry.k, entry.v, self.pos, entry.pos, spec.window)
-        mask = attention_mask(self.pos, entry.pos, spec.window, entry.pos >= 0)
-        return attention(q, entry.k, entry.v, mask)
+        return attend_cache(self.impl, q, LayerCache(e.k[self.mb], e.v[self.mb], e.pos[self.mb]), self.pos,
+                            spec.window)
 
 
 def _stage_fn(plan: PipelinePlan, s: int, mode: str, dtype, graphdefs, impl: str = "auto"):
-    """The program of stage s: (params, packet, cache, pos, lengths, micro-batch index) -> (packet, cache)."""
+    """The program of stage s: (params, packet, cache, pos, lengths, micro-batch index) -> (packet, cache).
+
+    The model's math is `model`'s own functions (embedding, soft tokens, per-layer inputs, the layer loop, the
+    head), looked up there at trace time; only the stage bookkeeping (which layers, which cache slots, what the
+    packet carries) lives here."""
     cfg, stage = plan.cfg, plan.stages[s]
     slots = plan.cache_slots[s]
 
     def run(params, x, h0, ids, kv_in, cache, pos, lengths, mb, mm):
         if stage.first:
-            x = (params["table"][ids] * embed_scale(cfg.hidden_size, dtype)).astype(dtype)
+            x = model.embed(params["table"], ids, dtype).astype(dtype)
             if mm is not None:  # soft tokens (images, audio) overwrite their placeholders (already pad ids)
-                feats, at = mm[0], mm[1][mb]
-                x = jnp.where(at[..., None] >= 0, feats[jnp.maximum(at, 0)].astype(dtype), x)
+                x = model.merge_soft_tokens(x, mm[0], mm[1][mb])
             h0 = x
         ple = None
         if cfg.ple_dim:
-            b, t = ids.shape
-            n, p = plan.layers_max, cfg.ple_dim
-            safe = jnp.where((ids >= 0) & (ids < cfg.ple_vocab_size), ids, 0)
-            tok = (params["ple_table"][safe] * embed_scale(p, dtype)).reshape(b, t, n, p)
-            ctx = numerics.einsum("BTD,DLP->BTLP", h0, params["ple_proj"]) * (cfg.hidden_size**-0.5)
-            ple = (rms_norm(ctx, params["ple_norm"], cfg.rms_norm_eps) + tok) * (2.0**-0.5)
+            ple = model.per_layer_inputs(cfg, params["ple_table"], params["ple_proj"], params["ple_norm"], ids, h0,
+                                         dtype)
         view = {layer: cache[name] for layer, name in slots.items()} if cache is not None else None
         mirrored = {src: kv_in[src] for src in plan.xfer if src in slots and src < stage.start}
         blocks = mm[2][mb] if mm is not None and cfg.bidirectional_vision else None
         att = _Attender(mode, pos, lengths, view, mirrored, impl, mb, blocks)
-        rope = {}
-        for j, (layer, kind, slot) in enumerate(plan.local[s]):
-            spec = cfg.layers[layer]
-            if spec.attn_type not in rope:
-                rope[spec.attn_type] = rope_cos_sin(pos, rope_inv_freq(spec), dtype)
-            state = jax.tree.map(lambda a, slot=slot: a[slot], params["stacks"][kind], is_leaf=is_layer_tuple)
-            module = nnx.merge(graphdefs[kind], state)
-            x, _ = module(x, ple[:, :, j] if ple is not None else None, *rope[spec.attn_type],
-                          lambda q, kv, spec=spec: (att(spec, q, kv), None), owns_kv=spec.owns_kv, impl=impl)
+
+        def layers():  # each layer's module is built from its kind's stack slice when the loop reaches it
+            for j, (layer, kind, slot) in enumerate(plan.local[s]):
+                state = jax.tree.map(lambda a, slot=slot: a[slot], params["stacks"][kind], is_leaf=is_layer_tuple)
+                yield cfg.layers[layer], nnx.merge(graphdefs[kind], state), j
+
+        x = model.run_layers(layers(), x, ple, pos, att, dtype)
         kv_out = {src: att.kv_of.get(src, kv_in[src]) for src in plan.xfer}
         if cache is not None:
             cache = dict(cache)
@@ -434,10 +409,7 @@ def _stage_fn(plan: PipelinePlan, s: int, mode: str, dtype, graphdefs, impl: str
 
 
 def _head(plan: PipelinePlan, params, x):
-    cfg = plan.cfg
-    y = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    logits = numerics.einsum("BTD,VD->BTV", y, params["table"], preferred_element_type=F32)
-    return softcap(logits, cfg.final_logit_softcap)
+    return model.head(plan.cfg, params["final_norm"], params["table"], x)
 
 
 # ---------------------------------------------------------------------------------------------

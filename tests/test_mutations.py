@@ -4,6 +4,7 @@ Every case below breaks one feature of GEMMA4_SPEC.md §2/§8 (by patching one h
 and asserts that the float32 comparison with transformers then fails by a wide margin.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -53,9 +54,9 @@ def _scale_then_renormalise(self, x, impl="auto"):
     return w / w.sum(-1, keepdims=True), idx
 
 
-def _ple_ignored(self, ids, h):
+def _ple_ignored(cfg, table, proj, norm, ids, h, dtype):
     b, t = ids.shape
-    return jnp.zeros((b, t, self.cfg.num_layers, self.cfg.ple_dim), h.dtype)
+    return jnp.zeros((b, t, *proj.shape[1:]), h.dtype)
 
 
 MUTATIONS = {
@@ -66,7 +67,7 @@ MUTATIONS = {
     "no_final_softcap": ("31b", mdl, "softcap", lambda x, cap: x),
     "k_eq_v_value_after_k_norm": ("31b", mdl.Attention, "keys_values", _keqv_after_norm),
     "moe_scale_before_renormalise": ("26b-a4b", mdl.MoE, "route", _scale_then_renormalise),
-    "per_layer_embeddings_ignored": ("e2b", mdl.Gemma4Text, "per_layer_inputs", _ple_ignored),
+    "per_layer_embeddings_ignored": ("e2b", mdl, "per_layer_inputs", _ple_ignored),
 }
 
 
@@ -85,6 +86,20 @@ def test_broken_feature_is_caught(name, monkeypatch, hf_models, hf_dirs):
     monkeypatch.setattr(owner, attr, replacement)
     err = rel_err(_eager_logits(model, ids), ref)
     assert err > 5 * F32_BOUND, f"{name} went unnoticed (error {err:.1e})"
+
+
+@pytest.mark.parametrize("name", ["no_final_softcap", "per_layer_embeddings_ignored", "rmsnorm_plus_one"])
+def test_broken_feature_breaks_the_pipeline_too(name, monkeypatch, hf_models, hf_dirs):
+    """The pipeline's stages run the model's own functions (embedding, per-layer inputs, layers, head), so a
+    mutated model function breaks pp = 2 as well: one source of the math for both runtimes."""
+    family, owner, attr, replacement = MUTATIONS[name]
+    ids = np.random.default_rng(0).integers(3, 256, size=(2, 24))
+    ref = hf_logits(hf_models[family], ids)
+    monkeypatch.setattr(owner, attr, replacement)
+    jax.clear_caches()  # no program traced before the patch may be reused
+    piped = gemma4_jax.load(hf_dirs[family, "causal"], pp=2, progress=False)
+    err = rel_err(piped.logits(ids), ref)
+    assert err > 5 * F32_BOUND, f"{name} went unnoticed at pp=2 (error {err:.1e})"
 
 
 def test_layer_scalar_must_be_loaded(hf_models, hf_dirs):
