@@ -1,4 +1,4 @@
-"""The Gemma 4 audio tower (E2B/E4B, GEMMA4_SPEC.md §5) and its embedder, in Flax NNX.
+"""The Gemma 4 audio tower (E2B/E4B, docs/architecture.md §5) and its embedder, in Flax NNX.
 
 Owns the audio configuration (`AudioConfig`), the USM-style conformer that turns log-mel features
 into soft tokens (conv subsampling front end, chunked local attention with a relative position

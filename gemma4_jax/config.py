@@ -293,7 +293,7 @@ class Gemma4Config:
 
 
 # ---------------------------------------------------------------------------------------------
-# Presets: the released variants' real shapes (GEMMA4_SPEC.md §1), in the published flat form.
+# Presets: the released variants' real shapes (docs/architecture.md §1), in the published flat form.
 
 def _preset_dict(**kw: Any) -> dict[str, Any]:
     base: dict[str, Any] = {

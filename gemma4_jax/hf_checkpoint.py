@@ -273,11 +273,16 @@ def _natural(s: str):
     return [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", s)]
 
 
-def get_variable(module: nnx.Module, path: Path) -> nnx.Variable:
-    obj = module
-    for key in path:
-        obj = obj[key] if isinstance(obj, nnx.Dict) else getattr(obj, key)
-    return obj
+def read_tower_tensors(hf_dir: str) -> dict[str, np.ndarray]:
+    """Every `model.vision_tower.` / `model.embed_vision.` / `model.audio_tower.` / `model.embed_audio.`
+    tensor of an HF directory, as numpy arrays."""
+    out = {}
+    for path in checkpoint_files(hf_dir):
+        st = SafetensorsFile(path)
+        for name in st.keys():
+            if name.startswith(NON_TEXT_PREFIXES):
+                out[name] = np.array(st.get(name))
+    return out
 
 
 def model_from_params(cfg: Gemma4Config, params: dict[Path, np.ndarray], dtype, put=jnp.asarray):

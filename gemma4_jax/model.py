@@ -1,4 +1,4 @@
-"""The Gemma 4 text decoder in Flax NNX (GEMMA4_SPEC.md §2).
+"""The Gemma 4 text decoder in Flax NNX (docs/architecture.md §2).
 
 Owns the modules (RMSNorm-style weights, attention, dense MLP, MoE, per-layer embeddings, decoder
 layer, whole decoder) and the pure math helpers they share. Layers with equal parameter shapes are

@@ -15,10 +15,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import stage_checkpoint as sc
+from .audio import AudioConfig, load_audio
 from .errors import CheckpointError, ConfigError
+from .hf_checkpoint import read_tower_tensors
 from .model import Multimodal, vision_blocks
+from .safetensors_io import SafetensorsFile
 from .tokenizer import AUDIO_MARK as AUDIO_TEXT
 from .tokenizer import IMAGE_MARK as IMAGE_TEXT
+from .vision import VisionConfig, load_vision
 
 
 @dataclass(frozen=True)
@@ -41,21 +46,6 @@ class SpecialIds:
                    eoa=int(raw.get("eoa_token_id", raw.get("eoa_token_index", d.eoa))))
 
 
-def read_tower_tensors(hf_dir: str) -> dict[str, np.ndarray]:
-    """Every `model.vision_tower.` / `model.embed_vision.` / `model.audio_tower.` / `model.embed_audio.`
-    tensor of an HF directory, as numpy arrays."""
-    from .hf_checkpoint import NON_TEXT_PREFIXES
-    from .safetensors_io import SafetensorsFile, checkpoint_files
-
-    out = {}
-    for path in checkpoint_files(hf_dir):
-        st = SafetensorsFile(path)
-        for name in st.keys():
-            if name.startswith(NON_TEXT_PREFIXES):
-                out[name] = np.array(st.get(name))
-    return out
-
-
 class Towers:
     """The vision and audio towers (with their embedders) of a checkpoint; either may be None."""
 
@@ -66,8 +56,6 @@ class Towers:
     def load(cls, path: str, text_hidden_size: int, dtype) -> Towers | None:
         """The towers of an HF or converted directory (whose first stage keeps them), placed on the first
         device; None when its config has neither a vision nor an audio config."""
-        from . import stage_checkpoint as sc
-
         if sc.is_stage_dir(path):
             manifest = sc.read_manifest(path)
             raw = manifest["config"]
@@ -81,20 +69,14 @@ class Towers:
         if sc.is_stage_dir(path):
             if not towers:
                 raise CheckpointError(f"{path} was converted without its vision/audio towers; re-convert it")
-            from .safetensors_io import SafetensorsFile
-
             st = SafetensorsFile(os.path.join(path, towers["file"]))
             tensors = {name: np.array(st.get(name)) for name in st.keys()}
         else:
             tensors = read_tower_tensors(path)
         vision = audio = None
         if vision_cfg:
-            from .vision import VisionConfig, load_vision
-
             vision = load_vision(tensors, VisionConfig.from_hf(vision_cfg, text_hidden_size), dtype)
         if audio_cfg:
-            from .audio import AudioConfig, load_audio
-
             audio = load_audio(AudioConfig.from_hf(audio_cfg, text_hidden_size), tensors, dtype)
         return cls(vision, audio, SpecialIds.from_config(raw))
 

@@ -1,7 +1,7 @@
 """Image, audio and prompt preprocessing for Gemma 4, with numpy and Pillow only (no torch).
 
 Owns what transformers' `Gemma4ImageProcessorPil`, `Gemma4AudioFeatureExtractor` and `Gemma4Processor`
-hand the model (GEMMA4_SPEC.md §5), reproduced to the same numbers:
+hand the model (docs/architecture.md §5), reproduced to the same numbers:
 
 - images: aspect-preserving bicubic resize (Pillow) to the largest size whose sides are multiples of
   48 px (16-px patches pooled 3×3) within the soft-token budget, pixels scaled to [0, 1] (the model
@@ -28,7 +28,7 @@ import numpy as np
 
 from .errors import CheckpointError, ConfigError, Gemma4Error
 
-# Placeholder strings and ids of the Gemma 4 vocabulary (GEMMA4_SPEC.md §4; transformers' Gemma4Config).
+# Placeholder strings and ids of the Gemma 4 vocabulary (docs/architecture.md §4; transformers' Gemma4Config).
 BOI_TOKEN, BOI_TOKEN_ID = "<|image>", 255_999
 IMAGE_TOKEN, IMAGE_TOKEN_ID = "<|image|>", 258_880
 EOI_TOKEN, EOI_TOKEN_ID = "<image|>", 258_882

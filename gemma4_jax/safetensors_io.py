@@ -12,7 +12,6 @@ import json
 import mmap
 import os
 import struct
-from collections.abc import Iterator
 
 import ml_dtypes
 import numpy as np
@@ -111,14 +110,6 @@ def checkpoint_files(hf_dir: str) -> list[str]:
     if os.path.exists(single):
         return [single]
     raise CheckpointError(f"{hf_dir} holds neither model.safetensors nor model.safetensors.index.json")
-
-
-def iter_tensors(files: list[str]) -> Iterator[tuple[str, SafetensorsFile]]:
-    """(name, file) for every tensor of every file; read with `file.get(name)`."""
-    for path in files:
-        st = SafetensorsFile(path)
-        for name in st.keys():
-            yield name, st
 
 
 def save_file(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str] | None = None) -> None:

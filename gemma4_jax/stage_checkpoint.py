@@ -28,7 +28,7 @@ import numpy as np
 
 from .config import Gemma4Config
 from .errors import CheckpointError, ConfigError
-from .hf_checkpoint import HFCheckpoint, Target, target_shapes
+from .hf_checkpoint import HFCheckpoint, Target, read_tower_tensors, target_shapes
 from .stages import Path, Stage, head_source, holds_head, stage_bytes, stage_of_layer, stages_from_bounds
 
 MANIFEST = "manifest.json"
@@ -310,7 +310,6 @@ TOWERS_FILE = "stage_0_towers.safetensors"
 def _write_towers(hf_dir: str, root: str, dtype: str) -> dict | None:
     """The vision/audio towers and their embedders, for the first stage only: one safetensors file of
     their HF-named tensors (cast to `dtype`) beside stage 0's checkpoint; None when there are none."""
-    from .multimodal import read_tower_tensors
     from .safetensors_io import save_file
 
     tensors = read_tower_tensors(hf_dir)

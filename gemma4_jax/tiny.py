@@ -12,7 +12,7 @@ import os
 
 from .chat import THINK, THOUGHT_END, THOUGHT_START
 
-# Gemma 4's special ids (GEMMA4_SPEC.md §4) that a tiny vocabulary keeps at the same numbers.
+# Gemma 4's special ids (docs/architecture.md §4) that a tiny vocabulary keeps at the same numbers.
 SPECIALS = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 4: "<mask>", 50: "<|tool_response>",
             105: "<|turn>", 106: "<turn|>"}
 

@@ -3,7 +3,7 @@
 Owns encoding with BOS exactly once, decoding, the stop ids of a checkpoint (`config.json` plus
 `generation_config.json`), and the Gemma 4 chat prompt: the checkpoint's own template
 (`chat_template.jinja`, or `chat_template` in `tokenizer_config.json`) rendered as transformers renders it
-(`gemma4_jax.chat`) when present, else the built-in format of GEMMA4_SPEC.md §4. No torch at run time.
+(`gemma4_jax.chat`) when present, else the built-in format of docs/architecture.md §4. No torch at run time.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _text_of(content) -> str:
 
 def builtin_chat_prompt(messages: list[dict], add_generation_prompt: bool = True,
                         enable_thinking: bool = False, empty_thoughts: bool = False) -> str:
-    """The chat format of GEMMA4_SPEC.md §4, for checkpoints that ship no template:
+    """The chat format of docs/architecture.md §4, for checkpoints that ship no template:
     `<bos>[<|turn>system\n[<|think|>\n]{system}<turn|>\n]<|turn>user\n{text}<turn|>\n…<|turn>model\n`.
     A system turn is written for a system/developer message or when thinking is on; earlier model turns lose
     their thought channels; `empty_thoughts` (the 26B/31B templates) writes an empty thought channel after the

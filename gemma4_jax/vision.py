@@ -1,4 +1,4 @@
-"""The Gemma 4 vision tower and its embedder in Flax NNX (GEMMA4_SPEC.md §5).
+"""The Gemma 4 vision tower and its embedder in Flax NNX (docs/architecture.md §5).
 
 Owns the vision configuration (`VisionConfig`, parsed from the HF `vision_config`), the modules
 (patch embedder, bidirectional ViT layers stacked on a leading axis, pooler, `embed_vision`), the
@@ -337,10 +337,6 @@ class VisionModel(nnx.Module):
     def __call__(self, pixel_values_bpc, position_ids_bp2):
         h, valid = self.tower(pixel_values_bpc, position_ids_bp2)
         return self.embed(h), valid
-
-
-def init_vision(cfg: VisionConfig, dtype=jnp.float32, seed: int = 0) -> VisionModel:
-    return VisionModel(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
 
 
 def abstract_vision(cfg: VisionConfig, dtype=jnp.float32) -> VisionModel:

@@ -3,7 +3,7 @@ or plain XLA, by platform and shape, overridable. (MoE: `resolve_moe`; projectio
 
 `impl` is one of
   'auto'      XLA on CPU (and on anything that is not a CUDA GPU). On a GPU, for 16-bit inputs, whatever
-              measured fastest on an H100 (docs/kernels.md):
+              measured fastest on an H200 (docs/kernels.md, runs 4–9; the first tables were H100's):
                 prefill (more than DECODE_MAX_TOKENS queries) whose queries and keys are the same tokens at
                   positions 0..T-1 (`aligned`): cuDNN's flash attention for head_dim ≤ 256, our Mosaic GPU
                   `flash_attention_mgpu` at head_dim 512 on Hopper (no library kernel takes 512); other

@@ -1,6 +1,6 @@
 """Small random transformers Gemma 4 models, one per family, saved as real HF checkpoints.
 
-Every family keeps the features of its real counterpart (GEMMA4_SPEC.md §1) at toy sizes, and
+Every family keeps the features of its real counterpart (docs/architecture.md §1) at toy sizes, and
 every norm weight, `layer_scalar` and router scale is perturbed away from its init so that no
 feature can hide behind a 1.0.
 """

@@ -11,7 +11,7 @@ from gemma4_jax.tiny import write_tiny_checkpoint
 from gemma4_jax.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The published templates' shape for a plain user turn (GEMMA4_SPEC.md §4).
+# The published templates' shape for a plain user turn (docs/architecture.md §4).
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
             "{{ m['content'] }}<turn|>\n{% endfor %}{% if add_generation_prompt %}<|turn>model\n{% endif %}")
 

@@ -61,7 +61,7 @@ def test_wilson_interval(correct, total, lo, hi):
 
 
 def test_few_shot_prompt_matches_gemma_turn_format(demo_model):
-    """The shipped chat template, rendered over several turns, equals the Gemma 4 format of GEMMA4_SPEC §4."""
+    """The shipped chat template, rendered over several turns, equals the Gemma 4 format of docs/architecture.md §4."""
     shots = [{"question": "Q1?", "answer": "It is 2+2=<<2+2=4>>4.\n#### 4"}, {"question": "Q2?", "answer": "#### 5"}]
     text = gsm8k.render_chat(demo_model.tokenizer, gsm8k.chat_messages("Q3?", shots))
     expected = builtin_chat_prompt([

@@ -1,6 +1,6 @@
 """Each parity test must fail when the feature it covers is broken.
 
-Every case below breaks one feature of GEMMA4_SPEC.md §2/§8 (by patching one helper of the model)
+Every case below breaks one feature of docs/architecture.md §2/§8 (by patching one helper of the model)
 and asserts that the float32 comparison with transformers then fails by a wide margin.
 """
 

@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-# The real towers (GEMMA4_SPEC.md §1 and §5; the published config.json's `vision_config` / `audio_config`).
+# The real towers (docs/architecture.md §1 and §5; the published config.json's `vision_config` / `audio_config`).
 VISION_SMALL = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=16, num_attention_heads=12,
                     num_key_value_heads=12, head_dim=64, patch_size=16, pooling_kernel_size=3,
                     position_embedding_size=10240, use_clipped_linears=True, standardize=False)
