@@ -17,15 +17,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from . import multimodal as mmod
 from . import stage_checkpoint as sc
 from .chat import split_thoughts
 from .config import Gemma4Config
+from .demo import demo_path
 from .errors import CheckpointError, ConfigError
 from .generation import generate_tokens
 from .hf_checkpoint import model_from_params, read_hf_params
 from .kernels.dispatch import IMPLS
 from .model import Gemma4Text, restack_layers, unstack_layers
+from .multimodal import Towers
 from .options import check_sampling
+from .pipeline import Pipeline, best_stages, stage_leaves_from_params
+from .stages import parse_layer_split, stages_from_bounds
 from .tokenizer import Tokenizer, stop_ids
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -186,8 +191,6 @@ class Gemma4Model:
                      thinking: bool = False):
         """([expanded prompt ids], soft_tokens) for one prompt with images and/or audio: pass both to
         `generate(ids, soft_tokens=...)` (what `generate_text(..., images=, audio=)` does)."""
-        from . import multimodal as mmod
-
         if self.towers is None:
             raise ConfigError("this checkpoint has no vision or audio tower (images and audio need a "
                               "Gemma4ForConditionalGeneration checkpoint with them)")
@@ -239,8 +242,6 @@ def load(path: str | None = None, *, pp: int = 1, dtype=None, max_seq_len: int |
     `gemma4_jax.Gemma4Error` subclasses with one sentence naming the problem.
     """
     if path is None:
-        from .demo import demo_path
-
         path = demo_path()
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -268,9 +269,6 @@ def load(path: str | None = None, *, pp: int = 1, dtype=None, max_seq_len: int |
     if tokenizer is not None:  # the built-in format follows the size class: 26B/31B (no per-layer inputs)
         tokenizer.empty_thoughts = not cfg.ple_dim  # write an empty thought channel when thinking is off
     if pp > 1:
-        from .pipeline import Pipeline, best_stages, stage_leaves_from_params
-        from .stages import parse_layer_split, stages_from_bounds
-
         if sc.is_stage_dir(path):
             stages = sc.manifest_stages(manifest, cfg)
             mine = {d.id for d in jax.local_devices()}  # with several hosts, each restores only its stages
@@ -302,8 +300,6 @@ def load(path: str | None = None, *, pp: int = 1, dtype=None, max_seq_len: int |
 
 def _towers(path: str, cfg: Gemma4Config, dtype):
     """The vision/audio towers of a multimodal checkpoint (HF or converted), on the first device."""
-    from .multimodal import Towers
-
     return Towers.load(path, cfg.hidden_size, dtype)
 
 

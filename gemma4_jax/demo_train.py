@@ -26,7 +26,7 @@ from flax import nnx
 
 from . import arith
 from .config import FULL, SLIDING, Gemma4Config
-from .gsm8k import user_text
+from .gsm8k import extract_answer, user_text
 from .model import Gemma4Text
 from .tiny import SPECIALS
 
@@ -261,8 +261,6 @@ def held_out_accuracy(model, problems: list[dict], batch_size: int = 100, max_ne
 
     `instruction` False: the prompts are the bare questions.
     """
-    from .gsm8k import extract_answer
-
     correct = 0
     for s in range(0, len(problems), batch_size):
         chunk = problems[s:s + batch_size]

@@ -15,8 +15,12 @@ import time
 
 import numpy as np
 
+from .chat import ThoughtStream, split_thoughts
 from .cli import exit_now, on_interrupt_exit
 from .cluster import add_cluster_args, join_cluster
+from .errors import ConfigError
+from .options import check_sampling
+from .tokenizer import StreamDecoder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,8 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_prompts(args: argparse.Namespace, stdin, err) -> list[str]:
     """The prompts: `--prompt` texts (none may be blank), or stdin's lines (UTF-8; blank lines kept as '')."""
-    from .errors import ConfigError
-
     if args.prompt:
         for i, text in enumerate(args.prompt, 1):
             if not text.strip():
@@ -81,7 +83,6 @@ def check_args(args: argparse.Namespace) -> None:
     """Everything about the flags that can be checked before the model loads (minutes, for a real one)."""
     import gemma4_jax
 
-    from .options import check_sampling
 
     check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed)
@@ -98,8 +99,6 @@ def check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
     import gemma4_jax
 
-    from .chat import ThoughtStream, split_thoughts
-    from .tokenizer import StreamDecoder
 
     check_args(args)
     prompts = read_prompts(args, stdin, err)

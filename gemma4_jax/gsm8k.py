@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
 
 from .chat import split_thoughts
+from .demo import demo_path
 from .errors import Gemma4Error
 
 INSTRUCTION = "Solve step by step and give the final answer after ####."
@@ -298,7 +299,6 @@ def run_eval(model_path: str | None, data: str | None, *, out: str, limit: int |
     `write=False` (the hosts other than process 0) computes the same and writes and logs nothing."""
     import gemma4_jax
 
-    from .demo import demo_path
 
     if limit is not None and limit < 1:
         raise DataError(f"--limit must be at least 1, got {limit}")

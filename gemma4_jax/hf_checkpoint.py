@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from .config import Gemma4Config
+from .model import abstract_model
 from .safetensors_io import CheckpointError, SafetensorsFile, checkpoint_files
 
 Path = tuple[str, ...]
@@ -134,8 +135,6 @@ def text_prefix(names: Iterable[str]) -> str:
 
 def target_shapes(cfg: Gemma4Config, dtype) -> dict[Path, tuple[tuple[int, ...], np.dtype]]:
     """Shape and dtype of every parameter of the model, keyed by path."""
-    from .model import abstract_model
-
     out = {}
     for path, var in iter_params(abstract_model(cfg, dtype)):
         value = var.get_value()
@@ -287,8 +286,6 @@ def read_tower_tensors(hf_dir: str) -> dict[str, np.ndarray]:
 
 def model_from_params(cfg: Gemma4Config, params: dict[Path, np.ndarray], dtype, put=jnp.asarray):
     """An NNX model whose parameters are `params` (placed with `put`, e.g. a sharded device_put)."""
-    from .model import abstract_model
-
     model = abstract_model(cfg, dtype)
     for path, var in iter_params(model):
         if path not in params:

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from .config import Gemma4Config, LayerSpec
-from .kernels import numerics
+from .kernels import dispatch, gemv, moe, moe_mgpu, numerics
 
 F32 = jnp.float32
 
@@ -108,8 +108,6 @@ def linear(eq: str, x: jax.Array, w: jax.Array, impl: str = "auto") -> jax.Array
     """The projection `einsum(eq, x, w)` where the contracted dims are x's last and w's first (every weight
     product of a layer). At a decode step's few rows it can run as the skinny Pallas kernel
     (`kernels.dispatch.resolve_dense`), on x and w viewed as matrices; else it is the einsum itself."""
-    from .kernels import dispatch, gemv
-
     ins, out = eq.split("->")
     xs, ws = ins.split(",")
     c = len(set(xs) & set(ws) - set(out))
@@ -251,8 +249,6 @@ class MoE(nnx.Module):
         (Triton, or Mosaic GPU on Hopper at many rows) read the routed experts' weights in place; else XLA
         (`moe.moe_experts_xla`: a gather of the chosen experts at few rows, `ragged_dot` at many), at full
         precision for float32."""
-        from .kernels import dispatch, moe, moe_mgpu
-
         f, d = self.gate.shape[-2:]
         choice = dispatch.resolve_moe(impl, d=d, f=f, rows=idx_mk.size, dtype=y_md.dtype)
         weights = (self.gate[...], self.up[...], self.down[...])
@@ -472,8 +468,6 @@ def attention_impl(impl: str, q_btnh: jax.Array, k_bskh: jax.Array, aligned: boo
 
     `aligned`: queries and keys are the same tokens at positions 0..T-1 (prefill), which cuDNN can take.
     """
-    from .kernels import dispatch
-
     return dispatch.resolve(impl, head_dim=q_btnh.shape[-1], group=q_btnh.shape[2] // k_bskh.shape[2],
                             dtype=q_btnh.dtype, q_len=q_btnh.shape[1], batch=q_btnh.shape[0], aligned=aligned)
 
@@ -482,8 +476,6 @@ def kernel_attention(impl: str, q_btnh, k_bskh, v_bskh, q_pos_bt, k_pos_bs, wind
                      aligned: bool = False) -> jax.Array:
     """The dispatcher's non-XLA paths with the model's semantics: scale 1.0, mask from positions (k_pos −1 =
     invalid). `impl` is the caller's setting (the dispatcher resolves it again, to the same choice)."""
-    from .kernels import dispatch
-
     return dispatch.attention(q_btnh, k_bskh, v_bskh, q_pos_bt, k_pos_bs, scale=1.0, window=window, impl=impl,
                               aligned=aligned)
 

@@ -16,14 +16,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import stage_checkpoint as sc
-from .audio import AudioConfig, load_audio
+from .audio import AudioConfig, audio_soft_tokens, load_audio
 from .errors import CheckpointError, ConfigError
 from .hf_checkpoint import read_tower_tensors
 from .model import Multimodal, vision_blocks
+from .preprocess import preprocess_audio_batch, preprocess_images
 from .safetensors_io import SafetensorsFile
 from .tokenizer import AUDIO_MARK as AUDIO_TEXT
 from .tokenizer import IMAGE_MARK as IMAGE_TEXT
-from .vision import VisionConfig, load_vision
+from .vision import VisionConfig, image_features, load_vision
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,6 @@ class Towers:
         """(features [N, D], soft tokens per image) for a list of images (paths, PIL images or arrays)."""
         if self.vision is None:
             raise ConfigError("this checkpoint has no vision tower")
-        from .preprocess import preprocess_images
-        from .vision import image_features
 
         inp = preprocess_images(list(images), max_soft_tokens)
         feats = image_features(self.vision, inp.pixel_values, inp.image_position_ids,
@@ -96,8 +95,6 @@ class Towers:
         """(features [N, D], soft tokens per clip) for a list of clips (16 kHz arrays or .wav paths)."""
         if self.audio is None:
             raise ConfigError("this checkpoint has no audio tower")
-        from .audio import audio_soft_tokens
-        from .preprocess import preprocess_audio_batch
 
         inp = preprocess_audio_batch(list(clips))
         feats = audio_soft_tokens(self.audio, inp.input_features, inp.input_features_mask)

@@ -47,7 +47,7 @@ from .errors import ConfigError
 from .generation import Sampling, sample
 from .hf_checkpoint import iter_params
 from .model import DecoderLayer, FullAttender, is_layer_tuple
-from .stages import Path, Stage, head_source, holds_head
+from .stages import Path, Stage, balanced_stages, head_source, holds_head, stages_from_bounds
 
 F32 = jnp.float32
 
@@ -171,7 +171,6 @@ def best_stages(cfg: Gemma4Config, pp: int, itemsize: int = 2) -> tuple[Stage, .
     import itertools
     import math
 
-    from .stages import balanced_stages, stages_from_bounds
 
     best = balanced_stages(cfg, pp, itemsize)
     if pp == 1 or math.comb(cfg.num_layers - 1, pp - 1) > 20_000:

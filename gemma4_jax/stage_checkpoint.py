@@ -29,7 +29,9 @@ import numpy as np
 from .config import Gemma4Config
 from .errors import CheckpointError, ConfigError
 from .hf_checkpoint import HFCheckpoint, Target, read_tower_tensors, target_shapes
-from .stages import Path, Stage, head_source, holds_head, stage_bytes, stage_of_layer, stages_from_bounds
+from .pipeline import best_stages
+from .safetensors_io import save_file
+from .stages import Path, Stage, describe, head_source, holds_head, stage_bytes, stage_of_layer, stages_from_bounds
 
 MANIFEST = "manifest.json"
 FORMAT = "gemma4-jax-stages"
@@ -201,9 +203,6 @@ def convert(hf_dir: str, out: str, stages: tuple[Stage, ...] | None = None, *, p
     `pipeline.best_stages`); `dtype` defaults to the
     checkpoint's own. Raises Gemma4Error subclasses with one sentence; never leaves a partial `out`.
     """
-    from .pipeline import best_stages
-    from .stages import describe
-
     _quiet_orbax()
     if not os.path.isdir(hf_dir):
         raise CheckpointError(f"{hf_dir} is not a directory")
@@ -310,8 +309,6 @@ TOWERS_FILE = "stage_0_towers.safetensors"
 def _write_towers(hf_dir: str, root: str, dtype: str) -> dict | None:
     """The vision/audio towers and their embedders, for the first stage only: one safetensors file of
     their HF-named tensors (cast to `dtype`) beside stage 0's checkpoint; None when there are none."""
-    from .safetensors_io import save_file
-
     tensors = read_tower_tensors(hf_dir)
     if not tensors:
         return None

@@ -26,6 +26,7 @@ import numpy as np
 
 from .config import Gemma4Config
 from .errors import ConfigError
+from .hf_checkpoint import target_shapes
 
 Path = tuple[str, ...]
 
@@ -73,8 +74,6 @@ def parse_layer_split(text: str, num_layers: int) -> tuple[Stage, ...]:
 
 def layer_bytes(cfg: Gemma4Config, itemsize: int) -> np.ndarray:
     """Parameter bytes of each decoder layer [L], its per-layer-input table columns included."""
-    from .hf_checkpoint import target_shapes
-
     out = np.zeros(cfg.num_layers, np.int64)
     shapes = target_shapes(cfg, np.float32)
     for layer, (kind, _) in enumerate(cfg.layer_plan):

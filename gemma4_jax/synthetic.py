@@ -16,7 +16,8 @@ import ml_dtypes
 import numpy as np
 
 from .config import Gemma4Config
-from .hf_checkpoint import converter_table
+from .hf_checkpoint import converter_table, iter_params
+from .model import abstract_model
 
 PREFIX = "model.language_model."
 
@@ -76,8 +77,6 @@ def random_model(cfg: Gemma4Config, dtype, seed: int = 0):
     N(0, 0.02) for matrices, 1 + N(0, 0.1) for norms, scales and layer scalars."""
     import jax
 
-    from .hf_checkpoint import iter_params
-    from .model import abstract_model
 
     model = abstract_model(cfg, dtype)
     specs = []

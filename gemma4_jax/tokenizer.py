@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 
-from .chat import EMPTY_THOUGHTS, THINK, check_conversation, split_thoughts
+from .chat import EMPTY_THOUGHTS, THINK, check_conversation, render, split_thoughts
 from .errors import CheckpointError, ConfigError
 
 BOS, TURN_START, TURN_END = "<bos>", "<|turn>", "<turn|>"
@@ -133,7 +133,6 @@ class Tokenizer:
             if tools:
                 raise ConfigError("this checkpoint has no chat template, and the built-in format has no tools")
             return builtin_chat_prompt(messages, add_generation_prompt, enable_thinking, self.empty_thoughts)
-        from .chat import render
 
         return render(self.template, messages, add_generation_prompt=add_generation_prompt,
                       enable_thinking=enable_thinking, tools=tools)

@@ -29,6 +29,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
+from . import flash_attention_mgpu, moe_mgpu
 from .decode_attention import decode_attention
 from .flash_attention import flash_attention, flash_attention_reference
 from .gemv import GEMV_MAX_ROWS, GEMV_MAX_WEIGHT
@@ -92,23 +93,19 @@ def _builds(what: str, fallback: str, fn, *args) -> bool:
 def mosaic_compiles(head_dim: int, group: int, dtype_name: str) -> bool:
     """Whether the Mosaic GPU attention kernel compiles here for this head_dim, group and dtype (tried once per
     process on a small shape); where it does not, `auto` and 'pallas' take the Triton kernel."""
-    from .flash_attention_mgpu import flash_attention_mgpu
-
     q = jax.ShapeDtypeStruct((1, 128, group, head_dim), jnp.dtype(dtype_name))
     kv = jax.ShapeDtypeStruct((1, 128, 1, head_dim), jnp.dtype(dtype_name))
-    return _builds("attention kernel", f"the Triton kernel for head_dim-{head_dim} prefill", flash_attention_mgpu,
-                   q, kv, kv)
+    return _builds("attention kernel", f"the Triton kernel for head_dim-{head_dim} prefill",
+                   flash_attention_mgpu.flash_attention_mgpu, q, kv, kv)
 
 
 @functools.cache
 def mosaic_moe_compiles(d: int, f: int, dtype_name: str) -> bool:
     """Whether the Mosaic GPU MoE kernels compile here for experts D → F (tried once per process, 16 tokens ×
     8 experts of 8); where they do not, `auto` takes the Triton kernels."""
-    from .moe_mgpu import moe_experts_mgpu
-
     s, dt = jax.ShapeDtypeStruct, jnp.dtype(dtype_name)
-    return _builds("MoE kernels", "the Triton MoE kernels", moe_experts_mgpu, s((16, d), dt), s((16, 8), jnp.float32),
-                   s((16, 8), jnp.int32), s((8, f, d), dt), s((8, f, d), dt), s((8, d, f), dt))
+    return _builds("MoE kernels", "the Triton MoE kernels", moe_mgpu.moe_experts_mgpu, s((16, d), dt),
+                   s((16, 8), jnp.float32), s((16, 8), jnp.int32), s((8, f, d), dt), s((8, f, d), dt), s((8, d, f), dt))
 
 
 def is_hopper() -> bool:
@@ -180,9 +177,7 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float = 
 def mosaic_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float = 1.0,
                      window: int | None = None) -> jax.Array:
     """Aligned causal attention through the Mosaic GPU kernel (positions implicit, as for cuDNN)."""
-    from .flash_attention_mgpu import flash_attention_mgpu
-
-    return flash_attention_mgpu(q, k, v, scale=scale, window=window, interpret=MOSAIC_INTERPRET)
+    return flash_attention_mgpu.flash_attention_mgpu(q, k, v, scale=scale, window=window, interpret=MOSAIC_INTERPRET)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, *,
