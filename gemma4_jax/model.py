@@ -293,26 +293,30 @@ class DecoderLayer(nnx.Module):
         the run's kernel setting, for the MoE experts and the decode-step projections (attention gets it through
         `attend`)."""
         eps = self.eps
-        a = rms_norm(x_btd, self.input_norm[...], eps)
-        q = self.attn.queries(a, cos, sin, impl)
-        owns = self.attn.owns_kv if owns_kv is None else owns_kv
-        kv = self.attn.keys_values(a, cos, sin, impl) if owns else None
-        o, aux = attend(q, kv)
-        x = x_btd + rms_norm(self.attn.output(o, impl), self.post_attn_norm[...], eps)
+        with jax.named_scope("attention"):  # named scopes: device traces name the layer's parts
+            a = rms_norm(x_btd, self.input_norm[...], eps)
+            q = self.attn.queries(a, cos, sin, impl)
+            owns = self.attn.owns_kv if owns_kv is None else owns_kv
+            kv = self.attn.keys_values(a, cos, sin, impl) if owns else None
+            o, aux = attend(q, kv)
+            x = x_btd + rms_norm(self.attn.output(o, impl), self.post_attn_norm[...], eps)
 
-        f = self.mlp(rms_norm(x, self.pre_ffw_norm[...], eps), impl)
+        with jax.named_scope("mlp"):
+            f = self.mlp(rms_norm(x, self.pre_ffw_norm[...], eps), impl)
         if self.moe_enabled:
-            b, t, d = x.shape
-            dense = rms_norm(f, self.post_ffw_norm_1[...], eps)
-            x_md = x.reshape(b * t, d)
-            w, idx = self.moe.route(x_md, impl)  # the router sees the un-normalised stream
-            m = self.moe.experts(rms_norm(x_md, self.pre_ffw_norm_2[...], eps), w, idx, impl)
-            f = dense + rms_norm(m.reshape(b, t, d), self.post_ffw_norm_2[...], eps)
+            with jax.named_scope("moe"):
+                b, t, d = x.shape
+                dense = rms_norm(f, self.post_ffw_norm_1[...], eps)
+                x_md = x.reshape(b * t, d)
+                w, idx = self.moe.route(x_md, impl)  # the router sees the un-normalised stream
+                m = self.moe.experts(rms_norm(x_md, self.pre_ffw_norm_2[...], eps), w, idx, impl)
+                f = dense + rms_norm(m.reshape(b, t, d), self.post_ffw_norm_2[...], eps)
         x = x + rms_norm(f, self.post_ffw_norm[...], eps)
 
         if self.ple_enabled:
-            g = gelu(linear("BTD,DP->BTP", x, self.ple_gate[...], impl)) * ple_btp
-            x = x + rms_norm(linear("BTP,PD->BTD", g, self.ple_proj[...], impl), self.ple_post_norm[...], eps)
+            with jax.named_scope("per_layer_input"):
+                g = gelu(linear("BTD,DP->BTP", x, self.ple_gate[...], impl)) * ple_btp
+                x = x + rms_norm(linear("BTP,PD->BTD", g, self.ple_proj[...], impl), self.ple_post_norm[...], eps)
         return x * self.layer_scalar[...], aux
 
 
@@ -362,8 +366,9 @@ def run_layers(layers, x_btd, ple_btlp, pos_bt, attender: Attender, dtype, taps:
 
         if taps is not None:
             taps.append(x_btd)
-        x_btd, _ = layer(x_btd, ple_btlp[:, :, j] if ple_btlp is not None else None, *rope[spec.attn_type], attend,
-                         owns_kv=spec.owns_kv, impl=attender.impl)
+        with jax.named_scope(f"layer_{spec.index}"):
+            x_btd, _ = layer(x_btd, ple_btlp[:, :, j] if ple_btlp is not None else None, *rope[spec.attn_type],
+                             attend, owns_kv=spec.owns_kv, impl=attender.impl)
     return x_btd
 
 

@@ -131,3 +131,13 @@ def test_decode_program_reads_layer_weights_in_place():
     assert len(jax.tree.leaves(model.state)) > len(jax.tree.leaves(stacked))  # .module left the model as it was
     for a, b in zip(jax.tree.leaves(nnx.split(model.module)[1]), jax.tree.leaves(stacked), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_device_traces_name_the_layer_parts():
+    """Every layer's parts carry a named scope (layer_i/attention, mlp, moe, per_layer_input), which is what a
+    device trace groups kernels by: the demo model's lowered forward names them in its op metadata."""
+    model = gemma4_jax.load(progress=False)
+    module = model.module
+    text = jax.jit(lambda ids: module(ids)).lower(jnp.zeros((1, 8), jnp.int32)).as_text(debug_info=True)
+    for i in range(model.config.num_layers):
+        assert f"layer_{i}/attention" in text and f"layer_{i}/mlp" in text, i
