@@ -29,6 +29,7 @@ Stage-stacked parameters (leading axis P):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass
@@ -332,6 +333,20 @@ def init_stage_cache(plan: PipelinePlan, mesh, slots: int, b: int, max_len: int,
 # The stage program
 
 
+@jax.tree_util.register_dataclass
+@dataclass
+class Packet:
+    """What a stage hands the next one each tick (a pytree, sent whole by `ppermute`): the stream x [b,t,D], the
+    first stage's embedding h0 (the per-layer inputs' context part), the token ids [b,t] (in decode, the sampled
+    token going round to stage 0), and {source layer: (K, V)} of KV-sharing sources whose readers sit on later
+    stages (E2B/E4B)."""
+
+    x: jax.Array
+    h0: jax.Array
+    ids: jax.Array
+    kv: dict
+
+
 class _Attender(FullAttender):
     """Attention for one stage and one micro-batch `mb`: no cache (logits), prefill, or decode.
 
@@ -368,7 +383,8 @@ class _Attender(FullAttender):
 
 
 def _stage_fn(plan: PipelinePlan, s: int, mode: str, dtype, graphdefs, impl: str = "auto"):
-    """The program of stage s: (params, packet, cache, pos, lengths, micro-batch index) -> (packet, cache).
+    """The program of stage s: (params, Packet, cache, pos, lengths, micro-batch index, soft tokens) -> (Packet,
+    cache).
 
     The model's math is `model`'s own functions (embedding, soft tokens, per-layer inputs, the layer loop, the
     head), looked up there at trace time; only the stage bookkeeping (which layers, which cache slots, what the
@@ -376,7 +392,8 @@ def _stage_fn(plan: PipelinePlan, s: int, mode: str, dtype, graphdefs, impl: str
     cfg, stage = plan.cfg, plan.stages[s]
     slots = plan.cache_slots[s]
 
-    def run(params, x, h0, ids, kv_in, cache, pos, lengths, mb, mm):
+    def run(params, packet: Packet, cache, pos, lengths, mb, mm):
+        x, h0, ids, kv_in = packet.x, packet.h0, packet.ids, packet.kv
         if stage.first:
             x = model.embed(params["table"], ids, dtype).astype(dtype)
             if mm is not None:  # soft tokens (images, audio) overwrite their placeholders (already pad ids)
@@ -402,7 +419,7 @@ def _stage_fn(plan: PipelinePlan, s: int, mode: str, dtype, graphdefs, impl: str
             cache = dict(cache)
             for layer, name in slots.items():
                 cache[name] = view[layer]
-        return x, h0, kv_out, cache
+        return Packet(x, h0, ids, kv_out), cache
 
     return run
 
@@ -422,8 +439,8 @@ def _ring_perm(n: int):
 def _branches(plan, mode, dtype, graphdefs, impl):
     runs = [_stage_fn(plan, s, mode, dtype, graphdefs, impl) for s in range(plan.num_stages)]
 
-    def skip(params, x, h0, ids, kv_in, cache, pos, lengths, mb, mm):  # a bubble: nothing runs, nothing changes
-        return x, h0, kv_in, cache
+    def skip(params, packet, cache, pos, lengths, mb, mm):  # a bubble: nothing runs, nothing changes
+        return packet, cache
 
     return runs + [skip]
 
@@ -436,7 +453,7 @@ def _empty_packet(plan, b, t, dtype):
         z = jnp.zeros((b, t, spec.num_kv_heads, spec.head_dim), dtype)
         kv[src] = (z, z)
     d = jnp.zeros((b, t, cfg.hidden_size), dtype)
-    return d, d, jnp.zeros((b, t), jnp.int32), kv
+    return Packet(d, d, jnp.zeros((b, t), jnp.int32), kv)
 
 
 def _gpipe(plan: PipelinePlan, mode: str, dtype, impl: str, params, ids, lengths, cache, mm=None):
@@ -459,13 +476,13 @@ def _gpipe(plan: PipelinePlan, mode: str, dtype, impl: str, params, ids, lengths
 
     def tick(i, carry):
         packet, cache, out = carry
-        x, h0, pids, kv = packet
         m = i - s
         valid = (m >= 0) & (m < m_count)
         mc = jnp.clip(m, 0, m_count - 1)
-        ids_in = jnp.where(s == 0, ids[mc], pids)
-        x, h0, kv, cache = jax.lax.switch(jnp.where(valid, s, n), branches, params, x, h0, ids_in, kv, cache, pos,
-                                          lengths[mc], mc, mm)
+        packet = dataclasses.replace(packet, ids=jnp.where(s == 0, ids[mc], packet.ids))
+        packet, cache = jax.lax.switch(jnp.where(valid, s, n), branches, params, packet, cache, pos, lengths[mc],
+                                       mc, mm)
+        x = packet.x
         emit = valid & (s == n - 1)
         if mode == "logits":
             lg = jax.lax.cond(emit, lambda: _head(plan, params, x), lambda: jnp.zeros((b, t, v), F32))
@@ -473,8 +490,7 @@ def _gpipe(plan: PipelinePlan, mode: str, dtype, impl: str, params, ids, lengths
             last = jnp.take_along_axis(x, (lengths[mc] - 1)[:, None, None], axis=1)
             lg = jax.lax.cond(emit, lambda: _head(plan, params, last)[:, 0], lambda: jnp.zeros((b, v), F32))
         out = jnp.where(emit, out.at[mc].set(lg), out)
-        packet = jax.lax.ppermute((x, h0, ids_in, kv), "pp", _ring_perm(n))
-        return packet, cache, out
+        return jax.lax.ppermute(packet, "pp", _ring_perm(n)), cache, out
 
     carry = (_empty_packet(plan, b, t, dtype), cache, out)
     _, cache, out = jax.lax.fori_loop(0, m_count + n - 1, tick, carry)
@@ -507,23 +523,23 @@ def _ring(plan: PipelinePlan, sampling: Sampling, dtype, impl: str, width: int, 
 
     def body(carry):
         packet, cache, tokbuf, out, done, t = carry
-        x, h0, pids, kv = packet
         m, k, valid = when(t - s)
         mc = jnp.clip(m, 0, m_count - 1)
-        ids_in = jnp.where(s == 0, tokbuf[m][:, None], pids)
+        ids_in = jnp.where(s == 0, tokbuf[m][:, None], packet.ids)
         pos = (lengths[mc] + k)[:, None]
-        x, h0, kv, cache = jax.lax.switch(jnp.where(valid, s, n), branches, params, x, h0, ids_in, kv, cache, pos,
-                                          lengths[mc], mc, None)
+        packet, cache = jax.lax.switch(jnp.where(valid, s, n), branches, params,
+                                       dataclasses.replace(packet, ids=ids_in), cache, pos, lengths[mc], mc, None)
         emit = valid & (s == n - 1)
-        lg = jax.lax.cond(emit, lambda: _head(plan, params, x)[:, 0], lambda: jnp.zeros((b, plan.cfg.vocab_size), F32))
+        lg = jax.lax.cond(emit, lambda: _head(plan, params, packet.x)[:, 0],
+                          lambda: jnp.zeros((b, plan.cfg.vocab_size), F32))
         tok = sample(lg, jax.random.fold_in(jax.random.fold_in(key, mc), k + 1), sampling)
         tok = jnp.where(done[mc], 0, tok)
         out = jnp.where(emit, out.at[mc, :, k + 1].set(tok), out)
         done = jnp.where(emit, done.at[mc].set(done[mc] | jnp.isin(tok, stops)), done)
         sent = jnp.where(s == n - 1, tok[:, None], ids_in)
-        packet = jax.lax.ppermute((x, h0, sent, kv), "pp", _ring_perm(n))
+        packet = jax.lax.ppermute(dataclasses.replace(packet, ids=sent), "pp", _ring_perm(n))
         m_l, _, valid_l = when(t - (n - 1))  # what the last stage just sent round to stage 0
-        tokbuf = jnp.where((s == 0) & valid_l, tokbuf.at[m_l].set(packet[2][:, 0]), tokbuf)
+        tokbuf = jnp.where((s == 0) & valid_l, tokbuf.at[m_l].set(packet.ids[:, 0]), tokbuf)
         return packet, cache, tokbuf, out, done, t + 1
 
     def cond(carry):
@@ -541,8 +557,8 @@ def _ring(plan: PipelinePlan, sampling: Sampling, dtype, impl: str, width: int, 
 # Compiled entry points and the host-side driver
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(8,))
-def _run_gpipe(plan, mode, dtype_name, impl, mesh, params, ids, lengths, cache, mm=None):
+@functools.partial(jax.jit, static_argnames=("plan", "mode", "dtype_name", "impl", "mesh"), donate_argnames=("cache",))
+def _run_gpipe(params, ids, lengths, cache, mm=None, *, plan, mode, dtype_name, impl, mesh):
     body = functools.partial(_gpipe, plan, mode, jnp.dtype(dtype_name), impl)
     cache_spec = P("pp") if cache is not None else None
     mm_spec = (P("pp"), P(), P()) if mm is not None else None
@@ -557,8 +573,9 @@ def _everywhere(mesh, x):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P()))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5), donate_argnums=(7,))
-def _run_ring(plan, sampling, dtype_name, impl, mesh, width, params, cache, first, lengths, steps, stops, key):
+@functools.partial(jax.jit, static_argnames=("plan", "sampling", "dtype_name", "impl", "mesh", "width"),
+                   donate_argnames=("cache",))
+def _run_ring(params, cache, first, lengths, steps, stops, key, *, plan, sampling, dtype_name, impl, mesh, width):
     body = functools.partial(_ring, plan, sampling, jnp.dtype(dtype_name), impl, width)
     f = jax.shard_map(body, mesh=mesh, in_specs=(P("pp"), P("pp"), P(), P(), P(), P(), P()),
                       out_specs=(P("pp"), P("pp"), P("pp")), check_vma=False)
@@ -633,8 +650,9 @@ class Pipeline:
         x[:b] = ids
         x, soft = self.soft_tokens(mm, x, m, padded // m)
         lengths = np.full((m, padded // m), t, np.int32)
-        out, _ = _run_gpipe(self.plan, "logits", self.dtype.name, self.impl, self.mesh, self.params,
-                            *self.replicated(x.reshape(m, padded // m, t), lengths), None, soft)
+        ids_r, lengths_r = self.replicated(x.reshape(m, padded // m, t), lengths)
+        out, _ = _run_gpipe(self.params, ids_r, lengths_r, None, soft, plan=self.plan, mode="logits",
+                            dtype_name=self.dtype.name, impl=self.impl, mesh=self.mesh)
         return np.asarray(out, np.float32).reshape(padded, t, -1)[:b]
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, max_len: int, t: int,
@@ -653,8 +671,9 @@ class Pipeline:
         ids, soft = self.soft_tokens(mm, ids, m, per)
         ids, lengths = ids.reshape(m, per, t), lengths.reshape(m, per)
         cache = init_stage_cache(self.plan, self.mesh, m, per, max_len, self.dtype)
-        last, cache = _run_gpipe(self.plan, "prefill", self.dtype.name, self.impl, self.mesh, self.params,
-                                 *self.replicated(ids, lengths), cache, soft)
+        ids_r, lengths_r = self.replicated(ids, lengths)
+        last, cache = _run_gpipe(self.params, ids_r, lengths_r, cache, soft, plan=self.plan, mode="prefill",
+                                 dtype_name=self.dtype.name, impl=self.impl, mesh=self.mesh)
         key = jax.random.key(seed)
         stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
         first = jnp.stack([sample(last[i], jax.random.fold_in(jax.random.fold_in(key, i), 0), sampling)
@@ -665,8 +684,8 @@ class Pipeline:
             jax.block_until_ready((first, cache))
             t1 = time.perf_counter()
             timings["prefill_s"] = t1 - t0
-        out, _, _ = _run_ring(self.plan, sampling, self.dtype.name, self.impl, self.mesh, width, self.params, cache,
-                              first, lengths, steps, stops, key)
+        out, _, _ = _run_ring(self.params, cache, first, lengths, steps, stops, key, plan=self.plan, sampling=sampling,
+                              dtype_name=self.dtype.name, impl=self.impl, mesh=self.mesh, width=width)
         out = np.asarray(out)
         if timings is not None:
             timings["decode_s"] = time.perf_counter() - t1

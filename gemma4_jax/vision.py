@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from .errors import CheckpointError, ConfigError
-from .model import apply_rope, gelu, rms_norm
+from .model import apply_rope, gelu, inverse_frequencies, rms_norm
 
 F32 = jnp.float32
 TOWER_PREFIX = "model.vision_tower."
@@ -118,7 +118,7 @@ def rope_2d_cos_sin(position_ids_bp2: jax.Array, head_dim: int, theta: float, dt
     and cast to the activation dtype, as transformers does.
     """
     half = head_dim // 2
-    inv_freq = (1.0 / (np.float32(theta) ** (np.arange(0, half, 2, dtype=np.float32) / np.float32(half))))
+    inv_freq = inverse_frequencies(theta, (half + 1) // 2, half)
     freqs = position_ids_bp2[..., None].astype(F32) * jnp.asarray(inv_freq.astype(np.float32))  # [B,P,2,H/4]
     fx, fy = freqs[..., 0, :], freqs[..., 1, :]
     emb = jnp.concatenate([fx, fx, fy, fy], axis=-1)  # [B,P,H]

@@ -104,3 +104,24 @@ def test_float32_is_as_close_to_exact_as_transformers(preset, tmp_path):
     t, o = errors(exact, theirs), errors(exact, ours)
     assert o["mean_rel"] <= 1.5 * t["mean_rel"] and o["token_p99"] <= 1.5 * t["token_p99"], (preset, o, t)
     assert o["top1"] == 1.0, (preset, o)
+
+
+@pytest.mark.parametrize("preset", ["e2b", "31b"])
+def test_rope_frequencies_are_transformers_to_the_bit(preset):
+    """The RoPE inverse frequencies equal transformers' float32 buffers in all but at most one entry a layer type
+    (one ulp), on any CPU: an angle error grows with the position (docs/architecture.md §8). NumPy's float32 `**`
+    missed them in 19 of 128 entries on one machine."""
+    from transformers import Gemma4TextConfig
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4TextRotaryEmbedding
+
+    from gemma4_jax.config import PRESETS, Gemma4Config
+    from gemma4_jax.model import rope_inv_freq
+
+    cfg = Gemma4Config.from_hf_dict(PRESETS[preset])
+    theirs = Gemma4TextRotaryEmbedding(Gemma4TextConfig(**PRESETS[preset]))
+    for spec in {layer.attn_type: layer for layer in cfg.layers}.values():
+        ref = getattr(theirs, f"{spec.attn_type}_inv_freq").numpy()
+        ours = rope_inv_freq(spec)
+        assert ours.dtype == np.float32 and ours.shape == ref.shape
+        assert int((ours != ref).sum()) <= 1, (spec.attn_type, int((ours != ref).sum()))
+        np.testing.assert_allclose(ours, ref, rtol=2e-7)

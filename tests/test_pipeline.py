@@ -142,12 +142,13 @@ def test_stage_programs_close_over_no_empty_constant(hf_dirs, prompts):
     m = pipe.micro_batches(len(prompts))
     ids, lengths = pipe.replicated(np.ones((m, 1, 16), np.int32), np.full((m, 1), 5, np.int32))
     cache = pl.init_stage_cache(pipe.plan, pipe.mesh, m, 1, 32, pipe.dtype)
-    texts = [pl._run_gpipe.lower(pipe.plan, mode, pipe.dtype.name, "xla", pipe.mesh, pipe.params, ids, lengths,
-                                 cache if mode == "prefill" else None).as_text() for mode in ("prefill", "logits")]
+    statics = dict(plan=pipe.plan, dtype_name=pipe.dtype.name, impl="xla", mesh=pipe.mesh)
+    texts = [pl._run_gpipe.lower(pipe.params, ids, lengths, cache if mode == "prefill" else None, mode=mode,
+                                 **statics).as_text() for mode in ("prefill", "logits")]
     first, steps, stops, key = pipe.replicated(np.ones((m, 1), np.int32), np.int32(8), np.array([-1], np.int32),
                                                jax.random.key(0))
-    texts.append(pl._run_ring.lower(pipe.plan, Sampling(0.0, None, None), pipe.dtype.name, "xla", pipe.mesh, 8,
-                                    pipe.params, cache, first, lengths, steps, stops, key).as_text())
+    texts.append(pl._run_ring.lower(pipe.params, cache, first, lengths, steps, stops, key,
+                                    sampling=Sampling(0.0, None, None), width=8, **statics).as_text())
     # Layer weights reach the programs as one array per slot: a stack [n, ...] would be sliced per layer,
     # which on the GPU copies the weight every tick (model.unstack_layers).
     stacked = set()
