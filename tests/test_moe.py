@@ -121,21 +121,28 @@ def test_sorted_plan_blocks_are_dense():
     assert (np.diff(used) >= 0).all()
 
 
-@pytest.mark.parametrize("tokens", [1, 16, 2048])
-def test_moe_kernels_lower_for_the_gpu_at_real_shapes(tokens):
-    """26B-A4B's shapes (D 2816, F 704, 128 experts, top 8) lower to Triton on this CPU, and the program passes
-    the expert weights to the kernels untouched: no transpose, gather or copy of a weight-shaped array."""
+def _lower_at_real_shapes(fn, tokens: int) -> str:
+    """`fn` lowered for CUDA on this CPU at 26B-A4B's expert shapes (D 2816, F 704, 128 experts, top 8), checking
+    that the program passes the expert weights to the kernels untouched: no transpose, gather or copy of a
+    weight-shaped array."""
     d, f, e, k = 2816, 704, 128, 8
     bf = jnp.bfloat16
     s = jax.ShapeDtypeStruct
     args = (s((tokens, d), bf), s((tokens, k), jnp.float32), s((tokens, k), jnp.int32), s((e, f, d), bf),
             s((e, f, d), bf), s((e, d, f), bf))
-    text = moe_experts.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("stablehlo.custom_call") == 2, "one gate_up and one down kernel"
+    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     weight_types = ("tensor<128x2816x704xbf16>", "tensor<128x704x2816xbf16>")
     for line in text.splitlines():
         if any(t in line for t in weight_types):
             assert "custom_call" in line or "func.func" in line or "return" in line, line
+    return text
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 2048])
+def test_moe_kernels_lower_for_the_gpu_at_real_shapes(tokens):
+    """The Triton kernels lower at the real shapes, weights untouched (`_lower_at_real_shapes`)."""
+    text = _lower_at_real_shapes(moe_experts, tokens)
+    assert text.count("stablehlo.custom_call") == 2, "one gate_up and one down kernel"
 
 
 def test_default_config_by_rows():
@@ -255,19 +262,9 @@ def test_tile_plan(m, k, e):
 
 @pytest.mark.parametrize("tokens", [16, 2048])
 def test_mosaic_moe_lowers_for_the_gpu_at_real_shapes(tokens):
-    """26B-A4B's shapes lower through Pallas to two Mosaic GPU kernels on this CPU (wgmma shapes, swizzles and
-    TMA boxes are checked there), the expert weights passed in untouched."""
-    d, f, e, k = 2816, 704, 128, 8
-    bf = jnp.bfloat16
-    s = jax.ShapeDtypeStruct
-    args = (s((tokens, d), bf), s((tokens, k), jnp.float32), s((tokens, k), jnp.int32), s((e, f, d), bf),
-            s((e, f, d), bf), s((e, d, f), bf))
-    text = moe_experts_mgpu.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("mosaic_gpu") >= 2
-    weight_types = ("tensor<128x704x2816xbf16>", "tensor<128x2816x704xbf16>")
-    for line in text.splitlines():
-        if any(t in line for t in weight_types):
-            assert "custom_call" in line or "func.func" in line or "return" in line, line
+    """The Mosaic GPU kernels lower through Pallas at the real shapes on this CPU (wgmma shapes, swizzles and TMA
+    boxes are checked there), weights untouched (`_lower_at_real_shapes`)."""
+    assert _lower_at_real_shapes(moe_experts_mgpu, tokens).count("mosaic_gpu") >= 2
 
 
 def test_mosaic_moe_refuses_float32_and_misfit_configs(monkeypatch):
