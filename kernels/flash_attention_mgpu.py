@@ -87,12 +87,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from . import mgpu_interpret
+from .tiling import HOPPER_SMEM_BYTES
 
 LOG2E = math.log2(math.e)
 # Masked scores are −inf, but the running max starts at this finite value: a row whose first visited key block
 # is entirely masked (possible with a window) then gets p = exp2(−inf − MASK) = 0 and α = 1, never NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-SMEM_BYTES = 227 * 1024  # H100 / H200 opt-in dynamic shared memory per block
+SMEM_BYTES = HOPPER_SMEM_BYTES
 BLOCK_Q = 64  # query rows per CTA: one wgmma M tile, shared by both consumers
 _HEAD_DIMS = (64, 128, 256, 512)
 

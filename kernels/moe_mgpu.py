@@ -30,8 +30,11 @@ Layout of the work
 * Combine (XLA): out[m] = Σ_j w[m,j] · y[pos of (m, j)] in float32, cast to x's dtype.
 
 16-bit inputs only (wgmma's float32 is TF32, which float32 models must never get silently): `supports` says so.
-Interpret mode (CPU tests) runs the same code in JAX's GPU interpreter; `mgpu_interpret.install()` teaches the
-interpreter what it lacks.
+Interpret mode (CPU tests) runs the same code in JAX's GPU interpreter; `mgpu_interpret.params` installs what the
+interpreter lacks.
+
+Measured on an H200 (docs/kernels.md, run 9): the two kernels alone at 2K tokens 311 TFLOP/s (Triton 252), at 16
+tokens 4.05 TB/s over the touched experts (Triton 3.90); in the model, batch-16 decode 1462 tokens/s (Triton 1423).
 """
 
 from __future__ import annotations
@@ -47,10 +50,11 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from . import mgpu_interpret
 from .moe import plan_sorted
+from .tiling import HOPPER_SMEM_BYTES
 from .tiling import fit_block as _fit
 
 F32 = jnp.float32
-SMEM_BYTES = 227 * 1024  # H100 / H200 opt-in dynamic shared memory per block
+SMEM_BYTES = HOPPER_SMEM_BYTES
 _GELU_C = 0.7978845608028654  # sqrt(2 / pi)
 
 
