@@ -18,13 +18,16 @@ or plain XLA, by platform and shape, overridable. (MoE: `resolve_moe`; projectio
               would take it, else the Triton ones;
   'interpret' the Pallas kernels in interpret mode (any platform; slow; for tests).
 Within the Triton kernels, a call with at most DECODE_MAX_TOKENS query tokens uses `decode_attention`
-(split-K over the sequence), longer ones `flash_attention`.
+(split-K over the sequence), longer ones `flash_attention`. The attention rules above are one ordered table,
+ATTENTION_RULES (`attention_rule` says which rule decided a call).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -128,37 +131,73 @@ def _on_gpu(platform: str | None) -> bool:
     return (platform or jax.default_backend()) in ("gpu", "cuda")
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionCall:
+    """What the attention rules look at: the `impl` asked for and the call (built by `resolve`)."""
+
+    impl: str
+    gpu: bool
+    prefill: bool
+    aligned: bool
+    head_dim: int
+    group: int
+    dtype: jnp.dtype
+    batch: int
+    hopper: bool | None  # None: ask the device (and whether the Mosaic kernel compiles there)
+
+    def mosaic(self) -> bool:
+        if not mosaic_supports(self.head_dim, self.group, self.dtype):
+            return False
+        if self.hopper is not None:
+            return self.hopper
+        return is_hopper() and mosaic_compiles(self.head_dim, self.group, self.dtype.name)
+
+
+ASKED = "as asked"
+# The attention rules in order: the first whose condition holds decides (`resolve`). tests/test_kernels.py
+# mirrors this table case by case, and checks that every rule is reached.
+ATTENTION_RULES: tuple[tuple[str, Callable[[AttentionCall], bool], str], ...] = (
+    ("xla and interpret run as asked", lambda c: c.impl in ("xla", "interpret"), ASKED),
+    ("aligned head_dim-512 prefill on Hopper: the Mosaic kernel",
+     lambda c: c.impl in ("auto", "pallas") and c.gpu and c.prefill and c.aligned and c.mosaic(), "mosaic"),
+    ("pallas forced: the Triton kernels", lambda c: c.impl == "pallas", "pallas"),
+    ("aligned prefill cuDNN takes (16-bit, head_dim ≤ 256)",
+     lambda c: c.gpu and c.prefill and c.aligned and cudnn_supports(c.head_dim, c.dtype), "cudnn"),
+    ("cuDNN asked where it does not apply, the CPU, float32, shapes the kernels do not take: XLA",
+     lambda c: c.impl == "cudnn" or not c.gpu or c.dtype.itemsize != 2 or not kernel_supports(c.head_dim, c.group),
+     "xla"),
+    ("decode of one sequence: XLA", lambda c: not c.prefill and not decode_prefers_kernel(c.batch), "xla"),
+    ("the rest (other prefill, batched decode): the Triton kernels", lambda c: True, "pallas"),
+)
+
+
+def attention_rule(impl: str, *, head_dim: int, group: int, dtype=jnp.bfloat16, platform: str | None = None,
+                   q_len: int | None = None, batch: int = 1, aligned: bool = False,
+                   hopper: bool | None = None) -> tuple[str, str]:
+    """(the rule of ATTENTION_RULES that decides this call, the concrete choice); see `resolve`."""
+    _check_impl(impl)
+    if impl in ("pallas", "interpret") and not kernel_supports(head_dim, group):
+        raise ValueError(f"the Pallas kernels do not support head_dim={head_dim} with {group} heads per KV head")
+    gpu = _on_gpu(platform)
+    if impl == "cudnn" and not gpu:
+        raise ValueError("attention impl 'cudnn' needs a CUDA GPU")
+    call = AttentionCall(impl, gpu, q_len is None or q_len > DECODE_MAX_TOKENS, aligned, head_dim, group,
+                         jnp.dtype(dtype), batch, hopper)
+    name, _, choice = next(rule for rule in ATTENTION_RULES if rule[1](call))
+    return name, impl if choice == ASKED else choice
+
+
 def resolve(impl: str, *, head_dim: int, group: int, dtype=jnp.bfloat16, platform: str | None = None,
             q_len: int | None = None, batch: int = 1, aligned: bool = False, hopper: bool | None = None) -> str:
     """The concrete choice ('xla' | 'cudnn' | 'mosaic' | 'pallas' | 'interpret') for `impl` on this platform
-    and call ('pallas' = the Triton kernels, 'mosaic' = the Mosaic GPU prefill kernel).
+    and call ('pallas' = the Triton kernels, 'mosaic' = the Mosaic GPU prefill kernel), by ATTENTION_RULES.
 
     q_len None means a prefill-length call. `aligned`: the call's queries and keys are the same T tokens at
     positions 0..T-1 in every row (keys past a row's length may be padding). `hopper` None asks the device
     (and whether the Mosaic kernel compiles there: `mosaic_compiles`); True / False assert it (tests).
     """
-    _check_impl(impl)
-    if impl in ("pallas", "interpret") and not kernel_supports(head_dim, group):
-        raise ValueError(f"the Pallas kernels do not support head_dim={head_dim} with {group} heads per KV head")
-    if impl in ("xla", "interpret"):
-        return impl
-    gpu = _on_gpu(platform)
-    if impl == "cudnn" and not gpu:
-        raise ValueError("attention impl 'cudnn' needs a CUDA GPU")
-    prefill = q_len is None or q_len > DECODE_MAX_TOKENS
-    if (impl in ("auto", "pallas") and gpu and prefill and aligned and mosaic_supports(head_dim, group, dtype)
-            and (is_hopper() and mosaic_compiles(head_dim, group, jnp.dtype(dtype).name) if hopper is None
-                 else hopper)):
-        return "mosaic"
-    if impl == "pallas":
-        return impl
-    if gpu and prefill and aligned and cudnn_supports(head_dim, dtype):
-        return "cudnn"
-    if impl == "cudnn" or not gpu or jnp.dtype(dtype).itemsize != 2 or not kernel_supports(head_dim, group):
-        return "xla"
-    if not prefill and not decode_prefers_kernel(batch):
-        return "xla"
-    return "pallas"
+    return attention_rule(impl, head_dim=head_dim, group=group, dtype=dtype, platform=platform, q_len=q_len,
+                          batch=batch, aligned=aligned, hopper=hopper)[1]
 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float = 1.0, window: int | None = None,

@@ -16,6 +16,7 @@ from gemma4_jax.kernels import (
     attention,
     decode_attention,
     decode_attention_reference,
+    dispatch,
     flash_attention,
     flash_attention_reference,
     resolve,
@@ -153,37 +154,56 @@ def test_reference_matches_model_attention(window):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-6)
 
 
+# Mirrors dispatch.ATTENTION_RULES: (resolve's arguments, the rule that must decide, the choice). Every rule is
+# reached by at least one case (test_every_attention_rule_is_reached).
+_GPU = dict(platform="gpu", group=8)
+DISPATCH_CASES = [
+    (dict(impl="xla", head_dim=512, **_GPU), 0, "xla"),
+    (dict(impl="interpret", head_dim=64, platform="cpu", group=1), 0, "interpret"),
+    # the Mosaic GPU kernel at head_dim 512 on Hopper, also when the kernels are forced
+    (dict(impl="auto", head_dim=512, q_len=4096, aligned=True, hopper=True, **_GPU), 1, "mosaic"),
+    (dict(impl="pallas", head_dim=512, q_len=4096, aligned=True, hopper=True, **_GPU), 1, "mosaic"),
+    (dict(impl="pallas", head_dim=512, q_len=1, batch=1, **_GPU), 2, "pallas"),  # forced, even for one sequence
+    # prefill: cuDNN for aligned calls up to head_dim 256
+    (dict(impl="auto", head_dim=256, q_len=4096, aligned=True, **_GPU), 3, "cudnn"),
+    (dict(impl="auto", head_dim=256, q_len=4096, aligned=True, hopper=True, **_GPU), 3, "cudnn"),
+    (dict(impl="cudnn", head_dim=256, q_len=4096, aligned=True, **_GPU), 3, "cudnn"),
+    # XLA: the CPU, float32, unsupported shapes, cuDNN asked where it does not apply
+    (dict(impl="auto", head_dim=512, platform="cpu", group=8), 4, "xla"),
+    (dict(impl="auto", head_dim=512, q_len=4096, aligned=True, platform="cpu", group=8), 4, "xla"),
+    (dict(impl="auto", head_dim=96, **_GPU), 4, "xla"),
+    (dict(impl="auto", head_dim=512, dtype=jnp.float32, **_GPU), 4, "xla"),
+    (dict(impl="auto", head_dim=512, q_len=4096, aligned=True, hopper=True, dtype=jnp.float32, **_GPU), 4, "xla"),
+    (dict(impl="auto", head_dim=256, q_len=4096, aligned=True, dtype=jnp.float32, **_GPU), 4, "xla"),
+    (dict(impl="cudnn", head_dim=512, q_len=4096, aligned=True, **_GPU), 4, "xla"),
+    (dict(impl="cudnn", head_dim=256, q_len=1, batch=2, **_GPU), 4, "xla"),  # decode: cuDNN is not used
+    # decode: XLA for one sequence (a short prompt takes the decode rules too), the kernel from two
+    (dict(impl="auto", head_dim=512, q_len=1, batch=1, **_GPU), 5, "xla"),
+    (dict(impl="auto", head_dim=256, q_len=4, aligned=True, **_GPU), 5, "xla"),
+    (dict(impl="auto", head_dim=256, q_len=1, batch=2, **_GPU), 6, "pallas"),
+    (dict(impl="auto", head_dim=512, q_len=1, aligned=True, batch=4, hopper=True, **_GPU), 6, "pallas"),
+    # other prefill: the Triton kernel (not aligned, or head_dim 512 off Hopper)
+    (dict(impl="auto", head_dim=512, **_GPU), 6, "pallas"),
+    (dict(impl="auto", head_dim=512, q_len=4096, aligned=True, hopper=False, **_GPU), 6, "pallas"),
+    (dict(impl="auto", head_dim=512, q_len=4096, aligned=False, hopper=True, **_GPU), 6, "pallas"),
+    (dict(impl="auto", head_dim=256, q_len=4096, aligned=False, **_GPU), 6, "pallas"),
+]
+
+
+@pytest.mark.parametrize("kwargs,rule,choice", DISPATCH_CASES)
+def test_dispatch_rules(kwargs, rule, choice):
+    kwargs = dict(kwargs)
+    impl = kwargs.pop("impl")
+    name, got = dispatch.attention_rule(impl, **kwargs)
+    assert (name, got) == (dispatch.ATTENTION_RULES[rule][0], choice)
+    assert resolve(impl, **kwargs) == choice
+
+
+def test_every_attention_rule_is_reached():
+    assert {rule for _, rule, _ in DISPATCH_CASES} == set(range(len(dispatch.ATTENTION_RULES)))
+
+
 def test_dispatch():
-    gpu = dict(platform="gpu", group=8)
-    assert resolve("auto", head_dim=512, group=8, platform="cpu") == "xla"
-    assert resolve("auto", head_dim=512, **gpu) == "pallas"
-    assert resolve("auto", head_dim=96, **gpu) == "xla"  # unsupported shape → XLA
-    assert resolve("auto", head_dim=512, dtype=jnp.float32, **gpu) == "xla"
-    assert resolve("xla", head_dim=512, **gpu) == "xla"
-    # Prefill: cuDNN for aligned calls up to head_dim 256; the kernel at 512 or when not aligned.
-    assert resolve("auto", head_dim=256, q_len=4096, aligned=True, **gpu) == "cudnn"
-    assert resolve("auto", head_dim=512, q_len=4096, aligned=True, hopper=False, **gpu) == "pallas"
-    # ... and the Mosaic GPU kernel at head_dim 512 on Hopper, also when the kernels are forced.
-    assert resolve("auto", head_dim=512, q_len=4096, aligned=True, hopper=True, **gpu) == "mosaic"
-    assert resolve("pallas", head_dim=512, q_len=4096, aligned=True, hopper=True, **gpu) == "mosaic"
-    assert resolve("auto", head_dim=512, q_len=4096, aligned=False, hopper=True, **gpu) == "pallas"
-    assert resolve("auto", head_dim=512, q_len=1, aligned=True, batch=4, hopper=True, **gpu) == "pallas"
-    assert resolve("auto", head_dim=512, q_len=4096, aligned=True, hopper=True, dtype=jnp.float32,
-                   **gpu) == "xla"
-    assert resolve("auto", head_dim=256, q_len=4096, aligned=True, hopper=True, **gpu) == "cudnn"
-    assert resolve("auto", head_dim=512, q_len=4096, aligned=True, platform="cpu", group=8) == "xla"
-    assert resolve("auto", head_dim=256, q_len=4096, aligned=False, **gpu) == "pallas"
-    assert resolve("auto", head_dim=256, q_len=4096, aligned=True, dtype=jnp.float32, **gpu) == "xla"
-    assert resolve("auto", head_dim=256, q_len=4, aligned=True, **gpu) == "xla"  # a short prompt: decode rules
-    # Decode: the split-K kernel for batches of two or more, XLA for one sequence.
-    one, two = dict(q_len=1, batch=1), dict(q_len=1, batch=2)
-    assert resolve("auto", head_dim=512, **one, **gpu) == "xla"
-    assert resolve("auto", head_dim=256, **two, **gpu) == "pallas"
-    assert resolve("pallas", head_dim=512, **one, **gpu) == "pallas"  # forced
-    # 'cudnn': cuDNN where it applies, XLA elsewhere; a GPU-only choice.
-    assert resolve("cudnn", head_dim=256, q_len=4096, aligned=True, **gpu) == "cudnn"
-    assert resolve("cudnn", head_dim=512, q_len=4096, aligned=True, **gpu) == "xla"
-    assert resolve("cudnn", head_dim=256, **two, **gpu) == "xla"  # decode: cuDNN is not used
     with pytest.raises(ValueError, match="CUDA GPU"):
         resolve("cudnn", head_dim=256, group=1, platform="cpu")
     with pytest.raises(ValueError):
