@@ -437,13 +437,10 @@ class Gemma4Text(nnx.Module):
         merged stream (context part).
         """
         cfg = self.cfg
-        ids = ids_bt
-        x = self.embed_tokens(ids)
-        if mm is not None:
-            ids = jnp.where(mm.mask, cfg.pad_token_id, ids_bt)
-            x = self.embed_tokens(ids)
-            if mm.features.shape[0]:
-                x = merge_soft_tokens(x, mm.features, mm.slots)
+        ids = ids_bt if mm is None else jnp.where(mm.mask, cfg.pad_token_id, ids_bt)
+        x = self.embed_tokens(ids)  # embedded once: placeholders as the pad id
+        if mm is not None and mm.features.shape[0]:
+            x = merge_soft_tokens(x, mm.features, mm.slots)
         return x, (self.per_layer_inputs(ids, x) if cfg.ple_dim else None)
 
     def decode_layers(self, ids_bt: jax.Array, pos_bt: jax.Array, attender: Attender,

@@ -260,7 +260,7 @@ def resolve_moe(impl: str, *, d: int, f: int, rows: int | None = None, dtype=jnp
         return "xla"
     if impl == "mosaic":
         if not moe_mgpu_supports(d, f, dtype):
-            raise ValueError(f"the Mosaic MoE kernels need 16-bit inputs and D={d}, F={f} multiples of 32")
+            raise ValueError(f"the Mosaic MoE kernels need 16-bit inputs and D={d}, F={f} multiples of 64")
         return "mosaic"
     if not moe_supports(d, f):
         if impl in ("pallas", "interpret"):

@@ -229,7 +229,7 @@ def _check(x, w, idx, gate, up, down, cfg: MoeConfig):
 def grouped_gemms(plan: BlockPlan, x: jax.Array, w: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
                   cfg: MoeConfig, *, top_k: int, interpret: bool = False) -> jax.Array:
     """The two kernels over a plan: the weighted expert outputs y [NB·bm, D] (float32) by blocked row."""
-    m, d = x.shape
+    d = x.shape[1]
     f = gate.shape[1]
     bm = cfg.block_m
     nb = plan.expert.shape[0]
