@@ -26,11 +26,11 @@ from .errors import CheckpointError, ConfigError
 from .generation import generate_tokens
 from .hf_checkpoint import model_from_params, read_hf_params
 from .kernels.dispatch import IMPLS
-from .model import Gemma4Text, restack_layers, unstack_layers
+from .model import Gemma4Text
 from .multimodal import Towers
 from .options import check_sampling
-from .pipeline import Pipeline, best_stages, stage_leaves_from_params
-from .stages import parse_layer_split, stages_from_bounds
+from .pipeline import Pipeline
+from .stages import best_stages, parse_layer_split, split_params, stage_leaf_shapes, stages_from_bounds
 from .tokenizer import Tokenizer, stop_ids
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -83,8 +83,7 @@ class Gemma4Model:
         self.path = path
         self.pipeline = pipeline  # a pipeline.Pipeline when pp > 1
         self.towers = towers  # multimodal.Towers: vision / audio towers of a multimodal checkpoint (pp=1)
-        # Per-layer arrays, not stacks, for the compiled programs: see `model.unstack_layers`.
-        self.graphdef, self.state = nnx.split(unstack_layers(module)) if module is not None else (None, None)
+        self.graphdef, self.state = nnx.split(module) if module is not None else (None, None)
         self.stop_tokens: tuple[int, ...] = stop_ids(path, self.config.eos_token_ids)
 
     @property
@@ -93,12 +92,10 @@ class Gemma4Model:
 
     @property
     def module(self) -> Gemma4Text:
-        """The NNX module with its layer parameters stacked per kind (a fresh module: the stacks are new
-        arrays, the other parameters shared); pp=1 only."""
+        """The NNX module (a fresh module over the same parameter arrays); pp=1 only."""
         if self.pipeline is not None:
             raise ConfigError("a pipelined model (pp > 1) has no single NNX module; its stages are in .pipeline")
-        fresh = jax.tree.map(lambda a: a, self.state)  # new Variables over the same arrays: restacking leaves
-        return restack_layers(nnx.merge(self.graphdef, fresh))  # self.state as it is
+        return nnx.merge(self.graphdef, self.state)
 
     def _check_tokens(self, tokens) -> np.ndarray:
         ids = np.asarray(tokens)
@@ -274,7 +271,7 @@ def load(path: str | None = None, *, pp: int = 1, dtype=None, max_seq_len: int |
             mine = {d.id for d in jax.local_devices()}  # with several hosts, each restores only its stages
             leaves = [sc.restore_leaves(path, s.index, lv, jdtype, jax.sharding.SingleDeviceSharding(dev))
                       if dev.id in mine else None
-                      for s, lv, dev in zip(stages, sc.expected_leaves(cfg, stages), jax.devices(), strict=False)]
+                      for s, lv, dev in zip(stages, stage_leaf_shapes(cfg, stages), jax.devices(), strict=False)]
         else:
             if layer_split is not None:
                 stages = (parse_layer_split(layer_split, cfg.num_layers) if isinstance(layer_split, str)
@@ -283,7 +280,7 @@ def load(path: str | None = None, *, pp: int = 1, dtype=None, max_seq_len: int |
                     raise ConfigError(f"layer_split {list(layer_split)} has {len(stages)} stages but pp={pp}")
             else:
                 stages = best_stages(cfg, pp, jnp.dtype(jdtype).itemsize)
-            leaves = stage_leaves_from_params(cfg, stages, read_hf_params(path, cfg, jdtype, progress=progress))
+            leaves = split_params(cfg, stages, read_hf_params(path, cfg, jdtype, progress=progress))
         pipe = Pipeline(cfg, stages, leaves, jdtype, attn_impl)
         return Gemma4Model(None, run, tokenizer=tokenizer, path=path, pipeline=pipe, towers=_towers(path, cfg, jdtype))
     if sc.is_stage_dir(path):
@@ -292,9 +289,6 @@ def load(path: str | None = None, *, pp: int = 1, dtype=None, max_seq_len: int |
     else:
         params = read_hf_params(path, cfg, jdtype, progress=progress)
         module = model_from_params(cfg, params, jdtype)
-    # Drop our references to the stacked arrays before the model splits them into per-layer arrays, so
-    # device memory peaks at the model plus one parameter, not twice the model.
-    del params
     return Gemma4Model(module, run, tokenizer=tokenizer, path=path, towers=_towers(path, cfg, jdtype))
 
 

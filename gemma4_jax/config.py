@@ -100,7 +100,7 @@ class Gemma4Config:
 
     @property
     def layer_plan(self) -> tuple[tuple[str, int], ...]:
-        """(kind, index within that kind's stack) for every layer, in order."""
+        """(kind, index among the layers of that kind) for every layer, in order."""
         counters: dict[str, int] = {}
         plan = []
         for spec in self.layers:
@@ -111,9 +111,6 @@ class Gemma4Config:
     def kind_spec(self, kind: str) -> LayerSpec:
         """A representative LayerSpec of a kind (all members share parameter shapes)."""
         return next(s for s in self.layers if s.kind == kind)
-
-    def kind_count(self, kind: str) -> int:
-        return sum(1 for s in self.layers if s.kind == kind)
 
     def replace(self, **changes: Any) -> Gemma4Config:
         return dataclasses.replace(self, **changes)

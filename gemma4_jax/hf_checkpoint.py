@@ -1,10 +1,10 @@
 """Hugging Face Gemma 4 checkpoints → model parameters: the one strict converter table.
 
-Owns the mapping from every HF tensor name to its place in `Gemma4Text` (path, stack index,
-layout transform), the prefix detection (`model.language_model.` for Gemma4ForConditionalGeneration,
+Owns the mapping from every HF tensor name to its place in `Gemma4Text` (path, layout transform), the
+prefix detection (`model.language_model.` for Gemma4ForConditionalGeneration,
 `model.` for Gemma4ForCausalLM), the list of tensors that may be ignored (KV weights of KV-shared
-layers, the tied `lm_head`, non-text towers), and a streaming reader that fills each stacked
-parameter tensor by tensor and checks that every expected tensor is set exactly once with the
+layers, the tied `lm_head`, non-text towers), and a streaming reader that fills each parameter
+tensor by tensor and checks that every expected tensor is set exactly once with the
 expected shape.
 """
 
@@ -31,8 +31,7 @@ NON_TEXT_PREFIXES = ("model.vision_tower.", "model.embed_vision.", "model.audio_
 class Target:
     """Where one HF tensor (or one part of it) goes."""
 
-    path: Path  # attribute path in Gemma4Text
-    index: int | None  # position in the kind's stack; None for unstacked parameters
+    path: Path  # parameter path in Gemma4Text: ("layers", "<i>", ...) for a layer's own
     transform: Callable[[np.ndarray], np.ndarray]  # HF layout -> our layout
     layer: int | None = None  # the decoder layer it belongs to; None for the embeddings and final norm
 
@@ -65,22 +64,22 @@ def converter_table(cfg: Gemma4Config) -> tuple[dict[str, Entry], set[str]]:
     def put(name, shape, *targets):
         table[name] = Entry(tuple(shape), tuple(targets))
 
-    put("embed_tokens.weight", (cfg.vocab_size, d), Target(("embed",), None, _same))
-    put("norm.weight", (d,), Target(("final_norm",), None, _same))
+    put("embed_tokens.weight", (cfg.vocab_size, d), Target(("embed",), _same))
+    put("norm.weight", (d,), Target(("final_norm",), _same))
     if not cfg.tie_word_embeddings:  # an untied head (a fine-tune); its name has no model prefix
-        put(LM_HEAD, (cfg.vocab_size, d), Target(("lm_head",), None, _same))
+        put(LM_HEAD, (cfg.vocab_size, d), Target(("lm_head",), _same))
     if p:
-        put("embed_tokens_per_layer.weight", (cfg.ple_vocab_size, L * p), Target(("ple_embed",), None, _same))
+        put("embed_tokens_per_layer.weight", (cfg.ple_vocab_size, L * p), Target(("ple_embed",), _same))
         put("per_layer_model_projection.weight", (L * p, d),
-            Target(("ple_proj",), None, lambda a: a.T.reshape(d, L, p)))
-        put("per_layer_projection_norm.weight", (p,), Target(("ple_norm",), None, _same))
+            Target(("ple_proj",), lambda a: a.T.reshape(d, L, p)))
+        put("per_layer_projection_norm.weight", (p,), Target(("ple_norm",), _same))
 
-    for spec, (kind, i) in zip(cfg.layers, cfg.layer_plan, strict=True):
-        pre, st = f"layers.{spec.index}.", ("stacks", kind)
+    for spec in cfg.layers:
+        pre, st = f"layers.{spec.index}.", ("layers", str(spec.index))
         h, k, f = spec.head_dim, spec.num_kv_heads, spec.mlp_width
 
-        def tgt(*path, fn=_same, st=st, i=i, layer=spec.index):
-            return Target(st + path, i, fn, layer)
+        def tgt(*path, fn=_same, st=st, layer=spec.index):
+            return Target(st + path, fn, layer)
 
         for hf, ours in (("input_layernorm", "input_norm"), ("post_attention_layernorm", "post_attn_norm"),
                          ("pre_feedforward_layernorm", "pre_ffw_norm"),
@@ -150,36 +149,25 @@ def iter_params(module: nnx.Module, prefix: Path = ()):
 
 
 class _Filler:
-    """Stacked numpy buffers filled tensor by tensor; each slot must be set exactly once."""
+    """Numpy buffers filled tensor by tensor; each parameter must be set exactly once."""
 
     def __init__(self, shapes: dict[Path, tuple[tuple[int, ...], np.dtype]], wanted: Callable[[Path], bool]):
         self.shapes = {p: s for p, s in shapes.items() if wanted(p)}
         self.buffers: dict[Path, np.ndarray] = {}
-        self.filled: dict[Path, np.ndarray] = {}
 
     def set(self, target: Target, value: np.ndarray, hf_name: str) -> None:
         if target.path not in self.shapes:
             return
-        shape, dtype = self.shapes[target.path]
-        if target.path not in self.buffers:
-            self.buffers[target.path] = np.empty(shape, dtype)
-            self.filled[target.path] = np.zeros(shape[0] if target.index is not None else 1, bool)
-        slot = target.index if target.index is not None else 0
-        if self.filled[target.path][slot]:
+        if target.path in self.buffers:
             raise CheckpointError(f"tensor {hf_name} appears twice in the checkpoint")
-        buf = self.buffers[target.path]
+        shape, dtype = self.shapes[target.path]
         value = target.transform(value)
-        want = shape[1:] if target.index is not None else shape
-        if value.shape != want:  # the table checked the HF shape; this guards the transform
-            raise CheckpointError(f"tensor {hf_name} maps to shape {value.shape}, expected {want}")
-        if target.index is None:
-            buf[...] = value.astype(dtype, copy=False)
-        else:
-            buf[target.index] = value.astype(dtype, copy=False)
-        self.filled[target.path][slot] = True
+        if value.shape != shape:  # the table checked the HF shape; this guards the transform
+            raise CheckpointError(f"tensor {hf_name} maps to shape {value.shape}, expected {shape}")
+        self.buffers[target.path] = np.array(value, dtype, copy=True)
 
     def missing(self) -> list[Path]:
-        return [p for p in self.shapes if p not in self.filled or not self.filled[p].all()]
+        return [p for p in self.shapes if p not in self.buffers]
 
 
 class HFCheckpoint:

@@ -38,7 +38,7 @@ def params_to_hf(cfg: Gemma4Config, params: dict[Path, np.ndarray], prefix: str 
         flat = np.empty(size, dtype)
         covered = np.zeros(size, bool)
         for t in entry.targets:
-            ours = params[t.path] if t.index is None else params[t.path][t.index]
+            ours = params[t.path]
             where = np.asarray(t.transform(index))  # our layout, holding HF flat indices
             if where.shape != ours.shape:
                 raise ConfigError(f"parameter {'/'.join(t.path)} has shape {ours.shape}, {name} needs {where.shape}")

@@ -1,9 +1,10 @@
 """The Gemma 4 text decoder in Flax NNX (docs/architecture.md §2).
 
 Owns the modules (RMSNorm-style weights, attention, dense MLP, MoE, per-layer embeddings, decoder
-layer, whole decoder) and the pure math helpers they share. Layers with equal parameter shapes are
-stacked along a leading axis, one stack per *kind* (`LayerSpec.kind`); the forward pass walks the
-static layer plan `config.layer_plan` and slices the layer it needs out of its stack.
+layer, whole decoder) and the pure math helpers they share. The decoder holds one `DecoderLayer` per
+layer (`Gemma4Text.layers`, parameter paths `("layers", "<i>", ...)`) and walks them in a Python loop:
+each layer's weights are arrays of their own, read in place by a compiled step. (Stacking layers of one
+kind on a leading axis is the pipeline's stage layout only: `DecoderLayer(..., stack=n)`.)
 
 Dimension legend (einsums and names use it):
   B batch, T query tokens, S key tokens, D model width, N query heads, K kv heads, G = N/K,
@@ -382,7 +383,7 @@ def run_layers(layers, x_btd, ple_btlp, pos_bt, attender: Attender, dtype, taps:
 
 
 class Gemma4Text(nnx.Module):
-    """Embedding, per-layer embeddings, stacked decoder layers, final norm and head (the embedding itself when
+    """Embedding, per-layer embeddings, the decoder layers, final norm and head (the embedding itself when
     `tie_word_embeddings`, as every released Gemma 4 checkpoint; else its own `lm_head` [V,D])."""
 
     def __init__(self, cfg: Gemma4Config, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
@@ -399,10 +400,7 @@ class Gemma4Text(nnx.Module):
         self.final_norm = _param(rngs, (d,), ("embed",), dtype, None, "ones")
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, (cfg.vocab_size, d), ("vocab", "embed"), dtype, None)
-        self.stacks = nnx.Dict({
-            kind: DecoderLayer(cfg, cfg.kind_spec(kind), dtype, rngs, stack=cfg.kind_count(kind))
-            for kind in cfg.layer_kinds
-        })
+        self.layers = nnx.List([DecoderLayer(cfg, spec, dtype, rngs) for spec in cfg.layers])
 
     # -- pieces ---------------------------------------------------------------------------------
     def embed_tokens(self, ids_bt):
@@ -412,16 +410,6 @@ class Gemma4Text(nnx.Module):
         """[B,T,L,P] (`per_layer_inputs`)."""
         return per_layer_inputs(self.cfg, self.ple_embed[...], self.ple_proj[...], self.ple_norm[...], ids_bt, h_btd,
                                 self.dtype)
-
-    def layer_views(self) -> list[DecoderLayer]:
-        """One DecoderLayer per layer, in order, each a slice of its kind's stack (or, once `unstack_layers`
-        has run, the layer's own arrays: no slice, so no copy of the weights in a compiled step)."""
-        split = {kind: nnx.split(stack) for kind, stack in self.stacks.items()}
-        views = []
-        for kind, i in self.cfg.layer_plan:
-            graphdef, state = split[kind]
-            views.append(nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state, is_leaf=is_layer_tuple)))
-        return views
 
     def head(self, x_btd):
         """Float32 logits [B,T,V] (`head`, with the embedding when tied, else `lm_head`)."""
@@ -448,7 +436,7 @@ class Gemma4Text(nnx.Module):
         """Embed (merging soft tokens `mm`), run every layer (attention delegated to `attender`), return
         the final stream [B,T,D]. `taps`, when given, receives the stream entering each layer (diagnostics)."""
         x, ple = self.embed_inputs(ids_bt, mm)
-        layers = ((spec, layer, spec.index) for spec, layer in zip(self.cfg.layers, self.layer_views(), strict=True))
+        layers = ((spec, layer, spec.index) for spec, layer in zip(self.cfg.layers, self.layers, strict=True))
         return run_layers(layers, x, ple, pos_bt, attender, self.dtype, taps)
 
     def __call__(self, ids_bt: jax.Array, impl: str = "auto", mm: Multimodal | None = None) -> jax.Array:
@@ -516,37 +504,6 @@ class FullAttender(Attender):
             return attention(q, *kv, mask)
         k_pos = self.pos if self.valid is None else jnp.where(self.valid, self.pos, -1)
         return kernel_attention(self.impl, q, *kv, self.pos, k_pos, spec.window, aligned=True)
-
-
-def is_layer_tuple(x) -> bool:
-    """A layer parameter held as per-layer arrays (`unstack_layers`), indexed like a stack."""
-    return isinstance(x, tuple)
-
-
-def unstack_layers(module: Gemma4Text) -> Gemma4Text:
-    """Turn every stacked layer parameter [n, ...] into a tuple of its n per-layer arrays, in place, one
-    parameter at a time (device memory peaks at the model plus one parameter).
-
-    Why: in the unrolled layer loop, a layer's weight is `stack[i]`; XLA on the GPU materialises that slice
-    as a device-to-device copy wherever the weight feeds a library GEMM, so every decode step would copy
-    about half the model (measured: 58 % of 31B's decode time). Separate arrays are read in place. The
-    layer loop (`layer_views`) takes either form.
-    """
-    for stack in module.stacks.values():
-        for _, var in nnx.iter_graph(stack):
-            if isinstance(var, nnx.Param) and not isinstance(value := var.get_value(), tuple):
-                var.set_value(tuple(value[i] for i in range(value.shape[0])))
-                del value
-    return module
-
-
-def restack_layers(module: Gemma4Text) -> Gemma4Text:
-    """The inverse of `unstack_layers` (in place): every layer parameter one stacked array again."""
-    for stack in module.stacks.values():
-        for _, var in nnx.iter_graph(stack):
-            if isinstance(var, nnx.Param) and isinstance(value := var.get_value(), tuple):
-                var.set_value(jnp.stack(value))
-    return module
 
 
 def init_model(cfg: Gemma4Config, dtype=jnp.float32, seed: int = 0) -> Gemma4Text:

@@ -47,8 +47,8 @@ from .config import Gemma4Config
 from .errors import ConfigError
 from .generation import Sampling, sample
 from .hf_checkpoint import iter_params
-from .model import DecoderLayer, FullAttender, is_layer_tuple
-from .stages import Path, Stage, balanced_stages, head_source, holds_head, stages_from_bounds
+from .model import DecoderLayer, FullAttender
+from .stages import Path, Stage, storage_kinds
 
 F32 = jnp.float32
 
@@ -70,21 +70,8 @@ class PipelinePlan:
 
     @functools.cached_property
     def storage_of(self) -> dict[str, str]:
-        """{layer kind: the stack it is stored in}. A KV-shared kind whose parameters are a subset of a
-        KV-owning kind's (same head dims, same MLP) shares that kind's stack: otherwise a split that puts
-        the owners on one stage and the readers on another would pad both stacks to the full count on
-        every stage (E4B at pp=2: 1.5× the weights). Shared layers leave their K/V slots at zero."""
-        shapes = {k: {p: v.get_value().shape for p, v in iter_params(kind_graphdef(self.cfg, k, 1, jnp.float32))}
-                  for k in self.cfg.layer_kinds}
-        out = {}
-        for k in self.cfg.layer_kinds:
-            out[k] = k
-            if not self.cfg.kind_spec(k).owns_kv:
-                for o in self.cfg.layer_kinds:
-                    if self.cfg.kind_spec(o).owns_kv and all(shapes[o].get(p) == sh for p, sh in shapes[k].items()):
-                        out[k] = o
-                        break
-        return out
+        """{layer kind: the stack it is stored in} (`stages.storage_kinds`)."""
+        return storage_kinds(self.cfg)
 
     @functools.cached_property
     def local(self) -> tuple[tuple[tuple[int, str, int], ...], ...]:
@@ -94,7 +81,7 @@ class PipelinePlan:
             seen: dict[str, int] = {}
             row = []
             for layer in s.layers:
-                kind = self.storage_of[self.cfg.layer_plan[layer][0]]
+                kind = self.storage_of[self.cfg.layers[layer].kind]
                 row.append((layer, kind, seen.get(kind, 0)))
                 seen[kind] = seen.get(kind, 0) + 1
             out.append(tuple(row))
@@ -149,56 +136,6 @@ class PipelinePlan:
         return out
 
 
-def device_param_bytes(plan: PipelinePlan, itemsize: int) -> int:
-    """Bytes of stage-stacked parameters on each device (every device holds one block of the same
-    shape), padding included: exact, from the layout's shapes."""
-    cfg = plan.cfg
-    n = cfg.vocab_size * cfg.hidden_size + cfg.hidden_size
-    if cfg.ple_dim:
-        n += cfg.ple_dim + (cfg.ple_vocab_size + cfg.hidden_size) * plan.layers_max * cfg.ple_dim
-    for kind in plan.stacks:
-        per_layer = sum(int(np.prod(v.get_value().shape[1:])) for _, v in
-                        iter_params(kind_graphdef(cfg, kind, 1, jnp.float32)))
-        n += plan.kind_max[kind] * per_layer
-    return n * itemsize
-
-
-def best_stages(cfg: Gemma4Config, pp: int, itemsize: int = 2) -> tuple[Stage, ...]:
-    """The contiguous split whose per-device parameter bytes (padding included) are smallest.
-
-    Exhaustive over split points when there are at most 20 000 candidates (pp ≤ 4 for every Gemma 4),
-    else the split balanced by logical bytes (`stages.balanced_stages`), which it always starts from.
-    """
-    import itertools
-    import math
-
-
-    best = balanced_stages(cfg, pp, itemsize)
-    if pp == 1 or math.comb(cfg.num_layers - 1, pp - 1) > 20_000:
-        return best
-    base = PipelinePlan(cfg, best)
-    storage = [base.storage_of[kind] for kind, _ in cfg.layer_plan]
-    per_layer = {k: sum(int(np.prod(v.get_value().shape[1:])) for _, v in
-                        iter_params(kind_graphdef(cfg, k, 1, jnp.float32))) for k in base.stacks}
-    ple_row = (cfg.ple_vocab_size + cfg.hidden_size) * cfg.ple_dim if cfg.ple_dim else 0
-    prefix = {k: np.concatenate([[0], np.cumsum([s == k for s in storage])]) for k in base.stacks}
-
-    def cost(bounds):
-        n = ple_row * max(b - a for a, b in zip(bounds, bounds[1:], strict=False))
-        for k, pre in prefix.items():
-            n += per_layer[k] * max(1, max(pre[b] - pre[a] for a, b in zip(bounds, bounds[1:], strict=False)))
-        return n
-
-    best_bounds = [s.start for s in best] + [cfg.num_layers]
-    best_cost = cost(best_bounds)
-    for cut in itertools.combinations(range(1, cfg.num_layers), pp - 1):
-        bounds = [0, *cut, cfg.num_layers]
-        c = cost(bounds)
-        if c < best_cost:
-            best_bounds, best_cost = bounds, c
-    return stages_from_bounds(best_bounds, cfg.num_layers)
-
-
 def make_mesh(pp: int) -> jax.sharding.Mesh:
     """Axis 'pp' over the first `pp` devices of all processes (`jax.devices()` lists them process by process).
     Every process must own at least one stage: it runs the same programs and holds its stages' parameters."""
@@ -213,6 +150,11 @@ def make_mesh(pp: int) -> jax.sharding.Mesh:
 
 # ---------------------------------------------------------------------------------------------
 # Parameters: stage-local trees, stacked over stages
+
+
+def is_slot_tuple(x) -> bool:
+    """A stage-stack parameter held as one array per slot (`stage_tree`), indexed like a stack."""
+    return isinstance(x, tuple)
 
 
 def kind_graphdef(cfg: Gemma4Config, kind: str, n: int, dtype):
@@ -243,7 +185,7 @@ def stage_tree(plan: PipelinePlan, s: int, leaves: dict[Path, jax.Array], dtype,
                 shape = var.get_value().shape
                 # A KV-shared layer stored with its owning kind has no K/V weights: zeros, never read.
                 # One array per slot, not a stack: a slice of a stacked weight inside the stage program is a
-                # device-to-device copy on the GPU every tick (see model.unstack_layers). Padding slots are
+                # device-to-device copy on the GPU every tick (as it was for the model's layers). Padding slots are
                 # zeros, never computed.
                 parts = [put(leaves[key]) if (key := ("layers", str(layer), *path)) in leaves
                          else jnp.zeros(shape[1:], dtype) for layer in layers]
@@ -273,36 +215,6 @@ def local_stages(mesh) -> list[int]:
     """The stages whose device belongs to this process."""
     mine = {d.id for d in jax.local_devices()}
     return [s for s, d in enumerate(mesh.devices.flat) if d.id in mine]
-
-
-def stage_leaves_from_params(cfg: Gemma4Config, stages: tuple[Stage, ...], params: dict[Path, np.ndarray]):
-    """`Gemma4Text` parameters {path: array} -> each stage's logical leaves (as the converter writes them)."""
-    out: list[dict[Path, np.ndarray]] = [{} for _ in stages]
-    kind_layers: dict[str, list[int]] = {}
-    for layer, (kind, _) in enumerate(cfg.layer_plan):
-        kind_layers.setdefault(kind, []).append(layer)
-    stage_of = {layer: s.index for s in stages for layer in s.layers}
-    for path, value in params.items():
-        if path == head_source(cfg) and holds_head(cfg, len(stages)):
-            out[-1][("head",)] = value
-        if path[0] == "stacks":
-            for i, layer in enumerate(kind_layers[path[1]]):
-                out[stage_of[layer]][("layers", str(layer), *path[2:])] = value[i]
-        elif path == ("embed",):
-            out[0][path] = value
-        elif path == ("final_norm",):
-            out[-1][path] = value
-        elif path == ("ple_norm",):
-            for leaves in out:
-                leaves[path] = value
-        elif path == ("ple_embed",):
-            p = cfg.ple_dim
-            for s in stages:
-                out[s.index][("ple_table",)] = value[:, s.start * p:s.stop * p]
-        elif path == ("ple_proj",):
-            for layer in range(cfg.num_layers):
-                out[stage_of[layer]][("layers", str(layer), "ple_model_proj")] = value[:, layer]
-    return out
 
 
 @functools.cache
@@ -410,7 +322,7 @@ def _stage_fn(plan: PipelinePlan, s: int, mode: str, dtype, graphdefs, impl: str
 
         def layers():  # each layer's module is built from its kind's stack slice when the loop reaches it
             for j, (layer, kind, slot) in enumerate(plan.local[s]):
-                state = jax.tree.map(lambda a, slot=slot: a[slot], params["stacks"][kind], is_leaf=is_layer_tuple)
+                state = jax.tree.map(lambda a, slot=slot: a[slot], params["stacks"][kind], is_leaf=is_slot_tuple)
                 yield cfg.layers[layer], nnx.merge(graphdefs[kind], state), j
 
         x = model.run_layers(layers(), x, ple, pos, att, dtype)

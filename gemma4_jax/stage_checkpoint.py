@@ -14,6 +14,7 @@ temporary directory beside OUT and renamed into place at the end.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -28,10 +29,20 @@ import numpy as np
 
 from .config import Gemma4Config
 from .errors import CheckpointError, ConfigError
-from .hf_checkpoint import HFCheckpoint, Target, read_tower_tensors, target_shapes
-from .pipeline import best_stages
+from .hf_checkpoint import HFCheckpoint, read_tower_tensors, target_shapes
 from .safetensors_io import save_file
-from .stages import Path, Stage, describe, head_source, holds_head, stage_bytes, stage_of_layer, stages_from_bounds
+from .stages import (
+    Path,
+    Stage,
+    best_stages,
+    describe,
+    placements,
+    shape_at,
+    split_params,
+    stage_bytes,
+    stage_leaf_shapes,
+    stages_from_bounds,
+)
 
 MANIFEST = "manifest.json"
 FORMAT = "gemma4-jax-stages"
@@ -60,70 +71,6 @@ def table_chunk_rows(cfg: Gemma4Config, itemsize: int) -> dict[str, int]:
     """Rows per stored chunk of each table, from the width of the whole table (the same on every stage)."""
     widths = {"embed": cfg.hidden_size, "head": cfg.hidden_size, "ple_table": max(1, cfg.num_layers * cfg.ple_dim)}
     return {name: max(1, CHUNK_BYTES // (w * itemsize)) for name, w in widths.items()}
-
-
-def stage_leaves(cfg: Gemma4Config, stages: tuple[Stage, ...], target: Target, value: np.ndarray):
-    """(stage index, logical leaf path, array view) for one converter-table target of one HF tensor.
-
-    Tables come back whole (views of the mapped file); the converter cuts them into row chunks.
-    """
-    path, last = target.path, stages[-1].index
-    if path == head_source(cfg) and holds_head(cfg, len(stages)):
-        yield last, ("head",), value  # the head table, so the last stage stands alone
-    if path[0] == "stacks":
-        layer = target.layer
-        yield stage_of_layer(stages, layer).index, ("layers", str(layer), *path[2:]), target.transform(value)
-    elif path == ("embed",):
-        yield 0, ("embed",), value
-    elif path == ("lm_head",):
-        pass  # the head table, above
-    elif path == ("final_norm",):
-        yield last, ("final_norm",), value
-    elif path == ("ple_norm",):
-        for s in stages:
-            yield s.index, ("ple_norm",), value
-    elif path == ("ple_embed",):  # [Vp, L*P] -> each stage's columns [Vp, n*P]
-        p = cfg.ple_dim
-        for s in stages:
-            yield s.index, ("ple_table",), value[:, s.start * p:s.stop * p]
-    elif path == ("ple_proj",):  # [D, L, P] after the transform -> per layer [D, P]
-        full = target.transform(value)
-        for layer in range(cfg.num_layers):
-            yield stage_of_layer(stages, layer).index, ("layers", str(layer), "ple_model_proj"), full[:, layer]
-    else:
-        raise AssertionError(f"no stage rule for {path}")
-
-
-def expected_leaves(cfg: Gemma4Config, stages: tuple[Stage, ...]) -> list[dict[Path, tuple[int, ...]]]:
-    """{logical leaf path: shape} of every stage, from the model's parameter shapes (layout in stages.py)."""
-    out: list[dict[Path, tuple[int, ...]]] = [{} for _ in stages]
-    first, last = out[0], out[-1]
-    for path, (shape, _) in target_shapes(cfg, np.float32).items():
-        if path == head_source(cfg) and holds_head(cfg, len(stages)):
-            last[("head",)] = shape
-        if path[0] == "stacks":
-            for layer, (kind, _) in enumerate(cfg.layer_plan):
-                if kind == path[1]:
-                    out[stage_of_layer(stages, layer).index][("layers", str(layer), *path[2:])] = shape[1:]
-        elif path == ("embed",):
-            first[path] = shape
-        elif path == ("lm_head",):
-            pass  # the head table, above
-        elif path == ("final_norm",):
-            last[path] = shape
-        elif path == ("ple_norm",):
-            for leaves in out:
-                leaves[path] = shape
-        elif path == ("ple_embed",):
-            for s, leaves in zip(stages, out, strict=True):
-                leaves[("ple_table",)] = (cfg.ple_vocab_size, (s.stop - s.start) * cfg.ple_dim)
-        elif path == ("ple_proj",):
-            for layer in range(cfg.num_layers):
-                out[stage_of_layer(stages, layer).index][("layers", str(layer), "ple_model_proj")] = \
-                    (cfg.hidden_size, cfg.ple_dim)
-        else:
-            raise AssertionError(f"no stage rule for {path}")
-    return out
 
 
 def stored_leaves(leaves: dict[Path, tuple[int, ...]], chunk_rows: dict[str, int]) -> dict[Path, tuple[int, ...]]:
@@ -200,8 +147,8 @@ def convert(hf_dir: str, out: str, stages: tuple[Stage, ...] | None = None, *, p
     The progress bar goes to `progress_file` (default: stderr).
 
     `stages` (explicit split) or `pp` (the split with the fewest parameter bytes per device, see
-    `pipeline.best_stages`); `dtype` defaults to the
-    checkpoint's own. Raises Gemma4Error subclasses with one sentence; never leaves a partial `out`.
+    `stages.best_stages`); `dtype` defaults to the checkpoint's own.
+    Raises Gemma4Error subclasses with one sentence; never leaves a partial `out`.
     """
     _quiet_orbax()
     if not os.path.isdir(hf_dir):
@@ -233,7 +180,7 @@ def convert(hf_dir: str, out: str, stages: tuple[Stage, ...] | None = None, *, p
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.converting-", dir=parent)
     try:
         chunk_rows = table_chunk_rows(cfg, itemsize)
-        expected = [stored_leaves(lv, chunk_rows) for lv in expected_leaves(cfg, stages)]
+        expected = [stored_leaves(lv, chunk_rows) for lv in stage_leaf_shapes(cfg, stages)]
         writer = _StageWriter(tmp, stages, expected, DTYPE_NAMES[dtype])
         bar = None
         if progress:
@@ -245,7 +192,8 @@ def convert(hf_dir: str, out: str, stages: tuple[Stage, ...] | None = None, *, p
         for full, entry, st in ckpt:
             value = st.get(full)
             for t in entry.targets:
-                leaves = list(stage_leaves(cfg, stages, t, value))
+                trees = split_params(cfg, stages, {t.path: t.transform(value)})
+                leaves = [(k, leaf, arr) for k, tree in enumerate(trees) for leaf, arr in tree.items()]
                 if leaves[0][1][0] not in TABLES:
                     for k, leaf, arr in leaves:
                         writer.add(k, leaf, arr, full)
@@ -423,35 +371,37 @@ def restore_leaves(root: str, stage: int, leaves: dict[Path, tuple[int, ...]], d
 
 
 def load_single_stage(path: str, cfg: Gemma4Config, dtype, device=None) -> dict[Path, jax.Array]:
-    """A one-stage conversion as `Gemma4Text` parameters {path: array on `device`}, group by group.
-
-    Each stacked parameter is restored as its per-layer pieces and stacked on the device before
-    the next group, so device memory peaks at the model plus one group.
-    """
+    """A one-stage conversion as `Gemma4Text` parameters {path: array on `device`}, parameter by parameter
+    (the stage layout's inverse, from `stages.placements`): a parameter stored whole is restored as it is;
+    one stored in pieces (the per-layer-input projection, by layer) is put together on the device, so device
+    memory peaks at the model plus one parameter."""
     m = read_manifest(path)
     stages = manifest_stages(m, cfg)
     if len(stages) != 1:
         raise ConfigError(f"{path} holds {len(stages)} stages; load it with pp={len(stages)}")
     sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
-    leaves = expected_leaves(cfg, stages)[0]
-    groups: dict[Path, list[Path]] = {}
-    for layer, (kind, _) in enumerate(cfg.layer_plan):
-        for leaf in leaves:
-            if leaf[:2] == ("layers", str(layer)) and leaf[2] != "ple_model_proj":
-                groups.setdefault(("stacks", kind, *leaf[2:]), []).append(leaf)
-    if cfg.ple_dim:
-        groups[("ple_embed",)] = [("ple_table",)]
-        groups[("ple_proj",)] = [("layers", str(i), "ple_model_proj") for i in range(cfg.num_layers)]
-        groups[("ple_norm",)] = [("ple_norm",)]
-    groups[("embed",)] = [("embed",)]
-    if not cfg.tie_word_embeddings:
-        groups[("lm_head",)] = [("head",)]
-    groups[("final_norm",)] = [("final_norm",)]
-    stack = {"stacks": jax.jit(lambda xs: jnp.stack(xs), out_shardings=sharding),
-             "ple_proj": jax.jit(lambda xs: jnp.stack(xs, axis=1), out_shardings=sharding)}
+    leaves = stage_leaf_shapes(cfg, stages)[0]
+
+    @functools.partial(jax.jit, static_argnums=(0, 1), out_shardings=sharding)
+    def join(shape, indices, pieces):
+        out = jnp.zeros(shape, pieces[0].dtype)
+        for index, piece in zip(indices, pieces, strict=True):
+            out = out.at[tuple(slice(*i[1:]) if isinstance(i, tuple) else i for i in index)].set(piece)
+        return out
+
     out: dict[Path, jax.Array] = {}
-    for target, pieces in groups.items():
-        got = restore_leaves(path, 0, {p: leaves[p] for p in pieces}, dtype, sharding)
-        out[target] = stack[target[0]]([got[p] for p in pieces]) if target[0] in stack else got[pieces[0]]
+    for target, (shape, _) in target_shapes(cfg, np.float32).items():
+        places = placements(cfg, stages, target)
+        got = restore_leaves(path, 0, {leaf: leaves[leaf] for _, leaf, _ in places}, dtype, sharding)
+        if len(places) == 1 and shape_at(shape, places[0][2]) == shape:
+            out[target] = got[places[0][1]]
+        else:
+            indices = tuple(_hashable(index) for _, _, index in places)
+            out[target] = join(shape, indices, [got[leaf] for _, leaf, _ in places])
         del got
     return out
+
+
+def _hashable(index: tuple) -> tuple:
+    """A numpy index as a static argument (slices are unhashable before Python 3.12)."""
+    return tuple(("slice", i.start, i.stop, i.step) if isinstance(i, slice) else i for i in index)

@@ -75,7 +75,7 @@ def test_dense_bench_counts_every_decode_projection(name):
     products = {("attn", "q_proj"), ("attn", "k_proj"), ("attn", "v_proj"), ("attn", "o_proj"), ("mlp", "gate"),
                 ("mlp", "up"), ("mlp", "down"), ("moe", "router_proj"), ("ple_gate",), ("ple_proj",)}
     want = sum(int(np.prod(v.get_value().shape)) for p, v in iter_params(abstract_model(cfg))
-               if p[0] == "stacks" and p[2:] in products)
+               if p[0] == "layers" and p[2:] in products)
     assert sum(k * n * uses for (k, n), uses in projection_shapes(cfg).items()) == want
 
 

@@ -17,8 +17,8 @@ from gemma4_jax.config import Gemma4Config
 from gemma4_jax.errors import Gemma4Error
 from gemma4_jax.hf_checkpoint import read_hf_params
 from gemma4_jax.safetensors_io import SafetensorsFile, checkpoint_files, save_file
-from gemma4_jax.stage_checkpoint import convert, expected_leaves, read_manifest, restore_leaves
-from gemma4_jax.stages import balanced_stages, parse_layer_split, stage_bytes, stages_from_bounds
+from gemma4_jax.stage_checkpoint import convert, read_manifest, restore_leaves
+from gemma4_jax.stages import balanced_stages, parse_layer_split, stage_bytes, stage_leaf_shapes, stages_from_bounds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -52,26 +52,20 @@ def _raw(hf_dir, name_suffix):
 
 def _assemble(cfg, stage_trees):
     """Stage leaves -> Gemma4Text parameter paths, written independently of the loader's assembly."""
-    out, stacked = {}, {}
+    out, proj = {}, {}
     tables = [tree[("ple_table",)] for tree in stage_trees if ("ple_table",) in tree]
     if tables:  # each stage holds its layers' columns
         out[("ple_embed",)] = np.concatenate(tables, axis=1)
     for tree in stage_trees:
         for leaf, arr in tree.items():
-            if leaf == ("ple_table",):
+            if leaf == ("ple_table",) or leaf == ("head",):
                 continue
-            if leaf[0] == "layers":
-                layer = int(leaf[1])
-                kind = "" if leaf[2] == "ple_model_proj" else cfg.layer_plan[layer][0]
-                stacked.setdefault((leaf[2:], kind), {})[layer] = arr
-            elif leaf != ("head",):
+            if leaf[0] == "layers" and leaf[2] == "ple_model_proj":
+                proj[int(leaf[1])] = arr
+            else:  # the model's own paths, layers included
                 out[leaf] = arr
-    for (rest, kind), by_layer in stacked.items():
-        arrays = [by_layer[i] for i in sorted(by_layer)]
-        if rest == ("ple_model_proj",):
-            out[("ple_proj",)] = np.stack(arrays, axis=1)
-        else:
-            out[("stacks", kind, *rest)] = np.stack(arrays)
+    if proj:
+        out[("ple_proj",)] = np.stack([proj[i] for i in sorted(proj)], axis=1)
     return out
 
 
@@ -93,7 +87,7 @@ def test_round_trip_is_bit_exact(hf_dirs, tmp_path, monkeypatch, family, layout,
     if pp is not None:
         assert len(stages) == pp
     trees = []
-    for s, leaves in zip(stages, expected_leaves(cfg, stages), strict=True):
+    for s, leaves in zip(stages, stage_leaf_shapes(cfg, stages), strict=True):
         tree = restore_leaves(out, s.index, leaves, np.float32, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
         tree = {p: np.asarray(a) for p, a in tree.items()}
         layers = {int(p[1]) for p in tree if p[0] == "layers"}
@@ -142,7 +136,7 @@ def test_stages_restore_onto_their_own_devices(hf_dirs, tmp_path):
     out = str(tmp_path / "conv")
     convert(hf_dir, out, pp=2, progress=False, log=lambda s: None)
     stages = stages_from_bounds(read_manifest(out)["layer_split"], cfg.num_layers)
-    for s, leaves in zip(stages, expected_leaves(cfg, stages), strict=True):
+    for s, leaves in zip(stages, stage_leaf_shapes(cfg, stages), strict=True):
         dev = jax.devices()[s.index]
         tree = restore_leaves(out, s.index, leaves, np.float32, jax.sharding.SingleDeviceSharding(dev))
         assert all(a.devices() == {dev} for a in tree.values())

@@ -158,14 +158,14 @@ def test_every_variant_lowers_its_decode_step_for_the_gpu(name, monkeypatch):
     from gemma4_jax.cache import init_cache
     from gemma4_jax.config import preset
     from gemma4_jax.generation import decode_logits
-    from gemma4_jax.model import Gemma4Text, unstack_layers
+    from gemma4_jax.model import Gemma4Text
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
     from bench_dense import projection_shapes
 
     monkeypatch.setattr(dispatch, "_on_gpu", lambda platform: True)
     cfg = preset(name)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: unstack_layers(Gemma4Text(cfg, jnp.bfloat16, nnx.Rngs(0)))))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Gemma4Text(cfg, jnp.bfloat16, nnx.Rngs(0))))
     cache = jax.eval_shape(lambda: init_cache(cfg, 1, 256, jnp.bfloat16))
     tok = jax.ShapeDtypeStruct((1,), jnp.int32)
     text = decode_logits.trace(graphdef, state, cache, tok, tok).lower(lowering_platforms=("cuda",)).as_text()

@@ -107,6 +107,6 @@ def test_layer_scalar_must_be_loaded(hf_models, hf_dirs):
     ref = hf_logits(hf_models["e4b"], ids)
     model = gemma4_jax.load(hf_dirs["e4b", "causal"], progress=False)
     module = model.module
-    for stack in module.stacks.values():
-        stack.layer_scalar.set_value(jnp.ones_like(stack.layer_scalar[...]))
+    for layer in module.layers:
+        layer.layer_scalar.set_value(jnp.ones_like(layer.layer_scalar[...]))
     assert rel_err(np.asarray(module(jnp.asarray(ids, jnp.int32))), ref) > 5 * F32_BOUND

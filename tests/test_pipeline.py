@@ -14,9 +14,9 @@ import gemma4_jax
 from gemma4_jax.config import Gemma4Config, preset
 from gemma4_jax.errors import Gemma4Error
 from gemma4_jax.model import abstract_model, count_params
-from gemma4_jax.pipeline import PipelinePlan, best_stages, device_param_bytes
+from gemma4_jax.pipeline import PipelinePlan
 from gemma4_jax.stage_checkpoint import convert
-from gemma4_jax.stages import parse_layer_split
+from gemma4_jax.stages import best_stages, device_param_bytes, parse_layer_split
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # float32, max|Δ| relative to the largest logit. Not 1e-5: XLA's float32 floor on these models is
@@ -52,7 +52,7 @@ def test_real_shape_weights_per_device(name, pp, ratio):
     plan = PipelinePlan(cfg, best_stages(cfg, pp, 2))
     if name == "e4b":  # KV-shared layers are stored with their owning kind (no double-wide MLP there)
         assert len(plan.stacks) == 2 < len(cfg.layer_kinds)
-    assert device_param_bytes(plan, 2) <= ratio * count_params(abstract_model(cfg)) * 2
+    assert device_param_bytes(cfg, plan.stages, 2) <= ratio * count_params(abstract_model(cfg)) * 2
 
 
 def test_plans_cover_the_cross_stage_kv_sources(hf_dirs):
@@ -78,7 +78,7 @@ def test_every_split_gives_single_stage_logits(hf_dirs, single, family, pp, spli
     for leaf in jax.tree.leaves(m.pipeline.params):
         for sh in leaf.addressable_shards:
             per_device[sh.device.id] = per_device.get(sh.device.id, 0) + sh.data.nbytes
-    assert set(per_device.values()) == {device_param_bytes(m.pipeline.plan, 4)}
+    assert set(per_device.values()) == {device_param_bytes(m.pipeline.plan.cfg, m.pipeline.plan.stages, 4)}
 
 
 @pytest.mark.parametrize("family,pp,split", [
@@ -150,7 +150,7 @@ def test_stage_programs_close_over_no_empty_constant(hf_dirs, prompts):
     texts.append(pl._run_ring.lower(pipe.params, cache, first, lengths, steps, stops, key,
                                     sampling=Sampling(0.0, None, None), width=8, **statics).as_text())
     # Layer weights reach the programs as one array per slot: a stack [n, ...] would be sliced per layer,
-    # which on the GPU copies the weight every tick (model.unstack_layers).
+    # which on the GPU copies the weight every tick.
     stacked = set()
     for kind, n in pipe.plan.kind_max.items():
         one = jax.tree.leaves(nnx.state(pl.kind_graphdef(pipe.plan.cfg, kind, 1, pipe.dtype)))
