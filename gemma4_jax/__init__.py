@@ -5,17 +5,8 @@ every command line's start, `--help`, and its checks of flags) does not wait for
 """
 
 import importlib as _importlib
-import os as _os
 
-# In a source checkout `kernels/` sits beside this package and is shipped as `gemma4_jax.kernels`
-# (see pyproject.toml). Let `PYTHONPATH=.` runs find it there too.
-_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels")) and _os.path.isfile(
-    _os.path.join(_root, "kernels", "__init__.py")
-):
-    __path__.append(_root)  # noqa: F821
-
-from .errors import CheckpointError, ConfigError, Gemma4Error  # noqa: E402
+from .errors import CheckpointError, ConfigError, Gemma4Error
 
 _LAZY = {"load": "api", "Gemma4Model": "api", "RunConfig": "api",
          "Gemma4Config": "config", "LayerSpec": "config", "preset": "config"}

@@ -95,8 +95,8 @@ class DecodeAttender(Attender):
 def attend_cache(impl: str, q_btnh, entry: LayerCache, pos_bt, window: int | None) -> jax.Array:
     """Decode attention of queries at `pos` over one layer's cache entry (the decode kernel or XLA, by `impl`);
     the slots' own positions mask it (empty slots, ring buffers, the window)."""
-    if attention_impl(impl, q_btnh, entry.k) != "xla":
-        return kernel_attention(impl, q_btnh, entry.k, entry.v, pos_bt, entry.pos, window)
+    if (choice := attention_impl(impl, q_btnh, entry.k)) != "xla":
+        return kernel_attention(choice, q_btnh, entry.k, entry.v, pos_bt, entry.pos, window)
     return attention(q_btnh, entry.k, entry.v, attention_mask(pos_bt, entry.pos, window, entry.pos >= 0))
 
 

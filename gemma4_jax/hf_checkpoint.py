@@ -16,10 +16,9 @@ from dataclasses import dataclass
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from .config import Gemma4Config
-from .model import abstract_model
+from .model import abstract_model, iter_params, target_shapes
 from .safetensors_io import CheckpointError, SafetensorsFile, checkpoint_files
 
 Path = tuple[str, ...]
@@ -130,22 +129,6 @@ def text_prefix(names: Iterable[str]) -> str:
     if any(nm.startswith("model.") for nm in names):
         return "model."
     raise CheckpointError("the checkpoint holds no Gemma 4 text weights (no 'model.' tensors)")
-
-
-def target_shapes(cfg: Gemma4Config, dtype) -> dict[Path, tuple[tuple[int, ...], np.dtype]]:
-    """Shape and dtype of every parameter of the model, keyed by path."""
-    out = {}
-    for path, var in iter_params(abstract_model(cfg, dtype)):
-        value = var.get_value()
-        out[path] = (tuple(value.shape), np.dtype(value.dtype))
-    return out
-
-
-def iter_params(module: nnx.Module, prefix: Path = ()):
-    """(path, Param) for every parameter of a module, paths as attribute/key names."""
-    for path, var in nnx.iter_graph(module):
-        if isinstance(var, nnx.Param):
-            yield tuple(str(x) for x in path), var
 
 
 class _Filler:

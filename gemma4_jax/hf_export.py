@@ -18,7 +18,8 @@ from flax import nnx
 
 from .config import FULL, SLIDING, Gemma4Config
 from .errors import ConfigError
-from .hf_checkpoint import Path, converter_table, iter_params
+from .hf_checkpoint import Path, converter_table
+from .model import iter_params
 from .safetensors_io import save_file
 
 

@@ -24,6 +24,7 @@ from flax import nnx
 
 from .config import Gemma4Config, LayerSpec
 from .kernels import dispatch, gemv, moe, moe_mgpu, numerics
+from .kernels.flash_attention import xla_attention
 
 F32 = jnp.float32
 
@@ -102,16 +103,8 @@ def attention_mask(q_pos_bt: jax.Array, k_pos_bs: jax.Array, window: int | None,
 
 
 def attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: jax.Array) -> jax.Array:
-    """Plain XLA grouped-query attention with scale 1.0 (q_norm/k_norm replace 1/√H)."""
-    b, t, n, h = q_btnh.shape
-    k = k_bskh.shape[2]
-    q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
-    scores = numerics.einsum("BTKGH,BSKH->BKGTS", q_btkgh, k_bskh, preferred_element_type=F32)
-    # A large finite negative (not -inf) keeps fully masked rows (padding) free of NaNs.
-    scores = jnp.where(mask_bts[:, None, None, :, :], scores, jnp.finfo(F32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)  # softmax in float32
-    out = numerics.einsum("BKGTS,BSKH->BTKGH", probs, v_bskh, preferred_element_type=F32)
-    return out.astype(q_btnh.dtype).reshape(b, t, n, h)
+    """XLA grouped-query attention with scale 1.0 (q_norm/k_norm replace 1/√H): the kernels' one XLA attention."""
+    return xla_attention(q_btnh, k_bskh, v_bskh, mask_bts, scale=1.0)
 
 
 def linear(eq: str, x: jax.Array, w: jax.Array, impl: str = "auto") -> jax.Array:
@@ -471,12 +464,10 @@ def attention_impl(impl: str, q_btnh: jax.Array, k_bskh: jax.Array, aligned: boo
                             dtype=q_btnh.dtype, q_len=q_btnh.shape[1], batch=q_btnh.shape[0], aligned=aligned)
 
 
-def kernel_attention(impl: str, q_btnh, k_bskh, v_bskh, q_pos_bt, k_pos_bs, window: int | None,
-                     aligned: bool = False) -> jax.Array:
+def kernel_attention(choice: str, q_btnh, k_bskh, v_bskh, q_pos_bt, k_pos_bs, window: int | None) -> jax.Array:
     """The dispatcher's non-XLA paths with the model's semantics: scale 1.0, mask from positions (k_pos −1 =
-    invalid). `impl` is the caller's setting (the dispatcher resolves it again, to the same choice)."""
-    return dispatch.attention(q_btnh, k_bskh, v_bskh, q_pos_bt, k_pos_bs, scale=1.0, window=window, impl=impl,
-                              aligned=aligned)
+    invalid). `choice` is what `attention_impl` resolved (once per call site)."""
+    return dispatch.run_attention(choice, q_btnh, k_bskh, v_bskh, q_pos_bt, k_pos_bs, scale=1.0, window=window)
 
 
 class FullAttender(Attender):
@@ -503,7 +494,7 @@ class FullAttender(Attender):
             mask = attention_mask(self.pos, self.pos, spec.window, self.valid, self.blocks if bidirectional else None)
             return attention(q, *kv, mask)
         k_pos = self.pos if self.valid is None else jnp.where(self.valid, self.pos, -1)
-        return kernel_attention(self.impl, q, *kv, self.pos, k_pos, spec.window, aligned=True)
+        return kernel_attention(impl, q, *kv, self.pos, k_pos, spec.window)
 
 
 def init_model(cfg: Gemma4Config, dtype=jnp.float32, seed: int = 0) -> Gemma4Text:
@@ -518,3 +509,19 @@ def abstract_model(cfg: Gemma4Config, dtype=jnp.float32) -> Gemma4Text:
 
 def count_params(model: Gemma4Text) -> int:
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def target_shapes(cfg: Gemma4Config, dtype) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of every parameter of the model, keyed by path."""
+    out = {}
+    for path, var in iter_params(abstract_model(cfg, dtype)):
+        value = var.get_value()
+        out[path] = (tuple(value.shape), np.dtype(value.dtype))
+    return out
+
+
+def iter_params(module: nnx.Module):
+    """(path, Param) for every parameter of a module, paths as attribute/key names."""
+    for path, var in nnx.iter_graph(module):
+        if isinstance(var, nnx.Param):
+            yield tuple(str(x) for x in path), var

@@ -46,8 +46,7 @@ from .cache import LayerCache, attend_cache, cache_length, store_prompt, write_t
 from .config import Gemma4Config
 from .errors import ConfigError
 from .generation import Sampling, sample
-from .hf_checkpoint import iter_params
-from .model import DecoderLayer, FullAttender
+from .model import DecoderLayer, FullAttender, iter_params
 from .stages import Path, Stage, storage_kinds
 
 F32 = jnp.float32

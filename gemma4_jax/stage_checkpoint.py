@@ -29,7 +29,8 @@ import numpy as np
 
 from .config import Gemma4Config
 from .errors import CheckpointError, ConfigError
-from .hf_checkpoint import HFCheckpoint, read_tower_tensors, target_shapes
+from .hf_checkpoint import HFCheckpoint, read_tower_tensors
+from .model import target_shapes
 from .safetensors_io import save_file
 from .stages import (
     Path,

@@ -32,7 +32,7 @@ import numpy as np
 
 from .config import Gemma4Config
 from .errors import ConfigError
-from .hf_checkpoint import target_shapes
+from .model import target_shapes
 
 Path = tuple[str, ...]
 

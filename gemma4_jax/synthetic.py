@@ -16,8 +16,8 @@ import ml_dtypes
 import numpy as np
 
 from .config import Gemma4Config
-from .hf_checkpoint import converter_table, iter_params
-from .model import abstract_model
+from .hf_checkpoint import converter_table
+from .model import abstract_model, iter_params
 
 PREFIX = "model.language_model."
 

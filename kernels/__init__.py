@@ -2,9 +2,10 @@
 skinny matmul for decode-step projections (`gemv`), installed as `gemma4_jax.kernels`.
 
 Model-agnostic: nothing here knows about Gemma. Each kernel file holds the kernel body, its wrapper, a
-jitted entry point, a frozen tuning config and a plain-jnp reference (the Mosaic GPU kernels for Hopper share
-the Triton ones' references: `flash_attention_mgpu` is imported lazily, `moe_mgpu` by the dispatcher;
-`mgpu_interpret` runs them in JAX's GPU interpret mode for CPU tests); `dispatch`
+jitted entry point, a frozen tuning config and a plain-jnp reference (the Mosaic GPU kernels for Hopper,
+`flash_attention_mgpu` and `moe_mgpu`, share the Triton ones' references; `mgpu_interpret` runs them in JAX's
+GPU interpret mode for CPU tests). The one XLA attention, `flash_attention.xla_attention`, is every attention
+kernel's reference and the model's XLA path. `dispatch`
 picks a kernel, cuDNN or XLA per call (`resolve` for attention, `resolve_moe` for the experts, `resolve_dense`
 for the projections); `tiling.fit_block` fits block sizes to dimensions.
 Masks come from positions (`masking.py`).

@@ -171,7 +171,5 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
     return o.astype(q.dtype)
 
 
-def decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, *,
-                               scale: float = 1.0, window: int | None = None, causal: bool = True) -> jax.Array:
-    """Same semantics as `flash_attention_reference` (positions decide everything); kept as the decode name."""
-    return flash_attention_reference(q, k, v, q_pos, k_pos, scale=scale, window=window, causal=causal)
+# The decode kernel's semantics are the prefill kernel's (positions decide everything): one reference, two names.
+decode_attention_reference = flash_attention_reference

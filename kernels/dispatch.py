@@ -228,6 +228,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos:
     """
     choice = resolve(impl, head_dim=q.shape[-1], group=q.shape[2] // k.shape[2], dtype=q.dtype, q_len=q.shape[1],
                      batch=q.shape[0], aligned=aligned and causal)
+    return run_attention(choice, q, k, v, q_pos, k_pos, scale=scale, window=window, causal=causal)
+
+
+def run_attention(choice: str, q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, *,
+                  scale: float = 1.0, window: int | None = None, causal: bool = True) -> jax.Array:
+    """`attention` by a choice `resolve` already made (callers that resolve once and branch on it): 'cudnn' and
+    'mosaic' take the positions as aligned (the caller resolved with `aligned`)."""
     if choice == "xla":
         return flash_attention_reference(q, k, v, q_pos, k_pos, scale=scale, window=window, causal=causal)
     if choice == "cudnn":

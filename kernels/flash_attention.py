@@ -28,6 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from . import numerics
 from .masking import block_visibility, pad_axis, ranges, visible
 
 LOG2E = math.log2(math.e)
@@ -166,16 +167,27 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, 
     return out[:, :t]
 
 
-def flash_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, *,
-                              scale: float = 1.0, window: int | None = None, causal: bool = True) -> jax.Array:
-    """Plain jnp: float32 scores and softmax, probabilities cast to v's dtype, float32 accumulation."""
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float = 1.0) -> jax.Array:
+    """The one XLA attention (the kernels' reference, and the model's XLA path): q [B,T,N,H] over k, v [B,S,K,H]
+    (grouped queries) where `mask` [B,T,S] is True. Float32 scores and softmax, probabilities cast to v's dtype,
+    float32 accumulation; float32 contractions summed in blocks (`numerics.einsum`); rows that see nothing give 0.
+    """
     b, t, n, h = q.shape
     kh = k.shape[2]
     q5 = q.reshape(b, t, kh, n // kh, h)
-    s = jnp.einsum("btkgh,bskh->bkgts", q5, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
-    vis = visible(q_pos[:, :, None], k_pos[:, None, :], window, causal)[:, None, None]  # [B,1,1,T,S]
+    s = numerics.einsum("btkgh,bskh->bkgts", q5, k, preferred_element_type=jnp.float32)
+    if scale != 1.0:
+        s = s * jnp.float32(scale)
+    vis = mask[:, None, None]  # [B,1,1,T,S]
+    # A large finite negative (not -inf) keeps rows that see nothing free of NaNs; they are zeroed below.
     s = jnp.where(vis, s, jnp.finfo(jnp.float32).min)
     p = jax.nn.softmax(s, axis=-1)
-    p = jnp.where(jnp.any(vis, axis=-1, keepdims=True), p, 0.0).astype(v.dtype)  # rows seeing nothing → 0
-    o = jnp.einsum("bkgts,bskh->btkgh", p, v, preferred_element_type=jnp.float32)
+    p = jnp.where(jnp.any(vis, axis=-1, keepdims=True), p, 0.0).astype(v.dtype)
+    o = numerics.einsum("bkgts,bskh->btkgh", p, v, preferred_element_type=jnp.float32)
     return o.astype(q.dtype).reshape(b, t, n, h)
+
+
+def flash_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, *,
+                              scale: float = 1.0, window: int | None = None, causal: bool = True) -> jax.Array:
+    """`xla_attention` masked by positions (`masking.visible`): the kernels' semantics in plain jnp."""
+    return xla_attention(q, k, v, visible(q_pos[:, :, None], k_pos[:, None, :], window, causal), scale=scale)

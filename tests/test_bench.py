@@ -68,7 +68,7 @@ def test_dense_bench_counts_every_decode_projection(name):
     from bench_dense import projection_shapes
 
     from gemma4_jax.config import preset
-    from gemma4_jax.hf_checkpoint import iter_params
+    from gemma4_jax.model import iter_params
     from gemma4_jax.model import abstract_model
 
     cfg = preset(name)
