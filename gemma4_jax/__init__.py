@@ -9,7 +9,7 @@ import importlib as _importlib
 from .errors import CheckpointError, ConfigError, Gemma4Error
 
 _LAZY = {"load": "api", "Gemma4Model": "api", "RunConfig": "api",
-         "Gemma4Config": "config", "LayerSpec": "config", "preset": "config"}
+         "Gemma4Config": "config", "LayerSpec": "config", "preset": "config", "join_cluster": "parallel.cluster"}
 
 __all__ = [
     "load", "Gemma4Model", "RunConfig", "Gemma4Config", "LayerSpec", "preset",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from dataclasses import dataclass
 
 import jax
@@ -17,20 +16,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import multimodal as mmod
-from . import stage_checkpoint as sc
+from . import checkpoint
 from .chat import split_thoughts
+from .checkpoint import staged as sc
+from .checkpoint.hf import model_from_params, read_hf_params
 from .config import Gemma4Config
 from .demo import demo_path
-from .errors import CheckpointError, ConfigError
-from .generation import generate_tokens
-from .hf_checkpoint import model_from_params, read_hf_params
+from .errors import ConfigError
+from .generation.loop import generate_tokens
+from .generation.options import check_sampling
 from .kernels.dispatch import IMPLS
-from .model import Gemma4Text
-from .multimodal import Towers
-from .options import check_sampling
-from .pipeline import Pipeline
-from .stages import best_stages, parse_layer_split, split_params, stage_leaf_shapes, stages_from_bounds
+from .model.text import Gemma4Text
+from .multimodal import towers as mmod
+from .multimodal.towers import Towers
+from .parallel.pipeline import Pipeline
+from .parallel.stages import best_stages, parse_layer_split, split_params, stage_leaf_shapes, stages_from_bounds
 from .tokenizer import Tokenizer, stop_ids
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -240,9 +240,8 @@ def load(path: str | None = None, *, pp: int = 1, dtype=None, max_seq_len: int |
     """
     if path is None:
         path = demo_path()
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path} is not a directory")
+    ckpt = checkpoint.open(path)  # an HF directory or a converted one, and its config
+    path, cfg, manifest = ckpt.path, ckpt.config, ckpt.manifest
     if attn_impl not in IMPLS:
         raise ConfigError(f"attn_impl must be one of {', '.join(IMPLS)}, got {attn_impl!r}")
     if attn_impl in ("cudnn", "pallas") and jax.default_backend() not in ("gpu", "cuda"):
@@ -251,22 +250,17 @@ def load(path: str | None = None, *, pp: int = 1, dtype=None, max_seq_len: int |
                           f"{jax.default_backend()}{hint}")
     run = RunConfig(dtype=resolve_dtype(dtype), pp=pp, max_seq_len=max_seq_len, attn_impl=attn_impl)
     jdtype = DTYPES[run.dtype]
-    if sc.is_stage_dir(path):
-        manifest = sc.read_manifest(path)
-        cfg = Gemma4Config.from_hf_dict(manifest["config"], name=os.path.basename(os.path.abspath(path)))
-        if manifest["num_stages"] != pp:
+    if ckpt.converted and manifest["num_stages"] != pp:
             raise ConfigError(
                 f"{path} was converted for pp={manifest['num_stages']} but pp={pp} was asked; load it with "
                 f"pp={manifest['num_stages']} (--pp {manifest['num_stages']}), or re-convert with python "
                 f"tools/convert_checkpoint.py --hf-dir {manifest['source']['hf_dir']} --out NEW_DIR --pp {pp}")
-    else:
-        cfg = Gemma4Config.from_json(path)
     check_pp(cfg, pp)
     tokenizer = Tokenizer.maybe_load(path)
     if tokenizer is not None:  # the built-in format follows the size class: 26B/31B (no per-layer inputs)
         tokenizer.empty_thoughts = not cfg.ple_dim  # write an empty thought channel when thinking is off
     if pp > 1:
-        if sc.is_stage_dir(path):
+        if ckpt.converted:
             stages = sc.manifest_stages(manifest, cfg)
             mine = {d.id for d in jax.local_devices()}  # with several hosts, each restores only its stages
             leaves = [sc.restore_leaves(path, s.index, lv, jdtype, jax.sharding.SingleDeviceSharding(dev))
@@ -282,19 +276,15 @@ def load(path: str | None = None, *, pp: int = 1, dtype=None, max_seq_len: int |
                 stages = best_stages(cfg, pp, jnp.dtype(jdtype).itemsize)
             leaves = split_params(cfg, stages, read_hf_params(path, cfg, jdtype, progress=progress))
         pipe = Pipeline(cfg, stages, leaves, jdtype, attn_impl)
-        return Gemma4Model(None, run, tokenizer=tokenizer, path=path, pipeline=pipe, towers=_towers(path, cfg, jdtype))
-    if sc.is_stage_dir(path):
+        return Gemma4Model(None, run, tokenizer=tokenizer, path=path, pipeline=pipe,
+                           towers=Towers.load(ckpt, cfg.hidden_size, jdtype))
+    if ckpt.converted:
         params = sc.load_single_stage(path, cfg, jdtype)
         module = model_from_params(cfg, params, jdtype, put=lambda a: a)
     else:
         params = read_hf_params(path, cfg, jdtype, progress=progress)
         module = model_from_params(cfg, params, jdtype)
-    return Gemma4Model(module, run, tokenizer=tokenizer, path=path, towers=_towers(path, cfg, jdtype))
-
-
-def _towers(path: str, cfg: Gemma4Config, dtype):
-    """The vision/audio towers of a multimodal checkpoint (HF or converted), on the first device."""
-    return Towers.load(path, cfg.hidden_size, dtype)
+    return Gemma4Model(module, run, tokenizer=tokenizer, path=path, towers=Towers.load(ckpt, cfg.hidden_size, jdtype))
 
 
 def check_pp(cfg: Gemma4Config, pp: int) -> None:

@@ -19,6 +19,11 @@ import functools
 import json
 from datetime import datetime
 
+import jinja2
+import jinja2.ext
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from .errors import ConfigError
 
 THOUGHT_START, THOUGHT_END, THINK = "<|channel>", "<channel|>", "<|think|>"
@@ -32,8 +37,6 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
 
 
 def _raise_exception(message):
-    from jinja2.exceptions import TemplateError
-
     raise TemplateError(message)
 
 
@@ -44,9 +47,6 @@ def _strftime_now(fmt):
 @functools.lru_cache(maxsize=16)
 def compile_template(template: str):
     """The Jinja template object for `template`, in transformers' environment (cached per template text)."""
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
@@ -77,8 +77,6 @@ def check_conversation(messages) -> list[dict]:
 def render(template: str, messages: list[dict], *, add_generation_prompt: bool = True, enable_thinking: bool = False,
            tools: list[dict] | None = None, documents: list[dict] | None = None) -> str:
     """The prompt `template` makes of `messages` (transformers' message format), as transformers renders it."""
-    import jinja2
-
     messages = [_with_reasoning_aliases(dict(m)) for m in check_conversation(messages)]
     try:
         return compile_template(template).render(messages=messages, tools=tools, documents=documents,

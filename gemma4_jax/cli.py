@@ -1,4 +1,4 @@
-"""What the command lines share about ending: Ctrl-C and the process exit.
+"""What the command lines share: the flags of a multi-host run, and how they end (Ctrl-C, the process exit).
 
 After Ctrl-C, a normal interpreter shutdown can crash inside XLA's threads (a segmentation fault, exit 139,
 seen when the interrupt lands while a decode chunk compiles), and a KeyboardInterrupt raised inside one of
@@ -8,6 +8,7 @@ JAX's garbage-collection callbacks is printed and ignored. So the CLIs take SIGI
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import sys
@@ -52,3 +53,13 @@ class InterruptFlag:
     def raise_if_set(self) -> None:
         if self.set:
             raise KeyboardInterrupt
+
+
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
+    hosts = p.add_argument_group("several hosts (run the same command on each; use --pp = all devices)")
+    hosts.add_argument("--distributed", action="store_true",
+                       help="join a multi-host run with jax.distributed.initialize() (cluster auto-detection)")
+    hosts.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                       help="the coordinator's address (implies --distributed; needs --num-processes, --process-id)")
+    hosts.add_argument("--num-processes", type=int, default=None)
+    hosts.add_argument("--process-id", type=int, default=None)

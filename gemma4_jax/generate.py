@@ -15,11 +15,12 @@ import time
 
 import numpy as np
 
+import gemma4_jax
+
 from .chat import ThoughtStream, split_thoughts
-from .cli import exit_now, on_interrupt_exit
-from .cluster import add_cluster_args, join_cluster
-from .errors import ConfigError
-from .options import check_sampling
+from .cli import add_cluster_args, exit_now, on_interrupt_exit
+from .errors import ConfigError, Gemma4Error
+from .generation.options import check_sampling
 from .tokenizer import StreamDecoder
 
 
@@ -81,9 +82,6 @@ def read_prompts(args: argparse.Namespace, stdin, err) -> list[str]:
 
 def check_args(args: argparse.Namespace) -> None:
     """Everything about the flags that can be checked before the model loads (minutes, for a real one)."""
-    import gemma4_jax
-
-
     check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed)
     if args.pp < 1:
@@ -97,12 +95,9 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
-    import gemma4_jax
-
-
     check_args(args)
     prompts = read_prompts(args, stdin, err)
-    if not join_cluster(args):  # the other hosts compute in step with process 0; only it prints
+    if not gemma4_jax.join_cluster(args):  # the other hosts compute in step with process 0; only it prints
         out = err = open(os.devnull, "w")  # noqa: SIM115
     t0 = time.perf_counter()
     model = gemma4_jax.load(args.model, pp=args.pp, dtype=args.dtype, attn_impl=args.attn_impl)
@@ -171,8 +166,6 @@ def run(args: argparse.Namespace, stdin=sys.stdin, out=sys.stdout, err=sys.stder
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gemma4_jax.errors import Gemma4Error
-
     args = build_parser().parse_args(argv)
     try:
         return run(args)

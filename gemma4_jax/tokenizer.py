@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 
+from tokenizers import Tokenizer as _HFTokenizer
+
 from .chat import EMPTY_THOUGHTS, THINK, check_conversation, render, split_thoughts
 from .errors import CheckpointError, ConfigError
 
@@ -91,8 +93,6 @@ class Tokenizer:
     """Encode/decode and chat prompts for one checkpoint directory."""
 
     def __init__(self, path: str):
-        from tokenizers import Tokenizer as _HFTokenizer
-
         self.path = path
         try:
             self._tok = _HFTokenizer.from_file(os.path.join(path, "tokenizer.json"))

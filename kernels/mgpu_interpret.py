@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import numpy as np
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 
@@ -45,7 +46,7 @@ def _install_interpret_transpose_shim():
     the internals are not where expected (then the interpreter raises its own error).
     """
     try:
-        import numpy as np
+
         from jax._src.pallas.mosaic.interpret import utils as iu
         from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks as gc
         from jax._src.state.types import TransposeTransform

@@ -49,7 +49,7 @@ def build_hf_model(family: str, seed: int = 0):
     import torch
     from transformers import Gemma4ForCausalLM, Gemma4TextConfig
 
-    from gemma4_jax.tiny import perturb_scales
+    from gemma4_jax.testing.tiny import perturb_scales
 
     torch.manual_seed(seed)
     model = Gemma4ForCausalLM(Gemma4TextConfig(**FAMILIES[family])).eval()
@@ -89,7 +89,7 @@ def save_hf(model, out_dir: str, *, form: str = "per_layer", wrapper: bool = Fal
 
 def _rewrite_as_wrapper(out_dir: str) -> None:
     """Rename every `model.` tensor to `model.language_model.` in place (all shards and the index)."""
-    from gemma4_jax.safetensors_io import SafetensorsFile, checkpoint_files, save_file
+    from gemma4_jax.checkpoint.safetensors_io import SafetensorsFile, checkpoint_files, save_file
 
     for path in checkpoint_files(out_dir):
         st = SafetensorsFile(path)

@@ -17,7 +17,8 @@ transformers = pytest.importorskip("transformers")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from gemma4_jax.audio import (  # noqa: E402
+from gemma4_jax.errors import CheckpointError  # noqa: E402
+from gemma4_jax.model.audio import (  # noqa: E402
     AudioConfig,
     audio_features,
     audio_soft_tokens,
@@ -25,7 +26,6 @@ from gemma4_jax.audio import (  # noqa: E402
     merge_audio_tokens,
     num_soft_tokens,
 )
-from gemma4_jax.errors import CheckpointError  # noqa: E402
 
 N_MELS, FRAMES, SHORT = 16, 50, 29  # 16 mel bins fit channels (16, 8): ceil(ceil(16/2)/2) = 16 // 4
 
@@ -203,7 +203,7 @@ def test_real_config_shapes_and_parameter_count():
     from transformers import Gemma4AudioConfig
     from transformers.models.gemma4.modeling_gemma4 import Gemma4AudioModel
 
-    from gemma4_jax.audio import Gemma4Audio
+    from gemma4_jax.model.audio import Gemma4Audio
 
     hf_cfg = Gemma4AudioConfig()
     with torch.device("meta"):

@@ -68,8 +68,7 @@ def test_dense_bench_counts_every_decode_projection(name):
     from bench_dense import projection_shapes
 
     from gemma4_jax.config import preset
-    from gemma4_jax.model import iter_params
-    from gemma4_jax.model import abstract_model
+    from gemma4_jax.model.text import abstract_model, iter_params
 
     cfg = preset(name)
     products = {("attn", "q_proj"), ("attn", "k_proj"), ("attn", "v_proj"), ("attn", "o_proj"), ("mlp", "gate"),

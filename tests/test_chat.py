@@ -12,7 +12,7 @@ import pytest
 import gemma4_jax
 from gemma4_jax.chat import ThoughtStream, render, split_thoughts
 from gemma4_jax.errors import ConfigError
-from gemma4_jax.tiny import THINKING, write_char_tokenizer
+from gemma4_jax.testing.tiny import THINKING, write_char_tokenizer
 from gemma4_jax.tokenizer import Tokenizer, builtin_chat_prompt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,7 +159,7 @@ def _bigram_checkpoint(path: str) -> dict[str, int]:
     import torch
     from transformers import Gemma4ForCausalLM
 
-    from gemma4_jax.tiny import tiny_text_config
+    from gemma4_jax.testing.tiny import tiny_text_config
 
     write_char_tokenizer(path, 256, extra=THINKING)
     tok = Tokenizer(path)
@@ -217,7 +217,7 @@ def test_cli_think_prints_only_the_answer(thinker):
 
 
 def test_gsm8k_reads_the_answer_after_the_thoughts(thinker):
-    from gemma4_jax import gsm8k
+    from gemma4_jax.evals import gsm8k
 
     model = gemma4_jax.load(thinker, progress=False)
     examples = [{"question": "What is 1+1?", "answer": "1+1=2\n#### 2"}]

@@ -210,7 +210,7 @@ def test_eval_out_naming_a_directory_fails_first(tmp_path):
 
 
 def test_resume_refuses_records_made_with_other_settings(tmp_path, demo):
-    from gemma4_jax import gsm8k
+    from gemma4_jax.evals import gsm8k
 
     data = tmp_path / "q.jsonl"
     data.write_text("".join(json.dumps({"question": f"What is {i} + 3?", "answer": f"#### {i + 3}"}) + "\n"

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import gemma4_jax
-from gemma4_jax.tiny import write_tiny_checkpoint
+from gemma4_jax.testing.tiny import write_tiny_checkpoint
 from gemma4_jax.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,7 +8,7 @@ from hf_fixtures import FAMILIES
 
 from gemma4_jax import ConfigError, Gemma4Config, preset
 from gemma4_jax.config import FULL, PUBLISHED_PARAMS_B, SLIDING
-from gemma4_jax.model import abstract_model, count_params, embed_scale
+from gemma4_jax.model.text import abstract_model, count_params, embed_scale
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

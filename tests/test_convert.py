@@ -12,13 +12,19 @@ import numpy as np
 import pytest
 
 import gemma4_jax
-from gemma4_jax import stage_checkpoint
+from gemma4_jax.checkpoint import staged as stage_checkpoint
+from gemma4_jax.checkpoint.hf import read_hf_params
+from gemma4_jax.checkpoint.safetensors_io import SafetensorsFile, checkpoint_files, save_file
+from gemma4_jax.checkpoint.staged import convert, read_manifest, restore_leaves
 from gemma4_jax.config import Gemma4Config
 from gemma4_jax.errors import Gemma4Error
-from gemma4_jax.hf_checkpoint import read_hf_params
-from gemma4_jax.safetensors_io import SafetensorsFile, checkpoint_files, save_file
-from gemma4_jax.stage_checkpoint import convert, read_manifest, restore_leaves
-from gemma4_jax.stages import balanced_stages, parse_layer_split, stage_bytes, stage_leaf_shapes, stages_from_bounds
+from gemma4_jax.parallel.stages import (
+    balanced_stages,
+    parse_layer_split,
+    stage_bytes,
+    stage_leaf_shapes,
+    stages_from_bounds,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))

@@ -10,14 +10,13 @@ import torch
 from hf_fixtures import build_hf_model, rel_err, save_hf
 
 import gemma4_jax
-from gemma4_jax import arith
+from gemma4_jax.checkpoint.export import export_hf, hf_config_dict, module_params
+from gemma4_jax.checkpoint.hf import read_hf_params
+from gemma4_jax.checkpoint.safetensors_io import SafetensorsFile
 from gemma4_jax.config import FULL, PRESETS, SLIDING, Gemma4Config
-from gemma4_jax.demo import demo_path
-from gemma4_jax.demo_train import make_batch, prompt_text
-from gemma4_jax.gsm8k import extract_answer, user_text
-from gemma4_jax.hf_checkpoint import read_hf_params
-from gemma4_jax.hf_export import export_hf, hf_config_dict, module_params
-from gemma4_jax.safetensors_io import SafetensorsFile
+from gemma4_jax.demo import arith, demo_path
+from gemma4_jax.demo.train import make_batch, prompt_text
+from gemma4_jax.evals.gsm8k import extract_answer, user_text
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gemma4_jax.kernels import dispatch
-from gemma4_jax.kernels.dispatch import resolve_dense
-from gemma4_jax.kernels.gemv import GEMV_MAX_ROWS, TARGET_PROGRAMS, GemvConfig, default_config, gemv, gemv_reference
 from hf_fixtures import FAMILIES, hf_logits, rel_err
 
 import gemma4_jax
-from gemma4_jax.model import linear
+from gemma4_jax.kernels import dispatch
+from gemma4_jax.kernels.dispatch import resolve_dense
+from gemma4_jax.kernels.gemv import GEMV_MAX_ROWS, TARGET_PROGRAMS, GemvConfig, default_config, gemv, gemv_reference
+from gemma4_jax.model.text import linear
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
@@ -152,13 +152,13 @@ def test_every_variant_lowers_its_decode_step_for_the_gpu(name, monkeypatch):
     import sys
 
     from flax import nnx
+
+    from gemma4_jax.config import preset
+    from gemma4_jax.generation.cache import init_cache
+    from gemma4_jax.generation.loop import decode_logits
     from gemma4_jax.kernels.gemv import GEMV_MAX_WEIGHT
     from gemma4_jax.kernels.gemv import supports as gemv_supports
-
-    from gemma4_jax.cache import init_cache
-    from gemma4_jax.config import preset
-    from gemma4_jax.generation import decode_logits
-    from gemma4_jax.model import Gemma4Text
+    from gemma4_jax.model.text import Gemma4Text
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
     from bench_dense import projection_shapes

@@ -8,8 +8,8 @@ import torch
 from hf_fixtures import FAMILIES, rel_err
 
 import gemma4_jax
-from gemma4_jax.cache import init_cache
-from gemma4_jax.generation import Sampling, decode_logits, prefill, sample
+from gemma4_jax.generation.cache import init_cache
+from gemma4_jax.generation.loop import Sampling, decode_logits, prefill, sample
 
 
 def _hf_greedy(model, prompt, n):

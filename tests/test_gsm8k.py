@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from gemma4_jax import gsm8k
+from gemma4_jax.evals import gsm8k
 from gemma4_jax.tokenizer import builtin_chat_prompt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

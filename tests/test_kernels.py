@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import pallas as pl
+
 from gemma4_jax.kernels import (
     DecodeConfig,
     FlashConfig,
@@ -21,10 +23,8 @@ from gemma4_jax.kernels import (
     flash_attention_reference,
     resolve,
 )
-from jax.experimental import pallas as pl
-
-from gemma4_jax.model import attention as model_attention
-from gemma4_jax.model import attention_mask
+from gemma4_jax.model.text import attention as model_attention
+from gemma4_jax.model.text import attention_mask
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 SMALL_FLASH = FlashConfig(block_m=16, block_k=16, num_warps=4, num_stages=1)
@@ -225,10 +225,10 @@ def test_model_through_kernels_equals_xla():
     small model give the same hidden states through the kernels (interpret mode) as through XLA."""
     from flax import nnx
 
-    from gemma4_jax.cache import DecodeAttender, PrefillAttender, init_cache
     from gemma4_jax.config import Gemma4Config
-    from gemma4_jax.model import init_model
-    from gemma4_jax.tiny import tiny_text_config
+    from gemma4_jax.generation.cache import DecodeAttender, PrefillAttender, init_cache
+    from gemma4_jax.model.text import init_model
+    from gemma4_jax.testing.tiny import tiny_text_config
 
     hf = tiny_text_config(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"],
                           num_kv_shared_layers=0, hidden_size_per_layer_input=0)
@@ -276,12 +276,12 @@ def test_model_prefill_routes_to_cudnn(monkeypatch):
     XLA backend here) with the model's positions vouched for as aligned, and the result equals the model's XLA
     path; decode never goes to cuDNN. (`auto` makes the same prefill choice: test_dispatch.)"""
     from flax import nnx
-    from gemma4_jax.kernels import dispatch
 
-    from gemma4_jax.cache import DecodeAttender, PrefillAttender, init_cache
     from gemma4_jax.config import Gemma4Config
-    from gemma4_jax.model import init_model
-    from gemma4_jax.tiny import tiny_text_config
+    from gemma4_jax.generation.cache import DecodeAttender, PrefillAttender, init_cache
+    from gemma4_jax.kernels import dispatch
+    from gemma4_jax.model.text import init_model
+    from gemma4_jax.testing.tiny import tiny_text_config
 
     monkeypatch.setattr(dispatch, "CUDNN_BACKEND", "xla")
     monkeypatch.setattr(dispatch, "_on_gpu", lambda platform: True)

@@ -9,9 +9,9 @@ import pytest
 from hf_fixtures import FAMILIES, hf_logits, rel_err, save_hf
 
 import gemma4_jax
+from gemma4_jax.checkpoint.safetensors_io import SafetensorsFile, save_file
+from gemma4_jax.checkpoint.staged import convert
 from gemma4_jax.errors import Gemma4Error
-from gemma4_jax.safetensors_io import SafetensorsFile, save_file
-from gemma4_jax.stage_checkpoint import convert
 
 
 def _copy(src, dst):
@@ -91,7 +91,7 @@ def untied(tmp_path_factory):
     import torch
     from transformers import Gemma4ForCausalLM, Gemma4TextConfig
 
-    from gemma4_jax.tiny import perturb_scales
+    from gemma4_jax.testing.tiny import perturb_scales
 
     torch.manual_seed(11)
     hf = Gemma4ForCausalLM(Gemma4TextConfig(**FAMILIES["e4b"], tie_word_embeddings=False)).eval()

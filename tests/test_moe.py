@@ -13,12 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gemma4_jax.kernels import MoeConfig, dispatch, moe_experts, moe_experts_reference, resolve_moe
-from gemma4_jax.kernels.moe import default_config, plan_rows, plan_sorted
-from gemma4_jax.kernels.moe_mgpu import MgpuMoeConfig, moe_experts_mgpu, plan_tiles
 from hf_fixtures import FAMILIES, hf_logits, rel_err
 
 import gemma4_jax
+from gemma4_jax.kernels import MoeConfig, dispatch, moe_experts, moe_experts_reference, resolve_moe
+from gemma4_jax.kernels.moe import default_config, plan_rows, plan_sorted
+from gemma4_jax.kernels.moe_mgpu import MgpuMoeConfig, moe_experts_mgpu, plan_tiles
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
 # Small blocks: several column tiles, depth steps and row blocks even at these sizes.
@@ -303,7 +303,7 @@ def test_model_with_mosaic_moe_kernels_matches_xla_experts(monkeypatch):
     on XLA's experts to bf16 accuracy, through prefill at pp = 1 (48 routed rows a layer)."""
     from gemma4_jax.api import Gemma4Model, RunConfig
     from gemma4_jax.config import Gemma4Config
-    from gemma4_jax.synthetic import random_model
+    from gemma4_jax.testing.synthetic import random_model
 
     cfg = Gemma4Config.from_hf_dict(dict(FAMILIES["26b-a4b"], moe_intermediate_size=64), name="moe-f64")
     model = random_model(cfg, jnp.bfloat16)

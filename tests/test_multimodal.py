@@ -12,7 +12,7 @@ import pytest
 from hf_fixtures import FAMILIES, rel_err
 
 import gemma4_jax
-from gemma4_jax.model import Multimodal, vision_blocks
+from gemma4_jax.model.text import Multimodal, vision_blocks
 
 IMAGE, BOI, EOI = 250, 251, 252
 TOKENS = dict(image_token_id=IMAGE, boi_token_id=BOI, eoi_token_id=EOI, audio_token_id=253, boa_token_id=254,
@@ -51,7 +51,7 @@ def multimodal(request, tmp_path_factory):
         Gemma4VisionConfig,
     )
 
-    from gemma4_jax.tiny import perturb_scales
+    from gemma4_jax.testing.tiny import perturb_scales
 
     family = request.param
     text = dict(FAMILIES[family])
@@ -123,7 +123,7 @@ def _add_media_tokens(path: str) -> None:
     import json
     import os
 
-    from gemma4_jax.tiny import write_char_tokenizer
+    from gemma4_jax.testing.tiny import write_char_tokenizer
 
     write_char_tokenizer(path)
     names = {IMAGE: "<|image|>", BOI: "<|image>", EOI: "<image|>", 253: "<|audio|>", 254: "<|audio>",
@@ -149,8 +149,8 @@ def test_towers_and_generate_text_with_an_image(multimodal, tmp_path):
     import torch
 
     from gemma4_jax.api import _logits
-    from gemma4_jax.multimodal import soft_tokens as place
-    from gemma4_jax.preprocess import preprocess_images
+    from gemma4_jax.multimodal.preprocess import preprocess_images
+    from gemma4_jax.multimodal.towers import soft_tokens as place
 
     family, model, path = multimodal
     m = gemma4_jax.load(path, dtype="float32", progress=False)
@@ -227,8 +227,8 @@ def test_audio_tower_and_merge_give_transformers_logits(multimodal):
     import torch
 
     from gemma4_jax.api import _logits
-    from gemma4_jax.multimodal import soft_tokens as place
-    from gemma4_jax.preprocess import preprocess_audio
+    from gemma4_jax.multimodal.preprocess import preprocess_audio
+    from gemma4_jax.multimodal.towers import soft_tokens as place
 
     family, model, path = multimodal
     if family != "e2b":
@@ -252,7 +252,7 @@ def test_pipelined_soft_tokens_give_transformers_logits(multimodal, pp):
     """The towers run on the first device, the features enter on the first stage (every split), and the
     pipeline gives transformers' logits (text+image; bidirectional blocks on 31B-like stages) and pp=1's
     greedy tokens."""
-    from gemma4_jax.multimodal import soft_tokens as place
+    from gemma4_jax.multimodal.towers import soft_tokens as place
 
     family, model, path = multimodal
     if (family, pp) not in (("e2b", 2), ("31b", 3)):
@@ -270,7 +270,7 @@ def test_pipelined_soft_tokens_give_transformers_logits(multimodal, pp):
     if m.towers.audio is not None:  # text + audio through the stages
         import torch
 
-        from gemma4_jax.preprocess import preprocess_audio
+        from gemma4_jax.multimodal.preprocess import preprocess_audio
 
         tone = (0.3 * np.sin(2 * np.pi * 300 * np.arange(7000) / 16000)).astype(np.float32)
         feats, counts = m.towers.audio_features([tone])
@@ -297,8 +297,8 @@ def test_converter_keeps_the_towers_on_the_first_stage(multimodal, tmp_path):
     import json
     import os
 
-    from gemma4_jax.multimodal import soft_tokens as place
-    from gemma4_jax.stage_checkpoint import convert
+    from gemma4_jax.checkpoint.staged import convert
+    from gemma4_jax.multimodal.towers import soft_tokens as place
 
     family, _, path = multimodal
     if family != "31b":

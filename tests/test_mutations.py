@@ -12,7 +12,7 @@ from hf_fixtures import hf_logits, rel_err
 from test_parity import F32_BOUND
 
 import gemma4_jax
-from gemma4_jax import model as mdl
+from gemma4_jax.model import text as mdl
 
 _orig = {name: getattr(mdl, name) for name in ("rms_norm", "attention", "attention_mask", "rope_inv_freq",
                                                 "softcap")}

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 import gemma4_jax
-from gemma4_jax import api, generation, pipeline
+from gemma4_jax import api
+from gemma4_jax.generation import loop as generation
+from gemma4_jax.parallel import pipeline
 
 
 def _dot_precisions(lowered_text: str) -> set[str]:
@@ -81,7 +83,7 @@ def test_float32_is_as_close_to_exact_as_transformers(preset, tmp_path):
     from transformers import Gemma4ForCausalLM, Gemma4TextConfig
 
     from gemma4_jax.config import PRESETS
-    from gemma4_jax.tiny import perturb_scales
+    from gemma4_jax.testing.tiny import perturb_scales
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
     from bench_numerics import cut_config, errors
@@ -115,7 +117,7 @@ def test_rope_frequencies_are_transformers_to_the_bit(preset):
     from transformers.models.gemma4.modeling_gemma4 import Gemma4TextRotaryEmbedding
 
     from gemma4_jax.config import PRESETS, Gemma4Config
-    from gemma4_jax.model import rope_inv_freq
+    from gemma4_jax.model.text import rope_inv_freq
 
     cfg = Gemma4Config.from_hf_dict(PRESETS[preset])
     theirs = Gemma4TextRotaryEmbedding(Gemma4TextConfig(**PRESETS[preset]))

@@ -11,12 +11,12 @@ from flax import nnx
 from hf_fixtures import rel_err
 
 import gemma4_jax
+from gemma4_jax.checkpoint.staged import convert
 from gemma4_jax.config import Gemma4Config, preset
 from gemma4_jax.errors import Gemma4Error
-from gemma4_jax.model import abstract_model, count_params
-from gemma4_jax.pipeline import PipelinePlan
-from gemma4_jax.stage_checkpoint import convert
-from gemma4_jax.stages import best_stages, device_param_bytes, parse_layer_split
+from gemma4_jax.model.text import abstract_model, count_params
+from gemma4_jax.parallel.pipeline import PipelinePlan
+from gemma4_jax.parallel.stages import best_stages, device_param_bytes, parse_layer_split
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # float32, max|Δ| relative to the largest logit. Not 1e-5: XLA's float32 floor on these models is
@@ -119,7 +119,7 @@ def test_bad_pp_is_one_sentence(hf_dirs):
 
 
 def test_cli_runs_pipelined(tmp_path):
-    from gemma4_jax.tiny import write_tiny_checkpoint
+    from gemma4_jax.testing.tiny import write_tiny_checkpoint
 
     d = write_tiny_checkpoint(str(tmp_path / "tiny"))
     env = dict(os.environ, PYTHONPATH=ROOT)
@@ -135,8 +135,8 @@ def test_cli_runs_pipelined(tmp_path):
 def test_stage_programs_close_over_no_empty_constant(hf_dirs, prompts):
     """XLA's GPU partitioner (Shardy, jax 0.11) segfaults on an empty constant inside shard_map, such as
     the index of a full-range `.at[:n].set`. Neither the GPipe prefill nor the ring may contain one."""
-    from gemma4_jax import pipeline as pl
-    from gemma4_jax.generation import Sampling
+    from gemma4_jax.generation.loop import Sampling
+    from gemma4_jax.parallel import pipeline as pl
 
     pipe = gemma4_jax.load(hf_dirs["e2b", "causal"], pp=2, progress=False).pipeline
     m = pipe.micro_batches(len(prompts))
@@ -237,7 +237,7 @@ def test_gsm8k_eval_across_processes(tmp_path):
     run's records and summary; process 1 writes nothing."""
     import json
 
-    from gemma4_jax import gsm8k
+    from gemma4_jax.evals import gsm8k
 
     data = "/work/shared/data/gsm8k/test.jsonl"
     if not os.path.exists(data):

@@ -1,8 +1,8 @@
-"""gemma4_jax.preprocess (numpy + Pillow) equals transformers' Gemma 4 preprocessing: the PIL image processor,
-the audio feature extractor and Gemma4Processor's placeholder expansion, all built offline with default args."""
+"""gemma4_jax.multimodal.preprocess (numpy + Pillow) equals transformers' Gemma 4 preprocessing: the PIL image
+processor, the audio feature extractor and Gemma4Processor's placeholder expansion,
+all built offline with default args."""
 
 import math
-import os
 import wave
 
 import numpy as np
@@ -22,8 +22,9 @@ from transformers.models.gemma4 import (  # noqa: E402
 )
 from transformers.models.gemma4.processing_gemma4 import get_aspect_ratio_preserving_size  # noqa: E402
 
-from gemma4_jax import preprocess as pp  # noqa: E402
+from gemma4_jax.demo import demo_path  # noqa: E402
 from gemma4_jax.errors import CheckpointError, ConfigError, Gemma4Error  # noqa: E402
+from gemma4_jax.multimodal import preprocess as pp  # noqa: E402
 from gemma4_jax.tokenizer import Tokenizer  # noqa: E402
 
 SR = 16_000
@@ -273,6 +274,6 @@ def test_prompt_errors(processor_and_tokenizer):
         pp.expand_placeholders(f"a {pp.IMAGE_TOKEN}", (3, 4))
     with pytest.raises(Gemma4Error, match=r"0 <\|audio\|> placeholder\(s\) for 1 clip"):
         pp.expand_placeholder_ids([2, 5], (), (7,))
-    demo = Tokenizer(os.path.join(os.path.dirname(pp.__file__), "demo_model"))  # text-only vocabulary
+    demo = Tokenizer(demo_path())  # text-only vocabulary
     with pytest.raises(CheckpointError, match="no <\\|image> at id 255999"):
         pp.prepare_multimodal(demo, f"<bos>{pp.IMAGE_TOKEN}", images=[IMAGES["pil_224x224"]])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gemma4_jax.errors import CheckpointError, ConfigError
-from gemma4_jax.vision import VisionConfig, image_features, load_vision, num_soft_tokens
+from gemma4_jax.model.vision import VisionConfig, image_features, load_vision, num_soft_tokens
 
 F32_BOUND = 1e-5
 

@@ -2,7 +2,8 @@
 moe, numerics, pipeline, towers).
 
 Run from the repository root with PYTHONPATH=. on a GPU. Each subcommand lives in its own module
-(`tools/bench_<name>.py`) exposing `add_parser(subparsers)`, which sets `func` to run it.
+(`tools/bench_<name>.py`) exposing `add_parser(subparsers)`, which sets `func` to run it; what they share (the
+timer, the HBM bandwidth probes, the JSON writer, random-weight models) is in `tools/bench_common.py`.
 """
 
 from __future__ import annotations

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_common import copy_bandwidth, save_json, seconds_per_call
+
 from gemma4_jax.kernels import (
     DecodeConfig,
     FlashConfig,
@@ -27,9 +28,8 @@ from gemma4_jax.kernels import (
     flash_attention,
     flash_attention_reference,
 )
-
-from gemma4_jax.model import attention as xla_attention
-from gemma4_jax.model import attention_mask
+from gemma4_jax.model.text import attention as xla_attention
+from gemma4_jax.model.text import attention_mask
 
 PREFILL_SHAPES = [(4096, 512, None), (16384, 512, None), (4096, 256, None), (16384, 256, None),
                   (4096, 256, 1024), (16384, 256, 1024), (4096, 512, 1024)]  # (T, head_dim, window); B=1, N=K=8
@@ -56,31 +56,6 @@ class Deadline:
 
     def __bool__(self) -> bool:
         return time.perf_counter() < self.end
-
-
-def time_call(fn, *args, budget_s: float = 0.25, reps: int = 5) -> float:
-    """Median seconds per call: warm up (compile), size a batch of calls to ~budget_s, median of reps."""
-    jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    once = time.perf_counter() - t0
-    n = int(min(200, max(2, budget_s / max(once, 1e-6))))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        out = None
-        for _ in range(n):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / n)
-    return statistics.median(times)
-
-
-def hbm_bandwidth(gib: float = 2.0) -> float:
-    """Bytes/s of a large device copy (x + 1 on bf16), counting bytes read and written."""
-    x = jnp.ones((int(gib * 2**30) // 2,), jnp.bfloat16)
-    t = time_call(jax.jit(lambda a: a + 1), x)
-    return 2 * x.nbytes / t
 
 
 def _rand(key, shape, dtype, scale=1.0):
@@ -176,7 +151,7 @@ def bench_prefill(t: int, h: int, check: bool, config: FlashConfig | None, windo
                auto=dispatch.resolve("auto", head_dim=h, group=1, q_len=t, aligned=True))
     ref = impls["xla"](q, k, v) if check else None
     for name, fn in impls.items():
-        res = _try(time_call, fn, q, k, v)
+        res = _try(seconds_per_call, fn, q, k, v, calls=None)
         if isinstance(res, str):
             row["errors"][name] = res
             continue
@@ -202,7 +177,7 @@ def bench_model_decode(name: str, n: int, kh: int, h: int, s: int, b: int, bw: f
     row = dict(shape=f"{name} B={b} N={n} K={kh} H={h} S={s}", bytes=nbytes, us={}, gbps={}, errors={},
                auto=dispatch.resolve("auto", head_dim=h, group=n // kh, q_len=1, batch=b))
     for key, fn in impls.items():
-        res = _try(time_call, fn, q, k, v)
+        res = _try(seconds_per_call, fn, q, k, v, calls=None)
         if isinstance(res, str):
             row["errors"][key] = res
             continue
@@ -234,7 +209,7 @@ def bench_decode(b: int, s: int, check: bool, config: DecodeConfig | None, bw: f
                rel_err_vs_xla={})
     ref = impls["xla"](q, k, v) if check else None
     for name, fn in impls.items():
-        res = _try(time_call, fn, q, k, v)
+        res = _try(seconds_per_call, fn, q, k, v, calls=None)
         if isinstance(res, str):
             row["errors"][name] = res
             continue
@@ -256,7 +231,7 @@ def tune_flash(h: int, ok: Deadline, t: int = 4096) -> list[dict]:
         if not ok:
             break
         fn = jax.jit(lambda q, k, v, cfg=cfg: flash_attention(q, k, v, pos, pos, config=cfg))
-        res = _try(time_call, fn, q, k, v, budget_s=0.1, reps=3)
+        res = _try(seconds_per_call, fn, q, k, v, calls=None, budget_s=0.1, repeat=3)
         out.append(dict(config=dataclasses.asdict(cfg), h=h, t=t,
                         tflops=4 * b * n * h * t * t / 2 / res / 1e12 if not isinstance(res, str) else res))
     return out
@@ -274,7 +249,7 @@ def tune_decode(b: int, s: int, ok: Deadline) -> list[dict]:
         if not ok:
             break
         fn = jax.jit(lambda q, k, v, cfg=cfg: decode_attention(q, k, v, q_pos, k_pos, config=cfg))
-        res = _try(time_call, fn, q, k, v, budget_s=0.1, reps=3)
+        res = _try(seconds_per_call, fn, q, k, v, calls=None, budget_s=0.1, repeat=3)
         out.append(dict(config=dataclasses.asdict(cfg), b=b, s=s,
                         gbps=2 * k.nbytes / res / 1e9 if not isinstance(res, str) else res))
     return out
@@ -302,12 +277,6 @@ def print_table(result: dict) -> None:
         print(f"{row['shape']:<44} µs  {cells}  (auto: {row['auto']})")
 
 
-def _save(result: dict, path: str | None) -> None:
-    if path:
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1, default=str)
-
-
 def for_profiler(mosaic_only: bool = False) -> None:
     """Run each prefill kernel a few times at T=4096 and nothing else, for `ncu` to capture (no timing)."""
     m = _mgpu()
@@ -332,7 +301,7 @@ def run(args) -> dict:
     ok = Deadline(args.max_seconds)
     dev = jax.devices()[0]
     result = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__, date=time.strftime("%Y-%m-%d"))
-    result["hbm_gbps"] = hbm_bandwidth() / 1e9
+    result["hbm_gbps"] = copy_bandwidth(2.0, calls=None, stat=statistics.median) / 1e9
     print(f"card {result['device']}, HBM copy {result['hbm_gbps']:.0f} GB/s", flush=True)
     if args.check:
         result["check"] = _try(check_small)
@@ -360,23 +329,23 @@ def run(args) -> dict:
             continue
         result["prefill"].append(bench_prefill(t, h, args.check, flash_cfg[h], window))
         print(result["prefill"][-1], flush=True)
-        _save(result, args.json)
+        save_json(result, args.json)
     result["model_decode"] = []
     for name, n, kh, h, s in MODEL_DECODE:
         for b in MODEL_DECODE_BATCH:
             if ok:
                 result["model_decode"].append(bench_model_decode(name, n, kh, h, s, b, result["hbm_gbps"] * 1e9))
                 print(result["model_decode"][-1], flush=True)
-        _save(result, args.json)
+        save_json(result, args.json)
     result["decode"] = []
     for b, s in DECODE_SHAPES:
         if not ok:
             continue
         result["decode"].append(bench_decode(b, s, args.check, decode_cfg, result["hbm_gbps"] * 1e9))
         print(result["decode"][-1], flush=True)
-        _save(result, args.json)
+        save_json(result, args.json)
     print_table(result)
-    _save(result, args.json)
+    save_json(result, args.json)
     return result
 
 

@@ -17,12 +17,12 @@ times how many layers use it) for XLA and for the kernel.
 from __future__ import annotations
 
 import collections
-import json
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_common import save_json, seconds_per_call
 
 
 def add_parser(sub) -> None:
@@ -82,22 +82,13 @@ def _device_time(fn, x, ws, repeat: int) -> float:
     timed alike; the difference over the extra calls (a program's fixed launch and sync cost cancels)."""
     half = ws[:len(ws) // 2]
     progs = [jax.jit(lambda x, ws: tuple(fn(x, w) for w in ws)) for _ in range(2)]
-    out = []
-    for prog, some in zip(progs, (half, ws), strict=True):
-        jax.block_until_ready(prog(x, some))
-        runs = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            jax.block_until_ready(prog(x, some))
-            runs.append(time.perf_counter() - t0)
-        out.append(float(np.median(runs)))
+    out = [seconds_per_call(prog, x, some, repeat=repeat) for prog, some in zip(progs, (half, ws), strict=True)]
     return max(out[1] - out[0], 1e-9) / (len(ws) - len(half))
 
 
 def run(args) -> dict:
-    from gemma4_jax.kernels.gemv import default_config, gemv
-
     from gemma4_jax.config import preset
+    from gemma4_jax.kernels.gemv import default_config, gemv
 
     cfg = preset(args.preset)
     bf = jnp.bfloat16
@@ -144,9 +135,7 @@ def run(args) -> dict:
             entry["rows"].append(row)
         res["shapes"].append(entry)
         del ws
-        if args.json:
-            with open(args.json, "w") as fh:
-                json.dump(res, fh, indent=1)
+        save_json(res, args.json)
 
     print("\nsummary: one decode step's projections (µs; each shape × its uses)")
     res["summary"] = {}
@@ -161,7 +150,5 @@ def run(args) -> dict:
                 * entry["uses_per_step"]
         res["summary"][m] = dict(tot)
         print(f"M={m:3d}: " + ", ".join(f"{kk} {v:.0f}" for kk, v in tot.items()), flush=True)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(res, fh, indent=1)
+    save_json(res, args.json)
     return res

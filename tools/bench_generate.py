@@ -4,7 +4,7 @@
         [--prefill-len 2048] [--repeat 2] [--pp N] [--profile DIR] \
         [--compare transformers [--compile-batches 16]] [--json out.json]
 
-The random model is built once on the device (`gemma4_jax.synthetic.random_model`, `random_init_s`), the
+The random model is built once on the device (`gemma4_jax.testing.synthetic.random_model`, `random_init_s`), the
 HBM bandwidth measured with a large copy (`hbm_gb_s`); then, for each batch size in turn
 (`results[str(batch)]`), with prompts of `--prompt-len` random tokens:
 
@@ -17,7 +17,7 @@ HBM bandwidth measured with a large copy (`hbm_gb_s`); then, for each batch size
   and the KV cache at the mean context of the timed steps) over the measured bandwidth (`hbm_gb_s`, a
   copy), and decode's ratio to it; the same over a read-only bandwidth (`hbm_read_gb_s`, a 4 GiB sum) as
   `read_roofline_ms_per_token` / `decode_vs_read_roofline`;
-- prefill ms and % MFU of the batch's prompts: `gemma4_jax.generation.prefill` called directly on the
+- prefill ms and % MFU of the batch's prompts: `gemma4_jax.generation.loop.prefill` called directly on the
   shapes generation compiled, best of `--repeat`;
 - device memory: the process's peak so far (so list the batches in increasing order) and the bytes in use.
 
@@ -52,6 +52,15 @@ import traceback
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_common import (
+    Progress,
+    best_generation,
+    copy_bandwidth,
+    random_model,
+    read_bandwidth,
+    seconds_once,
+    weight_arrays,
+)
 
 # Dense bf16 tensor-core peak (FLOP/s) by device kind, for MFU.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
@@ -87,15 +96,6 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _timed(fn, repeat: int = 1) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def _ints(text: str) -> list[int]:
     return [int(x) for x in str(text).split(",") if x.strip()]
 
@@ -105,32 +105,10 @@ def _prompts(vocab: int, batch: int, length: int) -> list[list[int]]:
     return np.random.default_rng(batch).integers(3, vocab, size=(batch, length)).tolist()
 
 
-def _save(res: dict, path: str | None) -> None:
-    if path:
-        with open(path + ".tmp", "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(path + ".tmp", path)  # a kill mid-write leaves the previous file whole
-
-
-class Progress:
-    """Ends a phase: records its seconds in `res["phases_s"]`, rewrites the JSON file, prints a line."""
-
-    def __init__(self, res: dict, path: str | None, start: float):
-        self.res, self.path, self.start, self.clock = res, path, start, time.time()
-        res.setdefault("phases_s", {})
-
-    def __call__(self, name: str) -> None:
-        now = time.time()
-        self.res["phases_s"][name] = round(now - self.clock, 2)
-        self.clock = now
-        _save(self.res, self.path)
-        print(f"[{name}] {self.res['phases_s'][name]} s ({now - self.start:.0f} s in all)", flush=True)
-
-
 def short_len(prompt_len: int, gen_len: int, context: int) -> int:
     """The shortest generation from `gen_len // 2 + 1` on that runs the same compiled programs as `gen_len`
     (output bucket and cache length), so that the difference of the two is decode steps only."""
-    from gemma4_jax.generation import bucket
+    from gemma4_jax.generation.loop import bucket
 
     def key(n):
         return bucket(n, 8), min(bucket(prompt_len + n), context)
@@ -144,25 +122,9 @@ def short_len(prompt_len: int, gen_len: int, context: int) -> int:
     return n
 
 
-def hbm_read_bandwidth(gib: float = 4.0) -> float:
-    """Bytes/s of reading `gib` GiB of bf16 into a sum (read only, as decode mostly is), best of 5."""
-    x = jnp.ones((int(gib * 2**29),), jnp.bfloat16)
-    f = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
-    f(x).block_until_ready()
-    return x.nbytes / _timed(lambda: f(x).block_until_ready(), 5)
-
-
-def hbm_bandwidth(gib: float = 2.0) -> float:
-    """Bytes/s of a `gib` GiB bf16 `x + 1` (read + write), best of 5."""
-    x = jnp.zeros((int(gib * 2**29),), jnp.bfloat16)
-    f = jax.jit(lambda a: a + 1)
-    f(x).block_until_ready()
-    return 2 * x.nbytes / _timed(lambda: f(x).block_until_ready(), 5)
-
-
 def step_bytes(cfg, batch: int, context: int, itemsize: int = 2) -> int:
     """Bytes one decode step must read: the weights it uses and the KV cache up to `context`."""
-    from gemma4_jax.model import abstract_model, count_params
+    from gemma4_jax.model.text import abstract_model, count_params
 
     total = count_params(abstract_model(cfg))
     if cfg.ple_dim:  # the per-layer table is gathered (B rows), not read whole
@@ -181,7 +143,7 @@ def step_bytes(cfg, batch: int, context: int, itemsize: int = 2) -> int:
 
 def prefill_flops(cfg, batch: int, tokens: int) -> float:
     """2·(active params)·tokens + attention (4·N·H·T²/2 per full-causal layer, window-limited on sliding)."""
-    from gemma4_jax.model import abstract_model, count_params
+    from gemma4_jax.model.text import abstract_model, count_params
 
     active = count_params(abstract_model(cfg)) - (cfg.ple_vocab_size * cfg.num_layers * cfg.ple_dim)
     moe_layers = sum(1 for s in cfg.layers if s.moe)
@@ -237,10 +199,8 @@ def run(args) -> dict:
 
 def ours(args, start: float) -> dict:
     """Our model at every batch size (see the module docstring); the results, also in the JSON file."""
-    from gemma4_jax.api import Gemma4Model, RunConfig
-    from gemma4_jax.cache import init_cache
-    from gemma4_jax.generation import bucket, prefill
-    from gemma4_jax.synthetic import random_model
+    from gemma4_jax.generation.cache import init_cache
+    from gemma4_jax.generation.loop import bucket, prefill
 
     cfg = _config(args)
     dev = jax.devices()[0]
@@ -251,25 +211,13 @@ def ours(args, start: float) -> dict:
     res = _header(args, cfg)
     res.update(card=dev.device_kind, jax=jax.__version__, results={})
     progress = Progress(res, args.json, start)
-    res["hbm_gb_s"] = (bw := hbm_bandwidth(args.hbm_gib)) / 1e9
-    res["hbm_read_gb_s"] = (read_bw := hbm_read_bandwidth(2 * args.hbm_gib)) / 1e9
+    res["hbm_gb_s"] = (bw := copy_bandwidth(args.hbm_gib)) / 1e9
+    res["hbm_read_gb_s"] = (read_bw := read_bandwidth(2 * args.hbm_gib)) / 1e9
     progress("hbm_bandwidth")
 
     t0 = time.perf_counter()
-    module = random_model(cfg, jnp.bfloat16)
-    if args.pp > 1:
-        from gemma4_jax.hf_checkpoint import iter_params
-        from gemma4_jax.pipeline import Pipeline, best_stages, stage_leaves_from_params
-
-        params = {p: np.asarray(v.get_value()) for p, v in iter_params(module)}
-        del module
-        stages = best_stages(cfg, args.pp, 2)
-        pipe = Pipeline(cfg, stages, stage_leaves_from_params(cfg, stages, params), jnp.bfloat16, args.attn_impl)
-        del params
-        model = Gemma4Model(None, RunConfig("bfloat16", args.pp, None, args.attn_impl), pipeline=pipe)
-    else:
-        model = Gemma4Model(module, RunConfig("bfloat16", 1, None, args.attn_impl))
-    jax.block_until_ready(jax.tree.leaves(model.state if model.pipeline is None else model.pipeline.params))
+    model = random_model(cfg, args.attn_impl, args.pp)
+    jax.block_until_ready(weight_arrays(model))
     res["random_init_s"] = time.perf_counter() - t0
     progress("random_init")
 
@@ -280,7 +228,10 @@ def ours(args, start: float) -> dict:
     def prefill_times(prompts: list[list[int]], max_len: int, calls: int) -> list[float]:
         """Seconds of `calls` prefills of `prompts` (a fresh cache of `max_len` each: it is donated)."""
         if model.pipeline is not None:  # no separate prefill: a 1-token generation
-            return [_timed(lambda: model.generate(prompts, max_new_tokens=1, stop_tokens=())) for _ in range(calls)]
+            def one_token() -> None:
+                model.generate(prompts, max_new_tokens=1, stop_tokens=())
+
+            return [seconds_once(one_token) for _ in range(calls)]
         b, t = len(prompts), len(prompts[0])
         ids = np.zeros((b, min(bucket(t), context)), np.int32)  # padded as generate pads
         ids[:, :t] = prompts
@@ -302,23 +253,12 @@ def ours(args, start: float) -> dict:
     def measure(b: int, entry: dict):
         prompts = _prompts(cfg.vocab_size, b, args.prompt_len)
 
-        def gen(n):
-            return model.generate(prompts, max_new_tokens=n, stop_tokens=())
+        def gen(n) -> None:  # no result to block on: the timer's wait is then free
+            model.generate(prompts, max_new_tokens=n, stop_tokens=())
 
-        def timed_generations(n: int) -> tuple[float, float]:
-            """Best of --repeat n-token generations: (whole seconds, seconds of its decode part — the n − 1 tokens
-            after prefill's, timed on its own by `generate(timings=)`, so never negative)."""
-            whole = decode = float("inf")
-            for _ in range(args.repeat):
-                t: dict = {}
-                t0 = time.perf_counter()
-                model.generate(prompts, max_new_tokens=n, stop_tokens=(), timings=t)
-                whole, decode = min(whole, time.perf_counter() - t0), min(decode, t["decode_s"])
-            return whole, decode
-
-        entry["first_run_s"] = _timed(lambda: gen(args.gen_len))  # compiles prefill and the decode loop
+        entry["first_run_s"] = seconds_once(lambda: gen(args.gen_len))  # compiles prefill and the decode loop
         progress(f"b{b}_compile_and_first_run")
-        t_long, decode = timed_generations(args.gen_len)
+        t_long, decode = best_generation(model, prompts, args.gen_len, args.repeat)
         decode /= args.gen_len - 1
         floor = step_bytes(cfg, b, args.prompt_len + args.gen_len // 2) / bw
         entry.update(compile_s=entry["first_run_s"] - t_long, generate_s={str(args.gen_len): t_long},
@@ -460,10 +400,10 @@ def _transformers(args, res: dict, progress: Progress) -> None:
             try:
                 if device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
-                m["first_run_s"] = _timed(lambda gen=gen: gen(min(8, args.gen_len)))  # warm-up (compiles)
+                m["first_run_s"] = seconds_once(lambda gen=gen: gen(min(8, args.gen_len)))  # warm-up (compiles)
                 clock = Clock()
-                t_long = _timed(lambda gen=gen, clock=clock: gen(args.gen_len, clock))
-                prefill = _timed(lambda gen=gen: gen(1))
+                t_long = seconds_once(lambda gen=gen, clock=clock: gen(args.gen_len, clock))
+                prefill = seconds_once(lambda gen=gen: gen(1))
                 decode = (clock.times[-1] - clock.times[1]) / (args.gen_len - 1)
                 m.update(prefill_ms=prefill * 1e3, decode_ms_per_token=decode * 1e3, decode_tokens_s=b / decode,
                          generate_s={str(args.gen_len): t_long})
@@ -482,7 +422,7 @@ def _transformers(args, res: dict, progress: Progress) -> None:
         long = out["long_prefill"] = {"batch": 1, "tokens": n}
         try:
             gen(1)
-            long["ms"] = _timed(lambda: gen(1)) * 1e3
+            long["ms"] = seconds_once(lambda: gen(1)) * 1e3
         except Exception as e:
             traceback.print_exc()
             long["error"] = repr(e)

@@ -20,12 +20,12 @@ reports each bf16 run's KL(reference ‖ run) per token (mean, p99, max) and top
 
 from __future__ import annotations
 
-import json
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_common import kl_per_token, random_modules_f32_bf16, save_json, seconds_per_call
 
 
 def add_parser(sub) -> None:
@@ -50,21 +50,15 @@ def add_parser(sub) -> None:
 
 def model_kl(preset_name: str, layers: int, tokens: int = 512, mosaic: bool = False) -> dict:
     """KL per token of bf16 forwards (XLA experts, kernels) from a float32 XLA forward of the same weights."""
-    from gemma4_jax.kernels import dispatch
-
     from gemma4_jax.api import Gemma4Model, RunConfig
     from gemma4_jax.config import PRESETS, Gemma4Config
-    from gemma4_jax.hf_checkpoint import iter_params
-    from gemma4_jax.synthetic import random_model
+    from gemma4_jax.kernels import dispatch
 
     raw = dict(PRESETS[preset_name], num_hidden_layers=layers)
     raw["layer_types"] = raw["layer_types"][:layers]
     cfg = Gemma4Config.from_hf_dict(raw, name=f"{preset_name}-{layers}l")
     ids = np.random.default_rng(0).integers(3, cfg.vocab_size, size=(1, tokens))
-    m32 = random_model(cfg, jnp.float32)
-    m16 = random_model(cfg, jnp.bfloat16)
-    for (_, a), (_, b) in zip(iter_params(m32), iter_params(m16), strict=True):
-        b.set_value(a.get_value().astype(jnp.bfloat16))  # the same weights, rounded to bf16
+    m32, m16 = random_modules_f32_bf16(cfg)  # the same weights, the second rounded to bf16
     dispatch.MOE_FORCE = "xla"
     with jax.default_matmul_precision("highest"):
         ref = Gemma4Model(m32, RunConfig(dtype="float32", attn_impl="xla")).logits(ids)
@@ -74,9 +68,7 @@ def model_kl(preset_name: str, layers: int, tokens: int = 512, mosaic: bool = Fa
     for name, force in runs:
         dispatch.MOE_FORCE = force
         got = Gemma4Model(m16, RunConfig(dtype="bfloat16", attn_impl="auto")).logits(ids)
-        lp = ref - np.logaddexp.reduce(ref, axis=-1, keepdims=True)
-        lq = got - np.logaddexp.reduce(got, axis=-1, keepdims=True)
-        kl = np.sum(np.exp(lp) * (lp - lq), axis=-1).reshape(-1)
+        kl = kl_per_token(ref, got).reshape(-1)
         out[name] = {"kl_mean": float(kl.mean()), "kl_p99": float(np.percentile(kl, 99)), "kl_max": float(kl.max()),
                      "top1_equal": float(np.mean(ref.argmax(-1) == got.argmax(-1)))}
         print(f"  {name}: KL mean {kl.mean():.3e} p99 {np.percentile(kl, 99):.3e} max {kl.max():.3e}, "
@@ -135,25 +127,10 @@ def mosaic_candidates(d: int, f: int):
     return list(dict.fromkeys(out))
 
 
-def _time(fn, sets, iters: int, repeat: int) -> float:
-    """Median seconds per call over `repeat` runs of `iters` calls, cycling through the weight sets."""
-    jax.block_until_ready(fn(*sets[0]))
-    runs = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = None
-        for i in range(iters):
-            out = fn(*sets[i % len(sets)])
-        jax.block_until_ready(out)
-        runs.append((time.perf_counter() - t0) / iters)
-    return float(np.median(runs))
-
-
 def run(args) -> dict:
+    from gemma4_jax.config import preset
     from gemma4_jax.kernels.moe import default_config, moe_experts, moe_experts_reference, moe_experts_xla
     from gemma4_jax.kernels.moe_mgpu import moe_experts_mgpu
-
-    from gemma4_jax.config import preset
 
     cfg = preset(args.preset)
     d, f, e, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.top_k_experts
@@ -190,7 +167,7 @@ def run(args) -> dict:
                 err = float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
                 finite = bool(np.isfinite(out).all())
                 sets = [(x, w, idx, *ws) for ws in weights]
-                s = _time(fn, sets, args.iters, args.repeat)
+                s = seconds_per_call(fn, arg_sets=sets, calls=args.iters, repeat=args.repeat)
                 r = dict(impl=name, us=s * 1e6, tflops=flops / s / 1e12, gb_s=nbytes / s / 1e9, rel_err=err,
                          finite=finite)
             except Exception as ex:  # a config that does not compile here: record it, go on
@@ -223,7 +200,7 @@ def run(args) -> dict:
                     lambda p_, x_, g, u, dn, c=mcfg: mos.grouped_gemms(p_, x_, g, u, dn, c)),
                     [(mplan, xs, *ws) for ws in weights]))
             for name, fn, sets in gemms:
-                s = _time(fn, sets, args.iters, args.repeat)
+                s = seconds_per_call(fn, arg_sets=sets, calls=args.iters, repeat=args.repeat)
                 row["results"].append(dict(impl=name, us=s * 1e6, tflops=flops / s / 1e12, gb_s=nbytes / s / 1e9))
                 print(f"  M={m:5d} R={m * k:6d} {name:90s} {s * 1e6:9.1f} us {flops / s / 1e12:7.1f} TFLOP/s "
                       f"{nbytes / s / 1e9:7.0f} GB/s", flush=True)
@@ -234,15 +211,11 @@ def run(args) -> dict:
             for c in mosaic_candidates(d, f):
                 measure(f"mosaic {c}", jax.jit(lambda *a, c=c: moe_experts_mgpu(*a, config=c)))
         res["rows"].append(row)
-        if args.json:
-            with open(args.json, "w") as fh:
-                json.dump(res, fh, indent=1)
+        save_json(res, args.json)
     if args.model_kl:
         print(f"model KL, {args.preset} cut to {args.model_kl} layers", flush=True)
         res["model_kl"] = model_kl(args.preset, args.model_kl, mosaic=args.mosaic)
-        if args.json:
-            with open(args.json, "w") as fh:
-                json.dump(res, fh, indent=1)
+        save_json(res, args.json)
     print("\nsummary (best kernel config vs XLA, per token count)")
     for row in res["rows"]:
         ok = [r for r in row["results"] if "us" in r]

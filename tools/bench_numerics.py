@@ -31,6 +31,7 @@ import tempfile
 import time
 
 import numpy as np
+from bench_common import save_json
 
 
 def add_parser(sub) -> None:
@@ -80,9 +81,9 @@ def op_errors() -> dict:
     import jax
     import jax.numpy as jnp
     import torch
-    from gemma4_jax.kernels import numerics
 
     from gemma4_jax import api
+    from gemma4_jax.kernels import numerics
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     rng = np.random.default_rng(0)
@@ -132,14 +133,12 @@ def run(args) -> dict:
     import gemma4_jax
     from gemma4_jax import api
     from gemma4_jax.config import PRESETS
-    from gemma4_jax.tiny import perturb_scales
+    from gemma4_jax.testing.tiny import perturb_scales
 
     if args.ops:
         res = {"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__, "torch": torch.__version__,
                "card": jax.devices()[0].device_kind, "ops": op_errors()}
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=1)
+        save_json(res, args.json)
         return res
     base = json.load(open(args.config)) if args.config else PRESETS[args.preset]
     raw = cut_config(base, args.layers, args.vocab, args.experts)
@@ -209,9 +208,7 @@ def run(args) -> dict:
         for e in res["per_layer"]:
             print(f"  entering layer {e['layer']:2d}: transformers {e['transformers_f32']:.2e}  ours "
                   f"{e['ours_f32']:.2e}  ({e['ours_f32'] / max(e['transformers_f32'], 1e-30):.2f}×)", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+    save_json(res, args.json)
     return res
 
 
@@ -222,7 +219,7 @@ def layer_inputs(model, ids) -> list[np.ndarray]:
     from flax import nnx
 
     from gemma4_jax import api
-    from gemma4_jax.model import FullAttender
+    from gemma4_jax.model.text import FullAttender
 
     graphdef, state = nnx.split(model.module)
 

@@ -3,7 +3,7 @@
     PYTHONPATH=. python tools/bench.py pipeline --preset 31b --pp 2,4 --batch 8 --prompt-len 128 --gen-len 64 \
         --json out.json
 
-pp=1 is the plain model; pp=N is the pipeline (`gemma4_jax.pipeline.Pipeline`) with the same weights
+pp=1 is the plain model; pp=N is the pipeline (`gemma4_jax.parallel.pipeline.Pipeline`) with the same weights
 (copied through the host), at the split `load(..., pp=N)` would pick unless `--layer-split`, and the same
 total batch cut into N micro-batches (the ring full). For each it reports:
 
@@ -30,9 +30,18 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from bench_common import (
+    Progress,
+    best_generation,
+    float32_model,
+    host_params,
+    kl_per_token,
+    pipeline_model,
+    pipeline_stages,
+    random_model,
+    weight_arrays,
+)
 
 
 def add_parser(sub) -> None:
@@ -79,53 +88,25 @@ def _kl_summary(ref: np.ndarray, other: np.ndarray) -> dict:
             "top1_equal_fraction": float(np.mean(ref.argmax(-1) == other.argmax(-1)))}
 
 
-def kl_per_token(ref: np.ndarray, other: np.ndarray) -> np.ndarray:
-    """KL(ref ‖ other) of the softmaxes of float32 logits [..., V], per position."""
-    lp = ref - np.logaddexp.reduce(ref, axis=-1, keepdims=True)
-    lq = other - np.logaddexp.reduce(other, axis=-1, keepdims=True)
-    return np.sum(np.exp(lp) * (lp - lq), axis=-1)
-
-
 def run(args) -> dict:
-    from gemma4_jax.api import Gemma4Model, RunConfig
     from gemma4_jax.config import Gemma4Config, preset
-    from gemma4_jax.hf_checkpoint import iter_params
-    from gemma4_jax.pipeline import Pipeline, best_stages, stage_leaves_from_params
-    from gemma4_jax.stages import parse_layer_split
-    from gemma4_jax.synthetic import random_model
 
     cfg = Gemma4Config.from_json(args.config) if args.config else preset(args.preset)
     pps = [int(x) for x in str(args.pp).split(",")]
     devices = jax.devices()
-    dtype = jnp.bfloat16
     rng = np.random.default_rng(0)
     prompts = rng.integers(3, cfg.vocab_size, size=(args.batch, args.prompt_len)).tolist()
     res = {"preset": args.config or args.preset, "attn_impl": args.attn_impl, "card": devices[0].device_kind,
            "devices": len(devices),
            "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"), "batch": args.batch,
-           "prompt_len": args.prompt_len, "gen_len": args.gen_len, "phases_s": {}}
-    clock = time.perf_counter()
-
-    def phase(name):
-        nonlocal clock
-        now = time.perf_counter()
-        res["phases_s"][name] = round(now - clock, 2)
-        clock = now
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=1)
-        print(f"[{name}] {res['phases_s'][name]} s", flush=True)
+           "prompt_len": args.prompt_len, "gen_len": args.gen_len}
+    phase = Progress(res, args.json)
 
     def measure(model, key):
         gen = lambda n: model.generate(prompts, max_new_tokens=n, stop_tokens=())  # noqa: E731
         toks = gen(args.gen_len)  # compiles prefill and decode
         phase(f"{key}_compile_and_first_run")
-        t_long = decode = float("inf")  # decode: the ring alone (`generate(timings=)`), never negative
-        for _ in range(args.repeat):
-            t: dict = {}
-            t0 = time.perf_counter()
-            model.generate(prompts, max_new_tokens=args.gen_len, stop_tokens=(), timings=t)
-            t_long, decode = min(t_long, time.perf_counter() - t0), min(decode, t["decode_s"])
+        t_long, decode = best_generation(model, prompts, args.gen_len, args.repeat)  # decode: the ring alone
         step = decode / (args.gen_len - 1)
         res[key].update(decode_ms_per_step=step * 1e3, decode_tok_s=args.batch / step,
                         generate_s={str(args.gen_len): t_long})
@@ -142,10 +123,8 @@ def run(args) -> dict:
                         kv_budget_tokens=_budget(free, per_token),
                         kv_budget_tokens_80gb=_budget([80e9 - w for w in weights], per_token))
 
-    module = random_model(cfg, dtype)
-    one = Gemma4Model(module, RunConfig(dtype="bfloat16", max_seq_len=None, attn_impl=args.attn_impl))
-    del module  # the model holds its own (per-layer) arrays; the stacks it was built from are gone
-    state = jax.tree.leaves(one.state)
+    one = random_model(cfg, args.attn_impl)
+    state = weight_arrays(one)
     jax.block_until_ready(state)
     res["pp1"] = {}
     memory("pp1", 1, [sum(a.nbytes for a in state)], [kv_bytes_per_token(cfg, range(cfg.num_layers))])
@@ -159,39 +138,27 @@ def run(args) -> dict:
         if args.shape_control:  # the same model and prompt at another batch size: bf16's shape noise
             res["pp1"]["kl_batch1_vs_batch2"] = _kl_summary(logits1[:1], one.logits(few[:1]))
             phase("pp1_shape_control")
-    # Read per layer (a tuple of arrays stacks on the host), not through `.module`, which restacks on the device.
-    def host(value):
-        return np.stack([np.asarray(a) for a in value]) if isinstance(value, tuple) else np.asarray(value)
-
-    params = {path: host(var.get_value()) for path, var in iter_params(nnx.merge(one.graphdef, one.state))}
+    params = host_params(one)
     del one
     gc.collect()
     phase("to_host")
     ref = None
     if args.f32_reference and not args.no_logits:
-        from gemma4_jax.model import abstract_model
-
-        m32 = abstract_model(cfg, jnp.float32)
-        for path, var in iter_params(m32):
-            var.set_value(jnp.asarray(params[path], jnp.float32))
-        ref = Gemma4Model(m32, RunConfig(dtype="float32", attn_impl="xla")).logits(few)
-        del m32
+        ref = float32_model(cfg, params).logits(few)
         gc.collect()
         res["pp1"]["kl_vs_f32"] = _kl_summary(ref, logits1)
         phase("f32_reference")
 
     for n in pps:
         key = f"pp{n}"
-        stages = parse_layer_split(args.layer_split, cfg.num_layers) if args.layer_split else best_stages(cfg, n, 2)
+        stages = pipeline_stages(cfg, n, args.layer_split)
         res[key] = {"split": [s.start for s in stages] + [cfg.num_layers]}
-        pipe = Gemma4Model(None, RunConfig(dtype="bfloat16", pp=n, attn_impl=args.attn_impl),
-                           pipeline=Pipeline(cfg, stages, stage_leaves_from_params(cfg, stages, params), dtype,
-                                             args.attn_impl))
+        pipe = pipeline_model(cfg, params, stages, args.attn_impl)
         weights = [0] * n
-        for leaf in jax.tree.leaves(pipe.pipeline.params):
+        for leaf in weight_arrays(pipe):
             for shard in leaf.addressable_shards:
                 weights[devices.index(shard.device)] += shard.data.nbytes
-        jax.block_until_ready(pipe.pipeline.params)
+        jax.block_until_ready(weight_arrays(pipe))
         memory(key, n, weights, [kv_bytes_per_token(cfg, s.layers) for s in stages])
         phase(f"{key}_place")
         toks = measure(pipe, key)

@@ -29,12 +29,12 @@ Against the reference: max rel = max|Δ| / max|ref| and mean rel = mean|Δ| / me
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import tempfile
 import time
 
 import numpy as np
+from bench_common import save_json
 
 # The real towers (docs/architecture.md §1 and §5; the published config.json's `vision_config` / `audio_config`).
 VISION_SMALL = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=16, num_attention_heads=12,
@@ -202,7 +202,7 @@ def run_tower(tower: str, tower_cfg: dict, text_width: int, args, dev: str) -> d
     t0 = time.perf_counter()
     hf = build(torch, tower, tower_cfg, text_width, args.seed, dev)
     if tower == "vision":
-        from gemma4_jax.vision import VisionConfig, image_features, load_vision
+        from gemma4_jax.model.vision import VisionConfig, image_features, load_vision
 
         sizes, pv, pos, per_image = images(args.images, args.image_tokens)
         inputs = {"images": [list(s) for s in sizes], "soft_tokens": per_image, "pixel_values": list(pv.shape),
@@ -220,7 +220,7 @@ def run_tower(tower: str, tower_cfg: dict, text_width: int, args, dev: str) -> d
                 # The token count from the processor, as `multimodal.Towers.image_features` passes it.
                 return np.asarray(image_features(model, pv, pos, sum(per_image)), np.float64), None
     else:
-        from gemma4_jax.audio import AudioConfig, audio_features, load_audio
+        from gemma4_jax.model.audio import AudioConfig, audio_features, load_audio
 
         seconds, feats, mask = audio_clips(args.audio_seconds)
         inputs = {"clip_seconds": seconds, "input_features": list(feats.shape), "valid_frames": mask.sum(-1).tolist()}
@@ -349,7 +349,5 @@ def _run(args, names: list[str]) -> dict:
         res["towers"][tower] = run_tower(tower, cfg, text_width, args, dev)
         report(tower, res["towers"][tower])
     res["seconds"] = round(time.perf_counter() - t0, 1)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+    save_json(res, args.json)
     return res

@@ -5,13 +5,14 @@
 
 Each pipeline stage gets only its layers (and its columns of the per-layer embedding table); the
 embedding goes to the first stage and a copy of it, the tied head, with the final norm to the last.
-The default split minimises the parameter bytes per device. See gemma4_jax/stage_checkpoint.py for the format.
+The default split minimises the parameter bytes per device. See gemma4_jax/checkpoint/staged.py for the format.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import logging
 import os
 import re
 import sys
@@ -36,6 +37,16 @@ def os_error_in(err: BaseException) -> str | None:
     return None
 
 
+def _stderr_to(stream, current) -> None:
+    """Point stderr, and the logging handlers that write to it (absl's, set up when orbax is imported), from
+    `current` to `stream`."""
+    for logger in (logging.getLogger(), logging.getLogger("absl")):
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is current:
+                handler.setStream(stream)
+    sys.stderr = stream
+
+
 def main(argv=None, exiting: bool = False) -> int:
     """The command. `exiting`: the process ends right after a failure (`exit_now`), so orbax's threads stay
     silenced until then instead of printing after the error sentence."""
@@ -52,10 +63,10 @@ def main(argv=None, exiting: bool = False) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
+    from gemma4_jax.checkpoint.staged import convert
     from gemma4_jax.config import Gemma4Config
     from gemma4_jax.errors import Gemma4Error
-    from gemma4_jax.stage_checkpoint import convert
-    from gemma4_jax.stages import parse_layer_split
+    from gemma4_jax.parallel.stages import parse_layer_split
 
     real_err, noise = sys.stderr, io.StringIO()
     try:
@@ -66,23 +77,23 @@ def main(argv=None, exiting: bool = False) -> int:
             stages = parse_layer_split(args.layer_split, Gemma4Config.from_json(args.hf_dir).num_layers)
         # While writing, orbax's background threads print their own tracebacks when the file system fails;
         # they go to `noise`, shown only if the failure is not one this command explains in a sentence.
-        sys.stderr = noise
+        _stderr_to(noise, real_err)
         m = convert(args.hf_dir, args.out, stages, pp=args.pp, dtype=args.dtype, overwrite=args.overwrite,
                     progress=not args.no_progress, log=lambda s: print(s, file=real_err), progress_file=real_err)
-        sys.stderr = real_err
+        _stderr_to(real_err, noise)
         real_err.write(noise.getvalue())
     except Gemma4Error as err:
-        sys.stderr = real_err
+        _stderr_to(real_err, noise)
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        sys.stderr = real_err
+        _stderr_to(real_err, noise)
         print("interrupted; nothing was written", file=sys.stderr)
         return 130
     except Exception as err:  # a file system that refuses (read-only, full, over a size limit), maybe wrapped
         os_err = os_error_in(err)
         if os_err is None or not exiting:
-            sys.stderr = real_err
+            _stderr_to(real_err, noise)
         if os_err is None:
             real_err.write(noise.getvalue())
             raise

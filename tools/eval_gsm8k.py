@@ -7,7 +7,7 @@ With no --model it evaluates the embedded demo model; with no --data it tries th
 library (openai/gsm8k, test split). Writes a JSON summary (accuracy, correct, total, 95 % Wilson
 interval, records) to --out and the per-example records, as JSON lines, beside it
 (RESULTS.records.jsonl); --resume continues an interrupted run from that file. The logic lives in
-`gemma4_jax.gsm8k`.
+`gemma4_jax.evals.gsm8k`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--think", action="store_true",
                    help="the template's thinking mode; answers are read after the thought channel")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    from gemma4_jax.cluster import add_cluster_args
+    from gemma4_jax.cli import add_cluster_args
 
     add_cluster_args(p)  # several hosts: only process 0 writes; --resume needs a file system they share
     return p
@@ -45,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, interrupts=None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from gemma4_jax.cluster import join_cluster
+    from gemma4_jax import join_cluster
     from gemma4_jax.errors import Gemma4Error
-    from gemma4_jax.gsm8k import run_eval
+    from gemma4_jax.evals.gsm8k import run_eval
 
     try:
         writer = join_cluster(args)

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from gemma4_jax.config import PRESETS
-    from gemma4_jax.synthetic import write_random_checkpoint
+    from gemma4_jax.testing.synthetic import write_random_checkpoint
 
     raw = dict(PRESETS[args.preset])
     if args.layers:

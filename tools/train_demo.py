@@ -3,7 +3,7 @@
     python tools/train_demo.py [--out gemma4_jax/demo_model] [--steps N] [--seed S] [--lr LR]
                                [--init DIR --data-offset K] [--instruction-prob P]
 
-Builds the demo config (gemma4_jax/demo_train.py), trains a BPE tokenizer on synthetic
+Builds the demo config (gemma4_jax/demo/train.py), trains a BPE tokenizer on synthetic
 grade-school problems, trains the model with optax on chat-formatted problems (loss on the answer
 only), prints the loss curve, exports config.json / model.safetensors / tokenizer files / chat
 template / generation_config.json, reloads the export with `gemma4_jax.load` and prints its greedy
@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gemma4_jax import demo_train as dt
+    from gemma4_jax.demo import train as dt
 
     defaults = dt.TrainConfig()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     import gemma4_jax
-    from gemma4_jax import arith
-    from gemma4_jax.gsm8k import user_text
-    from gemma4_jax.hf_export import export_hf, module_params
+    from gemma4_jax.checkpoint.export import export_hf, module_params
+    from gemma4_jax.demo import arith
+    from gemma4_jax.evals.gsm8k import user_text
     from gemma4_jax.tokenizer import Tokenizer
 
     t0 = time.perf_counter()

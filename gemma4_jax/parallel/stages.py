@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import Gemma4Config
-from .errors import ConfigError
-from .model import target_shapes
+from ..config import Gemma4Config
+from ..errors import ConfigError
+from ..model.text import target_shapes
 
 Path = tuple[str, ...]
 

@@ -23,12 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+from tokenizers.models import BPE
 
+from ..config import FULL, SLIDING, Gemma4Config
+from ..evals.gsm8k import extract_answer, user_text
+from ..model.text import Gemma4Text
+from ..testing.tiny import SPECIALS
 from . import arith
-from .config import FULL, SLIDING, Gemma4Config
-from .gsm8k import extract_answer, user_text
-from .model import Gemma4Text
-from .tiny import SPECIALS
 
 TURN_END_ID = 106
 
@@ -96,8 +98,6 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     memorising a token for every number. Merges are learnt without the specials, whose ids are then
     carved out of the id space (`tiny.SPECIALS`: <pad> 0, <eos> 1, <bos> 2, <|turn> 105, <turn|> 106 …).
     """
-    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
-    from tokenizers.models import BPE
 
     tok = Tokenizer(BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([

@@ -10,15 +10,17 @@ expected shape.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
-from .config import Gemma4Config
-from .model import abstract_model, iter_params, target_shapes
+from ..config import Gemma4Config
+from ..model.text import abstract_model, iter_params, target_shapes
 from .safetensors_io import CheckpointError, SafetensorsFile, checkpoint_files
 
 Path = tuple[str, ...]
@@ -210,8 +212,6 @@ class HFCheckpoint:
         return sum(st.nbytes(full) for full, _, st in self.items)
 
     def source_files(self) -> list[dict]:
-        import os
-
         return [{"name": os.path.basename(st.path), "bytes": os.path.getsize(st.path)} for st in self.files]
 
 
@@ -227,8 +227,6 @@ def read_hf_params(hf_dir: str, cfg: Gemma4Config, dtype=jnp.float32, wanted: Ca
     filler = _Filler(target_shapes(cfg, dtype), wanted or (lambda p: True))
     items = iter(ckpt)
     if progress:
-        from tqdm.auto import tqdm
-
         items = tqdm(items, total=len(ckpt), desc="loading tensors", unit="tensor", leave=False)
     for full, entry, st in items:
         if any(t.path in filler.shapes for t in entry.targets):

@@ -16,10 +16,10 @@ import os
 import numpy as np
 from flax import nnx
 
-from .config import FULL, SLIDING, Gemma4Config
-from .errors import ConfigError
-from .hf_checkpoint import Path, converter_table
-from .model import iter_params
+from ..config import FULL, SLIDING, Gemma4Config
+from ..errors import ConfigError
+from ..model.text import iter_params
+from .hf import Path, converter_table
 from .safetensors_io import save_file
 
 

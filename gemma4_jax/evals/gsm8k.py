@@ -17,9 +17,12 @@ import time
 from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
 
-from .chat import split_thoughts
-from .demo import demo_path
-from .errors import Gemma4Error
+from tqdm.auto import tqdm
+
+import gemma4_jax
+
+from ..chat import split_thoughts
+from ..errors import Gemma4Error
 
 INSTRUCTION = "Solve step by step and give the final answer after ####."
 _NUMBER = re.compile(r"-?\$?\s?\d[\d,]*(?:\.\d+)?|-?\$?\s?\.\d+")
@@ -238,7 +241,6 @@ def evaluate(model, examples: Sequence[dict], *, batch_size: int = 8, max_new_to
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
 
         bar = tqdm(total=len(examples), initial=len(done), desc="gsm8k", unit="q")
     t0 = time.perf_counter()
@@ -297,9 +299,6 @@ def run_eval(model_path: str | None, data: str | None, *, out: str, limit: int |
              write: bool = True, thinking: bool = False) -> dict:
     """What `tools/eval_gsm8k.py` does: load model and data, evaluate, write the summary (atomically).
     `write=False` (the hosts other than process 0) computes the same and writes and logs nothing."""
-    import gemma4_jax
-
-
     if limit is not None and limit < 1:
         raise DataError(f"--limit must be at least 1, got {limit}")
     if shots < 0:
@@ -315,9 +314,9 @@ def run_eval(model_path: str | None, data: str | None, *, out: str, limit: int |
         if len(pool) < shots:
             raise DataError(f"--shots {shots} asks for more examples than the {len(pool)} of the shots file")
         few = pool[:shots]
-    path = model_path or demo_path()
     records_file = check_out(out)
-    model = gemma4_jax.load(path, pp=pp, dtype=dtype, progress=progress)
+    model = gemma4_jax.load(model_path, pp=pp, dtype=dtype, progress=progress)  # no path: the demo model
+    path = model.path
     summary = evaluate(model, examples, batch_size=batch_size, max_new_tokens=max_new_tokens, shots=few,
                        records_file=records_file, resume=resume, progress=progress, on_batch=on_batch, write=write,
                        settings={"model": os.path.abspath(path)}, thinking=thinking)

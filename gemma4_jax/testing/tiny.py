@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 import os
 
-from .chat import THINK, THOUGHT_END, THOUGHT_START
+from tokenizers import AddedToken, Tokenizer, decoders
+from tokenizers.models import BPE
+
+from ..chat import THINK, THOUGHT_END, THOUGHT_START
 
 # Gemma 4's special ids (docs/architecture.md §4) that a tiny vocabulary keeps at the same numbers.
 SPECIALS = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 4: "<mask>", 50: "<|tool_response>",
@@ -24,8 +27,6 @@ THINKING = {98: THINK, 100: THOUGHT_START, 101: THOUGHT_END}
 def write_char_tokenizer(path: str, vocab_size: int = 256, extra: dict[int, str] | None = None) -> None:
     """A character-level `tokenizer.json`: specials (SPECIALS, plus `extra`) at Gemma's ids, printable ASCII and
     newline elsewhere."""
-    from tokenizers import AddedToken, Tokenizer, decoders
-    from tokenizers.models import BPE
 
     specials = {**SPECIALS, **(extra or {})}
     chars = ["\n"] + [chr(c) for c in range(32, 127)]

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
-DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_model")
+DEMO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo_model")
 
 
 def demo_path() -> str:

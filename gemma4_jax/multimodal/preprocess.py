@@ -25,8 +25,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image, ImageOps
 
-from .errors import CheckpointError, ConfigError, Gemma4Error
+from ..errors import CheckpointError, ConfigError, Gemma4Error
 
 # Placeholder strings and ids of the Gemma 4 vocabulary (docs/architecture.md §4; transformers' Gemma4Config).
 BOI_TOKEN, BOI_TOKEN_ID = "<|image>", 255_999
@@ -106,20 +107,11 @@ def num_image_soft_tokens(height: int, width: int, max_soft_tokens: int = 280) -
     return (new_h // PATCH_SIZE) * (new_w // PATCH_SIZE) // POOLING_KERNEL**2
 
 
-def _pil():
-    try:
-        from PIL import Image, ImageOps
-    except ImportError:
-        raise Gemma4Error("image preprocessing needs Pillow (pip install pillow)") from None
-    return Image, ImageOps
-
-
 def _to_rgb_pixels(image) -> np.ndarray:
     """(H, W, 3) uint8 RGB from a path, a PIL image or an (H, W[, 1|3|4]) uint8 array, converted the way
     transformers does for that input type: a file is opened, EXIF-rotated and `convert('RGB')`-ed (alpha
     dropped, as `load_image` does); a PIL image with alpha is composited onto white with Pillow; an RGBA
     array is blended onto white in floating point and rounded; grey arrays are repeated to 3 channels."""
-    Image, ImageOps = _pil()
     if isinstance(image, (str, os.PathLike)):
         if not os.path.isfile(image):
             raise Gemma4Error(f"image file {os.fspath(image)!r} does not exist")
@@ -156,7 +148,6 @@ def preprocess_image(image, max_soft_tokens: int = 280) -> ImageInput:
     height, width = pixels.shape[:2]
     new_h, new_w = resized_size(height, width, max_soft_tokens)
     if (new_h, new_w) != (height, width):
-        Image, _ = _pil()
         pixels = np.asarray(Image.fromarray(pixels).resize((new_w, new_h), resample=Image.Resampling.BICUBIC))
     # Scale in float64 then store float32, as transformers' rescale does (bit-identical values).
     pixels = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)

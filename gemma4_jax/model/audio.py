@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .errors import CheckpointError, ConfigError
-from .model import rms_norm, softcap
+from ..errors import CheckpointError, ConfigError
+from .text import rms_norm, softcap
 
 F32 = jnp.float32
 TOWER_PREFIX = "model.audio_tower."

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from .config import Gemma4Config
-from .model import Attender, FullAttender, attention, attention_impl, attention_mask, kernel_attention
+from ..config import Gemma4Config
+from ..model.text import Attender, FullAttender, attention, attention_impl, attention_mask, kernel_attention
 
 
 @jax.tree_util.register_dataclass

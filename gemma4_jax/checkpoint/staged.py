@@ -26,13 +26,14 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint.experimental.v1 import partial
+from tqdm.auto import tqdm
 
-from .config import Gemma4Config
-from .errors import CheckpointError, ConfigError
-from .hf_checkpoint import HFCheckpoint, read_tower_tensors
-from .model import target_shapes
-from .safetensors_io import save_file
-from .stages import (
+from ..config import Gemma4Config
+from ..errors import CheckpointError, ConfigError
+from ..model.text import target_shapes
+from ..parallel.stages import (
     Path,
     Stage,
     best_stages,
@@ -44,6 +45,8 @@ from .stages import (
     stage_leaf_shapes,
     stages_from_bounds,
 )
+from .hf import HFCheckpoint, read_tower_tensors
+from .safetensors_io import save_file
 
 MANIFEST = "manifest.json"
 FORMAT = "gemma4-jax-stages"
@@ -91,8 +94,6 @@ class _StageWriter:
     """Collects leaves per stage and writes them with orbax partial saves; each leaf exactly once."""
 
     def __init__(self, root: str, stages: tuple[Stage, ...], expected, dtype, flush_bytes: int = FLUSH_BYTES):
-        from orbax.checkpoint.experimental.v1 import partial
-
         self.partial = partial
         self.dirs = [os.path.join(root, f"stage_{s.index}") for s in stages]
         self.expected, self.dtype, self.flush_bytes = expected, np.dtype(dtype), flush_bytes
@@ -185,8 +186,6 @@ def convert(hf_dir: str, out: str, stages: tuple[Stage, ...] | None = None, *, p
         writer = _StageWriter(tmp, stages, expected, DTYPE_NAMES[dtype])
         bar = None
         if progress:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=ckpt.nbytes, desc="converting", unit="B", unit_scale=True, unit_divisor=1024,
                        file=progress_file)
         t0 = time.perf_counter()
@@ -322,8 +321,6 @@ def manifest_stages(m: dict, cfg: Gemma4Config) -> tuple[Stage, ...]:
 
 def _restore_stored(stage_dir: str, leaves: dict[Path, tuple[tuple[int, ...], object]], sharding) -> dict:
     """Restore stored leaves {path: (shape, dtype)} of one stage checkpoint onto `sharding`, cast to dtype."""
-    import orbax.checkpoint as ocp
-
     _quiet_orbax()
     item, args = {}, {}
     for path, (shape, dtype) in leaves.items():

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .errors import CheckpointError, ConfigError
-from .model import apply_rope, gelu, inverse_frequencies, rms_norm
+from ..errors import CheckpointError, ConfigError
+from .text import apply_rope, gelu, inverse_frequencies, rms_norm
 
 F32 = jnp.float32
 TOWER_PREFIX = "model.vision_tower."

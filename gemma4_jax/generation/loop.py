@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ..errors import ConfigError
 from .cache import DecodeAttender, KVCache, PrefillAttender, init_cache
-from .errors import ConfigError
 from .options import Sampling  # noqa: F401 (re-exported: the sampling options live there)
 
 F32 = jnp.float32

@@ -41,12 +41,12 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import model
-from .cache import LayerCache, attend_cache, cache_length, store_prompt, write_token
-from .config import Gemma4Config
-from .errors import ConfigError
-from .generation import Sampling, sample
-from .model import DecoderLayer, FullAttender, iter_params
+from ..config import Gemma4Config
+from ..errors import ConfigError
+from ..generation.cache import LayerCache, attend_cache, cache_length, store_prompt, write_token
+from ..generation.loop import Sampling, sample
+from ..model import text as model
+from ..model.text import DecoderLayer, FullAttender, iter_params
 from .stages import Path, Stage, storage_kinds
 
 F32 = jnp.float32

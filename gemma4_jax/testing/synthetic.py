@@ -12,12 +12,13 @@ import json
 import os
 import struct
 
+import jax
 import ml_dtypes
 import numpy as np
 
-from .config import Gemma4Config
-from .hf_checkpoint import converter_table
-from .model import abstract_model, iter_params
+from ..checkpoint.hf import converter_table
+from ..config import Gemma4Config
+from ..model.text import abstract_model, iter_params
 
 PREFIX = "model.language_model."
 
@@ -75,9 +76,6 @@ def write_random_checkpoint(path: str, raw_config: dict, *, seed: int = 0, shard
 def random_model(cfg: Gemma4Config, dtype, seed: int = 0):
     """A `Gemma4Text` with random weights at `cfg`'s shapes, made on the device by one compiled program:
     N(0, 0.02) for matrices, 1 + N(0, 0.1) for norms, scales and layer scalars."""
-    import jax
-
-
     model = abstract_model(cfg, dtype)
     specs = []
     for path, var in iter_params(model):

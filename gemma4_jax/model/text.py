@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .config import Gemma4Config, LayerSpec
-from .kernels import dispatch, gemv, moe, moe_mgpu, numerics
-from .kernels.flash_attention import xla_attention
+from ..config import Gemma4Config, LayerSpec
+from ..kernels import dispatch, gemv, moe, moe_mgpu, numerics
+from ..kernels.flash_attention import xla_attention
 
 F32 = jnp.float32
 

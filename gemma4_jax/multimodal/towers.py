@@ -9,22 +9,22 @@ the towers' outputs overwrite the N placeholders in the text model.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
+import jax.numpy as jnp
 import numpy as np
 
-from . import stage_checkpoint as sc
-from .audio import AudioConfig, audio_soft_tokens, load_audio
-from .errors import CheckpointError, ConfigError
-from .hf_checkpoint import read_tower_tensors
-from .model import Multimodal, vision_blocks
+from ..checkpoint import Opened
+from ..checkpoint.hf import read_tower_tensors
+from ..checkpoint.safetensors_io import SafetensorsFile
+from ..errors import CheckpointError, ConfigError
+from ..model.audio import AudioConfig, audio_soft_tokens, load_audio
+from ..model.text import Multimodal, vision_blocks
+from ..model.vision import VisionConfig, image_features, load_vision
+from ..tokenizer import AUDIO_MARK as AUDIO_TEXT
+from ..tokenizer import IMAGE_MARK as IMAGE_TEXT
 from .preprocess import preprocess_audio_batch, preprocess_images
-from .safetensors_io import SafetensorsFile
-from .tokenizer import AUDIO_MARK as AUDIO_TEXT
-from .tokenizer import IMAGE_MARK as IMAGE_TEXT
-from .vision import VisionConfig, image_features, load_vision
 
 
 @dataclass(frozen=True)
@@ -54,20 +54,15 @@ class Towers:
         self.vision, self.audio, self.ids = vision, audio, ids
 
     @classmethod
-    def load(cls, path: str, text_hidden_size: int, dtype) -> Towers | None:
+    def load(cls, ckpt: Opened, text_hidden_size: int, dtype) -> Towers | None:
         """The towers of an HF or converted directory (whose first stage keeps them), placed on the first
         device; None when its config has neither a vision nor an audio config."""
-        if sc.is_stage_dir(path):
-            manifest = sc.read_manifest(path)
-            raw = manifest["config"]
-            towers = manifest.get("towers")
-        else:
-            with open(os.path.join(path, "config.json")) as f:
-                raw = json.load(f)
+        path, raw = ckpt.path, ckpt.raw_config
         vision_cfg, audio_cfg = raw.get("vision_config"), raw.get("audio_config")
         if not vision_cfg and not audio_cfg:
             return None
-        if sc.is_stage_dir(path):
+        if ckpt.converted:
+            towers = ckpt.manifest.get("towers")
             if not towers:
                 raise CheckpointError(f"{path} was converted without its vision/audio towers; re-convert it")
             st = SafetensorsFile(os.path.join(path, towers["file"]))
@@ -132,8 +127,6 @@ def expand(ids: list[int], image_tokens: list[int], audio_tokens: list[int], sp:
 def soft_tokens(ids_bt: np.ndarray, image_features, audio_features, sp: SpecialIds) -> Multimodal:
     """Place the features: the k-th image placeholder (row-major over the batch) takes image row k, the
     k-th audio placeholder audio row k (as transformers' masked_scatter does, per modality)."""
-    import jax.numpy as jnp
-
     ids = np.asarray(ids_bt)
     is_image, is_audio = ids == sp.image, ids == sp.audio
     n_img = int(is_image.sum())

@@ -1,0 +1,50 @@
+"""Checkpoints on disk: the safetensors reader and writer (`safetensors_io`), the Hugging Face name table and
+reader (`hf`), the per-stage orbax converter and its restore (`staged`), and export back to HF (`export`).
+
+`open(path)` tells a Hugging Face directory from a converted one and reads its config.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+from dataclasses import dataclass
+
+from ..config import Gemma4Config
+from ..errors import CheckpointError
+from . import staged
+
+
+@dataclass(frozen=True)
+class Opened:
+    """A checkpoint directory, identified: `manifest` is the converter's (None for a Hugging Face directory);
+    `raw_config` the config.json as written (its vision/audio parts included)."""
+
+    path: str
+    config: Gemma4Config
+    raw_config: dict
+    manifest: dict | None
+
+    @property
+    def converted(self) -> bool:
+        return self.manifest is not None
+
+    @property
+    def num_stages(self) -> int:
+        return self.manifest["num_stages"] if self.manifest is not None else 1
+
+
+def open(path) -> Opened:  # noqa: A001 (the module's verb, as `builtins.open` is the file's)
+    """Identify the checkpoint directory at `path` and read its config; CheckpointError with one sentence when it
+    is not a directory, or a conversion that did not finish."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} is not a directory")
+    if staged.is_stage_dir(path):
+        manifest = staged.read_manifest(path)
+        raw = manifest["config"]
+        return Opened(path, Gemma4Config.from_hf_dict(raw, name=os.path.basename(os.path.abspath(path))), raw, manifest)
+    cfg = Gemma4Config.from_json(path)  # checks that config.json exists and parses
+    with builtins.open(os.path.join(path, "config.json")) as f:
+        return Opened(path, cfg, json.load(f), None)

@@ -1,0 +1,207 @@
+"""What the `bench.py` subcommands share: one timer, the HBM bandwidth probes, the JSON writer and phase progress,
+and random-weight models at a config's real shapes (pp=1, or a pipeline).
+
+The random-model section is where the benchmarks build models out of gemma4_jax's pieces (synthetic weights,
+parameter paths, the pipeline's split and stage leaves): when those move, this section changes, not each benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+if TYPE_CHECKING:
+    from flax import nnx
+
+    from gemma4_jax import Gemma4Config, Gemma4Model
+
+Path = tuple[str, ...]
+
+# -- timing -----------------------------------------------------------------------------------------------------
+
+
+def seconds_per_call(fn: Callable[..., Any], *args: Any, arg_sets: Sequence[tuple] = (), calls: int | None = 1,
+                     repeat: int = 5, stat: Callable[[list[float]], float] = statistics.median, warmup: bool = True,
+                     budget_s: float = 0.25) -> float:
+    """Seconds per call of `fn(*args)`: `repeat` runs of `calls` calls back to back, each run on the wall clock
+    until its last result is ready (`jax.block_until_ready`), reduced by `stat` (the median; `min` for best-of).
+
+    `warmup`: one untimed call first, so that compiling is not timed. `calls=None`: as many calls per run as fill
+    about `budget_s`, sized by one timed call (2 to 200): short kernels are then timed over many launches.
+    `arg_sets`: argument tuples cycled through call by call, instead of `args` (weights that stream from HBM, not
+    L2, as a model's layers do).
+    """
+    sets = list(arg_sets) or [args]
+    if warmup:
+        jax.block_until_ready(fn(*sets[0]))
+    if calls is None:
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*sets[0]))
+        calls = int(min(200, max(2, budget_s / max(time.perf_counter() - t0, 1e-6))))
+    runs = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = None
+        for i in range(calls):
+            out = fn(*sets[i % len(sets)])
+        jax.block_until_ready(out)
+        runs.append((time.perf_counter() - t0) / calls)
+    return float(stat(runs))
+
+
+def seconds_once(fn: Callable[[], Any]) -> float:
+    """Seconds of one call of `fn()` until its result is ready, compiling included: `seconds_per_call` with no
+    warm-up. (Blocking walks the result's leaves: give it a function that returns None, not a long list.)"""
+    return seconds_per_call(fn, repeat=1, warmup=False)
+
+
+def best_generation(model: Gemma4Model, prompts: list[list[int]], new_tokens: int, repeat: int) -> tuple[float, float]:
+    """Best of `repeat` greedy `new_tokens`-token generations that never stop early: (whole seconds, seconds of
+    the decode part, the `new_tokens − 1` tokens after prefill's, timed on its own by `generate(timings=)`, so
+    never negative)."""
+    whole = decode = float("inf")
+    for _ in range(repeat):
+        t: dict = {}
+        t0 = time.perf_counter()
+        model.generate(prompts, max_new_tokens=new_tokens, stop_tokens=(), timings=t)
+        whole, decode = min(whole, time.perf_counter() - t0), min(decode, t["decode_s"])
+    return whole, decode
+
+
+# -- HBM bandwidth ----------------------------------------------------------------------------------------------
+
+
+def copy_bandwidth(gib: float = 2.0, **timing: Any) -> float:
+    """Bytes/s of a `gib` GiB bf16 `x + 1` on the device, counting bytes read and written. `timing`: options of
+    `seconds_per_call`; by default the best of 5 calls."""
+    x = jnp.zeros((int(gib * 2**29),), jnp.bfloat16)
+    return 2 * x.nbytes / seconds_per_call(jax.jit(lambda a: a + 1), x, **{"stat": min, **timing})
+
+
+def read_bandwidth(gib: float = 4.0, **timing: Any) -> float:
+    """Bytes/s of reading `gib` GiB of bf16 into a float32 sum: read only, as decode mostly is. `timing`: as for
+    `copy_bandwidth`."""
+    x = jnp.ones((int(gib * 2**29),), jnp.bfloat16)
+    f = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+    return x.nbytes / seconds_per_call(f, x, **{"stat": min, **timing})
+
+
+# -- results ------------------------------------------------------------------------------------------------------
+
+
+def save_json(res: dict, path: str | None) -> None:
+    """Write `res` to `path` (nothing when None) through a temporary file and a rename, so that a run killed
+    mid-write leaves the previous file whole; values JSON has no type for are written as their str."""
+    if path:
+        with open(path + ".tmp", "w") as f:
+            json.dump(res, f, indent=1, default=str)
+        os.replace(path + ".tmp", path)
+
+
+class Progress:
+    """Ends a phase: records its seconds in `res["phases_s"]`, rewrites the JSON file, prints `[name] S s` (and,
+    when `start` is given, the seconds since it), so that a run cut short keeps and shows what it measured."""
+
+    def __init__(self, res: dict, path: str | None, start: float | None = None):
+        self.res, self.path, self.start, self.clock = res, path, start, time.time()
+        res.setdefault("phases_s", {})
+
+    def __call__(self, name: str) -> None:
+        now = time.time()
+        self.res["phases_s"][name] = round(now - self.clock, 2)
+        self.clock = now
+        save_json(self.res, self.path)
+        total = "" if self.start is None else f" ({now - self.start:.0f} s in all)"
+        print(f"[{name}] {self.res['phases_s'][name]} s{total}", flush=True)
+
+
+def kl_per_token(ref: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """KL(ref ‖ other) of the softmaxes of float32 logits [..., V], per position."""
+    lp = ref - np.logaddexp.reduce(ref, axis=-1, keepdims=True)
+    lq = other - np.logaddexp.reduce(other, axis=-1, keepdims=True)
+    return np.sum(np.exp(lp) * (lp - lq), axis=-1)
+
+
+# -- random models at a config's shapes: the benchmarks' calls into gemma4_jax's model building -------------------
+
+
+def random_model(cfg: Gemma4Config, attn_impl: str = "auto", pp: int = 1) -> Gemma4Model:
+    """A bf16 `Gemma4Model` with random weights at `cfg`'s shapes, made on the device by
+    `gemma4_jax.testing.synthetic.random_model`. With `pp` > 1 it is made on one device and copied through the
+    host into a pipeline at the split `load(..., pp=pp)` picks."""
+    from gemma4_jax.api import Gemma4Model, RunConfig
+    from gemma4_jax.testing.synthetic import random_model as random_module
+
+    module = random_module(cfg, jnp.bfloat16)
+    if pp == 1:
+        return Gemma4Model(module, RunConfig("bfloat16", 1, None, attn_impl))
+    params = _host_params(module)
+    del module  # off the device before the stages are placed
+    return pipeline_model(cfg, params, pipeline_stages(cfg, pp), attn_impl)
+
+
+def host_params(model: Gemma4Model) -> dict[Path, np.ndarray]:
+    """A pp=1 model's weights on the host, by parameter path: what `pipeline_model` and `float32_model` take."""
+    return _host_params(model.module)
+
+
+def _host_params(module: nnx.Module) -> dict[Path, np.ndarray]:
+    from gemma4_jax.model.text import iter_params
+
+    return {path: np.asarray(var.get_value()) for path, var in iter_params(module)}
+
+
+def pipeline_stages(cfg: Gemma4Config, pp: int, layer_split: str | None = None) -> tuple:
+    """The pipeline's split: `layer_split` ("0,a,...,L") when given, else the one `load(..., pp=pp)` picks."""
+    from gemma4_jax.parallel.stages import best_stages, parse_layer_split
+
+    return parse_layer_split(layer_split, cfg.num_layers) if layer_split else best_stages(cfg, pp, 2)
+
+
+def pipeline_model(cfg: Gemma4Config, params: dict[Path, np.ndarray], stages: tuple,
+                   attn_impl: str = "auto") -> Gemma4Model:
+    """A bf16 `Gemma4Model` pipelined over `stages` (a device each), holding `params` (see `host_params`)."""
+    from gemma4_jax.api import Gemma4Model, RunConfig
+    from gemma4_jax.parallel.pipeline import Pipeline
+    from gemma4_jax.parallel.stages import split_params
+
+    pipe = Pipeline(cfg, stages, split_params(cfg, stages, params), jnp.bfloat16, attn_impl)
+    return Gemma4Model(None, RunConfig("bfloat16", len(stages), None, attn_impl), pipeline=pipe)
+
+
+def float32_model(cfg: Gemma4Config, params: dict[Path, np.ndarray]) -> Gemma4Model:
+    """A pp=1 float32 `Gemma4Model` (XLA attention) holding `params` (see `host_params`): a reference forward of
+    the same weights, bf16's own error measured against it."""
+    from gemma4_jax.api import Gemma4Model, RunConfig
+    from gemma4_jax.model.text import abstract_model, iter_params
+
+    module = abstract_model(cfg, jnp.float32)
+    for path, var in iter_params(module):
+        var.set_value(jnp.asarray(params[path], jnp.float32))
+    return Gemma4Model(module, RunConfig(dtype="float32", attn_impl="xla"))
+
+
+def random_modules_f32_bf16(cfg: Gemma4Config) -> tuple[nnx.Module, nnx.Module]:
+    """Two `Gemma4Text` modules at `cfg`'s shapes: random float32 weights, and the same weights rounded to bf16
+    (a reference and the bf16 run measured against it)."""
+    from gemma4_jax.model.text import iter_params
+    from gemma4_jax.testing.synthetic import random_model as random_module
+
+    m32 = random_module(cfg, jnp.float32)
+    m16 = random_module(cfg, jnp.bfloat16)
+    for (_, a), (_, b) in zip(iter_params(m32), iter_params(m16), strict=True):
+        b.set_value(a.get_value().astype(jnp.bfloat16))
+    return m32, m16
+
+
+def weight_arrays(model: Gemma4Model) -> list[jax.Array]:
+    """A model's weight arrays on its device(s): the pp=1 state, or the pipeline's stage parameters."""
+    return jax.tree.leaves(model.state if model.pipeline is None else model.pipeline.params)
