@@ -369,16 +369,15 @@ def restore_leaves(root: str, stage: int, leaves: dict[Path, tuple[int, ...]], d
 
 
 def load_single_stage(path: str, cfg: Gemma4Config, dtype, device=None) -> dict[Path, jax.Array]:
-    """A one-stage conversion as `Gemma4Text` parameters {path: array on `device`}, parameter by parameter
-    (the stage layout's inverse, from `stages.placements`): a parameter stored whole is restored as it is;
-    one stored in pieces (the per-layer-input projection, by layer) is put together on the device, so device
-    memory peaks at the model plus one parameter."""
+    """A one-stage conversion as `Gemma4Text` parameters {path: array on `device`} (the stage layout's inverse,
+    from `stages.placements`): every leaf is restored in one orbax call; a parameter stored whole is used as it
+    is, one stored in pieces (the per-layer-input projection, by layer) is put together on the device."""
     m = read_manifest(path)
     stages = manifest_stages(m, cfg)
     if len(stages) != 1:
         raise ConfigError(f"{path} holds {len(stages)} stages; load it with pp={len(stages)}")
     sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
-    leaves = stage_leaf_shapes(cfg, stages)[0]
+    got = restore_leaves(path, 0, stage_leaf_shapes(cfg, stages)[0], dtype, sharding)
 
     @functools.partial(jax.jit, static_argnums=(0, 1), out_shardings=sharding)
     def join(shape, indices, pieces):
@@ -390,13 +389,11 @@ def load_single_stage(path: str, cfg: Gemma4Config, dtype, device=None) -> dict[
     out: dict[Path, jax.Array] = {}
     for target, (shape, _) in target_shapes(cfg, np.float32).items():
         places = placements(cfg, stages, target)
-        got = restore_leaves(path, 0, {leaf: leaves[leaf] for _, leaf, _ in places}, dtype, sharding)
         if len(places) == 1 and shape_at(shape, places[0][2]) == shape:
-            out[target] = got[places[0][1]]
+            out[target] = got.pop(places[0][1])
         else:
             indices = tuple(_hashable(index) for _, _, index in places)
-            out[target] = join(shape, indices, [got[leaf] for _, leaf, _ in places])
-        del got
+            out[target] = join(shape, indices, [got.pop(leaf) for _, leaf, _ in places])
     return out
 
 
