@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from . import checkpoint
 from .chat import split_thoughts
@@ -26,7 +25,7 @@ from .errors import ConfigError
 from .generation.loop import generate_tokens
 from .generation.options import check_sampling
 from .kernels.dispatch import IMPLS
-from .model.text import Gemma4Text
+from .model.text import Gemma4Text, merge, split
 from .multimodal import towers as mmod
 from .multimodal.towers import Towers
 from .parallel.pipeline import Pipeline
@@ -69,7 +68,7 @@ def precision_scope(dtype: str):
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _logits(graphdef, state, ids_bt, impl, mm=None):
-    return nnx.merge(graphdef, state)(ids_bt, impl, mm)
+    return merge(graphdef, state)(ids_bt, impl, mm)
 
 
 class Gemma4Model:
@@ -83,7 +82,8 @@ class Gemma4Model:
         self.path = path
         self.pipeline = pipeline  # a pipeline.Pipeline when pp > 1
         self.towers = towers  # multimodal.Towers: vision / audio towers of a multimodal checkpoint (pp=1)
-        self.graphdef, self.state = nnx.split(module) if module is not None else (None, None)
+        # The parameters as a flat list beside their structure (`model.text.split`): cheap to pass to every call.
+        self.graphdef, self.state = split(module) if module is not None else (None, None)
         self.stop_tokens: tuple[int, ...] = stop_ids(path, self.config.eos_token_ids)
 
     @property
@@ -95,7 +95,7 @@ class Gemma4Model:
         """The NNX module (a fresh module over the same parameter arrays); pp=1 only."""
         if self.pipeline is not None:
             raise ConfigError("a pipelined model (pp > 1) has no single NNX module; its stages are in .pipeline")
-        return nnx.merge(self.graphdef, self.state)
+        return merge(self.graphdef, self.state)
 
     def _check_tokens(self, tokens) -> np.ndarray:
         ids = np.asarray(tokens)

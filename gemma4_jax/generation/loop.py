@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from ..errors import ConfigError
+from ..model.text import merge
 from .cache import DecodeAttender, KVCache, PrefillAttender, init_cache
 from .options import Sampling  # noqa: F401 (re-exported: the sampling options live there)
 
@@ -68,7 +68,7 @@ class DecodeState:
 def prefill(graphdef, params, ids_bt, lengths_b, cache: KVCache, impl: str = "auto", mm=None):
     """Run the prompts [B,T] (true lengths [B]; soft tokens `mm`, a `model.Multimodal`, merged); fill the
     cache; return last-token logits [B,V]."""
-    model = nnx.merge(graphdef, params)
+    model = merge(graphdef, params)
     b, t = ids_bt.shape
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     attender = PrefillAttender(cache, pos, lengths_b, impl, model.blocks(mm))
@@ -87,14 +87,14 @@ def decode_step(model, cache: KVCache, token_b, pos_b, impl: str = "auto"):
 @functools.partial(jax.jit, static_argnums=0, static_argnames="impl", donate_argnums=(2, 3))
 def decode_logits(graphdef, params, cache: KVCache, token_b, pos_b, impl: str = "auto"):
     """Jitted `decode_step` (for tests and teacher-forced scoring)."""
-    return decode_step(nnx.merge(graphdef, params), cache, token_b, pos_b, impl)
+    return decode_step(merge(graphdef, params), cache, token_b, pos_b, impl)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6), donate_argnums=(2,))
 def decode_loop(graphdef, params, state: DecodeState, limit, stop_ids, sampling: Sampling,
                 impl: str = "auto") -> DecodeState:
     """Generate until `step == limit` or every sequence has stopped; all on device."""
-    model = nnx.merge(graphdef, params)
+    model = merge(graphdef, params)
 
     def cond(st):
         return (st.step < limit) & ~jnp.all(st.done)

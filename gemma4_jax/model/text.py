@@ -525,3 +525,37 @@ def iter_params(module: nnx.Module):
     for path, var in nnx.iter_graph(module):
         if isinstance(var, nnx.Param):
             yield tuple(str(x) for x in path), var
+
+
+class Structure:
+    """A model's graphdef and its state's tree structure, as one static argument of the compiled programs (which
+    take the parameters as a flat list): hashed once. Hashing the graphdef of one node per layer and flattening
+    its NNX State cost milliseconds on every call (measured on the CPU for E4B's 42 layers: 5.3 ms a dispatch,
+    against 0.5 ms for the same arrays held as stacks)."""
+
+    __slots__ = ("graphdef", "treedef", "_hash")
+
+    def __init__(self, graphdef, treedef):
+        self.graphdef, self.treedef = graphdef, treedef
+        self._hash = hash((graphdef, treedef))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return self is other or (isinstance(other, Structure) and self._hash == other._hash
+                                 and self.graphdef == other.graphdef and self.treedef == other.treedef)
+
+
+def split(module: nnx.Module) -> tuple[Structure, list[jax.Array]]:
+    """(structure, parameters as a flat list): the form the compiled programs take (`merge` inverts it)."""
+    graphdef, state = nnx.split(module)
+    leaves, treedef = jax.tree.flatten(state)
+    return Structure(graphdef, treedef), leaves
+
+
+def merge(structure, params):
+    """The module of `split`'s (structure, parameter list), or of `nnx.split`'s (graphdef, state)."""
+    if isinstance(structure, Structure):
+        return nnx.merge(structure.graphdef, jax.tree.unflatten(structure.treedef, params))
+    return nnx.merge(structure, params)
