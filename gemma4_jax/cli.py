@@ -1,4 +1,5 @@
-"""What the command lines share: the flags of a multi-host run, and how they end (Ctrl-C, the process exit).
+"""What the command lines share: the flags of a multi-host run and of the compilation cache, and how they end
+(Ctrl-C, the process exit).
 
 After Ctrl-C, a normal interpreter shutdown can crash inside XLA's threads (a segmentation fault, exit 139,
 seen when the interrupt lands while a decode chunk compiles), and a KeyboardInterrupt raised inside one of
@@ -63,3 +64,40 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
                        help="the coordinator's address (implies --distributed; needs --num-processes, --process-id)")
     hosts.add_argument("--num-processes", type=int, default=None)
     hosts.add_argument("--process-id", type=int, default=None)
+
+
+COMPILE_CACHE_ENV = "GEMMA4_JAX_COMPILE_CACHE"
+
+
+def default_compile_cache() -> str:
+    """$GEMMA4_JAX_COMPILE_CACHE ('off' turns the cache off), else JAX's own $JAX_COMPILATION_CACHE_DIR, else
+    $XDG_CACHE_HOME/gemma4_jax/jax (~/.cache/gemma4_jax/jax)."""
+    for name in (COMPILE_CACHE_ENV, "JAX_COMPILATION_CACHE_DIR"):
+        if os.environ.get(name):
+            return os.environ[name]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "gemma4_jax", "jax")
+
+
+def add_compile_cache_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile-cache", default=default_compile_cache(), metavar="DIR",
+                   help=f"JAX's persistent compilation cache: a later run of the same model and shapes loads its "
+                        f"programs instead of compiling them ('off': gemma4-jax sets none; environment: "
+                        f"{COMPILE_CACHE_ENV})")
+
+
+def use_compile_cache(path: str | None) -> None:
+    """Keep JAX's compiled programs in `path` across processes (None or 'off': leave JAX's setting alone). Every
+    program is kept, however fast it compiled. Works before JAX is imported (through its environment variables,
+    so a command line's flag checks need not import it) and after (through its config)."""
+    if not path or path == "off":
+        return
+    settings = {"jax_compilation_cache_dir": os.path.abspath(path), "jax_persistent_cache_min_compile_time_secs": 0,
+                "jax_persistent_cache_min_entry_size_bytes": 0}
+    jax = sys.modules.get("jax")
+    for name, value in settings.items():
+        if jax is None:
+            os.environ[name.upper()] = str(value)
+        else:
+            jax.config.update(name, value)
+

@@ -18,7 +18,7 @@ import numpy as np
 import gemma4_jax
 
 from .chat import ThoughtStream, split_thoughts
-from .cli import add_cluster_args, exit_now, on_interrupt_exit
+from .cli import add_cluster_args, add_compile_cache_args, exit_now, on_interrupt_exit, use_compile_cache
 from .errors import ConfigError, Gemma4Error
 from .generation.options import check_sampling
 from .tokenizer import StreamDecoder
@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a mono 16 kHz 16-bit .wav for the prompt; repeat for several")
     p.add_argument("--image-tokens", type=int, default=280, choices=[70, 140, 280, 560, 1120],
                    help="soft tokens per image")
+    add_compile_cache_args(p)
     add_cluster_args(p)
     return p
 
@@ -97,6 +98,7 @@ def check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
     check_args(args)
     prompts = read_prompts(args, stdin, err)
+    use_compile_cache(args.compile_cache)
     if not gemma4_jax.join_cluster(args):  # the other hosts compute in step with process 0; only it prints
         out = err = open(os.devnull, "w")  # noqa: SIM115
     t0 = time.perf_counter()

@@ -243,3 +243,26 @@ def test_readme_python_examples_run_on_the_demo_model(demo):
     assert demo.logits(np.array([ids])).shape == (1, len(ids), demo.config.vocab_size)
     readme = open(os.path.join(ROOT, "README.md")).read()
     assert 'model.generate([model.tokenizer.encode("What is 12 + 30?")]' in readme
+
+
+def test_second_run_loads_its_programs_from_the_compile_cache(tmp_path):
+    """`--compile-cache DIR`: the first run writes its compiled programs there, the second (same model, same
+    shapes) loads every one of them: it adds no entry, and prints the same answer. The times to first token of
+    both runs are printed (the ratio is recorded in docs/performance.md; no test asserts on a timing)."""
+    import re
+
+    cache = tmp_path / "cache"
+    argv = ("--prompt", QUESTION, "--max-new-tokens", "12", "--compile-cache", str(cache))
+    first = _gen(*argv)
+    assert first.returncode == 0, first.stderr
+    entries = sorted(p.name for p in cache.iterdir())
+    assert entries, "the first run cached its programs"
+    again = _gen(*argv)
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in cache.iterdir()) == entries, "the second run compiled something"
+    assert again.stdout == first.stdout
+    ttft = [float(re.search(r"time to first token ([0-9.]+)s", r.stderr).group(1)) for r in (first, again)]
+    assert all(t > 0 for t in ttft)
+    print(f"time to first token: {ttft[0]:.3f} s, then {ttft[1]:.3f} s from the cache")
+    off = _gen(*argv[:-1], "off")
+    assert off.returncode == 0 and off.stdout == first.stdout

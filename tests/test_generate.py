@@ -137,3 +137,52 @@ def test_device_traces_name_the_layer_parts():
     text = jax.jit(lambda ids: module(ids)).lower(jnp.zeros((1, 8), jnp.int32)).as_text(debug_info=True)
     for i in range(model.config.num_layers):
         assert f"layer_{i}/attention" in text and f"layer_{i}/mlp" in text, i
+
+
+def test_compiled_decode_never_waits_for_the_host_between_tokens():
+    """Every loop of the compiled decode program has a trip count known at compile time: a loop whose condition
+    reads the device (`while` not every sequence stopped) makes the GPU runtime copy the condition to the host and
+    wait for it before each step, a round trip per token. The premise: such a loop is seen (no known trip count)."""
+    import re
+
+    from gemma4_jax.generation.loop import DecodeState, bucket, decode_chunk
+
+    model = gemma4_jax.load(progress=False)
+    b, n = 2, 16
+    cache = init_cache(model.config, b, 64, jnp.float32)
+    zeros = jnp.zeros((b,), jnp.int32)
+    state = DecodeState(cache, zeros, zeros + 3, jnp.zeros((b,), bool), jnp.zeros((b, bucket(n, 8)), jnp.int32),
+                        jnp.asarray(1, jnp.int32), jax.random.key(0))
+    stops = jnp.asarray([1], jnp.int32)
+    text = decode_chunk.lower(model.graphdef, model.state, state, jnp.asarray(n, jnp.int32), stops,
+                              Sampling(0.0, None, None), "auto", 8).compile().as_text()
+
+    def unknown_trip_loops(hlo: str) -> list[str]:
+        return [ln for ln in hlo.splitlines() if re.search(r"\bwhile\(", ln) and "known_trip_count" not in ln]
+
+    premise = jax.jit(lambda x: jax.lax.while_loop(lambda c: jnp.all(c < 10.0), lambda c: c + 1.0, x))
+    assert unknown_trip_loops(premise.lower(jnp.zeros(3)).compile().as_text()), "premise: a data-dependent loop"
+    assert re.search(r"\bwhile\(", text), "the decode steps are a loop"
+    assert not unknown_trip_loops(text)
+
+
+def test_decode_chunks_stop_at_the_limit_and_the_stop_tokens():
+    """Chunks of 8 steps: tokens past `max_new_tokens` or after a stop are never reported, whatever the chunk
+    size; the same tokens as one step at a time (teacher-forced `decode_logits`, greedy)."""
+    model = gemma4_jax.load(progress=False)
+    prompt = [2, 17, 33, 48, 5]
+    want = model.generate([prompt], max_new_tokens=11, stop_tokens=())[0]
+    cache = init_cache(model.config, 1, 32, jnp.float32)
+    logits, cache = prefill(model.graphdef, model.state, jnp.asarray([prompt + [0] * 11]), jnp.asarray([5]), cache)
+    got = [int(jnp.argmax(logits[0]))]
+    for i in range(10):
+        logits, cache = decode_logits(model.graphdef, model.state, cache, jnp.asarray([got[-1]]),
+                                      jnp.asarray([5 + i]))
+        got.append(int(jnp.argmax(logits[0])))
+    assert want == got and len(want) == 11
+    stop = want[6]
+    cut = model.generate([prompt], max_new_tokens=11, stop_tokens=(stop,))[0]
+    assert cut == want[:want.index(stop) + 1]
+    streamed = []
+    model.generate([prompt], max_new_tokens=11, stop_tokens=(), on_tokens=lambda blk: streamed.extend(blk[0].tolist()))
+    assert streamed == want

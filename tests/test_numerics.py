@@ -47,7 +47,7 @@ def test_float32_model_runs_every_program_at_highest(hf_dirs, monkeypatch, pp, d
             return fn(*a, **k)
         return wrapped
 
-    for mod, name in ((api, "_logits"), (generation, "prefill"), (generation, "decode_loop")):
+    for mod, name in ((api, "_logits"), (generation, "prefill"), (generation, "decode_chunk")):
         monkeypatch.setattr(mod, name, spy(getattr(mod, name)))
     monkeypatch.setattr(pipeline.Pipeline, "logits", spy(pipeline.Pipeline.logits))
     monkeypatch.setattr(pipeline.Pipeline, "generate", spy(pipeline.Pipeline.generate))

@@ -36,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--think", action="store_true",
                    help="the template's thinking mode; answers are read after the thought channel")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    from gemma4_jax.cli import add_cluster_args
+    from gemma4_jax.cli import add_cluster_args, add_compile_cache_args
 
+    add_compile_cache_args(p)
     add_cluster_args(p)  # several hosts: only process 0 writes; --resume needs a file system they share
     return p
 
@@ -46,10 +47,12 @@ def main(argv: list[str] | None = None, interrupts=None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from gemma4_jax import join_cluster
+    from gemma4_jax.cli import use_compile_cache
     from gemma4_jax.errors import Gemma4Error
     from gemma4_jax.evals.gsm8k import run_eval
 
     try:
+        use_compile_cache(args.compile_cache)
         writer = join_cluster(args)
         # A Ctrl-C that lands inside a callback whose exceptions are ignored still stops the run after the batch.
         on_batch = (lambda n: interrupts.raise_if_set()) if interrupts is not None else None

@@ -90,24 +90,35 @@ def decode_logits(graphdef, params, cache: KVCache, token_b, pos_b, impl: str = 
     return decode_step(merge(graphdef, params), cache, token_b, pos_b, impl)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6), donate_argnums=(2,))
-def decode_loop(graphdef, params, state: DecodeState, limit, stop_ids, sampling: Sampling,
-                impl: str = "auto") -> DecodeState:
-    """Generate until `step == limit` or every sequence has stopped; all on device."""
+# Decode steps per compiled chunk when nothing streams: the host looks at the state (all stopped? the limit?)
+# once per chunk, never between the steps of one.
+DECODE_CHUNK = 16
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7), donate_argnums=(2,))
+def decode_chunk(graphdef, params, state: DecodeState, limit, stop_ids, sampling: Sampling, impl: str = "auto",
+                 steps: int = DECODE_CHUNK) -> DecodeState:
+    """`steps` decode steps as a loop with a trip count known when compiling, so no step waits for the host.
+
+    A loop whose condition reads the device (a `while` until every sequence stopped) makes the GPU runtime copy
+    the condition to the host and wait for it before it launches each step's kernels: a round trip per token.
+    Here the host checks once per chunk. Steps from `limit` on are idle: they feed the same token at the same
+    position again (the cache write repeats itself) and change nothing the caller reads.
+    """
     model = merge(graphdef, params)
 
-    def cond(st):
-        return (st.step < limit) & ~jnp.all(st.done)
-
-    def body(st):
+    def body(st, _):
         logits, cache = decode_step(model, st.cache, st.token, st.pos, impl)
+        live = st.step < limit
         tok = sample(logits, jax.random.fold_in(st.key, st.step), sampling)
         tok = jnp.where(st.done, 0, tok)
-        out = st.out.at[:, st.step].set(tok)
-        done = st.done | jnp.isin(tok, stop_ids)
-        return DecodeState(cache, tok, st.pos + 1, done, out, st.step + 1, st.key)
+        col = jnp.minimum(st.step, st.out.shape[1] - 1)
+        out = jnp.where(live, st.out.at[:, col].set(tok), st.out)
+        done = st.done | (live & jnp.isin(tok, stop_ids))
+        n = live.astype(jnp.int32)
+        return DecodeState(cache, jnp.where(live, tok, st.token), st.pos + n, done, out, st.step + n, st.key), None
 
-    return jax.lax.while_loop(cond, body, state)
+    return jax.lax.scan(body, state, None, length=steps)[0]
 
 
 @functools.partial(jax.jit, static_argnums=(3,))
@@ -176,19 +187,20 @@ def generate_tokens(graphdef, params, cfg, prompts: list[list[int]], *, max_new_
     n_out = bucket(max_new_tokens, 8)
     out = jnp.zeros((b, n_out), jnp.int32).at[:, 0].set(tok)
     state = DecodeState(cache, tok, lengths, done, out, jnp.asarray(1, jnp.int32), key)
-    if on_tokens is None:
-        state = decode_loop(graphdef, params, state, jnp.asarray(max_new_tokens, jnp.int32), stops, sampling, impl)
-        result = np.asarray(state.out)
-    else:
+    # Decode in compiled chunks of `steps` tokens; the host looks at the state between chunks only.
+    steps = chunk if on_tokens is not None else min(DECODE_CHUNK, bucket(max_new_tokens - 1, 1))
+    limit = jnp.asarray(max_new_tokens, jnp.int32)
+    if on_tokens is not None:
         on_tokens(np.asarray(tok)[:, None])
-        shown = 1
-        while shown < max_new_tokens and not bool(np.all(np.asarray(state.done))):
-            limit = min(shown + chunk, max_new_tokens)
-            state = decode_loop(graphdef, params, state, jnp.asarray(limit, jnp.int32), stops, sampling, impl)
-            step = int(state.step)
+    shown = 1
+    done = bool(np.all(np.asarray(done)))
+    while shown < max_new_tokens and not done:
+        state = decode_chunk(graphdef, params, state, limit, stops, sampling, impl, steps)
+        step, done = int(state.step), bool(np.all(np.asarray(state.done)))
+        if on_tokens is not None:
             on_tokens(np.asarray(state.out[:, shown:step]))
-            shown = step
-        result = np.asarray(state.out)
+        shown = step
+    result = np.asarray(state.out)
     if timings is not None:
         timings["decode_s"] = time.perf_counter() - t1  # the transfer of `out` above waited for the device
     return _trim(result[:, :int(state.step)], max_new_tokens, stop_ids)
