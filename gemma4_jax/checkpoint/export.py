@@ -2,7 +2,7 @@
 
 Owns writing `config.json` (the flat form the published checkpoints carry, text-only
 `Gemma4ForCausalLM`), `model.safetensors` (prefix `model.`) and `generation_config.json`. The
-tensor layouts are not written out a second time: every transform of `hf_checkpoint.converter_table`
+tensor layouts are not written out a second time: every transform of `checkpoint.hf.converter_table`
 is a pure re-indexing (transposes, reshapes, slices), so applying it to an array of HF element
 indices tells where each of our elements sits in the HF tensor. Exporting therefore cannot drift
 from loading.

@@ -3,7 +3,7 @@
 Owns the on-disk format written by `tools/convert_checkpoint.py`:
 
   OUT/manifest.json      written last; the loader refuses a directory without it
-  OUT/stage_<k>/         one orbax checkpoint per pipeline stage (the tree described in stages.py)
+  OUT/stage_<k>/         one orbax checkpoint per pipeline stage (the tree described in parallel/stages.py)
   OUT/config.json, tokenizer.json, chat_template.jinja, generation_config.json, ...  copied as-is
 
 Conversion streams: tensors are read one at a time from memory-mapped safetensors, cut into their

@@ -162,7 +162,7 @@ def kind_graphdef(cfg: Gemma4Config, kind: str, n: int, dtype):
 
 
 def stage_tree(plan: PipelinePlan, s: int, leaves: dict[Path, jax.Array], dtype, device) -> dict:
-    """Stage s's uniform parameter tree on `device` from its logical leaves (layout in stages.py)."""
+    """Stage s's uniform parameter tree on `device` from its logical leaves (layout in parallel/stages.py)."""
     cfg, stage = plan.cfg, plan.stages[s]
     with jax.default_device(device):
         put = lambda a: jax.device_put(jnp.asarray(a, dtype), device)  # noqa: E731
