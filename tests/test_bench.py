@@ -27,11 +27,14 @@ def test_bench_generate_runs(tmp_path):
     res = _bench(["generate", "--config", DEMO, "--batch", "1,2", "--prompt-len", "8", "--gen-len", "8",
                   "--prefill-len", "16", "--repeat", "1", "--hbm-gib", "0.0625", "--profile", str(tmp_path / "prof")],
                  tmp_path)
-    assert res["hbm_gb_s"] > 0 and res["hbm_read_gb_s"] > 0
+    assert res["hbm_gb_s"] > 0 and res["hbm_read_gb_s"] > 0 and res["hbm_matvec_gb_s"] > 0
     for b in ("1", "2"):
         r = res["results"][b]
         assert r["decode_tokens_s"] * r["decode_ms_per_token"] / 1e3 == pytest.approx(int(b))
         assert r["roofline_ms_per_token"] > 0 and r["prefill_ms"] > 0 and r["compile_s"] > -1
+        # the best probe's roofline: never slower than the copy's or the read's
+        slowest = min(r["roofline_ms_per_token"], r["read_roofline_ms_per_token"])
+        assert 0 < r["best_roofline_ms_per_token"] <= slowest * (1 + 1e-9)
     assert res["long_prefill"]["ms"] > 0 and res["long_prefill"]["tokens"] == 16
     kernels = res["profile"]["kernels"]  # tools/trace_summary.py read the trace
     assert kernels and sum(k["share"] for k in kernels) <= 1.0 + 1e-9 and all(k["count"] > 0 for k in kernels)

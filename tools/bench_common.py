@@ -94,6 +94,15 @@ def read_bandwidth(gib: float = 4.0, **timing: Any) -> float:
     return x.nbytes / seconds_per_call(f, x, **{"stat": min, **timing})
 
 
+def matvec_bandwidth(gib: float = 4.0, **timing: Any) -> float:
+    """Bytes/s of a decode-like read: 8 bf16 rows times a `gib` GiB bf16 weight [8192, N], float32 accumulation
+    (the weight is all that is read). `timing`: as for `copy_bandwidth`."""
+    w = jnp.ones((8192, int(gib * 2**30) // (2 * 8192)), jnp.bfloat16)
+    x = jnp.ones((8, 8192), jnp.bfloat16)
+    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    return w.nbytes / seconds_per_call(f, x, w, **{"stat": min, **timing})
+
+
 # -- results ------------------------------------------------------------------------------------------------------
 
 

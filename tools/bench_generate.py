@@ -16,7 +16,9 @@ HBM bandwidth measured with a large copy (`hbm_gb_s`); then, for each batch size
 - the HBM roofline: the bytes a decode step must read (weights, only the routed experts' share for MoE,
   and the KV cache at the mean context of the timed steps) over the measured bandwidth (`hbm_gb_s`, a
   copy), and decode's ratio to it; the same over a read-only bandwidth (`hbm_read_gb_s`, a 4 GiB sum) as
-  `read_roofline_ms_per_token` / `decode_vs_read_roofline`;
+  `read_roofline_ms_per_token` / `decode_vs_read_roofline`; and over the best of those and a decode-like read (a
+  bf16 matrix-vector product over 4 GiB, `hbm_matvec_gb_s`) as `best_roofline_ms_per_token` /
+  `decode_vs_best_roofline` (a probe slower than the model's own decode would put decode above its roofline);
 - prefill ms and % MFU of the batch's prompts: `gemma4_jax.generation.loop.prefill` called directly on the
   shapes generation compiled, best of `--repeat`;
 - device memory: the process's peak so far (so list the batches in increasing order) and the bytes in use.
@@ -56,6 +58,7 @@ from bench_common import (
     Progress,
     best_generation,
     copy_bandwidth,
+    matvec_bandwidth,
     random_model,
     read_bandwidth,
     seconds_once,
@@ -213,6 +216,8 @@ def ours(args, start: float) -> dict:
     progress = Progress(res, args.json, start)
     res["hbm_gb_s"] = (bw := copy_bandwidth(args.hbm_gib)) / 1e9
     res["hbm_read_gb_s"] = (read_bw := read_bandwidth(2 * args.hbm_gib)) / 1e9
+    res["hbm_matvec_gb_s"] = (mv_bw := matvec_bandwidth(2 * args.hbm_gib)) / 1e9
+    best_bw = max(bw, read_bw, mv_bw)
     progress("hbm_bandwidth")
 
     t0 = time.perf_counter()
@@ -265,7 +270,9 @@ def ours(args, start: float) -> dict:
                      decode_ms_per_token=decode * 1e3, decode_tokens_s=b / decode,
                      roofline_ms_per_token=floor * 1e3, decode_vs_roofline=decode / floor,
                      read_roofline_ms_per_token=floor * bw / read_bw * 1e3,
-                     decode_vs_read_roofline=decode / (floor * bw / read_bw))
+                     decode_vs_read_roofline=decode / (floor * bw / read_bw),
+                     best_roofline_ms_per_token=floor * bw / best_bw * 1e3,
+                     decode_vs_best_roofline=decode / (floor * bw / best_bw))
         memory(entry)
         progress(f"b{b}_decode")
         max_len = min(bucket(args.prompt_len + args.gen_len), context)  # generate's cache: nothing new compiles
