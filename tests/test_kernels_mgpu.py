@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from gemma4_jax.kernels.flash_attention import flash_attention_reference
 from gemma4_jax.kernels.flash_attention_mgpu import (
     SMEM_BYTES,
