@@ -274,19 +274,26 @@ class Gemma4Config:
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> Gemma4Config:
         """Read `config.json` (a file, or the directory holding it)."""
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        try:
-            with open(path) as f:
-                raw = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"no config.json at {path}") from None
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} does not hold a JSON object")
+        raw, path = read_config_json(path)
         return cls.from_hf_dict(raw, name=os.path.basename(os.path.dirname(os.path.abspath(path))))
+
+
+def read_config_json(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
+    """(the JSON object of `config.json`, its path) for a file or the directory holding it; ConfigError with one
+    sentence when it is missing or not a JSON object."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"no config.json at {path}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} does not hold a JSON object")
+    return raw, path
 
 
 # ---------------------------------------------------------------------------------------------

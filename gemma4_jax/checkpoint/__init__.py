@@ -6,12 +6,10 @@ reader (`hf`), the per-stage orbax converter and its restore (`staged`), and exp
 
 from __future__ import annotations
 
-import builtins
-import json
 import os
 from dataclasses import dataclass
 
-from ..config import Gemma4Config
+from ..config import Gemma4Config, read_config_json
 from ..errors import CheckpointError
 from . import staged
 
@@ -30,10 +28,6 @@ class Opened:
     def converted(self) -> bool:
         return self.manifest is not None
 
-    @property
-    def num_stages(self) -> int:
-        return self.manifest["num_stages"] if self.manifest is not None else 1
-
 
 def open(path) -> Opened:  # noqa: A001 (the module's verb, as `builtins.open` is the file's)
     """Identify the checkpoint directory at `path` and read its config; CheckpointError with one sentence when it
@@ -41,10 +35,6 @@ def open(path) -> Opened:  # noqa: A001 (the module's verb, as `builtins.open` i
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is not a directory")
-    if staged.is_stage_dir(path):
-        manifest = staged.read_manifest(path)
-        raw = manifest["config"]
-        return Opened(path, Gemma4Config.from_hf_dict(raw, name=os.path.basename(os.path.abspath(path))), raw, manifest)
-    cfg = Gemma4Config.from_json(path)  # checks that config.json exists and parses
-    with builtins.open(os.path.join(path, "config.json")) as f:
-        return Opened(path, cfg, json.load(f), None)
+    manifest = staged.read_manifest(path) if staged.is_stage_dir(path) else None
+    raw = manifest["config"] if manifest is not None else read_config_json(path)[0]
+    return Opened(path, Gemma4Config.from_hf_dict(raw, name=os.path.basename(os.path.abspath(path))), raw, manifest)

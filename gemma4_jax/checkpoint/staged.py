@@ -14,7 +14,6 @@ temporary directory beside OUT and renamed into place at the end.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -94,7 +93,6 @@ class _StageWriter:
     """Collects leaves per stage and writes them with orbax partial saves; each leaf exactly once."""
 
     def __init__(self, root: str, stages: tuple[Stage, ...], expected, dtype, flush_bytes: int = FLUSH_BYTES):
-        self.partial = partial
         self.dirs = [os.path.join(root, f"stage_{s.index}") for s in stages]
         self.expected, self.dtype, self.flush_bytes = expected, np.dtype(dtype), flush_bytes
         self.pending: list[dict] = [{} for _ in stages]
@@ -121,7 +119,7 @@ class _StageWriter:
     def flush(self) -> None:
         for k, tree in enumerate(self.pending):
             if tree:
-                self.partial.save(self.dirs[k], tree)
+                partial.save(self.dirs[k], tree)
         self.pending = [{} for _ in self.pending]
         self.pending_bytes = 0
 
@@ -131,7 +129,7 @@ class _StageWriter:
             missing = sorted(set(self.expected[k]) - self.written[k])
             if missing:
                 raise CheckpointError(f"stage {k} was not given {'/'.join(missing[0])}")
-            self.partial.finalize(d)
+            partial.finalize(d)
 
 
 def source_dtype(ckpt: HFCheckpoint) -> str:
@@ -378,25 +376,18 @@ def load_single_stage(path: str, cfg: Gemma4Config, dtype, device=None) -> dict[
         raise ConfigError(f"{path} holds {len(stages)} stages; load it with pp={len(stages)}")
     sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
     got = restore_leaves(path, 0, stage_leaf_shapes(cfg, stages)[0], dtype, sharding)
-
-    @functools.partial(jax.jit, static_argnums=(0, 1), out_shardings=sharding)
-    def join(shape, indices, pieces):
-        out = jnp.zeros(shape, pieces[0].dtype)
-        for index, piece in zip(indices, pieces, strict=True):
-            out = out.at[tuple(slice(*i[1:]) if isinstance(i, tuple) else i for i in index)].set(piece)
-        return out
-
     out: dict[Path, jax.Array] = {}
     for target, (shape, _) in target_shapes(cfg, np.float32).items():
         places = placements(cfg, stages, target)
         if len(places) == 1 and shape_at(shape, places[0][2]) == shape:
             out[target] = got.pop(places[0][1])
-        else:
-            indices = tuple(_hashable(index) for _, _, index in places)
-            out[target] = join(shape, indices, [got.pop(leaf) for _, leaf, _ in places])
+            continue
+
+        def join(pieces, shape=shape, places=places):
+            whole = jnp.zeros(shape, pieces[0].dtype)
+            for (_, _, index), piece in zip(places, pieces, strict=True):
+                whole = whole.at[index].set(piece)
+            return whole
+
+        out[target] = jax.jit(join, out_shardings=sharding)([got.pop(leaf) for _, leaf, _ in places])
     return out
-
-
-def _hashable(index: tuple) -> tuple:
-    """A numpy index as a static argument (slices are unhashable before Python 3.12)."""
-    return tuple(("slice", i.start, i.stop, i.step) if isinstance(i, slice) else i for i in index)

@@ -113,7 +113,7 @@ def decode_chunk(graphdef, params, state: DecodeState, limit, stop_ids, sampling
         tok = sample(logits, jax.random.fold_in(st.key, st.step), sampling)
         tok = jnp.where(st.done, 0, tok)
         col = jnp.minimum(st.step, st.out.shape[1] - 1)
-        out = jnp.where(live, st.out.at[:, col].set(tok), st.out)
+        out = st.out.at[:, col].set(jnp.where(live, tok, st.out[:, col]))
         done = st.done | (live & jnp.isin(tok, stop_ids))
         n = live.astype(jnp.int32)
         return DecodeState(cache, jnp.where(live, tok, st.token), st.pos + n, done, out, st.step + n, st.key), None

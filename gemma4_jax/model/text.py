@@ -14,6 +14,7 @@ Dimension legend (einsums and names use it):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -512,12 +513,15 @@ def count_params(model: Gemma4Text) -> int:
 
 
 def target_shapes(cfg: Gemma4Config, dtype) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
-    """Shape and dtype of every parameter of the model, keyed by path."""
-    out = {}
-    for path, var in iter_params(abstract_model(cfg, dtype)):
-        value = var.get_value()
-        out[path] = (tuple(value.shape), np.dtype(value.dtype))
-    return out
+    """Shape and dtype of every parameter of the model, keyed by path (a fresh dict; the abstract model behind
+    it is built once per config and dtype: seconds for a real variant, and loading asks several times)."""
+    return dict(_param_shapes(cfg, np.dtype(dtype).name))
+
+
+@functools.cache
+def _param_shapes(cfg: Gemma4Config, dtype_name: str) -> tuple:
+    return tuple((path, (tuple(var.get_value().shape), np.dtype(var.get_value().dtype)))
+                 for path, var in iter_params(abstract_model(cfg, jnp.dtype(dtype_name))))
 
 
 def iter_params(module: nnx.Module):

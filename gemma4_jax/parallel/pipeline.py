@@ -47,7 +47,7 @@ from ..generation.cache import LayerCache, attend_cache, cache_length, store_pro
 from ..generation.loop import Sampling, sample
 from ..model import text as model
 from ..model.text import DecoderLayer, FullAttender, iter_params
-from .stages import Path, Stage, storage_kinds
+from .stages import Path, Stage, stage_of_layer, storage_kinds
 
 F32 = jnp.float32
 
@@ -102,13 +102,11 @@ class PipelinePlan:
     def xfer(self) -> tuple[int, ...]:
         """KV-sharing source layers with a reader on a later stage (their K/V ride in the packet)."""
         out = set()
+        stage = functools.partial(stage_of_layer, self.stages)
         for spec in self.cfg.layers:
-            if not spec.owns_kv and self._stage_of(spec.kv_source) != self._stage_of(spec.index):
+            if not spec.owns_kv and stage(spec.kv_source) != stage(spec.index):
                 out.add(spec.kv_source)
         return tuple(sorted(out))
-
-    def _stage_of(self, layer: int) -> int:
-        return next(s.index for s in self.stages if s.start <= layer < s.stop)
 
     @functools.cached_property
     def cache_slots(self) -> tuple[dict[int, str], ...]:
@@ -157,8 +155,8 @@ def is_slot_tuple(x) -> bool:
 
 
 def kind_graphdef(cfg: Gemma4Config, kind: str, n: int, dtype):
-    abstract = nnx.eval_shape(lambda: DecoderLayer(cfg, cfg.kind_spec(kind), dtype, nnx.Rngs(0), stack=n))
-    return abstract
+    """The abstract stage stack of `n` layers of `kind` (the pipeline's layout)."""
+    return nnx.eval_shape(lambda: DecoderLayer(cfg, cfg.kind_spec(kind), dtype, nnx.Rngs(0), stack=n))
 
 
 def stage_tree(plan: PipelinePlan, s: int, leaves: dict[Path, jax.Array], dtype, device) -> dict:
