@@ -38,6 +38,35 @@ def test_bench_generate_runs(tmp_path):
     assert res["long_prefill"]["ms"] > 0 and res["long_prefill"]["tokens"] == 16
     kernels = res["profile"]["kernels"]  # tools/trace_summary.py read the trace
     assert kernels and sum(k["share"] for k in kernels) <= 1.0 + 1e-9 and all(k["count"] > 0 for k in kernels)
+    prof = res["profile"]  # the op classes add up to the whole; a decode step runs kernels
+    assert sum(c["total_us"] for c in prof["classes"].values()) == pytest.approx(prof["device_busy_us"], rel=1e-3)
+    assert sum(c["count"] for c in prof["classes"].values()) == prof["kernel_count"]
+    assert prof["decode_step"]["steps"] == 32 and set(prof["decode_step"]["classes"]) == set(prof["classes"])
+
+
+def test_trace_summary_classes_and_idle_time():
+    """Op classes by kernel name, and the idle time between kernels that overlap or leave gaps."""
+    from trace_summary import _idle_us, op_class
+
+    assert [op_class(n) for n in ("gemv_2560x2048", "gemm_fusion_dot", "nvjet_sm90_tst", "decode_attention",
+                                  "input_reduce_fusion", "loop_multiply_fusion", "loop_dynamic_update_slice_fusion",
+                                  "moe_gate_up", "loop_gather_fusion")] == [
+        "gemv_pallas", "gemm", "gemm", "attention", "reduction", "elementwise", "copy", "moe", "gather_scatter"]
+    assert _idle_us([(0, 10), (5, 12), (20, 25), (30, 31)]) == 8 + 5
+
+
+def test_trace_summary_per_step_is_the_difference_over_the_steps():
+    from trace_summary import per_step
+
+    def summary(busy, idle, span, gemm, other):
+        return {"device_busy_us": busy, "idle_us": idle, "span_us": span, "kernel_count": gemm[1] + other[1],
+                "classes": {"gemm": {"total_us": gemm[0], "count": gemm[1]},
+                            **({"reduction": {"total_us": other[0], "count": other[1]}} if other[1] else {})}}
+
+    step = per_step(summary(500.0, 300.0, 800.0, (400.0, 40), (100.0, 60)), summary(100.0, 20.0, 120.0, (80.0, 8),
+                                                                                      (0.0, 0)), steps=4)
+    assert step["busy_us"] == 100 and step["idle_us"] == 70 and step["span_us"] == 170 and step["kernels"] == 23
+    assert step["classes"] == {"gemm": {"us": 80.0, "kernels": 8.0}, "reduction": {"us": 25.0, "kernels": 15.0}}
 
 
 def test_bench_pipeline_runs(tmp_path):

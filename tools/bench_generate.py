@@ -26,8 +26,10 @@ HBM bandwidth measured with a large copy (`hbm_gb_s`); then, for each batch size
 `load_to_first_run_s` is the random init plus the first batch's compile and first run.
 
 After the first batch: prefill of `--prefill-len` tokens at batch 1 (`long_prefill`: compile, ms, % MFU;
-0 skips it), then, with `--profile DIR`, a perfetto trace of one (already compiled) `gen-len/2 + 1`-token
-generation, summarised into `profile` (the busiest kernels, by `tools/trace_summary.py`). With `--pp N`
+0 skips it), then, with `--profile DIR`, perfetto traces of an (already compiled) 1-token generation and one of
+33 tokens (two decode chunks), summarised into `profile` (the busiest kernels and op classes of the longer one, by
+`tools/trace_summary.py`) and `profile.decode_step` (their difference over the 32 steps: one decode step's device
+µs and kernels by op class, and the device's idle µs between kernels). With `--pp N`
 (a pipeline), prefill is timed as a 1-token generation instead.
 
 `--compare transformers` then runs the same shapes through transformers' Gemma4ForCausalLM (bf16,
@@ -171,7 +173,8 @@ def _header(args, cfg) -> dict:
             "short_len": short_len(args.prompt_len, args.gen_len, cfg.max_position_embeddings),
             "prefill_len": args.prefill_len, "repeat": args.repeat, "date": time.strftime("%Y-%m-%d"),
             "moe_impl": getattr(args, "moe_impl", None) or args.attn_impl,
-            "dense_impl": getattr(args, "dense_impl", None) or args.attn_impl}
+            "dense_impl": getattr(args, "dense_impl", None) or args.attn_impl,
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def run(args) -> dict:
@@ -203,7 +206,7 @@ def run(args) -> dict:
 def ours(args, start: float) -> dict:
     """Our model at every batch size (see the module docstring); the results, also in the JSON file."""
     from gemma4_jax.generation.cache import init_cache
-    from gemma4_jax.generation.loop import bucket, prefill
+    from gemma4_jax.generation.loop import DECODE_CHUNK, bucket, prefill
 
     cfg = _config(args)
     dev = jax.devices()[0]
@@ -228,7 +231,6 @@ def ours(args, start: float) -> dict:
 
     peak = next((v for k, v in PEAK_BF16.items() if k in dev.device_kind), None)
     context = model.context
-    short = res["short_len"]
 
     def prefill_times(prompts: list[list[int]], max_len: int, calls: int) -> list[float]:
         """Seconds of `calls` prefills of `prompts` (a fresh cache of `max_len` each: it is donated)."""
@@ -315,13 +317,20 @@ def ours(args, start: float) -> dict:
                 long["error"] = repr(e)
             progress("long_prefill")
         if args.profile:
-            with jax.profiler.trace(args.profile, create_perfetto_trace=True):
-                gen(short)
-            res["profile"] = {"dir": args.profile, "batch": b, "new_tokens": short}
+            # Two traces: a 1-token generation (prefill and the first token) and one with two decode chunks more;
+            # their difference over the steps is one decode step's kernels, busy and idle time, by op class.
+            steps = 2 * DECODE_CHUNK
+            for name, n in (("one", 1), ("gen", 1 + steps)):
+                with jax.profiler.trace(os.path.join(args.profile, name), create_perfetto_trace=True):
+                    gen(n)
+            res["profile"] = {"dir": args.profile, "batch": b, "new_tokens": 1 + steps}
             try:  # the busiest kernels, so that the JSON carries the evidence without the trace
-                from trace_summary import newest_trace, summarise
+                from trace_summary import newest_trace, per_step, summarise
 
-                res["profile"].update(summarise(newest_trace(args.profile), getattr(args, "profile_top", 30)))
+                one = summarise(newest_trace(os.path.join(args.profile, "one")))
+                res["profile"].update(summarise(newest_trace(os.path.join(args.profile, "gen")),
+                                                getattr(args, "profile_top", 30)))
+                res["profile"]["decode_step"] = per_step(res["profile"], one, steps)
             except Exception as e:
                 res["profile"]["summary_error"] = repr(e)
             progress("profile")

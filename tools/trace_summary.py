@@ -4,8 +4,11 @@
 
 Reads the `perfetto_trace.json.gz` that `jax.profiler.trace(dir, create_perfetto_trace=True)` writes (the newest
 under TRACE_DIR), keeps the complete events of the device processes (`/device:GPU:…`; on a CPU-only trace, the
-XLA threads), and prints the busiest kernel names: total µs, share of all device time, count, mean µs. Used by
-`bench.py generate --profile` to put the profile's evidence into its JSON without shipping the trace.
+XLA threads), and prints the busiest kernel names (total µs, share of all device time, count, mean µs), the same
+by op class (`op_class`: GEMMs, attention, reductions, elementwise, copies, ...) and the device's idle time inside
+the span (the gaps between kernels: launch overhead where the host cannot keep up). `per_step` turns two summaries
+(a generation of n tokens and one of 1) into the cost of one decode step by class. Used by `bench.py generate
+--profile` to put the profile's evidence into its JSON without shipping the trace.
 """
 
 from __future__ import annotations
@@ -26,8 +29,37 @@ def newest_trace(directory: str) -> str:
     return max(found, key=os.path.getmtime)
 
 
+# (class, pattern) in order: the first pattern found in a kernel's name decides its class.
+OP_CLASSES = (
+    ("moe", r"moe"),
+    ("attention", r"attention|flash|fmha|softmax"),
+    ("gemv_pallas", r"^gemv_"),
+    ("gemm", r"gemm|nvjet|cutlass|xmma|cublas|sm90_|sm80_|dot|matmul|triton_"),
+    ("copy", r"memcpy|memset|copy|dynamic_update_slice|dynamic_slice|concatenate|pad"),
+    ("gather_scatter", r"gather|scatter"),
+    ("reduction", r"reduce|reduction"),
+    ("elementwise", r"loop_|fusion|convert|multiply|add|select|broadcast"),
+)
+
+
+def op_class(name: str) -> str:
+    low = name.lower()
+    return next((c for c, pattern in OP_CLASSES if re.search(pattern, low)), "other")
+
+
+def _idle_us(intervals: list[tuple[float, float]]) -> float:
+    """The time inside the span of `intervals` that none of them covers (kernels on several streams overlap)."""
+    idle, reach = 0.0, None
+    for s, e in sorted(intervals):
+        if reach is not None and s > reach:
+            idle += s - reach
+        reach = e if reach is None else max(reach, e)
+    return idle
+
+
 def summarise(path: str, top: int = 25) -> dict:
-    """{'device_busy_us', 'span_us', 'kernels': [{name, total_us, share, count, mean_us}, ...]} of one trace."""
+    """{'device_busy_us', 'span_us', 'idle_us', 'kernel_count', 'classes': {class: {total_us, count}},
+    'kernels': [{name, class, total_us, share, count, mean_us}, ...]} of one trace."""
     with gzip.open(path) as f:
         events = json.load(f)["traceEvents"]
     procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
@@ -41,19 +73,42 @@ def summarise(path: str, top: int = 25) -> dict:
         return "XLA" in threads.get((e["pid"], e.get("tid")), "")  # CPU-only: the XLA runtime threads
 
     totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
-    start, end = float("inf"), 0.0
+    intervals = []
     for e in events:
         if e.get("ph") != "X" or not on_device(e):
             continue
         name = re.sub(r"\.\d+$", "", e["name"])  # fusion.12 and fusion.13 are one kind of kernel
         totals[name][0] += e.get("dur", 0.0)
         totals[name][1] += 1
-        start, end = min(start, e["ts"]), max(end, e["ts"] + e.get("dur", 0.0))
+        intervals.append((e["ts"], e["ts"] + e.get("dur", 0.0)))
     busy = sum(t for t, _ in totals.values())
+    span = max(e for _, e in intervals) - min(s for s, _ in intervals) if intervals else 0.0
+    classes: dict[str, dict] = {}
+    for n, (t, c) in totals.items():
+        k = classes.setdefault(op_class(n), {"total_us": 0.0, "count": 0})
+        k["total_us"] += t
+        k["count"] += c
     rows = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
-    return {"trace": path, "device_busy_us": busy, "span_us": max(0.0, end - start),
-            "kernels": [{"name": n[:160], "total_us": round(t, 1), "share": t / busy if busy else 0.0, "count": c,
-                         "mean_us": round(t / c, 2)} for n, (t, c) in rows]}
+    return {"trace": path, "device_busy_us": busy, "span_us": span, "idle_us": _idle_us(intervals),
+            "kernel_count": sum(c for _, c in totals.values()),
+            "classes": {k: {"total_us": round(v["total_us"], 1), "count": v["count"]}
+                        for k, v in sorted(classes.items(), key=lambda kv: -kv[1]["total_us"])},
+            "kernels": [{"name": n[:160], "class": op_class(n), "total_us": round(t, 1),
+                         "share": t / busy if busy else 0.0, "count": c, "mean_us": round(t / c, 2)}
+                        for n, (t, c) in rows]}
+
+
+def per_step(long: dict, short: dict, steps: int) -> dict:
+    """The cost of one decode step: (a generation of `steps` + 1 tokens − one of 1 token) / steps, from their
+    summaries — the prefill and the loop's setup cancel. µs and kernels by class, busy, idle and wall (span)."""
+    def diff(key):
+        return (long[key] - short[key]) / steps
+
+    classes = {c: {"us": round((v["total_us"] - short["classes"].get(c, {}).get("total_us", 0.0)) / steps, 2),
+                   "kernels": round((v["count"] - short["classes"].get(c, {}).get("count", 0)) / steps, 1)}
+               for c, v in long["classes"].items()}
+    return {"steps": steps, "busy_us": round(diff("device_busy_us"), 1), "idle_us": round(diff("idle_us"), 1),
+            "span_us": round(diff("span_us"), 1), "kernels": round(diff("kernel_count"), 1), "classes": classes}
 
 
 def main(argv=None) -> None:
@@ -62,7 +117,10 @@ def main(argv=None) -> None:
     p.add_argument("--top", type=int, default=25)
     args = p.parse_args(argv)
     s = summarise(newest_trace(args.trace_dir), args.top)
-    print(f"{s['trace']}\ndevice busy {s['device_busy_us'] / 1e3:.1f} ms over a {s['span_us'] / 1e3:.1f} ms span")
+    print(f"{s['trace']}\ndevice busy {s['device_busy_us'] / 1e3:.1f} ms over a {s['span_us'] / 1e3:.1f} ms span "
+          f"(idle {s['idle_us'] / 1e3:.1f} ms), {s['kernel_count']} kernels")
+    for c, v in s["classes"].items():
+        print(f"{v['total_us']:>12.1f} µs {v['count']:>7} ×  [{c}]")
     for k in s["kernels"]:
         print(f"{k['total_us']:>12.1f} µs {100 * k['share']:5.1f} % {k['count']:>7} × {k['mean_us']:>9.2f} µs "
               f" {k['name']}")
