@@ -139,10 +139,35 @@ def test_device_traces_name_the_layer_parts():
         assert f"layer_{i}/attention" in text and f"layer_{i}/mlp" in text, i
 
 
+def _while_loops(hlo: str) -> list[tuple[bool, str | None, str]]:
+    """(trip count known?, that count, the body computation's text) of every `while` in a compiled HLO text."""
+    import re
+
+    bodies, name, lines = {}, None, []
+    for ln in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{$", ln)
+        if head:
+            name, lines = head.group(1), []
+        elif ln.startswith("}") and name:
+            bodies[name] = "\n".join(lines)
+            name = None
+        elif name:
+            lines.append(ln)
+    loops = []
+    for ln in hlo.splitlines():
+        if re.search(r"\bwhile\(", ln):
+            trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', ln)
+            body = re.search(r"body=%?([\w.\-]+)", ln).group(1)
+            loops.append((trip is not None, trip.group(1) if trip else None, bodies.get(body, "")))
+    return loops
+
+
 def test_compiled_decode_never_waits_for_the_host_between_tokens():
-    """Every loop of the compiled decode program has a trip count known at compile time: a loop whose condition
-    reads the device (`while` not every sequence stopped) makes the GPU runtime copy the condition to the host and
-    wait for it before each step, a round trip per token. The premise: such a loop is seen (no known trip count)."""
+    """A chunk's steps are a loop with a trip count known at compile time: a loop whose condition reads the device
+    (`while` not every sequence stopped) makes the GPU runtime copy the condition to the host and wait for it
+    before each iteration. With `until_done` (generation without streaming: one call), the only such loop is the
+    one around the chunks, once per `steps` tokens, and the decode step lies inside its chunk loop. The premise:
+    a data-dependent loop is seen as one."""
     import re
 
     from gemma4_jax.generation.loop import DecodeState, bucket, decode_chunk
@@ -154,16 +179,21 @@ def test_compiled_decode_never_waits_for_the_host_between_tokens():
     state = DecodeState(cache, zeros, zeros + 3, jnp.zeros((b,), bool), jnp.zeros((b, bucket(n, 8)), jnp.int32),
                         jnp.asarray(1, jnp.int32), jax.random.key(0))
     stops = jnp.asarray([1], jnp.int32)
-    text = decode_chunk.lower(model.graphdef, model.state, state, jnp.asarray(n, jnp.int32), stops,
-                              Sampling(0.0, None, None), "auto", 8).compile().as_text()
 
-    def unknown_trip_loops(hlo: str) -> list[str]:
-        return [ln for ln in hlo.splitlines() if re.search(r"\bwhile\(", ln) and "known_trip_count" not in ln]
+    def compiled(until_done: bool) -> str:
+        return decode_chunk.lower(model.graphdef, model.state, state, jnp.asarray(n, jnp.int32), stops,
+                                  Sampling(0.0, None, None), "auto", 8, until_done).compile().as_text()
 
     premise = jax.jit(lambda x: jax.lax.while_loop(lambda c: jnp.all(c < 10.0), lambda c: c + 1.0, x))
-    assert unknown_trip_loops(premise.lower(jnp.zeros(3)).compile().as_text()), "premise: a data-dependent loop"
-    assert re.search(r"\bwhile\(", text), "the decode steps are a loop"
-    assert not unknown_trip_loops(text)
+    assert [known for known, _, _ in _while_loops(premise.lower(jnp.zeros(3)).compile().as_text())] == [False]
+
+    chunk = _while_loops(compiled(False))
+    assert chunk and all(known for known, _, _ in chunk)
+    assert ("8" in [trip for _, trip, _ in chunk]), "a chunk is a loop of 8 steps"
+    loops = _while_loops(compiled(True))
+    outer = [body for known, _, body in loops if not known]
+    assert len(outer) == 1, "one data-dependent loop: around the chunks"
+    assert re.search(r'while\(.*"known_trip_count":\{"n":"8"\}', outer[0]), "the chunk loop runs inside it"
 
 
 def test_decode_chunks_stop_at_the_limit_and_the_stop_tokens():

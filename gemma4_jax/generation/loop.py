@@ -90,20 +90,23 @@ def decode_logits(graphdef, params, cache: KVCache, token_b, pos_b, impl: str = 
     return decode_step(merge(graphdef, params), cache, token_b, pos_b, impl)
 
 
-# Decode steps per compiled chunk when nothing streams: the host looks at the state (all stopped? the limit?)
-# once per chunk, never between the steps of one.
+# Decode steps per compiled chunk: the host (streaming) or the device's loop condition (otherwise) looks at the state
+# (all stopped? the limit?) once per chunk, never between the steps of one.
 DECODE_CHUNK = 16
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7), donate_argnums=(2,))
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8), donate_argnums=(2,))
 def decode_chunk(graphdef, params, state: DecodeState, limit, stop_ids, sampling: Sampling, impl: str = "auto",
-                 steps: int = DECODE_CHUNK) -> DecodeState:
-    """`steps` decode steps as a loop with a trip count known when compiling, so no step waits for the host.
+                 steps: int = DECODE_CHUNK, until_done: bool = False) -> DecodeState:
+    """`steps` decode steps as a loop with a trip count known when compiling, so no step waits for the host; with
+    `until_done`, such chunks again and again until every sequence stopped or `limit` tokens exist.
 
-    A loop whose condition reads the device (a `while` until every sequence stopped) makes the GPU runtime copy
-    the condition to the host and wait for it before it launches each step's kernels: a round trip per token.
-    Here the host checks once per chunk. Steps from `limit` on are idle: they feed the same token at the same
-    position again (the cache write repeats itself) and change nothing the caller reads.
+    A loop whose condition reads the device makes the GPU runtime copy the condition to the host and wait for it
+    before it launches the next iteration. Inside a chunk nothing does; `until_done` pays that round trip once per
+    chunk, and one call generates everything (a call per chunk from Python costs more on the GPU: the host
+    waits for the chunk, then dispatches the next with every parameter as an argument, while the device idles —
+    docs/performance.md). Steps from `limit` on are idle: they feed the same token at the same position again (the
+    cache write repeats itself) and change nothing the caller reads.
     """
     model = merge(graphdef, params)
 
@@ -118,13 +121,21 @@ def decode_chunk(graphdef, params, state: DecodeState, limit, stop_ids, sampling
         n = live.astype(jnp.int32)
         return DecodeState(cache, jnp.where(live, tok, st.token), st.pos + n, done, out, st.step + n, st.key), None
 
-    return jax.lax.scan(body, state, None, length=steps)[0]
+    def chunk(st):
+        return jax.lax.scan(body, st, None, length=steps)[0]
+
+    if not until_done:
+        return chunk(state)
+    return jax.lax.while_loop(lambda st: (st.step < limit) & ~jnp.all(st.done), chunk, state)
 
 
-@functools.partial(jax.jit, static_argnums=(3,))
-def _first_token(logits_bv, key, stop_ids, sampling: Sampling):
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _first_token(logits_bv, key, stop_ids, sampling: Sampling, n_out: int):
+    """The first new token [B] (sampled from the prefill's logits), whether it stops [B], and the output buffer
+    [B, n_out] that holds it: one program (each eager op would be one more program to look up before the first
+    token shows)."""
     tok = sample(logits_bv, jax.random.fold_in(key, 0), sampling)
-    return tok, jnp.isin(tok, stop_ids)
+    return tok, jnp.isin(tok, stop_ids), jnp.zeros((tok.shape[0], n_out), jnp.int32).at[:, 0].set(tok)
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -179,27 +190,28 @@ def generate_tokens(graphdef, params, cfg, prompts: list[list[int]], *, max_new_
     mm = soft_tokens(t) if soft_tokens is not None else None
     t0 = time.perf_counter()
     logits, cache = prefill(graphdef, params, jnp.asarray(ids), lengths, cache, impl=impl, mm=mm)
-    tok, done = _first_token(logits, key, stops, sampling)
+    tok, done, out = _first_token(logits, key, stops, sampling, bucket(max_new_tokens, 8))
     if timings is not None:
         jax.block_until_ready(tok)
         t1 = time.perf_counter()
         timings["prefill_s"] = t1 - t0
-    n_out = bucket(max_new_tokens, 8)
-    out = jnp.zeros((b, n_out), jnp.int32).at[:, 0].set(tok)
+    if on_tokens is not None:  # shown before anything of the decode is set up
+        on_tokens(np.asarray(tok)[:, None])
     state = DecodeState(cache, tok, lengths, done, out, jnp.asarray(1, jnp.int32), key)
-    # Decode in compiled chunks of `steps` tokens; the host looks at the state between chunks only.
+    # Decode in compiled chunks of `steps` tokens: the device loops over them (one call) unless tokens stream; then
+    # the host takes each chunk's tokens and decides whether to go on.
     steps = chunk if on_tokens is not None else min(DECODE_CHUNK, bucket(max_new_tokens - 1, 1))
     limit = jnp.asarray(max_new_tokens, jnp.int32)
-    if on_tokens is not None:
-        on_tokens(np.asarray(tok)[:, None])
-    shown = 1
-    done = bool(np.all(np.asarray(done)))
-    while shown < max_new_tokens and not done:
-        state = decode_chunk(graphdef, params, state, limit, stops, sampling, impl, steps)
-        step, done = int(state.step), bool(np.all(np.asarray(state.done)))
-        if on_tokens is not None:
+    if on_tokens is None:
+        if max_new_tokens > 1:
+            state = decode_chunk(graphdef, params, state, limit, stops, sampling, impl, steps, True)
+    else:
+        shown, done = 1, bool(np.all(np.asarray(done)))
+        while shown < max_new_tokens and not done:
+            state = decode_chunk(graphdef, params, state, limit, stops, sampling, impl, steps)
+            step, done = int(state.step), bool(np.all(np.asarray(state.done)))
             on_tokens(np.asarray(state.out[:, shown:step]))
-        shown = step
+            shown = step
     result = np.asarray(state.out)
     if timings is not None:
         timings["decode_s"] = time.perf_counter() - t1  # the transfer of `out` above waited for the device
