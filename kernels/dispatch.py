@@ -41,6 +41,11 @@ from .moe import supports as moe_supports
 from .moe_mgpu import supports as moe_mgpu_supports
 
 IMPLS = ("auto", "xla", "cudnn", "pallas", "interpret")
+# True: projections that read one normalised input (q/k/v, gate/up) run as one skinny-kernel launch with the norm
+# inside (`gemv.gemv_many`) where each would take the kernel. Off by default: on an H200 (docs/performance.md,
+# "Where a decode step's time goes") it cut E2B's kernels a step from 1175 to 968 but not its time (each program
+# recomputes the norm over all of K before it streams its slab: +3.4 µs a launch), and made E4B's decode slower.
+FUSED_PROJECTIONS = False
 DECODE_MAX_TOKENS = 8
 # `auto` decode uses the Pallas kernel for batches of at least this many sequences and XLA below. Measured
 # on an H200 (docs/kernels.md): for one sequence XLA's fused reduction ran the models' decode calls at

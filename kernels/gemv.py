@@ -1,6 +1,7 @@
 """Skinny dense matmul for decode (Pallas, Triton backend), with its jnp reference.
 
     y [M,N] = x [M,K] @ W [K,N],   M ≤ GEMV_MAX_ROWS (a decode step's tokens), float32 accumulation
+    [y_1, …, y_n] = rms_norm(x, g) @ [W_1, …, W_n]   (`gemv_many`: projections that share their input, one launch)
 
 At batch 1, XLA's GPU compiler rewrites a vector × matrix product whose size is under its GEMM threshold as a
 multiply-and-reduce over K (a column reduction when W is [K,N] with N minor), which streams the weight at
@@ -11,7 +12,13 @@ well under the HBM bandwidth (docs/kernels.md, "Skinny matmuls"). This kernel st
   partials are added in XLA (a tiny reduction that fuses with the cast). Splitting K gives enough programs to
   keep every SM streaming when N / block_n alone is too few.
 
-Block sizes must divide N and K / split_k (powers of two ≥ 16): `default_config` picks them, `supports` says
+`gemv_many` runs several weights that read the same x in one launch: the column tiles of all of them side by side
+in the grid, each program streaming the one weight its tile belongs to; with a norm weight, each program first
+RMS-normalises x's rows (the whole row: K is small) and scales them, as `model.rms_norm` does, so the norm before
+a layer's projections needs no kernels of its own. At a decode step every launch costs a few µs of ramp and tail
+whatever it reads (docs/performance.md, "Where a decode step's time goes").
+
+Block sizes must divide every N and K / split_k (powers of two ≥ 16): `default_config` picks them, `supports` says
 whether a shape can run.
 """
 
@@ -74,51 +81,117 @@ def _dot(a, b):
     return plgpu.dot(a, b, precision=lax.Precision.HIGHEST if a.dtype == F32 else None)
 
 
-def _kernel(x_ref, w_ref, o_ref, *, block_k: int, rows: int):
-    # x_ref [16, K/S]: a 16-row block of x, of which the first `rows` exist; w_ref [K/S, bn];
-    # o_ref [16, bn] float32, likewise only `rows` rows stored. The missing rows are masked (read as 0, not
-    # written): no padded copy of x in the step.
+def _kernel(x_ref, *refs, block_k: int, rows: int, kc: int, tiles: tuple[int, ...], norm: bool, eps: float):
+    # x_ref [16, K]: a 16-row block of x, of which the first `rows` exist (the missing rows are masked: read as 0,
+    # not written — no padded copy of x in the step). refs: the norm weight [K] (with `norm`), one weight slab
+    # [K/S, bn] per weight, then one float32 output block [16, bn] per weight. Program (j, s) computes column tile
+    # j of the concatenated outputs over depth split s: the weight whose tiles hold j, the others untouched.
+    n = len(tiles)
+    nw_ref = refs[0] if norm else None
+    w_refs, o_refs = refs[norm:norm + n], refs[norm + n:]
     valid = (lax.broadcasted_iota(jnp.int32, (ROWS, 1), 0) < rows)
+    j, s = pl.program_id(0), pl.program_id(1)
+    k_total = x_ref.shape[1]
 
-    def body(i, acc):
-        ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
-        xb = plgpu.load(x_ref.at[:, ks], mask=valid, other=0)
-        return acc + _dot(xb, w_ref[ks, :])
+    def x_block(k0):
+        return plgpu.load(x_ref.at[:, pl.ds(k0, block_k)], mask=valid, other=0)
 
-    acc = lax.fori_loop(0, x_ref.shape[1] // block_k, body, jnp.zeros(o_ref.shape, F32))
-    plgpu.store(o_ref, acc, mask=valid)
+    scale = None
+    if norm:  # x · (mean(x²) + eps)^-½ over the whole row, as `model.rms_norm` computes it (float32)
+        def sum_sq(i, acc):
+            xb = x_block(pl.multiple_of(i * block_k, block_k)).astype(F32)
+            return acc + jnp.sum(xb * xb, axis=1, keepdims=True)
+
+        ss = lax.fori_loop(0, k_total // block_k, sum_sq, jnp.zeros((ROWS, 1), F32))
+        scale = lax.rsqrt(ss / k_total + eps)
+
+    def run(w_ref, o_ref):
+        def body(i, acc):
+            k0 = pl.multiple_of(s * kc + i * block_k, block_k)
+            xb = x_block(k0)
+            if norm:
+                w = nw_ref[pl.ds(k0, block_k)].astype(F32)
+                xb = (xb.astype(F32) * scale * w[None, :]).astype(x_ref.dtype)
+            return acc + _dot(xb, w_ref[pl.ds(pl.multiple_of(i * block_k, block_k), block_k), :])
+
+        acc = lax.fori_loop(0, kc // block_k, body, jnp.zeros(o_ref.shape, F32))
+        plgpu.store(o_ref, acc, mask=valid)
+
+    start = 0
+    for w_ref, o_ref, t in zip(w_refs, o_refs, tiles, strict=True):
+        pl.when((j >= start) & (j < start + t))(functools.partial(run, w_ref, o_ref))
+        start += t
 
 
-def _check(x, w, cfg: GemvConfig):
+def _check(x, ws, cfg: GemvConfig):
     m, k = x.shape
-    assert w.ndim == 2 and w.shape[0] == k, (x.shape, w.shape)
     assert m <= ROWS, f"gemv takes at most {ROWS} rows, got {m}"
-    assert x.dtype == w.dtype, (x.dtype, w.dtype)
-    n = w.shape[1]
     assert k % cfg.split_k == 0, (k, cfg.split_k)
-    for dim, b in ((n, cfg.block_n), (k // cfg.split_k, cfg.block_k)):
-        assert b >= 16 and b & (b - 1) == 0 and dim % b == 0, f"block {b} must be a power of two ≥ 16 dividing {dim}"
+    for w in ws:
+        assert w.ndim == 2 and w.shape[0] == k, (x.shape, w.shape)
+        assert x.dtype == w.dtype, (x.dtype, w.dtype)
+        for dim, b in ((w.shape[1], cfg.block_n), (k // cfg.split_k, cfg.block_k)):
+            assert b >= 16 and b & (b - 1) == 0 and dim % b == 0, \
+                f"block {b} must be a power of two ≥ 16 dividing {dim}"
+
+
+def supports_many(k: int, ns) -> bool:
+    """Shapes `gemv_many` takes: K and every N divisible by a power of two ≥ 16."""
+    return _fit(k, 16) > 0 and all(_fit(n, 16) > 0 for n in ns)
+
+
+def default_config_many(k: int, ns, block_n: int = 64, block_k: int = 128) -> GemvConfig:
+    """`default_config` over the weights side by side, with a column block that divides every N."""
+    bn = min(_fit(n, block_n) for n in ns)
+    return default_config(k, bn * sum(n // bn for n in ns), block_n=bn, block_k=block_k)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "eps", "interpret"))
+def gemv_many(x: jax.Array, ws, norm_weight: jax.Array | None = None, *, eps: float = 1e-6,
+              config: GemvConfig | None = None, interpret: bool = False) -> list[jax.Array]:
+    """[x @ w for w in ws] in one kernel launch (x [M ≤ 16, K], each w [K, N_i]; float32 accumulation; each result
+    [M, N_i] in x's dtype). With `norm_weight` [K], x is first RMS-normalised over K and scaled by it — in float32,
+    rounded to x's dtype, as `model.rms_norm` — inside the kernel (the projections that follow a norm: no separate
+    norm kernels)."""
+    ws = list(ws)
+    m, k = x.shape
+    ns = [w.shape[1] for w in ws]
+    cfg = config or default_config_many(k, ns)
+    _check(x, ws, cfg)
+    s, kc, bn = cfg.split_k, k // cfg.split_k, cfg.block_n
+    tiles = tuple(n // bn for n in ns)
+    starts = [sum(tiles[:i]) for i in range(len(tiles))]
+
+    def column(i):  # weight i's tile for program column j (clamped: programs of other weights never touch it)
+        return lambda j, sp: (sp, jnp.clip(j - starts[i], 0, tiles[i] - 1))
+
+    def out_column(i):
+        return lambda j, sp: (sp, 0, jnp.clip(j - starts[i], 0, tiles[i] - 1))
+
+    norm = norm_weight is not None
+    in_specs = [pl.BlockSpec((ROWS, k), lambda j, sp: (0, 0))]
+    args = [x]
+    if norm:
+        in_specs.append(pl.BlockSpec((k,), lambda j, sp: (0,)))
+        args.append(norm_weight)
+    in_specs += [pl.BlockSpec((kc, bn), column(i)) for i in range(len(ws))]
+    parts = pl.pallas_call(
+        functools.partial(_kernel, block_k=cfg.block_k, rows=m, kc=kc, tiles=tiles, norm=norm, eps=eps),
+        grid=(sum(tiles), s),
+        in_specs=in_specs,
+        out_specs=[pl.BlockSpec((None, ROWS, bn), out_column(i)) for i in range(len(ws))],
+        out_shape=[jax.ShapeDtypeStruct((s, m, n), F32) for n in ns],
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name=("rmsnorm_" if norm else "") + "gemv_" + "_".join(f"{k}x{n}" for n in ns),  # profiles tell them apart
+    )(*args, *ws)
+    return [jnp.sum(p, axis=0).astype(x.dtype) for p in parts]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def gemv(x: jax.Array, w: jax.Array, *, config: GemvConfig | None = None, interpret: bool = False) -> jax.Array:
     """x [M,K] @ w [K,N] for M ≤ 16 rows; float32 accumulation; returns [M,N] in x's dtype."""
-    m, k = x.shape
-    n = w.shape[1]
-    cfg = config or default_config(k, n)
-    _check(x, w, cfg)
-    s, kc = cfg.split_k, k // cfg.split_k
-    part = pl.pallas_call(
-        functools.partial(_kernel, block_k=cfg.block_k, rows=m),
-        grid=(n // cfg.block_n, s),
-        in_specs=[pl.BlockSpec((ROWS, kc), lambda j, i: (0, i)), pl.BlockSpec((kc, cfg.block_n), lambda j, i: (i, j))],
-        out_specs=pl.BlockSpec((None, ROWS, cfg.block_n), lambda j, i: (i, 0, j)),
-        out_shape=jax.ShapeDtypeStruct((s, m, n), F32),
-        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-        interpret=interpret,
-        name=f"gemv_{k}x{n}",  # one name per shape: profiles tell the projections apart
-    )(x, w)
-    return jnp.sum(part, axis=0).astype(x.dtype)
+    return gemv_many(x, [w], config=config or default_config(*w.shape), interpret=interpret)[0]
 
 
 def gemv_reference(x: jax.Array, w: jax.Array, *, precision=None) -> jax.Array:

@@ -15,8 +15,16 @@ from hf_fixtures import FAMILIES, hf_logits, rel_err
 import gemma4_jax
 from gemma4_jax.kernels import dispatch
 from gemma4_jax.kernels.dispatch import resolve_dense
-from gemma4_jax.kernels.gemv import GEMV_MAX_ROWS, TARGET_PROGRAMS, GemvConfig, default_config, gemv, gemv_reference
-from gemma4_jax.model.text import linear
+from gemma4_jax.kernels.gemv import (
+    GEMV_MAX_ROWS,
+    TARGET_PROGRAMS,
+    GemvConfig,
+    default_config,
+    gemv,
+    gemv_many,
+    gemv_reference,
+)
+from gemma4_jax.model.text import linear, rms_norm
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
@@ -60,6 +68,47 @@ def test_gemv_detects_a_wrong_column_tile():
         _check(out, ref, jnp.float32)
 
 
+# (M, K, Ns, dtype, norm?, config or None for the default)
+MANY = [
+    (1, 192, (64, 16, 16), jnp.float32, True, GemvConfig(block_n=16, block_k=64, split_k=1)),
+    (3, 192, (64, 16, 16), jnp.float32, True, GemvConfig(block_n=16, block_k=32, split_k=3)),  # K/S = 64
+    (16, 256, (96, 32), jnp.bfloat16, True, GemvConfig(block_n=32, block_k=64, split_k=2)),
+    (2, 256, (128, 128), jnp.bfloat16, False, None),
+]
+
+
+@pytest.mark.parametrize("case", MANY, ids=[f"m{c[0]}_k{c[1]}_n{'-'.join(map(str, c[2]))}_norm{c[4]}" for c in MANY])
+def test_gemv_many_matches_norm_then_each_projection(case):
+    """Several weights in one launch, with the RMS norm (float32, rounded to x's dtype, as the model's) before
+    them: each output against the model's `rms_norm` and a float32 product; a norm weight away from 1."""
+    m, k, ns, dtype, norm, cfg = case
+    keys = jax.random.split(jax.random.key(m + k), len(ns) + 2)
+    x = (3.0 * jax.random.normal(keys[0], (m, k), jnp.float32)).astype(dtype)
+    g = (1.0 + 0.5 * jax.random.normal(keys[1], (k,), jnp.float32)).astype(dtype)
+    ws = [(k**-0.5 * jax.random.normal(kw, (k, n), jnp.float32)).astype(dtype)
+          for kw, n in zip(keys[2:], ns, strict=True)]
+    a = rms_norm(x, g, 1e-6) if norm else x
+    outs = gemv_many(x, ws, g if norm else None, eps=1e-6, config=cfg, interpret=True)
+    assert len(outs) == len(ws)
+    for out, w in zip(outs, ws, strict=True):
+        ref = gemv_reference(a.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+        _check(out, ref, dtype)
+    if norm:  # the norm is applied: the un-normalised product is far from it
+        plain = gemv_reference(x.astype(jnp.float32), ws[0].astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+        with pytest.raises(AssertionError):
+            _check(outs[0], plain, dtype)
+
+
+def test_gemv_lowers_many_with_the_norm_for_the_gpu():
+    """E2B's queries, keys and values after the input norm: one Triton call on this CPU's CUDA lowering, each
+    weight reaching it untouched."""
+    bf = jnp.bfloat16
+    x = jax.ShapeDtypeStruct((1, 1536), bf)
+    ws = [jax.ShapeDtypeStruct((1536, n), bf) for n in (2048, 256, 256)]
+    text = gemv_many.trace(x, ws, jax.ShapeDtypeStruct((1536,), bf)).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("stablehlo.custom_call") == 1
+
+
 def test_default_config_fills_the_gpu():
     for k, n in ((2816, 2112), (2112, 2816), (2816, 4096), (4096, 2816), (2816, 8192), (2560, 10240), (1536, 256)):
         cfg = default_config(k, n)
@@ -81,7 +130,7 @@ def test_gemv_lowers_for_the_gpu_at_real_shapes(m):
     assert text.count("stablehlo.custom_call") == 1
     for line in text.splitlines():
         if "tensor<2816x2112xbf16>" in line:
-            assert "custom_call" in line or "func.func" in line, line
+            assert "custom_call" in line or "func.func" in line or " call @" in line, line  # or a nested jit
 
 
 def test_resolve_dense():
@@ -116,13 +165,15 @@ def test_linear_views_match_the_einsum(eq, xs, ws):
     _check(got, want, jnp.float32)
 
 
-@pytest.mark.parametrize("family", ["e2b", "26b-a4b"])
-def test_model_with_gemv_matches_transformers(family, hf_models, hf_dirs, monkeypatch):
+@pytest.mark.parametrize("family,fused", [("e2b", False), ("26b-a4b", False), ("e2b", True), ("26b-a4b", True)])
+def test_model_with_gemv_matches_transformers(family, fused, hf_models, hf_dirs, monkeypatch):
     """float32, every projection of a 1×4-token forward through the kernel (interpret mode; attention and the
     experts on XLA): transformers' logits. e2b covers the per-layer-input projections and KV-shared layers,
-    26b-a4b the router and k_eq_v."""
+    26b-a4b the router and k_eq_v; `fused`: q/k/v and gate/up in one launch each, the norm inside."""
     monkeypatch.setattr(dispatch, "DENSE_FORCE", "interpret")
+    monkeypatch.setattr(dispatch, "FUSED_PROJECTIONS", fused)
     monkeypatch.setattr(dispatch, "MOE_FORCE", "xla")
+    jax.clear_caches()
     ids = np.random.default_rng(7).integers(3, 256, size=(1, 4))
     model = gemma4_jax.load(hf_dirs[family, "causal"], dtype="float32", attn_impl="xla", progress=False)
     assert FAMILIES[family]  # the family exists in the fixtures
@@ -143,10 +194,12 @@ def test_generation_with_gemv_equals_xla(hf_dirs, monkeypatch):
     assert ours == plain, (ours, plain)
 
 
-@pytest.mark.parametrize("name", ["e2b", "e4b", "26b-a4b", "31b"])
-def test_every_variant_lowers_its_decode_step_for_the_gpu(name, monkeypatch):
+@pytest.mark.parametrize("name,fused", [("e2b", False), ("e4b", False), ("26b-a4b", False), ("31b", False),
+                                        ("e2b", True)])
+def test_every_variant_lowers_its_decode_step_for_the_gpu(name, fused, monkeypatch):
     """Each released variant's batch-1 decode step, at the real shapes, lowers for CUDA on this CPU with the skinny
-    kernel at exactly the projections the dispatcher gives it (and 26B-A4B's MoE kernels)."""
+    kernel at exactly the projections the dispatcher gives it (and 26B-A4B's MoE kernels); `fused`: the queries
+    run after the input norm inside one launch with the keys and values."""
     import os
     import re
     import sys
@@ -164,12 +217,19 @@ def test_every_variant_lowers_its_decode_step_for_the_gpu(name, monkeypatch):
     from bench_dense import projection_shapes
 
     monkeypatch.setattr(dispatch, "_on_gpu", lambda platform: True)
+    monkeypatch.setattr(dispatch, "FUSED_PROJECTIONS", fused)
+    jax.clear_caches()  # the knobs are read when a step is traced: no trace of another test may be reused
     cfg = preset(name)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Gemma4Text(cfg, jnp.bfloat16, nnx.Rngs(0))))
     cache = jax.eval_shape(lambda: init_cache(cfg, 1, 256, jnp.bfloat16))
     tok = jax.ShapeDtypeStruct((1,), jnp.int32)
     text = decode_logits.trace(graphdef, state, cache, tok, tok).lower(lowering_platforms=("cuda",)).as_text()
-    got = set(re.findall(r'name = "(gemv_\d+x\d+|moe_\w+)"', text))
-    want = {f"gemv_{k}x{n}" for k, n in projection_shapes(cfg) if k * n <= GEMV_MAX_WEIGHT and gemv_supports(k, n)}
+    names = re.findall(r'name = "((?:rmsnorm_)?gemv_[\dx_]+|moe_\w+)"', text)
+    got = {shape for n in names if "gemv_" in n for shape in n.split("gemv_")[1].split("_")}
+    got |= {n for n in names if n.startswith("moe_")}
+    want = {f"{k}x{n}" for k, n in projection_shapes(cfg) if k * n <= GEMV_MAX_WEIGHT and gemv_supports(k, n)}
     want |= {"moe_gate_up", "moe_down"} if cfg.num_experts else set()
     assert got == want, (sorted(got ^ want))
+    # the queries (with keys and values where they fit too) run after the input norm, inside one launch
+    q = f"{cfg.hidden_size}x{cfg.num_heads * cfg.layers[0].head_dim}"
+    assert (q in want and fused) == any(n.startswith(f"rmsnorm_gemv_{q}") for n in names), sorted(set(names))

@@ -39,11 +39,10 @@ def _rope_denominator_is_rotated_width(spec):
     return inv
 
 
-def _keqv_after_norm(self, a, cos, sin, impl="auto"):
-    k_raw = jnp.einsum("BTD,DKH->BTKH", a, self.k_proj[...])
+def _keqv_after_norm(self, k_raw, v_raw, cos, sin):
     k_normed = mdl.rms_norm(k_raw, self.k_norm[...], self.eps)
-    v_raw = k_normed if self.k_eq_v else jnp.einsum("BTD,DKH->BTKH", a, self.v_proj[...])
-    return mdl.apply_rope(k_normed, cos, sin), mdl.rms_norm(v_raw, None, self.eps)
+    v = k_normed if self.k_eq_v else v_raw
+    return mdl.apply_rope(k_normed, cos, sin), mdl.rms_norm(v, None, self.eps)
 
 
 def _scale_then_renormalise(self, x, impl="auto"):

@@ -87,6 +87,8 @@ def add_parser(sub) -> None:
                         "the Mosaic GPU grouped GEMM), attention unchanged")
     p.add_argument("--dense-impl", default=None, choices=["xla"],
                    help="run the decode-step projections through XLA (the path before the skinny kernel)")
+    p.add_argument("--fused-projections", action="store_true",
+                   help="q/k/v and gate/up in one skinny-kernel launch each, the norm inside (FUSED_PROJECTIONS)")
     p.add_argument("--profile", default=None, metavar="DIR", help="perfetto trace of one generation (first batch)")
     p.add_argument("--profile-top", type=int, default=30, help="kernels kept in the profile summary")
     p.add_argument("--compare", default="none", choices=["none", "transformers"])
@@ -174,7 +176,8 @@ def _header(args, cfg) -> dict:
             "prefill_len": args.prefill_len, "repeat": args.repeat, "date": time.strftime("%Y-%m-%d"),
             "moe_impl": getattr(args, "moe_impl", None) or args.attn_impl,
             "dense_impl": getattr(args, "dense_impl", None) or args.attn_impl,
-            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "fused_projections": getattr(args, "fused_projections", False)}
 
 
 def run(args) -> dict:
@@ -214,6 +217,7 @@ def ours(args, start: float) -> dict:
 
     dispatch.MOE_FORCE = getattr(args, "moe_impl", None)
     dispatch.DENSE_FORCE = getattr(args, "dense_impl", None)
+    dispatch.FUSED_PROJECTIONS = getattr(args, "fused_projections", False)
     res = _header(args, cfg)
     res.update(card=dev.device_kind, jax=jax.__version__, results={})
     progress = Progress(res, args.json, start)

@@ -33,7 +33,7 @@ def newest_trace(directory: str) -> str:
 OP_CLASSES = (
     ("moe", r"moe"),
     ("attention", r"attention|flash|fmha|softmax"),
-    ("gemv_pallas", r"^gemv_"),
+    ("gemv_pallas", r"^(rmsnorm_)?gemv_"),
     ("gemm", r"gemm|nvjet|cutlass|xmma|cublas|sm90_|sm80_|dot|matmul|triton_"),
     ("copy", r"memcpy|memset|copy|dynamic_update_slice|dynamic_slice|concatenate|pad"),
     ("gather_scatter", r"gather|scatter"),

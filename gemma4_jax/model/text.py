@@ -125,6 +125,23 @@ def linear(eq: str, x: jax.Array, w: jax.Array, impl: str = "auto") -> jax.Array
     return y.reshape(*x.shape[:x.ndim - c], *w.shape[c:])
 
 
+def norm_linears(x_btd: jax.Array, norm_d: jax.Array, eps: float, ws: list[jax.Array], impl: str = "auto") -> list:
+    """[rms_norm(x, norm) @ w for w in ws]: the projections that read one normalised input (queries, keys and
+    values; gate and up), each w [D, …] contracted over D, each result [B, T, …]. Where every one of them takes
+    the skinny kernel (a decode step's rows, `dispatch.resolve_dense`), one `gemv.gemv_many` launch with the norm
+    inside it (a launch costs its ramp and tail whatever it reads: docs/performance.md); else the norm, then
+    `linear` for each (XLA merges sibling products itself where it runs them)."""
+    d = x_btd.shape[-1]
+    rows = x_btd.size // d
+    choices = {dispatch.resolve_dense(impl, rows=rows, k=d, n=w.size // d, dtype=x_btd.dtype) for w in ws}
+    if not dispatch.FUSED_PROJECTIONS or len(choices) != 1 or choices == {"xla"}:
+        a = rms_norm(x_btd, norm_d, eps)
+        return [linear(f"BTD,D{'FGH'[:w.ndim - 1]}->BT{'FGH'[:w.ndim - 1]}", a, w, impl) for w in ws]
+    ys = gemv.gemv_many(x_btd.reshape(rows, d), [w.reshape(d, -1) for w in ws], norm_d, eps=eps,
+                        interpret=choices == {"interpret"})
+    return [y.reshape(*x_btd.shape[:-1], *w.shape[1:]) for y, w in zip(ys, ws, strict=True)]
+
+
 def softcap(logits: jax.Array, cap: float | None) -> jax.Array:
     return logits if cap is None else cap * jnp.tanh(logits / cap)
 
@@ -193,15 +210,23 @@ class Attention(nnx.Module):
             if not self.k_eq_v:
                 self.v_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype, stack)
 
-    def queries(self, a_btd, cos, sin, impl: str = "auto"):
-        q = linear("BTD,DNH->BTNH", a_btd, self.q_proj[...], impl)
-        return apply_rope(rms_norm(q, self.q_norm[...], self.eps), cos, sin)
+    def projections(self, owns_kv: bool) -> list[jax.Array]:
+        """The weights that read the normalised stream: queries, then (where this layer computes K/V) keys and,
+        unless values are the keys, values."""
+        ws = [self.q_proj[...]]
+        if owns_kv:
+            ws.append(self.k_proj[...])
+            if not self.k_eq_v:
+                ws.append(self.v_proj[...])
+        return ws
 
-    def keys_values(self, a_btd, cos, sin, impl: str = "auto"):
-        """Normalised, rotated keys and normalised values [B,T,K,H] for this step's tokens."""
-        k_raw = linear("BTD,DKH->BTKH", a_btd, self.k_proj[...], impl)
-        # k_eq_v: the value is the raw key projection, taken before k_norm and RoPE.
-        v_raw = k_raw if self.k_eq_v else linear("BTD,DKH->BTKH", a_btd, self.v_proj[...], impl)
+    def queries(self, q_btnh, cos, sin):
+        """Normalised, rotated queries from their projection [B,T,N,H]."""
+        return apply_rope(rms_norm(q_btnh, self.q_norm[...], self.eps), cos, sin)
+
+    def keys_values(self, k_raw, v_raw, cos, sin):
+        """Normalised, rotated keys and normalised values [B,T,K,H] from this step's projections (k_eq_v: the
+        value is the raw key projection, taken before k_norm and RoPE)."""
         k = apply_rope(rms_norm(k_raw, self.k_norm[...], self.eps), cos, sin)
         v = rms_norm(v_raw, None, self.eps)  # v_norm has no weight and V gets no RoPE
         return k, v
@@ -218,9 +243,10 @@ class MLP(nnx.Module):
         self.up = _param(rngs, (d, f), ("embed", "mlp"), dtype, stack)
         self.down = _param(rngs, (f, d), ("mlp", "embed"), dtype, stack)
 
-    def __call__(self, x_btd, impl: str = "auto"):
-        h = gelu(linear("BTD,DF->BTF", x_btd, self.gate[...], impl)) * linear("BTD,DF->BTF", x_btd, self.up[...], impl)
-        return linear("BTF,FD->BTD", h, self.down[...], impl)
+    def __call__(self, x_btd, norm_d, eps: float, impl: str = "auto"):
+        """The MLP of rms_norm(x, norm) (the norm is its input's: `norm_linears`)."""
+        g, u = norm_linears(x_btd, norm_d, eps, [self.gate[...], self.up[...]], impl)
+        return linear("BTF,FD->BTD", gelu(g) * u, self.down[...], impl)
 
 
 class MoE(nnx.Module):
@@ -298,15 +324,15 @@ class DecoderLayer(nnx.Module):
         `attend`)."""
         eps = self.eps
         with jax.named_scope("attention"):  # named scopes: device traces name the layer's parts
-            a = rms_norm(x_btd, self.input_norm[...], eps)
-            q = self.attn.queries(a, cos, sin, impl)
             owns = self.attn.owns_kv if owns_kv is None else owns_kv
-            kv = self.attn.keys_values(a, cos, sin, impl) if owns else None
+            q, *kv = norm_linears(x_btd, self.input_norm[...], eps, self.attn.projections(owns), impl)
+            q = self.attn.queries(q, cos, sin)
+            kv = self.attn.keys_values(kv[0], kv[-1], cos, sin) if owns else None  # kv[-1] is kv[0] if k_eq_v
             o, aux = attend(q, kv)
             x = x_btd + rms_norm(self.attn.output(o, impl), self.post_attn_norm[...], eps)
 
         with jax.named_scope("mlp"):
-            f = self.mlp(rms_norm(x, self.pre_ffw_norm[...], eps), impl)
+            f = self.mlp(x, self.pre_ffw_norm[...], eps, impl)
         if self.moe_enabled:
             with jax.named_scope("moe"):
                 b, t, d = x.shape
