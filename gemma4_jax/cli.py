@@ -88,10 +88,12 @@ def add_compile_cache_args(p: argparse.ArgumentParser) -> None:
 
 def use_compile_cache(path: str | None) -> None:
     """Keep JAX's compiled programs in `path` across processes (None or 'off': leave JAX's setting alone). Every
-    program is kept, however fast it compiled. Works before JAX is imported (through its environment variables,
-    so a command line's flag checks need not import it) and after (through its config)."""
+    program is kept, however fast it compiled; generation's own programs also as executables in `path/programs`
+    (`generation.programs`: a later run loads them without tracing). Works before JAX is imported (through its
+    environment variables, so a command line's flag checks need not import it) and after (through its config)."""
     if not path or path == "off":
         return
+    os.environ["GEMMA4_JAX_PROGRAM_CACHE"] = os.path.join(os.path.abspath(path), "programs")
     settings = {"jax_compilation_cache_dir": os.path.abspath(path), "jax_persistent_cache_min_compile_time_secs": 0,
                 "jax_persistent_cache_min_entry_size_bytes": 0}
     jax = sys.modules.get("jax")

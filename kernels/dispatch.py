@@ -307,3 +307,11 @@ def resolve_dense(impl: str, *, rows: int, k: int, n: int, dtype=jnp.bfloat16, p
     if impl in ("pallas", "interpret"):
         return impl
     return "pallas" if _on_gpu(platform) and jnp.dtype(dtype).itemsize == 2 else "xla"
+
+
+def settings() -> str:
+    """This module's settings that tests and benches change (read when a program is traced): the text keys
+    programs kept across processes (`generation.programs`), so a program traced under other settings misses."""
+    names = ("FUSED_PROJECTIONS", "DECODE_MAX_TOKENS", "DECODE_KERNEL_MIN_BATCH", "CUDNN_MAX_HEAD_DIM",
+             "MOSAIC_HEAD_DIM", "CUDNN_BACKEND", "MOSAIC_INTERPRET", "MOSAIC_MOE_MIN_ROWS", "MOE_FORCE", "DENSE_FORCE")
+    return ",".join(f"{n}={globals()[n]!r}" for n in names)

@@ -246,8 +246,9 @@ def test_readme_python_examples_run_on_the_demo_model(demo):
 
 
 def test_second_run_loads_its_programs_from_the_compile_cache(tmp_path):
-    """`--compile-cache DIR`: the first run writes its compiled programs there, the second (same model, same
-    shapes) loads every one of them: it adds no entry, and prints the same answer. The times to first token of
+    """`--compile-cache DIR`: the first run writes its compiled programs there (generation's own as executables in
+    DIR/programs), the second (same model, same shapes) loads every one of them: it adds no entry, and prints the
+    same answer. The times to first token of
     both runs are printed (the ratio is recorded in docs/performance.md; no test asserts on a timing)."""
     import re
 
@@ -256,10 +257,13 @@ def test_second_run_loads_its_programs_from_the_compile_cache(tmp_path):
     first = _gen(*argv)
     assert first.returncode == 0, first.stderr
     entries = sorted(p.name for p in cache.iterdir())
-    assert entries, "the first run cached its programs"
+    kept = sorted(p.name for p in (cache / "programs").iterdir())
+    assert entries and kept, "the first run cached its programs (JAX's, and generation's executables)"
+    assert {k.split("-")[0] for k in kept} >= {"prefill", "_first_token", "decode_chunk", "init_cache"}
     again = _gen(*argv)
     assert again.returncode == 0, again.stderr
     assert sorted(p.name for p in cache.iterdir()) == entries, "the second run compiled something"
+    assert sorted(p.name for p in (cache / "programs").iterdir()) == kept, "the second run missed a program"
     assert again.stdout == first.stdout
     ttft = [float(re.search(r"time to first token ([0-9.]+)s", r.stderr).group(1)) for r in (first, again)]
     assert all(t > 0 for t in ttft)

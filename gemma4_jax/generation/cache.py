@@ -7,7 +7,6 @@ K/V own an entry; KV-shared layers read their source layer's entry and write not
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import jax
@@ -15,6 +14,7 @@ import jax.numpy as jnp
 
 from ..config import Gemma4Config
 from ..model.text import Attender, FullAttender, attention, attention_impl, attention_mask, kernel_attention
+from .programs import program
 
 
 @jax.tree_util.register_dataclass
@@ -45,7 +45,7 @@ def cache_length(cfg: Gemma4Config, layer: int, max_len: int) -> int:
     return min(spec.window, max_len) if spec.window is not None else max_len
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+@program(static_argnums=(0, 1, 2, 3))
 def init_cache(cfg: Gemma4Config, batch: int, max_len: int, dtype) -> KVCache:
     """An empty cache (one compiled program, not one per buffer shape: each is a lookup before the first token)."""
     layers = {}

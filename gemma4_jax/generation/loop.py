@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from ..model.text import merge
 from .cache import DecodeAttender, KVCache, PrefillAttender, init_cache
 from .options import Sampling  # noqa: F401 (re-exported: the sampling options live there)
+from .programs import program
 
 F32 = jnp.float32
 
@@ -64,7 +65,7 @@ class DecodeState:
     key: jax.Array
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames="impl", donate_argnums=(4,))
+@program(static_argnums=0, static_argnames="impl", donate_argnums=(4,))
 def prefill(graphdef, params, ids_bt, lengths_b, cache: KVCache, impl: str = "auto", mm=None):
     """Run the prompts [B,T] (true lengths [B]; soft tokens `mm`, a `model.Multimodal`, merged); fill the
     cache; return last-token logits [B,V]."""
@@ -95,7 +96,7 @@ def decode_logits(graphdef, params, cache: KVCache, token_b, pos_b, impl: str = 
 DECODE_CHUNK = 16
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8), donate_argnums=(2,))
+@program(static_argnums=(0, 5, 6, 7, 8), donate_argnums=(2,))
 def decode_chunk(graphdef, params, state: DecodeState, limit, stop_ids, sampling: Sampling, impl: str = "auto",
                  steps: int = DECODE_CHUNK, until_done: bool = False) -> DecodeState:
     """`steps` decode steps as a loop with a trip count known when compiling, so no step waits for the host; with
@@ -129,7 +130,7 @@ def decode_chunk(graphdef, params, state: DecodeState, limit, stop_ids, sampling
     return jax.lax.while_loop(lambda st: (st.step < limit) & ~jnp.all(st.done), chunk, state)
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4))
+@program(static_argnums=(3, 4))
 def _first_token(logits_bv, key, stop_ids, sampling: Sampling, n_out: int):
     """The first new token [B] (sampled from the prefill's logits), whether it stops [B], and the output buffer
     [B, n_out] that holds it: one program (each eager op would be one more program to look up before the first
