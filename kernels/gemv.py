@@ -81,11 +81,13 @@ def _dot(a, b):
     return plgpu.dot(a, b, precision=lax.Precision.HIGHEST if a.dtype == F32 else None)
 
 
-def _kernel(x_ref, *refs, block_k: int, rows: int, kc: int, tiles: tuple[int, ...], norm: bool, eps: float):
+def _kernel(x_ref, *refs, block_k: int, rows: int, kc: int, tiles: tuple[int, ...], norm: bool, eps: float,
+            nk: bool):
     # x_ref [16, K]: a 16-row block of x, of which the first `rows` exist (the missing rows are masked: read as 0,
     # not written — no padded copy of x in the step). refs: the norm weight [K] (with `norm`), one weight slab
-    # [K/S, bn] per weight, then one float32 output block [16, bn] per weight. Program (j, s) computes column tile
-    # j of the concatenated outputs over depth split s: the weight whose tiles hold j, the others untouched.
+    # [K/S, bn] per weight ([bn, K/S] with `nk`), then one float32 output block [16, bn] per weight. Program (j, s)
+    # computes column tile j of the concatenated outputs over depth split s: the weight whose tiles hold j, the
+    # others untouched.
     n = len(tiles)
     nw_ref = refs[0] if norm else None
     w_refs, o_refs = refs[norm:norm + n], refs[norm + n:]
@@ -112,7 +114,8 @@ def _kernel(x_ref, *refs, block_k: int, rows: int, kc: int, tiles: tuple[int, ..
             if norm:
                 w = nw_ref[pl.ds(k0, block_k)].astype(F32)
                 xb = (xb.astype(F32) * scale * w[None, :]).astype(x_ref.dtype)
-            return acc + _dot(xb, w_ref[pl.ds(pl.multiple_of(i * block_k, block_k), block_k), :])
+            ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
+            return acc + _dot(xb, w_ref[:, ks].T if nk else w_ref[ks, :])
 
         acc = lax.fori_loop(0, kc // block_k, body, jnp.zeros(o_ref.shape, F32))
         plgpu.store(o_ref, acc, mask=valid)
@@ -123,14 +126,14 @@ def _kernel(x_ref, *refs, block_k: int, rows: int, kc: int, tiles: tuple[int, ..
         start += t
 
 
-def _check(x, ws, cfg: GemvConfig):
+def _check(x, ws, cfg: GemvConfig, nk: bool):
     m, k = x.shape
     assert m <= ROWS, f"gemv takes at most {ROWS} rows, got {m}"
     assert k % cfg.split_k == 0, (k, cfg.split_k)
     for w in ws:
-        assert w.ndim == 2 and w.shape[0] == k, (x.shape, w.shape)
+        assert w.ndim == 2 and w.shape[nk] == k, (x.shape, w.shape, nk)
         assert x.dtype == w.dtype, (x.dtype, w.dtype)
-        for dim, b in ((w.shape[1], cfg.block_n), (k // cfg.split_k, cfg.block_k)):
+        for dim, b in ((w.shape[1 - nk], cfg.block_n), (k // cfg.split_k, cfg.block_k)):
             assert b >= 16 and b & (b - 1) == 0 and dim % b == 0, \
                 f"block {b} must be a power of two ≥ 16 dividing {dim}"
 
@@ -146,23 +149,25 @@ def default_config_many(k: int, ns, block_n: int = 64, block_k: int = 128) -> Ge
     return default_config(k, bn * sum(n // bn for n in ns), block_n=bn, block_k=block_k)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "eps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("config", "eps", "interpret", "nk"))
 def gemv_many(x: jax.Array, ws, norm_weight: jax.Array | None = None, *, eps: float = 1e-6,
-              config: GemvConfig | None = None, interpret: bool = False) -> list[jax.Array]:
+              config: GemvConfig | None = None, interpret: bool = False, nk: bool = False) -> list[jax.Array]:
     """[x @ w for w in ws] in one kernel launch (x [M ≤ 16, K], each w [K, N_i]; float32 accumulation; each result
     [M, N_i] in x's dtype). With `norm_weight` [K], x is first RMS-normalised over K and scaled by it — in float32,
     rounded to x's dtype, as `model.rms_norm` — inside the kernel (the projections that follow a norm: no separate
-    norm kernels)."""
+    norm kernels). `nk`: each w is stored [N_i, K] (a checkpoint's [out, in]; K minor) and used as its transpose."""
     ws = list(ws)
     m, k = x.shape
-    ns = [w.shape[1] for w in ws]
+    ns = [w.shape[0 if nk else 1] for w in ws]
     cfg = config or default_config_many(k, ns)
-    _check(x, ws, cfg)
+    _check(x, ws, cfg, nk)
     s, kc, bn = cfg.split_k, k // cfg.split_k, cfg.block_n
     tiles = tuple(n // bn for n in ns)
     starts = [sum(tiles[:i]) for i in range(len(tiles))]
 
     def column(i):  # weight i's tile for program column j (clamped: programs of other weights never touch it)
+        if nk:
+            return lambda j, sp: (jnp.clip(j - starts[i], 0, tiles[i] - 1), sp)
         return lambda j, sp: (sp, jnp.clip(j - starts[i], 0, tiles[i] - 1))
 
     def out_column(i):
@@ -174,9 +179,9 @@ def gemv_many(x: jax.Array, ws, norm_weight: jax.Array | None = None, *, eps: fl
     if norm:
         in_specs.append(pl.BlockSpec((k,), lambda j, sp: (0,)))
         args.append(norm_weight)
-    in_specs += [pl.BlockSpec((kc, bn), column(i)) for i in range(len(ws))]
+    in_specs += [pl.BlockSpec((bn, kc) if nk else (kc, bn), column(i)) for i in range(len(ws))]
     parts = pl.pallas_call(
-        functools.partial(_kernel, block_k=cfg.block_k, rows=m, kc=kc, tiles=tiles, norm=norm, eps=eps),
+        functools.partial(_kernel, block_k=cfg.block_k, rows=m, kc=kc, tiles=tiles, norm=norm, eps=eps, nk=nk),
         grid=(sum(tiles), s),
         in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, ROWS, bn), out_column(i)) for i in range(len(ws))],
@@ -188,10 +193,13 @@ def gemv_many(x: jax.Array, ws, norm_weight: jax.Array | None = None, *, eps: fl
     return [jnp.sum(p, axis=0).astype(x.dtype) for p in parts]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def gemv(x: jax.Array, w: jax.Array, *, config: GemvConfig | None = None, interpret: bool = False) -> jax.Array:
-    """x [M,K] @ w [K,N] for M ≤ 16 rows; float32 accumulation; returns [M,N] in x's dtype."""
-    return gemv_many(x, [w], config=config or default_config(*w.shape), interpret=interpret)[0]
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "nk"))
+def gemv(x: jax.Array, w: jax.Array, *, config: GemvConfig | None = None, interpret: bool = False,
+         nk: bool = False) -> jax.Array:
+    """x [M,K] @ w [K,N] for M ≤ 16 rows (`nk`: w stored [N,K]); float32 accumulation; returns [M,N] in x's
+    dtype."""
+    k, n = w.shape[::-1] if nk else w.shape
+    return gemv_many(x, [w], config=config or default_config(k, n), interpret=interpret, nk=nk)[0]
 
 
 def gemv_reference(x: jax.Array, w: jax.Array, *, precision=None) -> jax.Array:

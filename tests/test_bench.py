@@ -55,6 +55,27 @@ def test_trace_summary_classes_and_idle_time():
     assert _idle_us([(0, 10), (5, 12), (20, 25), (30, 31)]) == 8 + 5
 
 
+def test_trace_bursts_split_at_idle_gaps():
+    from trace_summary import bursts
+
+    ev = [(0.0, 5.0, "a"), (3.0, 10.0, "b"), (20.0, 1.0, "c"), (200.0, 2.0, "d"), (203.0, 1.0, "e")]
+    assert [[e[2] for e in g] for g in bursts(ev, gap_us=50.0)] == [["a", "b", "c"], ["d", "e"]]
+    assert [[e[2] for e in g] for g in bursts(ev, gap_us=5.0)] == [["a", "b"], ["c"], ["d", "e"]]
+
+
+def test_device_seconds_times_each_job_from_a_trace():
+    """Two real programs in one CPU trace: one burst each, with their kernels' busy time (finite, positive)."""
+    import jax
+    import jax.numpy as jnp
+    from bench_common import device_seconds
+
+    x = jnp.ones((256, 256))
+    jobs = [(jax.jit(lambda a: a @ a), (x,)), (jax.jit(lambda a: jnp.tanh(a @ a) @ a), (x,))]
+    out = device_seconds(jobs, runs=3)
+    assert len(out) == 2
+    assert all(0 < r["busy_us"] < 1e7 and r["kernels"] > 0 for r in out)
+
+
 def test_trace_summary_per_step_is_the_difference_over_the_steps():
     from trace_summary import per_step
 

@@ -55,6 +55,8 @@ def test_gemv_matches_reference(case):
     w = (k**-0.5 * jax.random.normal(kw, (k, n), jnp.float32)).astype(dtype)
     ref = gemv_reference(x.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     _check(gemv(x, w, config=cfg, interpret=True), ref, dtype)
+    # the same product with W stored [N, K] (`nk`): the kernel reads its transpose in place
+    _check(gemv(x, jnp.asarray(w.T), config=cfg, interpret=True, nk=True), ref, dtype)
 
 
 def test_gemv_detects_a_wrong_column_tile():
@@ -63,9 +65,11 @@ def test_gemv_detects_a_wrong_column_tile():
     w = jax.random.normal(jax.random.key(1), (64, 64))
     ref = gemv_reference(x, w, precision=jax.lax.Precision.HIGHEST)
     rolled = jnp.roll(w, 16, axis=1)
-    out = gemv(x, rolled, config=GemvConfig(block_n=16, block_k=16, split_k=2), interpret=True)
+    cfg = GemvConfig(block_n=16, block_k=16, split_k=2)
     with pytest.raises(AssertionError):
-        _check(out, ref, jnp.float32)
+        _check(gemv(x, rolled, config=cfg, interpret=True), ref, jnp.float32)
+    with pytest.raises(AssertionError):  # [N, K] read as if it were [K, N]
+        _check(gemv(x, jnp.asarray(w.T), config=cfg, interpret=True), ref, jnp.float32)
 
 
 # (M, K, Ns, dtype, norm?, config or None for the default)
@@ -120,16 +124,17 @@ def test_default_config_fills_the_gpu():
         assert all((n // cfg.block_n) * s < TARGET_PROGRAMS for s in smaller)
 
 
-@pytest.mark.parametrize("m", [1, 16])
-def test_gemv_lowers_for_the_gpu_at_real_shapes(m):
-    """26B-A4B's dense MLP gate (2816 → 2112) lowers to one Triton call on this CPU, and the weight reaches it
-    untouched: no transpose or copy of a weight-shaped array."""
+@pytest.mark.parametrize("m,nk", [(1, False), (16, False), (16, True)])
+def test_gemv_lowers_for_the_gpu_at_real_shapes(m, nk):
+    """26B-A4B's dense MLP gate (2816 → 2112, or stored [2112, 2816] with `nk`) lowers to one Triton call on this
+    CPU, and the weight reaches it untouched: no transpose or copy of a weight-shaped array."""
     bf = jnp.bfloat16
-    args = (jax.ShapeDtypeStruct((m, 2816), bf), jax.ShapeDtypeStruct((2816, 2112), bf))
-    text = gemv.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    shape = (2112, 2816) if nk else (2816, 2112)
+    args = (jax.ShapeDtypeStruct((m, 2816), bf), jax.ShapeDtypeStruct(shape, bf))
+    text = gemv.trace(*args, nk=nk).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("stablehlo.custom_call") == 1
     for line in text.splitlines():
-        if "tensor<2816x2112xbf16>" in line:
+        if f"tensor<{shape[0]}x{shape[1]}xbf16>" in line:
             assert "custom_call" in line or "func.func" in line or " call @" in line, line  # or a nested jit
 
 

@@ -57,6 +57,36 @@ def seconds_per_call(fn: Callable[..., Any], *args: Any, arg_sets: Sequence[tupl
     return float(stat(runs))
 
 
+def device_seconds(jobs: Sequence[tuple[Callable[..., Any], tuple]], runs: int = 5, trace_dir: str | None = None,
+                   pause_s: float = 0.05) -> list[dict]:
+    """Device time of each `(fn, args)` in `jobs`, from a profiler trace rather than the wall clock: every job is
+    compiled and run once untraced, then, inside one trace, run `runs` times back to back, waited for, and
+    followed by a `pause_s` pause; the trace's device kernels, split at those pauses (`trace_summary.bursts`), give
+    each job's busy µs per run (its kernels' durations added up: what the work costs inside a step that runs as one
+    CUDA graph, whatever the host's launch jitter) and its kernels per run. Short programs that the wall clock
+    cannot time (a few µs of kernels) come out to within the trace's resolution."""
+    import tempfile
+
+    from trace_summary import bursts, device_events, newest_trace
+
+    for fn, args in jobs:
+        jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as tmp:
+        d = trace_dir or tmp
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            for fn, args in jobs:
+                time.sleep(pause_s)
+                out = None
+                for _ in range(runs):
+                    out = fn(*args)
+                jax.block_until_ready(out)
+            time.sleep(pause_s)
+        groups = bursts(device_events(newest_trace(d)), gap_us=pause_s * 1e6 / 2)
+    if len(groups) != len(jobs):
+        raise RuntimeError(f"the trace splits into {len(groups)} bursts of device work, not the {len(jobs)} jobs run")
+    return [{"busy_us": sum(e[1] for e in g) / runs, "kernels": len(g) / runs} for g in groups]
+
+
 def seconds_once(fn: Callable[[], Any]) -> float:
     """Seconds of one call of `fn()` until its result is ready, compiling included: `seconds_per_call` with no
     warm-up. (Blocking walks the result's leaves: give it a function that returns None, not a long list.)"""

@@ -57,9 +57,9 @@ def _idle_us(intervals: list[tuple[float, float]]) -> float:
     return idle
 
 
-def summarise(path: str, top: int = 25) -> dict:
-    """{'device_busy_us', 'span_us', 'idle_us', 'kernel_count', 'classes': {class: {total_us, count}},
-    'kernels': [{name, class, total_us, share, count, mean_us}, ...]} of one trace."""
+def device_events(path: str) -> list[tuple[float, float, str]]:
+    """(start µs, duration µs, kernel name) of every complete event on the device, in start order (a GPU trace: the
+    `/device:…` processes; a CPU-only trace: the XLA runtime threads)."""
     with gzip.open(path) as f:
         events = json.load(f)["traceEvents"]
     procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
@@ -70,17 +70,35 @@ def summarise(path: str, top: int = 25) -> dict:
     def on_device(e) -> bool:
         if gpu:
             return e["pid"] in gpu
-        return "XLA" in threads.get((e["pid"], e.get("tid")), "")  # CPU-only: the XLA runtime threads
+        return "XLA" in threads.get((e["pid"], e.get("tid")), "")
 
+    return sorted((float(e["ts"]), float(e.get("dur", 0.0)), e["name"]) for e in events
+                  if e.get("ph") == "X" and on_device(e))
+
+
+def bursts(events: list[tuple[float, float, str]], gap_us: float) -> list[list[tuple[float, float, str]]]:
+    """`events` split wherever the device was idle for more than `gap_us`: the work of programs that the host ran
+    one at a time with a pause between them, one burst each."""
+    out: list[list[tuple[float, float, str]]] = []
+    reach = None
+    for e in events:
+        if reach is None or e[0] - reach > gap_us:
+            out.append([])
+        out[-1].append(e)
+        reach = e[0] + e[1] if reach is None else max(reach, e[0] + e[1])
+    return out
+
+
+def summarise(path: str, top: int = 25) -> dict:
+    """{'device_busy_us', 'span_us', 'idle_us', 'kernel_count', 'classes': {class: {total_us, count}},
+    'kernels': [{name, class, total_us, share, count, mean_us}, ...]} of one trace."""
     totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     intervals = []
-    for e in events:
-        if e.get("ph") != "X" or not on_device(e):
-            continue
-        name = re.sub(r"\.\d+$", "", e["name"])  # fusion.12 and fusion.13 are one kind of kernel
-        totals[name][0] += e.get("dur", 0.0)
+    for ts, dur, raw in device_events(path):
+        name = re.sub(r"\.\d+$", "", raw)  # fusion.12 and fusion.13 are one kind of kernel
+        totals[name][0] += dur
         totals[name][1] += 1
-        intervals.append((e["ts"], e["ts"] + e.get("dur", 0.0)))
+        intervals.append((ts, ts + dur))
     busy = sum(t for t, _ in totals.values())
     span = max(e for _, e in intervals) - min(s for s, _ in intervals) if intervals else 0.0
     classes: dict[str, dict] = {}
