@@ -28,6 +28,7 @@ def test_bench_generate_runs(tmp_path):
                   "--prefill-len", "16", "--repeat", "1", "--hbm-gib", "0.0625", "--profile", str(tmp_path / "prof")],
                  tmp_path)
     assert res["hbm_gb_s"] > 0 and res["hbm_read_gb_s"] > 0 and res["hbm_matvec_gb_s"] > 0
+    assert res["decode_scheduling"] == "CONCURRENT"  # the library's default, recorded
     for b in ("1", "2"):
         r = res["results"][b]
         assert r["decode_tokens_s"] * r["decode_ms_per_token"] / 1e3 == pytest.approx(int(b))

@@ -97,3 +97,35 @@ def test_without_a_folder_a_program_is_a_jitted_function(monkeypatch):
     h(jnp.ones(2))
     h(jnp.ones(2))
     assert len(traces) == 1 and programs.folder() is None
+
+
+def test_decode_programs_compile_with_the_decode_scheduling(monkeypatch):
+    """`decode=True` programs reach XLA with `DECODE_SCHEDULING` (an invalid value is XLA's error), others do not;
+    the decode loop at pp = 1 and the pipeline's ring are decode programs."""
+    import gemma4_jax
+
+    monkeypatch.setattr(programs, "DIR", None)
+    monkeypatch.delenv(programs.ENV, raising=False)
+
+    @programs.program(decode=True)
+    def step(x):
+        return x + 1
+
+    @programs.program()
+    def other(x):
+        return x + 2
+
+    assert programs.compiler_options(True) == {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
+    np.testing.assert_allclose(np.asarray(step(jnp.zeros(2))), 1.0)
+    monkeypatch.setattr(programs, "DECODE_SCHEDULING", "NOT_A_MODE")
+    with pytest.raises(Exception, match="xla_gpu_command_buffer_scheduling_mode"):
+        step(jnp.zeros(2))
+    np.testing.assert_allclose(np.asarray(other(jnp.zeros(2))), 2.0)
+
+    for pp in (1, 2):
+        model = gemma4_jax.load(progress=False, pp=pp)
+        prompt = [[2, 10, 11, 12]]
+        with pytest.raises(Exception, match="xla_gpu_command_buffer_scheduling_mode"):
+            model.generate(prompt, max_new_tokens=4, stop_tokens=())
+    monkeypatch.setattr(programs, "DECODE_SCHEDULING", "LHS")  # XLA's default order: a valid setting
+    assert len(model.generate(prompt, max_new_tokens=4, stop_tokens=())[0]) == 4

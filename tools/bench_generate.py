@@ -89,6 +89,9 @@ def add_parser(sub) -> None:
                    help="run the decode-step projections through XLA (the path before the skinny kernel)")
     p.add_argument("--fused-projections", action="store_true",
                    help="q/k/v and gate/up in one skinny-kernel launch each, the norm inside (FUSED_PROJECTIONS)")
+    p.add_argument("--decode-scheduling", default=None, choices=["CONCURRENT", "LHS"],
+                   help="XLA's command-buffer scheduling for the decode programs (programs.DECODE_SCHEDULING; "
+                        "default: the library's)")
     p.add_argument("--profile", default=None, metavar="DIR", help="perfetto trace of one generation (first batch)")
     p.add_argument("--profile-top", type=int, default=30, help="kernels kept in the profile summary")
     p.add_argument("--compare", default="none", choices=["none", "transformers"])
@@ -177,7 +180,14 @@ def _header(args, cfg) -> dict:
             "moe_impl": getattr(args, "moe_impl", None) or args.attn_impl,
             "dense_impl": getattr(args, "dense_impl", None) or args.attn_impl,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "fused_projections": getattr(args, "fused_projections", False)}
+            "fused_projections": getattr(args, "fused_projections", False),
+            "decode_scheduling": getattr(args, "decode_scheduling", None) or _programs().DECODE_SCHEDULING}
+
+
+def _programs():
+    from gemma4_jax.generation import programs
+
+    return programs
 
 
 def run(args) -> dict:
@@ -218,6 +228,8 @@ def ours(args, start: float) -> dict:
     dispatch.MOE_FORCE = getattr(args, "moe_impl", None)
     dispatch.DENSE_FORCE = getattr(args, "dense_impl", None)
     dispatch.FUSED_PROJECTIONS = getattr(args, "fused_projections", False)
+    if getattr(args, "decode_scheduling", None):
+        _programs().DECODE_SCHEDULING = args.decode_scheduling
     res = _header(args, cfg)
     res.update(card=dev.device_kind, jax=jax.__version__, results={})
     progress = Progress(res, args.json, start)

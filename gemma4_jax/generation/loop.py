@@ -96,7 +96,7 @@ def decode_logits(graphdef, params, cache: KVCache, token_b, pos_b, impl: str = 
 DECODE_CHUNK = 16
 
 
-@program(static_argnums=(0, 5, 6, 7, 8), donate_argnums=(2,))
+@program(static_argnums=(0, 5, 6, 7, 8), donate_argnums=(2,), decode=True)
 def decode_chunk(graphdef, params, state: DecodeState, limit, stop_ids, sampling: Sampling, impl: str = "auto",
                  steps: int = DECODE_CHUNK, until_done: bool = False) -> DecodeState:
     """`steps` decode steps as a loop with a trip count known when compiling, so no step waits for the host; with

@@ -45,6 +45,7 @@ from ..config import Gemma4Config
 from ..errors import ConfigError
 from ..generation.cache import LayerCache, attend_cache, cache_length, store_prompt, write_token
 from ..generation.loop import Sampling, sample
+from ..generation.programs import program
 from ..model import text as model
 from ..model.text import DecoderLayer, FullAttender, iter_params
 from .stages import Path, Stage, stage_of_layer, storage_kinds
@@ -482,8 +483,8 @@ def _everywhere(mesh, x):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P()))
 
 
-@functools.partial(jax.jit, static_argnames=("plan", "sampling", "dtype_name", "impl", "mesh", "width"),
-                   donate_argnames=("cache",))
+@program(static_argnames=("plan", "sampling", "dtype_name", "impl", "mesh", "width"), donate_argnames=("cache",),
+         decode=True, keep=False)  # the decode programs' XLA options (generation/programs.py)
 def _run_ring(params, cache, first, lengths, steps, stops, key, *, plan, sampling, dtype_name, impl, mesh, width):
     body = functools.partial(_ring, plan, sampling, jnp.dtype(dtype_name), impl, width)
     f = jax.shard_map(body, mesh=mesh, in_specs=(P("pp"), P("pp"), P(), P(), P(), P(), P()),
