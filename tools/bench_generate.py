@@ -48,6 +48,7 @@ run goes on.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -276,10 +277,15 @@ def ours(args, start: float) -> dict:
     def measure(b: int, entry: dict):
         prompts = _prompts(cfg.vocab_size, b, args.prompt_len)
 
-        def gen(n) -> None:  # no result to block on: the timer's wait is then free
-            model.generate(prompts, max_new_tokens=n, stop_tokens=())
+        def gen(n, keep: list | None = None) -> None:  # no result to block on: the timer's wait is then free
+            out = model.generate(prompts, max_new_tokens=n, stop_tokens=())
+            if keep is not None:
+                keep.append(out)
 
-        entry["first_run_s"] = seconds_once(lambda: gen(args.gen_len))  # compiles prefill and the decode loop
+        first: list = []
+        entry["first_run_s"] = seconds_once(lambda: gen(args.gen_len, first))  # compiles prefill and the decode loop
+        # the greedy tokens' digest: runs of one model under other settings (scheduling, kernels) compare by it
+        entry["tokens_sha1"] = hashlib.sha1(np.asarray(first[0], np.int32).tobytes()).hexdigest()
         progress(f"b{b}_compile_and_first_run")
         t_long, decode = best_generation(model, prompts, args.gen_len, args.repeat)
         decode /= args.gen_len - 1
