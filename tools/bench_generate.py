@@ -93,6 +93,8 @@ def add_parser(sub) -> None:
     p.add_argument("--decode-scheduling", default=None, choices=["CONCURRENT", "LHS"],
                    help="XLA's command-buffer scheduling for the decode programs (programs.DECODE_SCHEDULING; "
                         "default: the library's)")
+    p.add_argument("--check-scheduling", action="store_true",
+                   help="only compare greedy tokens under both decode schedulings (each twice), no timing")
     p.add_argument("--profile", default=None, metavar="DIR", help="perfetto trace of one generation (first batch)")
     p.add_argument("--profile-top", type=int, default=30, help="kernels kept in the profile summary")
     p.add_argument("--compare", default="none", choices=["none", "transformers"])
@@ -114,6 +116,27 @@ def _ints(text: str) -> list[int]:
 def _prompts(vocab: int, batch: int, length: int) -> list[list[int]]:
     """The same random prompts on both sides (seeded by the batch size)."""
     return np.random.default_rng(batch).integers(3, vocab, size=(batch, length)).tolist()
+
+
+def scheduling_check(model, prompts: list[list[int]], gen_len: int) -> dict:
+    """Greedy tokens of one model under each decode scheduling, each twice (LHS, CONCURRENT, LHS, CONCURRENT, one
+    process): whether each setting repeats itself and whether the two agree, and where they first part."""
+    from gemma4_jax.generation import programs
+
+    saved, runs = programs.DECODE_SCHEDULING, {}
+    try:
+        for mode in ("LHS", "CONCURRENT") * 2:
+            programs.DECODE_SCHEDULING = mode
+            out = np.asarray(model.generate(prompts, max_new_tokens=gen_len, stop_tokens=()), np.int32)
+            runs.setdefault(mode, []).append(out)
+    finally:
+        programs.DECODE_SCHEDULING = saved
+    lhs, conc = runs["LHS"][0], runs["CONCURRENT"][0]
+    differ = np.nonzero((lhs != conc).any(axis=0))[0]
+    return {"lhs_repeats": bool((runs["LHS"][0] == runs["LHS"][1]).all()),
+            "concurrent_repeats": bool((runs["CONCURRENT"][0] == runs["CONCURRENT"][1]).all()),
+            "modes_agree": bool((lhs == conc).all()), "first_differing_step": int(differ[0]) if differ.size else None,
+            "sequences_differing": int((lhs != conc).any(axis=1).sum()), "tokens_equal": float((lhs == conc).mean())}
 
 
 def short_len(prompt_len: int, gen_len: int, context: int) -> int:
@@ -245,6 +268,12 @@ def ours(args, start: float) -> dict:
     jax.block_until_ready(weight_arrays(model))
     res["random_init_s"] = time.perf_counter() - t0
     progress("random_init")
+
+    if getattr(args, "check_scheduling", False):
+        res["scheduling_check"] = {str(b): scheduling_check(model, _prompts(cfg.vocab_size, b, args.prompt_len),
+                                                            args.gen_len) for b in res["batches"]}
+        progress("scheduling_check")
+        return res
 
     peak = next((v for k, v in PEAK_BF16.items() if k in dev.device_kind), None)
     context = model.context
