@@ -252,6 +252,9 @@ def run_attention(choice: str, q: jax.Array, k: jax.Array, v: jax.Array, q_pos: 
 
 # Benches set this to 'xla' to time the XLA experts beside the kernels in one process, attention unchanged.
 MOE_FORCE: str | None = None
+# The Mosaic path's tile plan at a decode step's few routed rows as one kernel (`moe_mgpu.plan_tiles_kernel`)
+# instead of XLA's chain of small kernels. Off by default: not yet measured on a GPU (docs/kernels.md).
+MOE_PLAN_KERNEL = False
 
 
 def resolve_moe(impl: str, *, d: int, f: int, rows: int | None = None, dtype=jnp.bfloat16,
@@ -313,5 +316,6 @@ def settings() -> str:
     """This module's settings that tests and benches change (read when a program is traced): the text keys
     programs kept across processes (`generation.programs`), so a program traced under other settings misses."""
     names = ("FUSED_PROJECTIONS", "DECODE_MAX_TOKENS", "DECODE_KERNEL_MIN_BATCH", "CUDNN_MAX_HEAD_DIM",
-             "MOSAIC_HEAD_DIM", "CUDNN_BACKEND", "MOSAIC_INTERPRET", "MOSAIC_MOE_MIN_ROWS", "MOE_FORCE", "DENSE_FORCE")
+             "MOSAIC_HEAD_DIM", "CUDNN_BACKEND", "MOSAIC_INTERPRET", "MOSAIC_MOE_MIN_ROWS", "MOE_FORCE",
+             "MOE_PLAN_KERNEL", "DENSE_FORCE")
     return ",".join(f"{n}={globals()[n]!r}" for n in names)

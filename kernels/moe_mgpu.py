@@ -47,6 +47,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax.experimental.pallas import triton as pltriton
 
 from . import mgpu_interpret
 from .moe import plan_sorted
@@ -158,6 +159,77 @@ def plan_tiles(idx_mk: jax.Array, num_experts: int, block_m: int) -> TilePlan:
     return TilePlan(table, order, pos)
 
 
+# At a decode step the plan is a chain of small XLA kernels (a sort, a scatter, cumulative sums, compares and
+# gathers) between the router and the experts, each a launch on the step's critical path. `plan_tiles_kernel`
+# computes the same plan in one Triton program, by compares and sums over [R, R], [E, E] and [T, E] (no sort),
+# for R ≤ PLAN_KERNEL_MAX_ROWS routed rows (R and E powers of two: the program holds those tiles in registers).
+PLAN_KERNEL_MAX_ROWS = 128
+
+
+def plan_kernel_supports(rows: int, num_experts: int) -> bool:
+    def pow2(v: int) -> bool:
+        return v >= 8 and v & (v - 1) == 0
+
+    return pow2(rows) and rows <= PLAN_KERNEL_MAX_ROWS and pow2(num_experts) and num_experts <= 256
+
+
+def _plan_kernel(flat_ref, table_ref, order_ref, pos_ref, *, num_experts: int, block_m: int, tiles_p: int):
+    i32 = jnp.int32
+    r, ne = flat_ref.shape[0], num_experts
+    flat = flat_ref[...]
+    ri, rj = lax.broadcasted_iota(i32, (r, r), 0), lax.broadcasted_iota(i32, (r, r), 1)
+    rank = jnp.sum(jnp.where((flat[:, None] == flat[None, :]) & (rj < ri), 1, 0), axis=1)  # earlier rows, same expert
+    hit = flat[:, None] == lax.broadcasted_iota(i32, (r, ne), 1)  # [R, E]: row r goes to expert e
+    sizes = jnp.sum(jnp.where(hit, 1, 0), axis=0)
+    ei, ej = lax.broadcasted_iota(i32, (ne, ne), 0), lax.broadcasted_iota(i32, (ne, ne), 1)
+
+    def cumsum(v):  # inclusive, over experts
+        return jnp.sum(jnp.where(ej <= ei, v[None, :], 0), axis=1)
+
+    end = cumsum(sizes)
+    start = end - sizes
+    dest = jnp.sum(jnp.where(hit, start[None, :], 0), axis=1) + rank  # [R]: sorted position of row r
+    pos_ref[...] = dest
+    order_ref[...] = jnp.sum(jnp.where(dest[None, :] == ri, rj, 0), axis=1)  # order[i]: the row whose dest is i
+    first = start // block_m
+    tiles = jnp.where(sizes > 0, (jnp.maximum(end, 1) - 1) // block_m - first + 1, 0)
+    tile_end = cumsum(tiles)
+    t2, e2 = lax.broadcasted_iota(i32, (tiles_p, ne), 0), lax.broadcasted_iota(i32, (tiles_p, ne), 1)
+    t = lax.broadcasted_iota(i32, (tiles_p,), 0)
+    e = jnp.sum(jnp.where(tile_end[None, :] <= t2, 1, 0), axis=1)  # the first expert whose tiles end after t
+    used = t < jnp.sum(tiles)
+    pick = jnp.minimum(e, ne - 1)[:, None] == e2
+
+    def at(v):  # v[min(e, E-1)] per tile
+        return jnp.sum(jnp.where(pick, v[None, :], 0), axis=1)
+
+    block = at(first) + t - at(tile_end - tiles)
+    base = block * block_m
+    table_ref[0, :] = jnp.where(used, e, -1)
+    table_ref[1, :] = jnp.where(used, block, 0)
+    table_ref[2, :] = jnp.where(used, jnp.maximum(at(start), base) - base, 0)
+    table_ref[3, :] = jnp.where(used, jnp.minimum(at(end), base + block_m) - base, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("num_experts", "block_m", "interpret"))
+def plan_tiles_kernel(idx_mk: jax.Array, num_experts: int, block_m: int, *, interpret: bool = False) -> TilePlan:
+    """`plan_tiles` as one kernel launch (see PLAN_KERNEL_MAX_ROWS). Its table has a power-of-two length ≥
+    `num_tiles`: the tiles past that are unused (expert −1)."""
+    r = idx_mk.size
+    assert plan_kernel_supports(r, num_experts), (r, num_experts)
+    tp = pl.next_power_of_2(num_tiles(r, num_experts, block_m))
+    i32 = jnp.int32
+    table, order, pos = pl.pallas_call(
+        functools.partial(_plan_kernel, num_experts=num_experts, block_m=block_m, tiles_p=tp),
+        out_shape=[jax.ShapeDtypeStruct((4, tp), i32), jax.ShapeDtypeStruct((r,), i32),
+                   jax.ShapeDtypeStruct((r,), i32)],
+        compiler_params=pltriton.CompilerParams(num_warps=8, num_stages=1),
+        interpret=interpret,
+        name="moe_plan",
+    )(idx_mk.reshape(r).astype(i32))
+    return TilePlan(table, order, pos)
+
+
 def plan_padded(idx_mk: jax.Array, num_experts: int, block_m: int) -> tuple[TilePlan, jax.Array]:
     """Each expert's rows from a multiple of block_m (`moe.plan_sorted`'s blocks): one tile a block, its rows
     [0, bm) stored whole (padding rows compute on token 0 and are never read). Also returns the token of each
@@ -231,15 +303,17 @@ def _grouped_kernel(tab_ref, a_ref, *refs, n_b: int, bm: int, bn: int, bk: int, 
             _store_rows(o_smem, o_ref, block * bm, lo, hi, j * bn, bn, bm)
 
 
-def _grouped(table, a, bs, out_dtype, *, bn: int, cfg: MgpuMoeConfig, gelu: bool, interpret: bool, name: str):
-    """One grouped GEMM: for every tile, rows of `a` times its expert's [N, K] weight(s), rows [lo, hi) stored."""
+def _grouped(table, a, bs, out_dtype, *, bn: int, cfg: MgpuMoeConfig, gelu: bool, interpret: bool, name: str,
+             tiles: int):
+    """One grouped GEMM: for each of the first `tiles` tiles of `table`, rows of `a` times its expert's [N, K]
+    weight(s), rows [lo, hi) stored."""
     rp = a.shape[0]
     n = bs[0].shape[1]
     kernel = plgpu.kernel(
         functools.partial(_grouped_kernel, n_b=len(bs), bm=cfg.block_m, bn=bn, bk=cfg.block_k, stages=cfg.stages,
                           gelu=gelu),
         out_type=jax.ShapeDtypeStruct((rp, n), out_dtype),
-        grid=(table.shape[1], n // bn),
+        grid=(tiles, n // bn),
         grid_names=("t", "n"),
         kernel_name=name,
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
@@ -266,28 +340,34 @@ def _check(x, w, idx, gate, up, down, cfg: MgpuMoeConfig):
         raise ValueError(f"config {cfg} needs {smem_bytes(cfg)} bytes of shared memory, more than {SMEM_BYTES}")
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "plan_kernel"))
 def moe_experts_mgpu(x: jax.Array, w: jax.Array, idx: jax.Array, gate: jax.Array, up: jax.Array,
-                     down: jax.Array, *, config: MgpuMoeConfig | None = None, interpret: bool = False) -> jax.Array:
-    """Routed experts (as `moe.moe_experts`): x [M,D], w/idx [M,k], gate/up [E,F,D], down [E,D,F] → [M,D]."""
+                     down: jax.Array, *, config: MgpuMoeConfig | None = None, interpret: bool = False,
+                     plan_kernel: bool = False) -> jax.Array:
+    """Routed experts (as `moe.moe_experts`): x [M,D], w/idx [M,k], gate/up [E,F,D], down [E,D,F] → [M,D].
+    `plan_kernel`: the unpadded tile plan from `plan_tiles_kernel` where it applies (few rows)."""
     m, d = x.shape
     e, f = gate.shape[:2]
     k = idx.shape[1]
     cfg = config or default_config(m * k, d, f)
     _check(x, w, idx, gate, up, down, cfg)
-    plan, xs = make_plan(x, idx, e, cfg)
+    plan, xs = make_plan(x, idx, e, cfg, plan_kernel=plan_kernel, interpret=interpret)
     y = grouped_gemms(plan, xs, gate, up, down, cfg, interpret=interpret)
     ys = y[plan.pos].reshape(m, k, d)  # gather, weight and sum: one elementwise fusion, float32 throughout
     return jnp.sum(ys * w.astype(F32)[:, :, None], axis=1).astype(x.dtype)
 
 
-def make_plan(x: jax.Array, idx: jax.Array, num_experts: int, cfg: MgpuMoeConfig) -> tuple[TilePlan, jax.Array]:
+def make_plan(x: jax.Array, idx: jax.Array, num_experts: int, cfg: MgpuMoeConfig, *, plan_kernel: bool = False,
+              interpret: bool = False) -> tuple[TilePlan, jax.Array]:
     """The tile plan and the routed rows of x in its order (unpadded and rounded up to block_m, or padded)."""
     m, k = idx.shape
     if cfg.padded:
         plan, token = plan_padded(idx, num_experts, cfg.block_m)
         return plan, x[token]
-    plan = plan_tiles(idx, num_experts, cfg.block_m)
+    if plan_kernel and plan_kernel_supports(m * k, num_experts):
+        plan = plan_tiles_kernel(idx, num_experts, cfg.block_m, interpret=interpret)
+    else:
+        plan = plan_tiles(idx, num_experts, cfg.block_m)
     rp = -(-(m * k) // cfg.block_m) * cfg.block_m
     return plan, jnp.pad(x[plan.order // k], ((0, rp - m * k), (0, 0)))
 
@@ -295,7 +375,10 @@ def make_plan(x: jax.Array, idx: jax.Array, num_experts: int, cfg: MgpuMoeConfig
 def grouped_gemms(plan: TilePlan, xs: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
                   cfg: MgpuMoeConfig, *, interpret: bool = False) -> jax.Array:
     """The two kernels over a plan: unweighted expert outputs y (float32) by sorted row."""
+    # the plan's tiles (the kernel's table may run longer, with unused tiles: those are not launched)
+    r, e = plan.pos.shape[0], gate.shape[0]
+    tiles = plan.table.shape[1] if cfg.padded else num_tiles(r, e, cfg.block_m)
     h = _grouped(plan.table, xs, (gate, up), xs.dtype, bn=cfg.block_n_up, cfg=cfg, gelu=True, interpret=interpret,
-                 name="moe_mgpu_gate_up")
+                 name="moe_mgpu_gate_up", tiles=tiles)
     return _grouped(plan.table, h, (down,), F32, bn=cfg.block_n_down, cfg=cfg, gelu=False, interpret=interpret,
-                    name="moe_mgpu_down")
+                    name="moe_mgpu_down", tiles=tiles)

@@ -18,7 +18,7 @@ from hf_fixtures import FAMILIES, hf_logits, rel_err
 import gemma4_jax
 from gemma4_jax.kernels import MoeConfig, dispatch, moe_experts, moe_experts_reference, resolve_moe
 from gemma4_jax.kernels.moe import default_config, plan_rows, plan_sorted
-from gemma4_jax.kernels.moe_mgpu import MgpuMoeConfig, moe_experts_mgpu, plan_tiles
+from gemma4_jax.kernels.moe_mgpu import MgpuMoeConfig, moe_experts_mgpu, plan_tiles, plan_tiles_kernel
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
 # Small blocks: several column tiles, depth steps and row blocks even at these sizes.
@@ -260,6 +260,42 @@ def test_tile_plan(m, k, e):
     assert int((table[0] >= 0).sum()) == tiles <= table.shape[1]
 
 
+# (M, k, E, block_m, every row to one expert?): the decode step of 26B-A4B at batch 16 first
+PLAN_KERNEL_CASES = [(16, 8, 128, 64, False), (2, 8, 128, 64, False), (16, 8, 128, 128, False),
+                     (8, 2, 16, 64, True), (16, 2, 16, 64, False), (4, 4, 256, 64, False)]
+
+
+@pytest.mark.parametrize("m,k,e,bm,one", PLAN_KERNEL_CASES)
+def test_plan_kernel_equals_the_tile_plan(m, k, e, bm, one):
+    """The one-launch plan (Triton, interpreted) gives `plan_tiles`' table, order and pos exactly — experts with
+    no rows, one expert with every row, experts straddling blocks — and marks the tiles past them unused."""
+    rng = np.random.default_rng(m * 1000 + e + bm)
+    idx = _one_expert_everywhere(m, k, e) if one else np.stack([rng.permutation(e)[:k] for _ in range(m)])
+    idx = jnp.asarray(idx, jnp.int32)
+    want = plan_tiles(idx, e, bm)
+    got = plan_tiles_kernel(idx, e, bm, interpret=True)
+    t = want.table.shape[1]
+    np.testing.assert_array_equal(np.asarray(got.table)[:, :t], np.asarray(want.table))
+    assert (np.asarray(got.table)[0, t:] == -1).all() and got.table.shape[1] >= t
+    np.testing.assert_array_equal(np.asarray(got.order), np.asarray(want.order))
+    np.testing.assert_array_equal(np.asarray(got.pos), np.asarray(want.pos))
+
+
+def test_mosaic_moe_with_the_plan_kernel_matches_reference():
+    """The experts with the one-launch plan (both interpreted): 4 tokens × top 8 of 16 experts."""
+    x, w, idx, gate, up, down = _inputs(5, 4, 8, 16, 64, 64, jnp.bfloat16)
+    out = moe_experts_mgpu(x, w, idx, gate, up, down, interpret=True, plan_kernel=True)
+    ref = moe_experts_reference(x, w, idx, gate, up, down, precision=jax.lax.Precision.HIGHEST)
+    _check(out, ref, jnp.bfloat16)
+
+
+def test_plan_kernel_lowers_for_the_gpu():
+    """26B-A4B's batch-16 plan (128 routed rows, 128 experts) lowers to one Triton call on this CPU."""
+    text = plan_tiles_kernel.trace(jax.ShapeDtypeStruct((16, 8), jnp.int32), 128, 64).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("stablehlo.custom_call") == 1
+
+
 @pytest.mark.parametrize("tokens", [16, 2048])
 def test_mosaic_moe_lowers_for_the_gpu_at_real_shapes(tokens):
     """The Mosaic GPU kernels lower through Pallas at the real shapes on this CPU (wgmma shapes, swizzles and TMA
@@ -317,6 +353,15 @@ def test_model_with_mosaic_moe_kernels_matches_xla_experts(monkeypatch):
                                 np.float32)
     assert np.isfinite(got["mosaic"]).all()
     assert rel_err(got["mosaic"], got["xla"]) <= 3e-2
+    # 4 × 4 tokens, 32 routed rows a layer: the plan from its one-launch kernel (interpreted too)
+    ids = ids[:, :4].repeat(2, axis=0)[:4]
+    monkeypatch.setattr(dispatch, "MOE_PLAN_KERNEL", True)
+    for force in ("xla", "mosaic"):
+        monkeypatch.setattr(dispatch, "MOE_FORCE", force)
+        jax.clear_caches()
+        got[force] = np.asarray(Gemma4Model(model, RunConfig(dtype="bfloat16", attn_impl="xla")).logits(ids),
+                                np.float32)
+    assert np.isfinite(got["mosaic"]).all() and rel_err(got["mosaic"], got["xla"]) <= 3e-2
 
 
 def test_mosaic_moe_build_check_falls_back_with_a_warning():

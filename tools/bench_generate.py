@@ -90,6 +90,8 @@ def add_parser(sub) -> None:
                    help="run the decode-step projections through XLA (the path before the skinny kernel)")
     p.add_argument("--fused-projections", action="store_true",
                    help="q/k/v and gate/up in one skinny-kernel launch each, the norm inside (FUSED_PROJECTIONS)")
+    p.add_argument("--moe-plan-kernel", action="store_true",
+                   help="the Mosaic experts' tile plan as one kernel at few rows (dispatch.MOE_PLAN_KERNEL)")
     p.add_argument("--decode-scheduling", default=None, choices=["CONCURRENT", "LHS"],
                    help="XLA's command-buffer scheduling for the decode programs (programs.DECODE_SCHEDULING; "
                         "default: the library's)")
@@ -205,6 +207,7 @@ def _header(args, cfg) -> dict:
             "dense_impl": getattr(args, "dense_impl", None) or args.attn_impl,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "fused_projections": getattr(args, "fused_projections", False),
+            "moe_plan_kernel": getattr(args, "moe_plan_kernel", False),
             "decode_scheduling": getattr(args, "decode_scheduling", None) or _programs().DECODE_SCHEDULING}
 
 
@@ -252,6 +255,7 @@ def ours(args, start: float) -> dict:
     dispatch.MOE_FORCE = getattr(args, "moe_impl", None)
     dispatch.DENSE_FORCE = getattr(args, "dense_impl", None)
     dispatch.FUSED_PROJECTIONS = getattr(args, "fused_projections", False)
+    dispatch.MOE_PLAN_KERNEL = getattr(args, "moe_plan_kernel", False)
     if getattr(args, "decode_scheduling", None):
         _programs().DECODE_SCHEDULING = args.decode_scheduling
     res = _header(args, cfg)

@@ -284,7 +284,8 @@ class MoE(nnx.Module):
         choice = dispatch.resolve_moe(impl, d=d, f=f, rows=idx_mk.size, dtype=y_md.dtype)
         weights = (self.gate[...], self.up[...], self.down[...])
         if choice == "mosaic":
-            return moe_mgpu.moe_experts_mgpu(y_md, w_mk, idx_mk, *weights, interpret=dispatch.MOSAIC_INTERPRET)
+            return moe_mgpu.moe_experts_mgpu(y_md, w_mk, idx_mk, *weights, interpret=dispatch.MOSAIC_INTERPRET,
+                                             plan_kernel=dispatch.MOE_PLAN_KERNEL)
         if choice != "xla":
             return moe.moe_experts(y_md, w_mk, idx_mk, *weights, interpret=choice == "interpret")
         return moe.moe_experts_xla(y_md, w_mk, idx_mk, *weights,
