@@ -25,7 +25,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_common import kl_per_token, random_modules_f32_bf16, save_json, seconds_per_call
+from bench_common import device_seconds, kl_per_token, random_modules_f32_bf16, save_json, seconds_per_call
 
 
 def add_parser(sub) -> None:
@@ -42,6 +42,9 @@ def add_parser(sub) -> None:
     p.add_argument("--no-triton", action="store_true", help="skip the Triton kernels' sweep (keep their default)")
     p.add_argument("--gemm-only", action="store_true",
                    help="also time each default's two grouped-GEMM kernels alone (plan, gather and combine outside)")
+    p.add_argument("--plan", action="store_true",
+                   help="only the Mosaic path's tile plan (+ gather), XLA's against the one-launch kernel, and the "
+                        "routed experts with each, timed from a device trace")
     p.add_argument("--model-kl", type=int, default=0, metavar="L",
                    help="also: bf16 XLA experts vs bf16 kernels against a float32 forward, the preset cut to L layers")
     p.add_argument("--json", default=None)
@@ -74,6 +77,43 @@ def model_kl(preset_name: str, layers: int, tokens: int = 512, mosaic: bool = Fa
         print(f"  {name}: KL mean {kl.mean():.3e} p99 {np.percentile(kl, 99):.3e} max {kl.max():.3e}, "
               f"top-1 equal {out[name]['top1_equal']:.3f}", flush=True)
     dispatch.MOE_FORCE = None
+    return out
+
+
+def plan_rows_timed(m: int, d: int, e: int, k: int, key, weights) -> dict:
+    """At m tokens: the Mosaic path's plan and gathered rows by XLA and by `plan_tiles_kernel` (equal?), and the
+    routed experts with each, as device µs and kernels per call (`bench_common.device_seconds`)."""
+    from gemma4_jax.kernels import moe_mgpu as mos
+
+    kx, ki, kw = jax.random.split(jax.random.fold_in(key, 1000 + m), 3)
+    x = jax.random.normal(kx, (m, d), jnp.float32).astype(jnp.bfloat16)
+    idx = jax.vmap(lambda kk: jax.random.permutation(kk, e)[:k])(jax.random.split(ki, m)).astype(jnp.int32)
+    w = jax.random.uniform(kw, (m, k), jnp.float32, 0.1, 1.0)
+    cfg = mos.default_config(m * k, d, weights[0].shape[1])
+    out = {"tokens": m, "routed_rows": m * k, "kernel_applies": mos.plan_kernel_supports(m * k, e)}
+    if not out["kernel_applies"]:
+        return out
+    interp = jax.devices()[0].platform != "gpu"  # on a CPU: the plan alone, interpreted (a smoke run)
+    plans = {pk: jax.jit(lambda x_, i, pk=pk: mos.make_plan(x_, i, e, cfg, plan_kernel=pk, interpret=interp))
+             for pk in (False, True)}
+    (p0, xs0), (p1, xs1) = plans[False](x, idx), plans[True](x, idx)
+    t = p0.table.shape[1]
+    out["equal"] = bool(np.array_equal(np.asarray(p1.table)[:, :t], np.asarray(p0.table))
+                        and np.array_equal(np.asarray(p1.order), np.asarray(p0.order))
+                        and np.array_equal(np.asarray(p1.pos), np.asarray(p0.pos))
+                        and np.array_equal(np.asarray(xs1), np.asarray(xs0)))
+    jobs = [(plans[False], (x, idx)), (plans[True], (x, idx))]
+    names: tuple = ("plan_xla", "plan_kernel")
+    if not interp:
+        experts = {pk: jax.jit(lambda *a, pk=pk: mos.moe_experts_mgpu(*a, plan_kernel=pk)) for pk in (False, True)}
+        args = (x, w, idx, *weights)
+        y0, y1 = (np.asarray(experts[pk](*args), np.float32) for pk in (False, True))
+        out["experts_equal"] = bool(np.array_equal(y0, y1))
+        jobs += [(experts[False], args), (experts[True], args)]
+        names += ("experts_plan_xla", "experts_plan_kernel")
+    for name, r in zip(names, device_seconds(jobs, runs=20), strict=True):
+        out[name] = {"us": round(r["busy_us"], 2), "kernels": r["kernels"]}
+    print(f"  M={m}: {out}", flush=True)
     return out
 
 
@@ -146,6 +186,10 @@ def run(args) -> dict:
     res = dict(preset=args.preset, d=d, f=f, experts=e, top_k=k, card=dev.device_kind, jax=jax.__version__,
                date=time.strftime("%Y-%m-%d"), rows=[])
     print(f"{args.preset}: D={d} F={f} E={e} top-{k}, {dev.device_kind}", flush=True)
+    if args.plan:
+        res["plan"] = [plan_rows_timed(m, d, e, k, key, weights[0]) for m in (int(t) for t in args.tokens.split(","))]
+        save_json(res, args.json)
+        return res
     for m in [int(t) for t in args.tokens.split(",")]:
         kx, ki, kw = jax.random.split(jax.random.fold_in(key, 1000 + m), 3)
         x = jax.random.normal(kx, (m, d), jnp.float32).astype(bf)
