@@ -146,6 +146,32 @@ class Gemma4Model:
                                    seed=int(seed), stop_ids=stops, on_tokens=on_tokens, pipeline=self.pipeline,
                                    impl=self.run.attn_impl, soft_tokens=soft_tokens, timings=timings)
 
+    def generate_continuous(self, tokens, *, max_new_tokens, slots: int = 8, temperature: float = 0.0,
+                            top_k: int | None = None, top_p: float | None = None, seed: int = 0, stop_tokens=None,
+                            on_done=None) -> list[list[int]]:
+        """New tokens for each prompt (a list of id lists), decoded `slots` at a time with continuous batching
+        (`generation/engine.py`): when a sequence ends, the next prompt takes its slot. `max_new_tokens`: one
+        limit for all, or one per prompt. Greedy gives what `generate` gives; `on_done(i, tokens)` is called as
+        prompt i ends. pp = 1."""
+        from .generation.engine import run_slots
+
+        if self.pipeline is not None:
+            raise ConfigError("continuous batching runs at pp = 1; a pipelined model decodes in its ring: use "
+                              "generate")
+        if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__"):
+            raise ConfigError(f"tokens must be a list of id lists, got {type(tokens).__name__}")
+        prompts = [list(map(int, p)) for p in tokens]
+        limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        sampling = check_sampling(max_new_tokens=max(limits, default=1), temperature=temperature, top_k=top_k,
+                                  top_p=top_p, seed=seed, vocab=self.config.vocab_size)
+        for p in prompts:
+            self._check_tokens(np.asarray([p], dtype=np.int64))
+        stops = self.stop_tokens if stop_tokens is None else tuple(int(t) for t in stop_tokens)
+        with precision_scope(self.run.dtype):
+            return run_slots(self.graphdef, self.state, self.config, prompts, limits, slots=int(slots),
+                             context=self.context, dtype=DTYPES[self.run.dtype], sampling=sampling, seed=int(seed),
+                             stop_ids=stops, impl=self.run.attn_impl, on_done=on_done)
+
     def generate_text(self, prompts, *, chat: bool = True, thinking: bool = False, return_thoughts: bool = False,
                       max_new_tokens: int = 256, images=(), audio=(), max_soft_tokens: int = 280, **sampling):
         """Generate for prompts (strings, or message lists in transformers' format): chat template when `chat`,

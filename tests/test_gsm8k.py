@@ -139,3 +139,38 @@ def test_bad_inputs_give_one_sentence(tmp_path):
         assert "Traceback" not in r.stderr and words in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not os.path.exists(tmp_path / "r.json")
+
+
+@needs_data
+@pytest.mark.parametrize("shots", [0, 8])
+def test_engine_records_equal_static_batches(tmp_path, demo_model, monkeypatch, shots):
+    """Continuous batching (`--engine`) writes the same greedy records as static batches, zero-shot and 8-shot;
+    an interrupted engine run resumes to the same summary."""
+    import gemma4_jax
+
+    monkeypatch.setattr(gemma4_jax, "load", lambda *a, **k: demo_model)
+    kw = dict(limit=3 if shots else 5, batch_size=2, max_new_tokens=12 if shots else 20, shots=shots,
+              progress=False, log=lambda s: None)
+    static = gsm8k.run_eval(None, TEST, out=str(tmp_path / "static.json"), **kw)
+    engine = gsm8k.run_eval(None, TEST, out=str(tmp_path / "engine.json"), engine=True, **kw)
+    assert engine["records"] == static["records"]
+    if shots:
+        return
+
+    def interrupt(n_done):
+        if n_done >= 2:
+            raise KeyboardInterrupt
+
+    part = str(tmp_path / "part.json")
+    with pytest.raises(KeyboardInterrupt):
+        gsm8k.run_eval(None, TEST, out=part, on_batch=interrupt, engine=True, **kw)
+    assert len(gsm8k.read_records(gsm8k.records_path(part))) == 2
+    resumed = gsm8k.run_eval(None, TEST, out=part, resume=True, engine=True, **kw)
+    for key in ("accuracy", "correct", "total", "ci95", "records"):
+        assert resumed[key] == static[key], key
+
+
+def test_engine_with_the_pipeline_is_one_sentence(tmp_path):
+    r = _run("--data", str(tmp_path / "q.jsonl"), "--engine", "--pp", "2", "--out", str(tmp_path / "r.json"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "--engine runs at --pp 1" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not os.listdir(tmp_path)

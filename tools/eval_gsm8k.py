@@ -25,7 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="HF or converted checkpoint directory (default: the demo model)")
     p.add_argument("--data", default=None, help="GSM8K JSON-lines file (default: openai/gsm8k via `datasets`)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="questions decoded together (slots, with --engine)")
+    p.add_argument("--engine", action="store_true",
+                   help="continuous batching: a question's slot takes the next question as soon as its answer ends "
+                        "(--pp 1; the same greedy answers as static batches)")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--out", default="gsm8k_results.json", help="JSON summary (records go beside it)")
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None, interrupts=None) -> int:
         run_eval(args.model, args.data, out=args.out, limit=args.limit, batch_size=args.batch_size, pp=args.pp,
                  max_new_tokens=args.max_new_tokens, shots=args.shots, shots_data=args.shots_data,
                  resume=args.resume, dtype=args.dtype, progress=not args.quiet and writer, write=writer,
-                 on_batch=on_batch, thinking=args.think)
+                 on_batch=on_batch, thinking=args.think, engine=args.engine)
     except Gemma4Error as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -203,8 +203,12 @@ def read_records(path: str) -> list[dict]:
 def evaluate(model, examples: Sequence[dict], *, batch_size: int = 8, max_new_tokens: int = 256,
              shots: Sequence[dict] = (), records_file: str | None = None, resume: bool = False,
              progress: bool = True, on_batch: Callable[[int], None] | None = None, write: bool = True,
-             settings: dict | None = None, thinking: bool = False) -> dict:
+             settings: dict | None = None, thinking: bool = False, engine: bool = False) -> dict:
     """Greedy-generate an answer to every example and score it; returns the summary dict.
+
+    `engine`: continuous batching (`Gemma4Model.generate_continuous`, pp = 1) with `batch_size` slots instead of
+    static batches: a question's slot takes the next question as soon as its answer ends. Greedy answers are the
+    same either way; records are written after every `batch_size` answers.
 
     With `thinking`, the template's thinking mode is on and the answer is extracted from the text after the
     thought channel only (the record keeps the thoughts apart).
@@ -239,32 +243,56 @@ def evaluate(model, examples: Sequence[dict], *, batch_size: int = 8, max_new_to
     todo = [i for i in range(len(examples)) if i not in done]
     tok, stops = model.tokenizer, set(model.stop_tokens)
 
+    if engine and model.pipeline is not None:
+        raise DataError("--engine runs at --pp 1 (a pipelined model decodes in its ring); drop one of them")
+
     bar = None
     if progress:
 
         bar = tqdm(total=len(examples), initial=len(done), desc="gsm8k", unit="q")
-    t0 = time.perf_counter()
-    for start in range(0, len(todo), batch_size):
-        idx = todo[start:start + batch_size]
-        ids = [prompt_ids(tok, examples[i]["question"], shots, thinking) for i in idx]
-        outs = model.generate(ids, max_new_tokens=max_new_tokens, temperature=0.0)
-        for i, o in zip(idx, outs, strict=True):
-            thoughts, text = split_thoughts(tok.decode([t for t in o if t not in stops]))
-            ref = reference_answer(examples[i]["answer"])
-            got = extract_answer(text)
-            done[i] = {"index": i, "question": examples[i]["question"], "reference": ref, "output": text,
-                       "extracted": got, "correct": got is not None and Decimal(got) == Decimal(ref),
-                       "settings": settings}
-            if thinking:
-                done[i]["thoughts"] = thoughts
+
+    def record(i: int, o: list[int]) -> None:
+        thoughts, text = split_thoughts(tok.decode([t for t in o if t not in stops]))
+        ref = reference_answer(examples[i]["answer"])
+        got = extract_answer(text)
+        done[i] = {"index": i, "question": examples[i]["question"], "reference": ref, "output": text,
+                   "extracted": got, "correct": got is not None and Decimal(got) == Decimal(ref),
+                   "settings": settings}
+        if thinking:
+            done[i]["thoughts"] = thoughts
+
+    def finished(n: int) -> None:  # n more answers recorded
         if records_file and write:
             atomic_write(records_file, "".join(json.dumps(done[i]) + "\n" for i in sorted(done)))
         if bar is not None:
             correct = sum(r["correct"] for r in done.values())
-            bar.update(len(idx))
+            bar.update(n)
             bar.set_postfix(acc=f"{correct / len(done):.3f}")
         if on_batch is not None:
             on_batch(len(done))
+
+    t0 = time.perf_counter()
+    if engine:
+        unsaved: list[int] = []
+
+        def on_done(j: int, o: list[int]) -> None:
+            record(todo[j], o)
+            unsaved.append(j)
+            if len(unsaved) >= batch_size:
+                finished(len(unsaved))
+                unsaved.clear()
+
+        ids = [prompt_ids(tok, examples[i]["question"], shots, thinking) for i in todo]
+        model.generate_continuous(ids, max_new_tokens=max_new_tokens, slots=batch_size, on_done=on_done)
+        if unsaved:
+            finished(len(unsaved))
+    for start in range(0, len(todo) if not engine else 0, batch_size):
+        idx = todo[start:start + batch_size]
+        ids = [prompt_ids(tok, examples[i]["question"], shots, thinking) for i in idx]
+        outs = model.generate(ids, max_new_tokens=max_new_tokens, temperature=0.0)
+        for i, o in zip(idx, outs, strict=True):
+            record(i, o)
+        finished(len(idx))
     if bar is not None:
         bar.close()
     records = [done[i] for i in sorted(done)]
@@ -296,13 +324,15 @@ def run_eval(model_path: str | None, data: str | None, *, out: str, limit: int |
              pp: int = 1, max_new_tokens: int = 256, shots: int = 0, shots_data: str | None = None,
              resume: bool = False, dtype: str | None = None, progress: bool = True,
              log: Callable[[str], None] = print, on_batch: Callable[[int], None] | None = None,
-             write: bool = True, thinking: bool = False) -> dict:
+             write: bool = True, thinking: bool = False, engine: bool = False) -> dict:
     """What `tools/eval_gsm8k.py` does: load model and data, evaluate, write the summary (atomically).
     `write=False` (the hosts other than process 0) computes the same and writes and logs nothing."""
     if limit is not None and limit < 1:
         raise DataError(f"--limit must be at least 1, got {limit}")
     if shots < 0:
         raise DataError(f"--shots must be 0 or more, got {shots}")
+    if engine and pp > 1:
+        raise DataError("--engine runs at --pp 1 (a pipelined model decodes in its ring); drop one of them")
     examples = read_jsonl(data) if data else load_hf_gsm8k("test")
     if limit is not None:
         examples = examples[:limit]
@@ -319,7 +349,7 @@ def run_eval(model_path: str | None, data: str | None, *, out: str, limit: int |
     path = model.path
     summary = evaluate(model, examples, batch_size=batch_size, max_new_tokens=max_new_tokens, shots=few,
                        records_file=records_file, resume=resume, progress=progress, on_batch=on_batch, write=write,
-                       settings={"model": os.path.abspath(path)}, thinking=thinking)
+                       settings={"model": os.path.abspath(path)}, thinking=thinking, engine=engine)
     summary = {"model": path, "data": data or "openai/gsm8k:test", "limit": limit, **summary}
     if not write:
         return summary
