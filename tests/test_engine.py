@@ -67,3 +67,59 @@ def test_bad_input_and_the_pipeline_are_refused(demo):
     piped = gemma4_jax.load(progress=False, pp=2)
     with pytest.raises(ConfigError, match="pp = 1"):
         piped.generate_continuous([[5, 6]], max_new_tokens=2)
+
+
+def test_a_shared_prefix_is_computed_once(demo):
+    """Prompts that share 150 leading tokens: the prefix is prefilled once (stats say so) and every answer is
+    still `generate`'s for the whole prompt."""
+    rng = np.random.default_rng(4)
+    head = rng.integers(3, 200, size=150).tolist()
+    prompts = [head + rng.integers(3, 200, size=int(k)).tolist() for k in (5, 17, 1, 30)]
+    limits = [6, 12, 3, 9]
+    stats = {}
+    got = demo.generate_continuous(prompts, max_new_tokens=limits, slots=2, stop_tokens=(), shared_prefix=True,
+                                   stats=stats)
+    assert got == [demo.generate([p], max_new_tokens=m, stop_tokens=())[0] for p, m in zip(prompts, limits,
+                                                                                              strict=True)]
+    assert stats == {"prefix_tokens": 150, "prompt_tokens": sum(map(len, prompts)),
+                     "prefill_tokens": 150 + 5 + 17 + 1 + 30}
+
+
+@pytest.mark.parametrize("family", ["e2b", "26b-a4b"])
+def test_extend_continues_a_prefill(family):
+    """A prompt prefilled in two pieces (`loop.extend` after `prefill`) gives the logits of prefilling it whole,
+    and the same cache for decoding: sliding layers' ring buffers wrapped by both pieces, KV-shared layers (E2B
+    family), MoE and k_eq_v full layers (26B-A4B family); float32, norms and scalars perturbed."""
+    import jax.numpy as jnp
+    from hf_fixtures import FAMILIES
+
+    from gemma4_jax.config import Gemma4Config
+    from gemma4_jax.generation.cache import init_cache
+    from gemma4_jax.generation.loop import bucket, decode_logits, extend, prefill
+    from gemma4_jax.model.text import split
+    from gemma4_jax.testing.synthetic import random_model
+
+    cfg = Gemma4Config.from_hf_dict(FAMILIES[family], name=family)
+    graphdef, params = split(random_model(cfg, jnp.float32))
+    window = min(s.window for s in cfg.layers if s.window is not None)
+    prompt = np.random.default_rng(5).integers(3, cfg.vocab_size, size=3 * window + 5).tolist()
+    cut, length = 2 * window + 3, 64 * ((3 * window + 5) // 64 + 2)
+
+    def run(pieces):
+        cache, start, logits = init_cache(cfg, 1, length, jnp.float32), 0, None
+        for i, piece in enumerate(pieces):
+            ids = np.zeros((1, bucket(len(piece))), np.int32)
+            ids[0, :len(piece)] = piece
+            n = jnp.asarray([len(piece)], jnp.int32)
+            if i == 0:
+                logits, cache = prefill(graphdef, params, jnp.asarray(ids), n, cache, impl="xla")
+            else:
+                logits, cache = extend(graphdef, params, jnp.asarray(ids), jnp.asarray([start], jnp.int32), n,
+                                       cache, impl="xla")
+            start += len(piece)
+        nxt, _ = decode_logits(graphdef, params, cache, jnp.asarray([7]), jnp.asarray([start]), impl="xla")
+        return np.asarray(logits), np.asarray(nxt)
+
+    whole, pieces = run([prompt]), run([prompt[:cut], prompt[cut:]])
+    for a, b in zip(whole, pieces, strict=True):
+        assert np.max(np.abs(a - b)) <= 1e-4 * np.max(np.abs(a)), np.max(np.abs(a - b))

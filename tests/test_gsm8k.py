@@ -154,6 +154,10 @@ def test_engine_records_equal_static_batches(tmp_path, demo_model, monkeypatch, 
     static = gsm8k.run_eval(None, TEST, out=str(tmp_path / "static.json"), **kw)
     engine = gsm8k.run_eval(None, TEST, out=str(tmp_path / "engine.json"), engine=True, **kw)
     assert engine["records"] == static["records"]
+    pre = engine["prefill"]  # the shared prompt head (8 worked examples with shots) computed once
+    assert 0 < pre["prefix_tokens"] and pre["prefill_tokens"] == pre["prompt_tokens"] - 2 * pre["prefix_tokens"]
+    if shots:
+        assert pre["prefix_tokens"] > 500
     if shots:
         return
 

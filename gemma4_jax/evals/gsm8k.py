@@ -207,8 +207,10 @@ def evaluate(model, examples: Sequence[dict], *, batch_size: int = 8, max_new_to
     """Greedy-generate an answer to every example and score it; returns the summary dict.
 
     `engine`: continuous batching (`Gemma4Model.generate_continuous`, pp = 1) with `batch_size` slots instead of
-    static batches: a question's slot takes the next question as soon as its answer ends. Greedy answers are the
-    same either way; records are written after every `batch_size` answers.
+    static batches: a question's slot takes the next question as soon as its answer ends, and the prompt tokens
+    all questions share (the few-shot block) are prefilled once (`prefill` in the summary: tokens computed, and
+    without the shared prefix). Greedy answers are the same either way; records are written after every
+    `batch_size` answers.
 
     With `thinking`, the template's thinking mode is on and the answer is extracted from the text after the
     thought channel only (the record keeps the thoughts apart).
@@ -272,6 +274,7 @@ def evaluate(model, examples: Sequence[dict], *, batch_size: int = 8, max_new_to
             on_batch(len(done))
 
     t0 = time.perf_counter()
+    prefill_stats: dict = {}
     if engine:
         unsaved: list[int] = []
 
@@ -283,7 +286,8 @@ def evaluate(model, examples: Sequence[dict], *, batch_size: int = 8, max_new_to
                 unsaved.clear()
 
         ids = [prompt_ids(tok, examples[i]["question"], shots, thinking) for i in todo]
-        model.generate_continuous(ids, max_new_tokens=max_new_tokens, slots=batch_size, on_done=on_done)
+        model.generate_continuous(ids, max_new_tokens=max_new_tokens, slots=batch_size, on_done=on_done,
+                                  shared_prefix=True, stats=prefill_stats)
         if unsaved:
             finished(len(unsaved))
     for start in range(0, len(todo) if not engine else 0, batch_size):
@@ -301,7 +305,8 @@ def evaluate(model, examples: Sequence[dict], *, batch_size: int = 8, max_new_to
     lo, hi = wilson_interval(correct, total)
     return {"accuracy": correct / total if total else 0.0, "correct": correct, "total": total,
             "ci95": [lo, hi], "shots": len(shots), "max_new_tokens": max_new_tokens,
-            "elapsed_s": round(time.perf_counter() - t0, 2), "records_file": records_file, "records": records}
+            "elapsed_s": round(time.perf_counter() - t0, 2), "records_file": records_file,
+            **({"prefill": prefill_stats} if prefill_stats else {}), "records": records}
 
 
 def check_out(out: str) -> str:

@@ -78,6 +78,48 @@ class PrefillAttender(FullAttender):
         return out
 
 
+class ExtendAttender(Attender):
+    """A chunk of tokens per sequence at positions `pos` [B,T] that continue what the cache holds (a prompt after
+    its shared prefix): each layer attends over the cache's keys and the chunk's own, then stores the chunk.
+
+    `lengths` [B]: the chunk's true lengths (tokens past them are padding: never attended, never stored). XLA
+    attention over the concatenated keys, masked by positions (empty slots −1, windows); a ring buffer takes only
+    the chunk's latest positions, after the chunk attended to what they replace.
+    """
+
+    def __init__(self, cache: KVCache, pos_bt: jax.Array, lengths_b: jax.Array, impl: str = "auto"):
+        self.cache, self.pos, self.impl = KVCache(dict(cache.layers)), pos_bt, impl
+        self.lengths = lengths_b
+        self.valid = jnp.arange(pos_bt.shape[1], dtype=jnp.int32)[None, :] < lengths_b[:, None]
+        self.keys: dict[int, tuple] = {}  # source layer -> (k, v, key positions) over the cache and the chunk
+
+    def __call__(self, spec, q, kv):
+        if kv is not None:
+            entry = self.cache.layers[str(spec.index)]
+            k_pos = jnp.concatenate([entry.pos, jnp.where(self.valid, self.pos, -1)], axis=1)
+            self.keys[spec.index] = (jnp.concatenate([entry.k, kv[0].astype(entry.k.dtype)], axis=1),
+                                     jnp.concatenate([entry.v, kv[1].astype(entry.v.dtype)], axis=1), k_pos)
+            self.cache.layers[str(spec.index)] = store_chunk(entry, *kv, self.pos[:, 0], self.lengths)
+        k, v, k_pos = self.keys[spec.kv_source]
+        return attention(q, k, v, attention_mask(self.pos, k_pos, spec.window, k_pos >= 0))
+
+
+def store_chunk(entry: LayerCache, k_btkh, v_btkh, start_b, lengths_b) -> LayerCache:
+    """Store a chunk's K/V [B,T,K,H] (positions start..start+length−1) into a layer's cache: slot j takes the
+    latest chunk position p ≡ j (mod S), if any; the other slots keep what they hold."""
+    t = k_btkh.shape[1]
+    s = entry.k.shape[1]
+    j = jnp.arange(s, dtype=jnp.int32)[None, :]
+    last = (start_b + lengths_b - 1)[:, None]
+    p = j + s * jnp.floor_divide(last - j, s)  # [B,S]: the latest position ≤ last held by slot j
+    ok = (p >= start_b[:, None]) & (lengths_b[:, None] > 0)
+    src = jnp.clip(p - start_b[:, None], 0, t - 1)
+    take = jax.vmap(lambda x, i: x[i])
+    return LayerCache(jnp.where(ok[..., None, None], take(k_btkh, src).astype(entry.k.dtype), entry.k),
+                      jnp.where(ok[..., None, None], take(v_btkh, src).astype(entry.v.dtype), entry.v),
+                      jnp.where(ok, p, entry.pos).astype(jnp.int32))
+
+
 class DecodeAttender(Attender):
     """One new token per sequence at positions `pos` [B,1]: write K/V into the slot, attend the cache.
 

@@ -11,6 +11,10 @@ Greedy decoding gives the tokens `generate` gives for the same prompt (each row 
 its own: masks come from each slot's positions). With sampling, each sequence draws from its own key
 (`seed` folded with the prompt's index), so samples differ from those of a static batch.
 
+With `shared_prefix`, the tokens every prompt begins with (a few-shot block) are prefilled once; each prompt's
+cache row starts as a copy of that one and only its own tokens are computed (`loop.extend`: they attend over the
+prefix's cache, ring buffers included).
+
 pp = 1 only (the pipeline's ring has its own batch). The whole job shares one cache length: the longest prompt
 plus its limit, rounded up as `generate` rounds it.
 """
@@ -28,7 +32,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..model.text import merge
 from .cache import KVCache, init_cache
-from .loop import bucket, decode_step, prefill, sample
+from .loop import bucket, decode_step, extend, prefill, sample
 from .options import Sampling
 from .programs import program
 
@@ -98,9 +102,12 @@ def _insert(state: SlotState, one: KVCache, logits_1v, slot, length, limit, stop
 
 def run_slots(graphdef, params, cfg, prompts: Sequence[Sequence[int]], limits: Sequence[int], *, slots: int,
               context: int, dtype, sampling: Sampling, seed: int, stop_ids: tuple[int, ...], impl: str = "auto",
-              chunk: int = 8, on_done: Callable[[int, list[int]], None] | None = None) -> list[list[int]]:
+              chunk: int = 8, on_done: Callable[[int, list[int]], None] | None = None, shared_prefix: bool = False,
+              stats: dict | None = None) -> list[list[int]]:
     """The new tokens of every prompt (prompt i gets at most `limits[i]`, ends after its first stop token, kept),
-    decoded `slots` at a time with continuous batching. `on_done(i, tokens)` is called as each one ends."""
+    decoded `slots` at a time with continuous batching. `on_done(i, tokens)` is called as each one ends.
+    `stats`, when given, receives `prefix_tokens` and `prefill_tokens` (prompt tokens computed) beside
+    `prompt_tokens` (what prefilling every prompt whole computes)."""
     n = len(prompts)
     if len(limits) != n:
         raise ConfigError(f"{n} prompts but {len(limits)} token limits")
@@ -123,6 +130,28 @@ def run_slots(graphdef, params, cfg, prompts: Sequence[Sequence[int]], limits: S
                       jnp.zeros((slots,), jnp.int32), jnp.ones((slots,), bool), jnp.zeros((slots, width), jnp.int32),
                       jnp.zeros((slots,), jnp.int32), jnp.ones((slots,), jnp.int32),
                       jax.random.split(base, slots))
+    shared = common_prefix(prompts) if shared_prefix else 0
+    if shared:
+        ids = np.zeros((1, min(bucket(shared), context)), np.int32)
+        ids[0, :shared] = prompts[0][:shared]
+        _, prefix_cache = prefill(graphdef, params, jnp.asarray(ids), jnp.asarray([shared], jnp.int32),
+                                  init_cache(cfg, 1, max_len, dtype), impl=impl)
+    if stats is not None:
+        stats.update(prefix_tokens=shared, prompt_tokens=sum(map(len, prompts)),
+                     prefill_tokens=shared + sum(len(p) - shared for p in prompts))
+
+    def prefill_one(p: Sequence[int]):
+        """Last-token logits [1,V] and the one-row cache of prompt p (its shared prefix copied, not computed)."""
+        rest = p[shared:]
+        ids = np.zeros((1, min(bucket(len(rest)), context)), np.int32)
+        ids[0, :len(rest)] = rest
+        if shared:
+            one = jax.tree.map(jnp.copy, prefix_cache)  # extend donates its cache: the prefix's stays
+            return extend(graphdef, params, jnp.asarray(ids), jnp.asarray([shared], jnp.int32),
+                          jnp.asarray([len(rest)], jnp.int32), one, impl=impl)
+        return prefill(graphdef, params, jnp.asarray(ids), jnp.asarray([len(rest)], jnp.int32),
+                       init_cache(cfg, 1, max_len, dtype), impl=impl)
+
     pending = collections.deque(range(n))
     held: list[int | None] = [None] * slots  # the prompt each slot decodes
     results: list[list[int] | None] = [None] * n
@@ -139,15 +168,9 @@ def run_slots(graphdef, params, cfg, prompts: Sequence[Sequence[int]], limits: S
         for s in range(slots):
             if held[s] is None and pending:
                 i = pending.popleft()
-                p = prompts[i]
-                t = min(bucket(len(p)), context)
-                ids = np.zeros((1, t), np.int32)
-                ids[0, :len(p)] = p
-                one = init_cache(cfg, 1, max_len, dtype)
-                logits, one = prefill(graphdef, params, jnp.asarray(ids), jnp.asarray([len(p)], jnp.int32), one,
-                                      impl=impl)
-                state = _insert(state, one, logits, jnp.int32(s), jnp.int32(len(p)), jnp.int32(limits[i]), stops,
-                                jax.random.fold_in(base, i), sampling)
+                logits, one = prefill_one(prompts[i])
+                state = _insert(state, one, logits, jnp.int32(s), jnp.int32(len(prompts[i])), jnp.int32(limits[i]),
+                                stops, jax.random.fold_in(base, i), sampling)
                 held[s] = i
         done, step = np.asarray(state.done), np.asarray(state.step)
         if all(i is None or done[s] for s, i in enumerate(held)):  # every held sequence ended at its first token
@@ -158,6 +181,19 @@ def run_slots(graphdef, params, cfg, prompts: Sequence[Sequence[int]], limits: S
         if any(i is not None and done[s] for s, i in enumerate(held)):
             harvest(done, step, np.asarray(state.out))
     return [_cut(r, stop_ids) for r in results]
+
+
+def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all prompts share, leaving each at least one of its own (0 for a single prompt)."""
+    if len(prompts) < 2:
+        return 0
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        k = 0
+        while k < n and p[k] == first[k]:
+            k += 1
+        n = k
+    return max(n, 0)
 
 
 def _cut(tokens: list[int], stop_ids: tuple[int, ...]) -> list[int]:

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..model.text import merge
-from .cache import DecodeAttender, KVCache, PrefillAttender, init_cache
+from .cache import DecodeAttender, ExtendAttender, KVCache, PrefillAttender, init_cache
 from .options import Sampling  # noqa: F401 (re-exported: the sampling options live there)
 from .programs import program
 
@@ -75,6 +75,18 @@ def prefill(graphdef, params, ids_bt, lengths_b, cache: KVCache, impl: str = "au
     attender = PrefillAttender(cache, pos, lengths_b, impl, model.blocks(mm))
     x = model.decode_layers(ids_bt, pos, attender, mm)
     last = jnp.take_along_axis(x, (lengths_b - 1)[:, None, None], axis=1)  # [B,1,D]
+    return model.head(last)[:, 0], attender.cache
+
+
+@program(static_argnums=0, static_argnames="impl", donate_argnums=(5,))
+def extend(graphdef, params, ids_bt, start_b, lengths_b, cache: KVCache, impl: str = "auto"):
+    """Run chunks [B,T] (true lengths [B]) that continue the cache's sequences from positions `start` [B] (a
+    prompt after its shared prefix); store them; return each chunk's last-token logits [B,V]."""
+    model = merge(graphdef, params)
+    pos = start_b[:, None] + jnp.arange(ids_bt.shape[1], dtype=jnp.int32)[None, :]
+    attender = ExtendAttender(cache, pos, lengths_b, impl)
+    x = model.decode_layers(ids_bt, pos, attender)
+    last = jnp.take_along_axis(x, (lengths_b - 1)[:, None, None], axis=1)
     return model.head(last)[:, 0], attender.cache
 
 
