@@ -32,29 +32,18 @@ import numpy as np
 from ..errors import ConfigError
 from ..model.text import merge
 from .cache import KVCache, init_cache
-from .loop import bucket, decode_step, extend, prefill, sample
+from .loop import DecodeState, bucket, decode_step, extend, prefill, sample
 from .options import Sampling
 from .programs import program
 
 
 @jax.tree_util.register_dataclass
 @dataclass
-class SlotState:
-    """The slots' decode state (donated between calls).
+class SlotState(DecodeState):
+    """`loop.DecodeState` with every field per slot (donated between calls): step [S] the slot's tokens so far,
+    key [S] its PRNG key, done [S] its sequence ended (or the slot is free), and limit [S] its token limit."""
 
-    cache: KVCache [S, …];  token: [S] last token (fed next);  pos: [S] its position;  done: [S] the slot's
-    sequence ended (or the slot is free);  out: [S, N] its tokens so far;  step: [S] how many;  limit: [S] its
-    token limit;  keys: [S] its PRNG key.
-    """
-
-    cache: KVCache
-    token: jax.Array
-    pos: jax.Array
-    done: jax.Array
-    out: jax.Array
-    step: jax.Array
     limit: jax.Array
-    keys: jax.Array
 
 
 def _sample_rows(logits_sv, keys_s, step_s, sampling: Sampling):
@@ -76,13 +65,13 @@ def slots_chunk(graphdef, params, state: SlotState, stop_ids, sampling: Sampling
     def body(st: SlotState, _):
         logits, cache = decode_step(model, st.cache, st.token, st.pos, impl)
         live = ~st.done
-        tok = _sample_rows(logits, st.keys, st.step, sampling)
+        tok = _sample_rows(logits, st.key, st.step, sampling)
         col = jnp.minimum(st.step, st.out.shape[1] - 1)
         out = st.out.at[rows, col].set(jnp.where(live, tok, st.out[rows, col]))
         n = live.astype(jnp.int32)
         done = st.done | (live & (jnp.isin(tok, stop_ids) | (st.step + 1 >= st.limit)))
-        return SlotState(cache, jnp.where(live, tok, st.token), st.pos + n, done, out, st.step + n, st.limit,
-                         st.keys), None
+        return SlotState(cache, jnp.where(live, tok, st.token), st.pos + n, done, out, st.step + n, st.key,
+                         st.limit), None
 
     return jax.lax.scan(body, state, None, length=steps)[0]
 
@@ -96,8 +85,8 @@ def _insert(state: SlotState, one: KVCache, logits_1v, slot, length, limit, stop
     out = state.out.at[slot].set(jnp.zeros_like(state.out[slot]).at[0].set(tok))
     ended = jnp.isin(tok, stop_ids) | (limit <= 1)
     return SlotState(cache, state.token.at[slot].set(tok), state.pos.at[slot].set(length),
-                     state.done.at[slot].set(ended), out, state.step.at[slot].set(1),
-                     state.limit.at[slot].set(limit), state.keys.at[slot].set(key))
+                     state.done.at[slot].set(ended), out, state.step.at[slot].set(1), state.key.at[slot].set(key),
+                     state.limit.at[slot].set(limit))
 
 
 def run_slots(graphdef, params, cfg, prompts: Sequence[Sequence[int]], limits: Sequence[int], *, slots: int,
@@ -128,8 +117,7 @@ def run_slots(graphdef, params, cfg, prompts: Sequence[Sequence[int]], limits: S
     base = jax.random.key(seed)
     state = SlotState(init_cache(cfg, slots, max_len, dtype), jnp.zeros((slots,), jnp.int32),
                       jnp.zeros((slots,), jnp.int32), jnp.ones((slots,), bool), jnp.zeros((slots, width), jnp.int32),
-                      jnp.zeros((slots,), jnp.int32), jnp.ones((slots,), jnp.int32),
-                      jax.random.split(base, slots))
+                      jnp.zeros((slots,), jnp.int32), jax.random.split(base, slots), jnp.ones((slots,), jnp.int32))
     shared = common_prefix(prompts) if shared_prefix else 0
     if shared:
         ids = np.zeros((1, min(bucket(shared), context)), np.int32)
