@@ -57,6 +57,15 @@ def test_trace_summary_classes_and_idle_time():
     assert _idle_us([(0, 10), (5, 12), (20, 25), (30, 31)]) == 8 + 5
 
 
+@pytest.mark.skipif(not os.path.exists("/work/shared/data/gsm8k/test.jsonl"), reason="GSM8K data not present")
+def test_bench_eval_runs(tmp_path):
+    res = _bench(["eval", "--config", DEMO, "--data", "/work/shared/data/gsm8k/test.jsonl", "--questions", "2",
+                  "--shots", "0", "--slots", "2", "--max-new-tokens", "4"], tmp_path)
+    assert set(res["modes"]) == {"static", "engine"} and 0 <= res["same_answers"] <= 1
+    eng = res["modes"]["engine"]
+    assert eng["questions_s"] > 0 and 0 < eng["prefix_tokens"] and eng["prefill_tokens"] < eng["prompt_tokens"]
+
+
 def test_trace_bursts_split_at_idle_gaps():
     from trace_summary import bursts
 

@@ -1,5 +1,5 @@
-"""Benchmarks, one subcommand each: `python tools/bench.py SUBCOMMAND ...` (see --help; attention, dense, generate,
-moe, numerics, pipeline, towers).
+"""Benchmarks, one subcommand each: `python tools/bench.py SUBCOMMAND ...` (see --help; attention, dense, eval,
+generate, moe, numerics, pipeline, towers).
 
 Run from the repository root with PYTHONPATH=. on a GPU. Each subcommand lives in its own module
 (`tools/bench_<name>.py`) exposing `add_parser(subparsers)`, which sets `func` to run it; what they share (the
@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_attention  # noqa: E402
 import bench_dense  # noqa: E402
+import bench_eval  # noqa: E402
 import bench_generate  # noqa: E402
 import bench_moe  # noqa: E402
 import bench_numerics  # noqa: E402
@@ -28,6 +29,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     bench_attention.add_parser(sub)
     bench_dense.add_parser(sub)
+    bench_eval.add_parser(sub)
     bench_generate.add_parser(sub)
     bench_moe.add_parser(sub)
     bench_numerics.add_parser(sub)
