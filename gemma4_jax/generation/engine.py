@@ -89,6 +89,12 @@ def _insert(state: SlotState, one: KVCache, logits_1v, slot, length, limit, stop
                      state.limit.at[slot].set(limit))
 
 
+@jax.jit
+def _copy(tree):
+    """A fresh copy of every array of `tree` (one program, not one per array)."""
+    return jax.tree.map(jnp.copy, tree)
+
+
 def run_slots(graphdef, params, cfg, prompts: Sequence[Sequence[int]], limits: Sequence[int], *, slots: int,
               context: int, dtype, sampling: Sampling, seed: int, stop_ids: tuple[int, ...], impl: str = "auto",
               chunk: int = 8, on_done: Callable[[int, list[int]], None] | None = None, shared_prefix: bool = False,
@@ -134,7 +140,7 @@ def run_slots(graphdef, params, cfg, prompts: Sequence[Sequence[int]], limits: S
         ids = np.zeros((1, min(bucket(len(rest)), context)), np.int32)
         ids[0, :len(rest)] = rest
         if shared:
-            one = jax.tree.map(jnp.copy, prefix_cache)  # extend donates its cache: the prefix's stays
+            one = _copy(prefix_cache)  # extend donates its cache: the prefix's stays
             return extend(graphdef, params, jnp.asarray(ids), jnp.asarray([shared], jnp.int32),
                           jnp.asarray([len(rest)], jnp.int32), one, impl=impl)
         return prefill(graphdef, params, jnp.asarray(ids), jnp.asarray([len(rest)], jnp.int32),
