@@ -83,6 +83,9 @@ def read_prompts(args: argparse.Namespace, stdin, err) -> list[str]:
 
 def check_args(args: argparse.Namespace) -> None:
     """Everything about the flags that can be checked before the model loads (minutes, for a real one)."""
+    from .parallel.cluster import check_cluster_args
+
+    check_cluster_args(args)
     check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed)
     if args.pp < 1:

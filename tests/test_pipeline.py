@@ -225,11 +225,16 @@ def test_generate_cli_across_processes():
 
 
 def test_generate_cli_cluster_flags_go_together(capsys):
+    """Refused with the other flag checks, before the compile cache is set up (in this process: a later test's
+    generation must not find a program store it did not ask for)."""
     from gemma4_jax.generate import main
+    from gemma4_jax.generation import programs
 
+    before = os.environ.get(programs.ENV)
     assert main(["--prompt", "hi", "--coordinator", "localhost:1234"]) == 1
     err = capsys.readouterr().err.strip()
     assert err == "error: --coordinator, --num-processes and --process-id go together"
+    assert os.environ.get(programs.ENV) == before
 
 
 def test_gsm8k_eval_across_processes(tmp_path):

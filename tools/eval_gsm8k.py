@@ -53,8 +53,10 @@ def main(argv: list[str] | None = None, interrupts=None) -> int:
     from gemma4_jax.cli import use_compile_cache
     from gemma4_jax.errors import Gemma4Error
     from gemma4_jax.evals.gsm8k import run_eval
+    from gemma4_jax.parallel.cluster import check_cluster_args
 
     try:
+        check_cluster_args(args)  # before the compile cache changes anything in this process
         use_compile_cache(args.compile_cache)
         writer = join_cluster(args)
         # A Ctrl-C that lands inside a callback whose exceptions are ignored still stops the run after the batch.
