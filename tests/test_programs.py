@@ -129,3 +129,51 @@ def test_decode_programs_compile_with_the_decode_scheduling(monkeypatch):
             model.generate(prompt, max_new_tokens=4, stop_tokens=())
     monkeypatch.setattr(programs, "DECODE_SCHEDULING", "LHS")  # XLA's default order: a valid setting
     assert len(model.generate(prompt, max_new_tokens=4, stop_tokens=())[0]) == 4
+
+
+_SCRIPT = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from gemma4_jax.generation import programs
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+programs.DIR = sys.argv[2] if len(sys.argv) > 2 else None
+
+@programs.program()
+def f(x, y):
+    z = jnp.tanh(x @ y) + jnp.cumsum(x, 0)
+    return (z.T @ z).reshape(-1)[:7], jnp.broadcast_to(z[0], (5,) + z.shape)
+
+x = jnp.linspace(-1, 1, 64 * 64, dtype=jnp.float32).reshape(64, 64)
+got = f(x, x.T)
+z = np.tanh(np.asarray(x) @ np.asarray(x).T) + np.cumsum(np.asarray(x), 0)
+np.testing.assert_allclose(np.asarray(got[0]), (z.T @ z).reshape(-1)[:7], rtol=1e-4)
+np.testing.assert_allclose(np.asarray(got[1]), np.broadcast_to(z[0], (5,) + z.shape), rtol=1e-5)
+"""
+
+
+def test_a_program_from_jax_cache_is_kept_only_as_compiled(tmp_path):
+    """A program JAX's persistent cache already holds (an earlier process without the program store compiled it):
+    the store does not keep the executable JAX loaded, since XLA's CPU client re-serializes it without its
+    functions; so a third process runs right, from JAX's cache."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "p.py"
+    script.write_text(_SCRIPT)
+    jax_cache, store = str(tmp_path / "jax"), tmp_path / "programs"
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", programs.ENV)}
+    env["JAX_PLATFORMS"] = "cpu"
+    for args in ([jax_cache], [jax_cache, str(store)], [jax_cache, str(store)]):
+        r = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert not list(store.glob("*.bin")), "the store kept an executable that JAX's cache supplied"
+    # with a fresh JAX cache the store keeps the program, and a later process loads and runs it
+    for _ in range(2):
+        r = subprocess.run([sys.executable, str(script), str(tmp_path / "jax2"), str(store)], capture_output=True,
+                           text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert len(list(store.glob("*.bin"))) == 1

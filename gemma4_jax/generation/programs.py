@@ -11,8 +11,10 @@ defaults to the environment variable GEMMA4_JAX_PROGRAM_CACHE (what `cli.use_com
 `programs` inside the compile cache); unset, a Program is a plain jitted function.
 
 Anything that goes wrong on the way (a file that does not load, a structure that does not pickle) falls back to
-the plain jitted call; a key that differs is only a miss. Programs run with pp = 1; the pipeline's ring is a Program
-that is not kept (`keep=False`), for its compiler options.
+the plain jitted call; a key that differs is only a miss. A program that JAX's own cache supplied is run but not
+written: XLA's CPU client serializes an executable it deserialized without its compiled functions, and a later
+process that loaded it would fail with "Function … not found" (`_from_jax_cache`). Programs run with pp = 1; the
+pipeline's ring is a Program that is not kept (`keep=False`), for its compiler options.
 
 Decode programs (`decode=True`: the decode loop, the pipeline's ring) are compiled with XLA's command-buffer
 scheduling set to `DECODE_SCHEDULING`. On the GPU a decode step runs as one CUDA graph; XLA's default (`LHS`)
@@ -31,6 +33,7 @@ import logging
 import os
 import pickle
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -184,10 +187,29 @@ class Program:
             except Exception as e:  # unreadable or from another build: compile again, overwrite it
                 log.debug("program %s not loaded: %r", path, e)
         if compiled is None:
-            compiled = self.jitted.lower(*args, **kwargs).compile()
-            _save(path, pickle.dumps(serialize_executable.serialize(compiled)))
+            compiled, loaded = _from_jax_cache(lambda: self.jitted.lower(*args, **kwargs).compile())
+            if not loaded:  # re-serialized, a loaded executable lacks its functions (module docstring)
+                _save(path, pickle.dumps(serialize_executable.serialize(compiled)))
         _LOADED[key] = compiled
         return compiled
+
+
+_HITS = threading.local()  # JAX persistent-cache hits seen in this thread (`_from_jax_cache`)
+
+
+def _count_hit(event: str, **_) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _HITS.n = getattr(_HITS, "n", 0) + 1
+
+
+jax.monitoring.register_event_listener(_count_hit)
+
+
+def _from_jax_cache(compile_: Callable):
+    """(compile_(), whether JAX's persistent cache supplied it rather than the compiler)."""
+    before = getattr(_HITS, "n", 0)
+    compiled = compile_()
+    return compiled, getattr(_HITS, "n", 0) != before
 
 
 def _devices(dyn_args, dyn_kwargs) -> list:
