@@ -146,9 +146,9 @@ def test_stage_programs_close_over_no_empty_constant(hf_dirs, prompts):
     statics = dict(plan=pipe.plan, dtype_name=pipe.dtype.name, impl="xla", mesh=pipe.mesh)
     texts = [pl._run_gpipe.lower(pipe.params, ids, lengths, cache if mode == "prefill" else None, mode=mode,
                                  **statics).as_text() for mode in ("prefill", "logits")]
-    first, steps, stops, key = pipe.replicated(np.ones((m, 1), np.int32), np.int32(8), np.array([-1], np.int32),
-                                               jax.random.key(0))
-    texts.append(pl._run_ring.lower(pipe.params, cache, first, lengths, steps, stops, key,
+    first, left, stops, key = pipe.replicated(np.ones((m, 1), np.int32), np.full((m, 1), 7, np.int32),
+                                              np.array([-1], np.int32), jax.random.key(0))
+    texts.append(pl._run_ring.lower(pipe.params, cache, first, lengths, left, stops, key,
                                     sampling=Sampling(0.0, None, None), width=8, **statics).as_text())
     # Layer weights reach the programs as one array per slot: a stack [n, ...] would be sliced per layer,
     # which on the GPU copies the weight every tick.

@@ -409,11 +409,13 @@ def _gpipe(plan: PipelinePlan, mode: str, dtype, impl: str, params, ids, lengths
     return out[None], cache
 
 
-def _ring(plan: PipelinePlan, sampling: Sampling, dtype, impl: str, width: int, params, cache, first, lengths,
-          steps, stops, key):
-    """The decode ring. first [M, b]: each sequence's first new token (from prefill); `steps` (traced, ≤
-    `width`) new tokens per sequence. Returns (out [M, b, width] new tokens, done [M, b], cache), valid on
-    the last stage. `width` is a bucket, so one compiled ring serves every length up to it."""
+def _ring(plan: PipelinePlan, sampling: Sampling, dtype, impl: str, width: int, params, cache, first, pos, left,
+          stops, key):
+    """The decode ring. first [M, b]: each sequence's latest token, not yet fed (from prefill, or the previous
+    call's last), at positions `pos` [M, b]; each sequence decodes up to `left` [M, b] (traced, < `width`) more
+    tokens, fewer after a stop (0: a free or ended row, computed and never read). Returns (out [M, b, width]:
+    `first`, then the new tokens, 0 after a sequence's end; done [M, b]; cache), valid on the last stage.
+    `width` is a bucket, so one compiled ring serves every length up to it."""
     graphdefs = _kind_graphdefs(plan, jnp.dtype(dtype).name)
     params = jax.tree.map(lambda a: a[0], params)
     cache = jax.tree.map(lambda a: a[0], cache)
@@ -424,28 +426,30 @@ def _ring(plan: PipelinePlan, sampling: Sampling, dtype, impl: str, width: int, 
     # Built by concatenation, not `.at[:m].set`: a full-range set lowers to a scatter with an empty index
     # constant, which XLA's GPU partitioner (Shardy, jax 0.11) crashes on inside shard_map.
     tokbuf = jnp.concatenate([first, jnp.zeros((r - m_count, b), jnp.int32)]) if r > m_count else first
-    done = jnp.isin(first, stops)
-    total = (steps - 2) * r + m_count + n - 1
+    done = jnp.isin(first, stops) | (left <= 0)
+    steps = jnp.max(left)
+    total = (steps - 1) * r + m_count + n - 1
 
     def when(u):
         m, k = u % r, u // r
-        return m, k, (u >= 0) & (m < m_count) & (k < steps - 1)
+        return m, k, (u >= 0) & (m < m_count) & (k < steps)
 
     def body(carry):
         packet, cache, tokbuf, out, done, t = carry
         m, k, valid = when(t - s)
         mc = jnp.clip(m, 0, m_count - 1)
         ids_in = jnp.where(s == 0, tokbuf[m][:, None], packet.ids)
-        pos = (lengths[mc] + k)[:, None]
+        p = (pos[mc] + k)[:, None]
         packet, cache = jax.lax.switch(jnp.where(valid, s, n), branches, params,
-                                       dataclasses.replace(packet, ids=ids_in), cache, pos, lengths[mc], mc, None)
+                                       dataclasses.replace(packet, ids=ids_in), cache, p, pos[mc], mc, None)
         emit = valid & (s == n - 1)
         lg = jax.lax.cond(emit, lambda: _head(plan, params, packet.x)[:, 0],
                           lambda: jnp.zeros((b, plan.cfg.vocab_size), F32))
         tok = sample(lg, jax.random.fold_in(jax.random.fold_in(key, mc), k + 1), sampling)
         tok = jnp.where(done[mc], 0, tok)
         out = jnp.where(emit, out.at[mc, :, k + 1].set(tok), out)
-        done = jnp.where(emit, done.at[mc].set(done[mc] | jnp.isin(tok, stops)), done)
+        ended = done[mc] | jnp.isin(tok, stops) | (k + 1 >= left[mc])
+        done = jnp.where(emit, done.at[mc].set(ended), done)
         sent = jnp.where(s == n - 1, tok[:, None], ids_in)
         packet = jax.lax.ppermute(dataclasses.replace(packet, ids=sent), "pp", _ring_perm(n))
         m_l, _, valid_l = when(t - (n - 1))  # what the last stage just sent round to stage 0
@@ -485,11 +489,11 @@ def _everywhere(mesh, x):
 
 @program(static_argnames=("plan", "sampling", "dtype_name", "impl", "mesh", "width"), donate_argnames=("cache",),
          decode=True, keep=False)  # the decode programs' XLA options (generation/programs.py)
-def _run_ring(params, cache, first, lengths, steps, stops, key, *, plan, sampling, dtype_name, impl, mesh, width):
+def _run_ring(params, cache, first, pos, left, stops, key, *, plan, sampling, dtype_name, impl, mesh, width):
     body = functools.partial(_ring, plan, sampling, jnp.dtype(dtype_name), impl, width)
     f = jax.shard_map(body, mesh=mesh, in_specs=(P("pp"), P("pp"), P(), P(), P(), P(), P()),
                       out_specs=(P("pp"), P("pp"), P("pp")), check_vma=False)
-    out, done, cache = f(params, cache, first, lengths, steps, stops, key)
+    out, done, cache = f(params, cache, first, pos, left, stops, key)
     return _everywhere(mesh, out[plan.num_stages - 1]), _everywhere(mesh, done[plan.num_stages - 1]), cache
 
 
@@ -565,12 +569,10 @@ class Pipeline:
                             dtype_name=self.dtype.name, impl=self.impl, mesh=self.mesh)
         return np.asarray(out, np.float32).reshape(padded, t, -1)[:b]
 
-    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, max_len: int, t: int,
-                 sampling: Sampling, seed: int, stop_ids: tuple[int, ...], mm=None,
-                 timings: dict | None = None) -> np.ndarray:
-        """New tokens [B, max_new_tokens] (0 after a stop) for prompts right-padded to `t` tokens (soft
-        tokens `mm` merged on the first stage). `timings` receives `prefill_s` and `decode_s` (the ring)."""
-        t0 = time.perf_counter()
+    def prefill(self, prompts: list[list[int]], *, max_len: int, t: int, mm=None):
+        """Prefill prompts right-padded to `t` tokens (soft tokens `mm` merged on the first stage) into a fresh
+        cache for `max_len` positions: (last-token logits [M, b, V], cache [P, M, b, …]); prompt i is row
+        i % b of micro-batch i // b (rows past the prompts are one-token fillers)."""
         b = len(prompts)
         m = self.micro_batches(b)
         per = -(-b // m)
@@ -579,23 +581,40 @@ class Pipeline:
         for i, p in enumerate(prompts):
             ids[i, :len(p)], lengths[i] = p, len(p)
         ids, soft = self.soft_tokens(mm, ids, m, per)
-        ids, lengths = ids.reshape(m, per, t), lengths.reshape(m, per)
         cache = init_stage_cache(self.plan, self.mesh, m, per, max_len, self.dtype)
-        ids_r, lengths_r = self.replicated(ids, lengths)
-        last, cache = _run_gpipe(self.params, ids_r, lengths_r, cache, soft, plan=self.plan, mode="prefill",
-                                 dtype_name=self.dtype.name, impl=self.impl, mesh=self.mesh)
+        ids_r, lengths_r = self.replicated(ids.reshape(m, per, t), lengths.reshape(m, per))
+        return _run_gpipe(self.params, ids_r, lengths_r, cache, soft, plan=self.plan, mode="prefill",
+                          dtype_name=self.dtype.name, impl=self.impl, mesh=self.mesh)
+
+    def decode(self, cache, first, pos, left, *, sampling: Sampling, stops, key, width: int):
+        """The ring over `cache` (donated): `first` [M, b] the latest tokens at positions `pos` [M, b], `left`
+        [M, b] more tokens each (`_ring`). Returns (out [M, b, width], done [M, b], cache)."""
+        first, pos, left, stops, key = self.replicated(first, pos, left, stops, key)
+        return _run_ring(self.params, cache, first, pos, left, stops, key, plan=self.plan, sampling=sampling,
+                         dtype_name=self.dtype.name, impl=self.impl, mesh=self.mesh, width=width)
+
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, max_len: int, t: int,
+                 sampling: Sampling, seed: int, stop_ids: tuple[int, ...], mm=None,
+                 timings: dict | None = None) -> np.ndarray:
+        """New tokens [B, max_new_tokens] (0 after a stop) for prompts right-padded to `t` tokens (soft
+        tokens `mm` merged on the first stage). `timings` receives `prefill_s` and `decode_s` (the ring)."""
+        t0 = time.perf_counter()
+        b = len(prompts)
+        last, cache = self.prefill(prompts, max_len=max_len, t=t, mm=mm)
+        m, per = last.shape[:2]
+        lengths = np.ones((m * per,), np.int32)
+        lengths[:b] = [len(p) for p in prompts]
         key = jax.random.key(seed)
         stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
         first = jnp.stack([sample(last[i], jax.random.fold_in(jax.random.fold_in(key, i), 0), sampling)
                            for i in range(m)])
         width = max(8, 1 << (max_new_tokens - 1).bit_length())  # one compiled ring per power-of-two bucket
-        first, lengths, steps, stops, key = self.replicated(first, lengths, np.int32(max_new_tokens), stops, key)
         if timings is not None:
             jax.block_until_ready((first, cache))
             t1 = time.perf_counter()
             timings["prefill_s"] = t1 - t0
-        out, _, _ = _run_ring(self.params, cache, first, lengths, steps, stops, key, plan=self.plan, sampling=sampling,
-                              dtype_name=self.dtype.name, impl=self.impl, mesh=self.mesh, width=width)
+        out, _, _ = self.decode(cache, first, lengths.reshape(m, per), np.full((m, per), max_new_tokens - 1, np.int32),
+                                sampling=sampling, stops=stops, key=key, width=width)
         out = np.asarray(out)
         if timings is not None:
             timings["decode_s"] = time.perf_counter() - t1
