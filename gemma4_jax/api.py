@@ -153,12 +153,10 @@ class Gemma4Model:
         (`generation/engine.py`): when a sequence ends, the next prompt takes its slot. `max_new_tokens`: one
         limit for all, or one per prompt. Greedy gives what `generate` gives; `on_done(i, tokens)` is called as
         prompt i ends. `shared_prefix`: the tokens all prompts begin with are prefilled once and copied into each
-        slot; `stats` (a dict) receives the prompt tokens computed and without that. pp = 1."""
+        slot; `stats` (a dict) receives the prompt tokens computed and without that. With pp > 1 the slots are
+        the pipeline's ring's rows, and every prompt is prefilled whole (no shared prefix)."""
         from .generation.engine import run_slots
 
-        if self.pipeline is not None:
-            raise ConfigError("continuous batching runs at pp = 1; a pipelined model decodes in its ring: use "
-                              "generate")
         if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__"):
             raise ConfigError(f"tokens must be a list of id lists, got {type(tokens).__name__}")
         prompts = [list(map(int, p)) for p in tokens]
@@ -172,7 +170,7 @@ class Gemma4Model:
             return run_slots(self.graphdef, self.state, self.config, prompts, limits, slots=int(slots),
                              context=self.context, dtype=DTYPES[self.run.dtype], sampling=sampling, seed=int(seed),
                              stop_ids=stops, impl=self.run.attn_impl, on_done=on_done, shared_prefix=shared_prefix,
-                             stats=stats)
+                             stats=stats, pipeline=self.pipeline)
 
     def generate_text(self, prompts, *, chat: bool = True, thinking: bool = False, return_thoughts: bool = False,
                       max_new_tokens: int = 256, images=(), audio=(), max_soft_tokens: int = 280, **sampling):

@@ -93,6 +93,25 @@ def test_every_split_gives_single_stage_tokens(hf_dirs, single, family, pp, spli
         assert m.generate(PROMPTS[1:2], max_new_tokens=20, stop_tokens=()) == want[1:2]
 
 
+@pytest.mark.parametrize("family,split", [("e2b", "0,7,10"), ("26b-a4b", None)])
+def test_continuous_batching_in_the_ring_after_a_shared_prefix(hf_dirs, family, split):
+    """The engine at pp = 2 (`generate_continuous`): a 21-token shared prefix (past the window of 8: the ring
+    buffers wrap) prefilled once, then each prompt's own tokens through GPipe's extend mode — with KV-sharing
+    readers on the later stage whose sources' mirrors hold the prefix (E2B-like split 0,7,10), and MoE layers —
+    and decoded in the ring's rows: pp = 1's greedy tokens."""
+    rng = np.random.default_rng(7)
+    head = [2, *rng.integers(3, 256, size=20).tolist()]
+    prompts = [head + rng.integers(3, 256, size=int(k)).tolist() for k in (3, 11, 1, 6)]
+    limits = [12, 5, 9, 3]
+    one = gemma4_jax.load(hf_dirs[family, "causal"], progress=False)
+    want = [w[:m] for w, m in zip(one.generate(prompts, max_new_tokens=12, stop_tokens=()), limits, strict=True)]
+    m = gemma4_jax.load(hf_dirs[family, "causal"], pp=2, layer_split=split, progress=False)
+    stats = {}
+    got = m.generate_continuous(prompts, max_new_tokens=limits, slots=2, stop_tokens=(), shared_prefix=True,
+                                stats=stats)
+    assert got == want and stats["prefix_tokens"] == 21
+
+
 def test_stop_tokens_end_sequences_in_the_ring(hf_dirs, single):
     want = single["e2b"][1]
     stop = want[0][5]

@@ -13,9 +13,14 @@ from gemma4_jax.kernels import dispatch
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):
+    """A program store in tmp_path. JAX's persistent cache (the test run's, conftest) takes none of these tests'
+    programs: a program it supplied would not be written to the store (`programs._from_jax_cache`)."""
     monkeypatch.setattr(programs, "DIR", str(tmp_path))
     monkeypatch.setattr(programs, "_LOADED", {})
-    return tmp_path
+    before = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e9)
+    yield tmp_path
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
 
 
 def _new_process():

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="questions decoded together (slots, with --engine)")
     p.add_argument("--engine", action="store_true",
                    help="continuous batching: a question's slot takes the next question as soon as its answer ends "
-                        "(--pp 1; the same greedy answers as static batches)")
+                        "(the same greedy answers as static batches; at --pp > 1 the slots are the ring's rows)")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--out", default="gsm8k_results.json", help="JSON summary (records go beside it)")

@@ -206,10 +206,10 @@ def evaluate(model, examples: Sequence[dict], *, batch_size: int = 8, max_new_to
              settings: dict | None = None, thinking: bool = False, engine: bool = False) -> dict:
     """Greedy-generate an answer to every example and score it; returns the summary dict.
 
-    `engine`: continuous batching (`Gemma4Model.generate_continuous`, pp = 1) with `batch_size` slots instead of
-    static batches: a question's slot takes the next question as soon as its answer ends, and the prompt tokens
-    all questions share (the few-shot block) are prefilled once (`prefill` in the summary: tokens computed, and
-    without the shared prefix). Greedy answers are the same either way; records are written after every
+    `engine`: continuous batching (`Gemma4Model.generate_continuous`) with `batch_size` slots instead of static
+    batches: a question's slot takes the next question as soon as its answer ends, and at pp = 1 the prompt
+    tokens all questions share (the few-shot block) are prefilled once (`prefill` in the summary: tokens computed,
+    and without the shared prefix). Greedy answers are the same either way; records are written after every
     `batch_size` answers.
 
     With `thinking`, the template's thinking mode is on and the answer is extracted from the text after the
@@ -244,9 +244,6 @@ def evaluate(model, examples: Sequence[dict], *, batch_size: int = 8, max_new_to
             done[i] = rec
     todo = [i for i in range(len(examples)) if i not in done]
     tok, stops = model.tokenizer, set(model.stop_tokens)
-
-    if engine and model.pipeline is not None:
-        raise DataError("--engine runs at --pp 1 (a pipelined model decodes in its ring); drop one of them")
 
     bar = None
     if progress:
@@ -336,8 +333,6 @@ def run_eval(model_path: str | None, data: str | None, *, out: str, limit: int |
         raise DataError(f"--limit must be at least 1, got {limit}")
     if shots < 0:
         raise DataError(f"--shots must be 0 or more, got {shots}")
-    if engine and pp > 1:
-        raise DataError("--engine runs at --pp 1 (a pipelined model decodes in its ring); drop one of them")
     examples = read_jsonl(data) if data else load_hf_gsm8k("test")
     if limit is not None:
         examples = examples[:limit]

@@ -93,15 +93,22 @@ class ExtendAttender(Attender):
         self.valid = jnp.arange(pos_bt.shape[1], dtype=jnp.int32)[None, :] < lengths_b[:, None]
         self.keys: dict[int, tuple] = {}  # source layer -> (k, v, key positions) over the cache and the chunk
 
-    def __call__(self, spec, q, kv):
-        if kv is not None:
-            entry = self.cache.layers[str(spec.index)]
-            k_pos = jnp.concatenate([entry.pos, jnp.where(self.valid, self.pos, -1)], axis=1)
-            self.keys[spec.index] = (jnp.concatenate([entry.k, kv[0].astype(entry.k.dtype)], axis=1),
-                                     jnp.concatenate([entry.v, kv[1].astype(entry.v.dtype)], axis=1), k_pos)
-            self.cache.layers[str(spec.index)] = store_chunk(entry, *kv, self.pos[:, 0], self.lengths)
+    def take(self, layer: int, kv) -> None:
+        """A KV-owning layer's chunk K/V: its keys are the cache's and the chunk's; the chunk is stored."""
+        entry = self.cache.layers[str(layer)]
+        k_pos = jnp.concatenate([entry.pos, jnp.where(self.valid, self.pos, -1)], axis=1)
+        self.keys[layer] = (jnp.concatenate([entry.k, kv[0].astype(entry.k.dtype)], axis=1),
+                            jnp.concatenate([entry.v, kv[1].astype(entry.v.dtype)], axis=1), k_pos)
+        self.cache.layers[str(layer)] = store_chunk(entry, *kv, self.pos[:, 0], self.lengths)
+
+    def attend(self, spec, q):
         k, v, k_pos = self.keys[spec.kv_source]
         return attention(q, k, v, attention_mask(self.pos, k_pos, spec.window, k_pos >= 0))
+
+    def __call__(self, spec, q, kv):
+        if kv is not None:
+            self.take(spec.index, kv)
+        return self.attend(spec, q)
 
 
 def store_chunk(entry: LayerCache, k_btkh, v_btkh, start_b, lengths_b) -> LayerCache:

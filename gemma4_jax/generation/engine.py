@@ -15,8 +15,11 @@ With `shared_prefix`, the tokens every prompt begins with (a few-shot block) are
 cache row starts as a copy of that one and only its own tokens are computed (`loop.extend`: they attend over the
 prefix's cache, ring buffers included).
 
-pp = 1 only (the pipeline's ring has its own batch). The whole job shares one cache length: the longest prompt
-plus its limit, rounded up as `generate` rounds it.
+With a pipeline (pp > 1) the slots are the rows of its decode ring (`_RingSlots`): the host gives each row its
+latest token, position and token budget for a call of the ring, new prompts are prefilled together through the
+stages (after the shared prefix: GPipe's `extend` mode) and their cache rows moved into free slots.
+
+The whole job shares one cache length: the longest prompt plus its limit, rounded up as `generate` rounds it.
 """
 
 from __future__ import annotations
@@ -98,11 +101,12 @@ def _copy(tree):
 def run_slots(graphdef, params, cfg, prompts: Sequence[Sequence[int]], limits: Sequence[int], *, slots: int,
               context: int, dtype, sampling: Sampling, seed: int, stop_ids: tuple[int, ...], impl: str = "auto",
               chunk: int = 8, on_done: Callable[[int, list[int]], None] | None = None, shared_prefix: bool = False,
-              stats: dict | None = None) -> list[list[int]]:
+              stats: dict | None = None, pipeline=None) -> list[list[int]]:
     """The new tokens of every prompt (prompt i gets at most `limits[i]`, ends after its first stop token, kept),
     decoded `slots` at a time with continuous batching. `on_done(i, tokens)` is called as each one ends.
     `stats`, when given, receives `prefix_tokens` and `prefill_tokens` (prompt tokens computed) beside
-    `prompt_tokens` (what prefilling every prompt whole computes)."""
+    `prompt_tokens` (what prefilling every prompt whole computes). With a `pipeline.Pipeline`, the slots are its
+    ring's rows (`_RingSlots`)."""
     n = len(prompts)
     if len(limits) != n:
         raise ConfigError(f"{n} prompts but {len(limits)} token limits")
@@ -118,63 +122,153 @@ def run_slots(graphdef, params, cfg, prompts: Sequence[Sequence[int]], limits: S
     if longest > context:
         raise ConfigError(f"a prompt plus its new tokens ({longest}) exceeds the context of {context}")
     max_len = min(bucket(longest), context)
-    width = bucket(max(limits), 8)
     stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
-    base = jax.random.key(seed)
-    state = SlotState(init_cache(cfg, slots, max_len, dtype), jnp.zeros((slots,), jnp.int32),
-                      jnp.zeros((slots,), jnp.int32), jnp.ones((slots,), bool), jnp.zeros((slots, width), jnp.int32),
-                      jnp.zeros((slots,), jnp.int32), jax.random.split(base, slots), jnp.ones((slots,), jnp.int32))
+    job = dict(prompts=prompts, limits=limits, slots=slots, max_len=max_len, context=context, sampling=sampling,
+               base=jax.random.key(seed), stops=stops, stop_ids=stop_ids, chunk=chunk)
     shared = common_prefix(prompts) if shared_prefix else 0
-    if shared:
-        ids = np.zeros((1, min(bucket(shared), context)), np.int32)
-        ids[0, :shared] = prompts[0][:shared]
-        _, prefix_cache = prefill(graphdef, params, jnp.asarray(ids), jnp.asarray([shared], jnp.int32),
-                                  init_cache(cfg, 1, max_len, dtype), impl=impl)
+    if pipeline is not None:
+        backend = _RingSlots(pipeline, shared=shared, **job)
+    else:
+        backend = _LocalSlots(graphdef, params, cfg, dtype, impl, shared=shared, **job)
     if stats is not None:
         stats.update(prefix_tokens=shared, prompt_tokens=sum(map(len, prompts)),
                      prefill_tokens=shared + sum(len(p) - shared for p in prompts))
 
-    def prefill_one(p: Sequence[int]):
-        """Last-token logits [1,V] and the one-row cache of prompt p (its shared prefix copied, not computed)."""
-        rest = p[shared:]
-        ids = np.zeros((1, min(bucket(len(rest)), context)), np.int32)
-        ids[0, :len(rest)] = rest
-        if shared:
-            one = _copy(prefix_cache)  # extend donates its cache: the prefix's stays
-            return extend(graphdef, params, jnp.asarray(ids), jnp.asarray([shared], jnp.int32),
-                          jnp.asarray([len(rest)], jnp.int32), one, impl=impl)
-        return prefill(graphdef, params, jnp.asarray(ids), jnp.asarray([len(rest)], jnp.int32),
-                       init_cache(cfg, 1, max_len, dtype), impl=impl)
-
     pending = collections.deque(range(n))
-    held: list[int | None] = [None] * slots  # the prompt each slot decodes
+    held: list[int | None] = [None] * backend.slots  # the prompt each slot decodes
     results: list[list[int] | None] = [None] * n
-
-    def harvest(done: np.ndarray, step: np.ndarray, out: np.ndarray) -> None:
-        for s, i in enumerate(held):
-            if i is not None and done[s]:
-                results[i] = out[s, :step[s]].tolist()
-                held[s] = None
-                if on_done is not None:
-                    on_done(i, _cut(results[i], stop_ids))
-
     while pending or any(i is not None for i in held):
-        for s in range(slots):
-            if held[s] is None and pending:
-                i = pending.popleft()
-                logits, one = prefill_one(prompts[i])
-                state = _insert(state, one, logits, jnp.int32(s), jnp.int32(len(prompts[i])), jnp.int32(limits[i]),
-                                stops, jax.random.fold_in(base, i), sampling)
+        free = [s for s in range(backend.slots) if held[s] is None][:len(pending)]
+        if free:
+            taken = [(s, pending.popleft()) for s in free]
+            backend.fill(taken)
+            for s, i in taken:
                 held[s] = i
-        done, step = np.asarray(state.done), np.asarray(state.step)
-        if all(i is None or done[s] for s, i in enumerate(held)):  # every held sequence ended at its first token
-            harvest(done, step, np.asarray(state.out))
-            continue
-        state = slots_chunk(graphdef, params, state, stops, sampling, impl, chunk)
-        done, step = np.asarray(state.done), np.asarray(state.step)
-        if any(i is not None and done[s] for s, i in enumerate(held)):
-            harvest(done, step, np.asarray(state.out))
-    return [_cut(r, stop_ids) for r in results]
+        for s, tokens in backend.advance([i is not None for i in held]):
+            i, held[s] = held[s], None
+            results[i] = _cut(tokens, stop_ids)
+            if on_done is not None:
+                on_done(i, results[i])
+    return results
+
+
+class _LocalSlots:
+    """The slots at pp = 1: one `SlotState` on the device, `slots_chunk` decodes them, each new prompt is prefilled
+    alone into a one-row cache that replaces its slot's row (its shared prefix copied, the rest `extend`ed)."""
+
+    def __init__(self, graphdef, params, cfg, dtype, impl, *, prompts, limits, slots, max_len, context, sampling,
+                 base, stops, stop_ids, chunk, shared):
+        self.graphdef, self.params, self.cfg, self.dtype, self.impl = graphdef, params, cfg, dtype, impl
+        self.prompts, self.limits, self.slots, self.max_len, self.context = prompts, limits, slots, max_len, context
+        self.sampling, self.base, self.stops, self.chunk, self.shared = sampling, base, stops, chunk, shared
+        width = bucket(max(limits), 8)
+        self.state = SlotState(init_cache(cfg, slots, max_len, dtype), jnp.zeros((slots,), jnp.int32),
+                               jnp.zeros((slots,), jnp.int32), jnp.ones((slots,), bool),
+                               jnp.zeros((slots, width), jnp.int32), jnp.zeros((slots,), jnp.int32),
+                               jax.random.split(base, slots), jnp.ones((slots,), jnp.int32))
+        if shared:
+            ids = np.zeros((1, min(bucket(shared), context)), np.int32)
+            ids[0, :shared] = prompts[0][:shared]
+            _, self.prefix_cache = prefill(graphdef, params, jnp.asarray(ids), jnp.asarray([shared], jnp.int32),
+                                           init_cache(cfg, 1, max_len, dtype), impl=impl)
+
+    def _prefill_one(self, p: Sequence[int]):
+        """Last-token logits [1,V] and the one-row cache of prompt p (its shared prefix copied, not computed)."""
+        rest = p[self.shared:]
+        ids = np.zeros((1, min(bucket(len(rest)), self.context)), np.int32)
+        ids[0, :len(rest)] = rest
+        if self.shared:
+            one = _copy(self.prefix_cache)  # extend donates its cache: the prefix's stays
+            return extend(self.graphdef, self.params, jnp.asarray(ids), jnp.asarray([self.shared], jnp.int32),
+                          jnp.asarray([len(rest)], jnp.int32), one, impl=self.impl)
+        return prefill(self.graphdef, self.params, jnp.asarray(ids), jnp.asarray([len(rest)], jnp.int32),
+                       init_cache(self.cfg, 1, self.max_len, self.dtype), impl=self.impl)
+
+    def fill(self, taken: list[tuple[int, int]]) -> None:
+        for s, i in taken:
+            logits, one = self._prefill_one(self.prompts[i])
+            self.state = _insert(self.state, one, logits, jnp.int32(s), jnp.int32(len(self.prompts[i])),
+                                 jnp.int32(self.limits[i]), self.stops, jax.random.fold_in(self.base, i),
+                                 self.sampling)
+
+    def advance(self, busy: list[bool]) -> list[tuple[int, list[int]]]:
+        """A chunk of decode steps (none when every busy slot already ended); the busy slots that ended, with
+        their tokens."""
+        done = np.asarray(self.state.done)
+        if not all(done[s] for s in range(self.slots) if busy[s]):
+            self.state = slots_chunk(self.graphdef, self.params, self.state, self.stops, self.sampling, self.impl,
+                                     self.chunk)
+            done = np.asarray(self.state.done)
+        ended = [s for s in range(self.slots) if busy[s] and done[s]]
+        if not ended:
+            return []
+        step, out = np.asarray(self.state.step), np.asarray(self.state.out)
+        return [(s, out[s, :step[s]].tolist()) for s in ended]
+
+
+class _RingSlots:
+    """The slots at pp > 1: the rows of the pipeline's ring (M micro-batches of b rows, M = the stage count
+    when there are enough slots, so every stage is busy every tick). The host keeps each row's latest token,
+    position, tokens so far and what is left of its limit; a call of the ring decodes up to `chunk` tokens of
+    every live row. New prompts are prefilled together through the stages (GPipe) and their cache rows moved
+    into their slots' rows."""
+
+    def __init__(self, pipeline, *, prompts, limits, slots, max_len, context, sampling, base, stops, stop_ids,
+                 chunk, shared):
+        self.pipe, self.prompts, self.limits, self.max_len, self.context = pipeline, prompts, limits, max_len, context
+        self.sampling, self.base, self.stops, self.stop_ids = sampling, base, stops, set(stop_ids)
+        self.m = pipeline.micro_batches(slots)
+        self.per = -(-slots // self.m)
+        self.slots = self.m * self.per
+        self.width = bucket(chunk + 1, 8)
+        self.chunk = self.width - 1  # a compiled ring's width holds the latest token and this many new ones
+        self.cache = pipeline.init_cache(self.m, self.per, max_len)
+        self.tok = np.zeros(self.slots, np.int32)
+        self.pos = np.zeros(self.slots, np.int32)
+        self.left = np.zeros(self.slots, np.int32)  # tokens a live row may still get; 0: ended or free
+        self.got: list[list[int]] = [[] for _ in range(self.slots)]
+        self.ring_key, self.calls = jax.random.fold_in(base, len(prompts)), 0  # prompts' keys fold in 0 … n − 1
+        self.shared = shared
+        if shared:  # the prefix's one-row cache: each new prompt's rows start as copies of it
+            _, self.prefix = pipeline.prefill([prompts[0][:shared]], max_len=max_len,
+                                              t=min(bucket(shared), context))
+
+    def fill(self, taken: list[tuple[int, int]]) -> None:
+        ps = [self.prompts[i][self.shared:] for _, i in taken]
+        ps += [ps[-1]] * (bucket(len(ps), 1) - len(ps))  # a power of two of rows: few programs to compile
+        t = min(bucket(max(map(len, ps))), self.context)
+        last, rows = self.pipe.prefill(ps, max_len=self.max_len, t=t,
+                                       after=(self.prefix, self.shared) if self.shared else None)
+        m, per = last.shape[:2]
+        keys = jnp.stack([jax.random.fold_in(self.base, i) for _, i in taken])
+        first = np.asarray(_sample_rows(last.reshape(m * per, -1)[:len(taken)], keys,
+                                        jnp.zeros((len(taken),), jnp.int32), self.sampling))
+        self.cache = self.pipe.move_rows(self.cache, rows, [(j // per, j % per) for j in range(len(taken))],
+                                         [(s // self.per, s % self.per) for s, _ in taken])
+        for (s, i), tok in zip(taken, first.tolist(), strict=True):
+            self.tok[s], self.pos[s], self.got[s] = tok, len(self.prompts[i]), [tok]
+            self.left[s] = 0 if tok in self.stop_ids else self.limits[i] - 1
+
+    def advance(self, busy: list[bool]) -> list[tuple[int, list[int]]]:
+        live = np.asarray(busy) & (self.left > 0)
+        if live.any():
+            want = np.where(live, np.minimum(self.left, self.chunk), 0).astype(np.int32)
+            shape = (self.m, self.per)
+            out, _, self.cache = self.pipe.decode(self.cache, self.tok.reshape(shape), self.pos.reshape(shape),
+                                                  want.reshape(shape), sampling=self.sampling, stops=self.stops,
+                                                  key=jax.random.fold_in(self.ring_key, self.calls),
+                                                  width=self.width)
+            self.calls += 1
+            out = np.asarray(out).reshape(self.slots, self.width)
+            for s in np.flatnonzero(live):
+                new = out[s, 1:1 + want[s]].tolist()
+                stop = next((j for j, x in enumerate(new) if x in self.stop_ids), None)
+                if stop is not None:
+                    new = new[:stop + 1]
+                self.got[s] += new
+                self.tok[s], self.pos[s] = new[-1], self.pos[s] + len(new)
+                self.left[s] = 0 if stop is not None else self.left[s] - len(new)
+        return [(s, self.got[s]) for s in range(self.slots) if busy[s] and self.left[s] == 0]
 
 
 def common_prefix(prompts: Sequence[Sequence[int]]) -> int:

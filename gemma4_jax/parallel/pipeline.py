@@ -43,7 +43,15 @@ from jax.sharding import PartitionSpec as P
 
 from ..config import Gemma4Config
 from ..errors import ConfigError
-from ..generation.cache import LayerCache, attend_cache, cache_length, store_prompt, write_token
+from ..generation.cache import (
+    ExtendAttender,
+    KVCache,
+    LayerCache,
+    attend_cache,
+    cache_length,
+    store_prompt,
+    write_token,
+)
 from ..generation.loop import Sampling, sample
 from ..generation.programs import program
 from ..model import text as model
@@ -258,7 +266,8 @@ class Packet:
 
 
 class _Attender(FullAttender):
-    """Attention for one stage and one micro-batch `mb`: no cache (logits), prefill, or decode.
+    """Attention for one stage and one micro-batch `mb`: no cache (logits), prefill, extend (a chunk after what
+    the cache holds: `cache.ExtendAttender` over the micro-batch's rows), or decode.
 
     The cache entries keep their leading micro-batch axis [R, b, S, K, H]: a decode step writes only the
     new token's slots of micro-batch `mb` and reads that micro-batch's keys, so no tick copies a cache.
@@ -270,6 +279,9 @@ class _Attender(FullAttender):
         valid = pos < lengths[:, None] if mode == "prefill" else None
         super().__init__(pos, valid, impl, blocks)
         self.mode, self.lengths, self.cache, self.mb = mode, lengths, cache, mb
+        if mode == "extend":
+            rows = KVCache({str(layer): LayerCache(e.k[mb], e.v[mb], e.pos[mb]) for layer, e in cache.items()})
+            self.ext = ExtendAttender(rows, pos, lengths, impl)
         for src, kv in kv_in.items():
             self._own(src, kv)
 
@@ -278,13 +290,21 @@ class _Attender(FullAttender):
         e, mb = self.cache[layer] if self.cache is not None else None, self.mb
         if self.mode == "prefill":  # the whole prompt: rewrite the micro-batch's slice
             new = store_prompt(LayerCache(e.k[mb], e.v[mb], e.pos[mb]), kv[0], kv[1], self.pos, self.lengths)
-            self.cache[layer] = LayerCache(e.k.at[mb].set(new.k), e.v.at[mb].set(new.v), e.pos.at[mb].set(new.pos))
+        elif self.mode == "extend":
+            self.ext.take(layer, kv)
+            new = self.ext.cache.layers[str(layer)]
         elif self.mode == "decode":
             self.cache[layer] = write_token(e, kv[0], kv[1], self.pos, mb)
+            return
+        else:
+            return
+        self.cache[layer] = LayerCache(e.k.at[mb].set(new.k), e.v.at[mb].set(new.v), e.pos.at[mb].set(new.pos))
 
     def __call__(self, spec, q, kv):
         if kv is not None:
             self._own(spec.index, kv)
+        if self.mode == "extend":
+            return self.ext.attend(spec, q)
         if self.mode != "decode":
             return super().__call__(spec, q, kv)
         e = self.cache[spec.kv_source]
@@ -366,12 +386,12 @@ def _empty_packet(plan, b, t, dtype):
     return Packet(d, d, jnp.zeros((b, t), jnp.int32), kv)
 
 
-def _gpipe(plan: PipelinePlan, mode: str, dtype, impl: str, params, ids, lengths, cache, mm=None):
+def _gpipe(plan: PipelinePlan, mode: str, dtype, impl: str, params, ids, lengths, cache, mm=None, start=None):
     """GPipe over micro-batches: ids [M, b, T]; returns (logits, cache). `mm`: soft tokens (features [1, N, D],
     this stage's block — real on stage 0 only —, slots [M, b, T], blocks [M, b, T]; `model.Multimodal`).
 
-    logits: [M, b, T, V] (mode 'logits') or the last prompt token's [M, b, V] (mode 'prefill'), valid
-    on the last stage.
+    logits: [M, b, T, V] (mode 'logits') or the last prompt token's [M, b, V] (modes 'prefill' and 'extend': ids
+    that continue the cache's rows from positions `start` [M, b]), valid on the last stage.
     """
     graphdefs = _kind_graphdefs(plan, jnp.dtype(dtype).name)
     params = jax.tree.map(lambda a: a[0], params)
@@ -390,7 +410,8 @@ def _gpipe(plan: PipelinePlan, mode: str, dtype, impl: str, params, ids, lengths
         valid = (m >= 0) & (m < m_count)
         mc = jnp.clip(m, 0, m_count - 1)
         packet = dataclasses.replace(packet, ids=jnp.where(s == 0, ids[mc], packet.ids))
-        packet, cache = jax.lax.switch(jnp.where(valid, s, n), branches, params, packet, cache, pos, lengths[mc],
+        p = pos if start is None else start[mc][:, None] + pos  # extend: the chunk continues the cache's rows
+        packet, cache = jax.lax.switch(jnp.where(valid, s, n), branches, params, packet, cache, p, lengths[mc],
                                        mc, mm)
         x = packet.x
         emit = valid & (s == n - 1)
@@ -472,13 +493,14 @@ def _ring(plan: PipelinePlan, sampling: Sampling, dtype, impl: str, width: int, 
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "mode", "dtype_name", "impl", "mesh"), donate_argnames=("cache",))
-def _run_gpipe(params, ids, lengths, cache, mm=None, *, plan, mode, dtype_name, impl, mesh):
+def _run_gpipe(params, ids, lengths, cache, mm=None, start=None, *, plan, mode, dtype_name, impl, mesh):
     body = functools.partial(_gpipe, plan, mode, jnp.dtype(dtype_name), impl)
     cache_spec = P("pp") if cache is not None else None
     mm_spec = (P("pp"), P(), P()) if mm is not None else None
-    f = jax.shard_map(body, mesh=mesh, in_specs=(P("pp"), P(), P(), cache_spec, mm_spec),
+    start_spec = P() if start is not None else None
+    f = jax.shard_map(body, mesh=mesh, in_specs=(P("pp"), P(), P(), cache_spec, mm_spec, start_spec),
                       out_specs=(P("pp"), cache_spec), check_vma=False)
-    out, cache = f(params, ids, lengths, cache, mm)
+    out, cache = f(params, ids, lengths, cache, mm, start)
     return _everywhere(mesh, out[plan.num_stages - 1]), cache
 
 
@@ -495,6 +517,19 @@ def _run_ring(params, cache, first, pos, left, stops, key, *, plan, sampling, dt
                       out_specs=(P("pp"), P("pp"), P("pp")), check_vma=False)
     out, done, cache = f(params, cache, first, pos, left, stops, key)
     return _everywhere(mesh, out[plan.num_stages - 1]), _everywhere(mesh, done[plan.num_stages - 1]), cache
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _move_rows(cache, rows, src, dst):
+    """Rows src [n, 2] (micro-batch, row) of cache `rows` into rows dst [n, 2] of `cache` ([P, M, b, …] leaves,
+    the stage axis untouched: each stage moves its own)."""
+
+    def move(big, small):
+        for j in range(src.shape[0]):
+            big = big.at[:, dst[j, 0], dst[j, 1]].set(small[:, src[j, 0], src[j, 1]])
+        return big
+
+    return jax.tree.map(move, cache, rows)
 
 
 class Pipeline:
@@ -569,13 +604,18 @@ class Pipeline:
                             dtype_name=self.dtype.name, impl=self.impl, mesh=self.mesh)
         return np.asarray(out, np.float32).reshape(padded, t, -1)[:b]
 
-    def prefill(self, prompts: list[list[int]], *, max_len: int, t: int, mm=None):
+    def layout(self, b: int) -> tuple[int, int]:
+        """(micro-batches M, rows per micro-batch) for `b` sequences."""
+        m = self.micro_batches(b)
+        return m, -(-b // m)
+
+    def prefill(self, prompts: list[list[int]], *, max_len: int, t: int, mm=None, after=None):
         """Prefill prompts right-padded to `t` tokens (soft tokens `mm` merged on the first stage) into a fresh
         cache for `max_len` positions: (last-token logits [M, b, V], cache [P, M, b, …]); prompt i is row
-        i % b of micro-batch i // b (rows past the prompts are one-token fillers)."""
+        i % b of micro-batch i // b (rows past the prompts are one-token fillers). `after` = (a cache of one row
+        holding `start` tokens, start): the prompts continue those tokens, whose keys are copied, not computed."""
         b = len(prompts)
-        m = self.micro_batches(b)
-        per = -(-b // m)
+        m, per = self.layout(b)
         ids = np.zeros((m * per, t), np.int32)
         lengths = np.ones((m * per,), np.int32)
         for i, p in enumerate(prompts):
@@ -583,8 +623,25 @@ class Pipeline:
         ids, soft = self.soft_tokens(mm, ids, m, per)
         cache = init_stage_cache(self.plan, self.mesh, m, per, max_len, self.dtype)
         ids_r, lengths_r = self.replicated(ids.reshape(m, per, t), lengths.reshape(m, per))
-        return _run_gpipe(self.params, ids_r, lengths_r, cache, soft, plan=self.plan, mode="prefill",
-                          dtype_name=self.dtype.name, impl=self.impl, mesh=self.mesh)
+        start = None
+        if after is not None:
+            rows = [(j // per, j % per) for j in range(m * per)]
+            cache = self.move_rows(cache, after[0], [(0, 0)] * len(rows), rows)
+            (start,) = self.replicated(np.full((m, per), after[1], np.int32))
+        return _run_gpipe(self.params, ids_r, lengths_r, cache, soft, start, plan=self.plan,
+                          mode="prefill" if after is None else "extend", dtype_name=self.dtype.name, impl=self.impl,
+                          mesh=self.mesh)
+
+    def init_cache(self, m: int, b: int, max_len: int) -> dict[str, LayerCache]:
+        """An empty cache of `m` micro-batches of `b` rows for `max_len` positions (`init_stage_cache`)."""
+        return init_stage_cache(self.plan, self.mesh, m, b, max_len, self.dtype)
+
+    def move_rows(self, cache, rows, src: list[tuple[int, int]], dst: list[tuple[int, int]]):
+        """`cache` (donated) with row dst[j] (micro-batch, row) replaced by row src[j] of `rows` (another cache of
+        the same length, e.g. `prefill`'s), on every stage."""
+        n = 1 << (max(len(src), 1) - 1).bit_length()  # a power of two of pairs (the last one repeated): few programs
+        src_a, dst_a = (np.asarray(list(x) + [x[-1]] * (n - len(x)), np.int32).reshape(-1, 2) for x in (src, dst))
+        return _move_rows(cache, rows, *self.replicated(src_a, dst_a))
 
     def decode(self, cache, first, pos, left, *, sampling: Sampling, stops, key, width: int):
         """The ring over `cache` (donated): `first` [M, b] the latest tokens at positions `pos` [M, b], `left`
