@@ -50,6 +50,25 @@ def test_stop_tokens_end_a_sequence_and_free_its_slot(demo):
     assert sorted(ended) == list(range(6)) and any(len(g) < 24 for g in got)
 
 
+def test_long_prompts_prefill_in_pieces_between_decode_steps(demo, alone):
+    """`prefill_chunk=4`: prompts longer than 4 tokens are prefilled 4 tokens at a time (`loop.extend`), one piece
+    before each decode chunk of the other slots — a short prompt's answer ends while a long prompt still
+    prefills — and every answer is still `generate`'s, with and without a shared prefix."""
+    got = demo.generate_continuous(PROMPTS, max_new_tokens=LIMITS, slots=3, stop_tokens=(), prefill_chunk=4)
+    assert got == alone
+    long, short = list(range(3, 40)), [7, 8, 9]
+    order = []
+    demo.generate_continuous([long, short], max_new_tokens=[1, 3], slots=2, stop_tokens=(), prefill_chunk=4,
+                             on_done=lambda i, toks: order.append(i))
+    assert order == [1, 0]  # whole, the long prompt would end first: at its first token, in slot 0
+    rng = np.random.default_rng(6)
+    head = rng.integers(3, 200, size=20).tolist()
+    prompts = [head + rng.integers(3, 200, size=int(k)).tolist() for k in (9, 2, 14)]
+    got = demo.generate_continuous(prompts, max_new_tokens=5, slots=2, stop_tokens=(), shared_prefix=True,
+                                   prefill_chunk=4)
+    assert got == [demo.generate([p], max_new_tokens=5, stop_tokens=())[0] for p in prompts]
+
+
 def test_sampling_keeps_each_limit(demo):
     prompts = _prompts(4, seed=2)
     got = demo.generate_continuous(prompts, max_new_tokens=[3, 5, 2, 7], slots=2, temperature=0.8, top_k=20,

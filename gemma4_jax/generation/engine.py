@@ -101,17 +101,19 @@ def _copy(tree):
 def run_slots(graphdef, params, cfg, prompts: Sequence[Sequence[int]], limits: Sequence[int], *, slots: int,
               context: int, dtype, sampling: Sampling, seed: int, stop_ids: tuple[int, ...], impl: str = "auto",
               chunk: int = 8, on_done: Callable[[int, list[int]], None] | None = None, shared_prefix: bool = False,
-              stats: dict | None = None, pipeline=None) -> list[list[int]]:
+              stats: dict | None = None, pipeline=None, prefill_chunk: int = 512) -> list[list[int]]:
     """The new tokens of every prompt (prompt i gets at most `limits[i]`, ends after its first stop token, kept),
     decoded `slots` at a time with continuous batching. `on_done(i, tokens)` is called as each one ends.
     `stats`, when given, receives `prefix_tokens` and `prefill_tokens` (prompt tokens computed) beside
     `prompt_tokens` (what prefilling every prompt whole computes). With a `pipeline.Pipeline`, the slots are its
-    ring's rows (`_RingSlots`)."""
+    ring's rows (`_RingSlots`). At pp = 1 a prompt longer than `prefill_chunk` tokens (after the shared prefix)
+    is prefilled in pieces of that many, one before each decode chunk of the other slots, so that a long prompt
+    does not stall them."""
     n = len(prompts)
     if len(limits) != n:
         raise ConfigError(f"{n} prompts but {len(limits)} token limits")
-    if slots < 1 or chunk < 1:
-        raise ConfigError("slots and chunk must be at least 1")
+    if slots < 1 or chunk < 1 or prefill_chunk < 1:
+        raise ConfigError("slots, chunk and prefill_chunk must be at least 1")
     if any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token")
     if any(m < 1 for m in limits):
@@ -129,7 +131,7 @@ def run_slots(graphdef, params, cfg, prompts: Sequence[Sequence[int]], limits: S
     if pipeline is not None:
         backend = _RingSlots(pipeline, shared=shared, **job)
     else:
-        backend = _LocalSlots(graphdef, params, cfg, dtype, impl, shared=shared, **job)
+        backend = _LocalSlots(graphdef, params, cfg, dtype, impl, shared=shared, piece=prefill_chunk, **job)
     if stats is not None:
         stats.update(prefix_tokens=shared, prompt_tokens=sum(map(len, prompts)),
                      prefill_tokens=shared + sum(len(p) - shared for p in prompts))
@@ -157,10 +159,12 @@ class _LocalSlots:
     alone into a one-row cache that replaces its slot's row (its shared prefix copied, the rest `extend`ed)."""
 
     def __init__(self, graphdef, params, cfg, dtype, impl, *, prompts, limits, slots, max_len, context, sampling,
-                 base, stops, stop_ids, chunk, shared):
+                 base, stops, stop_ids, chunk, shared, piece):
         self.graphdef, self.params, self.cfg, self.dtype, self.impl = graphdef, params, cfg, dtype, impl
         self.prompts, self.limits, self.slots, self.max_len, self.context = prompts, limits, slots, max_len, context
         self.sampling, self.base, self.stops, self.chunk, self.shared = sampling, base, stops, chunk, shared
+        self.piece = piece
+        self.filling: dict[int, tuple] = {}  # slot -> (prompt, its tokens in the cache, the one-row cache)
         width = bucket(max(limits), 8)
         self.state = SlotState(init_cache(cfg, slots, max_len, dtype), jnp.zeros((slots,), jnp.int32),
                                jnp.zeros((slots,), jnp.int32), jnp.ones((slots,), bool),
@@ -172,34 +176,51 @@ class _LocalSlots:
             _, self.prefix_cache = prefill(graphdef, params, jnp.asarray(ids), jnp.asarray([shared], jnp.int32),
                                            init_cache(cfg, 1, max_len, dtype), impl=impl)
 
-    def _prefill_one(self, p: Sequence[int]):
-        """Last-token logits [1,V] and the one-row cache of prompt p (its shared prefix copied, not computed)."""
-        rest = p[self.shared:]
-        ids = np.zeros((1, min(bucket(len(rest)), self.context)), np.int32)
-        ids[0, :len(rest)] = rest
-        if self.shared:
+    def _piece(self, ids: Sequence[int], start: int, one):
+        """Tokens `ids` at positions start… into the one-row cache `one` (None: a fresh cache, start 0; else
+        donated): (last-token logits [1, V], the cache)."""
+        x = np.zeros((1, min(bucket(len(ids)), self.context)), np.int32)
+        x[0, :len(ids)] = ids
+        n = jnp.asarray([len(ids)], jnp.int32)
+        if one is None:
+            return prefill(self.graphdef, self.params, jnp.asarray(x), n,
+                           init_cache(self.cfg, 1, self.max_len, self.dtype), impl=self.impl)
+        return extend(self.graphdef, self.params, jnp.asarray(x), jnp.asarray([start], jnp.int32), n, one,
+                      impl=self.impl)
+
+    def _prefill_step(self, s: int) -> None:
+        """The next piece of slot s's prompt; after the last, the prompt goes into its slot."""
+        i, done_to, one = self.filling[s]
+        p = self.prompts[i]
+        stop = min(len(p), done_to + self.piece)
+        if one is None and self.shared:
             one = _copy(self.prefix_cache)  # extend donates its cache: the prefix's stays
-            return extend(self.graphdef, self.params, jnp.asarray(ids), jnp.asarray([self.shared], jnp.int32),
-                          jnp.asarray([len(rest)], jnp.int32), one, impl=self.impl)
-        return prefill(self.graphdef, self.params, jnp.asarray(ids), jnp.asarray([len(rest)], jnp.int32),
-                       init_cache(self.cfg, 1, self.max_len, self.dtype), impl=self.impl)
+        logits, one = self._piece(p[done_to:stop], done_to, one)
+        if stop < len(p):
+            self.filling[s] = (i, stop, one)
+            return
+        del self.filling[s]
+        self.state = _insert(self.state, one, logits, jnp.int32(s), jnp.int32(len(p)), jnp.int32(self.limits[i]),
+                             self.stops, jax.random.fold_in(self.base, i), self.sampling)
 
     def fill(self, taken: list[tuple[int, int]]) -> None:
+        """Start the prompts' prefills: a prompt of up to `piece` tokens (after the shared prefix) is prefilled
+        now, a longer one's first piece now and one more piece before each later decode chunk."""
         for s, i in taken:
-            logits, one = self._prefill_one(self.prompts[i])
-            self.state = _insert(self.state, one, logits, jnp.int32(s), jnp.int32(len(self.prompts[i])),
-                                 jnp.int32(self.limits[i]), self.stops, jax.random.fold_in(self.base, i),
-                                 self.sampling)
+            self.filling[s] = (i, self.shared, None)
+            self._prefill_step(s)
 
     def advance(self, busy: list[bool]) -> list[tuple[int, list[int]]]:
-        """A chunk of decode steps (none when every busy slot already ended); the busy slots that ended, with
-        their tokens."""
+        """The next piece of every prompt still prefilling, then a chunk of decode steps (none when no busy slot
+        is decoding); the busy slots that ended, with their tokens."""
+        for s in list(self.filling):
+            self._prefill_step(s)
         done = np.asarray(self.state.done)
         if not all(done[s] for s in range(self.slots) if busy[s]):
             self.state = slots_chunk(self.graphdef, self.params, self.state, self.stops, self.sampling, self.impl,
                                      self.chunk)
             done = np.asarray(self.state.done)
-        ended = [s for s in range(self.slots) if busy[s] and done[s]]
+        ended = [s for s in range(self.slots) if busy[s] and done[s] and s not in self.filling]
         if not ended:
             return []
         step, out = np.asarray(self.state.step), np.asarray(self.state.out)
