@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="prompts from stdin decoded together (continuous batching: a prompt's slot takes the next "
+                        "prompt as soon as its answer ends); answers are written in input order as they complete")
     p.add_argument("--attn-impl", default="auto", choices=["auto", "xla", "cudnn", "pallas", "interpret"],
                    help="attention: on GPU the fastest measured of Pallas kernels, cuDNN and XLA per call (auto), "
                         "or one forced")
@@ -90,6 +93,8 @@ def check_args(args: argparse.Namespace) -> None:
                    top_p=args.top_p, seed=args.seed)
     if args.pp < 1:
         raise gemma4_jax.ConfigError(f"--pp must be at least 1, got {args.pp}")
+    if args.batch_size < 1:
+        raise gemma4_jax.ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     if (args.think or args.show_thoughts) and not args.chat:
         raise gemma4_jax.ConfigError("--think and --show-thoughts need the chat template: drop --no-chat")
     for kind, paths in (("image", args.image), ("audio", args.audio)):
@@ -156,12 +161,21 @@ def run(args: argparse.Namespace, stdin=sys.stdin, out=sys.stdout, err=sys.stder
         if shown:
             shown.flush()
         out.write("\n")
-    else:
-        outs = model.generate(ids, **sampling)
-        texts_out = [""] * len(prompts)
-        for i, o in zip(todo, outs, strict=True):
-            texts_out[i] = answer_of(tok.decode([t for t in o if t not in stops])).replace("\n", "\\n")
-        out.write("".join(t + "\n" for t in texts_out))
+    else:  # stdin: continuous batching, each answer written once those before it are
+        texts_out: list[str | None] = [None] * len(prompts)
+        for i, p in enumerate(prompts):
+            if not p.strip():
+                texts_out[i] = ""
+        shown = [0]
+
+        def done(j: int, o: list[int]) -> None:
+            texts_out[todo[j]] = answer_of(tok.decode([t for t in o if t not in stops])).replace("\n", "\\n")
+            while shown[0] < len(prompts) and texts_out[shown[0]] is not None:
+                out.write(texts_out[shown[0]] + "\n")
+                shown[0] += 1
+            out.flush()
+
+        outs = model.generate_continuous(ids, slots=args.batch_size, on_done=done, **sampling)
     end = time.perf_counter()
     n = sum(len(o) for o in outs)
     ttft = f"time to first token {first[0] - start:.3f}s; " if streaming and first else ""

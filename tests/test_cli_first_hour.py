@@ -85,7 +85,7 @@ def test_ctrl_c_while_the_next_chunk_compiles_exits_130():
 
 def test_blank_stdin_lines_keep_their_place(demo):
     want = demo.generate_text(["What is 2 + 3?", "Tom has 4 apples."], max_new_tokens=12)
-    r = _gen("--max-new-tokens", "12", stdin="What is 2 + 3?\n\nTom has 4 apples.\n")
+    r = _gen("--max-new-tokens", "12", "--batch-size", "1", stdin="What is 2 + 3?\n\nTom has 4 apples.\n")
     assert r.returncode == 0, r.stderr
     assert r.stdout.split("\n")[:3] == [want[0].replace("\n", "\\n"), "", want[1].replace("\n", "\\n")]
     _one_sentence(_gen(stdin="\n  \n"), 1, "no prompt given")

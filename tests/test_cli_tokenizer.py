@@ -75,6 +75,7 @@ def test_cli_streams_one_prompt_and_batches_stdin(tiny_dir):
     (["--top-p", "1.5"], 1, "top_p must be in (0, 1]"),
     (["--temperature", "-2"], 1, "temperature must be"),
     (["--max-new-tokens", "100000"], 1, "exceeds the context"),
+    (["--batch-size", "0"], 1, "--batch-size must be at least 1"),
     (["--bogus"], 2, "unrecognized arguments"),
 ])
 def test_cli_bad_flags(tiny_dir, args, code, match):
