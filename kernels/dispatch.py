@@ -298,7 +298,8 @@ DENSE_FORCE: str | None = None
 def resolve_dense(impl: str, *, rows: int, k: int, n: int, dtype=jnp.bfloat16, platform: str | None = None) -> str:
     """How a dense projection x [rows,K] @ W [K,N] runs ('xla' | 'pallas' | 'interpret'), under the same `impl`.
 
-    A decode step's projections (at most GEMV_MAX_ROWS rows, weights of at most GEMV_MAX_WEIGHT elements) go to the
+    A decode step's projections (at most GEMV_MAX_ROWS rows, weights of at most GEMV_MAX_WEIGHT elements: this
+    module's copy, which benches change with `bench.py generate --gemv-max-weight`) go to the
     skinny Pallas kernel (`gemv.gemv`, which streams W in place) where XLA would lower the smaller ones as a slow
     column reduction: 'auto' and 'cudnn' on a GPU for 16-bit inputs, 'pallas' and 'interpret' for any dtype.
     Everything else, and every shape the kernel does not take, is XLA's.
@@ -317,5 +318,5 @@ def settings() -> str:
     programs kept across processes (`generation.programs`), so a program traced under other settings misses."""
     names = ("FUSED_PROJECTIONS", "DECODE_MAX_TOKENS", "DECODE_KERNEL_MIN_BATCH", "CUDNN_MAX_HEAD_DIM",
              "MOSAIC_HEAD_DIM", "CUDNN_BACKEND", "MOSAIC_INTERPRET", "MOSAIC_MOE_MIN_ROWS", "MOE_FORCE",
-             "MOE_PLAN_KERNEL", "DENSE_FORCE")
+             "MOE_PLAN_KERNEL", "DENSE_FORCE", "GEMV_MAX_WEIGHT")
     return ",".join(f"{n}={globals()[n]!r}" for n in names)

@@ -155,6 +155,18 @@ def test_resolve_dense():
         r("fast", rows=1, k=64, n=32)
 
 
+def test_the_weight_limit_moves_projections_to_xla_and_keys_programs(monkeypatch):
+    """`dispatch.GEMV_MAX_WEIGHT` (bench.py generate --gemv-max-weight): weights above it go to XLA, and a program
+    traced under another limit is another program (`dispatch.settings`)."""
+    from gemma4_jax.kernels import dispatch
+
+    before = dispatch.settings()
+    monkeypatch.setattr(dispatch, "GEMV_MAX_WEIGHT", 2816 * 2112)
+    assert resolve_dense("auto", rows=1, k=2816, n=2112, dtype=jnp.bfloat16, platform="gpu") == "pallas"
+    assert resolve_dense("auto", rows=1, k=2816, n=4096, dtype=jnp.bfloat16, platform="gpu") == "xla"
+    assert dispatch.settings() != before
+
+
 @pytest.mark.parametrize("eq,xs,ws", [
     ("BTD,DNH->BTNH", (1, 1, 64), (64, 4, 16)),  # queries
     ("BTNH,NHD->BTD", (2, 1, 4, 16), (4, 16, 32)),  # output: two contracted dims

@@ -90,6 +90,9 @@ def add_parser(sub) -> None:
                    help="run the decode-step projections through XLA (the path before the skinny kernel)")
     p.add_argument("--fused-projections", action="store_true",
                    help="q/k/v and gate/up in one skinny-kernel launch each, the norm inside (FUSED_PROJECTIONS)")
+    p.add_argument("--gemv-max-weight", type=int, default=None, metavar="ELEMENTS",
+                   help="the largest weight (K*N elements) a decode-step projection sends to the skinny kernel; "
+                        "larger ones go to XLA (dispatch.GEMV_MAX_WEIGHT; default: the library's)")
     p.add_argument("--moe-plan-kernel", action="store_true",
                    help="the Mosaic experts' tile plan as one kernel at few rows (dispatch.MOE_PLAN_KERNEL)")
     p.add_argument("--decode-scheduling", default=None, choices=["CONCURRENT", "LHS"],
@@ -208,7 +211,14 @@ def _header(args, cfg) -> dict:
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "fused_projections": getattr(args, "fused_projections", False),
             "moe_plan_kernel": getattr(args, "moe_plan_kernel", False),
+            "gemv_max_weight": getattr(args, "gemv_max_weight", None) or _dispatch().GEMV_MAX_WEIGHT,
             "decode_scheduling": getattr(args, "decode_scheduling", None) or _programs().DECODE_SCHEDULING}
+
+
+def _dispatch():
+    from gemma4_jax.kernels import dispatch
+
+    return dispatch
 
 
 def _programs():
@@ -256,6 +266,8 @@ def ours(args, start: float) -> dict:
     dispatch.DENSE_FORCE = getattr(args, "dense_impl", None)
     dispatch.FUSED_PROJECTIONS = getattr(args, "fused_projections", False)
     dispatch.MOE_PLAN_KERNEL = getattr(args, "moe_plan_kernel", False)
+    if getattr(args, "gemv_max_weight", None):
+        dispatch.GEMV_MAX_WEIGHT = args.gemv_max_weight
     if getattr(args, "decode_scheduling", None):
         _programs().DECODE_SCHEDULING = args.decode_scheduling
     res = _header(args, cfg)
