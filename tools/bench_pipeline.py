@@ -1,7 +1,7 @@
 """`bench.py pipeline`: pp=1 against pp=N on random real-shape weights (memory, decode speed, agreement).
 
-    PYTHONPATH=. python tools/bench.py pipeline --preset 31b --pp 2,4 --batch 8 --prompt-len 128 --gen-len 64 \
-        --json out.json
+    PYTHONPATH=. python tools/bench.py pipeline --preset 31b --pp 2,4 --batch 8,32 --prompt-len 128 --gen-len 64 \
+        --prefill-len 2048 --json out.json
 
 pp=1 is the plain model; pp=N is the pipeline (`gemma4_jax.parallel.pipeline.Pipeline`) with the same weights
 (copied through the host), at the split `load(..., pp=N)` would pick unless `--layer-split`, and the same
@@ -13,7 +13,10 @@ total batch cut into N micro-batches (the ring full). For each it reports:
   and the same at a fixed 80 GB per device;
 - decode tokens/s: the decode ring of a `gen-len`-token generation (its `gen-len − 1` steps after the
   prefill's token), timed on its own (`generate(timings=)`), best of `--repeat` (until 2026-12-01: the difference
-  of a `gen-len` and a `gen-len/2 + 1` token generation, which a busy machine could make negative);
+  of a `gen-len` and a `gen-len/2 + 1` token generation, which a busy machine could make negative), at every
+  total batch of `--batch` (`by_batch`; the top-level fields are the first batch's);
+- with `--prefill-len N`: the prefill of one N-token prompt (its first token included), timed on its own, best
+  of `--repeat`, and pp=N's speed against pp=1's (`ratios_vs_pp1.prefill`);
 - agreement with pp=1: the fraction of greedy tokens equal, the first divergence of each row, and the
   KL divergence per token between pp=1's and pp=N's next-token distributions over the first two prompts;
   with `--f32-reference`, also each layout's KL from a float32 forward of the same weights (bf16's own
@@ -50,7 +53,8 @@ def add_parser(sub) -> None:
     p.add_argument("--config", default=None, help="a config.json to use instead of --preset (smoke tests)")
     p.add_argument("--pp", default="2", help="stage counts to compare with pp=1, e.g. 2 or 2,4")
     p.add_argument("--layer-split", default=None, help="a split 0,a,...,L to use instead of the default (one --pp)")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", default="8", help="total batches, e.g. 8 or 8,32 (the first: agreement)")
+    p.add_argument("--prefill-len", type=int, default=0, help="also time the prefill of one prompt this long")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--gen-len", type=int, default=64)
     p.add_argument("--repeat", type=int, default=2)
@@ -95,23 +99,42 @@ def run(args) -> dict:
     pps = [int(x) for x in str(args.pp).split(",")]
     devices = jax.devices()
     rng = np.random.default_rng(0)
-    prompts = rng.integers(3, cfg.vocab_size, size=(args.batch, args.prompt_len)).tolist()
+    batches = [int(x) for x in str(args.batch).split(",")]
+    if min(batches) < 1 or args.prefill_len < 0:
+        raise SystemExit("--batch sizes must be at least 1 and --prefill-len at least 0")
+    prompts = {b: rng.integers(3, cfg.vocab_size, size=(b, args.prompt_len)).tolist() for b in batches}
+    long_prompt = [rng.integers(3, cfg.vocab_size, size=args.prefill_len).tolist()]
     res = {"preset": args.config or args.preset, "attn_impl": args.attn_impl, "card": devices[0].device_kind,
            "devices": len(devices),
-           "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"), "batch": args.batch,
-           "prompt_len": args.prompt_len, "gen_len": args.gen_len}
+           "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"), "batch": batches[0], "batches": batches,
+           "prompt_len": args.prompt_len, "gen_len": args.gen_len, "prefill_len": args.prefill_len}
     phase = Progress(res, args.json)
 
     def measure(model, key):
-        gen = lambda n: model.generate(prompts, max_new_tokens=n, stop_tokens=())  # noqa: E731
-        toks = gen(args.gen_len)  # compiles prefill and decode
-        phase(f"{key}_compile_and_first_run")
-        t_long, decode = best_generation(model, prompts, args.gen_len, args.repeat)  # decode: the ring alone
-        step = decode / (args.gen_len - 1)
-        res[key].update(decode_ms_per_step=step * 1e3, decode_tok_s=args.batch / step,
-                        generate_s={str(args.gen_len): t_long})
-        phase(f"{key}_timed")
-        return toks
+        """Decode speed at every batch (the first batch's fields also at the top), the long prefill; the first
+        batch's greedy tokens."""
+        first = None
+        res[key]["by_batch"] = {}
+        for b in batches:
+            toks = model.generate(prompts[b], max_new_tokens=args.gen_len, stop_tokens=())  # compiles
+            first = toks if first is None else first
+            phase(f"{key}_b{b}_compile_and_first_run")
+            t_long, decode = best_generation(model, prompts[b], args.gen_len, args.repeat)  # the ring alone
+            step = decode / (args.gen_len - 1)
+            res[key]["by_batch"][str(b)] = dict(decode_ms_per_step=step * 1e3, decode_tok_s=b / step,
+                                               generate_s={str(args.gen_len): t_long})
+            phase(f"{key}_b{b}_timed")
+        res[key].update(res[key]["by_batch"][str(batches[0])])
+        if args.prefill_len:
+            model.generate(long_prompt, max_new_tokens=1, stop_tokens=())  # compiles
+            best = float("inf")
+            for _ in range(args.repeat):
+                t: dict = {}
+                model.generate(long_prompt, max_new_tokens=1, stop_tokens=(), timings=t)
+                best = min(best, t["prefill_s"])
+            res[key]["prefill_ms"] = best * 1e3
+            phase(f"{key}_prefill")
+        return first
 
     def memory(key, n, weights, per_token):
         stats = _stats(devices[:n])
@@ -131,7 +154,7 @@ def run(args) -> dict:
     del state
     phase("pp1_random_init")
     toks1 = measure(one, "pp1")
-    few = np.asarray(prompts[:2])
+    few = np.asarray(prompts[batches[0]][:2])
     if not args.no_logits:
         logits1 = one.logits(few)
         phase("pp1_logits")
@@ -175,6 +198,9 @@ def run(args) -> dict:
         res[key]["ratios_vs_pp1"] = {
             "weights_per_device": max(weights) / p1["weights_gib_per_device"][0] / 2**30,
             "decode_throughput": res[key]["decode_tok_s"] / p1["decode_tok_s"],
+            "decode_throughput_by_batch": {b: r["decode_tok_s"] / p1["by_batch"][b]["decode_tok_s"]
+                                           for b, r in res[key]["by_batch"].items()},
+            "prefill": p1["prefill_ms"] / res[key]["prefill_ms"] if args.prefill_len else None,
             "kv_budget": res[key]["kv_budget_tokens"] / p1["kv_budget_tokens"] if p1["kv_budget_tokens"] else None,
             "kv_budget_80gb": res[key]["kv_budget_tokens_80gb"] / p1["kv_budget_tokens_80gb"],
         }
