@@ -137,8 +137,8 @@ def test_generate_until_equals_greedy_generate(demo, lm, monkeypatch):
         seen.extend(batch)
         return generate(batch, **kwargs)
 
-    generate = demo.generate
-    monkeypatch.setattr(demo, "generate", spy)
+    generate = demo.generate_continuous  # generate_until's engine
+    monkeypatch.setattr(demo, "generate_continuous", spy)
     got = lm_harness.Gemma4LM(model=demo, batch_size=4, max_length=150).generate_until(requests, disable_tqdm=True)
     monkeypatch.undo()
     assert sorted(seen) == sorted(fitted)
