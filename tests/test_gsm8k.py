@@ -157,7 +157,8 @@ def test_engine_records_equal_static_batches(tmp_path, demo_model, demo_pp2, mon
     import gemma4_jax
 
     monkeypatch.setattr(gemma4_jax, "load", lambda *a, **k: demo_model if pp == 1 else demo_pp2)
-    kw = dict(limit=2 if shots else 5, batch_size=2, max_new_tokens=8 if shots else 20, shots=shots, pp=pp,
+    kw = dict(limit=2 if shots else 5 if pp == 1 else 3, batch_size=2, max_new_tokens=8 if shots else 20, shots=shots,
+              pp=pp,
               progress=False, log=lambda s: None)
     static = gsm8k.run_eval(None, TEST, out=str(tmp_path / "static.json"), **kw)
     engine = gsm8k.run_eval(None, TEST, out=str(tmp_path / "engine.json"), engine=True, **kw)
