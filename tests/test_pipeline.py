@@ -267,8 +267,9 @@ def test_generate_cli_cluster_flags_go_together(capsys):
 
 
 def test_gsm8k_eval_across_processes(tmp_path):
-    """`tools/eval_gsm8k.py --coordinator … --pp 4` on two processes: process 0 writes the single-process
-    run's records and summary; process 1 writes nothing."""
+    """`tools/eval_gsm8k.py --coordinator … --pp 4 --engine` on two processes: process 0 writes the
+    single-process run's records (static batches) and summary; process 1 writes nothing. The engine's slots are
+    the ring's rows, the hosts' schedulers in step."""
     import json
 
     from gemma4_jax.evals import gsm8k
@@ -283,6 +284,7 @@ def test_gsm8k_eval_across_processes(tmp_path):
     port, outs = _free_port(), [tmp_path / f"p{i}.json" for i in range(2)]
     procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "tools", "eval_gsm8k.py"), "--data", data,
                                "--limit", "3", "--batch-size", "2", "--max-new-tokens", "16", "--quiet", "--pp", "4",
+                               "--engine",
                                "--out", str(outs[i]), "--coordinator", f"localhost:{port}", "--num-processes", "2",
                                "--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for i in range(2)]
