@@ -71,6 +71,14 @@ def _logits(graphdef, state, ids_bt, impl, mm=None):
     return merge(graphdef, state)(ids_bt, impl, mm)
 
 
+@jax.jit
+def _scores(logits_btv, targets_bt):
+    """(log-softmax of `logits` at `targets` [B, T] float32, whether each target is its row's argmax [B, T])."""
+    lg = logits_btv.astype(jnp.float32)
+    picked = jnp.take_along_axis(lg, targets_bt[..., None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(lg, axis=-1), jnp.argmax(lg, axis=-1) == targets_bt
+
+
 class Gemma4Model:
     """A loaded Gemma 4 model: `.config`, `.tokenizer`, `.logits(tokens)`."""
 
@@ -118,6 +126,28 @@ class Gemma4Model:
                 return self.pipeline.logits(ids, soft_tokens)
             return np.asarray(_logits(self.graphdef, self.state, jnp.asarray(ids), self.run.attn_impl, soft_tokens),
                               dtype=np.float32)
+
+    def token_logprobs(self, tokens, targets) -> tuple[np.ndarray, np.ndarray]:
+        """Scores of `targets` [B, T] (target t follows tokens[:, :t+1]; usually the tokens shifted by one) under
+        `logits(tokens)`: (their log-probabilities, float32 [B, T]; whether each is the argmax, bool [B, T]).
+        Computed where the logits are, so only [B, T] reaches the host (the logits are 1 MiB a token at Gemma
+        4's vocabulary); the lm-evaluation-harness model scores with it."""
+        ids = self._check_tokens(tokens)
+        tg = np.asarray(targets)
+        if tg.shape != ids.shape or not np.issubdtype(tg.dtype, np.integer):
+            raise ConfigError(f"targets must be an integer array of the tokens' shape {ids.shape}, got {tg.shape} "
+                              f"of {tg.dtype}")
+        if tg.size and (tg.min() < 0 or tg.max() >= self.config.vocab_size):
+            raise ConfigError(f"target ids must lie in [0, {self.config.vocab_size})")
+        with precision_scope(self.run.dtype):
+            if self.pipeline is not None:
+                logits = self.pipeline.device_logits(ids)
+            else:
+                logits = _logits(self.graphdef, self.state, jnp.asarray(ids), self.run.attn_impl)
+            rows = np.zeros((logits.shape[0], ids.shape[1]), np.int32)  # the pipeline pads the batch
+            rows[:len(ids)] = tg
+            logp, top = _scores(logits, rows)
+        return np.asarray(logp, np.float32)[:len(ids)], np.asarray(top)[:len(ids)]
 
     def generate(self, tokens, *, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int = 0, stop_tokens=None, on_tokens=None,

@@ -216,3 +216,30 @@ def test_decode_chunks_stop_at_the_limit_and_the_stop_tokens():
     streamed = []
     model.generate([prompt], max_new_tokens=11, stop_tokens=(), on_tokens=lambda blk: streamed.extend(blk[0].tolist()))
     assert streamed == want
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+def test_token_logprobs_are_the_logits_scores(hf_dirs, pp):
+    """`token_logprobs` (computed on the device) equals a float64 log-softmax of `logits` at the targets, and its
+    argmax flags; at pp = 2 the pipeline's padded batch (3 rows in 2 micro-batches) is cut back. Bad targets are
+    one sentence."""
+    from gemma4_jax.errors import ConfigError
+
+    m = gemma4_jax.load(hf_dirs["e2b", "causal"], pp=pp, progress=False)
+    rng = np.random.default_rng(3)
+    ids = rng.integers(3, m.config.vocab_size, size=(3, 11))
+    targets = np.concatenate([ids[:, 1:], rng.integers(0, m.config.vocab_size, size=(3, 1))], axis=1)
+    targets[0, 4] = np.argmax(m.logits(ids[:1])[0, 4])  # one target that is the argmax
+    lg = m.logits(ids).astype(np.float64)
+    mx = lg.max(-1, keepdims=True)
+    want = (lg - mx - np.log(np.exp(lg - mx).sum(-1, keepdims=True)))
+    want = np.take_along_axis(want, targets[..., None], -1)[..., 0]
+    logp, top = m.token_logprobs(ids, targets)
+    assert logp.shape == top.shape == ids.shape
+    np.testing.assert_allclose(logp, want, atol=2e-5, rtol=1e-5)
+    np.testing.assert_array_equal(top, lg.argmax(-1) == targets)
+    assert top[0, 4]
+    with pytest.raises(ConfigError, match="targets must be an integer array of the tokens' shape"):
+        m.token_logprobs(ids, targets[:, :5])
+    with pytest.raises(ConfigError, match="target ids must lie in"):
+        m.token_logprobs(ids, targets + m.config.vocab_size)

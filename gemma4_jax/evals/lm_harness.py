@@ -76,13 +76,6 @@ def _pow2(n: int, minimum: int) -> int:
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    """log_softmax over the last axis, in float64 (the sums over a continuation's tokens stay exact)."""
-    x = x.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
-
-
 def cut_at_stops(text: str, until: Sequence[str]) -> str:
     """`text` up to the first occurrence of any of the (non-empty) stop strings."""
     ends = [i for i in (text.find(s) for s in until if s) if i >= 0]
@@ -160,23 +153,23 @@ class Gemma4LM(LM):
         return out
 
     def _score(self, pairs: list[tuple[list[int], list[int]]], desc: str, disable_tqdm: bool):
-        """(sum of the continuation's log-probs, greedy?) of each (context ids, continuation ids), in batches."""
-        inputs = []
+        """(sum of the continuation's log-probs, greedy?) of each (context ids, continuation ids), in batches
+        (`Gemma4Model.token_logprobs`: the scores are computed on the device, only [B, T] comes back)."""
+        texts = []
         for ctx, cont in pairs:
             if len(cont) > self.max_length:
                 raise ConfigError(f"a continuation of {len(cont)} tokens exceeds max_length {self.max_length}")
-            inputs.append(self._fit(ctx + cont, self.max_length + 1)[:-1])  # the last token predicts nothing
-        order = sorted(range(len(pairs)), key=lambda i: (-len(inputs[i]), inputs[i]))
+            texts.append(self._fit(ctx + cont, self.max_length + 1))  # inputs: all but the last; targets: all but BOS
+        order = sorted(range(len(pairs)), key=lambda i: (-len(texts[i]), texts[i]))
         out: list = [None] * len(pairs)
         bar = tqdm(total=len(pairs), desc=desc, disable=disable_tqdm)
         for start in range(0, len(order), self.batch_size):
             rows = order[start:start + self.batch_size]
-            logits = self.model.logits(self._pad([inputs[i] for i in rows]))  # [B, T, V] float32
+            logp, top = self.model.token_logprobs(self._pad([texts[i][:-1] for i in rows]),
+                                                  self._pad([texts[i][1:] for i in rows]))
             for r, i in enumerate(rows):
-                cont, end = np.asarray(pairs[i][1], np.int64), len(inputs[i])
-                lg = logits[r, end - len(cont):end]  # [n, V]: the positions that predict the continuation
-                logp = _log_softmax(lg)[np.arange(len(cont)), cont]
-                out[i] = (float(logp.sum()), bool((lg.argmax(-1) == cont).all()))
+                n, end = len(pairs[i][1]), len(texts[i]) - 1  # the last n inputs predict the continuation
+                out[i] = (float(logp[r, end - n:end].astype(np.float64).sum()), bool(top[r, end - n:end].all()))
             bar.update(len(rows))
         bar.close()
         return out

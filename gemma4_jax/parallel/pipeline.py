@@ -592,6 +592,11 @@ class Pipeline:
     def logits(self, ids: np.ndarray, mm=None) -> np.ndarray:
         """Float32 logits [B, T, V] of a full causal forward, micro-batched through the stages (soft tokens
         `mm`, a `model.Multimodal`, merged on the first stage)."""
+        return np.asarray(self.device_logits(ids, mm), np.float32)[:ids.shape[0]]
+
+    def device_logits(self, ids: np.ndarray, mm=None) -> jax.Array:
+        """`logits` left on the devices (on each of them): [B', T, V] with B' ≥ B (the batch padded to whole
+        micro-batches; rows past B are padding)."""
         b, t = ids.shape
         m = self.micro_batches(b)
         padded = -(-b // m) * m
@@ -602,7 +607,7 @@ class Pipeline:
         ids_r, lengths_r = self.replicated(x.reshape(m, padded // m, t), lengths)
         out, _ = _run_gpipe(self.params, ids_r, lengths_r, None, soft, plan=self.plan, mode="logits",
                             dtype_name=self.dtype.name, impl=self.impl, mesh=self.mesh)
-        return np.asarray(out, np.float32).reshape(padded, t, -1)[:b]
+        return out.reshape(padded, t, -1)
 
     def layout(self, b: int) -> tuple[int, int]:
         """(micro-batches M, rows per micro-batch) for `b` sequences."""
