@@ -185,8 +185,8 @@ class Gemma4Model:
         limit for all, or one per prompt. Greedy gives what `generate` gives; `on_done(i, tokens)` is called as
         prompt i ends. `shared_prefix`: the tokens all prompts begin with are prefilled once and copied into each
         slot; `stats` (a dict) receives the prompt tokens computed and without that. With pp > 1 the slots are
-        the pipeline's ring's rows. At pp = 1 a prompt longer than `prefill_chunk` tokens is prefilled in pieces
-        between the other slots' decode steps."""
+        the pipeline's ring's rows. A prompt longer than `prefill_chunk` tokens is prefilled in pieces between the
+        other slots' decode steps."""
         from .generation.engine import run_slots
 
         if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__"):

@@ -93,10 +93,13 @@ def piped():
 
 def test_the_pipeline_ring_gives_the_same_tokens(demo, piped, alone):
     """pp = 2: the slots are the ring's rows (two micro-batches of two rows); every answer is `generate`'s at
-    pp = 1 for that prompt alone; stop tokens end answers and turn slots over. (A shared prefix through the stages:
+    pp = 1 for that prompt alone, also with long prompts prefilled in pieces; stop tokens end answers and turn
+    slots over. (A shared prefix through the stages:
     tests/test_pipeline.py.)"""
     got = piped.generate_continuous(PROMPTS, max_new_tokens=LIMITS, slots=3, stop_tokens=())
     assert got == alone
+    got = piped.generate_continuous(PROMPTS, max_new_tokens=LIMITS, slots=3, stop_tokens=(), prefill_chunk=8)
+    assert got == alone  # prompts of 9-39 tokens prefilled 8 at a time, between calls of the ring
     prompts = _prompts(6, seed=1)
     stop = demo.generate(prompts, max_new_tokens=24, stop_tokens=())[0][2]  # a token the model emits
     want = demo.generate(prompts, max_new_tokens=24, stop_tokens=(stop,))

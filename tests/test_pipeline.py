@@ -95,9 +95,9 @@ def test_every_split_gives_single_stage_tokens(hf_dirs, single, family, pp, spli
 
 def test_continuous_batching_in_the_ring_after_a_shared_prefix(hf_dirs):
     """The engine at pp = 2 (`generate_continuous`): a 21-token shared prefix (past the window of 8: the ring
-    buffers wrap) prefilled once, then each prompt's own tokens through GPipe's extend mode — with KV-sharing
-    readers on the later stage whose sources' mirrors hold the prefix (E2B-like split 0,7,10) — and decoded in
-    the ring's rows: pp = 1's greedy tokens."""
+    buffers wrap) prefilled once, then each prompt's own tokens through GPipe's extend mode (the longer ones in
+    pieces of 4, each continuing its own cache) — with KV-sharing readers on the later stage whose sources'
+    mirrors hold the prefix (E2B-like split 0,7,10) — and decoded in the ring's rows: pp = 1's greedy tokens."""
     family, split = "e2b", "0,7,10"
     rng = np.random.default_rng(7)
     head = [2, *rng.integers(3, 256, size=20).tolist()]
@@ -108,7 +108,7 @@ def test_continuous_batching_in_the_ring_after_a_shared_prefix(hf_dirs):
     m = gemma4_jax.load(hf_dirs[family, "causal"], pp=2, layer_split=split, progress=False)
     stats = {}
     got = m.generate_continuous(prompts, max_new_tokens=limits, slots=2, stop_tokens=(), shared_prefix=True,
-                                stats=stats)
+                                stats=stats, prefill_chunk=4)  # the 11 and 6 own tokens: in pieces of 4
     assert got == want and stats["prefix_tokens"] == 21
 
 

@@ -106,9 +106,9 @@ def run_slots(graphdef, params, cfg, prompts: Sequence[Sequence[int]], limits: S
     decoded `slots` at a time with continuous batching. `on_done(i, tokens)` is called as each one ends.
     `stats`, when given, receives `prefix_tokens` and `prefill_tokens` (prompt tokens computed) beside
     `prompt_tokens` (what prefilling every prompt whole computes). With a `pipeline.Pipeline`, the slots are its
-    ring's rows (`_RingSlots`). At pp = 1 a prompt longer than `prefill_chunk` tokens (after the shared prefix)
-    is prefilled in pieces of that many, one before each decode chunk of the other slots, so that a long prompt
-    does not stall them."""
+    ring's rows (`_RingSlots`). A prompt longer than `prefill_chunk` tokens (after the shared prefix) is prefilled
+    in pieces of that many, one before each decode chunk (each call of the ring) of the other slots, so that a long
+    prompt does not stall them."""
     n = len(prompts)
     if len(limits) != n:
         raise ConfigError(f"{n} prompts but {len(limits)} token limits")
@@ -129,7 +129,7 @@ def run_slots(graphdef, params, cfg, prompts: Sequence[Sequence[int]], limits: S
                base=jax.random.key(seed), stops=stops, stop_ids=stop_ids, chunk=chunk)
     shared = common_prefix(prompts) if shared_prefix else 0
     if pipeline is not None:
-        backend = _RingSlots(pipeline, shared=shared, **job)
+        backend = _RingSlots(pipeline, shared=shared, piece=prefill_chunk, **job)
     else:
         backend = _LocalSlots(graphdef, params, cfg, dtype, impl, shared=shared, piece=prefill_chunk, **job)
     if stats is not None:
@@ -235,7 +235,7 @@ class _RingSlots:
     into their slots' rows."""
 
     def __init__(self, pipeline, *, prompts, limits, slots, max_len, context, sampling, base, stops, stop_ids,
-                 chunk, shared):
+                 chunk, shared, piece):
         self.pipe, self.prompts, self.limits, self.max_len, self.context = pipeline, prompts, limits, max_len, context
         self.sampling, self.base, self.stops, self.stop_ids = sampling, base, stops, set(stop_ids)
         self.m = pipeline.micro_batches(slots)
@@ -249,20 +249,17 @@ class _RingSlots:
         self.left = np.zeros(self.slots, np.int32)  # tokens a live row may still get; 0: ended or free
         self.got: list[list[int]] = [[] for _ in range(self.slots)]
         self.ring_key, self.calls = jax.random.fold_in(base, len(prompts)), 0  # prompts' keys fold in 0 … n − 1
-        self.shared = shared
+        self.shared, self.piece = shared, piece
+        self.filling: dict[int, tuple] = {}  # slot -> (prompt, its tokens in the cache, its one-row cache)
         if shared:  # the prefix's one-row cache: each new prompt's rows start as copies of it
             _, self.prefix = pipeline.prefill([prompts[0][:shared]], max_len=max_len,
                                               t=min(bucket(shared), context))
 
-    def fill(self, taken: list[tuple[int, int]]) -> None:
-        ps = [self.prompts[i][self.shared:] for _, i in taken]
-        ps += [ps[-1]] * (bucket(len(ps), 1) - len(ps))  # a power of two of rows: few programs to compile
-        t = min(bucket(max(map(len, ps))), self.context)
-        last, rows = self.pipe.prefill(ps, max_len=self.max_len, t=t,
-                                       after=(self.prefix, self.shared) if self.shared else None)
-        m, per = last.shape[:2]
+    def _start(self, taken: list[tuple[int, int]], last, rows, per: int) -> None:
+        """Prompts whose whole prefill is in `rows` (prompt j at row j of micro-batch-major order, last-token
+        logits `last`) into their slots: the cache rows moved, the first tokens sampled."""
         keys = jnp.stack([jax.random.fold_in(self.base, i) for _, i in taken])
-        first = np.asarray(_sample_rows(last.reshape(m * per, -1)[:len(taken)], keys,
+        first = np.asarray(_sample_rows(last.reshape(-1, last.shape[-1])[:len(taken)], keys,
                                         jnp.zeros((len(taken),), jnp.int32), self.sampling))
         self.cache = self.pipe.move_rows(self.cache, rows, [(j // per, j % per) for j in range(len(taken))],
                                          [(s // self.per, s % self.per) for s, _ in taken])
@@ -270,7 +267,46 @@ class _RingSlots:
             self.tok[s], self.pos[s], self.got[s] = tok, len(self.prompts[i]), [tok]
             self.left[s] = 0 if tok in self.stop_ids else self.limits[i] - 1
 
+    def _prefill_step(self, s: int) -> None:
+        """The next piece of slot s's long prompt (a one-row cache of its own); after the last, into its slot."""
+        i, done_to, rows = self.filling[s]
+        p = self.prompts[i]
+        stop = min(len(p), done_to + self.piece)
+        piece = [p[done_to:stop]]
+        t = min(bucket(len(piece[0])), self.context)
+        if rows is not None:
+            last, rows = self.pipe.prefill(piece, max_len=self.max_len, t=t, into=(rows, done_to))
+        else:
+            last, rows = self.pipe.prefill(piece, max_len=self.max_len, t=t,
+                                           after=(self.prefix, self.shared) if self.shared else None)
+        if stop < len(p):
+            self.filling[s] = (i, stop, rows)
+            return
+        del self.filling[s]
+        self._start([(s, i)], last, rows, 1)
+
+    def fill(self, taken: list[tuple[int, int]]) -> None:
+        """Prompts of up to `piece` tokens (after the shared prefix) are prefilled together now; a longer one
+        piece by piece, its first piece now and one more before each later call of the ring."""
+        long = [(s, i) for s, i in taken if len(self.prompts[i]) - self.shared > self.piece]
+        for s, i in long:
+            self.filling[s] = (i, self.shared, None)
+            self._prefill_step(s)
+        taken = [x for x in taken if x not in long]
+        if not taken:
+            return
+        ps = [self.prompts[i][self.shared:] for _, i in taken]
+        ps += [ps[-1]] * (bucket(len(ps), 1) - len(ps))  # a power of two of rows: few programs to compile
+        t = min(bucket(max(map(len, ps))), self.context)
+        last, rows = self.pipe.prefill(ps, max_len=self.max_len, t=t,
+                                       after=(self.prefix, self.shared) if self.shared else None)
+        self._start(taken, last, rows, last.shape[1])
+
     def advance(self, busy: list[bool]) -> list[tuple[int, list[int]]]:
+        """The next piece of every long prompt still prefilling, then a call of the ring for the live rows; the
+        busy slots that ended, with their tokens."""
+        for s in list(self.filling):
+            self._prefill_step(s)
         live = np.asarray(busy) & (self.left > 0)
         if live.any():
             want = np.where(live, np.minimum(self.left, self.chunk), 0).astype(np.int32)
@@ -289,7 +325,8 @@ class _RingSlots:
                 self.got[s] += new
                 self.tok[s], self.pos[s] = new[-1], self.pos[s] + len(new)
                 self.left[s] = 0 if stop is not None else self.left[s] - len(new)
-        return [(s, self.got[s]) for s in range(self.slots) if busy[s] and self.left[s] == 0]
+        return [(s, self.got[s]) for s in range(self.slots)
+                if busy[s] and self.left[s] == 0 and s not in self.filling]
 
 
 def common_prefix(prompts: Sequence[Sequence[int]]) -> int:

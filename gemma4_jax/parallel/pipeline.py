@@ -614,11 +614,13 @@ class Pipeline:
         m = self.micro_batches(b)
         return m, -(-b // m)
 
-    def prefill(self, prompts: list[list[int]], *, max_len: int, t: int, mm=None, after=None):
+    def prefill(self, prompts: list[list[int]], *, max_len: int, t: int, mm=None, after=None, into=None):
         """Prefill prompts right-padded to `t` tokens (soft tokens `mm` merged on the first stage) into a fresh
         cache for `max_len` positions: (last-token logits [M, b, V], cache [P, M, b, …]); prompt i is row
         i % b of micro-batch i // b (rows past the prompts are one-token fillers). `after` = (a cache of one row
-        holding `start` tokens, start): the prompts continue those tokens, whose keys are copied, not computed."""
+        holding `start` tokens, start): the prompts continue those tokens, whose keys are copied, not computed.
+        `into` = (a cache of this call's layout, e.g. an earlier call's, donated; start): the prompts continue its
+        rows from position `start` (a long prompt prefilled piece by piece)."""
         b = len(prompts)
         m, per = self.layout(b)
         ids = np.zeros((m * per, t), np.int32)
@@ -626,15 +628,17 @@ class Pipeline:
         for i, p in enumerate(prompts):
             ids[i, :len(p)], lengths[i] = p, len(p)
         ids, soft = self.soft_tokens(mm, ids, m, per)
-        cache = init_stage_cache(self.plan, self.mesh, m, per, max_len, self.dtype)
+        cache = into[0] if into is not None else init_stage_cache(self.plan, self.mesh, m, per, max_len, self.dtype)
         ids_r, lengths_r = self.replicated(ids.reshape(m, per, t), lengths.reshape(m, per))
         start = None
         if after is not None:
             rows = [(j // per, j % per) for j in range(m * per)]
             cache = self.move_rows(cache, after[0], [(0, 0)] * len(rows), rows)
             (start,) = self.replicated(np.full((m, per), after[1], np.int32))
+        elif into is not None:
+            (start,) = self.replicated(np.full((m, per), into[1], np.int32))
         return _run_gpipe(self.params, ids_r, lengths_r, cache, soft, start, plan=self.plan,
-                          mode="prefill" if after is None else "extend", dtype_name=self.dtype.name, impl=self.impl,
+                          mode="prefill" if start is None else "extend", dtype_name=self.dtype.name, impl=self.impl,
                           mesh=self.mesh)
 
     def init_cache(self, m: int, b: int, max_len: int) -> dict[str, LayerCache]:
