@@ -245,6 +245,38 @@ def test_existing_output_and_interrupted_conversion(hf_dirs, tmp_path, capsys, m
     assert sorted(os.listdir(tmp_path)) == ["conv"] and os.listdir(out) == ["keep.txt"]
 
 
+def test_a_failed_conversion_is_removed_while_writes_are_still_in_flight(hf_dirs, tmp_path, monkeypatch):
+    """A failed orbax save can return while tensorstore's threads still write its other files; they recreate
+    folders inside the temporary directory after a first removal. Here a thread keeps writing into it for
+    0.3 s after the failure; nothing may be left once convert has raised."""
+    import threading
+    import time
+
+    def failing_finish(self):
+        tmp = os.path.dirname(self.dirs[0])
+
+        def in_flight():
+            end = time.monotonic() + 0.3
+            while time.monotonic() < end:
+                os.makedirs(os.path.join(tmp, "stage_0.partial_save", "d"), exist_ok=True)
+                try:
+                    with open(os.path.join(tmp, "stage_0.partial_save", "d", "chunk"), "w") as f:
+                        f.write("x")
+                except OSError:  # the folder went away between the two calls
+                    pass
+                time.sleep(0.005)
+
+        threading.Thread(target=in_flight, daemon=True).start()
+        time.sleep(0.05)
+        raise OSError(27, "File too large")
+
+    monkeypatch.setattr(stage_checkpoint._StageWriter, "finish", failing_finish)
+    with pytest.raises(OSError, match="File too large"):
+        convert(hf_dirs["e2b", "causal"], str(tmp_path / "conv"), progress=False, log=lambda s: None)
+    time.sleep(0.4)  # the writer has stopped by now; whatever it made after convert returned would show
+    assert os.listdir(tmp_path) == []
+
+
 def test_loader_refuses_a_conversion_without_manifest(hf_dirs, tmp_path):
     out = str(tmp_path / "conv")
     convert(hf_dirs["31b", "causal"], out, progress=False, log=lambda s: None)

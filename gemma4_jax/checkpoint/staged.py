@@ -244,9 +244,23 @@ def convert(hf_dir: str, out: str, stages: tuple[Stage, ...] | None = None, *, p
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the result is an ordinary directory
         _replace_dir(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_for_good(tmp)
         raise
     return manifest
+
+
+def remove_for_good(path: str, quiet_s: float = 0.5, timeout_s: float = 30.0) -> None:
+    """Remove the directory `path`, and again whenever it reappears, until it has stayed away `quiet_s`
+    seconds: a failed orbax save returns while tensorstore's threads may still be writing its other files,
+    and they recreate them (and their folders) after a first removal."""
+    end = time.monotonic() + timeout_s
+    while True:
+        shutil.rmtree(path, ignore_errors=True)
+        gone = time.monotonic()
+        while not os.path.exists(path) and time.monotonic() - gone < quiet_s:
+            time.sleep(0.02)
+        if not os.path.exists(path) or time.monotonic() > end:
+            return
 
 
 TOWERS_FILE = "stage_0_towers.safetensors"

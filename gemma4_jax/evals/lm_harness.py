@@ -51,6 +51,7 @@ import gemma4_jax
 
 from ..cli import add_compile_cache_args, use_compile_cache
 from ..errors import ConfigError, Gemma4Error
+from ..generation.loop import bucket
 from .gsm8k import DataError, read_jsonl
 
 MODEL_NAME = "gemma4-jax"
@@ -70,10 +71,6 @@ def _count(name: str, value) -> int:
         hint = "; give a number of requests per batch" if name == "batch_size" else ""
         raise ConfigError(f"{name} must be a positive integer for {MODEL_NAME}, got {value!r}{hint}")
     return value
-
-
-def _pow2(n: int, minimum: int) -> int:
-    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
 def cut_at_stops(text: str, until: Sequence[str]) -> str:
@@ -146,7 +143,7 @@ class Gemma4LM(LM):
 
     def _pad(self, rows: list[list[int]]) -> np.ndarray:
         """The rows right-padded into one int array [batch_size, T], T a power of two (at most max_length)."""
-        t = min(_pow2(max(len(r) for r in rows), 16), self.max_length)
+        t = min(bucket(max(len(r) for r in rows)), self.max_length)
         out = np.full((self.batch_size, t), PAD_ID, np.int32)
         for i, r in enumerate(rows):
             out[i, :len(r)] = r

@@ -52,7 +52,7 @@ from ..generation.cache import (
     store_prompt,
     write_token,
 )
-from ..generation.loop import Sampling, sample
+from ..generation.loop import Sampling, bucket, sample
 from ..generation.programs import program
 from ..model import text as model
 from ..model.text import DecoderLayer, FullAttender, iter_params
@@ -648,7 +648,7 @@ class Pipeline:
     def move_rows(self, cache, rows, src: list[tuple[int, int]], dst: list[tuple[int, int]]):
         """`cache` (donated) with row dst[j] (micro-batch, row) replaced by row src[j] of `rows` (another cache of
         the same length, e.g. `prefill`'s), on every stage."""
-        n = 1 << (max(len(src), 1) - 1).bit_length()  # a power of two of pairs (the last one repeated): few programs
+        n = bucket(len(src), 1)  # a power of two of pairs (the last one repeated): few programs
         src_a, dst_a = (np.asarray(list(x) + [x[-1]] * (n - len(x)), np.int32).reshape(-1, 2) for x in (src, dst))
         return _move_rows(cache, rows, *self.replicated(src_a, dst_a))
 
@@ -674,7 +674,7 @@ class Pipeline:
         stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
         first = jnp.stack([sample(last[i], jax.random.fold_in(jax.random.fold_in(key, i), 0), sampling)
                            for i in range(m)])
-        width = max(8, 1 << (max_new_tokens - 1).bit_length())  # one compiled ring per power-of-two bucket
+        width = bucket(max_new_tokens, 8)  # one compiled ring per power-of-two bucket
         if timings is not None:
             jax.block_until_ready((first, cache))
             t1 = time.perf_counter()
