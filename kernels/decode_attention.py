@@ -22,12 +22,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .flash_attention import LOG2E, MASK_VALUE, flash_attention_reference
-from .masking import block_visibility, pad_axis, ranges, visible
+from .flash_attention import LOG2E, flash_attention_reference, sweep_keys
+from .masking import block_visibility, pad_axis, ranges
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,28 +62,11 @@ def _decode_kernel(lo_ref, hi_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, o_re
     # k_ref, v_ref: [S, H]
     # o_ref: [M, H]               this split's normalised output (input dtype: half the bytes of float32)
     # m_ref, l_ref: [M]           this split's max score (base 2) and softmax denominator (float32)
-    rows, h = q_ref.shape
     q = q_ref[...]
     qp = qpos_ref[...][:, None]
     qk_scale = scale * LOG2E
-
-    def body(j, carry):
-        acc, m_prev, l_prev = carry
-        ks = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
-        s = plgpu.dot(q, k_ref[ks, :], trans_b=True) * qk_scale  # [M, block_k]
-        vis = visible(qp, kpos_ref[ks][None, :], window, causal)
-        s = jnp.where(vis, s, MASK_VALUE)
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-        alpha = jnp.exp2(m_prev - m_next)
-        p = jnp.where(vis, jnp.exp2(s - m_next[:, None]), 0.0)
-        l_next = alpha * l_prev + jnp.sum(p, axis=1)
-        v = v_ref[ks, :]
-        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
-        return acc, m_next, l_next
-
-    init = (jnp.zeros((rows, h), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
-            jnp.zeros((rows,), jnp.float32))
-    acc, m_i, l_i = lax.fori_loop(lo_ref[()], hi_ref[()], body, init)
+    acc, m_i, l_i = sweep_keys(q, qp, kpos_ref, k_ref, v_ref, lo_ref[()], hi_ref[()], qk_scale=qk_scale,
+                               window=window, causal=causal, block_k=block_k)
     o_ref[...] = (acc / jnp.where(l_i == 0.0, 1.0, l_i)[:, None]).astype(o_ref.dtype)
     m_ref[...] = m_i
     l_ref[...] = l_i

@@ -68,23 +68,13 @@ def default_config(head_dim: int, dtype=jnp.bfloat16, q_len: int = 4096) -> Flas
     return FlashConfig(block_m=128, block_k=64, num_warps=8, num_stages=2)  # head_dim 256: 194 TFLOP/s at 4K
 
 
-def _flash_kernel(lo_ref, hi_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, o_ref, *,
-                  scale: float, window: int | None, causal: bool, block_k: int):
-    # lo_ref, hi_ref: []          first / one-past-last key block this query block may see
-    # qpos_ref: [bq]              positions of the block's tokens (−1: padding)
-    # kpos_ref: [S]               key positions of this sequence (−1: empty / padding)
-    # q_ref: [bq, G, H]           the G query heads of this program's KV head ([bq, H] when G = 1)
-    # k_ref, v_ref: [S, H]        this sequence's keys / values for the KV head
-    # o_ref: [bq, G, H]           ([bq, H] when G = 1)
-    bq, h = q_ref.shape[0], q_ref.shape[-1]
-    g = q_ref.shape[1] if q_ref.ndim == 3 else 1
-    rows = bq * g
-    q = q_ref[...].reshape(rows, h)
-    qp = qpos_ref[...]
-    if g > 1:
-        qp = jnp.broadcast_to(qp[:, None], (bq, g)).reshape(rows)
-    qp = qp[:, None]  # [rows, 1]
-    qk_scale = scale * LOG2E  # scores in base 2: exp(x) = exp2(x·log2 e)
+def sweep_keys(q, qp, kpos_ref, k_ref, v_ref, lo, hi, *, qk_scale: float, window: int | None, causal: bool,
+               block_k: int):
+    """The online softmax over key blocks lo..hi-1, the one loop of the prefill and the decode kernels: q [rows, H]
+    (loaded), qp [rows, 1] its positions; k_ref, v_ref [S, H] and kpos_ref [S] in memory. Scores are in base 2
+    (`qk_scale` includes log2 e). Returns the unnormalised output [rows, H], the running max and the softmax
+    denominator [rows] (float32); a row that saw no visible key has denominator 0 and output 0."""
+    rows, h = q.shape
 
     def body(j, carry):
         acc, m_prev, l_prev = carry
@@ -103,7 +93,28 @@ def _flash_kernel(lo_ref, hi_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, o_ref
 
     init = (jnp.zeros((rows, h), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
-    acc, _, l_i = lax.fori_loop(lo_ref[()], hi_ref[()], body, init)
+    return lax.fori_loop(lo, hi, body, init)
+
+
+def _flash_kernel(lo_ref, hi_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, o_ref, *,
+                  scale: float, window: int | None, causal: bool, block_k: int):
+    # lo_ref, hi_ref: []          first / one-past-last key block this query block may see
+    # qpos_ref: [bq]              positions of the block's tokens (−1: padding)
+    # kpos_ref: [S]               key positions of this sequence (−1: empty / padding)
+    # q_ref: [bq, G, H]           the G query heads of this program's KV head ([bq, H] when G = 1)
+    # k_ref, v_ref: [S, H]        this sequence's keys / values for the KV head
+    # o_ref: [bq, G, H]           ([bq, H] when G = 1)
+    bq, h = q_ref.shape[0], q_ref.shape[-1]
+    g = q_ref.shape[1] if q_ref.ndim == 3 else 1
+    rows = bq * g
+    q = q_ref[...].reshape(rows, h)
+    qp = qpos_ref[...]
+    if g > 1:
+        qp = jnp.broadcast_to(qp[:, None], (bq, g)).reshape(rows)
+    qp = qp[:, None]  # [rows, 1]
+    qk_scale = scale * LOG2E  # scores in base 2: exp(x) = exp2(x·log2 e)
+    acc, _, l_i = sweep_keys(q, qp, kpos_ref, k_ref, v_ref, lo_ref[()], hi_ref[()], qk_scale=qk_scale,
+                             window=window, causal=causal, block_k=block_k)
     out = acc / jnp.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows that saw nothing stay 0
     o_ref[...] = out.reshape(o_ref.shape).astype(o_ref.dtype)
 

@@ -150,7 +150,7 @@ def demo_pp2():
 
 
 @needs_data
-# Zero-shot at pp > 1: test_pipeline's two-process eval (pp = 4, engine records = static pp = 1 records).
+# Zero-shot at pp = 2: test_pipeline's two-process eval (engine records = static pp = 1 records).
 @pytest.mark.parametrize("shots,pp", [(0, 1), (8, 1), (8, 2)])
 def test_engine_records_equal_static_batches(tmp_path, demo_model, demo_pp2, monkeypatch, shots, pp):
     """Continuous batching (`--engine`) writes the same greedy records as static batches, zero-shot and 8-shot,

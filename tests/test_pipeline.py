@@ -267,9 +267,10 @@ def test_generate_cli_cluster_flags_go_together(capsys):
 
 
 def test_gsm8k_eval_across_processes(tmp_path):
-    """`tools/eval_gsm8k.py --coordinator … --pp 4 --engine` on two processes: process 0 writes the
-    single-process run's records (static batches) and summary; process 1 writes nothing. The engine's slots are
-    the ring's rows, the hosts' schedulers in step."""
+    """`tools/eval_gsm8k.py --coordinator … --pp 2 --engine` on two processes (a stage each): process 0 writes
+    the single-process run's records (static batches, pp = 1) and summary; process 1 writes nothing. The engine's
+    slots are the ring's rows, the hosts' schedulers in step. (Zero-shot engine records at pp = 2: this test;
+    8-shot: test_gsm8k's.)"""
     import json
 
     from gemma4_jax.evals import gsm8k
@@ -280,10 +281,10 @@ def test_gsm8k_eval_across_processes(tmp_path):
     kw = dict(limit=3, batch_size=2, max_new_tokens=16, progress=False, log=lambda s: None)
     ref = gsm8k.run_eval(None, data, out=str(tmp_path / "one.json"), **kw)
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "TOKENIZERS_PARALLELISM": "false"}
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "TOKENIZERS_PARALLELISM": "false"}
     port, outs = _free_port(), [tmp_path / f"p{i}.json" for i in range(2)]
     procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "tools", "eval_gsm8k.py"), "--data", data,
-                               "--limit", "3", "--batch-size", "2", "--max-new-tokens", "16", "--quiet", "--pp", "4",
+                               "--limit", "3", "--batch-size", "2", "--max-new-tokens", "16", "--quiet", "--pp", "2",
                                "--engine",
                                "--out", str(outs[i]), "--coordinator", f"localhost:{port}", "--num-processes", "2",
                                "--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

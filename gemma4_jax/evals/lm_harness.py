@@ -51,7 +51,7 @@ import gemma4_jax
 
 from ..cli import add_compile_cache_args, use_compile_cache
 from ..errors import ConfigError, Gemma4Error
-from ..generation.loop import bucket
+from ..generation.options import bucket
 from .gsm8k import DataError, read_jsonl
 
 MODEL_NAME = "gemma4-jax"

@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..model.text import merge
 from .cache import DecodeAttender, ExtendAttender, KVCache, PrefillAttender, init_cache
-from .options import Sampling  # noqa: F401 (re-exported: the sampling options live there)
+from .options import Sampling, bucket  # noqa: F401 (re-exported: the sampling options live there)
 from .programs import program
 
 F32 = jnp.float32
@@ -149,11 +149,6 @@ def _first_token(logits_bv, key, stop_ids, sampling: Sampling, n_out: int):
     token shows)."""
     tok = sample(logits_bv, jax.random.fold_in(key, 0), sampling)
     return tok, jnp.isin(tok, stop_ids), jnp.zeros((tok.shape[0], n_out), jnp.int32).at[:, 0].set(tok)
-
-
-def bucket(n: int, minimum: int = 16) -> int:
-    """Round up to a power of two (at least `minimum`) so that few shapes get compiled."""
-    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
 def generate_tokens(graphdef, params, cfg, prompts: list[list[int]], *, max_new_tokens: int, context: int,

@@ -1,5 +1,5 @@
-"""Sampling options and their checks, free of JAX: the command lines check their flags with these before they
-import anything heavy or load a model."""
+"""Sampling options and their checks, and the shape buckets, free of JAX: the command lines check their flags
+with these before they import anything heavy or load a model."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ConfigError
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Round up to a power of two (at least `minimum`) so that few shapes get compiled."""
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
 @dataclass(frozen=True)
