@@ -8,6 +8,8 @@ import pytest
 import gemma4_jax
 from gemma4_jax.errors import ConfigError
 
+pytestmark = pytest.mark.xdist_group("engine")  # one worker builds the demo model and its references once
+
 
 @pytest.fixture(scope="module")
 def demo():

@@ -35,6 +35,9 @@ IDS = np.random.default_rng(0).integers(3, 256, size=(4, 13))
 PROMPTS = [[2, 5, 9, 33, 7], [2, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49], [2, 3], [2, 100, 101, 102]]
 
 
+pytestmark = pytest.mark.xdist_group("pipeline")  # one worker builds the pp = 1 references (`single`) once
+
+
 @pytest.fixture(scope="module")
 def single(hf_dirs):
     """pp=1 references: logits of IDS and greedy tokens of PROMPTS (20 new tokens, past the window of 8)."""
