@@ -61,6 +61,7 @@ from bench_common import (
     Progress,
     best_generation,
     copy_bandwidth,
+    device_trace,
     matvec_bandwidth,
     random_model,
     read_bandwidth,
@@ -388,7 +389,7 @@ def ours(args, start: float) -> dict:
             # their difference over the steps is one decode step's kernels, busy and idle time, by op class.
             steps = 2 * DECODE_CHUNK
             for name, n in (("one", 1), ("gen", 1 + steps)):
-                with jax.profiler.trace(os.path.join(args.profile, name), create_perfetto_trace=True):
+                with device_trace(os.path.join(args.profile, name)):
                     gen(n)
             res["profile"] = {"dir": args.profile, "batch": b, "new_tokens": 1 + steps}
             try:  # the busiest kernels, so that the JSON carries the evidence without the trace
