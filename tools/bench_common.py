@@ -59,8 +59,8 @@ def seconds_per_call(fn: Callable[..., Any], *args: Any, arg_sets: Sequence[tupl
 
 def device_trace(directory: str):
     """`jax.profiler.trace` into `directory` with a perfetto trace (what `trace_summary` reads) and without the
-    Python tracer: the summaries read only the device's kernels, and the Python events made a 17-token CPU trace
-    ten times larger and its writing 10 s longer."""
+    Python tracer: the summaries read only the device's kernels, and on the CPU the Python events crowded them
+    out of the trace (a 17-token demo trace: 9.5 MB, 0.3 kernels a decode step; without them 0.6 MB, ~765)."""
     options = None
     if hasattr(jax.profiler, "ProfileOptions"):
         options = jax.profiler.ProfileOptions()

@@ -252,7 +252,7 @@ def convert(hf_dir: str, out: str, stages: tuple[Stage, ...] | None = None, *, p
 def remove_for_good(path: str, quiet_s: float = 0.5, timeout_s: float = 30.0) -> None:
     """Remove the directory `path`, and again whenever it reappears, until it has stayed away `quiet_s`
     seconds: a failed orbax save returns while tensorstore's threads may still be writing its other files,
-    and they recreate them (and their folders) after a first removal."""
+    which can recreate them (and their folders) after a first removal."""
     end = time.monotonic() + timeout_s
     while True:
         shutil.rmtree(path, ignore_errors=True)

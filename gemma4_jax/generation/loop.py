@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..model.text import merge
 from .cache import DecodeAttender, ExtendAttender, KVCache, PrefillAttender, init_cache
-from .options import Sampling, bucket  # noqa: F401 (re-exported: the sampling options live there)
+from .options import Sampling, bucket  # noqa: F401 (re-exported: sampling options and shape buckets live there)
 from .programs import program
 
 F32 = jnp.float32

@@ -1,5 +1,5 @@
-"""Sampling options and their checks, and the shape buckets, free of JAX: the command lines check their flags
-with these before they import anything heavy or load a model."""
+"""Sampling options and their checks, and the power-of-two shape buckets, free of JAX: the command lines check
+their flags with these before they import anything heavy or load a model."""
 
 from __future__ import annotations
 
