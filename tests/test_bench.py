@@ -67,6 +67,9 @@ def test_bench_eval_runs(tmp_path):
     assert set(res["modes"]) == {"static", "engine"} and 0 <= res["same_answers"] <= 1
     eng = res["modes"]["engine"]
     assert eng["questions_s"] > 0 and 0 < eng["prefix_tokens"] and eng["prefill_tokens"] < eng["prompt_tokens"]
+    for mode in res["modes"].values():  # each mode traces and compiles its own programs, counted apart
+        assert 0 < mode["compile_s"] < mode["wall_s"] and mode["questions_s_compiled"] > mode["questions_s"]
+    assert res["engine_vs_static_compiled"] > 0
 
 
 def test_trace_bursts_split_at_idle_gaps():

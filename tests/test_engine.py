@@ -109,18 +109,31 @@ def test_the_pipeline_ring_gives_the_same_tokens(demo, piped, alone):
     assert any(len(w) < 24 for w in want)
 
 
-def test_a_shared_prefix_is_computed_once(demo):
-    """Prompts that share 150 leading tokens: the prefix is prefilled once (stats say so) and every answer is
-    still `generate`'s for the whole prompt."""
+def test_a_shared_prefix_is_computed_once(demo, monkeypatch):
+    """Prompts that share 150 leading tokens: the prefix is prefilled once (stats say so), in pieces through the
+    same `extend` program as the prompts (each piece padded to at least `PIECE_MIN` tokens: few programs to
+    compile), and every answer is still `generate`'s for the whole prompt."""
+    from gemma4_jax.generation import engine
+
     rng = np.random.default_rng(4)
     head = rng.integers(3, 200, size=150).tolist()
     prompts = [head + rng.integers(3, 200, size=int(k)).tolist() for k in (5, 17, 1, 30)]
     limits = [6, 12, 3, 9]
+    want = [demo.generate([p], max_new_tokens=m, stop_tokens=())[0] for p, m in zip(prompts, limits, strict=True)]
+    calls = []
+
+    def spy(graphdef, params, ids, start, lengths, cache, **kw):
+        calls.append((ids.shape[1], int(start[0]), int(lengths[0])))
+        return extend(graphdef, params, ids, start, lengths, cache, **kw)
+
+    extend = engine.extend
+    monkeypatch.setattr(engine, "extend", spy)
     stats = {}
     got = demo.generate_continuous(prompts, max_new_tokens=limits, slots=2, stop_tokens=(), shared_prefix=True,
-                                   stats=stats)
-    assert got == [demo.generate([p], max_new_tokens=m, stop_tokens=())[0] for p, m in zip(prompts, limits,
-                                                                                              strict=True)]
+                                   stats=stats, prefill_chunk=64)
+    assert got == want
+    assert calls[:3] == [(engine.PIECE_MIN, 0, 64), (engine.PIECE_MIN, 64, 64), (engine.PIECE_MIN, 128, 22)]
+    assert sorted(calls[3:]) == [(engine.PIECE_MIN, 150, k) for k in (1, 5, 17, 30)]
     assert stats == {"prefix_tokens": 150, "prompt_tokens": sum(map(len, prompts)),
                      "prefill_tokens": 150 + 5 + 17 + 1 + 30}
 

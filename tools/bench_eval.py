@@ -13,7 +13,10 @@ token length of its reference solution in the GSM8K file (at most `--max-new-tok
 - engine: `Gemma4Model.generate_continuous` with `--slots` slots and the shared prefix.
 
 Reported: wall seconds and questions/s of each (compiles included, as a user's run has them: `--warm` runs a
-few questions of each mode first, so their programs are compiled before the timed run), the prompt tokens
+few questions of each mode first, so their programs are compiled before the timed run), the seconds JAX spent
+tracing, lowering and compiling inside each mode (`compile_s`, from `jax.monitoring`) and the questions/s without
+them (`questions_s_compiled`: what a second run in the same process, or one whose programs come from the
+persistent cache, would get), the prompt tokens
 computed with and without the shared prefix, and how many answers (and first tokens) the two modes share. In
 bf16 on random weights the logits are nearly flat, so the two modes' different roundings (one prefill of the
 whole prompt against the prefix's cache plus the question) part greedy answers within a few tokens; the equality
@@ -62,6 +65,16 @@ def _prompts_and_limits(args):
     return prompts, limits
 
 
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_compile_s = [0.0]
+
+
+def _count_compile(event: str, duration: float, **_) -> None:
+    if event in _COMPILE_EVENTS:
+        _compile_s[0] += duration
+
+
 def static_batches(model, prompts, limits, slots: int) -> list[list[int]]:
     out = []
     for s in range(0, len(prompts), slots):
@@ -91,22 +104,27 @@ def run(args) -> dict:
         "engine": lambda ps, ls, st: model.generate_continuous(ps, max_new_tokens=ls, slots=args.slots,
                                                                stop_tokens=(), shared_prefix=True, stats=st),
     }
+    jax.monitoring.register_event_duration_secs_listener(_count_compile)
     outs = {}
     for name in args.modes.split(","):
         if args.warm:
             modes[name](prompts[:args.warm], limits[:args.warm], {})
         stats: dict = {}
-        t0 = time.perf_counter()
+        c0, t0 = _compile_s[0], time.perf_counter()
         outs[name] = modes[name](prompts, limits, stats)
-        wall = time.perf_counter() - t0
+        wall, compile_s = time.perf_counter() - t0, _compile_s[0] - c0
         res["modes"][name] = dict(wall_s=round(wall, 2), questions_s=len(prompts) / wall,
-                                  new_tokens_s=sum(map(len, outs[name])) / wall, **stats)
-        print(f"{name}: {wall:.1f} s, {len(prompts) / wall:.2f} questions/s {stats}", flush=True)
+                                  new_tokens_s=sum(map(len, outs[name])) / wall, compile_s=round(compile_s, 2),
+                                  questions_s_compiled=len(prompts) / max(wall - compile_s, 1e-9), **stats)
+        print(f"{name}: {wall:.1f} s ({compile_s:.1f} s compiling), {len(prompts) / wall:.2f} questions/s "
+              f"{stats}", flush=True)
         progress(name)
     if {"static", "engine"} <= set(outs):
         pairs = list(zip(outs["static"], outs["engine"], strict=True))
         res["same_answers"] = float(np.mean([a == b for a, b in pairs]))
         res["same_first_token"] = float(np.mean([a[0] == b[0] for a, b in pairs]))
         res["engine_vs_static"] = res["modes"]["engine"]["questions_s"] / res["modes"]["static"]["questions_s"]
+        res["engine_vs_static_compiled"] = (res["modes"]["engine"]["questions_s_compiled"]
+                                            / res["modes"]["static"]["questions_s_compiled"])
     save_json(res, args.json)
     return res

@@ -3,9 +3,9 @@
 Static batches (`loop.generate_tokens`) run until their longest answer ends: the slots of answers that ended
 early decode nothing useful. Here `slots` sequences decode together; after every chunk of `chunk` steps the host
 looks at which ended (a stop token, or their own token limit), takes their tokens, and prefills the next prompts
-into those slots (each prompt alone, batch 1, into a fresh one-row cache that replaces the slot's row) while the
-other slots keep their state. Every slot has its own position, step count and limit, so prompts and answers of
-any lengths share one compiled decode program.
+into those slots (each prompt alone, batch 1, into a fresh one-row cache that replaces the slot's row;
+`loop.extend` is the only prefill program) while the other slots keep their state. Every slot has its own
+position, step count and limit, so prompts and answers of any lengths share one compiled decode program.
 
 Greedy decoding gives the tokens `generate` gives for the same prompt (each row of a decode step is computed on
 its own: masks come from each slot's positions). With sampling, each sequence draws from its own key
@@ -35,9 +35,15 @@ import numpy as np
 from ..errors import ConfigError
 from ..model.text import merge
 from .cache import KVCache, init_cache
-from .loop import DecodeState, bucket, decode_step, extend, prefill, sample
+from .loop import DecodeState, bucket, decode_step, extend, sample
 from .options import Sampling
 from .programs import program
+
+PIECE_MIN = 256
+"""The fewest tokens a one-row piece (`_LocalSlots._piece`) is padded to: a batch-1 forward of a few hundred
+tokens costs what one of 16 costs on a GPU (the weights' read), while each further length is another
+whole-model program to compile (20-40 s on an H200 for E4B). With GSM8K's questions (after the shared prefix)
+this leaves one or two lengths instead of four."""
 
 
 @jax.tree_util.register_dataclass
@@ -170,23 +176,22 @@ class _LocalSlots:
                                jnp.zeros((slots,), jnp.int32), jnp.ones((slots,), bool),
                                jnp.zeros((slots, width), jnp.int32), jnp.zeros((slots,), jnp.int32),
                                jax.random.split(base, slots), jnp.ones((slots,), jnp.int32))
-        if shared:
-            ids = np.zeros((1, min(bucket(shared), context)), np.int32)
-            ids[0, :shared] = prompts[0][:shared]
-            _, self.prefix_cache = prefill(graphdef, params, jnp.asarray(ids), jnp.asarray([shared], jnp.int32),
-                                           init_cache(cfg, 1, max_len, dtype), impl=impl)
+        if shared:  # in pieces, through the program the prompts' pieces use: no prefill program to compile
+            self.prefix_cache = None
+            for start in range(0, shared, piece):
+                _, self.prefix_cache = self._piece(prompts[0][start:min(shared, start + piece)], start,
+                                                   self.prefix_cache)
 
     def _piece(self, ids: Sequence[int], start: int, one):
         """Tokens `ids` at positions start… into the one-row cache `one` (None: a fresh cache, start 0; else
-        donated): (last-token logits [1, V], the cache)."""
-        x = np.zeros((1, min(bucket(len(ids)), self.context)), np.int32)
+        donated), through `extend` (from a fresh cache it is a prefill), padded to at least PIECE_MIN tokens:
+        (last-token logits [1, V], the cache)."""
+        x = np.zeros((1, min(bucket(len(ids), PIECE_MIN), self.context)), np.int32)
         x[0, :len(ids)] = ids
-        n = jnp.asarray([len(ids)], jnp.int32)
         if one is None:
-            return prefill(self.graphdef, self.params, jnp.asarray(x), n,
-                           init_cache(self.cfg, 1, self.max_len, self.dtype), impl=self.impl)
-        return extend(self.graphdef, self.params, jnp.asarray(x), jnp.asarray([start], jnp.int32), n, one,
-                      impl=self.impl)
+            one = init_cache(self.cfg, 1, self.max_len, self.dtype)
+        return extend(self.graphdef, self.params, jnp.asarray(x), jnp.asarray([start], jnp.int32),
+                      jnp.asarray([len(ids)], jnp.int32), one, impl=self.impl)
 
     def _prefill_step(self, s: int) -> None:
         """The next piece of slot s's prompt; after the last, the prompt goes into its slot."""
