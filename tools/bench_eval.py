@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import time
 
+import jax
 import numpy as np
 from bench_common import Progress, random_model, save_json
 
@@ -67,12 +68,15 @@ def _prompts_and_limits(args):
 
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
-_compile_s = [0.0]
+_compile_s = [0.0]  # seconds this process spent tracing, lowering and compiling
 
 
 def _count_compile(event: str, duration: float, **_) -> None:
     if event in _COMPILE_EVENTS:
         _compile_s[0] += duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)  # once per process, not once per run
 
 
 def static_batches(model, prompts, limits, slots: int) -> list[list[int]]:
@@ -85,8 +89,6 @@ def static_batches(model, prompts, limits, slots: int) -> list[list[int]]:
 
 
 def run(args) -> dict:
-    import jax
-
     from gemma4_jax.config import Gemma4Config, preset
 
     start = time.time()
@@ -104,7 +106,6 @@ def run(args) -> dict:
         "engine": lambda ps, ls, st: model.generate_continuous(ps, max_new_tokens=ls, slots=args.slots,
                                                                stop_tokens=(), shared_prefix=True, stats=st),
     }
-    jax.monitoring.register_event_duration_secs_listener(_count_compile)
     outs = {}
     for name in args.modes.split(","):
         if args.warm:
