@@ -80,6 +80,17 @@ def test_trace_bursts_split_at_idle_gaps():
     assert [[e[2] for e in g] for g in bursts(ev, gap_us=5.0)] == [["a", "b"], ["c"], ["d", "e"]]
 
 
+def test_trace_spans_keep_work_between_the_jobs_out():
+    """A long event that starts in the pause between two annotated jobs joins them into one burst; split by the
+    jobs' spans it belongs to neither, and each job keeps its own kernels (padding included)."""
+    from trace_summary import bursts, in_spans
+
+    ev = [(0.0, 5.0, "a"), (8.0, 2.0, "b"), (30.0, 250.0, "stray"), (290.0, 3.0, "c"), (299.0, 1.0, "d")]
+    assert len(bursts(ev, gap_us=25.0)) == 1
+    groups = in_spans(ev, [(1.0, 12.0), (295.0, 310.0)], pad_us=5.0)
+    assert [[e[2] for e in g] for g in groups] == [["a", "b"], ["c", "d"]]
+
+
 def test_device_seconds_times_each_job_from_a_trace():
     """Two real programs in one CPU trace: one burst each, with their kernels' busy time (finite, positive)."""
     import jax

@@ -71,28 +71,37 @@ def device_trace(directory: str):
 def device_seconds(jobs: Sequence[tuple[Callable[..., Any], tuple]], runs: int = 5, trace_dir: str | None = None,
                    pause_s: float = 0.05) -> list[dict]:
     """Device time of each `(fn, args)` in `jobs`, from a profiler trace rather than the wall clock: every job is
-    compiled and run once untraced, then, inside one trace, run `runs` times back to back, waited for, and
-    followed by a `pause_s` pause; the trace's device kernels, split at those pauses (`trace_summary.bursts`), give
-    each job's busy µs per run (its kernels' durations added up: what the work costs inside a step that runs as one
-    CUDA graph, whatever the host's launch jitter) and its kernels per run. Short programs that the wall clock
-    cannot time (a few µs of kernels) come out to within the trace's resolution."""
+    compiled and run once untraced, then, inside one trace, run `runs` times back to back and waited for inside a
+    `TraceAnnotation`, with a `pause_s` pause before and after; each job's busy µs per run (its kernels' durations
+    added up: what the work costs inside a step that runs as one CUDA graph, whatever the host's launch jitter) and
+    kernels per run are the device kernels that start inside its annotation, widened by half a pause on each side
+    (`trace_summary.in_spans`). Where the annotations are missing or a job's span holds no kernel, the kernels are
+    split at the pauses instead (`trace_summary.bursts`). Splitting by spans first keeps work that starts between
+    the jobs out of both (on a busy CPU, a thread-pool event bridged a pause and joined the two jobs into one burst).
+    Short programs that the wall clock cannot time (a few µs of kernels) come out to within the trace's resolution."""
     import tempfile
 
-    from trace_summary import bursts, device_events, newest_trace
+    from trace_summary import bursts, device_events, host_spans, in_spans, newest_trace
 
+    mark = "device_seconds job"
     for fn, args in jobs:
         jax.block_until_ready(fn(*args))
     with tempfile.TemporaryDirectory() as tmp:
         d = trace_dir or tmp
         with device_trace(d):
-            for fn, args in jobs:
+            for i, (fn, args) in enumerate(jobs):
                 time.sleep(pause_s)
-                out = None
-                for _ in range(runs):
-                    out = fn(*args)
-                jax.block_until_ready(out)
+                with jax.profiler.TraceAnnotation(f"{mark} {i}"):
+                    out = None
+                    for _ in range(runs):
+                        out = fn(*args)
+                    jax.block_until_ready(out)
             time.sleep(pause_s)
-        groups = bursts(device_events(newest_trace(d)), gap_us=pause_s * 1e6 / 2)
+        path = newest_trace(d)
+        events, spans = device_events(path), host_spans(path, mark)
+    groups = in_spans(events, spans, pad_us=pause_s * 1e6 / 2) if len(spans) == len(jobs) else []
+    if len(groups) != len(jobs) or not all(groups):
+        groups = bursts(events, gap_us=pause_s * 1e6 / 2)
     if len(groups) != len(jobs):
         raise RuntimeError(f"the trace splits into {len(groups)} bursts of device work, not the {len(jobs)} jobs run")
     return [{"busy_us": sum(e[1] for e in g) / runs, "kernels": len(g) / runs} for g in groups]

@@ -89,6 +89,22 @@ def bursts(events: list[tuple[float, float, str]], gap_us: float) -> list[list[t
     return out
 
 
+def host_spans(path: str, prefix: str) -> list[tuple[float, float]]:
+    """(start µs, end µs) of every complete event whose name starts with `prefix`, in start order: the spans of
+    the `jax.profiler.TraceAnnotation`s a host thread wrapped around its work."""
+    with gzip.open(path) as f:
+        events = json.load(f)["traceEvents"]
+    return sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in events
+                  if e.get("ph") == "X" and str(e.get("name", "")).startswith(prefix))
+
+
+def in_spans(events: list[tuple[float, float, str]], spans: list[tuple[float, float]],
+             pad_us: float) -> list[list[tuple[float, float, str]]]:
+    """`events` grouped by the span (widened by `pad_us` on each side) that each starts in; events outside every
+    span belong to none (work the host did not ask for in a span, such as a thread pool waking up)."""
+    return [[e for e in events if s - pad_us <= e[0] <= end + pad_us] for s, end in spans]
+
+
 def summarise(path: str, top: int = 25) -> dict:
     """{'device_busy_us', 'span_us', 'idle_us', 'kernel_count', 'classes': {class: {total_us, count}},
     'kernels': [{name, class, total_us, share, count, mean_us}, ...]} of one trace."""
