@@ -11,10 +11,33 @@ for the projections); `tiling.fit_block` fits block sizes to dimensions.
 Masks come from positions (`masking.py`).
 """
 
-from .decode_attention import DecodeConfig, decode_attention, decode_attention_reference
-from .dispatch import IMPLS, attention, kernel_supports, resolve, resolve_moe
-from .flash_attention import FlashConfig, flash_attention, flash_attention_reference
-from .moe import MoeConfig, moe_experts, moe_experts_reference
+import sys as _sys
+
+_handed_over = False
+if __name__ == "kernels":
+    # Imported by its folder's name, from a checkout's root on sys.path (`python -m pytest`, a notebook or
+    # `python -m ...` started there), not as `gemma4_jax.kernels`. The top-level name belongs to Hugging Face's
+    # `kernels`, which transformers requires and imports: hand the name to that package where it is installed
+    # (without this, `from kernels import ...` inside transformers found these files and failed), and stay this
+    # package under that name where it is not.
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _spec = _machinery.PathFinder.find_spec(
+        "kernels", [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _root])
+    if _spec is not None and _spec.loader is not None:
+        _module = _util.module_from_spec(_spec)
+        _sys.modules["kernels"] = _module  # what `import kernels` returns once this file has run
+        _spec.loader.exec_module(_module)
+        _handed_over = True
+
+if not _handed_over:
+    from .decode_attention import DecodeConfig, decode_attention, decode_attention_reference
+    from .dispatch import IMPLS, attention, kernel_supports, resolve, resolve_moe
+    from .flash_attention import FlashConfig, flash_attention, flash_attention_reference
+    from .moe import MoeConfig, moe_experts, moe_experts_reference
 
 __all__ = [
     "DecodeConfig", "FlashConfig", "IMPLS", "MoeConfig", "attention", "decode_attention", "decode_attention_reference",

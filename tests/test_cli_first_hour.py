@@ -270,3 +270,20 @@ def test_second_run_loads_its_programs_from_the_compile_cache(tmp_path):
     print(f"time to first token: {ttft[0]:.3f} s, then {ttft[1]:.3f} s from the cache")
     off = _gen(*argv[:-1], "off")
     assert off.returncode == 0 and off.stdout == first.stdout
+
+
+def test_the_checkouts_kernels_folder_leaves_hugging_faces_kernels_alone():
+    """From a checkout's root (on sys.path, as under `python -m pytest` or a notebook started there), the
+    folder `kernels/` must not take the top-level name from Hugging Face's `kernels`, which transformers requires
+    and imports (`transformers.integrations.hub_kernels` failed with "cannot import name 'CUDAProperties'");
+    `gemma4_jax.kernels` stays ours."""
+    code = ("import importlib.metadata as m, kernels, gemma4_jax.kernels as g\n"
+            "from transformers.integrations import hub_kernels\n"
+            "try:\n    m.version('kernels'); installed = True\nexcept m.PackageNotFoundError:\n    installed = False\n"
+            "print(installed, kernels.__file__, g.attention.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    installed, path, module = out.stdout.split()
+    assert module == "gemma4_jax.kernels.dispatch"
+    # Hugging Face's package where it is installed (transformers 5.25 requires it), these files where it is not
+    assert (os.path.dirname(os.path.dirname(path)) != ROOT) == (installed == "True")
