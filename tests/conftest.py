@@ -5,7 +5,6 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 # JAX's persistent compilation cache, for this run only: the command-line tests start many processes that
 # compile the same programs, and test files recompile after `_fresh_compile_caches`; both then load instead.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
@@ -19,8 +18,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 sys.path.insert(0, os.path.dirname(__file__))
 
+from hf_fixtures import FAMILIES, build_hf_model, save_hf, xla_flags  # noqa: E402
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(4))  # before anything imports jax
+
 import pytest  # noqa: E402
-from hf_fixtures import FAMILIES, build_hf_model, save_hf  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -14,6 +14,16 @@ import numpy as np
 
 S, F = "sliding_attention", "full_attention"
 
+# The test processes compile hundreds of small programs on a 2-core CPU, where LLVM's optimisation passes cost more
+# than they save: tests/test_generate.py took 121 s at XLA's default level and 88 s at 0; test_numerics' 704-token
+# float32 runs at real widths 122 s and 118 s (2026-12-03, this machine, one process each).
+CPU_TEST_FLAGS = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a test process (this one or a subprocess) with `devices` simulated CPU devices."""
+    return f"--xla_force_host_platform_device_count={devices} {CPU_TEST_FLAGS}"
+
 
 def _pattern(n: int, period: int) -> list[str]:
     return [F if (i + 1) % period == 0 else S for i in range(n)]

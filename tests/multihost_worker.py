@@ -12,7 +12,9 @@ import sys
 
 def main() -> None:
     pid, port, out, paths = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    from hf_fixtures import xla_flags
+
+    os.environ["XLA_FLAGS"] = xla_flags(2)
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

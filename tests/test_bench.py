@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from hf_fixtures import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "gemma4_jax", "demo_model", "config.json")
@@ -15,7 +16,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 def _bench(args: list[str], tmp_path, devices: int = 1) -> dict:
     out = str(tmp_path / "out.json")
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+           "XLA_FLAGS": xla_flags(devices)}
     run = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py"), *args, "--json", out],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]

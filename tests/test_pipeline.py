@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from hf_fixtures import rel_err
+from hf_fixtures import rel_err, xla_flags
 
 import gemma4_jax
 from gemma4_jax.checkpoint.staged import convert
@@ -237,13 +237,13 @@ def test_generate_cli_across_processes():
     prints the single-process text, process 1 prints nothing."""
     cmd = [sys.executable, "-m", "gemma4_jax.generate", "--prompt", "What is 7 + 5?", "--max-new-tokens", "10"]
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu"}
-    one = subprocess.run(cmd, env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+    one = subprocess.run(cmd, env={**env, "XLA_FLAGS": xla_flags(1)},
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     port = _free_port()
     procs = [subprocess.Popen(cmd + ["--pp", "4", "--coordinator", f"localhost:{port}", "--num-processes", "2",
                                      "--process-id", str(i)],
-                              env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+                              env={**env, "XLA_FLAGS": xla_flags(2)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, stderr) in zip(procs, outs, strict=True):
@@ -284,7 +284,7 @@ def test_gsm8k_eval_across_processes(tmp_path):
     kw = dict(limit=3, batch_size=2, max_new_tokens=16, progress=False, log=lambda s: None)
     ref = gsm8k.run_eval(None, data, out=str(tmp_path / "one.json"), **kw)
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "TOKENIZERS_PARALLELISM": "false"}
+           "XLA_FLAGS": xla_flags(1), "TOKENIZERS_PARALLELISM": "false"}
     port, outs = _free_port(), [tmp_path / f"p{i}.json" for i in range(2)]
     procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "tools", "eval_gsm8k.py"), "--data", data,
                                "--limit", "3", "--batch-size", "2", "--max-new-tokens", "16", "--quiet", "--pp", "2",
