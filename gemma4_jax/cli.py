@@ -1,5 +1,5 @@
 """What the command lines share: the flags of a multi-host run and of the compilation cache, and how they end
-(Ctrl-C, the process exit).
+(Ctrl-C, the process exit, a device that ran out of memory).
 
 After Ctrl-C, a normal interpreter shutdown can crash inside XLA's threads (a segmentation fault, exit 139,
 seen when the interrupt lands while a decode chunk compiles), and a KeyboardInterrupt raised inside one of
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 
@@ -54,6 +55,19 @@ class InterruptFlag:
     def raise_if_set(self) -> None:
         if self.set:
             raise KeyboardInterrupt
+
+
+def out_of_memory(err: BaseException) -> str | None:
+    """The one sentence a command line prints when XLA could not allocate device memory (its runtime error with
+    RESOURCE_EXHAUSTED: a batch, a context or a model too large for the device), or None for any other error.
+    The flags it names are the ones both command lines take."""
+    text = str(err)
+    if type(err).__name__ not in ("JaxRuntimeError", "XlaRuntimeError") or "RESOURCE_EXHAUSTED" not in text:
+        return None
+    asked = re.search(r"allocat\w* (\d+) bytes", text)
+    size = f" (an allocation of {int(asked[1]) / 2**30:.1f} GiB failed)" if asked else ""
+    return (f"out of device memory{size}: use a smaller --batch-size or --max-new-tokens, shorter prompts, "
+            "or more devices with --pp")
 
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:

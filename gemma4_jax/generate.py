@@ -18,7 +18,7 @@ import numpy as np
 import gemma4_jax
 
 from .chat import ThoughtStream, split_thoughts
-from .cli import add_cluster_args, add_compile_cache_args, exit_now, on_interrupt_exit, use_compile_cache
+from .cli import add_cluster_args, add_compile_cache_args, exit_now, on_interrupt_exit, out_of_memory, use_compile_cache
 from .errors import ConfigError, Gemma4Error
 from .generation.options import check_sampling
 from .tokenizer import StreamDecoder
@@ -193,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        if (oom := out_of_memory(e)) is None:
+            raise
+        print(f"error: {oom}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -287,3 +287,37 @@ def test_the_checkouts_kernels_folder_leaves_hugging_faces_kernels_alone():
     assert module == "gemma4_jax.kernels.dispatch"
     # Hugging Face's package where it is installed (transformers 5.25 requires it), these files where it is not
     assert (os.path.dirname(os.path.dirname(path)) != ROOT) == (installed == "True")
+
+
+def _refused_allocation(*args, **kwargs):
+    """What a step too large for the device raises: XLA's own RESOURCE_EXHAUSTED (4 TiB asked of the CPU)."""
+    import jax.numpy as jnp
+
+    return jnp.zeros((2**40,), jnp.float32).block_until_ready()
+
+
+def test_device_out_of_memory_is_one_sentence(tmp_path, monkeypatch, capsys):
+    """A device allocation that fails ends both command lines with one sentence naming the size and the flags that
+    shrink the work, exit 1, no traceback; any other runtime error still propagates."""
+    from gemma4_jax import generate
+    from gemma4_jax.evals import gsm8k
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import eval_gsm8k
+
+    monkeypatch.setattr(generate, "run", _refused_allocation)
+    assert generate.main(["--prompt", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of device memory (an allocation of 4096.0 GiB failed): use a smaller "
+                          "--batch-size") and err.count("\n") == 1
+    monkeypatch.setattr(gsm8k, "run_eval", _refused_allocation)
+    assert eval_gsm8k.main(["--out", str(tmp_path / "r.json"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of device memory (") and "--resume" in err and err.count("\n") == 1
+
+    def other(args):
+        raise RuntimeError("not a memory error")
+
+    monkeypatch.setattr(generate, "run", other)
+    with pytest.raises(RuntimeError, match="not a memory error"):
+        generate.main(["--prompt", "hi"])

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None, interrupts=None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from gemma4_jax import join_cluster
-    from gemma4_jax.cli import use_compile_cache
+    from gemma4_jax.cli import out_of_memory, use_compile_cache
     from gemma4_jax.errors import Gemma4Error
     from gemma4_jax.evals.gsm8k import run_eval
     from gemma4_jax.parallel.cluster import check_cluster_args
@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None, interrupts=None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the finished records are kept: rerun with --resume to continue", file=sys.stderr)
         return 130
+    except Exception as err:
+        if (oom := out_of_memory(err)) is None:
+            raise
+        print(f"error: {oom}; rerun with --resume to keep the finished records", file=sys.stderr)
+        return 1
     return 0
 
 
