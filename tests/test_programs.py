@@ -154,7 +154,8 @@ x = jnp.linspace(-1, 1, 64 * 64, dtype=jnp.float32).reshape(64, 64)
 got = f(x, x.T)
 z = np.tanh(np.asarray(x) @ np.asarray(x).T) + np.cumsum(np.asarray(x), 0)
 np.testing.assert_allclose(np.asarray(got[0]), (z.T @ z).reshape(-1)[:7], rtol=1e-4)
-np.testing.assert_allclose(np.asarray(got[1]), np.broadcast_to(z[0], (5,) + z.shape), rtol=1e-5)
+# z[0] holds values near 0 that are differences of O(1) terms: an ulp of the terms (1e-7), not of the result
+np.testing.assert_allclose(np.asarray(got[1]), np.broadcast_to(z[0], (5,) + z.shape), rtol=1e-5, atol=1e-6)
 """
 
 
