@@ -24,9 +24,9 @@ if __name__ == "kernels":
     import importlib.util as _util
     import os as _os
 
-    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _root = _os.path.dirname(_os.path.dirname(_os.path.realpath(__file__)))
     _spec = _machinery.PathFinder.find_spec(
-        "kernels", [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _root])
+        "kernels", [p for p in _sys.path if _os.path.realpath(p or _os.curdir) != _root])
     if _spec is not None and _spec.loader is not None:
         _module = _util.module_from_spec(_spec)
         _sys.modules["kernels"] = _module  # what `import kernels` returns once this file has run
