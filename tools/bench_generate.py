@@ -94,6 +94,9 @@ def add_parser(sub) -> None:
     p.add_argument("--gemv-max-weight", type=int, default=None, metavar="ELEMENTS",
                    help="the largest weight (K*N elements) a decode-step projection sends to the skinny kernel; "
                         "larger ones go to XLA (dispatch.GEMV_MAX_WEIGHT; default: the library's)")
+    p.add_argument("--decode-kernel-min-batch", type=int, default=None, metavar="B",
+                   help="the smallest batch whose decode attention takes the Pallas kernel under auto; smaller "
+                        "ones take XLA (dispatch.DECODE_KERNEL_MIN_BATCH; default: the library's)")
     p.add_argument("--moe-plan-kernel", action="store_true",
                    help="the Mosaic experts' tile plan as one kernel at few rows (dispatch.MOE_PLAN_KERNEL)")
     p.add_argument("--decode-scheduling", default=None, choices=["CONCURRENT", "LHS"],
@@ -213,6 +216,8 @@ def _header(args, cfg) -> dict:
             "fused_projections": getattr(args, "fused_projections", False),
             "moe_plan_kernel": getattr(args, "moe_plan_kernel", False),
             "gemv_max_weight": getattr(args, "gemv_max_weight", None) or _dispatch().GEMV_MAX_WEIGHT,
+            "decode_kernel_min_batch": getattr(args, "decode_kernel_min_batch", None)
+            or _dispatch().DECODE_KERNEL_MIN_BATCH,
             "decode_scheduling": getattr(args, "decode_scheduling", None) or _programs().DECODE_SCHEDULING}
 
 
@@ -269,6 +274,8 @@ def ours(args, start: float) -> dict:
     dispatch.MOE_PLAN_KERNEL = getattr(args, "moe_plan_kernel", False)
     if getattr(args, "gemv_max_weight", None):
         dispatch.GEMV_MAX_WEIGHT = args.gemv_max_weight
+    if getattr(args, "decode_kernel_min_batch", None):
+        dispatch.DECODE_KERNEL_MIN_BATCH = args.decode_kernel_min_batch
     if getattr(args, "decode_scheduling", None):
         _programs().DECODE_SCHEDULING = args.decode_scheduling
     res = _header(args, cfg)
