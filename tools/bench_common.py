@@ -81,7 +81,7 @@ def device_seconds(jobs: Sequence[tuple[Callable[..., Any], tuple]], runs: int =
     Short programs that the wall clock cannot time (a few µs of kernels) come out to within the trace's resolution."""
     import tempfile
 
-    from trace_summary import bursts, device_events, host_spans, in_spans, newest_trace
+    from trace_summary import bursts, device_events, host_spans, in_spans, newest_trace, read_trace
 
     mark = "device_seconds job"
     for fn, args in jobs:
@@ -97,8 +97,8 @@ def device_seconds(jobs: Sequence[tuple[Callable[..., Any], tuple]], runs: int =
                         out = fn(*args)
                     jax.block_until_ready(out)
             time.sleep(pause_s)
-        path = newest_trace(d)
-        events, spans = device_events(path), host_spans(path, mark)
+        trace = read_trace(newest_trace(d))
+        events, spans = device_events(trace), host_spans(trace, mark)
     groups = in_spans(events, spans, pad_us=pause_s * 1e6 / 2) if len(spans) == len(jobs) else []
     if len(groups) != len(jobs) or not all(groups):
         groups = bursts(events, gap_us=pause_s * 1e6 / 2)

@@ -57,11 +57,15 @@ def _idle_us(intervals: list[tuple[float, float]]) -> float:
     return idle
 
 
-def device_events(path: str) -> list[tuple[float, float, str]]:
+def read_trace(path: str) -> list[dict]:
+    """The raw events of one perfetto trace (read once; `device_events` and `host_spans` take them)."""
+    with gzip.open(path) as f:
+        return json.load(f)["traceEvents"]
+
+
+def device_events(events: list[dict]) -> list[tuple[float, float, str]]:
     """(start µs, duration µs, kernel name) of every complete event on the device, in start order (a GPU trace: the
     `/device:…` processes; a CPU-only trace: the XLA runtime threads)."""
-    with gzip.open(path) as f:
-        events = json.load(f)["traceEvents"]
     procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
                if e.get("ph") == "M" and e.get("name") == "thread_name"}
@@ -89,11 +93,9 @@ def bursts(events: list[tuple[float, float, str]], gap_us: float) -> list[list[t
     return out
 
 
-def host_spans(path: str, prefix: str) -> list[tuple[float, float]]:
+def host_spans(events: list[dict], prefix: str) -> list[tuple[float, float]]:
     """(start µs, end µs) of every complete event whose name starts with `prefix`, in start order: the spans of
     the `jax.profiler.TraceAnnotation`s a host thread wrapped around its work."""
-    with gzip.open(path) as f:
-        events = json.load(f)["traceEvents"]
     return sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in events
                   if e.get("ph") == "X" and str(e.get("name", "")).startswith(prefix))
 
@@ -110,7 +112,7 @@ def summarise(path: str, top: int = 25) -> dict:
     'kernels': [{name, class, total_us, share, count, mean_us}, ...]} of one trace."""
     totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     intervals = []
-    for ts, dur, raw in device_events(path):
+    for ts, dur, raw in device_events(read_trace(path)):
         name = re.sub(r"\.\d+$", "", raw)  # fusion.12 and fusion.13 are one kind of kernel
         totals[name][0] += dur
         totals[name][1] += 1
