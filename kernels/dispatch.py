@@ -8,7 +8,8 @@ or plain XLA, by platform and shape, overridable. (MoE: `resolve_moe`; projectio
                   positions 0..T-1 (`aligned`): cuDNN's flash attention for head_dim ≤ 256, our Mosaic GPU
                   `flash_attention_mgpu` at head_dim 512 on Hopper (no library kernel takes 512); other
                   prefill (chunked, at an offset) the Pallas (Triton) `flash_attention`;
-                decode: the Pallas `decode_attention` for batches of two or more, XLA for one sequence
+                decode: the Pallas `decode_attention` for batches of two or more and for one sequence over
+                  at most DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS keys, XLA for one sequence over more
                   (`decode_prefers_kernel`);
               XLA for shapes the kernels do not take, and for float32 (the kernels' float32 path is a
               small-tile correctness configuration, not a fast one);
@@ -53,6 +54,11 @@ DECODE_MAX_TOKENS = 8
 # batch 16 the kernel was 1.8–3.7× XLA on most shapes, and whole-model decode at batch 16 was 2 % faster with
 # the kernel on every layer than with XLA on the small ones.
 DECODE_KERNEL_MIN_BATCH = 2
+# ... and for one sequence when its call reads at most this many keys (cache slots). Whole-model decode at batch 1
+# over 256-slot caches (a 128-token prompt, 64 new tokens), one H200, 2026-12-03 (docs/performance.md): the kernel
+# took E2B from 2.950 to 2.798 ms/token, E4B from 4.365 to 4.167, 31B from 16.71 to 16.28. Every measured shape of
+# 512 slots or more went the other way (above), so longer calls keep XLA; between 256 and 512 is not measured.
+DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS = 256
 CUDNN_MAX_HEAD_DIM = 256
 MOSAIC_HEAD_DIM = 512
 # The backend `cudnn_attention` asks jax.nn.dot_product_attention for; tests set 'xla' to check the mapping
@@ -122,9 +128,11 @@ def is_hopper() -> bool:
     return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
 
 
-def decode_prefers_kernel(batch: int) -> bool:
-    """`auto` decode: the Pallas kernel for batches of at least DECODE_KERNEL_MIN_BATCH, else XLA."""
-    return batch >= DECODE_KERNEL_MIN_BATCH
+def decode_prefers_kernel(batch: int, keys: int | None = None) -> bool:
+    """`auto` decode: the Pallas kernel for batches of at least DECODE_KERNEL_MIN_BATCH, and for smaller ones
+    whose call reads at most DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS keys (`keys`: the cache slots; None, unknown:
+    as if more); else XLA."""
+    return batch >= DECODE_KERNEL_MIN_BATCH or (keys is not None and keys <= DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS)
 
 
 def _check_impl(impl: str) -> None:
@@ -148,6 +156,7 @@ class AttentionCall:
     group: int
     dtype: jnp.dtype
     batch: int
+    keys: int | None  # the keys a call reads (its cache slots); None: not known
     hopper: bool | None  # None: ask the device (and whether the Mosaic kernel compiles there)
 
     def mosaic(self) -> bool:
@@ -171,14 +180,15 @@ ATTENTION_RULES: tuple[tuple[str, Callable[[AttentionCall], bool], str], ...] = 
     ("cuDNN asked where it does not apply, the CPU, float32, shapes the kernels do not take: XLA",
      lambda c: c.impl == "cudnn" or not c.gpu or c.dtype.itemsize != 2 or not kernel_supports(c.head_dim, c.group),
      "xla"),
-    ("decode of one sequence: XLA", lambda c: not c.prefill and not decode_prefers_kernel(c.batch), "xla"),
-    ("the rest (other prefill, batched decode): the Triton kernels", lambda c: True, "pallas"),
+    ("decode of one sequence over more than DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS keys: XLA",
+     lambda c: not c.prefill and not decode_prefers_kernel(c.batch, c.keys), "xla"),
+    ("the rest (other prefill, batched or short decode): the Triton kernels", lambda c: True, "pallas"),
 )
 
 
 def attention_rule(impl: str, *, head_dim: int, group: int, dtype=jnp.bfloat16, platform: str | None = None,
                    q_len: int | None = None, batch: int = 1, aligned: bool = False,
-                   hopper: bool | None = None) -> tuple[str, str]:
+                   hopper: bool | None = None, keys: int | None = None) -> tuple[str, str]:
     """(the rule of ATTENTION_RULES that decides this call, the concrete choice); see `resolve`."""
     _check_impl(impl)
     if impl in ("pallas", "interpret") and not kernel_supports(head_dim, group):
@@ -187,22 +197,24 @@ def attention_rule(impl: str, *, head_dim: int, group: int, dtype=jnp.bfloat16, 
     if impl == "cudnn" and not gpu:
         raise ValueError("attention impl 'cudnn' needs a CUDA GPU")
     call = AttentionCall(impl, gpu, q_len is None or q_len > DECODE_MAX_TOKENS, aligned, head_dim, group,
-                         jnp.dtype(dtype), batch, hopper)
+                         jnp.dtype(dtype), batch, keys, hopper)
     name, _, choice = next(rule for rule in ATTENTION_RULES if rule[1](call))
     return name, impl if choice == ASKED else choice
 
 
 def resolve(impl: str, *, head_dim: int, group: int, dtype=jnp.bfloat16, platform: str | None = None,
-            q_len: int | None = None, batch: int = 1, aligned: bool = False, hopper: bool | None = None) -> str:
+            q_len: int | None = None, batch: int = 1, aligned: bool = False, hopper: bool | None = None,
+            keys: int | None = None) -> str:
     """The concrete choice ('xla' | 'cudnn' | 'mosaic' | 'pallas' | 'interpret') for `impl` on this platform
     and call ('pallas' = the Triton kernels, 'mosaic' = the Mosaic GPU prefill kernel), by ATTENTION_RULES.
 
     q_len None means a prefill-length call. `aligned`: the call's queries and keys are the same T tokens at
     positions 0..T-1 in every row (keys past a row's length may be padding). `hopper` None asks the device
-    (and whether the Mosaic kernel compiles there: `mosaic_compiles`); True / False assert it (tests).
+    (and whether the Mosaic kernel compiles there: `mosaic_compiles`); True / False assert it (tests). `keys`: the
+    keys (cache slots) the call reads, which decides decode of one sequence (None: taken as many).
     """
     return attention_rule(impl, head_dim=head_dim, group=group, dtype=dtype, platform=platform, q_len=q_len,
-                          batch=batch, aligned=aligned, hopper=hopper)[1]
+                          batch=batch, aligned=aligned, hopper=hopper, keys=keys)[1]
 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float = 1.0, window: int | None = None,
@@ -232,7 +244,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos:
     `aligned` (see `resolve`) lets cuDNN or the Mosaic kernel take the call; the caller vouches for it.
     """
     choice = resolve(impl, head_dim=q.shape[-1], group=q.shape[2] // k.shape[2], dtype=q.dtype, q_len=q.shape[1],
-                     batch=q.shape[0], aligned=aligned and causal)
+                     batch=q.shape[0], aligned=aligned and causal, keys=k.shape[1])
     return run_attention(choice, q, k, v, q_pos, k_pos, scale=scale, window=window, causal=causal)
 
 
@@ -316,7 +328,7 @@ def resolve_dense(impl: str, *, rows: int, k: int, n: int, dtype=jnp.bfloat16, p
 def settings() -> str:
     """This module's settings that tests and benches change (read when a program is traced): the text keys
     programs kept across processes (`generation.programs`), so a program traced under other settings misses."""
-    names = ("FUSED_PROJECTIONS", "DECODE_MAX_TOKENS", "DECODE_KERNEL_MIN_BATCH", "CUDNN_MAX_HEAD_DIM",
-             "MOSAIC_HEAD_DIM", "CUDNN_BACKEND", "MOSAIC_INTERPRET", "MOSAIC_MOE_MIN_ROWS", "MOE_FORCE",
-             "MOE_PLAN_KERNEL", "DENSE_FORCE", "GEMV_MAX_WEIGHT")
+    names = ("FUSED_PROJECTIONS", "DECODE_MAX_TOKENS", "DECODE_KERNEL_MIN_BATCH", "DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS",
+             "CUDNN_MAX_HEAD_DIM", "MOSAIC_HEAD_DIM", "CUDNN_BACKEND", "MOSAIC_INTERPRET", "MOSAIC_MOE_MIN_ROWS",
+             "MOE_FORCE", "MOE_PLAN_KERNEL", "DENSE_FORCE", "GEMV_MAX_WEIGHT")
     return ",".join(f"{n}={globals()[n]!r}" for n in names)

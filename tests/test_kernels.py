@@ -179,10 +179,15 @@ DISPATCH_CASES = [
     (dict(impl="auto", head_dim=256, q_len=4096, aligned=True, dtype=jnp.float32, **_GPU), 4, "xla"),
     (dict(impl="cudnn", head_dim=512, q_len=4096, aligned=True, **_GPU), 4, "xla"),
     (dict(impl="cudnn", head_dim=256, q_len=1, batch=2, **_GPU), 4, "xla"),  # decode: cuDNN is not used
-    # decode: XLA for one sequence (a short prompt takes the decode rules too), the kernel from two
+    # decode: XLA for one sequence over more than 256 keys or an unknown number (a short prompt takes the decode
+    # rules too), the kernel for one sequence over at most 256 keys and from two sequences at any length
     (dict(impl="auto", head_dim=512, q_len=1, batch=1, **_GPU), 5, "xla"),
+    (dict(impl="auto", head_dim=512, q_len=1, batch=1, keys=257, **_GPU), 5, "xla"),
     (dict(impl="auto", head_dim=256, q_len=4, aligned=True, **_GPU), 5, "xla"),
+    (dict(impl="auto", head_dim=512, q_len=1, batch=1, keys=256, **_GPU), 6, "pallas"),
+    (dict(impl="auto", head_dim=256, q_len=1, batch=1, keys=16, **_GPU), 6, "pallas"),
     (dict(impl="auto", head_dim=256, q_len=1, batch=2, **_GPU), 6, "pallas"),
+    (dict(impl="auto", head_dim=256, q_len=1, batch=2, keys=32768, **_GPU), 6, "pallas"),
     (dict(impl="auto", head_dim=512, q_len=1, aligned=True, batch=4, hopper=True, **_GPU), 6, "pallas"),
     # other prefill: the Triton kernel (not aligned, or head_dim 512 off Hopper)
     (dict(impl="auto", head_dim=512, **_GPU), 6, "pallas"),

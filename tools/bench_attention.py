@@ -175,7 +175,7 @@ def bench_model_decode(name: str, n: int, kh: int, h: int, s: int, b: int, bw: f
         "xla": jax.jit(lambda q, k, v: xla_attention(q, k, v, attention_mask(q_pos, k_pos, window, k_pos >= 0))),
     }
     row = dict(shape=f"{name} B={b} N={n} K={kh} H={h} S={s}", bytes=nbytes, us={}, gbps={}, errors={},
-               auto=dispatch.resolve("auto", head_dim=h, group=n // kh, q_len=1, batch=b))
+               auto=dispatch.resolve("auto", head_dim=h, group=n // kh, q_len=1, batch=b, keys=s))
     for key, fn in impls.items():
         res = _try(seconds_per_call, fn, q, k, v, calls=None)
         if isinstance(res, str):

@@ -97,6 +97,9 @@ def add_parser(sub) -> None:
     p.add_argument("--decode-kernel-min-batch", type=int, default=None, metavar="B",
                    help="the smallest batch whose decode attention takes the Pallas kernel under auto; smaller "
                         "ones take XLA (dispatch.DECODE_KERNEL_MIN_BATCH; default: the library's)")
+    p.add_argument("--decode-kernel-max-keys", type=int, default=None, metavar="S",
+                   help="below that batch, the most keys (cache slots) a decode call may read and still take the "
+                        "kernel; 0: XLA for every such call (dispatch.DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS)")
     p.add_argument("--moe-plan-kernel", action="store_true",
                    help="the Mosaic experts' tile plan as one kernel at few rows (dispatch.MOE_PLAN_KERNEL)")
     p.add_argument("--decode-scheduling", default=None, choices=["CONCURRENT", "LHS"],
@@ -218,6 +221,8 @@ def _header(args, cfg) -> dict:
             "gemv_max_weight": getattr(args, "gemv_max_weight", None) or _dispatch().GEMV_MAX_WEIGHT,
             "decode_kernel_min_batch": getattr(args, "decode_kernel_min_batch", None)
             or _dispatch().DECODE_KERNEL_MIN_BATCH,
+            "decode_kernel_max_keys": _dispatch().DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS
+            if getattr(args, "decode_kernel_max_keys", None) is None else args.decode_kernel_max_keys,
             "decode_scheduling": getattr(args, "decode_scheduling", None) or _programs().DECODE_SCHEDULING}
 
 
@@ -276,6 +281,8 @@ def ours(args, start: float) -> dict:
         dispatch.GEMV_MAX_WEIGHT = args.gemv_max_weight
     if getattr(args, "decode_kernel_min_batch", None):
         dispatch.DECODE_KERNEL_MIN_BATCH = args.decode_kernel_min_batch
+    if getattr(args, "decode_kernel_max_keys", None) is not None:
+        dispatch.DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS = args.decode_kernel_max_keys
     if getattr(args, "decode_scheduling", None):
         _programs().DECODE_SCHEDULING = args.decode_scheduling
     res = _header(args, cfg)

@@ -490,7 +490,8 @@ def attention_impl(impl: str, q_btnh: jax.Array, k_bskh: jax.Array, aligned: boo
     `aligned`: queries and keys are the same tokens at positions 0..T-1 (prefill), which cuDNN can take.
     """
     return dispatch.resolve(impl, head_dim=q_btnh.shape[-1], group=q_btnh.shape[2] // k_bskh.shape[2],
-                            dtype=q_btnh.dtype, q_len=q_btnh.shape[1], batch=q_btnh.shape[0], aligned=aligned)
+                            dtype=q_btnh.dtype, q_len=q_btnh.shape[1], batch=q_btnh.shape[0], aligned=aligned,
+                            keys=k_bskh.shape[1])
 
 
 def kernel_attention(choice: str, q_btnh, k_bskh, v_bskh, q_pos_bt, k_pos_bs, window: int | None) -> jax.Array:
