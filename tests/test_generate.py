@@ -57,6 +57,29 @@ def test_batched_prompts_equal_one_at_a_time(hf_dirs):
     assert together == alone
 
 
+def test_large_batches_prefill_in_groups_of_rows(hf_models, hf_dirs, monkeypatch):
+    """Above PREFILL_MAX_TOKENS a batch's prompts are prefilled in groups of rows into the one cache (the last
+    group overlapping the one before); the tokens still equal transformers', row by row."""
+    from gemma4_jax.generation import loop
+
+    groups = []
+    real = loop.prefill_rows
+
+    def spy(graphdef, params, ids, lengths, cache, row0, **kw):
+        groups.append((int(row0), ids.shape))
+        return real(graphdef, params, ids, lengths, cache, row0, **kw)
+
+    monkeypatch.setattr(loop, "PREFILL_MAX_TOKENS", 32)  # prompts bucket to 16 tokens: groups of 2 rows
+    monkeypatch.setattr(loop, "prefill_rows", spy)
+    model = gemma4_jax.load(hf_dirs["e2b", "causal"], progress=False)
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(3, 256, size=n).tolist() for n in (5, 13, 2, 9, 16)]
+    ours = model.generate(prompts, max_new_tokens=10, stop_tokens=())
+    assert groups == [(0, (2, 16)), (2, (2, 16)), (3, (2, 16))]
+    for prompt, got in zip(prompts, ours, strict=True):
+        assert got == _hf_greedy(hf_models["e2b"], prompt, 10)
+
+
 def test_stop_tokens(hf_dirs):
     model = gemma4_jax.load(hf_dirs["31b", "causal"], progress=False)
     prompt = [[5, 6, 7, 8]]

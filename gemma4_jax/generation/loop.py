@@ -65,10 +65,7 @@ class DecodeState:
     key: jax.Array
 
 
-@program(static_argnums=0, static_argnames="impl", donate_argnums=(4,))
-def prefill(graphdef, params, ids_bt, lengths_b, cache: KVCache, impl: str = "auto", mm=None):
-    """Run the prompts [B,T] (true lengths [B]; soft tokens `mm`, a `model.Multimodal`, merged); fill the
-    cache; return last-token logits [B,V]."""
+def _prefill(graphdef, params, ids_bt, lengths_b, cache: KVCache, impl: str, mm):
     model = merge(graphdef, params)
     b, t = ids_bt.shape
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -76,6 +73,49 @@ def prefill(graphdef, params, ids_bt, lengths_b, cache: KVCache, impl: str = "au
     x = model.decode_layers(ids_bt, pos, attender, mm)
     last = jnp.take_along_axis(x, (lengths_b - 1)[:, None, None], axis=1)  # [B,1,D]
     return model.head(last)[:, 0], attender.cache
+
+
+@program(static_argnums=0, static_argnames="impl", donate_argnums=(4,))
+def prefill(graphdef, params, ids_bt, lengths_b, cache: KVCache, impl: str = "auto", mm=None):
+    """Run the prompts [B,T] (true lengths [B]; soft tokens `mm`, a `model.Multimodal`, merged); fill the
+    cache; return last-token logits [B,V]."""
+    return _prefill(graphdef, params, ids_bt, lengths_b, cache, impl, mm)
+
+
+@program(static_argnums=0, static_argnames="impl", donate_argnums=(4,))
+def prefill_rows(graphdef, params, ids_rt, lengths_r, cache: KVCache, row0, impl: str = "auto"):
+    """`prefill` of R prompts [R,T] into the cache's rows row0 .. row0+R−1 (the other rows untouched); returns
+    their last-token logits [R,V]."""
+    r = ids_rt.shape[0]
+    rows = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, row0, r, 0), cache)
+    logits, rows = _prefill(graphdef, params, ids_rt, lengths_r, rows, impl, None)
+    return logits, jax.tree.map(lambda a, u: jax.lax.dynamic_update_slice_in_dim(a, u, row0, 0), cache, rows)
+
+
+# The most prompt tokens (rows × bucketed length) one prefill program computes. A larger batch is prefilled in
+# groups of rows into its one cache: a prefill's temporaries grow with its tokens (26B-A4B's experts hold
+# float32 [tokens × top-k, D] buffers, 22 GiB at 64 prompts × 4,096), and static batches of 64 GSM8K prompts
+# (the 4,096-token bucket) ran out of memory on an H200 with 26B-A4B, while batches of 32 fit. 32K tokens keep
+# a group's matmuls large (prefill's MFU is flat from a few thousand tokens).
+PREFILL_MAX_TOKENS = 32768
+
+
+def prefill_batch(graphdef, params, ids_bt: np.ndarray, lengths_b, cache: KVCache, impl: str = "auto", mm=None):
+    """`prefill`, in groups of rows of at most PREFILL_MAX_TOKENS tokens each when the batch is larger (one
+    compiled program for every group: the last group ends at the last row, re-running rows of the one before,
+    which write what they wrote). Prompts with soft tokens (`mm`) run in one call."""
+    b, t = ids_bt.shape
+    rows = max(1, PREFILL_MAX_TOKENS // t)
+    if mm is not None or rows >= b:
+        return prefill(graphdef, params, jnp.asarray(ids_bt), lengths_b, cache, impl=impl, mm=mm)
+    starts = list(range(0, b - rows, rows)) + [b - rows]
+    parts, done = [], 0
+    for r0 in starts:
+        logits, cache = prefill_rows(graphdef, params, jnp.asarray(ids_bt[r0:r0 + rows]), lengths_b[r0:r0 + rows],
+                                     cache, jnp.asarray(r0, jnp.int32), impl=impl)
+        parts.append(logits[done - r0:])
+        done = r0 + rows
+    return jnp.concatenate(parts), cache
 
 
 @program(static_argnums=0, static_argnames="impl", donate_argnums=(5,))
@@ -197,7 +237,7 @@ def generate_tokens(graphdef, params, cfg, prompts: list[list[int]], *, max_new_
     cache = init_cache(cfg, b, max_len, dtype)
     mm = soft_tokens(t) if soft_tokens is not None else None
     t0 = time.perf_counter()
-    logits, cache = prefill(graphdef, params, jnp.asarray(ids), lengths, cache, impl=impl, mm=mm)
+    logits, cache = prefill_batch(graphdef, params, ids, lengths, cache, impl=impl, mm=mm)
     tok, done, out = _first_token(logits, key, stops, sampling, bucket(max_new_tokens, 8))
     if timings is not None:
         jax.block_until_ready(tok)
