@@ -58,6 +58,16 @@ def init_cache(cfg: Gemma4Config, batch: int, max_len: int, dtype) -> KVCache:
     return KVCache(layers)
 
 
+def take_rows(cache: KVCache, row0, n: int) -> KVCache:
+    """Rows row0 .. row0+n−1 of every entry (`row0` may be traced)."""
+    return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, row0, n, 0), cache)
+
+
+def put_rows(cache: KVCache, rows: KVCache, row0) -> KVCache:
+    """`cache` with its rows from row0 on replaced by `rows` (`row0` may be traced; in place under donation)."""
+    return jax.tree.map(lambda a, u: jax.lax.dynamic_update_slice_in_dim(a, u, row0, 0), cache, rows)
+
+
 class PrefillAttender(FullAttender):
     """Prefill: attend over the prompt itself, then store each KV layer's entries into the cache.
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..model.text import merge
-from .cache import KVCache, init_cache
+from .cache import KVCache, init_cache, put_rows
 from .loop import DecodeState, bucket, decode_step, extend, sample
 from .options import Sampling
 from .programs import program
@@ -90,7 +90,7 @@ def _insert(state: SlotState, one: KVCache, logits_1v, slot, length, limit, stop
     """A prefilled prompt into slot `slot`: its cache row, its first token (sampled as `generate` samples it),
     position, step 1 and limit."""
     tok = _sample_rows(logits_1v, key[None], jnp.zeros((1,), jnp.int32), sampling)[0]
-    cache = jax.tree.map(lambda big, row: jax.lax.dynamic_update_index_in_dim(big, row[0], slot, 0), state.cache, one)
+    cache = put_rows(state.cache, one, slot)
     out = state.out.at[slot].set(jnp.zeros_like(state.out[slot]).at[0].set(tok))
     ended = jnp.isin(tok, stop_ids) | (limit <= 1)
     return SlotState(cache, state.token.at[slot].set(tok), state.pos.at[slot].set(length),

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..model.text import merge
-from .cache import DecodeAttender, ExtendAttender, KVCache, PrefillAttender, init_cache
+from .cache import DecodeAttender, ExtendAttender, KVCache, PrefillAttender, init_cache, put_rows, take_rows
 from .options import Sampling, bucket  # noqa: F401 (re-exported: sampling options and shape buckets live there)
 from .programs import program
 
@@ -86,10 +86,8 @@ def prefill(graphdef, params, ids_bt, lengths_b, cache: KVCache, impl: str = "au
 def prefill_rows(graphdef, params, ids_rt, lengths_r, cache: KVCache, row0, impl: str = "auto"):
     """`prefill` of R prompts [R,T] into the cache's rows row0 .. row0+R−1 (the other rows untouched); returns
     their last-token logits [R,V]."""
-    r = ids_rt.shape[0]
-    rows = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, row0, r, 0), cache)
-    logits, rows = _prefill(graphdef, params, ids_rt, lengths_r, rows, impl, None)
-    return logits, jax.tree.map(lambda a, u: jax.lax.dynamic_update_slice_in_dim(a, u, row0, 0), cache, rows)
+    logits, rows = _prefill(graphdef, params, ids_rt, lengths_r, take_rows(cache, row0, ids_rt.shape[0]), impl, None)
+    return logits, put_rows(cache, rows, row0)
 
 
 # The most prompt tokens (rows × bucketed length) one prefill program computes. A larger batch is prefilled in
