@@ -33,7 +33,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from . import flash_attention_mgpu, moe_mgpu
+from . import flash_attention_mgpu, gemv, moe_mgpu
 from .decode_attention import decode_attention
 from .flash_attention import flash_attention, flash_attention_reference
 from .gemv import GEMV_MAX_ROWS, GEMV_MAX_WEIGHT
@@ -44,8 +44,9 @@ from .moe_mgpu import supports as moe_mgpu_supports
 IMPLS = ("auto", "xla", "cudnn", "pallas", "interpret")
 # True: projections that read one normalised input (q/k/v, gate/up) run as one skinny-kernel launch with the norm
 # inside (`gemv.gemv_many`) where each would take the kernel. Off by default: on an H200 (docs/performance.md,
-# "Where a decode step's time goes") it cut E2B's kernels a step from 1175 to 968 but not its time (each program
-# recomputes the norm over all of K before it streams its slab: +3.4 µs a launch), and made E4B's decode slower.
+# "Where a decode step's time goes") it cut E2B's kernels a step from 1175 to 968 but not its time, and with the
+# norm's factor taken out of the programs and the decode graphs' CONCURRENT scheduling (which already runs q, k and
+# v side by side) it was 3-6 % slower than separate launches for E2B and E4B.
 FUSED_PROJECTIONS = False
 DECODE_MAX_TOKENS = 8
 # `auto` decode uses the Pallas kernel for batches of at least this many sequences and XLA below. Measured
@@ -331,4 +332,5 @@ def settings() -> str:
     names = ("FUSED_PROJECTIONS", "DECODE_MAX_TOKENS", "DECODE_KERNEL_MIN_BATCH", "DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS",
              "CUDNN_MAX_HEAD_DIM", "MOSAIC_HEAD_DIM", "CUDNN_BACKEND", "MOSAIC_INTERPRET", "MOSAIC_MOE_MIN_ROWS",
              "MOE_FORCE", "MOE_PLAN_KERNEL", "DENSE_FORCE", "GEMV_MAX_WEIGHT")
-    return ",".join(f"{n}={globals()[n]!r}" for n in names)
+    return ",".join([f"{n}={globals()[n]!r}" for n in names]
+                    + [f"gemv.{n}={getattr(gemv, n)!r}" for n in ("TARGET_PROGRAMS", "MIN_BLOCK_N", "MAX_SPLIT_K")])

@@ -13,10 +13,14 @@ well under the HBM bandwidth (docs/kernels.md, "Skinny matmuls"). This kernel st
   keep every SM streaming when N / block_n alone is too few.
 
 `gemv_many` runs several weights that read the same x in one launch: the column tiles of all of them side by side
-in the grid, each program streaming the one weight its tile belongs to; with a norm weight, each program first
-RMS-normalises x's rows (the whole row: K is small) and scales them, as `model.rms_norm` does, so the norm before
-a layer's projections needs no kernels of its own. At a decode step every launch costs a few µs of ramp and tail
-whatever it reads (docs/performance.md, "Where a decode step's time goes").
+in the grid, each program streaming the one weight its tile belongs to. With a norm weight g it computes
+rms_norm(x, g) @ W without a norm kernel of its own: the norm's per-row factor s = (mean(x²) + eps)^-½ is a scalar
+of the row, so rms_norm(x, g) @ W = s · ((x ∘ g) @ W). Each program multiplies the x blocks it already loads by g
+and adds up their squares on the way (no pass over x before the weight streams); the column-0 programs write those
+partial sums of squares beside their partial products, and the XLA epilogue that adds the K splits multiplies by s.
+At a decode step every launch costs a few µs of ramp and tail whatever it reads (docs/performance.md, "Where a
+decode step's time goes"); an earlier version normalised the whole row in each program before streaming, which
+doubled the queries' kernel time on an H200.
 
 Block sizes must divide every N and K / split_k (powers of two ≥ 16): `default_config` picks them, `supports` says
 whether a shape can run.
@@ -42,8 +46,13 @@ GEMV_MAX_ROWS = ROWS  # the dispatcher sends products with at most this many row
 # matched cuBLAS and the smaller ones beat XLA's reduction 2.4×, docs/kernels.md run 7). Larger weights stay on
 # XLA, whose cuBLAS GEMV streamed 31B's at 4.26 TB/s.
 GEMV_MAX_WEIGHT = 24 * 2**20
-# Aim for at least this many programs, so that every SM of an H100/H200 (132) streams part of W.
+# Aim for at least this many programs, so that every SM of an H100/H200 (132) streams part of W: first by
+# narrowing the column tiles down to MIN_BLOCK_N, then by splitting K (whose partial sums cost an XLA reduction
+# after the kernel, one more kernel on a decode step's critical path). Benches move both
+# (`bench.py generate --gemv-target-programs/--gemv-min-block-n`).
 TARGET_PROGRAMS = 264
+MIN_BLOCK_N = 64
+MAX_SPLIT_K = 64  # the most K splits (1: none, every partial sum folds into the cast that follows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,12 +72,14 @@ def supports(k: int, n: int) -> bool:
 
 
 def default_config(k: int, n: int, block_n: int = 64, block_k: int = 128) -> GemvConfig:
-    """Block sizes for W [K,N]: the fewest K splits that give TARGET_PROGRAMS programs (K / split_k must stay a
-    multiple of block_k)."""
+    """Block sizes for W [K,N]: column tiles narrowed (down to MIN_BLOCK_N) and then the fewest K splits that give
+    TARGET_PROGRAMS programs, at most MAX_SPLIT_K (K / split_k must stay a multiple of block_k)."""
     bn, bk = _fit(n, block_n), _fit(k, block_k)
+    while n // bn < TARGET_PROGRAMS and bn // 2 >= max(MIN_BLOCK_N, 16):
+        bn //= 2
     tiles, steps = n // bn, k // bk
     split = 1
-    for s in range(1, steps + 1):
+    for s in range(1, min(steps, MAX_SPLIT_K) + 1):
         if steps % s == 0:
             split = s
             if tiles * s >= TARGET_PROGRAMS:
@@ -81,48 +92,40 @@ def _dot(a, b):
     return plgpu.dot(a, b, precision=lax.Precision.HIGHEST if a.dtype == F32 else None)
 
 
-def _kernel(x_ref, *refs, block_k: int, rows: int, kc: int, tiles: tuple[int, ...], norm: bool, eps: float,
-            nk: bool):
+def _kernel(x_ref, *refs, block_k: int, rows: int, kc: int, tiles: tuple[int, ...], norm: bool, nk: bool):
     # x_ref [16, K]: a 16-row block of x, of which the first `rows` exist (the missing rows are masked: read as 0,
     # not written — no padded copy of x in the step). refs: the norm weight [K] (with `norm`), one weight slab
-    # [K/S, bn] per weight ([bn, K/S] with `nk`), then one float32 output block [16, bn] per weight. Program (j, s)
-    # computes column tile j of the concatenated outputs over depth split s: the weight whose tiles hold j, the
-    # others untouched.
+    # [K/S, bn] per weight ([bn, K/S] with `nk`), one float32 output block [16, bn] per weight, then (with `norm`)
+    # a float32 [16, 16] block for the split's sums of squares of x's rows. Program (j, s) computes column tile j
+    # of the concatenated outputs over depth split s: the weight whose tiles hold j, the others untouched.
     n = len(tiles)
     nw_ref = refs[0] if norm else None
-    w_refs, o_refs = refs[norm:norm + n], refs[norm + n:]
+    w_refs, o_refs = refs[norm:norm + n], refs[norm + n:norm + 2 * n]
+    ss_ref = refs[-1] if norm else None
     valid = (lax.broadcasted_iota(jnp.int32, (ROWS, 1), 0) < rows)
     j, s = pl.program_id(0), pl.program_id(1)
-    k_total = x_ref.shape[1]
 
-    def x_block(k0):
-        return plgpu.load(x_ref.at[:, pl.ds(k0, block_k)], mask=valid, other=0)
-
-    scale = None
-    if norm:  # x · (mean(x²) + eps)^-½ over the whole row, as `model.rms_norm` computes it (float32)
-        def sum_sq(i, acc):
-            xb = x_block(pl.multiple_of(i * block_k, block_k)).astype(F32)
-            return acc + jnp.sum(xb * xb, axis=1, keepdims=True)
-
-        ss = lax.fori_loop(0, k_total // block_k, sum_sq, jnp.zeros((ROWS, 1), F32))
-        scale = lax.rsqrt(ss / k_total + eps)
-
-    def run(w_ref, o_ref):
-        def body(i, acc):
+    def run(w_ref, o_ref, first: bool):
+        def body(i, carry):
+            acc, ss = carry
             k0 = pl.multiple_of(s * kc + i * block_k, block_k)
-            xb = x_block(k0)
-            if norm:
-                w = nw_ref[pl.ds(k0, block_k)].astype(F32)
-                xb = (xb.astype(F32) * scale * w[None, :]).astype(x_ref.dtype)
+            xb = plgpu.load(x_ref.at[:, pl.ds(k0, block_k)], mask=valid, other=0)
+            if norm:  # (x ∘ g) in float32, rounded to x's dtype; the squares of x on the way
+                xf = xb.astype(F32)
+                ss = ss + jnp.sum(xf * xf, axis=1, keepdims=True)
+                xb = (xf * nw_ref[pl.ds(k0, block_k)].astype(F32)[None, :]).astype(x_ref.dtype)
             ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
-            return acc + _dot(xb, w_ref[:, ks].T if nk else w_ref[ks, :])
+            return acc + _dot(xb, w_ref[:, ks].T if nk else w_ref[ks, :]), ss
 
-        acc = lax.fori_loop(0, kc // block_k, body, jnp.zeros(o_ref.shape, F32))
+        acc, ss = lax.fori_loop(0, kc // block_k, body,
+                                (jnp.zeros(o_ref.shape, F32), jnp.zeros((ROWS, 1), F32)))
         plgpu.store(o_ref, acc, mask=valid)
+        if norm and first:  # one program per split writes the split's sums of squares
+            pl.when(j == 0)(lambda: plgpu.store(ss_ref, jnp.broadcast_to(ss, ss_ref.shape), mask=valid))
 
     start = 0
-    for w_ref, o_ref, t in zip(w_refs, o_refs, tiles, strict=True):
-        pl.when((j >= start) & (j < start + t))(functools.partial(run, w_ref, o_ref))
+    for i, (w_ref, o_ref, t) in enumerate(zip(w_refs, o_refs, tiles, strict=True)):
+        pl.when((j >= start) & (j < start + t))(functools.partial(run, w_ref, o_ref, i == 0))
         start += t
 
 
@@ -153,9 +156,10 @@ def default_config_many(k: int, ns, block_n: int = 64, block_k: int = 128) -> Ge
 def gemv_many(x: jax.Array, ws, norm_weight: jax.Array | None = None, *, eps: float = 1e-6,
               config: GemvConfig | None = None, interpret: bool = False, nk: bool = False) -> list[jax.Array]:
     """[x @ w for w in ws] in one kernel launch (x [M ≤ 16, K], each w [K, N_i]; float32 accumulation; each result
-    [M, N_i] in x's dtype). With `norm_weight` [K], x is first RMS-normalised over K and scaled by it — in float32,
-    rounded to x's dtype, as `model.rms_norm` — inside the kernel (the projections that follow a norm: no separate
-    norm kernels). `nk`: each w is stored [N_i, K] (a checkpoint's [out, in]; K minor) and used as its transpose."""
+    [M, N_i] in x's dtype). With `norm_weight` g [K], each result is rms_norm(x, g) @ w, computed as
+    s · ((x ∘ g) @ w) with the row factor s = (mean(x²) + eps)^-½ in float32 (x ∘ g rounded to x's dtype for the
+    product): the projections that follow a norm, with no norm kernels of their own. `nk`: each w is stored
+    [N_i, K] (a checkpoint's [out, in]; K minor) and used as its transpose."""
     ws = list(ws)
     m, k = x.shape
     ns = [w.shape[0 if nk else 1] for w in ws]
@@ -180,17 +184,26 @@ def gemv_many(x: jax.Array, ws, norm_weight: jax.Array | None = None, *, eps: fl
         in_specs.append(pl.BlockSpec((k,), lambda j, sp: (0,)))
         args.append(norm_weight)
     in_specs += [pl.BlockSpec((bn, kc) if nk else (kc, bn), column(i)) for i in range(len(ws))]
+    out_specs = [pl.BlockSpec((None, ROWS, bn), out_column(i)) for i in range(len(ws))]
+    out_shape = [jax.ShapeDtypeStruct((s, m, n), F32) for n in ns]
+    if norm:  # each split's sums of squares of x's rows (written by its column-0 program, read at column 0)
+        out_specs.append(pl.BlockSpec((None, ROWS, ROWS), lambda j, sp: (sp, 0, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((s, m, ROWS), F32))
     parts = pl.pallas_call(
-        functools.partial(_kernel, block_k=cfg.block_k, rows=m, kc=kc, tiles=tiles, norm=norm, eps=eps, nk=nk),
+        functools.partial(_kernel, block_k=cfg.block_k, rows=m, kc=kc, tiles=tiles, norm=norm, nk=nk),
         grid=(sum(tiles), s),
         in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, ROWS, bn), out_column(i)) for i in range(len(ws))],
-        out_shape=[jax.ShapeDtypeStruct((s, m, n), F32) for n in ns],
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=("rmsnorm_" if norm else "") + "gemv_" + "_".join(f"{k}x{n}" for n in ns),  # profiles tell them apart
     )(*args, *ws)
-    return [jnp.sum(p, axis=0).astype(x.dtype) for p in parts]
+    if not norm:
+        return [jnp.sum(p, axis=0).astype(x.dtype) for p in parts]
+    *parts, ss = parts
+    scale = jnp.power(jnp.sum(ss[:, :, :1], axis=0) / k + eps, -0.5)  # [M, 1], as `model.rms_norm` (float32)
+    return [(jnp.sum(p, axis=0) * scale).astype(x.dtype) for p in parts]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret", "nk"))

@@ -124,6 +124,22 @@ def test_default_config_fills_the_gpu():
         assert all((n // cfg.block_n) * s < TARGET_PROGRAMS for s in smaller)
 
 
+def test_default_config_narrows_tiles_before_it_splits_k(monkeypatch):
+    """With MIN_BLOCK_N lowered, column tiles narrow first (no K split where the narrower tiles reach the target),
+    and MAX_SPLIT_K caps the splits; the knobs key the programs kept across processes."""
+    from gemma4_jax.kernels import gemv as gemv_module
+
+    monkeypatch.setattr(gemv_module, "MIN_BLOCK_N", 16)
+    monkeypatch.setattr(gemv_module, "TARGET_PROGRAMS", 128)
+    assert default_config(1536, 2048) == GemvConfig(block_n=16, block_k=128, split_k=1)  # 128 tiles of 16
+    assert default_config(2816, 4096) == GemvConfig(block_n=32, block_k=128, split_k=1)  # 128 tiles of 32
+    cfg = default_config(1536, 256)  # 16 tiles of 16: split K as before
+    assert (cfg.block_n, cfg.split_k) == (16, 12)
+    monkeypatch.setattr(gemv_module, "MAX_SPLIT_K", 1)
+    assert default_config(1536, 256) == GemvConfig(block_n=16, block_k=128, split_k=1)
+    assert "gemv.MAX_SPLIT_K=1" in dispatch.settings() and "gemv.MIN_BLOCK_N=16" in dispatch.settings()
+
+
 @pytest.mark.parametrize("m,nk", [(1, False), (16, False), (16, True)])
 def test_gemv_lowers_for_the_gpu_at_real_shapes(m, nk):
     """26B-A4B's dense MLP gate (2816 → 2112, or stored [2112, 2816] with `nk`) lowers to one Triton call on this

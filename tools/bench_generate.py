@@ -94,6 +94,15 @@ def add_parser(sub) -> None:
     p.add_argument("--gemv-max-weight", type=int, default=None, metavar="ELEMENTS",
                    help="the largest weight (K*N elements) a decode-step projection sends to the skinny kernel; "
                         "larger ones go to XLA (dispatch.GEMV_MAX_WEIGHT; default: the library's)")
+    p.add_argument("--gemv-target-programs", type=int, default=None, metavar="N",
+                   help="programs the skinny kernel aims for, narrowing its column tiles, then splitting K "
+                        "(gemv.TARGET_PROGRAMS; default: the library's)")
+    p.add_argument("--gemv-min-block-n", type=int, default=None, metavar="B",
+                   help="the narrowest column tile the skinny kernel takes before it splits K (gemv.MIN_BLOCK_N; "
+                        "default: the library's)")
+    p.add_argument("--gemv-max-split-k", type=int, default=None, metavar="S",
+                   help="the most K splits the skinny kernel takes (1: none; gemv.MAX_SPLIT_K; default: the "
+                        "library's)")
     p.add_argument("--decode-kernel-min-batch", type=int, default=None, metavar="B",
                    help="the smallest batch whose decode attention takes the Pallas kernel under auto; smaller "
                         "ones take XLA (dispatch.DECODE_KERNEL_MIN_BATCH; default: the library's)")
@@ -219,6 +228,9 @@ def _header(args, cfg) -> dict:
             "fused_projections": getattr(args, "fused_projections", False),
             "moe_plan_kernel": getattr(args, "moe_plan_kernel", False),
             "gemv_max_weight": getattr(args, "gemv_max_weight", None) or _dispatch().GEMV_MAX_WEIGHT,
+            "gemv_target_programs": getattr(args, "gemv_target_programs", None) or _gemv().TARGET_PROGRAMS,
+            "gemv_min_block_n": getattr(args, "gemv_min_block_n", None) or _gemv().MIN_BLOCK_N,
+            "gemv_max_split_k": getattr(args, "gemv_max_split_k", None) or _gemv().MAX_SPLIT_K,
             "decode_kernel_min_batch": getattr(args, "decode_kernel_min_batch", None)
             or _dispatch().DECODE_KERNEL_MIN_BATCH,
             "decode_kernel_max_keys": _dispatch().DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS
@@ -230,6 +242,12 @@ def _dispatch():
     from gemma4_jax.kernels import dispatch
 
     return dispatch
+
+
+def _gemv():
+    from gemma4_jax.kernels import gemv
+
+    return gemv
 
 
 def _programs():
@@ -279,6 +297,10 @@ def ours(args, start: float) -> dict:
     dispatch.MOE_PLAN_KERNEL = getattr(args, "moe_plan_kernel", False)
     if getattr(args, "gemv_max_weight", None):
         dispatch.GEMV_MAX_WEIGHT = args.gemv_max_weight
+    for flag, name in (("gemv_target_programs", "TARGET_PROGRAMS"), ("gemv_min_block_n", "MIN_BLOCK_N"),
+                       ("gemv_max_split_k", "MAX_SPLIT_K")):
+        if getattr(args, flag, None):
+            setattr(_gemv(), name, getattr(args, flag))
     if getattr(args, "decode_kernel_min_batch", None):
         dispatch.DECODE_KERNEL_MIN_BATCH = args.decode_kernel_min_batch
     if getattr(args, "decode_kernel_max_keys", None) is not None:
