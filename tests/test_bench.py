@@ -75,6 +75,19 @@ def test_bench_eval_runs(tmp_path):
     assert res["engine_vs_static_compiled"] > 0
 
 
+def test_bench_startup_runs_the_cli_twice_from_one_compile_cache(tmp_path):
+    """A random checkpoint of the demo config, the CLI run twice with one compile cache: both runs answer the same,
+    their times are read from the CLI's own line, and the temporary checkpoint and cache are gone afterwards."""
+    work = tmp_path / "work"
+    work.mkdir()
+    res = _bench(["startup", "--config", DEMO, "--runs", "2", "--max-new-tokens", "4", "--workdir", str(work)],
+                 tmp_path)
+    assert len(res["runs"]) == 2 and res["same_answer"] and res["runs"][0]["answer"].strip()
+    assert all(r["time_to_first_token_s"] > 0 and r["loaded_s"] > 0 for r in res["runs"])
+    assert res["second_over_first_ttft"] > 0 and res["checkpoint_gib"] > 0
+    assert not list(work.iterdir()), "the temporary checkpoint was left behind"
+
+
 def test_trace_bursts_split_at_idle_gaps():
     from trace_summary import bursts
 

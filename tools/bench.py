@@ -1,5 +1,5 @@
 """Benchmarks, one subcommand each: `python tools/bench.py SUBCOMMAND ...` (see --help; attention, dense, eval,
-generate, moe, numerics, pipeline, towers).
+generate, moe, numerics, pipeline, startup, towers).
 
 Run from the repository root with PYTHONPATH=. on a GPU. Each subcommand lives in its own module
 (`tools/bench_<name>.py`) exposing `add_parser(subparsers)`, which sets `func` to run it; what they share (the
@@ -21,6 +21,7 @@ import bench_generate  # noqa: E402
 import bench_moe  # noqa: E402
 import bench_numerics  # noqa: E402
 import bench_pipeline  # noqa: E402
+import bench_startup  # noqa: E402
 import bench_towers  # noqa: E402
 
 
@@ -34,6 +35,7 @@ def main(argv=None) -> int:
     bench_moe.add_parser(sub)
     bench_numerics.add_parser(sub)
     bench_pipeline.add_parser(sub)
+    bench_startup.add_parser(sub)
     bench_towers.add_parser(sub)
     args = parser.parse_args(argv)
     args.func(args)
