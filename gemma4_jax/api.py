@@ -179,15 +179,15 @@ class Gemma4Model:
     def generate_continuous(self, tokens, *, max_new_tokens, slots: int = 8, temperature: float = 0.0,
                             top_k: int | None = None, top_p: float | None = None, seed: int = 0, stop_tokens=None,
                             on_done=None, shared_prefix: bool = False, stats: dict | None = None,
-                            prefill_chunk: int = 512) -> list[list[int]]:
+                            prefill_chunk: int | None = None) -> list[list[int]]:
         """New tokens for each prompt (a list of id lists), decoded `slots` at a time with continuous batching
         (`generation/engine.py`): when a sequence ends, the next prompt takes its slot. `max_new_tokens`: one
         limit for all, or one per prompt. Greedy gives what `generate` gives; `on_done(i, tokens)` is called as
         prompt i ends. `shared_prefix`: the tokens all prompts begin with are prefilled once and copied into each
         slot; `stats` (a dict) receives the prompt tokens computed and without that. With pp > 1 the slots are
-        the pipeline's ring's rows. A prompt longer than `prefill_chunk` tokens is prefilled in pieces between the
-        other slots' decode steps."""
-        from .generation.engine import run_slots
+        the pipeline's ring's rows. A prompt longer than `prefill_chunk` tokens (default
+        `generation.engine.PREFILL_CHUNK`, 256) is prefilled in pieces between the other slots' decode steps."""
+        from .generation.engine import PREFILL_CHUNK, run_slots
 
         if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__"):
             raise ConfigError(f"tokens must be a list of id lists, got {type(tokens).__name__}")
@@ -202,7 +202,8 @@ class Gemma4Model:
             return run_slots(self.graphdef, self.state, self.config, prompts, limits, slots=int(slots),
                              context=self.context, dtype=DTYPES[self.run.dtype], sampling=sampling, seed=int(seed),
                              stop_ids=stops, impl=self.run.attn_impl, on_done=on_done, shared_prefix=shared_prefix,
-                             stats=stats, pipeline=self.pipeline, prefill_chunk=int(prefill_chunk))
+                             stats=stats, pipeline=self.pipeline,
+                             prefill_chunk=PREFILL_CHUNK if prefill_chunk is None else int(prefill_chunk))
 
     def generate_text(self, prompts, *, chat: bool = True, thinking: bool = False, return_thoughts: bool = False,
                       max_new_tokens: int = 256, images=(), audio=(), max_soft_tokens: int = 280, **sampling):

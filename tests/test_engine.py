@@ -71,6 +71,28 @@ def test_long_prompts_prefill_in_pieces_between_decode_steps(demo, alone):
     assert got == [demo.generate([p], max_new_tokens=5, stop_tokens=())[0] for p in prompts]
 
 
+def test_default_pieces_are_one_length_so_extend_compiles_once(demo, monkeypatch):
+    """By default (`engine.PREFILL_CHUNK`) every piece, the shared prefix's (longer than a piece) and each prompt's
+    own tokens (shorter and longer than a piece), is padded to one length: `extend` sees one shape, one compiled
+    program. The answers are still `generate`'s."""
+    from gemma4_jax.generation import engine
+
+    lengths = []
+    extend = engine.extend
+
+    def recording(graphdef, params, ids_bt, *rest, **kw):
+        lengths.append(ids_bt.shape[1])
+        return extend(graphdef, params, ids_bt, *rest, **kw)
+
+    monkeypatch.setattr(engine, "extend", recording)
+    rng = np.random.default_rng(8)
+    head = rng.integers(3, 200, size=engine.PREFILL_CHUNK + 45).tolist()
+    prompts = [head + rng.integers(3, 200, size=k).tolist() for k in (5, engine.PREFILL_CHUNK + 30, 120)]
+    got = demo.generate_continuous(prompts, max_new_tokens=3, slots=2, stop_tokens=(), shared_prefix=True)
+    assert set(lengths) == {engine.PIECE_MIN} and len(lengths) == 2 + 1 + 2 + 1  # prefix, then each prompt's pieces
+    assert got == [demo.generate([p], max_new_tokens=3, stop_tokens=())[0] for p in prompts]
+
+
 def test_sampling_keeps_each_limit(demo):
     prompts = _prompts(4, seed=2)
     got = demo.generate_continuous(prompts, max_new_tokens=[3, 5, 2, 7], slots=2, temperature=0.8, top_k=20,

@@ -45,6 +45,11 @@ tokens costs what one of 16 costs on a GPU (the weights' read), while each furth
 whole-model program to compile (20-40 s on an H200 for E4B). With GSM8K's questions (after the shared prefix)
 this leaves one or two lengths instead of four."""
 
+PREFILL_CHUNK = PIECE_MIN
+"""The default longest piece of a prompt prefilled between two decode chunks: PIECE_MIN, so that every piece, the
+shared prefix's included, is one length and the engine compiles one `extend` program (with pieces of 512, GSM8K's
+8-shot prompts took two: the prefix's 512-token pieces and the questions' 256)."""
+
 
 @jax.tree_util.register_dataclass
 @dataclass
@@ -107,7 +112,7 @@ def _copy(tree):
 def run_slots(graphdef, params, cfg, prompts: Sequence[Sequence[int]], limits: Sequence[int], *, slots: int,
               context: int, dtype, sampling: Sampling, seed: int, stop_ids: tuple[int, ...], impl: str = "auto",
               chunk: int = 8, on_done: Callable[[int, list[int]], None] | None = None, shared_prefix: bool = False,
-              stats: dict | None = None, pipeline=None, prefill_chunk: int = 512) -> list[list[int]]:
+              stats: dict | None = None, pipeline=None, prefill_chunk: int = PREFILL_CHUNK) -> list[list[int]]:
     """The new tokens of every prompt (prompt i gets at most `limits[i]`, ends after its first stop token, kept),
     decoded `slots` at a time with continuous batching. `on_done(i, tokens)` is called as each one ends.
     `stats`, when given, receives `prefix_tokens` and `prefill_tokens` (prompt tokens computed) beside
