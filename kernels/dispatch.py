@@ -48,6 +48,10 @@ IMPLS = ("auto", "xla", "cudnn", "pallas", "interpret")
 # norm's factor taken out of the programs and the decode graphs' CONCURRENT scheduling (which already runs q, k and
 # v side by side) it was 3-6 % slower than separate launches for E2B and E4B.
 FUSED_PROJECTIONS = False
+# True: where a block's output projection takes the skinny kernel (a decode step), its K-split partials, the
+# post-block norm, the residual add and the next block's input norm run as one kernel (`add_norm.add_norm`)
+# instead of a chain of three to five small ones. Off until measured on a GPU (docs/performance.md).
+FUSED_ADD_NORM = False
 DECODE_MAX_TOKENS = 8
 # `auto` decode uses the Pallas kernel for batches of at least this many sequences and XLA below. Measured
 # on an H200 (docs/kernels.md): for one sequence XLA's fused reduction ran the models' decode calls at
@@ -329,7 +333,8 @@ def resolve_dense(impl: str, *, rows: int, k: int, n: int, dtype=jnp.bfloat16, p
 def settings() -> str:
     """This module's settings that tests and benches change (read when a program is traced): the text keys
     programs kept across processes (`generation.programs`), so a program traced under other settings misses."""
-    names = ("FUSED_PROJECTIONS", "DECODE_MAX_TOKENS", "DECODE_KERNEL_MIN_BATCH", "DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS",
+    names = ("FUSED_PROJECTIONS", "FUSED_ADD_NORM", "DECODE_MAX_TOKENS", "DECODE_KERNEL_MIN_BATCH",
+             "DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS",
              "CUDNN_MAX_HEAD_DIM", "MOSAIC_HEAD_DIM", "CUDNN_BACKEND", "MOSAIC_INTERPRET", "MOSAIC_MOE_MIN_ROWS",
              "MOE_FORCE", "MOE_PLAN_KERNEL", "DENSE_FORCE", "GEMV_MAX_WEIGHT")
     return ",".join([f"{n}={globals()[n]!r}" for n in names]

@@ -161,9 +161,21 @@ def gemv_many(x: jax.Array, ws, norm_weight: jax.Array | None = None, *, eps: fl
     product): the projections that follow a norm, with no norm kernels of their own. `nk`: each w is stored
     [N_i, K] (a checkpoint's [out, in]; K minor) and used as its transpose."""
     ws = list(ws)
+    k = x.shape[1]
+    cfg = config or default_config_many(k, [w.shape[0 if nk else 1] for w in ws])
+    parts = _launch(x, ws, norm_weight, eps, cfg, interpret, nk)
+    if norm_weight is None:
+        return [jnp.sum(p, axis=0).astype(x.dtype) for p in parts]
+    *parts, ss = parts
+    scale = jnp.power(jnp.sum(ss[:, :, :1], axis=0) / k + eps, -0.5)  # [M, 1], as `model.rms_norm` (float32)
+    return [(jnp.sum(p, axis=0) * scale).astype(x.dtype) for p in parts]
+
+
+def _launch(x, ws, norm_weight, eps: float, cfg: GemvConfig, interpret: bool, nk: bool) -> list[jax.Array]:
+    """The kernel's float32 outputs: each weight's partial products [S, M, N_i], then (with a norm weight) the
+    splits' sums of squares of x's rows [S, M, 16]."""
     m, k = x.shape
     ns = [w.shape[0 if nk else 1] for w in ws]
-    cfg = config or default_config_many(k, ns)
     _check(x, ws, cfg, nk)
     s, kc, bn = cfg.split_k, k // cfg.split_k, cfg.block_n
     tiles = tuple(n // bn for n in ns)
@@ -189,7 +201,7 @@ def gemv_many(x: jax.Array, ws, norm_weight: jax.Array | None = None, *, eps: fl
     if norm:  # each split's sums of squares of x's rows (written by its column-0 program, read at column 0)
         out_specs.append(pl.BlockSpec((None, ROWS, ROWS), lambda j, sp: (sp, 0, 0)))
         out_shape.append(jax.ShapeDtypeStruct((s, m, ROWS), F32))
-    parts = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_kernel, block_k=cfg.block_k, rows=m, kc=kc, tiles=tiles, norm=norm, nk=nk),
         grid=(sum(tiles), s),
         in_specs=in_specs,
@@ -199,11 +211,6 @@ def gemv_many(x: jax.Array, ws, norm_weight: jax.Array | None = None, *, eps: fl
         interpret=interpret,
         name=("rmsnorm_" if norm else "") + "gemv_" + "_".join(f"{k}x{n}" for n in ns),  # profiles tell them apart
     )(*args, *ws)
-    if not norm:
-        return [jnp.sum(p, axis=0).astype(x.dtype) for p in parts]
-    *parts, ss = parts
-    scale = jnp.power(jnp.sum(ss[:, :, :1], axis=0) / k + eps, -0.5)  # [M, 1], as `model.rms_norm` (float32)
-    return [(jnp.sum(p, axis=0) * scale).astype(x.dtype) for p in parts]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret", "nk"))
@@ -211,8 +218,16 @@ def gemv(x: jax.Array, w: jax.Array, *, config: GemvConfig | None = None, interp
          nk: bool = False) -> jax.Array:
     """x [M,K] @ w [K,N] for M ≤ 16 rows (`nk`: w stored [N,K]); float32 accumulation; returns [M,N] in x's
     dtype."""
+    return jnp.sum(gemv_parts(x, w, config=config, interpret=interpret, nk=nk), axis=0).astype(x.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "nk"))
+def gemv_parts(x: jax.Array, w: jax.Array, *, config: GemvConfig | None = None, interpret: bool = False,
+               nk: bool = False) -> jax.Array:
+    """`gemv`'s float32 partial products [S, M, N] over its S K-splits, not yet added: for a consumer that adds
+    them itself (`add_norm.add_norm`), sparing the reduction kernel between them."""
     k, n = w.shape[::-1] if nk else w.shape
-    return gemv_many(x, [w], config=config or default_config(k, n), interpret=interpret, nk=nk)[0]
+    return _launch(x, [w], None, 0.0, config or default_config(k, n), interpret, nk)[0]
 
 
 def gemv_reference(x: jax.Array, w: jax.Array, *, precision=None) -> jax.Array:

@@ -198,13 +198,16 @@ def test_linear_views_match_the_einsum(eq, xs, ws):
     _check(got, want, jnp.float32)
 
 
-@pytest.mark.parametrize("family,fused", [("e2b", False), ("26b-a4b", False), ("e2b", True), ("26b-a4b", True)])
+@pytest.mark.parametrize("family,fused", [("e2b", False), ("26b-a4b", False), ("e2b", True), ("26b-a4b", True),
+                                          ("e2b", "add_norm"), ("26b-a4b", "add_norm")])
 def test_model_with_gemv_matches_transformers(family, fused, hf_models, hf_dirs, monkeypatch):
     """float32, every projection of a 1×4-token forward through the kernel (interpret mode; attention and the
     experts on XLA): transformers' logits. e2b covers the per-layer-input projections and KV-shared layers,
-    26b-a4b the router and k_eq_v; `fused`: q/k/v and gate/up in one launch each, the norm inside."""
+    26b-a4b the router and k_eq_v; `fused`: q/k/v and gate/up in one launch each, the norm inside; "add_norm":
+    the output projection's partials, the post-attention norm, the residual and the pre-MLP norm in one kernel."""
     monkeypatch.setattr(dispatch, "DENSE_FORCE", "interpret")
-    monkeypatch.setattr(dispatch, "FUSED_PROJECTIONS", fused)
+    monkeypatch.setattr(dispatch, "FUSED_PROJECTIONS", fused is True)
+    monkeypatch.setattr(dispatch, "FUSED_ADD_NORM", fused == "add_norm")
     monkeypatch.setattr(dispatch, "MOE_FORCE", "xla")
     jax.clear_caches()
     ids = np.random.default_rng(7).integers(3, 256, size=(1, 4))
@@ -228,11 +231,12 @@ def test_generation_with_gemv_equals_xla(hf_dirs, monkeypatch):
 
 
 @pytest.mark.parametrize("name,fused", [("e2b", False), ("e4b", False), ("26b-a4b", False), ("31b", False),
-                                        ("e2b", True)])
+                                        ("e2b", True), ("26b-a4b", "add_norm")])
 def test_every_variant_lowers_its_decode_step_for_the_gpu(name, fused, monkeypatch):
     """Each released variant's batch-1 decode step, at the real shapes, lowers for CUDA on this CPU with the skinny
     kernel at exactly the projections the dispatcher gives it (and 26B-A4B's MoE kernels); `fused`: the queries
-    run after the input norm inside one launch with the keys and values."""
+    run after the input norm inside one launch with the keys and values; "add_norm": each layer's output
+    projection feeds the one add-and-norm kernel."""
     import os
     import re
     import sys
@@ -250,7 +254,8 @@ def test_every_variant_lowers_its_decode_step_for_the_gpu(name, fused, monkeypat
     from bench_dense import projection_shapes
 
     monkeypatch.setattr(dispatch, "_on_gpu", lambda platform: True)
-    monkeypatch.setattr(dispatch, "FUSED_PROJECTIONS", fused)
+    monkeypatch.setattr(dispatch, "FUSED_PROJECTIONS", fused is True)
+    monkeypatch.setattr(dispatch, "FUSED_ADD_NORM", fused == "add_norm")
     jax.clear_caches()  # the knobs are read when a step is traced: no trace of another test may be reused
     cfg = preset(name)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Gemma4Text(cfg, jnp.bfloat16, nnx.Rngs(0))))
@@ -265,4 +270,7 @@ def test_every_variant_lowers_its_decode_step_for_the_gpu(name, fused, monkeypat
     assert got == want, (sorted(got ^ want))
     # the queries (with keys and values where they fit too) run after the input norm, inside one launch
     q = f"{cfg.hidden_size}x{cfg.num_heads * cfg.layers[0].head_dim}"
-    assert (q in want and fused) == any(n.startswith(f"rmsnorm_gemv_{q}") for n in names), sorted(set(names))
+    assert (q in want and fused is True) == any(n.startswith(f"rmsnorm_gemv_{q}") for n in names), sorted(set(names))
+    calls = len(re.findall(r"call @add_norm\b", text))  # one per layer, after its output projection
+    assert calls == (cfg.num_layers if fused == "add_norm" else 0), calls
+    assert (f'name = "add_rms_norm_{cfg.hidden_size}"' in text) == (fused == "add_norm")

@@ -91,6 +91,9 @@ def add_parser(sub) -> None:
                    help="run the decode-step projections through XLA (the path before the skinny kernel)")
     p.add_argument("--fused-projections", action="store_true",
                    help="q/k/v and gate/up in one skinny-kernel launch each, the norm inside (FUSED_PROJECTIONS)")
+    p.add_argument("--fused-add-norm", action="store_true",
+                   help="each output projection's partials, the post-block norm, the residual and the next norm in one "
+                        "kernel where the projection takes the skinny kernel (FUSED_ADD_NORM)")
     p.add_argument("--gemv-max-weight", type=int, default=None, metavar="ELEMENTS",
                    help="the largest weight (K*N elements) a decode-step projection sends to the skinny kernel; "
                         "larger ones go to XLA (dispatch.GEMV_MAX_WEIGHT; default: the library's)")
@@ -226,6 +229,7 @@ def _header(args, cfg) -> dict:
             "dense_impl": getattr(args, "dense_impl", None) or args.attn_impl,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "fused_projections": getattr(args, "fused_projections", False),
+            "fused_add_norm": getattr(args, "fused_add_norm", False),
             "moe_plan_kernel": getattr(args, "moe_plan_kernel", False),
             "gemv_max_weight": getattr(args, "gemv_max_weight", None) or _dispatch().GEMV_MAX_WEIGHT,
             "gemv_target_programs": getattr(args, "gemv_target_programs", None) or _gemv().TARGET_PROGRAMS,
@@ -294,6 +298,7 @@ def ours(args, start: float) -> dict:
     dispatch.MOE_FORCE = getattr(args, "moe_impl", None)
     dispatch.DENSE_FORCE = getattr(args, "dense_impl", None)
     dispatch.FUSED_PROJECTIONS = getattr(args, "fused_projections", False)
+    dispatch.FUSED_ADD_NORM = getattr(args, "fused_add_norm", False)
     dispatch.MOE_PLAN_KERNEL = getattr(args, "moe_plan_kernel", False)
     if getattr(args, "gemv_max_weight", None):
         dispatch.GEMV_MAX_WEIGHT = args.gemv_max_weight

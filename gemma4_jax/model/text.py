@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from ..config import Gemma4Config, LayerSpec
-from ..kernels import dispatch, gemv, moe, moe_mgpu, numerics
+from ..kernels import add_norm, dispatch, gemv, moe, moe_mgpu, numerics
 from ..kernels.flash_attention import xla_attention
 
 F32 = jnp.float32
@@ -143,6 +143,27 @@ def norm_linears(x_btd: jax.Array, norm_d: jax.Array, eps: float, ws: list[jax.A
     return [y.reshape(*x_btd.shape[:-1], *w.shape[1:]) for y, w in zip(ys, ws, strict=True)]
 
 
+def residual_after(eq: str, x_btd: jax.Array, h: jax.Array, w: jax.Array, post_d: jax.Array, next_d: jax.Array,
+                   eps: float, impl: str = "auto") -> tuple[jax.Array, jax.Array | None]:
+    """The stream after a block: x + rms_norm(einsum(eq, h, w), post), where w is the block's output projection
+    (contracted as in `linear`, its result [B, T, D]). Where that projection takes the skinny kernel and
+    `dispatch.FUSED_ADD_NORM` is on, also rms_norm(that, next), the next block's input, from one kernel that adds
+    the projection's K-split partials, both norms and the residual (`add_norm.add_norm`); else None (the caller
+    normalises)."""
+    ins, out = eq.split("->")
+    xs, ws = ins.split(",")
+    c = len(set(xs) & set(ws) - set(out))
+    k, d = math.prod(w.shape[:c]), x_btd.shape[-1]
+    rows = h.size // k
+    choice = dispatch.resolve_dense(impl, rows=rows, k=k, n=d, dtype=h.dtype)
+    if dispatch.FUSED_ADD_NORM and choice != "xla" and add_norm.supports(d):
+        interpret = choice == "interpret"
+        parts = gemv.gemv_parts(h.reshape(rows, k), w.reshape(k, d), interpret=interpret)
+        xn, a = add_norm.add_norm(parts, x_btd.reshape(rows, d), post_d, next_d, eps=eps, interpret=interpret)
+        return xn.reshape(x_btd.shape), a.reshape(x_btd.shape)
+    return x_btd + rms_norm(linear(eq, h, w, impl), post_d, eps), None
+
+
 def softcap(logits: jax.Array, cap: float | None) -> jax.Array:
     return logits if cap is None else cap * jnp.tanh(logits / cap)
 
@@ -232,9 +253,6 @@ class Attention(nnx.Module):
         v = rms_norm(v_raw, None, self.eps)  # v_norm has no weight and V gets no RoPE
         return k, v
 
-    def output(self, o_btnh, impl: str = "auto"):
-        return linear("BTNH,NHD->BTD", o_btnh, self.o_proj[...], impl)
-
 
 class MLP(nnx.Module):
     """gelu(x Wg) * (x Wu) Wd."""
@@ -244,9 +262,14 @@ class MLP(nnx.Module):
         self.up = _param(rngs, (d, f), ("embed", "mlp"), dtype, stack)
         self.down = _param(rngs, (f, d), ("mlp", "embed"), dtype, stack)
 
-    def __call__(self, x_btd, norm_d, eps: float, impl: str = "auto"):
-        """The MLP of rms_norm(x, norm) (the norm is its input's: `norm_linears`)."""
-        g, u = norm_linears(x_btd, norm_d, eps, [self.gate[...], self.up[...]], impl)
+    def __call__(self, x_btd, norm_d, eps: float, impl: str = "auto", normed=None):
+        """The MLP of rms_norm(x, norm) (the norm is its input's: `norm_linears`), or of `normed` where the caller
+        has it already (`residual_after`)."""
+        ws = [self.gate[...], self.up[...]]
+        if normed is None:
+            g, u = norm_linears(x_btd, norm_d, eps, ws, impl)
+        else:
+            g, u = (linear("BTD,DF->BTF", normed, w, impl) for w in ws)
         return linear("BTF,FD->BTD", gelu(g) * u, self.down[...], impl)
 
 
@@ -331,10 +354,11 @@ class DecoderLayer(nnx.Module):
             q = self.attn.queries(q, cos, sin)
             kv = self.attn.keys_values(kv[0], kv[-1], cos, sin) if owns else None  # kv[-1] is kv[0] if k_eq_v
             o, aux = attend(q, kv)
-            x = x_btd + rms_norm(self.attn.output(o, impl), self.post_attn_norm[...], eps)
+            x, a = residual_after("BTNH,NHD->BTD", x_btd, o, self.attn.o_proj[...], self.post_attn_norm[...],
+                                  self.pre_ffw_norm[...], eps, impl)
 
         with jax.named_scope("mlp"):
-            f = self.mlp(x, self.pre_ffw_norm[...], eps, impl)
+            f = self.mlp(x, self.pre_ffw_norm[...], eps, impl, normed=a)
         if self.moe_enabled:
             with jax.named_scope("moe"):
                 b, t, d = x.shape
