@@ -1,5 +1,6 @@
-"""Pallas kernels: attention for large heads (head_dim up to 512), the routed experts of an MoE FFN and a
-skinny matmul for decode-step projections (`gemv`), installed as `gemma4_jax.kernels`.
+"""Pallas kernels: attention for large heads (head_dim up to 512), the routed experts of an MoE FFN, a skinny
+matmul for decode-step projections (`gemv`) and the add-and-norm after one (`add_norm`), installed as
+`gemma4_jax.kernels`.
 
 Model-agnostic: nothing here knows about Gemma. Each kernel file holds the kernel body, its wrapper, a
 jitted entry point, a frozen tuning config and a plain-jnp reference (the Mosaic GPU kernels for Hopper,
