@@ -109,17 +109,23 @@ def attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts:
     return xla_attention(q_btnh, k_bskh, v_bskh, mask_bts, scale=1.0)
 
 
-def linear(eq: str, x: jax.Array, w: jax.Array, impl: str = "auto") -> jax.Array:
-    """The projection `einsum(eq, x, w)` where the contracted dims are x's last and w's first (every weight
-    product of a layer). At a decode step's few rows it can run as the skinny Pallas kernel
-    (`kernels.dispatch.resolve_dense`), on x and w viewed as matrices; else it is the einsum itself."""
+def _matrix_view(eq: str, x: jax.Array, w: jax.Array, impl: str) -> tuple[int, int, int, str]:
+    """For `einsum(eq, x, w)` whose contracted dims are x's last c and w's first c: (c, K, rows of x viewed as a
+    [rows, K] matrix, how the product runs: `dispatch.resolve_dense`'s choice)."""
     ins, out = eq.split("->")
     xs, ws = ins.split(",")
     c = len(set(xs) & set(ws) - set(out))
     assert xs[len(xs) - c:] == ws[:c] and out == xs[:len(xs) - c] + ws[c:], eq
     k = math.prod(w.shape[:c])
     rows = x.size // k
-    choice = dispatch.resolve_dense(impl, rows=rows, k=k, n=w.size // k, dtype=x.dtype)
+    return c, k, rows, dispatch.resolve_dense(impl, rows=rows, k=k, n=w.size // k, dtype=x.dtype)
+
+
+def linear(eq: str, x: jax.Array, w: jax.Array, impl: str = "auto") -> jax.Array:
+    """The projection `einsum(eq, x, w)` where the contracted dims are x's last and w's first (every weight
+    product of a layer). At a decode step's few rows it can run as the skinny Pallas kernel
+    (`kernels.dispatch.resolve_dense`), on x and w viewed as matrices; else it is the einsum itself."""
+    c, k, rows, choice = _matrix_view(eq, x, w, impl)
     if choice == "xla":
         return numerics.einsum(eq, x, w)
     y = gemv.gemv(x.reshape(rows, k), w.reshape(k, -1), interpret=choice == "interpret")
@@ -150,12 +156,8 @@ def residual_after(eq: str, x_btd: jax.Array, h: jax.Array, w: jax.Array, post_d
     `dispatch.FUSED_ADD_NORM` is on, also rms_norm(that, next), the next block's input, from one kernel that adds
     the projection's K-split partials, both norms and the residual (`add_norm.add_norm`); else None (the caller
     normalises)."""
-    ins, out = eq.split("->")
-    xs, ws = ins.split(",")
-    c = len(set(xs) & set(ws) - set(out))
-    k, d = math.prod(w.shape[:c]), x_btd.shape[-1]
-    rows = h.size // k
-    choice = dispatch.resolve_dense(impl, rows=rows, k=k, n=d, dtype=h.dtype)
+    _, k, rows, choice = _matrix_view(eq, h, w, impl)
+    d = x_btd.shape[-1]
     if dispatch.FUSED_ADD_NORM and choice != "xla" and add_norm.supports(d):
         interpret = choice == "interpret"
         parts = gemv.gemv_parts(h.reshape(rows, k), w.reshape(k, d), interpret=interpret)
