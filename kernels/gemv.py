@@ -106,22 +106,21 @@ def _kernel(x_ref, *refs, block_k: int, rows: int, kc: int, tiles: tuple[int, ..
     j, s = pl.program_id(0), pl.program_id(1)
 
     def run(w_ref, o_ref, first: bool):
-        def body(i, carry):
-            acc, ss = carry
+        def body(i, carry):  # carry: the partial product, and with `norm` the sums of squares of x's rows
             k0 = pl.multiple_of(s * kc + i * block_k, block_k)
             xb = plgpu.load(x_ref.at[:, pl.ds(k0, block_k)], mask=valid, other=0)
             if norm:  # (x ∘ g) in float32, rounded to x's dtype; the squares of x on the way
                 xf = xb.astype(F32)
-                ss = ss + jnp.sum(xf * xf, axis=1, keepdims=True)
+                carry = carry[0], carry[1] + jnp.sum(xf * xf, axis=1, keepdims=True)
                 xb = (xf * nw_ref[pl.ds(k0, block_k)].astype(F32)[None, :]).astype(x_ref.dtype)
             ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
-            return acc + _dot(xb, w_ref[:, ks].T if nk else w_ref[ks, :]), ss
+            return (carry[0] + _dot(xb, w_ref[:, ks].T if nk else w_ref[ks, :]),) + carry[1:]
 
-        acc, ss = lax.fori_loop(0, kc // block_k, body,
-                                (jnp.zeros(o_ref.shape, F32), jnp.zeros((ROWS, 1), F32)))
+        zeros = (jnp.zeros(o_ref.shape, F32),) + ((jnp.zeros((ROWS, 1), F32),) if norm else ())
+        acc, *ss = lax.fori_loop(0, kc // block_k, body, zeros)
         plgpu.store(o_ref, acc, mask=valid)
         if norm and first:  # one program per split writes the split's sums of squares
-            pl.when(j == 0)(lambda: plgpu.store(ss_ref, jnp.broadcast_to(ss, ss_ref.shape), mask=valid))
+            pl.when(j == 0)(lambda: plgpu.store(ss_ref, jnp.broadcast_to(ss[0], ss_ref.shape), mask=valid))
 
     start = 0
     for i, (w_ref, o_ref, t) in enumerate(zip(w_refs, o_refs, tiles, strict=True)):
@@ -163,7 +162,7 @@ def gemv_many(x: jax.Array, ws, norm_weight: jax.Array | None = None, *, eps: fl
     ws = list(ws)
     k = x.shape[1]
     cfg = config or default_config_many(k, [w.shape[0 if nk else 1] for w in ws])
-    parts = _launch(x, ws, norm_weight, eps, cfg, interpret, nk)
+    parts = _launch(x, ws, norm_weight, cfg, interpret, nk)
     if norm_weight is None:
         return [jnp.sum(p, axis=0).astype(x.dtype) for p in parts]
     *parts, ss = parts
@@ -171,7 +170,7 @@ def gemv_many(x: jax.Array, ws, norm_weight: jax.Array | None = None, *, eps: fl
     return [(jnp.sum(p, axis=0) * scale).astype(x.dtype) for p in parts]
 
 
-def _launch(x, ws, norm_weight, eps: float, cfg: GemvConfig, interpret: bool, nk: bool) -> list[jax.Array]:
+def _launch(x, ws, norm_weight, cfg: GemvConfig, interpret: bool, nk: bool) -> list[jax.Array]:
     """The kernel's float32 outputs: each weight's partial products [S, M, N_i], then (with a norm weight) the
     splits' sums of squares of x's rows [S, M, 16]."""
     m, k = x.shape
@@ -227,7 +226,7 @@ def gemv_parts(x: jax.Array, w: jax.Array, *, config: GemvConfig | None = None, 
     """`gemv`'s float32 partial products [S, M, N] over its S K-splits, not yet added: for a consumer that adds
     them itself (`add_norm.add_norm`), sparing the reduction kernel between them."""
     k, n = w.shape[::-1] if nk else w.shape
-    return _launch(x, [w], None, 0.0, config or default_config(k, n), interpret, nk)[0]
+    return _launch(x, [w], None, config or default_config(k, n), interpret, nk)[0]
 
 
 def gemv_reference(x: jax.Array, w: jax.Array, *, precision=None) -> jax.Array:
