@@ -267,9 +267,11 @@ def _store_rows(o_smem, o_gmem, row0, lo, hi, col0, bn, bm):
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def _grouped_kernel(tab_ref, a_ref, *refs, n_b: int, bm: int, bn: int, bk: int, stages: int, gelu: bool):
-    # tab_ref [4, T] (GMEM): per tile expert, block, lo, hi;  a_ref [Rp, K]: sorted rows;
-    # refs: n_b weights [E, N, K] (GMEM, read in place), then the output [Rp, N].
+def _grouped_kernel(tab_ref, a_ref, *refs, n_b: int, bm: int, bn: int, bk: int, stages: int, gelu: bool,
+                    shared_a: bool):
+    # tab_ref [4, T] (GMEM): per tile expert, block, lo, hi;  a_ref [Rp, K]: sorted rows (shared_a: one [bm, K]
+    # block that every tile reads); refs: n_b weights [E, N, K] (GMEM, read in place), then the output [·, N],
+    # whose rows block·bm + [lo, hi) the tile stores.
     b_refs, o_ref = refs[:n_b], refs[n_b]
     t, j = lax.axis_index("t"), lax.axis_index("n")
     e = tab_ref[0, t]
@@ -287,7 +289,7 @@ def _grouped_kernel(tab_ref, a_ref, *refs, n_b: int, bm: int, bn: int, bk: int, 
             plgpu.emit_pipeline(
                 step,
                 grid=(a_ref.shape[1] // bk,),
-                in_specs=[plgpu.BlockSpec((bm, bk), lambda k: (block, k), delay_release=1)]
+                in_specs=[plgpu.BlockSpec((bm, bk), lambda k: (0 if shared_a else block, k), delay_release=1)]
                 + [plgpu.BlockSpec((bn, bk), lambda k: (j, k), delay_release=1)] * n_b,
                 max_concurrent_steps=stages,
             )(a_ref, *(b.at[e] for b in b_refs))
@@ -304,14 +306,14 @@ def _grouped_kernel(tab_ref, a_ref, *refs, n_b: int, bm: int, bn: int, bk: int, 
 
 
 def _grouped(table, a, bs, out_dtype, *, bn: int, cfg: MgpuMoeConfig, gelu: bool, interpret: bool, name: str,
-             tiles: int):
-    """One grouped GEMM: for each of the first `tiles` tiles of `table`, rows of `a` times its expert's [N, K]
-    weight(s), rows [lo, hi) stored."""
-    rp = a.shape[0]
+             tiles: int, shared_a: bool = False, out_rows: int | None = None):
+    """One grouped GEMM: for each of the first `tiles` tiles of `table`, rows of `a` (its tile's block, or with
+    `shared_a` its one block) times its expert's [N, K] weight(s), rows [lo, hi) stored."""
+    rp = out_rows or a.shape[0]
     n = bs[0].shape[1]
     kernel = plgpu.kernel(
         functools.partial(_grouped_kernel, n_b=len(bs), bm=cfg.block_m, bn=bn, bk=cfg.block_k, stages=cfg.stages,
-                          gelu=gelu),
+                          gelu=gelu, shared_a=shared_a),
         out_type=jax.ShapeDtypeStruct((rp, n), out_dtype),
         grid=(tiles, n // bn),
         grid_names=("t", "n"),
@@ -340,17 +342,20 @@ def _check(x, w, idx, gate, up, down, cfg: MgpuMoeConfig):
         raise ValueError(f"config {cfg} needs {smem_bytes(cfg)} bytes of shared memory, more than {SMEM_BYTES}")
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret", "plan_kernel"))
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "plan_kernel", "token_tiles"))
 def moe_experts_mgpu(x: jax.Array, w: jax.Array, idx: jax.Array, gate: jax.Array, up: jax.Array,
                      down: jax.Array, *, config: MgpuMoeConfig | None = None, interpret: bool = False,
-                     plan_kernel: bool = False) -> jax.Array:
+                     plan_kernel: bool = False, token_tiles: bool = False) -> jax.Array:
     """Routed experts (as `moe.moe_experts`): x [M,D], w/idx [M,k], gate/up [E,F,D], down [E,D,F] → [M,D].
-    `plan_kernel`: the unpadded tile plan from `plan_tiles_kernel` where it applies (few rows)."""
+    `plan_kernel`: the unpadded tile plan from `plan_tiles_kernel` where it applies (few rows). `token_tiles`:
+    where M ≤ block_m (a decode step), no plan at all (`token_tile_experts`)."""
     m, d = x.shape
     e, f = gate.shape[:2]
     k = idx.shape[1]
     cfg = config or default_config(m * k, d, f)
     _check(x, w, idx, gate, up, down, cfg)
+    if token_tiles and token_tiles_apply(m, cfg):
+        return token_tile_experts(x, w, idx, gate, up, down, cfg, interpret=interpret)
     plan, xs = make_plan(x, idx, e, cfg, plan_kernel=plan_kernel, interpret=interpret)
     y = grouped_gemms(plan, xs, gate, up, down, cfg, interpret=interpret)
     ys = y[plan.pos].reshape(m, k, d)  # gather, weight and sum: one elementwise fusion, float32 throughout
@@ -382,3 +387,43 @@ def grouped_gemms(plan: TilePlan, xs: jax.Array, gate: jax.Array, up: jax.Array,
                  name="moe_mgpu_gate_up", tiles=tiles)
     return _grouped(plan.table, h, (down,), F32, bn=cfg.block_n_down, cfg=cfg, gelu=False, interpret=interpret,
                     name="moe_mgpu_down", tiles=tiles)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token tiles: a decode step's experts without a plan
+#
+# At a decode step (M ≤ block_m tokens) the plan above is a chain of small XLA kernels (a sort, a scatter, sums,
+# gathers, then the gather of x into sorted order) on the step's critical path between the router and the
+# experts. Token tiles skip all of it: a tile is one expert, and it computes every token of the step (the block
+# is x itself, zero-padded to block_m rows), as the weights are read once per tile either way and wgmma's 64 rows
+# cost the same whether 2 or 16 of them are wanted. The only plan is which experts some token chose. Expert e's
+# tile stores rows e·bm + [0, M) of h and of y; the combine reads y[e·bm + m] for each (m, e) routed.
+
+
+def token_tiles_apply(tokens: int, cfg: MgpuMoeConfig) -> bool:
+    """Whether token tiles can run: unpadded tiles of at least `tokens` rows."""
+    return not cfg.padded and tokens <= cfg.block_m
+
+
+def token_table(idx: jax.Array, num_experts: int) -> jax.Array:
+    """[4, E] int32: per expert e (the tile), [e if some token chose it else −1, e, 0, M]."""
+    m = idx.shape[0]
+    e = jnp.arange(num_experts, dtype=jnp.int32)
+    used = jnp.any(idx.reshape(-1)[:, None] == e[None, :], axis=0)
+    return jnp.stack([jnp.where(used, e, -1), e, jnp.zeros_like(e), jnp.full_like(e, m)])
+
+
+def token_tile_experts(x: jax.Array, w: jax.Array, idx: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
+                       cfg: MgpuMoeConfig, *, interpret: bool = False) -> jax.Array:
+    """The routed experts by token tiles (M ≤ cfg.block_m): one tile per chosen expert over all M tokens."""
+    m, _ = x.shape
+    e = gate.shape[0]
+    bm = cfg.block_m
+    table = token_table(idx, e)
+    xp = jnp.pad(x, ((0, bm - m), (0, 0)))
+    h = _grouped(table, xp, (gate, up), x.dtype, bn=cfg.block_n_up, cfg=cfg, gelu=True, interpret=interpret,
+                 name="moe_mgpu_gate_up", tiles=e, shared_a=True, out_rows=e * bm)
+    y = _grouped(table, h, (down,), F32, bn=cfg.block_n_down, cfg=cfg, gelu=False, interpret=interpret,
+                 name="moe_mgpu_down", tiles=e)
+    ys = y[idx * bm + jnp.arange(m, dtype=idx.dtype)[:, None]]  # [M, k, D]: token m's row of each chosen expert
+    return jnp.sum(ys * w.astype(F32)[:, :, None], axis=1).astype(x.dtype)

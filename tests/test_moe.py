@@ -18,7 +18,14 @@ from hf_fixtures import FAMILIES, hf_logits, rel_err
 import gemma4_jax
 from gemma4_jax.kernels import MoeConfig, dispatch, moe_experts, moe_experts_reference, resolve_moe
 from gemma4_jax.kernels.moe import default_config, plan_rows, plan_sorted
-from gemma4_jax.kernels.moe_mgpu import MgpuMoeConfig, moe_experts_mgpu, plan_tiles, plan_tiles_kernel
+from gemma4_jax.kernels.moe_mgpu import (
+    MgpuMoeConfig,
+    moe_experts_mgpu,
+    plan_tiles,
+    plan_tiles_kernel,
+    token_table,
+    token_tiles_apply,
+)
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
 # Small blocks: several column tiles, depth steps and row blocks even at these sizes.
@@ -121,7 +128,7 @@ def test_sorted_plan_blocks_are_dense():
     assert (np.diff(used) >= 0).all()
 
 
-def _lower_at_real_shapes(fn, tokens: int) -> str:
+def _lower_at_real_shapes(fn, tokens: int, **static) -> str:
     """`fn` lowered for CUDA on this CPU at 26B-A4B's expert shapes (D 2816, F 704, 128 experts, top 8), checking
     that the program passes the expert weights to the kernels untouched: no transpose, gather or copy of a
     weight-shaped array."""
@@ -130,7 +137,7 @@ def _lower_at_real_shapes(fn, tokens: int) -> str:
     s = jax.ShapeDtypeStruct
     args = (s((tokens, d), bf), s((tokens, k), jnp.float32), s((tokens, k), jnp.int32), s((e, f, d), bf),
             s((e, f, d), bf), s((e, d, f), bf))
-    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    text = fn.trace(*args, **static).lower(lowering_platforms=("cuda",)).as_text()
     weight_types = ("tensor<128x2816x704xbf16>", "tensor<128x704x2816xbf16>")
     for line in text.splitlines():
         if any(t in line for t in weight_types):
@@ -303,6 +310,46 @@ def test_mosaic_moe_lowers_for_the_gpu_at_real_shapes(tokens):
     assert _lower_at_real_shapes(moe_experts_mgpu, tokens).count("mosaic_gpu") >= 2
 
 
+# Token tiles (a decode step's experts without a plan): (case, M, k, E, D, F, idx builder or None, config)
+TOKEN_TILE_CASES = [
+    ("batch1_top8", 1, 8, 16, 64, 64, None, None),
+    ("batch16_top8_of_128", 16, 8, 128, 64, 64, None, None),  # 26B-A4B's decode routing: most experts unused
+    ("one_expert_gets_every_token", 13, 2, 8, 128, 64, _one_expert_everywhere, MGPU_SMALL),  # 13 rows: not 8k
+    ("batch64_top8", 64, 8, 16, 64, 128, None, None),  # every expert, every one of the 64 rows of its tile
+]
+
+
+@pytest.mark.parametrize("case", TOKEN_TILE_CASES, ids=[c[0] for c in TOKEN_TILE_CASES])
+def test_mosaic_token_tiles_match_reference(case):
+    """Token tiles (interpreted; unwritten rows NaN): each chosen expert's tile over every token, no plan."""
+    _, m, k, e, d, f, build, cfg = case
+    idx = build(m, k, e) if build else None
+    x, w, idx, gate, up, down = _inputs(hash(case[0]) % 1000 + 7, m, k, e, d, f, jnp.bfloat16, idx)
+    out = moe_experts_mgpu(x, w, idx, gate, up, down, config=cfg, interpret=True, token_tiles=True)
+    ref = moe_experts_reference(x, w, idx, gate, up, down, precision=jax.lax.Precision.HIGHEST)
+    assert out.dtype == x.dtype
+    _check(out, ref, jnp.bfloat16)
+    wrong = moe_experts_reference(x, w, idx.at[-1, -1].set((idx[-1, -1] + 1) % e), gate, up, down)
+    assert np.max(np.abs(np.asarray(out, np.float32) - np.asarray(wrong, np.float32))) > 3e-2 * np.max(
+        np.abs(np.asarray(ref, np.float32))), "the comparison cannot tell a wrong expert"
+
+
+def test_token_tiles_only_where_the_tokens_fit_one_tile():
+    """Token tiles need unpadded tiles of at least M rows; elsewhere `token_tiles=True` keeps the plan."""
+    assert token_tiles_apply(64, MgpuMoeConfig()) and not token_tiles_apply(65, MgpuMoeConfig())
+    assert token_tiles_apply(128, MgpuMoeConfig(block_m=128)) and not token_tiles_apply(1, MGPU_PADDED128)
+    table = np.asarray(token_table(jnp.asarray([[3, 1], [1, 6]], jnp.int32), 8))
+    np.testing.assert_array_equal(table, [[-1, 1, -1, 3, -1, -1, 6, -1], list(range(8)), [0] * 8, [2] * 8])
+
+
+def test_mosaic_token_tiles_lower_without_a_plan():
+    """At 26B-A4B's decode shapes (16 tokens) token tiles lower to the two Mosaic kernels, weights untouched, and
+    without the plan's sort or the gather of x into sorted order, which the default path has."""
+    tiles = _lower_at_real_shapes(moe_experts_mgpu, 16, token_tiles=True)
+    plan = _lower_at_real_shapes(moe_experts_mgpu, 16)
+    assert tiles.count("mosaic_gpu") >= 2 and "stablehlo.sort" not in tiles and "stablehlo.sort" in plan
+
+
 def test_mosaic_moe_refuses_float32_and_misfit_configs(monkeypatch):
     """float32 never reaches wgmma (whose float32 is TF32): the kernel and a forced dispatch both refuse it."""
     x, w, idx, gate, up, down = _inputs(1, 4, 2, 8, 64, 64, jnp.float32)
@@ -362,6 +409,13 @@ def test_model_with_mosaic_moe_kernels_matches_xla_experts(monkeypatch):
         got[force] = np.asarray(Gemma4Model(model, RunConfig(dtype="bfloat16", attn_impl="xla")).logits(ids),
                                 np.float32)
     assert np.isfinite(got["mosaic"]).all() and rel_err(got["mosaic"], got["xla"]) <= 3e-2
+    # the same 16 tokens a layer by token tiles (no plan)
+    monkeypatch.setattr(dispatch, "MOE_PLAN_KERNEL", False)
+    monkeypatch.setattr(dispatch, "MOE_TOKEN_TILES", True)
+    monkeypatch.setattr(dispatch, "MOE_FORCE", "mosaic")
+    jax.clear_caches()
+    tiles = np.asarray(Gemma4Model(model, RunConfig(dtype="bfloat16", attn_impl="xla")).logits(ids), np.float32)
+    assert np.isfinite(tiles).all() and rel_err(tiles, got["xla"]) <= 3e-2
 
 
 def test_mosaic_moe_build_check_falls_back_with_a_warning():

@@ -150,16 +150,22 @@ def candidates(rows: int, d: int, f: int):
     return list(dict.fromkeys(out))
 
 
-def mosaic_candidates(d: int, f: int):
+# (block_m, padded, gate_up columns, down columns, stages)
+MOSAIC_SHAPES = ((64, False, 64, 128, 4), (64, False, 64, 128, 6), (64, False, 64, 256, 4), (64, False, 64, 64, 4),
+                 (64, True, 64, 128, 4), (64, True, 64, 256, 4), (128, False, 64, 128, 3), (128, False, 64, 128, 4),
+                 (128, True, 64, 128, 3), (128, True, 64, 128, 4), (128, True, 64, 64, 5))
+# token tiles (unpadded 64-row tiles only): wider column tiles and other ring depths beside the default
+TOKEN_TILE_SHAPES = ((64, False, 128, 128, 4), (64, False, 64, 256, 4), (64, False, 64, 64, 4),
+                     (64, False, 64, 128, 6), (64, False, 64, 128, 3), (64, False, 128, 256, 3))
+
+
+def mosaic_candidates(d: int, f: int, shapes=MOSAIC_SHAPES):
     """Mosaic configs worth timing: gate_up / down column tiles, ring depth (block sizes fitted to D and F)."""
     from gemma4_jax.kernels.moe_mgpu import SMEM_BYTES, MgpuMoeConfig, smem_bytes
     from gemma4_jax.kernels.tiling import fit_block as _fit
 
     out = []
-    for bm, padded, n_up, n_dn, stages in (
-            (64, False, 64, 128, 4), (64, False, 64, 128, 6), (64, False, 64, 256, 4), (64, False, 64, 64, 4),
-            (64, True, 64, 128, 4), (64, True, 64, 256, 4), (128, False, 64, 128, 3), (128, False, 64, 128, 4),
-            (128, True, 64, 128, 3), (128, True, 64, 128, 4), (128, True, 64, 64, 5)):
+    for bm, padded, n_up, n_dn, stages in shapes:
         c = MgpuMoeConfig(block_m=bm, block_n_up=_fit(f, n_up), block_n_down=_fit(d, n_dn),
                           block_k=_fit(min(d, f), 64), stages=stages, padded=padded)
         if smem_bytes(c) <= SMEM_BYTES - 1024:
@@ -170,7 +176,7 @@ def mosaic_candidates(d: int, f: int):
 def run(args) -> dict:
     from gemma4_jax.config import preset
     from gemma4_jax.kernels.moe import default_config, moe_experts, moe_experts_reference, moe_experts_xla
-    from gemma4_jax.kernels.moe_mgpu import moe_experts_mgpu
+    from gemma4_jax.kernels.moe_mgpu import MgpuMoeConfig, moe_experts_mgpu
 
     cfg = preset(args.preset)
     d, f, e, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.top_k_experts
@@ -229,6 +235,11 @@ def run(args) -> dict:
         measure("kernel default", moe_experts)
         if args.mosaic:
             measure("mosaic default", moe_experts_mgpu)
+            if m <= MgpuMoeConfig().block_m:  # token tiles: no plan, a tile per chosen expert over every token
+                measure("mosaic token tiles", jax.jit(lambda *a: moe_experts_mgpu(*a, token_tiles=True)))
+                for c in (mosaic_candidates(d, f, TOKEN_TILE_SHAPES) if args.sweep else ()):
+                    measure(f"mosaic token tiles {c}",
+                            jax.jit(lambda *a, c=c: moe_experts_mgpu(*a, config=c, token_tiles=True)))
         if args.gemm_only:
             from gemma4_jax.kernels import moe as tri
             from gemma4_jax.kernels import moe_mgpu as mos

@@ -310,7 +310,8 @@ class MoE(nnx.Module):
         weights = (self.gate[...], self.up[...], self.down[...])
         if choice == "mosaic":
             return moe_mgpu.moe_experts_mgpu(y_md, w_mk, idx_mk, *weights, interpret=dispatch.MOSAIC_INTERPRET,
-                                             plan_kernel=dispatch.MOE_PLAN_KERNEL)
+                                             plan_kernel=dispatch.MOE_PLAN_KERNEL,
+                                             token_tiles=dispatch.MOE_TOKEN_TILES)
         if choice != "xla":
             return moe.moe_experts(y_md, w_mk, idx_mk, *weights, interpret=choice == "interpret")
         return moe.moe_experts_xla(y_md, w_mk, idx_mk, *weights,
