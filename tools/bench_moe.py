@@ -39,6 +39,8 @@ def add_parser(sub) -> None:
     p.add_argument("--no-xla", action="store_true", help="skip the XLA path (it is slow at many rows)")
     p.add_argument("--mosaic", action="store_true",
                    help="also the Mosaic GPU grouped GEMM (moe_mgpu; with --sweep, its candidate configs too)")
+    p.add_argument("--sweep-token-tiles", action="store_true",
+                   help="with --mosaic, also time token-tile configs (column tiles, ring depth) at ≤ 64 tokens")
     p.add_argument("--no-triton", action="store_true", help="skip the Triton kernels' sweep (keep their default)")
     p.add_argument("--gemm-only", action="store_true",
                    help="also time each default's two grouped-GEMM kernels alone (plan, gather and combine outside)")
@@ -237,7 +239,7 @@ def run(args) -> dict:
             measure("mosaic default", moe_experts_mgpu)
             if m <= MgpuMoeConfig().block_m:  # token tiles: no plan, a tile per chosen expert over every token
                 measure("mosaic token tiles", jax.jit(lambda *a: moe_experts_mgpu(*a, token_tiles=True)))
-                for c in (mosaic_candidates(d, f, TOKEN_TILE_SHAPES) if args.sweep else ()):
+                for c in (mosaic_candidates(d, f, TOKEN_TILE_SHAPES) if args.sweep_token_tiles else ()):
                     measure(f"mosaic token tiles {c}",
                             jax.jit(lambda *a, c=c: moe_experts_mgpu(*a, config=c, token_tiles=True)))
         if args.gemm_only:
