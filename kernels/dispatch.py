@@ -272,9 +272,10 @@ MOE_FORCE: str | None = None
 # The Mosaic path's tile plan at a decode step's few routed rows as one kernel (`moe_mgpu.plan_tiles_kernel`)
 # instead of XLA's chain of small kernels. Off: 14 % slower at 26B-A4B's batch 16 on an H200 (docs/performance.md).
 MOE_PLAN_KERNEL = False
-# The Mosaic path without a plan where a step has at most block_m tokens (`moe_mgpu.token_tile_experts`: a tile
-# per chosen expert over every token). Off by default until a GPU call measures it (docs/kernels.md).
-MOE_TOKEN_TILES = False
+# The Mosaic path without a plan for a call of at most this many tokens (`moe_mgpu.token_tile_experts`: a tile per
+# chosen expert over every token; 0: never). On an H200 26B-A4B's batch-16 decode step was 1.5–2.5 % faster with
+# it, batch 64 4 % slower (docs/performance.md).
+MOE_TOKEN_TILES_MAX_TOKENS = 16
 
 
 def resolve_moe(impl: str, *, d: int, f: int, rows: int | None = None, dtype=jnp.bfloat16,
@@ -339,6 +340,6 @@ def settings() -> str:
     names = ("FUSED_PROJECTIONS", "FUSED_ADD_NORM", "DECODE_MAX_TOKENS", "DECODE_KERNEL_MIN_BATCH",
              "DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS",
              "CUDNN_MAX_HEAD_DIM", "MOSAIC_HEAD_DIM", "CUDNN_BACKEND", "MOSAIC_INTERPRET", "MOSAIC_MOE_MIN_ROWS",
-             "MOE_FORCE", "MOE_PLAN_KERNEL", "MOE_TOKEN_TILES", "DENSE_FORCE", "GEMV_MAX_WEIGHT")
+             "MOE_FORCE", "MOE_PLAN_KERNEL", "MOE_TOKEN_TILES_MAX_TOKENS", "DENSE_FORCE", "GEMV_MAX_WEIGHT")
     return ",".join([f"{n}={globals()[n]!r}" for n in names]
                     + [f"gemv.{n}={getattr(gemv, n)!r}" for n in ("TARGET_PROGRAMS", "MIN_BLOCK_N", "MAX_SPLIT_K")])

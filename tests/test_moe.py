@@ -16,7 +16,7 @@ import pytest
 from hf_fixtures import FAMILIES, hf_logits, rel_err
 
 import gemma4_jax
-from gemma4_jax.kernels import MoeConfig, dispatch, moe_experts, moe_experts_reference, resolve_moe
+from gemma4_jax.kernels import MoeConfig, dispatch, moe_experts, moe_experts_reference, moe_mgpu, resolve_moe
 from gemma4_jax.kernels.moe import default_config, plan_rows, plan_sorted
 from gemma4_jax.kernels.moe_mgpu import (
     MgpuMoeConfig,
@@ -403,18 +403,23 @@ def test_model_with_mosaic_moe_kernels_matches_xla_experts(monkeypatch):
     # 4 × 4 tokens, 32 routed rows a layer: the plan from its one-launch kernel (interpreted too)
     ids = ids[:, :4].repeat(2, axis=0)[:4]
     monkeypatch.setattr(dispatch, "MOE_PLAN_KERNEL", True)
+    monkeypatch.setattr(dispatch, "MOE_TOKEN_TILES_MAX_TOKENS", 0)
     for force in ("xla", "mosaic"):
         monkeypatch.setattr(dispatch, "MOE_FORCE", force)
         jax.clear_caches()
         got[force] = np.asarray(Gemma4Model(model, RunConfig(dtype="bfloat16", attn_impl="xla")).logits(ids),
                                 np.float32)
     assert np.isfinite(got["mosaic"]).all() and rel_err(got["mosaic"], got["xla"]) <= 3e-2
-    # the same 16 tokens a layer by token tiles (no plan)
+    # the same 16 tokens a layer by token tiles (no plan; the default at ≤ 16 tokens)
     monkeypatch.setattr(dispatch, "MOE_PLAN_KERNEL", False)
-    monkeypatch.setattr(dispatch, "MOE_TOKEN_TILES", True)
+    monkeypatch.setattr(dispatch, "MOE_TOKEN_TILES_MAX_TOKENS", 16)
     monkeypatch.setattr(dispatch, "MOE_FORCE", "mosaic")
+    traced = []
+    monkeypatch.setattr(moe_mgpu, "token_tile_experts",
+                        lambda *a, _f=moe_mgpu.token_tile_experts, **kw: traced.append(1) or _f(*a, **kw))
     jax.clear_caches()
     tiles = np.asarray(Gemma4Model(model, RunConfig(dtype="bfloat16", attn_impl="xla")).logits(ids), np.float32)
+    assert traced, "the model's 16-token MoE layers did not take token tiles"
     assert np.isfinite(tiles).all() and rel_err(tiles, got["xla"]) <= 3e-2
 
 

@@ -114,9 +114,10 @@ def add_parser(sub) -> None:
                         "kernel; 0: XLA for every such call (dispatch.DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS)")
     p.add_argument("--moe-plan-kernel", action="store_true",
                    help="the Mosaic experts' tile plan as one kernel at few rows (dispatch.MOE_PLAN_KERNEL)")
-    p.add_argument("--moe-token-tiles", action="store_true",
-                   help="the Mosaic experts without a plan at ≤ 64 tokens: a tile per chosen expert over every "
-                        "token (dispatch.MOE_TOKEN_TILES)")
+    p.add_argument("--moe-token-tiles", type=int, default=None, metavar="TOKENS",
+                   help="the Mosaic experts without a plan (a tile per chosen expert over every token) for calls of "
+                        "at most this many tokens, 0: never (dispatch.MOE_TOKEN_TILES_MAX_TOKENS; default: the "
+                        "library's)")
     p.add_argument("--decode-scheduling", default=None, choices=["CONCURRENT", "LHS"],
                    help="XLA's command-buffer scheduling for the decode programs (programs.DECODE_SCHEDULING; "
                         "default: the library's)")
@@ -234,7 +235,8 @@ def _header(args, cfg) -> dict:
             "fused_projections": getattr(args, "fused_projections", False),
             "fused_add_norm": getattr(args, "fused_add_norm", False),
             "moe_plan_kernel": getattr(args, "moe_plan_kernel", False),
-            "moe_token_tiles": getattr(args, "moe_token_tiles", False),
+            "moe_token_tiles_max_tokens": _dispatch().MOE_TOKEN_TILES_MAX_TOKENS
+            if getattr(args, "moe_token_tiles", None) is None else args.moe_token_tiles,
             "gemv_max_weight": getattr(args, "gemv_max_weight", None) or _dispatch().GEMV_MAX_WEIGHT,
             "gemv_target_programs": getattr(args, "gemv_target_programs", None) or _gemv().TARGET_PROGRAMS,
             "gemv_min_block_n": getattr(args, "gemv_min_block_n", None) or _gemv().MIN_BLOCK_N,
@@ -304,7 +306,8 @@ def ours(args, start: float) -> dict:
     dispatch.FUSED_PROJECTIONS = getattr(args, "fused_projections", False)
     dispatch.FUSED_ADD_NORM = getattr(args, "fused_add_norm", False)
     dispatch.MOE_PLAN_KERNEL = getattr(args, "moe_plan_kernel", False)
-    dispatch.MOE_TOKEN_TILES = getattr(args, "moe_token_tiles", False)
+    if getattr(args, "moe_token_tiles", None) is not None:
+        dispatch.MOE_TOKEN_TILES_MAX_TOKENS = args.moe_token_tiles
     if getattr(args, "gemv_max_weight", None):
         dispatch.GEMV_MAX_WEIGHT = args.gemv_max_weight
     for flag, name in (("gemv_target_programs", "TARGET_PROGRAMS"), ("gemv_min_block_n", "MIN_BLOCK_N"),
