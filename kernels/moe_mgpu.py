@@ -64,7 +64,9 @@ class MgpuMoeConfig:
     """Tuning knobs (hashable: a static argument of the jitted entry point).
 
     block_m: sorted rows per tile (64 or 128: one warpgroup's wgmma M, once or twice); block_k: depth per
-    pipeline step (64 = one 128-byte swizzle of 16-bit values); block_n_up / block_n_down: output columns of a
+    pipeline step (64 = one 128-byte swizzle of 16-bit values), block_k_up that of gate_up where set (0: block_k;
+    gate_up's depth is D, often a multiple of wider steps than F is), and stages_up its ring depth likewise;
+    block_n_up / block_n_down: output columns of a
     gate_up / down CTA (a stored row is a multiple of 128 bytes: TMA's shared-memory alignment, as row offsets are
     dynamic); stages: TMA ring depth; padded: each expert's rows start at a multiple of block_m (gathered so by
     XLA; a tile is one expert's whole block) instead of the unpadded run shared by neighbouring experts.
@@ -76,16 +78,22 @@ class MgpuMoeConfig:
     block_k: int = 64
     stages: int = 4
     padded: bool = False
+    block_k_up: int = 0
+    stages_up: int = 0
 
     def __post_init__(self):
         if self.block_m not in (64, 128):
             raise ValueError(f"block_m must be 64 or 128 (one warpgroup's wgmma M, once or twice), got {self.block_m}")
-        for name, least in (("block_n_up", 64), ("block_n_down", 32), ("block_k", 64)):
+        for name, like in (("block_k_up", "block_k"), ("stages_up", "stages")):  # 0: the same as down's
+            if not getattr(self, name):
+                object.__setattr__(self, name, getattr(self, like))
+        for name, least in (("block_n_up", 64), ("block_n_down", 32), ("block_k", 64), ("block_k_up", 64)):
             v = getattr(self, name)
             if v < least or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two ≥ {least}, got {v}")
-        if self.stages < 2:
-            raise ValueError(f"stages must be ≥ 2 (one slot in flight while wgmma reads another), got {self.stages}")
+        if min(self.stages, self.stages_up) < 2:
+            raise ValueError(f"stages must be ≥ 2 (one slot in flight while wgmma reads another), got "
+                             f"{self.stages} / {self.stages_up}")
 
 
 def default_config(rows: int, d: int, f: int) -> MgpuMoeConfig:
@@ -100,7 +108,8 @@ def default_config(rows: int, d: int, f: int) -> MgpuMoeConfig:
 def smem_bytes(config: MgpuMoeConfig, itemsize: int = 2) -> int:
     """Shared memory of the larger of the two kernels (ring + output tile)."""
     bm, bk, s = config.block_m, config.block_k, config.stages
-    up = s * (bm + 2 * config.block_n_up) * bk * itemsize + bm * config.block_n_up * itemsize
+    up = (config.stages_up * (bm + 2 * config.block_n_up) * config.block_k_up * itemsize
+          + bm * config.block_n_up * itemsize)
     down = s * (bm + config.block_n_down) * bk * itemsize + bm * config.block_n_down * 4
     return max(up, down)
 
@@ -305,14 +314,14 @@ def _grouped_kernel(tab_ref, a_ref, *refs, n_b: int, bm: int, bn: int, bk: int, 
             _store_rows(o_smem, o_ref, block * bm, lo, hi, j * bn, bn, bm)
 
 
-def _grouped(table, a, bs, out_dtype, *, bn: int, cfg: MgpuMoeConfig, gelu: bool, interpret: bool, name: str,
-             tiles: int, shared_a: bool = False, out_rows: int | None = None):
+def _grouped(table, a, bs, out_dtype, *, bn: int, bk: int, stages: int, cfg: MgpuMoeConfig, gelu: bool,
+             interpret: bool, name: str, tiles: int, shared_a: bool = False, out_rows: int | None = None):
     """One grouped GEMM: for each of the first `tiles` tiles of `table`, rows of `a` (its tile's block, or with
     `shared_a` its one block) times its expert's [N, K] weight(s), rows [lo, hi) stored."""
     rp = out_rows or a.shape[0]
     n = bs[0].shape[1]
     kernel = plgpu.kernel(
-        functools.partial(_grouped_kernel, n_b=len(bs), bm=cfg.block_m, bn=bn, bk=cfg.block_k, stages=cfg.stages,
+        functools.partial(_grouped_kernel, n_b=len(bs), bm=cfg.block_m, bn=bn, bk=bk, stages=stages,
                           gelu=gelu, shared_a=shared_a),
         out_type=jax.ShapeDtypeStruct((rp, n), out_dtype),
         grid=(tiles, n // bn),
@@ -335,7 +344,7 @@ def _check(x, w, idx, gate, up, down, cfg: MgpuMoeConfig):
         raise ValueError(f"the Mosaic MoE kernel takes 16-bit inputs with D, F multiples of 64; got {x.dtype}, "
                          f"D={d}, F={f}")
     for name, dim, b in (("block_n_up", f, cfg.block_n_up), ("block_n_down", d, cfg.block_n_down),
-                         ("block_k", d, cfg.block_k), ("block_k", f, cfg.block_k)):
+                         ("block_k_up", d, cfg.block_k_up), ("block_k", f, cfg.block_k)):
         if dim % b:
             raise ValueError(f"{name}={b} does not divide {dim}")
     if smem_bytes(cfg, x.dtype.itemsize) > SMEM_BYTES - 1024:
@@ -383,10 +392,10 @@ def grouped_gemms(plan: TilePlan, xs: jax.Array, gate: jax.Array, up: jax.Array,
     # the plan's tiles (the kernel's table may run longer, with unused tiles: those are not launched)
     r, e = plan.pos.shape[0], gate.shape[0]
     tiles = plan.table.shape[1] if cfg.padded else num_tiles(r, e, cfg.block_m)
-    h = _grouped(plan.table, xs, (gate, up), xs.dtype, bn=cfg.block_n_up, cfg=cfg, gelu=True, interpret=interpret,
-                 name="moe_mgpu_gate_up", tiles=tiles)
-    return _grouped(plan.table, h, (down,), F32, bn=cfg.block_n_down, cfg=cfg, gelu=False, interpret=interpret,
-                    name="moe_mgpu_down", tiles=tiles)
+    h = _grouped(plan.table, xs, (gate, up), xs.dtype, bn=cfg.block_n_up, bk=cfg.block_k_up, stages=cfg.stages_up,
+                 cfg=cfg, gelu=True, interpret=interpret, name="moe_mgpu_gate_up", tiles=tiles)
+    return _grouped(plan.table, h, (down,), F32, bn=cfg.block_n_down, bk=cfg.block_k, stages=cfg.stages, cfg=cfg,
+                    gelu=False, interpret=interpret, name="moe_mgpu_down", tiles=tiles)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,9 +430,9 @@ def token_tile_experts(x: jax.Array, w: jax.Array, idx: jax.Array, gate: jax.Arr
     bm = cfg.block_m
     table = token_table(idx, e)
     xp = jnp.pad(x, ((0, bm - m), (0, 0)))
-    h = _grouped(table, xp, (gate, up), x.dtype, bn=cfg.block_n_up, cfg=cfg, gelu=True, interpret=interpret,
-                 name="moe_mgpu_gate_up", tiles=e, shared_a=True, out_rows=e * bm)
-    y = _grouped(table, h, (down,), F32, bn=cfg.block_n_down, cfg=cfg, gelu=False, interpret=interpret,
-                 name="moe_mgpu_down", tiles=e)
+    h = _grouped(table, xp, (gate, up), x.dtype, bn=cfg.block_n_up, bk=cfg.block_k_up, stages=cfg.stages_up, cfg=cfg,
+                 gelu=True, interpret=interpret, name="moe_mgpu_gate_up", tiles=e, shared_a=True, out_rows=e * bm)
+    y = _grouped(table, h, (down,), F32, bn=cfg.block_n_down, bk=cfg.block_k, stages=cfg.stages, cfg=cfg, gelu=False,
+                 interpret=interpret, name="moe_mgpu_down", tiles=e)
     ys = y[idx * bm + jnp.arange(m, dtype=idx.dtype)[:, None]]  # [M, k, D]: token m's row of each chosen expert
     return jnp.sum(ys * w.astype(F32)[:, :, None], axis=1).astype(x.dtype)

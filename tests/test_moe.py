@@ -316,6 +316,8 @@ TOKEN_TILE_CASES = [
     ("batch16_top8_of_128", 16, 8, 128, 64, 64, None, None),  # 26B-A4B's decode routing: most experts unused
     ("one_expert_gets_every_token", 13, 2, 8, 128, 64, _one_expert_everywhere, MGPU_SMALL),  # 13 rows: not 8k
     ("batch64_top8", 64, 8, 16, 64, 128, None, None),  # every expert, every one of the 64 rows of its tile
+    # gate_up 128 deep a step in a ring of 2, down 64 deep in a ring of 3
+    ("gate_up_steps_of_128", 16, 8, 32, 256, 64, None, MgpuMoeConfig(block_k_up=128, stages_up=2, stages=3)),
 ]
 
 
@@ -348,6 +350,9 @@ def test_mosaic_token_tiles_lower_without_a_plan():
     tiles = _lower_at_real_shapes(moe_experts_mgpu, 16, token_tiles=True)
     plan = _lower_at_real_shapes(moe_experts_mgpu, 16)
     assert tiles.count("mosaic_gpu") >= 2 and "stablehlo.sort" not in tiles and "stablehlo.sort" in plan
+    deep = _lower_at_real_shapes(moe_experts_mgpu, 16, token_tiles=True,
+                                 config=MgpuMoeConfig(block_k_up=256, stages_up=2))  # 512-byte weight-row steps
+    assert deep.count("mosaic_gpu") >= 2
 
 
 def test_mosaic_moe_refuses_float32_and_misfit_configs(monkeypatch):

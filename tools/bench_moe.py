@@ -156,9 +156,10 @@ def candidates(rows: int, d: int, f: int):
 MOSAIC_SHAPES = ((64, False, 64, 128, 4), (64, False, 64, 128, 6), (64, False, 64, 256, 4), (64, False, 64, 64, 4),
                  (64, True, 64, 128, 4), (64, True, 64, 256, 4), (128, False, 64, 128, 3), (128, False, 64, 128, 4),
                  (128, True, 64, 128, 3), (128, True, 64, 128, 4), (128, True, 64, 64, 5))
-# token tiles (unpadded 64-row tiles only): wider column tiles and other ring depths beside the default
-TOKEN_TILE_SHAPES = ((64, False, 128, 128, 4), (64, False, 64, 256, 4), (64, False, 64, 64, 4),
-                     (64, False, 64, 128, 6), (64, False, 64, 128, 3), (64, False, 128, 256, 3))
+# token tiles (unpadded 64-row tiles only), with gate_up's depth per step and ring depth (block_k_up, stages_up:
+# steps of 128 and 256 read 256 and 512 contiguous bytes of each weight row) where given
+TOKEN_TILE_SHAPES = ((64, False, 64, 128, 4, 128, 3), (64, False, 64, 128, 4, 128, 4), (64, False, 64, 128, 4, 256, 2),
+                     (64, False, 64, 64, 4, 128, 3), (64, False, 64, 128, 6), (64, False, 64, 64, 4))
 
 
 def mosaic_candidates(d: int, f: int, shapes=MOSAIC_SHAPES):
@@ -167,9 +168,11 @@ def mosaic_candidates(d: int, f: int, shapes=MOSAIC_SHAPES):
     from gemma4_jax.kernels.tiling import fit_block as _fit
 
     out = []
-    for bm, padded, n_up, n_dn, stages in shapes:
+    for bm, padded, n_up, n_dn, stages, *up in shapes:
+        k_up, stages_up = up or (0, 0)
         c = MgpuMoeConfig(block_m=bm, block_n_up=_fit(f, n_up), block_n_down=_fit(d, n_dn),
-                          block_k=_fit(min(d, f), 64), stages=stages, padded=padded)
+                          block_k=_fit(min(d, f), 64), stages=stages, padded=padded,
+                          block_k_up=k_up and _fit(d, k_up), stages_up=stages_up)
         if smem_bytes(c) <= SMEM_BYTES - 1024:
             out.append(c)
     return list(dict.fromkeys(out))
