@@ -34,7 +34,8 @@ Interpret mode (CPU tests) runs the same code in JAX's GPU interpreter; `mgpu_in
 interpreter lacks.
 
 Measured on an H200 (docs/kernels.md, run 9): the two kernels alone at 2K tokens 311 TFLOP/s (Triton 252), at 16
-tokens 4.05 TB/s over the touched experts (Triton 3.90); in the model, batch-16 decode 1462 tokens/s (Triton 1423).
+tokens 4.05 TB/s over the touched experts (Triton 3.90); in the model, batch-16 decode 1462 tokens/s (Triton 1423),
+and 1581–1587 with token tiles (run 10; the section at the end of this file).
 """
 
 from __future__ import annotations
