@@ -31,6 +31,11 @@ def test_bench_generate_runs(tmp_path):
                   "--fused-add-norm", "--gemv-min-block-n", "32"],
                  tmp_path)
     assert res["hbm_gb_s"] > 0 and res["hbm_read_gb_s"] > 0 and res["hbm_matvec_gb_s"] > 0
+    # the device-timed probes, and the best of every probe as the roofline's bandwidth
+    assert set(res["hbm_device_gb_s"]) == {"copy", "read", "matvec", "gemv"}
+    assert all(v > 0 for v in res["hbm_device_gb_s"].values())
+    assert res["hbm_best_gb_s"] == max(res["hbm_gb_s"], res["hbm_read_gb_s"], res["hbm_matvec_gb_s"],
+                                       *res["hbm_device_gb_s"].values())
     assert res["decode_scheduling"] == "CONCURRENT"  # the library's default, recorded
     assert res["gemv_max_weight"] == 4096 and res["decode_kernel_min_batch"] == 1
     assert res["decode_kernel_max_keys"] == 0  # 0 is a value, not "the library's default"

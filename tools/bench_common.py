@@ -153,6 +153,29 @@ def matvec_bandwidth(gib: float = 4.0, **timing: Any) -> float:
     return w.nbytes / seconds_per_call(f, x, w, **{"stat": min, **timing})
 
 
+def device_bandwidths(gib: float = 2.0, runs: int = 5) -> dict[str, float]:
+    """Bytes/s of the probes above, and of a batch-1 matrix-vector product ([1, 8192] times the same `gib` GiB
+    weight: what a decode step's projections are), each timed by its kernels' device time (`device_seconds`), not
+    the wall clock. A decode step runs inside the generation's device loop with no host in between, so this is the
+    bandwidth to hold its time against; the wall clock also counts each call's launch and wait, which at 0.5–4 GiB
+    on an H200 is a large share (copy, read and 8-row probes by the wall clock: 2.1–3.4 TB/s, where 31B's decode
+    streams its weights at 4.26). Empty where the trace cannot be split into the jobs."""
+    x = jnp.zeros((int(gib * 2**29),), jnp.bfloat16)
+    w = jnp.ones((8192, int(gib * 2**30) // (2 * 8192)), jnp.bfloat16)
+    dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    probes = {"copy": (jax.jit(lambda a: a + 1), (x,), 2 * x.nbytes),
+              "read": (jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32)), (x,), x.nbytes),
+              "matvec": (dot, (jnp.ones((8, 8192), jnp.bfloat16), w), w.nbytes),
+              "gemv": (dot, (jnp.ones((1, 8192), jnp.bfloat16), w), w.nbytes)}
+    try:
+        times = device_seconds([(fn, args) for fn, args, _ in probes.values()], runs=runs)
+    except RuntimeError as e:  # the trace did not split into the jobs: say so, keep the wall-clock probes
+        print(f"device-timed bandwidth probes skipped: {e}", flush=True)
+        return {}
+    return {name: nbytes / (t["busy_us"] * 1e-6)
+            for (name, (_, _, nbytes)), t in zip(probes.items(), times, strict=True) if t["busy_us"] > 0}
+
+
 # -- results ------------------------------------------------------------------------------------------------------
 
 

@@ -16,9 +16,11 @@ HBM bandwidth measured with a large copy (`hbm_gb_s`); then, for each batch size
 - the HBM roofline: the bytes a decode step must read (weights, only the routed experts' share for MoE,
   and the KV cache at the mean context of the timed steps) over the measured bandwidth (`hbm_gb_s`, a
   copy), and decode's ratio to it; the same over a read-only bandwidth (`hbm_read_gb_s`, a 4 GiB sum) as
-  `read_roofline_ms_per_token` / `decode_vs_read_roofline`; and over the best of those and a decode-like read (a
-  bf16 matrix-vector product over 4 GiB, `hbm_matvec_gb_s`) as `best_roofline_ms_per_token` /
-  `decode_vs_best_roofline` (a probe slower than the model's own decode would put decode above its roofline);
+  `read_roofline_ms_per_token` / `decode_vs_read_roofline`; and over the best of those, a decode-like read (a
+  bf16 matrix-vector product over 4 GiB, `hbm_matvec_gb_s`) and the same probes and a batch-1 product timed by
+  their kernels' device time (`hbm_device_gb_s`, `bench_common.device_bandwidths`: no host launch and wait in
+  the time, as in the decode loop) as `best_roofline_ms_per_token` / `decode_vs_best_roofline` at
+  `hbm_best_gb_s` (a probe slower than the model's own decode would put decode above its roofline);
 - prefill ms and % MFU of the batch's prompts: `gemma4_jax.generation.loop.prefill` called directly on the
   shapes generation compiled, best of `--repeat`;
 - device memory: the process's peak so far (so list the batches in increasing order) and the bytes in use.
@@ -61,6 +63,7 @@ from bench_common import (
     Progress,
     best_generation,
     copy_bandwidth,
+    device_bandwidths,
     device_trace,
     matvec_bandwidth,
     random_model,
@@ -326,7 +329,10 @@ def ours(args, start: float) -> dict:
     res["hbm_gb_s"] = (bw := copy_bandwidth(args.hbm_gib)) / 1e9
     res["hbm_read_gb_s"] = (read_bw := read_bandwidth(2 * args.hbm_gib)) / 1e9
     res["hbm_matvec_gb_s"] = (mv_bw := matvec_bandwidth(2 * args.hbm_gib)) / 1e9
-    best_bw = max(bw, read_bw, mv_bw)
+    device_bw = device_bandwidths(2 * args.hbm_gib)
+    res["hbm_device_gb_s"] = {name: v / 1e9 for name, v in device_bw.items()}
+    best_bw = max(bw, read_bw, mv_bw, *device_bw.values())
+    res["hbm_best_gb_s"] = best_bw / 1e9
     progress("hbm_bandwidth")
 
     t0 = time.perf_counter()
