@@ -317,7 +317,7 @@ TOKEN_TILE_CASES = [
     ("one_expert_gets_every_token", 13, 2, 8, 128, 64, _one_expert_everywhere, MGPU_SMALL),  # 13 rows: not 8k
     ("batch64_top8", 64, 8, 16, 64, 128, None, None),  # every expert, every one of the 64 rows of its tile
     # gate_up 128 deep a step in a ring of 2, down 64 deep in a ring of 3
-    ("gate_up_steps_of_128", 16, 8, 32, 256, 64, None, MgpuMoeConfig(block_k_up=128, stages_up=2, stages=3)),
+    ("gate_up_steps_of_128", 8, 4, 16, 256, 64, None, MgpuMoeConfig(block_k_up=128, stages_up=2, stages=3)),
 ]
 
 
