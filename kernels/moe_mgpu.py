@@ -67,10 +67,10 @@ class MgpuMoeConfig:
     block_m: sorted rows per tile (64 or 128: one warpgroup's wgmma M, once or twice); block_k: depth per
     pipeline step (64 = one 128-byte swizzle of 16-bit values), block_k_up that of gate_up where set (0: block_k;
     gate_up's depth is D, often a multiple of wider steps than F is), and stages_up its ring depth likewise;
-    block_n_up / block_n_down: output columns of a
-    gate_up / down CTA (a stored row is a multiple of 128 bytes: TMA's shared-memory alignment, as row offsets are
-    dynamic); stages: TMA ring depth; padded: each expert's rows start at a multiple of block_m (gathered so by
-    XLA; a tile is one expert's whole block) instead of the unpadded run shared by neighbouring experts.
+    block_n_up / block_n_down: output columns of a gate_up / down CTA (a stored row is a multiple of 128 bytes:
+    TMA's shared-memory alignment, as row offsets are dynamic); stages: TMA ring depth; padded: each expert's rows
+    start at a multiple of block_m (gathered so by XLA; a tile is one expert's whole block) instead of the unpadded
+    run shared by neighbouring experts.
     """
 
     block_m: int = 64
@@ -368,8 +368,12 @@ def moe_experts_mgpu(x: jax.Array, w: jax.Array, idx: jax.Array, gate: jax.Array
         return token_tile_experts(x, w, idx, gate, up, down, cfg, interpret=interpret)
     plan, xs = make_plan(x, idx, e, cfg, plan_kernel=plan_kernel, interpret=interpret)
     y = grouped_gemms(plan, xs, gate, up, down, cfg, interpret=interpret)
-    ys = y[plan.pos].reshape(m, k, d)  # gather, weight and sum: one elementwise fusion, float32 throughout
-    return jnp.sum(ys * w.astype(F32)[:, :, None], axis=1).astype(x.dtype)
+    return _combine(y[plan.pos].reshape(m, k, d), w, x.dtype)
+
+
+def _combine(ys_mkd: jax.Array, w_mk: jax.Array, dtype) -> jax.Array:
+    """Σ_k w·y over each token's k expert outputs [M, k, D]: one fusion with the gather that feeds it, float32."""
+    return jnp.sum(ys_mkd * w_mk.astype(F32)[:, :, None], axis=1).astype(dtype)
 
 
 def make_plan(x: jax.Array, idx: jax.Array, num_experts: int, cfg: MgpuMoeConfig, *, plan_kernel: bool = False,
@@ -435,5 +439,4 @@ def token_tile_experts(x: jax.Array, w: jax.Array, idx: jax.Array, gate: jax.Arr
                  gelu=True, interpret=interpret, name="moe_mgpu_gate_up", tiles=e, shared_a=True, out_rows=e * bm)
     y = _grouped(table, h, (down,), F32, bn=cfg.block_n_down, bk=cfg.block_k, stages=cfg.stages, cfg=cfg, gelu=False,
                  interpret=interpret, name="moe_mgpu_down", tiles=e)
-    ys = y[idx * bm + jnp.arange(m, dtype=idx.dtype)[:, None]]  # [M, k, D]: token m's row of each chosen expert
-    return jnp.sum(ys * w.astype(F32)[:, :, None], axis=1).astype(x.dtype)
+    return _combine(y[idx * bm + jnp.arange(m, dtype=idx.dtype)[:, None]], w, x.dtype)  # token m's row of each
