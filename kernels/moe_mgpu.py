@@ -397,9 +397,21 @@ def grouped_gemms(plan: TilePlan, xs: jax.Array, gate: jax.Array, up: jax.Array,
     # the plan's tiles (the kernel's table may run longer, with unused tiles: those are not launched)
     r, e = plan.pos.shape[0], gate.shape[0]
     tiles = plan.table.shape[1] if cfg.padded else num_tiles(r, e, cfg.block_m)
-    h = _grouped(plan.table, xs, (gate, up), xs.dtype, bn=cfg.block_n_up, bk=cfg.block_k_up, stages=cfg.stages_up,
-                 cfg=cfg, gelu=True, interpret=interpret, name="moe_mgpu_gate_up", tiles=tiles)
-    return _grouped(plan.table, h, (down,), F32, bn=cfg.block_n_down, bk=cfg.block_k, stages=cfg.stages, cfg=cfg,
+    h = _gate_up(plan.table, xs, gate, up, cfg, interpret=interpret, tiles=tiles)
+    return _down(plan.table, h, down, cfg, interpret=interpret, tiles=tiles)
+
+
+def _gate_up(table, a, gate, up, cfg: MgpuMoeConfig, *, interpret: bool, tiles: int, shared_a: bool = False,
+             out_rows: int | None = None):
+    """h = gelu_tanh(a G_eᵀ) * (a U_eᵀ) per tile, in a's dtype (`_grouped` with gate_up's tiles and ring)."""
+    return _grouped(table, a, (gate, up), a.dtype, bn=cfg.block_n_up, bk=cfg.block_k_up, stages=cfg.stages_up,
+                    cfg=cfg, gelu=True, interpret=interpret, name="moe_mgpu_gate_up", tiles=tiles, shared_a=shared_a,
+                    out_rows=out_rows)
+
+
+def _down(table, h, down, cfg: MgpuMoeConfig, *, interpret: bool, tiles: int):
+    """y = h D_eᵀ per tile, in float32 (`_grouped` with down's tiles and ring)."""
+    return _grouped(table, h, (down,), F32, bn=cfg.block_n_down, bk=cfg.block_k, stages=cfg.stages, cfg=cfg,
                     gelu=False, interpret=interpret, name="moe_mgpu_down", tiles=tiles)
 
 
@@ -435,8 +447,6 @@ def token_tile_experts(x: jax.Array, w: jax.Array, idx: jax.Array, gate: jax.Arr
     bm = cfg.block_m
     table = token_table(idx, e)
     xp = jnp.pad(x, ((0, bm - m), (0, 0)))
-    h = _grouped(table, xp, (gate, up), x.dtype, bn=cfg.block_n_up, bk=cfg.block_k_up, stages=cfg.stages_up, cfg=cfg,
-                 gelu=True, interpret=interpret, name="moe_mgpu_gate_up", tiles=e, shared_a=True, out_rows=e * bm)
-    y = _grouped(table, h, (down,), F32, bn=cfg.block_n_down, bk=cfg.block_k, stages=cfg.stages, cfg=cfg, gelu=False,
-                 interpret=interpret, name="moe_mgpu_down", tiles=e)
+    h = _gate_up(table, xp, gate, up, cfg, interpret=interpret, tiles=e, shared_a=True, out_rows=e * bm)
+    y = _down(table, h, down, cfg, interpret=interpret, tiles=e)
     return _combine(y[idx * bm + jnp.arange(m, dtype=idx.dtype)[:, None]], w, x.dtype)  # token m's row of each

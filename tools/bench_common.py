@@ -129,44 +129,52 @@ def best_generation(model: Gemma4Model, prompts: list[list[int]], new_tokens: in
 # -- HBM bandwidth ----------------------------------------------------------------------------------------------
 
 
+def _probe(name: str, gib: float) -> tuple[Callable[..., Any], tuple, int]:
+    """One HBM probe over `gib` GiB of bf16: (jitted function, its arguments, the bytes it moves).
+
+    copy: `x + 1`, bytes read and written; read: a float32 sum, read only, as decode mostly is; matvec: 8 rows
+    times a [8192, N] weight, float32 accumulation (the weight is all that is read); gemv: the same at 1 row, what
+    a batch-1 decode step's projections are."""
+    if name in ("copy", "read"):
+        x = (jnp.zeros if name == "copy" else jnp.ones)((int(gib * 2**29),), jnp.bfloat16)
+        if name == "copy":
+            return jax.jit(lambda a: a + 1), (x,), 2 * x.nbytes
+        return jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32)), (x,), x.nbytes
+    w = jnp.ones((8192, int(gib * 2**30) // (2 * 8192)), jnp.bfloat16)
+    x = jnp.ones((8 if name == "matvec" else 1, 8192), jnp.bfloat16)
+    return jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)), (x, w), w.nbytes
+
+
+def _wall_clock_bandwidth(name: str, gib: float, timing: dict) -> float:
+    fn, args, nbytes = _probe(name, gib)
+    return nbytes / seconds_per_call(fn, *args, **{"stat": min, **timing})
+
+
 def copy_bandwidth(gib: float = 2.0, **timing: Any) -> float:
-    """Bytes/s of a `gib` GiB bf16 `x + 1` on the device, counting bytes read and written. `timing`: options of
-    `seconds_per_call`; by default the best of 5 calls."""
-    x = jnp.zeros((int(gib * 2**29),), jnp.bfloat16)
-    return 2 * x.nbytes / seconds_per_call(jax.jit(lambda a: a + 1), x, **{"stat": min, **timing})
+    """Bytes/s of a `gib` GiB bf16 `x + 1` on the device, counting bytes read and written (`_probe`). `timing`:
+    options of `seconds_per_call`; by default the best of 5 calls."""
+    return _wall_clock_bandwidth("copy", gib, timing)
 
 
 def read_bandwidth(gib: float = 4.0, **timing: Any) -> float:
-    """Bytes/s of reading `gib` GiB of bf16 into a float32 sum: read only, as decode mostly is. `timing`: as for
-    `copy_bandwidth`."""
-    x = jnp.ones((int(gib * 2**29),), jnp.bfloat16)
-    f = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
-    return x.nbytes / seconds_per_call(f, x, **{"stat": min, **timing})
+    """Bytes/s of reading `gib` GiB of bf16 into a float32 sum (`_probe`). `timing`: as for `copy_bandwidth`."""
+    return _wall_clock_bandwidth("read", gib, timing)
 
 
 def matvec_bandwidth(gib: float = 4.0, **timing: Any) -> float:
-    """Bytes/s of a decode-like read: 8 bf16 rows times a `gib` GiB bf16 weight [8192, N], float32 accumulation
-    (the weight is all that is read). `timing`: as for `copy_bandwidth`."""
-    w = jnp.ones((8192, int(gib * 2**30) // (2 * 8192)), jnp.bfloat16)
-    x = jnp.ones((8, 8192), jnp.bfloat16)
-    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-    return w.nbytes / seconds_per_call(f, x, w, **{"stat": min, **timing})
+    """Bytes/s of a decode-like read: 8 bf16 rows times a `gib` GiB bf16 weight (`_probe`). `timing`: as for
+    `copy_bandwidth`."""
+    return _wall_clock_bandwidth("matvec", gib, timing)
 
 
 def device_bandwidths(gib: float = 2.0, runs: int = 5) -> dict[str, float]:
-    """Bytes/s of the probes above, and of a batch-1 matrix-vector product ([1, 8192] times the same `gib` GiB
-    weight: what a decode step's projections are), each timed by its kernels' device time (`device_seconds`), not
-    the wall clock. A decode step runs inside the generation's device loop with no host in between, so this is the
-    bandwidth to hold its time against; the wall clock also counts each call's launch and wait, which at 0.5–4 GiB
-    on an H200 is a large share (copy, read and 8-row probes by the wall clock: 2.1–3.4 TB/s, where 31B's decode
-    streams its weights at 4.26). Empty where the trace cannot be split into the jobs."""
-    x = jnp.zeros((int(gib * 2**29),), jnp.bfloat16)
-    w = jnp.ones((8192, int(gib * 2**30) // (2 * 8192)), jnp.bfloat16)
-    dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-    probes = {"copy": (jax.jit(lambda a: a + 1), (x,), 2 * x.nbytes),
-              "read": (jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32)), (x,), x.nbytes),
-              "matvec": (dot, (jnp.ones((8, 8192), jnp.bfloat16), w), w.nbytes),
-              "gemv": (dot, (jnp.ones((1, 8192), jnp.bfloat16), w), w.nbytes)}
+    """Bytes/s of every `_probe` over `gib` GiB (copy, read, matvec, and gemv: the batch-1 product), each timed by
+    its kernels' device time (`device_seconds`), not the wall clock. A decode step runs inside the generation's
+    device loop with no host in between, so this is the bandwidth to hold its time against; the wall clock also
+    counts each call's launch and wait, which at 0.5–4 GiB on an H200 is a large share (copy, read and 8-row probes
+    by the wall clock: 2.1–3.4 TB/s, where 31B's decode streams its weights at 4.26). Empty where the trace cannot
+    be split into the jobs."""
+    probes = {name: _probe(name, gib) for name in ("copy", "read", "matvec", "gemv")}
     try:
         times = device_seconds([(fn, args) for fn, args, _ in probes.values()], runs=runs)
     except RuntimeError as e:  # the trace did not split into the jobs: say so, keep the wall-clock probes

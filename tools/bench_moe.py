@@ -181,7 +181,8 @@ def mosaic_candidates(d: int, f: int, shapes=MOSAIC_SHAPES):
 def run(args) -> dict:
     from gemma4_jax.config import preset
     from gemma4_jax.kernels.moe import default_config, moe_experts, moe_experts_reference, moe_experts_xla
-    from gemma4_jax.kernels.moe_mgpu import MgpuMoeConfig, moe_experts_mgpu
+    from gemma4_jax.kernels.moe_mgpu import default_config as mgpu_default_config
+    from gemma4_jax.kernels.moe_mgpu import moe_experts_mgpu, token_tiles_apply
 
     cfg = preset(args.preset)
     d, f, e, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.top_k_experts
@@ -240,7 +241,7 @@ def run(args) -> dict:
         measure("kernel default", moe_experts)
         if args.mosaic:
             measure("mosaic default", moe_experts_mgpu)
-            if m <= MgpuMoeConfig().block_m:  # token tiles: no plan, a tile per chosen expert over every token
+            if token_tiles_apply(m, mgpu_default_config(m * k, d, f)):  # no plan: a tile per chosen expert
                 measure("mosaic token tiles", jax.jit(lambda *a: moe_experts_mgpu(*a, token_tiles=True)))
                 for c in (mosaic_candidates(d, f, TOKEN_TILE_SHAPES) if args.sweep_token_tiles else ()):
                     measure(f"mosaic token tiles {c}",
