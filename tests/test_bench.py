@@ -57,6 +57,7 @@ def test_bench_generate_runs(tmp_path):
     assert prof["decode_step"]["steps"] == 32 and set(prof["decode_step"]["classes"]) == set(prof["classes"])
     # Every step's kernels are in the trace (with the Python tracer on, the CPU trace lost them: 0.8 a step)
     assert prof["decode_step"]["kernels"] >= 1 and prof["decode_step"]["busy_us"] > 0
+    assert isinstance(prof["decode_step"]["between_anchors"], dict) and isinstance(prof["kernel_args"], dict)
 
 
 def test_trace_summary_classes_and_idle_time():
@@ -139,6 +140,30 @@ def test_trace_summary_per_step_is_the_difference_over_the_steps():
                                                                                       (0.0, 0)), steps=4)
     assert step["busy_us"] == 100 and step["idle_us"] == 70 and step["span_us"] == 170 and step["kernels"] == 23
     assert step["classes"] == {"gemm": {"us": 80.0, "kernels": 8.0}, "reduction": {"us": 25.0, "kernels": 15.0}}
+
+
+def test_trace_gaps_between_anchor_kernels():
+    """The windows when no expert kernel runs: grouped by the anchors on either side, with each kernel's overlap
+    with them and the covered time (a union, so overlapping kernels count once); per step as a difference."""
+    from trace_summary import gaps, per_step_gaps
+
+    ev = [(0.0, 10.0, "moe_gate_up"), (8.0, 4.0, "dense.1"), (10.0, 3.0, "x.7"), (14.0, 5.0, "moe_down"),
+          (19.0, 2.0, "y"), (20.0, 4.0, "z"), (25.0, 10.0, "moe_gate_up"), (30.0, 6.0, "moe_down"),
+          (37.0, 2.0, "y"), (40.0, 3.0, "moe_gate_up")]
+    g = gaps(ev)  # anchors (25, 35) and (30, 36) overlap: one run from gate_up to down
+    assert set(g) == {"gate_up→down", "down→gate_up"}
+    assert g["gate_up→down"]["windows"] == 1 and g["gate_up→down"]["total_us"] == 4.0
+    assert g["gate_up→down"]["kernels"] == {"dense": [2.0, 1], "x": [3.0, 1]}
+    assert g["gate_up→down"]["busy_us"] == 3.0  # 10–13 covered, 13–14 not
+    d = g["down→gate_up"]
+    assert d["windows"] == 2 and d["total_us"] == 6.0 + 4.0 and d["busy_us"] == 5.0 + 2.0
+    assert d["kernels"] == {"y": [4.0, 2], "z": [4.0, 1]}
+    one = gaps(ev[:4])
+    step = per_step_gaps(g, one, steps=2)
+    assert step["down→gate_up"] == {"windows": 1.0, "us": 5.0, "covered_us": 3.5,
+                                    "kernels": [{"name": "y", "us": 2.0, "count": 1.0},
+                                                {"name": "z", "us": 2.0, "count": 0.5}]}
+    assert step["gate_up→down"]["us"] == 0.0 and gaps([(0.0, 1.0, "gemv")]) == {}
 
 
 def test_bench_pipeline_runs(tmp_path):

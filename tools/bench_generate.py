@@ -31,7 +31,9 @@ After the first batch: prefill of `--prefill-len` tokens at batch 1 (`long_prefi
 0 skips it), then, with `--profile DIR`, perfetto traces of an (already compiled) 1-token generation and one of
 33 tokens (two decode chunks), summarised into `profile` (the busiest kernels and op classes of the longer one, by
 `tools/trace_summary.py`) and `profile.decode_step` (their difference over the 32 steps: one decode step's device
-µs and kernels by op class, and the device's idle µs between kernels). With `--pp N`
+µs and kernels by op class, and the device's idle µs between kernels; `between_anchors`: per step, the windows
+when no `--profile-anchor` kernel runs — a MoE model's experts by default — and the kernels inside them, the chain
+that the rest of the step adds to the experts; `kernel_args`: each named kernel's profiler args). With `--pp N`
 (a pipeline), prefill is timed as a 1-token generation instead.
 
 `--compare transformers` then runs the same shapes through transformers' Gemma4ForCausalLM (bf16,
@@ -128,6 +130,8 @@ def add_parser(sub) -> None:
                    help="only compare greedy tokens under both decode schedulings (each twice), no timing")
     p.add_argument("--profile", default=None, metavar="DIR", help="perfetto trace of one generation (first batch)")
     p.add_argument("--profile-top", type=int, default=30, help="kernels kept in the profile summary")
+    p.add_argument("--profile-anchor", default="moe", metavar="REGEX",
+                   help="kernels whose gaps the profile analyses (what runs while none of them does)")
     p.add_argument("--compare", default="none", choices=["none", "transformers"])
     p.add_argument("--compile-batches", default="16",
                    help="batches for transformers' static cache + torch.compile ('' for none)")
@@ -448,12 +452,20 @@ def ours(args, start: float) -> dict:
                     gen(n)
             res["profile"] = {"dir": args.profile, "batch": b, "new_tokens": 1 + steps}
             try:  # the busiest kernels, so that the JSON carries the evidence without the trace
-                from trace_summary import newest_trace, per_step, summarise
+                import trace_summary as ts
 
-                one = summarise(newest_trace(os.path.join(args.profile, "one")))
-                res["profile"].update(summarise(newest_trace(os.path.join(args.profile, "gen")),
-                                                getattr(args, "profile_top", 30)))
-                res["profile"]["decode_step"] = per_step(res["profile"], one, steps)
+                paths = {k: ts.newest_trace(os.path.join(args.profile, k)) for k in ("one", "gen")}
+                top = getattr(args, "profile_top", 30)
+                one = ts.summarise(paths["one"])
+                res["profile"].update(ts.summarise(paths["gen"], top))
+                step = res["profile"]["decode_step"] = ts.per_step(res["profile"], one, steps)
+                raw = {k: ts.read_trace(p) for k, p in paths.items()}
+                anchor = getattr(args, "profile_anchor", "moe")
+                between = step["between_anchors"] = ts.per_step_gaps(
+                    *(ts.gaps(ts.device_events(raw[k]), anchor) for k in ("gen", "one")), steps, top)
+                names = {k["name"] for k in res["profile"]["kernels"]}
+                names |= {k["name"] for g in between.values() for k in g["kernels"]}
+                res["profile"]["kernel_args"] = ts.first_args(raw["gen"], names)
             except Exception as e:
                 res["profile"]["summary_error"] = repr(e)
             progress("profile")

@@ -7,8 +7,11 @@ under TRACE_DIR), keeps the complete events of the device processes (`/device:GP
 XLA threads), and prints the busiest kernel names (total µs, share of all device time, count, mean µs), the same
 by op class (`op_class`: GEMMs, attention, reductions, elementwise, copies, ...) and the device's idle time inside
 the span (the gaps between kernels: launch overhead where the host cannot keep up). `per_step` turns two summaries
-(a generation of n tokens and one of 1) into the cost of one decode step by class. Used by `bench.py generate
---profile` to put the profile's evidence into its JSON without shipping the trace.
+(a generation of n tokens and one of 1) into the cost of one decode step by class. `gaps` finds what runs between
+consecutive *anchor* kernels (a MoE model's expert kernels, which stream most of a step's bytes): with the kernels
+of a CUDA graph overlapping, the time when no anchor runs is what the rest of the step adds to the anchors, and the
+kernels inside those windows are the chain to shorten. Used by `bench.py generate --profile` to put the profile's
+evidence into its JSON without shipping the trace.
 """
 
 from __future__ import annotations
@@ -107,6 +110,19 @@ def in_spans(events: list[tuple[float, float, str]], spans: list[tuple[float, fl
     return [[e for e in events if s - pad_us <= e[0] <= end + pad_us] for s, end in spans]
 
 
+def first_args(events: list[dict], names: set[str], limit: int = 300) -> dict[str, dict]:
+    """The `args` of the first device event of each kernel name in `names` (a fusion's HLO op, scope or module,
+    where the profiler records them), each value cut to `limit` characters."""
+    out: dict[str, dict] = {}
+    for e in events:
+        if e.get("ph") != "X" or not isinstance(e.get("args"), dict):
+            continue
+        n = re.sub(r"\.\d+$", "", str(e.get("name", "")))
+        if n in names and n not in out:
+            out[n] = {k: str(v)[:limit] for k, v in e["args"].items()}
+    return out
+
+
 def summarise(path: str, top: int = 25) -> dict:
     """{'device_busy_us', 'span_us', 'idle_us', 'kernel_count', 'classes': {class: {total_us, count}},
     'kernels': [{name, class, total_us, share, count, mean_us}, ...]} of one trace."""
@@ -145,6 +161,67 @@ def per_step(long: dict, short: dict, steps: int) -> dict:
                for c, v in long["classes"].items()}
     return {"steps": steps, "busy_us": round(diff("device_busy_us"), 1), "idle_us": round(diff("idle_us"), 1),
             "span_us": round(diff("span_us"), 1), "kernels": round(diff("kernel_count"), 1), "classes": classes}
+
+
+def _anchor_kind(name: str) -> str:
+    low = name.lower()
+    return next((k for k in ("gate_up", "down") if k in low), name[:40])
+
+
+def gaps(events: list[tuple[float, float, str]], anchor: str = r"moe") -> dict:
+    """The windows when no `anchor` kernel runs, between the first anchor and the last, grouped by the kinds of
+    anchor on either side ("down→gate_up": from one layer's experts to the next's; "gate_up→down": inside one
+    layer): per group the windows' count, their total µs, the µs that some kernel covered (the rest is the graph's
+    dependency latency), and each kernel name's µs inside the windows (its overlap with them) and count."""
+    runs: list[list] = []  # anchors merged where they overlap: [start, end, first name, last name]
+    for s, d, n in events:
+        if not re.search(anchor, n.lower()):
+            continue
+        if runs and s <= runs[-1][1]:
+            if s + d > runs[-1][1]:
+                runs[-1][1], runs[-1][3] = s + d, n
+        else:
+            runs.append([s, s + d, n, n])
+    windows = [(a[1], b[0], f"{_anchor_kind(a[3])}→{_anchor_kind(b[2])}")
+               for a, b in zip(runs, runs[1:], strict=False)]
+    out: dict[str, dict] = {}
+    j = 0
+    ordered = sorted(events, key=lambda e: e[0])
+    longest = max((d for _, d, _ in ordered), default=0.0)
+    for ws, we, label in windows:
+        g = out.setdefault(label, {"windows": 0, "total_us": 0.0, "busy_us": 0.0, "kernels": {}})
+        g["windows"] += 1
+        g["total_us"] += we - ws
+        while j < len(ordered) and ordered[j][0] < ws - longest:
+            j += 1  # ended before this window, and so before every later one
+        inside = []
+        for s, d, n in ordered[j:]:
+            if s >= we:
+                break
+            lo, hi = max(s, ws), min(s + d, we)
+            if hi > lo:
+                inside.append((lo, hi))
+                k = g["kernels"].setdefault(re.sub(r"\.\d+$", "", n), [0.0, 0])
+                k[0] += hi - lo
+                k[1] += 1
+        g["busy_us"] += (we - ws) - _idle_us(inside + [(ws, ws), (we, we)])
+    return out
+
+
+def per_step_gaps(long: dict, short: dict, steps: int, top: int = 25) -> dict:
+    """`gaps` of a generation of `steps` + 1 tokens less those of 1 token, per step: windows, µs, covered µs, and
+    the `top` kernels by their µs inside the windows (µs and count per step)."""
+    out = {}
+    for label, g in long.items():
+        s = short.get(label, {"windows": 0, "total_us": 0.0, "busy_us": 0.0, "kernels": {}})
+        ks = {n: ((v[0] - s["kernels"].get(n, (0.0, 0))[0]) / steps, (v[1] - s["kernels"].get(n, (0.0, 0))[1]) / steps)
+              for n, v in g["kernels"].items()}
+        rows = sorted(ks.items(), key=lambda kv: -kv[1][0])[:top]
+        out[label] = {"windows": round((g["windows"] - s["windows"]) / steps, 2),
+                      "us": round((g["total_us"] - s["total_us"]) / steps, 1),
+                      "covered_us": round((g["busy_us"] - s["busy_us"]) / steps, 1),
+                      "kernels": [{"name": n[:160], "us": round(u, 2), "count": round(c, 2)} for n, (u, c) in rows]}
+    return out
 
 
 def main(argv=None) -> None:
