@@ -33,7 +33,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from . import flash_attention_mgpu, gemv, moe_mgpu
+from . import flash_attention_mgpu, gemv, moe_mgpu, router
 from .decode_attention import decode_attention
 from .flash_attention import flash_attention, flash_attention_reference
 from .gemv import GEMV_MAX_ROWS, GEMV_MAX_WEIGHT
@@ -75,7 +75,7 @@ MOSAIC_INTERPRET = False
 # rows (tokens × top-k) up, and to the Triton kernels below it. Measured on an H200 at 26B-A4B's shapes
 # (docs/kernels.md, "MoE on Mosaic GPU"): Triton 44 vs 58 µs at 8 rows, a tie at 64 and 512, Mosaic ahead at 128
 # (284 vs 300 µs), 1024, 4096, 16384 (857 vs 889) and 32768 rows. None: never.
-MOSAIC_MOE_MIN_ROWS: int | None = 128
+MOSAIC_MOE_MIN_ROWS: int | None = 64
 
 
 def kernel_supports(head_dim: int, group: int) -> bool:
@@ -312,6 +312,24 @@ def resolve_moe(impl: str, *, d: int, f: int, rows: int | None = None, dtype=jnp
     return "pallas"
 
 
+# A decode step's router top-k as one kernel after its projection (`router.route`: the splits' sum, top-k, softmax,
+# scale and the experts' token table) instead of XLA's chain of small kernels. Benches turn it off
+# (`bench.py generate --no-router-kernel`) to time both in one call.
+ROUTER_KERNEL = True
+
+
+def resolve_router(impl: str, *, rows: int, d: int, experts: int, k: int, dtype=jnp.bfloat16,
+                   platform: str | None = None) -> str:
+    """How a MoE router turns x [rows, D] into its top-k ('pallas' | 'interpret' | 'xla'): where its projection
+    [D, experts] takes the skinny kernel (`resolve_dense`), ROUTER_KERNEL is set and `router.supports` the shape,
+    the projection's K-split partial products go straight into `router.route` ('pallas', or 'interpret' under that
+    impl); else the projection, then XLA's top-k."""
+    if not ROUTER_KERNEL or not router.supports(rows, experts, k):
+        return "xla"
+    dense = resolve_dense(impl, rows=rows, k=d, n=experts, dtype=dtype, platform=platform)
+    return dense if dense in ("pallas", "interpret") else "xla"
+
+
 # Benches set this to 'xla' to time XLA's dense projections beside the skinny kernel in one process.
 DENSE_FORCE: str | None = None
 
@@ -340,6 +358,7 @@ def settings() -> str:
     names = ("FUSED_PROJECTIONS", "FUSED_ADD_NORM", "DECODE_MAX_TOKENS", "DECODE_KERNEL_MIN_BATCH",
              "DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS",
              "CUDNN_MAX_HEAD_DIM", "MOSAIC_HEAD_DIM", "CUDNN_BACKEND", "MOSAIC_INTERPRET", "MOSAIC_MOE_MIN_ROWS",
-             "MOE_FORCE", "MOE_PLAN_KERNEL", "MOE_TOKEN_TILES_MAX_TOKENS", "DENSE_FORCE", "GEMV_MAX_WEIGHT")
+             "MOE_FORCE", "MOE_PLAN_KERNEL", "MOE_TOKEN_TILES_MAX_TOKENS", "ROUTER_KERNEL", "DENSE_FORCE",
+             "GEMV_MAX_WEIGHT")
     return ",".join([f"{n}={globals()[n]!r}" for n in names]
                     + [f"gemv.{n}={getattr(gemv, n)!r}" for n in ("TARGET_PROGRAMS", "MIN_BLOCK_N", "MAX_SPLIT_K")])

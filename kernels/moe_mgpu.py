@@ -355,17 +355,18 @@ def _check(x, w, idx, gate, up, down, cfg: MgpuMoeConfig):
 @functools.partial(jax.jit, static_argnames=("config", "interpret", "plan_kernel", "token_tiles"))
 def moe_experts_mgpu(x: jax.Array, w: jax.Array, idx: jax.Array, gate: jax.Array, up: jax.Array,
                      down: jax.Array, *, config: MgpuMoeConfig | None = None, interpret: bool = False,
-                     plan_kernel: bool = False, token_tiles: bool = False) -> jax.Array:
+                     plan_kernel: bool = False, token_tiles: bool = False, table: jax.Array | None = None) -> jax.Array:
     """Routed experts (as `moe.moe_experts`): x [M,D], w/idx [M,k], gate/up [E,F,D], down [E,D,F] → [M,D].
     `plan_kernel`: the unpadded tile plan from `plan_tiles_kernel` where it applies (few rows). `token_tiles`:
-    where M ≤ block_m (a decode step), no plan at all (`token_tile_experts`)."""
+    where M ≤ block_m (a decode step), no plan at all (`token_tile_experts`), with `table` as its token table
+    where the caller has it (`router.route`)."""
     m, d = x.shape
     e, f = gate.shape[:2]
     k = idx.shape[1]
     cfg = config or default_config(m * k, d, f)
     _check(x, w, idx, gate, up, down, cfg)
     if token_tiles and token_tiles_apply(m, cfg):
-        return token_tile_experts(x, w, idx, gate, up, down, cfg, interpret=interpret)
+        return token_tile_experts(x, w, idx, gate, up, down, cfg, interpret=interpret, table=table)
     plan, xs = make_plan(x, idx, e, cfg, plan_kernel=plan_kernel, interpret=interpret)
     y = grouped_gemms(plan, xs, gate, up, down, cfg, interpret=interpret)
     return _combine(y[plan.pos].reshape(m, k, d), w, x.dtype)
@@ -440,12 +441,13 @@ def token_table(idx: jax.Array, num_experts: int) -> jax.Array:
 
 
 def token_tile_experts(x: jax.Array, w: jax.Array, idx: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
-                       cfg: MgpuMoeConfig, *, interpret: bool = False) -> jax.Array:
-    """The routed experts by token tiles (M ≤ cfg.block_m): one tile per chosen expert over all M tokens."""
+                       cfg: MgpuMoeConfig, *, interpret: bool = False, table: jax.Array | None = None) -> jax.Array:
+    """The routed experts by token tiles (M ≤ cfg.block_m): one tile per chosen expert over all M tokens.
+    `table`: `token_table(idx, E)` where the caller has it already."""
     m, _ = x.shape
     e = gate.shape[0]
     bm = cfg.block_m
-    table = token_table(idx, e)
+    table = token_table(idx, e) if table is None else table
     xp = jnp.pad(x, ((0, bm - m), (0, 0)))
     h = _gate_up(table, xp, gate, up, cfg, interpret=interpret, tiles=e, shared_a=True, out_rows=e * bm)
     y = _down(table, h, down, cfg, interpret=interpret, tiles=e)

@@ -50,7 +50,7 @@ def _scale_then_renormalise(self, x, impl="auto"):
     r = mdl.rms_norm(x, None, self.eps) * self.router_scale[...] * d**-0.5
     w, idx = mdl.jax.lax.top_k(mdl.jax.nn.softmax((r @ self.router_proj[...]).astype(jnp.float32)), self.top_k)
     w = w * self.per_expert_scale[...][idx]
-    return w / w.sum(-1, keepdims=True), idx
+    return w / w.sum(-1, keepdims=True), idx, None
 
 
 def _ple_ignored(cfg, table, proj, norm, ids, h, dtype):

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from ..config import Gemma4Config, LayerSpec
-from ..kernels import add_norm, dispatch, gemv, moe, moe_mgpu, numerics
+from ..kernels import add_norm, dispatch, gemv, moe, moe_mgpu, numerics, router
 from ..kernels.flash_attention import xla_attention
 
 F32 = jnp.float32
@@ -290,31 +290,37 @@ class MoE(nnx.Module):
         self.down = _param(rngs, (e, d, f), ("experts", "embed", "mlp"), dtype, stack)
 
     def route(self, x_md, impl: str = "auto"):
-        """Top-k weights [M,k] (float32) and expert ids [M,k] from the un-normalised stream."""
+        """Top-k weights [M,k] (float32), expert ids [M,k] from the un-normalised stream, and where the router
+        kernel ran (a decode step's few rows: `dispatch.resolve_router`) the experts' token table, else None."""
         d = x_md.shape[-1]
         r = rms_norm(x_md, None, self.eps) * self.router_scale[...] * (d**-0.5)
-        logits = linear("MD,DE->ME", r, self.router_proj[...], impl)
+        proj, scale = self.router_proj[...], self.per_expert_scale[...]
+        choice = dispatch.resolve_router(impl, rows=r.shape[0], d=d, experts=proj.shape[-1], k=self.top_k,
+                                         dtype=r.dtype)
+        if choice != "xla":  # the projection's split sums go straight into one kernel: top-k, softmax, scale, table
+            parts = gemv.gemv_parts(r, proj, interpret=choice == "interpret")
+            return router.route(parts, scale, top_k=self.top_k, dtype=r.dtype, interpret=choice == "interpret")
         # Transformers takes the softmax over all experts, the top k of it, and renormalises them to sum to 1. The
         # same numbers, one kernel fewer on a decode step's critical path: softmax keeps the order (the top k of the
         # logits are the top k of the probabilities), and the renormalised probabilities are e^l_i / Σ_chosen e^l_j,
-        # the softmax over the chosen logits alone.
-        top, idx = jax.lax.top_k(logits.astype(F32), self.top_k)
-        w = jax.nn.softmax(top, axis=-1)
-        return w * self.per_expert_scale[...][idx].astype(F32), idx  # then the per-expert scale
+        # the softmax over the chosen logits alone; then the per-expert scale (`router.route_reference`).
+        w, idx = router.route_reference(linear("MD,DE->ME", r, proj, impl), scale, self.top_k)
+        return w, idx, None
 
-    def experts(self, y_md, w_mk, idx_mk, impl: str = "auto"):
+    def experts(self, y_md, w_mk, idx_mk, impl: str = "auto", table=None):
         """Σ_k w·expert_k(y) over the routed experts [M,D]. Where `impl` resolves to the kernels
         (`gemma4_jax.kernels.dispatch.resolve_moe`: 16-bit on a GPU by default), the grouped Pallas kernels
         (Triton, or Mosaic GPU on Hopper at many rows) read the routed experts' weights in place; else XLA
         (`moe.moe_experts_xla`: a gather of the chosen experts at few rows, `ragged_dot` at many), at full
-        precision for float32."""
+        precision for float32. `table`: the router kernel's token table, which the Mosaic token tiles take as is."""
         f, d = self.gate.shape[-2:]
         choice = dispatch.resolve_moe(impl, d=d, f=f, rows=idx_mk.size, dtype=y_md.dtype)
         weights = (self.gate[...], self.up[...], self.down[...])
         if choice == "mosaic":
             return moe_mgpu.moe_experts_mgpu(y_md, w_mk, idx_mk, *weights, interpret=dispatch.MOSAIC_INTERPRET,
                                              plan_kernel=dispatch.MOE_PLAN_KERNEL,
-                                             token_tiles=y_md.shape[0] <= dispatch.MOE_TOKEN_TILES_MAX_TOKENS)
+                                             token_tiles=y_md.shape[0] <= dispatch.MOE_TOKEN_TILES_MAX_TOKENS,
+                                             table=table)
         if choice != "xla":
             return moe.moe_experts(y_md, w_mk, idx_mk, *weights, interpret=choice == "interpret")
         return moe.moe_experts_xla(y_md, w_mk, idx_mk, *weights,
@@ -370,8 +376,8 @@ class DecoderLayer(nnx.Module):
                 b, t, d = x.shape
                 dense = rms_norm(f, self.post_ffw_norm_1[...], eps)
                 x_md = x.reshape(b * t, d)
-                w, idx = self.moe.route(x_md, impl)  # the router sees the un-normalised stream
-                m = self.moe.experts(rms_norm(x_md, self.pre_ffw_norm_2[...], eps), w, idx, impl)
+                w, idx, table = self.moe.route(x_md, impl)  # the router sees the un-normalised stream
+                m = self.moe.experts(rms_norm(x_md, self.pre_ffw_norm_2[...], eps), w, idx, impl, table)
                 f = dense + rms_norm(m.reshape(b, t, d), self.post_ffw_norm_2[...], eps)
         x = x + rms_norm(f, self.post_ffw_norm[...], eps)
 
