@@ -54,22 +54,25 @@ def default_config(head_dim: int, dtype=jnp.bfloat16) -> DecodeConfig:
 
 
 def _decode_kernel(lo_ref, hi_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
-                   scale: float, window: int | None, causal: bool, block_k: int):
+                   scale: float, window: int | None, causal: bool, block_k: int, rows: int):
     # lo_ref, hi_ref: []          key-block range of this split (global block indices)
-    # qpos_ref: [M]               position of each query row (−1: padding row)
+    # qpos_ref: [Mp]              position of each query row (−1: padding row)
     # kpos_ref: [S]               slot positions of this sequence's cache (−1: empty)
-    # q_ref: [M, H]               rows = (token, head) pairs of this KV head's G query heads
+    # q_ref: [Mp, H]              rows = (token, head) pairs of this KV head's G query heads; the first `rows` exist
+    #                             (the rest are masked: read as 0, never written — no padded copy of q in the step)
     # k_ref, v_ref: [S, H]
-    # o_ref: [M, H]               this split's normalised output (input dtype: half the bytes of float32)
-    # m_ref, l_ref: [M]           this split's max score (base 2) and softmax denominator (float32)
-    q = q_ref[...]
+    # o_ref: [Mp, H]              this split's normalised output (input dtype: half the bytes of float32)
+    # m_ref, l_ref: [Mp]          this split's max score (base 2) and softmax denominator (float32)
+    mp = q_ref.shape[0]
+    valid = jax.lax.broadcasted_iota(jnp.int32, (mp,), 0) < rows
+    q = plgpu.load(q_ref, mask=valid[:, None], other=0)
     qp = qpos_ref[...][:, None]
     qk_scale = scale * LOG2E
     acc, m_i, l_i = sweep_keys(q, qp, kpos_ref, k_ref, v_ref, lo_ref[()], hi_ref[()], qk_scale=qk_scale,
                                window=window, causal=causal, block_k=block_k)
-    o_ref[...] = (acc / jnp.where(l_i == 0.0, 1.0, l_i)[:, None]).astype(o_ref.dtype)
-    m_ref[...] = m_i
-    l_ref[...] = l_i
+    plgpu.store(o_ref, (acc / jnp.where(l_i == 0.0, 1.0, l_i)[:, None]).astype(o_ref.dtype), mask=valid[:, None])
+    plgpu.store(m_ref, m_i, mask=valid)
+    plgpu.store(l_ref, l_i, mask=valid)
 
 
 def num_splits(batch: int, kv_heads: int, key_blocks: int, target_programs: int) -> int:
@@ -98,8 +101,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
     # Query rows r = t·G + g per KV head, padded to a power of two ≥ 16 (the dot's smallest M).
     m = t * g
     mp = max(16, 1 << (m - 1).bit_length())
-    q_rows = q.reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, m, h)
-    q_rows = pad_axis(q_rows, 2, mp, 0)
+    q_rows = q.reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, m, h)  # at t = 1 a bitcast
     qpos_rows = pad_axis(jnp.repeat(q_pos.astype(jnp.int32), g, axis=1), 1, mp, -1)  # [B, Mp]
 
     k_pos = pad_axis(k_pos.astype(jnp.int32), 1, bk, -1)
@@ -116,7 +118,8 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
     base = (jnp.arange(ns, dtype=jnp.int32) * per)[None, :]
     lo, hi = lo + base, jnp.where(hi > 0, hi + base, lo + base)
 
-    kernel = functools.partial(_decode_kernel, scale=float(scale), window=window, causal=causal, block_k=bk)
+    kernel = functools.partial(_decode_kernel, scale=float(scale), window=window, causal=causal, block_k=bk,
+                               rows=m)
     o_part, m_part, l_part = pl.pallas_call(
         kernel,
         grid=(ns, b, kh),
@@ -135,22 +138,23 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
             pl.BlockSpec((None, None, None, mp), lambda si, bi, hi_: (bi, hi_, si, 0)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((b, kh, ns, mp, h), q.dtype),
-            jax.ShapeDtypeStruct((b, kh, ns, mp), jnp.float32),
-            jax.ShapeDtypeStruct((b, kh, ns, mp), jnp.float32),
+            jax.ShapeDtypeStruct((b, kh, ns, m, h), q.dtype),
+            jax.ShapeDtypeStruct((b, kh, ns, m), jnp.float32),
+            jax.ShapeDtypeStruct((b, kh, ns, m), jnp.float32),
         ],
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="decode_attention",
     )(lo, hi, qpos_rows, k_pos, q_rows, kp, vp)
 
-    # Log-sum-exp combine over splits (base 2, like the kernel's statistics): split s weighs l_s·2^(m_s − max).
-    o_part, m_part, l_part = o_part[:, :, :, :m], m_part[:, :, :, :m], l_part[:, :, :, :m]
-    w = jnp.exp2(m_part - jnp.max(m_part, axis=2, keepdims=True)) * l_part  # [B, K, ns, M]; 0 for empty splits
-    w_tot = jnp.sum(w, axis=2)
-    o = jnp.einsum("bksm,bksmh->bkmh", w, o_part.astype(jnp.float32)) / jnp.where(w_tot == 0.0, 1.0, w_tot)[..., None]
-    o = o.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
-    return o.astype(q.dtype)
+    if ns == 1:  # one split's output is already normalised (0 where no key is visible): no combine kernel
+        o = o_part[:, :, 0]
+    else:  # log-sum-exp combine over splits (base 2, like the kernel's statistics): split s weighs l_s·2^(m_s − max)
+        w = jnp.exp2(m_part - jnp.max(m_part, axis=2, keepdims=True)) * l_part  # [B, K, ns, M]; 0 for empty splits
+        w_tot = jnp.sum(w, axis=2)
+        o = jnp.einsum("bksm,bksmh->bkmh", w, o_part.astype(jnp.float32))
+        o = (o / jnp.where(w_tot == 0.0, 1.0, w_tot)[..., None]).astype(q.dtype)
+    return o.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)  # at t = 1 a bitcast
 
 
 # The decode kernel's semantics are the prefill kernel's (positions decide everything): one reference, two names.
