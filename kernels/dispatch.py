@@ -313,9 +313,10 @@ def resolve_moe(impl: str, *, d: int, f: int, rows: int | None = None, dtype=jnp
 
 
 # A decode step's router top-k as one kernel after its projection (`router.route`: the splits' sum, top-k, softmax,
-# scale and the experts' token table) instead of XLA's chain of small kernels. Benches turn it off
-# (`bench.py generate --no-router-kernel`) to time both in one call.
-ROUTER_KERNEL = True
+# scale and the experts' token table) instead of XLA's chain of small kernels. Off: on an H200 26B-A4B's batch-16
+# step was 1.8 % slower with it and batch 1 4.6 % (docs/performance.md); benches turn it on
+# (`bench.py generate --router-kernel`).
+ROUTER_KERNEL = False
 
 
 def resolve_router(impl: str, *, rows: int, d: int, experts: int, k: int, dtype=jnp.bfloat16,

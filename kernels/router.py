@@ -90,7 +90,7 @@ def route(parts: jax.Array, scale: jax.Array, *, top_k: int, dtype=jnp.bfloat16,
                    pl.BlockSpec((4, e), lambda i: (0, 0))],
         out_shape=[jax.ShapeDtypeStruct((m, top_k), F32), jax.ShapeDtypeStruct((m, top_k), jnp.int32),
                    jax.ShapeDtypeStruct((4, e), jnp.int32)],
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),  # the splits' loads pipelined
         interpret=interpret,
         name=f"router_top{top_k}_of_{e}",
     )(parts.astype(F32), scale)

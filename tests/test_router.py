@@ -72,6 +72,7 @@ def test_model_router_takes_the_kernel_at_decode(monkeypatch):
     calls = []
     monkeypatch.setattr(router, "route", lambda *a, _f=router.route, **kw: calls.append(1) or _f(*a, **kw))
     monkeypatch.setattr(dispatch, "DENSE_FORCE", "interpret")
+    monkeypatch.setattr(dispatch, "ROUTER_KERNEL", True)
     w, idx, table = moe.route(x, "auto")
     assert calls and table is not None
     monkeypatch.setattr(dispatch, "ROUTER_KERNEL", False)
