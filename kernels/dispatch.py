@@ -73,8 +73,9 @@ CUDNN_BACKEND = "cudnn"
 MOSAIC_INTERPRET = False
 # `auto` sends the routed experts to the Mosaic GPU grouped GEMM (`moe_mgpu`) on Hopper from this many routed
 # rows (tokens × top-k) up, and to the Triton kernels below it. Measured on an H200 at 26B-A4B's shapes
-# (docs/kernels.md, "MoE on Mosaic GPU"): Triton 44 vs 58 µs at 8 rows, a tie at 64 and 512, Mosaic ahead at 128
-# (284 vs 300 µs), 1024, 4096, 16384 (857 vs 889) and 32768 rows. None: never.
+# (docs/kernels.md, "MoE on Mosaic GPU"): Triton 44 vs 58 µs at 8 rows, Mosaic ahead at 128 (284 vs 300 µs), 1024,
+# 4096, 16384 (857 vs 889) and 32768 rows; at 64 rows (batch 8) the model's step 2–5 % faster with the Mosaic token
+# tiles (run 11). None: never.
 MOSAIC_MOE_MIN_ROWS: int | None = 64
 
 
