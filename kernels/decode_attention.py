@@ -98,7 +98,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
     cfg = config or default_config(h, q.dtype)
     bk = cfg.block_k
 
-    # Query rows r = t·G + g per KV head, padded to a power of two ≥ 16 (the dot's smallest M).
+    # Query rows r = t·G + g per KV head, in blocks of a power of two ≥ 16 (the dot's smallest M), masked past M.
     m = t * g
     mp = max(16, 1 << (m - 1).bit_length())
     q_rows = q.reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, m, h)  # at t = 1 a bitcast
