@@ -167,6 +167,28 @@ def test_trace_gaps_between_anchor_kernels():
     assert step["gate_up→down"]["us"] == 0.0 and gaps([(0.0, 1.0, "gemv")]) == {}
 
 
+def test_trace_summary_cli_prints_the_windows(tmp_path, capsys):
+    """The command line on a (written) perfetto trace of one GPU: the kernels, then with --anchor the windows."""
+    import gzip
+
+    from trace_summary import main
+
+    ev = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+          {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}}]
+    for ts, dur, name, pid in ((0, 10, "moe_gate_up", 1), (10, 3, "fusion.7", 1), (14, 5, "moe_down", 1),
+                               (19, 4, "gemv_64x64", 1), (25, 9, "moe_gate_up", 1), (0, 50, "host_work", 2)):
+        ev.append({"ph": "X", "name": name, "pid": pid, "tid": 1, "ts": ts, "dur": dur})
+    d = tmp_path / "plugins" / "profile" / "run"
+    d.mkdir(parents=True)
+    with gzip.open(d / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": ev}, f)
+    main([str(tmp_path), "--anchor", "moe"])
+    out = capsys.readouterr().out
+    assert "host_work" not in out and "moe_gate_up" in out
+    assert "gate_up→down: 1 windows, 4.0 µs, 3.0 µs covered" in out
+    assert "down→gate_up: 1 windows, 6.0 µs, 4.0 µs covered" in out and "gemv_64x64" in out
+
+
 def test_bench_pipeline_runs(tmp_path):
     res = _bench(["pipeline", "--config", DEMO, "--pp", "2", "--batch", "2,3", "--prompt-len", "8", "--gen-len", "8",
                   "--prefill-len", "40", "--repeat", "1"], tmp_path, devices=2)

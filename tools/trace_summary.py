@@ -1,6 +1,6 @@
 """Summarise a `jax.profiler` trace: where the device time goes, by kernel.
 
-    python tools/trace_summary.py TRACE_DIR [--top 25]
+    python tools/trace_summary.py TRACE_DIR [--top 25] [--anchor REGEX]
 
 Reads the `perfetto_trace.json.gz` that `jax.profiler.trace(dir, create_perfetto_trace=True)` writes (the newest
 under TRACE_DIR), keeps the complete events of the device processes (`/device:GPU:…`; on a CPU-only trace, the
@@ -228,6 +228,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("trace_dir")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--anchor", default=None, metavar="REGEX",
+                   help="also the windows when no kernel matching REGEX runs (`gaps`), and the kernels inside them")
     args = p.parse_args(argv)
     s = summarise(newest_trace(args.trace_dir), args.top)
     print(f"{s['trace']}\ndevice busy {s['device_busy_us'] / 1e3:.1f} ms over a {s['span_us'] / 1e3:.1f} ms span "
@@ -237,6 +239,11 @@ def main(argv=None) -> None:
     for k in s["kernels"]:
         print(f"{k['total_us']:>12.1f} µs {100 * k['share']:5.1f} % {k['count']:>7} × {k['mean_us']:>9.2f} µs "
               f" {k['name']}")
+    if args.anchor:
+        for label, g in gaps(device_events(read_trace(s["trace"])), args.anchor).items():
+            print(f"{label}: {g['windows']} windows, {g['total_us']:.1f} µs, {g['busy_us']:.1f} µs covered")
+            for name, (us, count) in sorted(g["kernels"].items(), key=lambda kv: -kv[1][0])[:args.top]:
+                print(f"{us:>12.1f} µs {count:>7} ×  {name}")
 
 
 if __name__ == "__main__":
