@@ -365,7 +365,6 @@ def settings() -> str:
              "DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS",
              "CUDNN_MAX_HEAD_DIM", "MOSAIC_HEAD_DIM", "CUDNN_BACKEND", "MOSAIC_INTERPRET", "MOSAIC_MOE_MIN_ROWS",
              "MOE_FORCE", "MOE_PLAN_KERNEL", "MOE_TOKEN_TILES_MAX_TOKENS", "MOE_TOKEN_TILES_PROGRAMS", "ROUTER_KERNEL",
-             "DENSE_FORCE",
-             "GEMV_MAX_WEIGHT")
+             "DENSE_FORCE", "GEMV_MAX_WEIGHT")
     return ",".join([f"{n}={globals()[n]!r}" for n in names]
                     + [f"gemv.{n}={getattr(gemv, n)!r}" for n in ("TARGET_PROGRAMS", "MIN_BLOCK_N", "MAX_SPLIT_K")])

@@ -471,10 +471,10 @@ def ours(args, start: float) -> dict:
 
                 paths = {k: ts.newest_trace(os.path.join(args.profile, k)) for k in ("one", "gen")}
                 top = getattr(args, "profile_top", 30)
-                one = ts.summarise(paths["one"])
-                res["profile"].update(ts.summarise(paths["gen"], top))
+                raw = {k: ts.read_trace(p) for k, p in paths.items()}  # each trace read once
+                one = ts.summarise(paths["one"], events=raw["one"])
+                res["profile"].update(ts.summarise(paths["gen"], top, raw["gen"]))
                 step = res["profile"]["decode_step"] = ts.per_step(res["profile"], one, steps)
-                raw = {k: ts.read_trace(p) for k, p in paths.items()}
                 anchor = getattr(args, "profile_anchor", "moe")
                 between = step["between_anchors"] = ts.per_step_gaps(
                     *(ts.gaps(ts.device_events(raw[k]), anchor) for k in ("gen", "one")), steps, top)

@@ -110,6 +110,11 @@ def in_spans(events: list[tuple[float, float, str]], spans: list[tuple[float, fl
     return [[e for e in events if s - pad_us <= e[0] <= end + pad_us] for s, end in spans]
 
 
+def kernel_kind(name: str) -> str:
+    """A kernel's name without XLA's instance suffix: fusion.12 and fusion.13 are one kind of kernel."""
+    return re.sub(r"\.\d+$", "", name)
+
+
 def first_args(events: list[dict], names: set[str], limit: int = 300) -> dict[str, dict]:
     """The `args` of the first device event of each kernel name in `names` (a fusion's HLO op, scope or module,
     where the profiler records them), each value cut to `limit` characters."""
@@ -117,19 +122,20 @@ def first_args(events: list[dict], names: set[str], limit: int = 300) -> dict[st
     for e in events:
         if e.get("ph") != "X" or not isinstance(e.get("args"), dict):
             continue
-        n = re.sub(r"\.\d+$", "", str(e.get("name", "")))
+        n = kernel_kind(str(e.get("name", "")))
         if n in names and n not in out:
             out[n] = {k: str(v)[:limit] for k, v in e["args"].items()}
     return out
 
 
-def summarise(path: str, top: int = 25) -> dict:
+def summarise(path: str, top: int = 25, events: list[dict] | None = None) -> dict:
     """{'device_busy_us', 'span_us', 'idle_us', 'kernel_count', 'classes': {class: {total_us, count}},
-    'kernels': [{name, class, total_us, share, count, mean_us}, ...]} of one trace."""
+    'kernels': [{name, class, total_us, share, count, mean_us}, ...]} of one trace (`events`: its raw events where
+    the caller has read them already)."""
     totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     intervals = []
-    for ts, dur, raw in device_events(read_trace(path)):
-        name = re.sub(r"\.\d+$", "", raw)  # fusion.12 and fusion.13 are one kind of kernel
+    for ts, dur, raw in device_events(read_trace(path) if events is None else events):
+        name = kernel_kind(raw)
         totals[name][0] += dur
         totals[name][1] += 1
         intervals.append((ts, ts + dur))
@@ -169,7 +175,8 @@ def _anchor_kind(name: str) -> str:
 
 
 def gaps(events: list[tuple[float, float, str]], anchor: str = r"moe") -> dict:
-    """The windows when no `anchor` kernel runs, between the first anchor and the last, grouped by the kinds of
+    """Over `events` in start order (as `device_events` gives them): the windows when no `anchor` kernel runs,
+    between the first anchor and the last, grouped by the kinds of
     anchor on either side ("down→gate_up": from one layer's experts to the next's; "gate_up→down": inside one
     layer): per group the windows' count, their total µs, the µs that some kernel covered (the rest is the graph's
     dependency latency), and each kernel name's µs inside the windows (its overlap with them) and count."""
@@ -186,22 +193,21 @@ def gaps(events: list[tuple[float, float, str]], anchor: str = r"moe") -> dict:
                for a, b in zip(runs, runs[1:], strict=False)]
     out: dict[str, dict] = {}
     j = 0
-    ordered = sorted(events, key=lambda e: e[0])
-    longest = max((d for _, d, _ in ordered), default=0.0)
+    longest = max((d for _, d, _ in events), default=0.0)
     for ws, we, label in windows:
         g = out.setdefault(label, {"windows": 0, "total_us": 0.0, "busy_us": 0.0, "kernels": {}})
         g["windows"] += 1
         g["total_us"] += we - ws
-        while j < len(ordered) and ordered[j][0] < ws - longest:
+        while j < len(events) and events[j][0] < ws - longest:
             j += 1  # ended before this window, and so before every later one
         inside = []
-        for s, d, n in ordered[j:]:
+        for s, d, n in events[j:]:
             if s >= we:
                 break
             lo, hi = max(s, ws), min(s + d, we)
             if hi > lo:
                 inside.append((lo, hi))
-                k = g["kernels"].setdefault(re.sub(r"\.\d+$", "", n), [0.0, 0])
+                k = g["kernels"].setdefault(kernel_kind(n), [0.0, 0])
                 k[0] += hi - lo
                 k[1] += 1
         g["busy_us"] += (we - ws) - _idle_us(inside + [(ws, ws), (we, we)])
@@ -231,7 +237,9 @@ def main(argv=None) -> None:
     p.add_argument("--anchor", default=None, metavar="REGEX",
                    help="also the windows when no kernel matching REGEX runs (`gaps`), and the kernels inside them")
     args = p.parse_args(argv)
-    s = summarise(newest_trace(args.trace_dir), args.top)
+    path = newest_trace(args.trace_dir)
+    events = read_trace(path)
+    s = summarise(path, args.top, events)
     print(f"{s['trace']}\ndevice busy {s['device_busy_us'] / 1e3:.1f} ms over a {s['span_us'] / 1e3:.1f} ms span "
           f"(idle {s['idle_us'] / 1e3:.1f} ms), {s['kernel_count']} kernels")
     for c, v in s["classes"].items():
@@ -240,7 +248,7 @@ def main(argv=None) -> None:
         print(f"{k['total_us']:>12.1f} µs {100 * k['share']:5.1f} % {k['count']:>7} × {k['mean_us']:>9.2f} µs "
               f" {k['name']}")
     if args.anchor:
-        for label, g in gaps(device_events(read_trace(s["trace"])), args.anchor).items():
+        for label, g in gaps(device_events(events), args.anchor).items():
             print(f"{label}: {g['windows']} windows, {g['total_us']:.1f} µs, {g['busy_us']:.1f} µs covered")
             for name, (us, count) in sorted(g["kernels"].items(), key=lambda kv: -kv[1][0])[:args.top]:
                 print(f"{us:>12.1f} µs {count:>7} ×  {name}")
