@@ -278,34 +278,12 @@ def _store_rows(o_smem, o_gmem, row0, lo, hi, col0, bn, bm):
 
 
 def _grouped_kernel(tab_ref, a_ref, *refs, n_b: int, bm: int, bn: int, bk: int, stages: int, gelu: bool,
-                    shared_a: bool, programs: int = 0):
+                    shared_a: bool):
     # tab_ref [4, T] (GMEM): per tile expert, block, lo, hi;  a_ref [Rp, K]: sorted rows (shared_a: one [bm, K]
     # block that every tile reads); refs: n_b weights [E, N, K] (GMEM, read in place), then the output [·, N],
-    # whose rows block·bm + [lo, hi) the tile stores. `programs` > 0: a persistent grid of that many CTAs, each
-    # running the (tile, column) items p, p + programs, … of the first tab_ref[4, 0] tiles (a compacted table:
-    # `token_table(compact=True)`), so that no CTA is launched for a tile that nobody chose.
+    # whose rows block·bm + [lo, hi) the tile stores.
     b_refs, o_ref = refs[:n_b], refs[n_b]
-    if not programs:
-        _grouped_tile(tab_ref, a_ref, b_refs, o_ref, lax.axis_index("t"), lax.axis_index("n"), n_b=n_b, bm=bm,
-                      bn=bn, bk=bk, stages=stages, gelu=gelu, shared_a=shared_a)
-        return
-    cols = b_refs[0].shape[1] // bn
-    p = lax.axis_index("p")
-    items = tab_ref[4, 0] * cols
-    mine = jnp.maximum(items - p + programs - 1, 0) // programs
-
-    def item(i, carry):
-        w = p + i * programs
-        _grouped_tile(tab_ref, a_ref, b_refs, o_ref, w // cols, w % cols, n_b=n_b, bm=bm, bn=bn, bk=bk,
-                      stages=stages, gelu=gelu, shared_a=shared_a)
-        return carry
-
-    lax.fori_loop(0, mine, item, jnp.int32(0))
-
-
-def _grouped_tile(tab_ref, a_ref, b_refs, o_ref, t, j, *, n_b: int, bm: int, bn: int, bk: int, stages: int,
-                  gelu: bool, shared_a: bool):
-    """Tile t's column tile j: its rows of a times its expert's weights, rows [lo, hi) stored."""
+    t, j = lax.axis_index("t"), lax.axis_index("n")
     e = tab_ref[0, t]
 
     @pl.when(e >= 0)
@@ -338,19 +316,17 @@ def _grouped_tile(tab_ref, a_ref, b_refs, o_ref, t, j, *, n_b: int, bm: int, bn:
 
 
 def _grouped(table, a, bs, out_dtype, *, bn: int, bk: int, stages: int, cfg: MgpuMoeConfig, gelu: bool,
-             interpret: bool, name: str, tiles: int, shared_a: bool = False, out_rows: int | None = None,
-             programs: int = 0):
+             interpret: bool, name: str, tiles: int, shared_a: bool = False, out_rows: int | None = None):
     """One grouped GEMM: for each of the first `tiles` tiles of `table`, rows of `a` (its tile's block, or with
-    `shared_a` its one block) times its expert's [N, K] weight(s), rows [lo, hi) stored. `programs` > 0: a
-    persistent grid of that many CTAs over a compacted table's used tiles (`_grouped_kernel`)."""
+    `shared_a` its one block) times its expert's [N, K] weight(s), rows [lo, hi) stored."""
     rp = out_rows or a.shape[0]
     n = bs[0].shape[1]
     kernel = plgpu.kernel(
         functools.partial(_grouped_kernel, n_b=len(bs), bm=cfg.block_m, bn=bn, bk=bk, stages=stages,
-                          gelu=gelu, shared_a=shared_a, programs=programs),
+                          gelu=gelu, shared_a=shared_a),
         out_type=jax.ShapeDtypeStruct((rp, n), out_dtype),
-        grid=(programs,) if programs else (tiles, n // bn),
-        grid_names=("p",) if programs else ("t", "n"),
+        grid=(tiles, n // bn),
+        grid_names=("t", "n"),
         kernel_name=name,
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=mgpu_interpret.params(interpret),
@@ -376,23 +352,21 @@ def _check(x, w, idx, gate, up, down, cfg: MgpuMoeConfig):
         raise ValueError(f"config {cfg} needs {smem_bytes(cfg)} bytes of shared memory, more than {SMEM_BYTES}")
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret", "plan_kernel", "token_tiles", "programs"))
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "plan_kernel", "token_tiles"))
 def moe_experts_mgpu(x: jax.Array, w: jax.Array, idx: jax.Array, gate: jax.Array, up: jax.Array,
                      down: jax.Array, *, config: MgpuMoeConfig | None = None, interpret: bool = False,
-                     plan_kernel: bool = False, token_tiles: bool = False, table: jax.Array | None = None,
-                     programs: int = 0) -> jax.Array:
+                     plan_kernel: bool = False, token_tiles: bool = False, table: jax.Array | None = None) -> jax.Array:
     """Routed experts (as `moe.moe_experts`): x [M,D], w/idx [M,k], gate/up [E,F,D], down [E,D,F] → [M,D].
     `plan_kernel`: the unpadded tile plan from `plan_tiles_kernel` where it applies (few rows). `token_tiles`:
     where M ≤ block_m (a decode step), no plan at all (`token_tile_experts`), with `table` as its token table
-    where the caller has it (`router.route`), and with `programs` > 0 on a persistent grid."""
+    where the caller has it (`router.route`)."""
     m, d = x.shape
     e, f = gate.shape[:2]
     k = idx.shape[1]
     cfg = config or default_config(m * k, d, f)
     _check(x, w, idx, gate, up, down, cfg)
     if token_tiles and token_tiles_apply(m, cfg):
-        return token_tile_experts(x, w, idx, gate, up, down, cfg, interpret=interpret, table=table,
-                                  programs=programs)
+        return token_tile_experts(x, w, idx, gate, up, down, cfg, interpret=interpret, table=table)
     plan, xs = make_plan(x, idx, e, cfg, plan_kernel=plan_kernel, interpret=interpret)
     y = grouped_gemms(plan, xs, gate, up, down, cfg, interpret=interpret)
     return _combine(y[plan.pos].reshape(m, k, d), w, x.dtype)
@@ -429,17 +403,17 @@ def grouped_gemms(plan: TilePlan, xs: jax.Array, gate: jax.Array, up: jax.Array,
 
 
 def _gate_up(table, a, gate, up, cfg: MgpuMoeConfig, *, interpret: bool, tiles: int, shared_a: bool = False,
-             out_rows: int | None = None, programs: int = 0):
+             out_rows: int | None = None):
     """h = gelu_tanh(a G_eᵀ) * (a U_eᵀ) per tile, in a's dtype (`_grouped` with gate_up's tiles and ring)."""
     return _grouped(table, a, (gate, up), a.dtype, bn=cfg.block_n_up, bk=cfg.block_k_up, stages=cfg.stages_up,
                     cfg=cfg, gelu=True, interpret=interpret, name="moe_mgpu_gate_up", tiles=tiles, shared_a=shared_a,
-                    out_rows=out_rows, programs=programs)
+                    out_rows=out_rows)
 
 
-def _down(table, h, down, cfg: MgpuMoeConfig, *, interpret: bool, tiles: int, programs: int = 0):
+def _down(table, h, down, cfg: MgpuMoeConfig, *, interpret: bool, tiles: int):
     """y = h D_eᵀ per tile, in float32 (`_grouped` with down's tiles and ring)."""
     return _grouped(table, h, (down,), F32, bn=cfg.block_n_down, bk=cfg.block_k, stages=cfg.stages, cfg=cfg,
-                    gelu=False, interpret=interpret, name="moe_mgpu_down", tiles=tiles, programs=programs)
+                    gelu=False, interpret=interpret, name="moe_mgpu_down", tiles=tiles)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,38 +432,23 @@ def token_tiles_apply(tokens: int, cfg: MgpuMoeConfig) -> bool:
     return not cfg.padded and tokens <= cfg.block_m
 
 
-def token_table(idx: jax.Array, num_experts: int, compact: bool = False) -> jax.Array:
-    """[4, E] int32: per expert e (the tile), [e if some token chose it else −1, e, 0, M]. `compact`: [5, E], the
-    chosen experts' tiles first (in expert order, then the unused ones), and row 4 the number of chosen experts —
-    ranked by comparisons, with no sort on a decode step's critical path."""
+def token_table(idx: jax.Array, num_experts: int) -> jax.Array:
+    """[4, E] int32: per expert e (the tile), [e if some token chose it else −1, e, 0, M]."""
     m = idx.shape[0]
     e = jnp.arange(num_experts, dtype=jnp.int32)
     used = jnp.any(idx.reshape(-1)[:, None] == e[None, :], axis=0)
-    table = jnp.stack([jnp.where(used, e, -1), e, jnp.zeros_like(e), jnp.full_like(e, m)])
-    if not compact:
-        return table
-    key = jnp.where(used, e, e + num_experts)
-    rank = jnp.sum(key[None, :] < key[:, None], axis=1)  # tile of expert e
-    at = jnp.sum(jnp.where(rank[None, :] == e[:, None], e[None, :], 0), axis=1)  # expert of tile t
-    count = jnp.full_like(e, jnp.sum(used.astype(jnp.int32)))
-    return jnp.concatenate([table[:, at], count[None, :]])
+    return jnp.stack([jnp.where(used, e, -1), e, jnp.zeros_like(e), jnp.full_like(e, m)])
 
 
 def token_tile_experts(x: jax.Array, w: jax.Array, idx: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
-                       cfg: MgpuMoeConfig, *, interpret: bool = False, table: jax.Array | None = None,
-                       programs: int = 0) -> jax.Array:
+                       cfg: MgpuMoeConfig, *, interpret: bool = False, table: jax.Array | None = None) -> jax.Array:
     """The routed experts by token tiles (M ≤ cfg.block_m): one tile per chosen expert over all M tokens.
-    `table`: `token_table(idx, E)` where the caller has it already (not with `programs`). `programs` > 0: both
-    kernels on a persistent grid of that many CTAs over the chosen experts only (a compacted table)."""
+    `table`: `token_table(idx, E)` where the caller has it already."""
     m, _ = x.shape
     e = gate.shape[0]
     bm = cfg.block_m
-    if programs:
-        table = token_table(idx, e, compact=True)
-    elif table is None:
-        table = token_table(idx, e)
+    table = token_table(idx, e) if table is None else table
     xp = jnp.pad(x, ((0, bm - m), (0, 0)))
-    h = _gate_up(table, xp, gate, up, cfg, interpret=interpret, tiles=e, shared_a=True, out_rows=e * bm,
-                 programs=programs)
-    y = _down(table, h, down, cfg, interpret=interpret, tiles=e, programs=programs)
+    h = _gate_up(table, xp, gate, up, cfg, interpret=interpret, tiles=e, shared_a=True, out_rows=e * bm)
+    y = _down(table, h, down, cfg, interpret=interpret, tiles=e)
     return _combine(y[idx * bm + jnp.arange(m, dtype=idx.dtype)[:, None]], w, x.dtype)  # token m's row of each

@@ -347,28 +347,6 @@ def test_mosaic_token_tiles_match_reference(case):
     _assert_a_wrong_expert_differs(out, ref, x, w, idx, gate, up, down, e)
 
 
-@pytest.mark.parametrize("case,programs", [(TOKEN_TILE_CASES[1], 3), (TOKEN_TILE_CASES[2], 2),
-                                           (TOKEN_TILE_CASES[0], 5)],
-                         ids=["batch16_top8_of_128_3_ctas", "one_expert_everywhere_2_ctas", "batch1_5_ctas"])
-def test_mosaic_persistent_token_tiles_match_reference(case, programs):
-    """Token tiles on a persistent grid (interpreted; unwritten rows NaN): a few CTAs run every (chosen expert,
-    column tile) item between them, from the compacted table — an item left out would leave NaN rows."""
-    _, m, k, e, d, f, build, cfg = case
-    idx = build(m, k, e) if build else None
-    x, w, idx, gate, up, down = _inputs(_seed(case[0]) + 11, m, k, e, d, f, jnp.bfloat16, idx)
-    out = moe_experts_mgpu(x, w, idx, gate, up, down, config=cfg, interpret=True, token_tiles=True,
-                           programs=programs)
-    ref = moe_experts_reference(x, w, idx, gate, up, down, precision=jax.lax.Precision.HIGHEST)
-    _check(out, ref, jnp.bfloat16)
-    _assert_a_wrong_expert_differs(out, ref, x, w, idx, gate, up, down, e)
-
-
-def test_compact_token_table_puts_the_chosen_experts_first():
-    table = np.asarray(token_table(jnp.asarray([[3, 1], [1, 6]], jnp.int32), 8, compact=True))
-    np.testing.assert_array_equal(table, [[1, 3, 6, -1, -1, -1, -1, -1], [1, 3, 6, 0, 2, 4, 5, 7], [0] * 8, [2] * 8,
-                                          [3] * 8])
-
-
 def test_token_tiles_only_where_the_tokens_fit_one_tile():
     """Token tiles need unpadded tiles of at least M rows; elsewhere `token_tiles=True` keeps the plan."""
     assert token_tiles_apply(64, MgpuMoeConfig()) and not token_tiles_apply(65, MgpuMoeConfig())
@@ -386,8 +364,6 @@ def test_mosaic_token_tiles_lower_without_a_plan():
     deep = _lower_at_real_shapes(moe_experts_mgpu, 16, token_tiles=True,
                                  config=MgpuMoeConfig(block_k_up=256, stages_up=2))  # 512-byte weight-row steps
     assert deep.count("mosaic_gpu") >= 2
-    persistent = _lower_at_real_shapes(moe_experts_mgpu, 16, token_tiles=True, programs=132)  # one CTA an SM
-    assert persistent.count("mosaic_gpu") >= 2 and "stablehlo.sort" not in persistent
 
 
 def test_mosaic_moe_refuses_float32_and_misfit_configs(monkeypatch):
@@ -461,15 +437,6 @@ def test_model_with_mosaic_moe_kernels_matches_xla_experts(monkeypatch):
     tiles = np.asarray(Gemma4Model(model, RunConfig(dtype="bfloat16", attn_impl="xla")).logits(ids), np.float32)
     assert traced, "the model's 16-token MoE layers did not take token tiles"
     assert np.isfinite(tiles).all() and rel_err(tiles, got["xla"]) <= 3e-2
-    # ... and on a persistent grid of 4 CTAs, which the model passes through
-    monkeypatch.setattr(dispatch, "MOE_TOKEN_TILES_PROGRAMS", 4)
-    seen = []
-    monkeypatch.setattr(moe_mgpu, "token_tile_experts",
-                        lambda *a, _f=moe_mgpu.token_tile_experts, **kw: seen.append(kw["programs"]) or _f(*a, **kw))
-    jax.clear_caches()
-    persistent = np.asarray(Gemma4Model(model, RunConfig(dtype="bfloat16", attn_impl="xla")).logits(ids), np.float32)
-    assert seen and set(seen) == {4}
-    assert np.isfinite(persistent).all() and rel_err(persistent, got["xla"]) <= 3e-2
 
 
 def test_mosaic_moe_build_check_falls_back_with_a_warning():
