@@ -277,10 +277,6 @@ MOE_PLAN_KERNEL = False
 # chosen expert over every token; 0: never). On an H200 26B-A4B's batch-16 decode step was 1.5–2.5 % faster with
 # it, batch 64 4 % slower (docs/performance.md).
 MOE_TOKEN_TILES_MAX_TOKENS = 16
-# Token tiles with the expert weights in wgmma's M operand and the tokens in N (`moe_mgpu.swapped_token_tile_experts`:
-# a [16, bk] activation tile a step instead of a [64, bk] one). Not yet measured on a GPU, so off
-# (`bench.py generate --moe-swapped`).
-MOE_TOKEN_TILES_SWAPPED = False
 
 
 def resolve_moe(impl: str, *, d: int, f: int, rows: int | None = None, dtype=jnp.bfloat16,
@@ -364,7 +360,7 @@ def settings() -> str:
     names = ("FUSED_PROJECTIONS", "FUSED_ADD_NORM", "DECODE_MAX_TOKENS", "DECODE_KERNEL_MIN_BATCH",
              "DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS",
              "CUDNN_MAX_HEAD_DIM", "MOSAIC_HEAD_DIM", "CUDNN_BACKEND", "MOSAIC_INTERPRET", "MOSAIC_MOE_MIN_ROWS",
-             "MOE_FORCE", "MOE_PLAN_KERNEL", "MOE_TOKEN_TILES_MAX_TOKENS", "MOE_TOKEN_TILES_SWAPPED",
-             "ROUTER_KERNEL", "DENSE_FORCE", "GEMV_MAX_WEIGHT")
+             "MOE_FORCE", "MOE_PLAN_KERNEL", "MOE_TOKEN_TILES_MAX_TOKENS", "ROUTER_KERNEL", "DENSE_FORCE",
+             "GEMV_MAX_WEIGHT")
     return ",".join([f"{n}={globals()[n]!r}" for n in names]
                     + [f"gemv.{n}={getattr(gemv, n)!r}" for n in ("TARGET_PROGRAMS", "MIN_BLOCK_N", "MAX_SPLIT_K")])

@@ -106,15 +106,9 @@ def default_config(rows: int, d: int, f: int) -> MgpuMoeConfig:
     return MgpuMoeConfig(**sizes)
 
 
-def smem_bytes(config: MgpuMoeConfig, itemsize: int = 2, swapped: bool = False) -> int:
-    """Shared memory of the larger of the two kernels (ring + output tile); `swapped`: of the swapped token tiles
-    (at most block_m tokens, `swapped_token_tile_experts`)."""
+def smem_bytes(config: MgpuMoeConfig, itemsize: int = 2) -> int:
+    """Shared memory of the larger of the two kernels (ring + output tile)."""
     bm, bk, s = config.block_m, config.block_k, config.stages
-    if swapped:
-        tp = swapped_tokens(bm)
-        up = config.stages_up * (tp + 2 * config.block_n_up) * config.block_k_up * itemsize
-        down = s * (tp + config.block_n_down) * bk * itemsize
-        return max(up + config.block_n_up * tp * itemsize, down + config.block_n_down * tp * 4)
     up = (config.stages_up * (bm + 2 * config.block_n_up) * config.block_k_up * itemsize
           + bm * config.block_n_up * itemsize)
     down = s * (bm + config.block_n_down) * bk * itemsize + bm * config.block_n_down * 4
@@ -340,7 +334,7 @@ def _grouped(table, a, bs, out_dtype, *, bn: int, bk: int, stages: int, cfg: Mgp
     return kernel(table, a, *bs)
 
 
-def _check(x, w, idx, gate, up, down, cfg: MgpuMoeConfig, swapped: bool = False):
+def _check(x, w, idx, gate, up, down, cfg: MgpuMoeConfig):
     m, d = x.shape
     e, f, d2 = gate.shape
     if idx.shape != w.shape or idx.ndim != 2 or idx.shape[0] != m:
@@ -354,30 +348,25 @@ def _check(x, w, idx, gate, up, down, cfg: MgpuMoeConfig, swapped: bool = False)
                          ("block_k_up", d, cfg.block_k_up), ("block_k", f, cfg.block_k)):
         if dim % b:
             raise ValueError(f"{name}={b} does not divide {dim}")
-    need = smem_bytes(cfg, x.dtype.itemsize, swapped)
-    if need > SMEM_BYTES - 1024:
-        raise ValueError(f"config {cfg} needs {need} bytes of shared memory, more than {SMEM_BYTES}")
+    if smem_bytes(cfg, x.dtype.itemsize) > SMEM_BYTES - 1024:
+        raise ValueError(f"config {cfg} needs {smem_bytes(cfg)} bytes of shared memory, more than {SMEM_BYTES}")
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret", "plan_kernel", "token_tiles", "swapped"))
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "plan_kernel", "token_tiles"))
 def moe_experts_mgpu(x: jax.Array, w: jax.Array, idx: jax.Array, gate: jax.Array, up: jax.Array,
                      down: jax.Array, *, config: MgpuMoeConfig | None = None, interpret: bool = False,
-                     plan_kernel: bool = False, token_tiles: bool = False, table: jax.Array | None = None,
-                     swapped: bool = False) -> jax.Array:
+                     plan_kernel: bool = False, token_tiles: bool = False, table: jax.Array | None = None) -> jax.Array:
     """Routed experts (as `moe.moe_experts`): x [M,D], w/idx [M,k], gate/up [E,F,D], down [E,D,F] → [M,D].
     `plan_kernel`: the unpadded tile plan from `plan_tiles_kernel` where it applies (few rows). `token_tiles`:
-    where M ≤ block_m (a decode step), no plan at all (`token_tile_experts`, or with `swapped` the weights in
-    wgmma's M operand: `swapped_token_tile_experts`), with `table` as its token table where the caller has it
-    (`router.route`)."""
+    where M ≤ block_m (a decode step), no plan at all (`token_tile_experts`), with `table` as its token table
+    where the caller has it (`router.route`)."""
     m, d = x.shape
     e, f = gate.shape[:2]
     k = idx.shape[1]
     cfg = config or default_config(m * k, d, f)
-    tiles = token_tiles and token_tiles_apply(m, cfg)
-    _check(x, w, idx, gate, up, down, cfg, swapped=tiles and swapped)
-    if tiles:
-        tile_experts = swapped_token_tile_experts if swapped else token_tile_experts
-        return tile_experts(x, w, idx, gate, up, down, cfg, interpret=interpret, table=table)
+    _check(x, w, idx, gate, up, down, cfg)
+    if token_tiles and token_tiles_apply(m, cfg):
+        return token_tile_experts(x, w, idx, gate, up, down, cfg, interpret=interpret, table=table)
     plan, xs = make_plan(x, idx, e, cfg, plan_kernel=plan_kernel, interpret=interpret)
     y = grouped_gemms(plan, xs, gate, up, down, cfg, interpret=interpret)
     return _combine(y[plan.pos].reshape(m, k, d), w, x.dtype)
@@ -463,95 +452,3 @@ def token_tile_experts(x: jax.Array, w: jax.Array, idx: jax.Array, gate: jax.Arr
     h = _gate_up(table, xp, gate, up, cfg, interpret=interpret, tiles=e, shared_a=True, out_rows=e * bm)
     y = _down(table, h, down, cfg, interpret=interpret, tiles=e)
     return _combine(y[idx * bm + jnp.arange(m, dtype=idx.dtype)[:, None]], w, x.dtype)  # token m's row of each
-
-
-# ---------------------------------------------------------------------------------------------
-# Swapped token tiles: the weights in wgmma's M operand
-#
-# A token tile puts the step's M ≤ 16 tokens in wgmma's M operand, whose 64 rows are then mostly padding: every
-# step loads a [64, bk] activation tile beside its [bn, bk] weight tile(s) and accumulates a [64, bn] product, 48 of
-# whose rows are never stored. Swapped, each product is computed transposed, (x Wᵀ)ᵀ = W xᵀ: the weight tile is the
-# M operand as it is stored ([bn, bk], K contiguous) and the tokens are N, rounded up to Tp (`swapped_tokens`). The
-# activation tile shrinks to [Tp, bk], the accumulator to [bn, Tp]. The products come out transposed, so gate_up
-# writes hᵀ [E, F, Tp], which down reads as its N operand directly ([bk, Tp] tiles), and down writes yᵀ [E, D, Tp]
-# (float32), from which the combine gathers token m's column of each of its experts.
-
-
-def swapped_tokens(tokens: int) -> int:
-    """Tp: a token count rounded up to a power of two ≥ 16, so that down's [bk, Tp] tiles of hᵀ have rows of 32, 64
-    or 128 bytes, a width wgmma's shared-memory swizzle takes (16-byte rows, Tp = 8, do not lower)."""
-    return max(16, pl.next_power_of_2(tokens))
-
-
-def _swapped_kernel(tab_ref, a_ref, *refs, n_b: int, bn: int, bk: int, stages: int, gelu: bool, per_expert: bool):
-    # tab_ref [4, E] (GMEM): row 0 the expert of tile t, −1 where nobody chose it; a_ref: the tokens, [Tp, K] (x,
-    # read transposed by wgmma) or, with `per_expert`, [E, K, Tp] (down's hᵀ, read as it is); refs: n_b weights
-    # [E, N, K] (GMEM, read in place), then the output [E, N, Tp].
-    b_refs, o_ref = refs[:n_b], refs[n_b]
-    t, j = lax.axis_index("t"), lax.axis_index("n")
-    e = tab_ref[0, t]
-    tp = o_ref.shape[-1]
-
-    @pl.when(e >= 0)
-    def _():
-        def acc_scope(*accs):
-            def step(_, a_smem, *w_smem):
-                b = a_smem if per_expert else plgpu.transpose_ref(a_smem, (1, 0))
-                for acc, w in zip(accs, w_smem, strict=True):
-                    plgpu.wgmma(acc, w, b)
-                plgpu.wgmma_wait(n_b)  # the previous step's products are done: its slots may be refilled
-
-            if per_expert:
-                a_spec = plgpu.BlockSpec((bk, tp), lambda k: (k, 0), delay_release=1)
-            else:
-                a_spec = plgpu.BlockSpec((tp, bk), lambda k: (0, k), delay_release=1)
-            plgpu.emit_pipeline(
-                step,
-                grid=(a_ref.shape[1] // bk,),
-                in_specs=[a_spec] + [plgpu.BlockSpec((bn, bk), lambda k: (j, k), delay_release=1)] * n_b,
-                max_concurrent_steps=stages,
-            )(a_ref.at[e] if per_expert else a_ref, *(b.at[e] for b in b_refs))
-            return tuple(acc[...] for acc in accs)
-
-        vals = pl.run_scoped(acc_scope, *[plgpu.ACC((bn, tp), F32)] * n_b)
-        out = _gelu_product(*vals) if gelu else vals[0]
-
-        @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bn, tp), o_ref.dtype))
-        def _(o_smem):
-            o_smem[...] = out.astype(o_ref.dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[e, pl.ds(j * bn, bn)])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-
-def _swapped(table, a, bs, out_dtype, *, bn: int, bk: int, stages: int, gelu: bool, interpret: bool, name: str):
-    """One swapped grouped GEMM over every expert's tile: [E, N, Tp] = per expert W_e · aᵀ (`_swapped_kernel`)."""
-    e, n = bs[0].shape[:2]
-    per_expert = a.ndim == 3
-    tp = a.shape[-1] if per_expert else a.shape[0]
-    kernel = plgpu.kernel(
-        functools.partial(_swapped_kernel, n_b=len(bs), bn=bn, bk=bk, stages=stages, gelu=gelu,
-                          per_expert=per_expert),
-        out_type=jax.ShapeDtypeStruct((e, n, tp), out_dtype),
-        grid=(e, n // bn),
-        grid_names=("t", "n"),
-        kernel_name=name,
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=mgpu_interpret.params(interpret),
-    )
-    return kernel(table, a, *bs)
-
-
-def swapped_token_tile_experts(x: jax.Array, w: jax.Array, idx: jax.Array, gate: jax.Array, up: jax.Array,
-                               down: jax.Array, cfg: MgpuMoeConfig, *, interpret: bool = False,
-                               table: jax.Array | None = None) -> jax.Array:
-    """`token_tile_experts` with the weights in wgmma's M operand (the section above): any M ≤ cfg.block_m."""
-    m, _ = x.shape
-    e = gate.shape[0]
-    table = token_table(idx, e) if table is None else table
-    xp = jnp.pad(x, ((0, swapped_tokens(m) - m), (0, 0)))
-    ht = _swapped(table, xp, (gate, up), x.dtype, bn=cfg.block_n_up, bk=cfg.block_k_up, stages=cfg.stages_up,
-                  gelu=True, interpret=interpret, name="moe_mgpu_gate_up_swapped")
-    yt = _swapped(table, ht, (down,), F32, bn=cfg.block_n_down, bk=cfg.block_k, stages=cfg.stages, gelu=False,
-                  interpret=interpret, name="moe_mgpu_down_swapped")
-    return _combine(yt[idx, :, jnp.arange(m, dtype=idx.dtype)[:, None]], w, x.dtype)  # token m's column of each

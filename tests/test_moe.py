@@ -24,7 +24,6 @@ from gemma4_jax.kernels.moe_mgpu import (
     moe_experts_mgpu,
     plan_tiles,
     plan_tiles_kernel,
-    swapped_tokens,
     token_table,
     token_tiles_apply,
 )
@@ -335,20 +334,13 @@ TOKEN_TILE_CASES = [
 ]
 
 
-# swapped (weights in wgmma's M operand): tokens padded to 16 (1, 13) and to 64 (64 tokens), gate_up 128 deep a step
-SWAPPED_CASES = [c for c in TOKEN_TILE_CASES
-                 if c[0] in ("batch1_top8", "one_expert_gets_every_token", "batch64_top8", "gate_up_steps_of_128")]
-
-
-@pytest.mark.parametrize("case,swapped", [(c, False) for c in TOKEN_TILE_CASES] + [(c, True) for c in SWAPPED_CASES],
-                         ids=[c[0] for c in TOKEN_TILE_CASES] + [f"swapped_{c[0]}" for c in SWAPPED_CASES])
-def test_mosaic_token_tiles_match_reference(case, swapped):
-    """Token tiles (interpreted; unwritten rows NaN): each chosen expert's tile over every token, no plan; also
-    swapped, the expert weights in wgmma's M operand (`swapped_token_tile_experts`)."""
+@pytest.mark.parametrize("case", TOKEN_TILE_CASES, ids=[c[0] for c in TOKEN_TILE_CASES])
+def test_mosaic_token_tiles_match_reference(case):
+    """Token tiles (interpreted; unwritten rows NaN): each chosen expert's tile over every token, no plan."""
     _, m, k, e, d, f, build, cfg = case
     idx = build(m, k, e) if build else None
     x, w, idx, gate, up, down = _inputs(_seed(case[0]) + 7, m, k, e, d, f, jnp.bfloat16, idx)
-    out = moe_experts_mgpu(x, w, idx, gate, up, down, config=cfg, interpret=True, token_tiles=True, swapped=swapped)
+    out = moe_experts_mgpu(x, w, idx, gate, up, down, config=cfg, interpret=True, token_tiles=True)
     ref = moe_experts_reference(x, w, idx, gate, up, down, precision=jax.lax.Precision.HIGHEST)
     assert out.dtype == x.dtype
     _check(out, ref, jnp.bfloat16)
@@ -372,16 +364,6 @@ def test_mosaic_token_tiles_lower_without_a_plan():
     deep = _lower_at_real_shapes(moe_experts_mgpu, 16, token_tiles=True,
                                  config=MgpuMoeConfig(block_k_up=256, stages_up=2))  # 512-byte weight-row steps
     assert deep.count("mosaic_gpu") >= 2
-
-
-@pytest.mark.parametrize("tokens", [8, 16])
-def test_swapped_token_tiles_lower_at_real_shapes(tokens):
-    """Swapped token tiles lower for CUDA at 26B-A4B's decode shapes (batch 8 and 16: the tokens padded to 16, so
-    that down's [64, 16] tiles of hᵀ have 32-byte rows; 8 tokens' 16-byte rows fail Mosaic's layout inference),
-    weights untouched, with no sort."""
-    text = _lower_at_real_shapes(moe_experts_mgpu, tokens, token_tiles=True, swapped=True)
-    assert text.count("mosaic_gpu") >= 2 and "stablehlo.sort" not in text
-    assert [swapped_tokens(t) for t in (1, 8, 16, 17, 64)] == [16, 16, 16, 32, 64]
 
 
 def test_mosaic_moe_refuses_float32_and_misfit_configs(monkeypatch):
@@ -455,14 +437,6 @@ def test_model_with_mosaic_moe_kernels_matches_xla_experts(monkeypatch):
     tiles = np.asarray(Gemma4Model(model, RunConfig(dtype="bfloat16", attn_impl="xla")).logits(ids), np.float32)
     assert traced, "the model's 16-token MoE layers did not take token tiles"
     assert np.isfinite(tiles).all() and rel_err(tiles, got["xla"]) <= 3e-2
-    # and swapped (dispatch.MOE_TOKEN_TILES_SWAPPED passed on)
-    monkeypatch.setattr(dispatch, "MOE_TOKEN_TILES_SWAPPED", True)
-    monkeypatch.setattr(moe_mgpu, "swapped_token_tile_experts",
-                        lambda *a, _f=moe_mgpu.swapped_token_tile_experts, **kw: traced.append(2) or _f(*a, **kw))
-    jax.clear_caches()
-    swapped = np.asarray(Gemma4Model(model, RunConfig(dtype="bfloat16", attn_impl="xla")).logits(ids), np.float32)
-    assert 2 in traced, "the model's 16-token MoE layers did not take swapped token tiles"
-    assert np.isfinite(swapped).all() and rel_err(swapped, got["xla"]) <= 3e-2
 
 
 def test_mosaic_moe_build_check_falls_back_with_a_warning():

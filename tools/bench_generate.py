@@ -52,7 +52,6 @@ run goes on.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -124,9 +123,6 @@ def add_parser(sub) -> None:
                    help="the Mosaic experts without a plan (a tile per chosen expert over every token) for calls of "
                         "at most this many tokens, 0: never (dispatch.MOE_TOKEN_TILES_MAX_TOKENS; default: the "
                         "library's)")
-    p.add_argument("--moe-swapped", action=argparse.BooleanOptionalAction, default=None,
-                   help="token tiles with the expert weights in wgmma's M operand, or not "
-                        "(dispatch.MOE_TOKEN_TILES_SWAPPED; default: the library's)")
     p.add_argument("--router-kernel", action="store_true",
                    help="a MoE router's top-k at decode by the router kernel, not XLA's kernels "
                         "(dispatch.ROUTER_KERNEL on)")
@@ -253,8 +249,6 @@ def _header(args, cfg) -> dict:
             "moe_plan_kernel": getattr(args, "moe_plan_kernel", False),
             "router_kernel": getattr(args, "router_kernel", False),
             "moe_mosaic_min_rows": getattr(args, "moe_mosaic_min_rows", None) or _dispatch().MOSAIC_MOE_MIN_ROWS,
-            "moe_token_tiles_swapped": _dispatch().MOE_TOKEN_TILES_SWAPPED
-            if getattr(args, "moe_swapped", None) is None else args.moe_swapped,
             "moe_token_tiles_max_tokens": _dispatch().MOE_TOKEN_TILES_MAX_TOKENS
             if getattr(args, "moe_token_tiles", None) is None else args.moe_token_tiles,
             "gemv_max_weight": getattr(args, "gemv_max_weight", None) or _dispatch().GEMV_MAX_WEIGHT,
@@ -331,8 +325,6 @@ def ours(args, start: float) -> dict:
         dispatch.MOSAIC_MOE_MIN_ROWS = args.moe_mosaic_min_rows
     if getattr(args, "moe_token_tiles", None) is not None:
         dispatch.MOE_TOKEN_TILES_MAX_TOKENS = args.moe_token_tiles
-    if getattr(args, "moe_swapped", None) is not None:
-        dispatch.MOE_TOKEN_TILES_SWAPPED = args.moe_swapped
     if getattr(args, "gemv_max_weight", None):
         dispatch.GEMV_MAX_WEIGHT = args.gemv_max_weight
     for flag, name in (("gemv_target_programs", "TARGET_PROGRAMS"), ("gemv_min_block_n", "MIN_BLOCK_N"),

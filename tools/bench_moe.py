@@ -162,13 +162,7 @@ TOKEN_TILE_SHAPES = ((64, False, 64, 128, 4, 128, 3), (64, False, 64, 128, 4, 12
                      (64, False, 64, 64, 4, 128, 3), (64, False, 64, 128, 6), (64, False, 64, 64, 4))
 
 
-# swapped token tiles (`moe_mgpu.swapped_token_tile_experts`): gate_up / down columns (wgmma's M), ring depth, then
-# gate_up's depth per step and ring depth where given; their activation tiles are 16 rows, so deeper rings fit
-SWAPPED_SHAPES = ((64, False, 64, 128, 4), (64, False, 64, 128, 6), (64, False, 64, 256, 4), (64, False, 128, 128, 4),
-                  (64, False, 64, 128, 4, 128, 4), (64, False, 64, 64, 6), (64, False, 128, 256, 4, 128, 3))
-
-
-def mosaic_candidates(d: int, f: int, shapes=MOSAIC_SHAPES, swapped: bool = False):
+def mosaic_candidates(d: int, f: int, shapes=MOSAIC_SHAPES):
     """Mosaic configs worth timing: gate_up / down column tiles, ring depth (block sizes fitted to D and F)."""
     from gemma4_jax.kernels.moe_mgpu import SMEM_BYTES, MgpuMoeConfig, smem_bytes
     from gemma4_jax.kernels.tiling import fit_block as _fit
@@ -179,7 +173,7 @@ def mosaic_candidates(d: int, f: int, shapes=MOSAIC_SHAPES, swapped: bool = Fals
         c = MgpuMoeConfig(block_m=bm, block_n_up=_fit(f, n_up), block_n_down=_fit(d, n_dn),
                           block_k=_fit(min(d, f), 64), stages=stages, padded=padded,
                           block_k_up=k_up and _fit(d, k_up), stages_up=stages_up)
-        if smem_bytes(c, swapped=swapped) <= SMEM_BYTES - 1024:
+        if smem_bytes(c) <= SMEM_BYTES - 1024:
             out.append(c)
     return list(dict.fromkeys(out))
 
@@ -249,14 +243,9 @@ def run(args) -> dict:
             measure("mosaic default", moe_experts_mgpu)
             if token_tiles_apply(m, mgpu_default_config(m * k, d, f)):  # no plan: a tile per chosen expert
                 measure("mosaic token tiles", jax.jit(lambda *a: moe_experts_mgpu(*a, token_tiles=True)))
-                measure("mosaic swapped token tiles",
-                        jax.jit(lambda *a: moe_experts_mgpu(*a, token_tiles=True, swapped=True)))
                 for c in (mosaic_candidates(d, f, TOKEN_TILE_SHAPES) if args.sweep_token_tiles else ()):
                     measure(f"mosaic token tiles {c}",
                             jax.jit(lambda *a, c=c: moe_experts_mgpu(*a, config=c, token_tiles=True)))
-                for c in (mosaic_candidates(d, f, SWAPPED_SHAPES, True) if args.sweep_token_tiles else ()):
-                    measure(f"mosaic swapped token tiles {c}",
-                            jax.jit(lambda *a, c=c: moe_experts_mgpu(*a, config=c, token_tiles=True, swapped=True)))
         if args.gemm_only:
             from gemma4_jax.kernels import moe as tri
             from gemma4_jax.kernels import moe_mgpu as mos

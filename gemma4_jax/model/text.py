@@ -320,7 +320,7 @@ class MoE(nnx.Module):
             return moe_mgpu.moe_experts_mgpu(y_md, w_mk, idx_mk, *weights, interpret=dispatch.MOSAIC_INTERPRET,
                                              plan_kernel=dispatch.MOE_PLAN_KERNEL,
                                              token_tiles=y_md.shape[0] <= dispatch.MOE_TOKEN_TILES_MAX_TOKENS,
-                                             table=table, swapped=dispatch.MOE_TOKEN_TILES_SWAPPED)
+                                             table=table)
         if choice != "xla":
             return moe.moe_experts(y_md, w_mk, idx_mk, *weights, interpret=choice == "interpret")
         return moe.moe_experts_xla(y_md, w_mk, idx_mk, *weights,
