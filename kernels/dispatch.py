@@ -334,20 +334,25 @@ def resolve_router(impl: str, *, rows: int, d: int, experts: int, k: int, dtype=
 
 # Benches set this to 'xla' to time XLA's dense projections beside the skinny kernel in one process.
 DENSE_FORCE: str | None = None
+# Weights of fewer elements than this go to XLA's product even at a decode step (0: none; `bench.py generate
+# --gemv-min-weight`): where XLA fuses the norm before a small projection into its product, the chain is shorter.
+GEMV_MIN_WEIGHT = 0
 
 
 def resolve_dense(impl: str, *, rows: int, k: int, n: int, dtype=jnp.bfloat16, platform: str | None = None) -> str:
     """How a dense projection x [rows,K] @ W [K,N] runs ('xla' | 'pallas' | 'interpret'), under the same `impl`.
 
     A decode step's projections (at most GEMV_MAX_ROWS rows, weights of at most GEMV_MAX_WEIGHT elements: this
-    module's copy, which benches change with `bench.py generate --gemv-max-weight`) go to the
+    module's copy, which benches change with `bench.py generate --gemv-max-weight`; and of at least
+    GEMV_MIN_WEIGHT) go to the
     skinny Pallas kernel (`gemv.gemv`, which streams W in place) where XLA would lower the smaller ones as a slow
     column reduction: 'auto' and 'cudnn' on a GPU for 16-bit inputs, 'pallas' and 'interpret' for any dtype.
     Everything else, and every shape the kernel does not take, is XLA's.
     """
     _check_impl(impl)
     impl = DENSE_FORCE or impl
-    if impl == "xla" or rows > GEMV_MAX_ROWS or k * n > GEMV_MAX_WEIGHT or not gemv_supports(k, n):
+    if (impl == "xla" or rows > GEMV_MAX_ROWS or not GEMV_MIN_WEIGHT <= k * n <= GEMV_MAX_WEIGHT
+            or not gemv_supports(k, n)):
         return "xla"
     if impl in ("pallas", "interpret"):
         return impl
@@ -361,6 +366,6 @@ def settings() -> str:
              "DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS",
              "CUDNN_MAX_HEAD_DIM", "MOSAIC_HEAD_DIM", "CUDNN_BACKEND", "MOSAIC_INTERPRET", "MOSAIC_MOE_MIN_ROWS",
              "MOE_FORCE", "MOE_PLAN_KERNEL", "MOE_TOKEN_TILES_MAX_TOKENS", "ROUTER_KERNEL", "DENSE_FORCE",
-             "GEMV_MAX_WEIGHT")
+             "GEMV_MAX_WEIGHT", "GEMV_MIN_WEIGHT")
     return ",".join([f"{n}={globals()[n]!r}" for n in names]
                     + [f"gemv.{n}={getattr(gemv, n)!r}" for n in ("TARGET_PROGRAMS", "MIN_BLOCK_N", "MAX_SPLIT_K")])

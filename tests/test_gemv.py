@@ -171,7 +171,7 @@ def test_resolve_dense():
         r("fast", rows=1, k=64, n=32)
 
 
-def test_the_weight_limit_moves_projections_to_xla_and_keys_programs(monkeypatch):
+def test_the_weight_limits_move_projections_to_xla_and_key_programs(monkeypatch):
     """`dispatch.GEMV_MAX_WEIGHT` (bench.py generate --gemv-max-weight): weights above it go to XLA, and a program
     traced under another limit is another program (`dispatch.settings`)."""
     from gemma4_jax.kernels import dispatch
@@ -180,6 +180,12 @@ def test_the_weight_limit_moves_projections_to_xla_and_keys_programs(monkeypatch
     monkeypatch.setattr(dispatch, "GEMV_MAX_WEIGHT", 2816 * 2112)
     assert resolve_dense("auto", rows=1, k=2816, n=2112, dtype=jnp.bfloat16, platform="gpu") == "pallas"
     assert resolve_dense("auto", rows=1, k=2816, n=4096, dtype=jnp.bfloat16, platform="gpu") == "xla"
+    assert dispatch.settings() != before
+    # and below GEMV_MIN_WEIGHT (bench.py generate --gemv-min-weight): 26B-A4B's router to XLA, the rest kept
+    before = dispatch.settings()
+    monkeypatch.setattr(dispatch, "GEMV_MIN_WEIGHT", 2816 * 128 + 1)
+    assert resolve_dense("auto", rows=16, k=2816, n=128, dtype=jnp.bfloat16, platform="gpu") == "xla"
+    assert resolve_dense("auto", rows=16, k=2816, n=2112, dtype=jnp.bfloat16, platform="gpu") == "pallas"
     assert dispatch.settings() != before
 
 

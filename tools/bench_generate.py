@@ -102,6 +102,10 @@ def add_parser(sub) -> None:
     p.add_argument("--gemv-max-weight", type=int, default=None, metavar="ELEMENTS",
                    help="the largest weight (K*N elements) a decode-step projection sends to the skinny kernel; "
                         "larger ones go to XLA (dispatch.GEMV_MAX_WEIGHT; default: the library's)")
+    p.add_argument("--gemv-min-weight", type=int, default=None, metavar="ELEMENTS",
+                   help="the smallest weight (K*N elements) a decode-step projection sends to the skinny kernel; "
+                        "smaller ones (26B-A4B's router: 360,448) go to XLA (dispatch.GEMV_MIN_WEIGHT; default: the "
+                        "library's)")
     p.add_argument("--gemv-target-programs", type=int, default=None, metavar="N",
                    help="programs the skinny kernel aims for, narrowing its column tiles, then splitting K "
                         "(gemv.TARGET_PROGRAMS; default: the library's)")
@@ -252,6 +256,7 @@ def _header(args, cfg) -> dict:
             "moe_token_tiles_max_tokens": _dispatch().MOE_TOKEN_TILES_MAX_TOKENS
             if getattr(args, "moe_token_tiles", None) is None else args.moe_token_tiles,
             "gemv_max_weight": getattr(args, "gemv_max_weight", None) or _dispatch().GEMV_MAX_WEIGHT,
+            "gemv_min_weight": getattr(args, "gemv_min_weight", None) or _dispatch().GEMV_MIN_WEIGHT,
             "gemv_target_programs": getattr(args, "gemv_target_programs", None) or _gemv().TARGET_PROGRAMS,
             "gemv_min_block_n": getattr(args, "gemv_min_block_n", None) or _gemv().MIN_BLOCK_N,
             "gemv_max_split_k": getattr(args, "gemv_max_split_k", None) or _gemv().MAX_SPLIT_K,
@@ -327,6 +332,8 @@ def ours(args, start: float) -> dict:
         dispatch.MOE_TOKEN_TILES_MAX_TOKENS = args.moe_token_tiles
     if getattr(args, "gemv_max_weight", None):
         dispatch.GEMV_MAX_WEIGHT = args.gemv_max_weight
+    if getattr(args, "gemv_min_weight", None):
+        dispatch.GEMV_MIN_WEIGHT = args.gemv_min_weight
     for flag, name in (("gemv_target_programs", "TARGET_PROGRAMS"), ("gemv_min_block_n", "MIN_BLOCK_N"),
                        ("gemv_max_split_k", "MAX_SPLIT_K")):
         if getattr(args, flag, None):
