@@ -318,6 +318,10 @@ def resolve_moe(impl: str, *, d: int, f: int, rows: int | None = None, dtype=jnp
 # step was 1.8 % slower with it and batch 1 4.6 % (docs/performance.md); benches turn it on
 # (`bench.py generate --router-kernel`).
 ROUTER_KERNEL = False
+# In a MoE layer the dense MLP beside the experts waits for the router's weights (`model.after`), so that at a decode
+# step its projections stream beside the experts instead of beside the router's chain of small kernels, which the
+# experts wait for. Not yet measured on a GPU, so off (`bench.py generate --dense-after-router`).
+DENSE_AFTER_ROUTER = False
 
 
 def resolve_router(impl: str, *, rows: int, d: int, experts: int, k: int, dtype=jnp.bfloat16,

@@ -448,3 +448,31 @@ def test_mosaic_moe_build_check_falls_back_with_a_warning():
             assert dispatch.mosaic_moe_compiles(64, 64, "bfloat16") is False
     finally:
         dispatch.mosaic_moe_compiles.cache_clear()
+
+
+def test_dense_mlp_after_the_router_changes_no_value(monkeypatch):
+    """`dispatch.DENSE_AFTER_ROUTER`: each MoE layer's dense MLP reads its input through `model.after`, which ties
+    it to the router's weights (a NaN there reaches it: the edge is real) and leaves its values alone: a
+    26B-A4B-family model (random weights, norms and scalars perturbed) gives the same float32 logits with it."""
+    from gemma4_jax.api import Gemma4Model, RunConfig
+    from gemma4_jax.config import Gemma4Config
+    from gemma4_jax.model import text
+    from gemma4_jax.testing.synthetic import random_model
+
+    x = jnp.asarray([[1.5, -0.0, 2.0]], jnp.float32)
+    np.testing.assert_array_equal(np.asarray(text.after(x, jnp.asarray([0.25, 3.0]))), np.asarray(x))
+    assert np.isnan(np.asarray(text.after(x, jnp.asarray([np.nan])))).all()
+
+    cfg = Gemma4Config.from_hf_dict(FAMILIES["26b-a4b"], name="moe-after")
+    model = random_model(cfg, jnp.float32)
+    ids = np.random.default_rng(4).integers(3, 256, size=(2, 6))
+    got, original = {}, text.after
+    for on in (False, True):
+        monkeypatch.setattr(dispatch, "DENSE_AFTER_ROUTER", on)
+        calls = []
+        monkeypatch.setattr(text, "after", lambda *a, _c=calls: _c.append(1) or original(*a))
+        jax.clear_caches()
+        got[on] = np.asarray(Gemma4Model(model, RunConfig(dtype="float32", attn_impl="xla")).logits(ids))
+        moe_layers = sum(s.moe for s in cfg.layers)
+        assert len(calls) == (moe_layers if on else 0), (on, len(calls), moe_layers)
+    np.testing.assert_array_equal(got[True], got[False])

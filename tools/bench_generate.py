@@ -127,6 +127,9 @@ def add_parser(sub) -> None:
                    help="the Mosaic experts without a plan (a tile per chosen expert over every token) for calls of "
                         "at most this many tokens, 0: never (dispatch.MOE_TOKEN_TILES_MAX_TOKENS; default: the "
                         "library's)")
+    p.add_argument("--dense-after-router", action="store_true",
+                   help="a MoE layer's dense MLP waits for the router's weights, so that it runs beside the experts "
+                        "(dispatch.DENSE_AFTER_ROUTER on)")
     p.add_argument("--router-kernel", action="store_true",
                    help="a MoE router's top-k at decode by the router kernel, not XLA's kernels "
                         "(dispatch.ROUTER_KERNEL on)")
@@ -252,6 +255,7 @@ def _header(args, cfg) -> dict:
             "fused_add_norm": getattr(args, "fused_add_norm", False),
             "moe_plan_kernel": getattr(args, "moe_plan_kernel", False),
             "router_kernel": getattr(args, "router_kernel", False),
+            "dense_after_router": getattr(args, "dense_after_router", False),
             "moe_mosaic_min_rows": getattr(args, "moe_mosaic_min_rows", None) or _dispatch().MOSAIC_MOE_MIN_ROWS,
             "moe_token_tiles_max_tokens": _dispatch().MOE_TOKEN_TILES_MAX_TOKENS
             if getattr(args, "moe_token_tiles", None) is None else args.moe_token_tiles,
@@ -326,6 +330,7 @@ def ours(args, start: float) -> dict:
     dispatch.FUSED_ADD_NORM = getattr(args, "fused_add_norm", False)
     dispatch.MOE_PLAN_KERNEL = getattr(args, "moe_plan_kernel", False)
     dispatch.ROUTER_KERNEL = getattr(args, "router_kernel", False)
+    dispatch.DENSE_AFTER_ROUTER = getattr(args, "dense_after_router", False)
     if getattr(args, "moe_mosaic_min_rows", None):
         dispatch.MOSAIC_MOE_MIN_ROWS = args.moe_mosaic_min_rows
     if getattr(args, "moe_token_tiles", None) is not None:

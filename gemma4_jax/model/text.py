@@ -44,6 +44,13 @@ def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:
     return y.astype(x.dtype)
 
 
+def after(x: jax.Array, dep: jax.Array) -> jax.Array:
+    """x, with the same values, as a result that depends on `dep` (x + 0·dep[0]): whatever reads it waits for `dep`
+    in the step's graph (XLA keeps a floating-point product with zero, which is NaN for a NaN, so the edge stays).
+    `dep` must be finite; a zero of x may change sign, nothing else."""
+    return x + (dep.reshape(-1)[0] * 0).astype(x.dtype)
+
+
 def gelu(x: jax.Array) -> jax.Array:
     """The tanh approximation (`gelu_pytorch_tanh`)."""
     return numerics.gelu_tanh(x)
@@ -369,14 +376,19 @@ class DecoderLayer(nnx.Module):
             x, a = residual_after("BTNH,NHD->BTD", x_btd, o, self.attn.o_proj[...], self.post_attn_norm[...],
                                   self.pre_ffw_norm[...], eps, impl)
 
-        with jax.named_scope("mlp"):
-            f = self.mlp(x, self.pre_ffw_norm[...], eps, impl, normed=a)
+        b, t, d = x.shape
+        x_mlp = x
         if self.moe_enabled:
             with jax.named_scope("moe"):
-                b, t, d = x.shape
-                dense = rms_norm(f, self.post_ffw_norm_1[...], eps)
                 x_md = x.reshape(b * t, d)
                 w, idx, table = self.moe.route(x_md, impl)  # the router sees the un-normalised stream
+            if dispatch.DENSE_AFTER_ROUTER:  # the dense MLP starts once the router is done (dispatch's comment)
+                x_mlp, a = after(x, w), None if a is None else after(a, w)
+        with jax.named_scope("mlp"):
+            f = self.mlp(x_mlp, self.pre_ffw_norm[...], eps, impl, normed=a)
+        if self.moe_enabled:
+            with jax.named_scope("moe"):
+                dense = rms_norm(f, self.post_ffw_norm_1[...], eps)
                 m = self.moe.experts(rms_norm(x_md, self.pre_ffw_norm_2[...], eps), w, idx, impl, table)
                 f = dense + rms_norm(m.reshape(b, t, d), self.post_ffw_norm_2[...], eps)
         x = x + rms_norm(f, self.post_ffw_norm[...], eps)
