@@ -415,6 +415,9 @@ def ours(args, start: float) -> dict:
         entry["tokens_sha1"] = hashlib.sha1(np.asarray(first[0], np.int32).tobytes()).hexdigest()
         progress(f"b{b}_compile_and_first_run")
         t_long, decode = best_generation(model, prompts, args.gen_len, args.repeat)
+        again: list = []  # the same generation once more in this process: its tokens bit for bit, or not
+        gen(args.gen_len, again)
+        entry["tokens_same_in_process"] = bool(np.array_equal(np.asarray(first[0]), np.asarray(again[0])))
         decode /= args.gen_len - 1
         floor = step_bytes(cfg, b, args.prompt_len + args.gen_len // 2) / bw
         entry.update(compile_s=entry["first_run_s"] - t_long, generate_s={str(args.gen_len): t_long},
