@@ -322,6 +322,14 @@ ROUTER_KERNEL = False
 # step its projections stream beside the experts instead of beside the router's chain of small kernels, which the
 # experts wait for. Not yet measured on a GPU, so off (`bench.py generate --dense-after-router`).
 DENSE_AFTER_ROUTER = False
+# The router normalises its own copy of the stream (`model.after`: x + 0·scale, which XLA can neither fold nor merge
+# with x; an optimisation barrier does not stop the merge, checked on the CPU). Without it XLA merges
+# the three identical mean-of-squares reductions of a MoE layer's stream (the router's, the dense MLP's and the
+# experts' norms) into one, shared by three consumers, so the router's norm is a reduce kernel and then an
+# elementwise one on the chain the experts wait for (on an H200: two kernels, docs/performance.md); its own
+# reduction can fuse with its own tail. The same values either way. Not yet measured on a GPU, so off
+# (`bench.py generate --router-own-norm`).
+ROUTER_OWN_NORM = False
 
 
 def resolve_router(impl: str, *, rows: int, d: int, experts: int, k: int, dtype=jnp.bfloat16,

@@ -476,3 +476,45 @@ def test_dense_mlp_after_the_router_changes_no_value(monkeypatch):
         moe_layers = sum(s.moe for s in cfg.layers)
         assert len(calls) == (moe_layers if on else 0), (on, len(calls), moe_layers)
     np.testing.assert_array_equal(got[True], got[False])
+
+
+def test_router_own_norm_changes_no_value_and_has_its_own_reduction(monkeypatch):
+    """`dispatch.ROUTER_OWN_NORM`: XLA merges the router's mean of squares with the other norms' of the same stream
+    (one reduce where three were written); behind the barrier the router keeps a reduction of its own (one more in
+    the optimised program), and every value stays the same: the routing weights and experts exactly, and a
+    26B-A4B-family model's float32 logits bit for bit."""
+    from flax import nnx
+
+    from gemma4_jax.api import Gemma4Model, RunConfig
+    from gemma4_jax.config import Gemma4Config
+    from gemma4_jax.model import text
+    from gemma4_jax.testing.synthetic import random_model
+
+    cfg = Gemma4Config.from_hf_dict(FAMILIES["26b-a4b"], name="moe-own-norm")
+    graphdef, state = nnx.split(text.MoE(cfg, jnp.float32, nnx.Rngs(3)))
+    norm = 1.0 + 0.1 * jax.random.normal(jax.random.key(1), (cfg.hidden_size,), jnp.float32)
+
+    def layer_piece(state, x):  # the router beside another norm of the same stream, as in a MoE layer
+        w, idx, _ = nnx.merge(graphdef, state).route(x, "xla")
+        return w, idx, text.rms_norm(x, norm, cfg.rms_norm_eps)
+
+    x = jax.random.normal(jax.random.key(2), (5, cfg.hidden_size), jnp.float32)
+    got, reduces = {}, {}
+    for on in (False, True):
+        monkeypatch.setattr(dispatch, "ROUTER_OWN_NORM", on)
+        jax.clear_caches()  # the flag is read while tracing
+        fn = jax.jit(layer_piece)
+        got[on] = [np.asarray(a) for a in fn(state, x)]
+        reduces[on] = sum(" reduce(" in line for line in fn.lower(state, x).compile().as_text().splitlines())
+    assert reduces[True] == reduces[False] + 1, reduces
+    for a, b in zip(got[True], got[False], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    model = random_model(cfg, jnp.float32)
+    ids = np.random.default_rng(5).integers(3, 256, size=(2, 6))
+    logits = {}
+    for on in (False, True):
+        monkeypatch.setattr(dispatch, "ROUTER_OWN_NORM", on)
+        jax.clear_caches()
+        logits[on] = np.asarray(Gemma4Model(model, RunConfig(dtype="float32", attn_impl="xla")).logits(ids))
+    np.testing.assert_array_equal(logits[True], logits[False])

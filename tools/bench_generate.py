@@ -130,6 +130,9 @@ def add_parser(sub) -> None:
     p.add_argument("--dense-after-router", action="store_true",
                    help="a MoE layer's dense MLP waits for the router's weights, so that it runs beside the experts "
                         "(dispatch.DENSE_AFTER_ROUTER on)")
+    p.add_argument("--router-own-norm", action="store_true",
+                   help="a MoE router normalises its own copy of the stream, not sharing XLA's merged reduction "
+                        "(dispatch.ROUTER_OWN_NORM on)")
     p.add_argument("--router-kernel", action="store_true",
                    help="a MoE router's top-k at decode by the router kernel, not XLA's kernels "
                         "(dispatch.ROUTER_KERNEL on)")
@@ -256,6 +259,7 @@ def _header(args, cfg) -> dict:
             "moe_plan_kernel": getattr(args, "moe_plan_kernel", False),
             "router_kernel": getattr(args, "router_kernel", False),
             "dense_after_router": getattr(args, "dense_after_router", False),
+            "router_own_norm": getattr(args, "router_own_norm", False),
             "moe_mosaic_min_rows": getattr(args, "moe_mosaic_min_rows", None) or _dispatch().MOSAIC_MOE_MIN_ROWS,
             "moe_token_tiles_max_tokens": _dispatch().MOE_TOKEN_TILES_MAX_TOKENS
             if getattr(args, "moe_token_tiles", None) is None else args.moe_token_tiles,
@@ -331,6 +335,7 @@ def ours(args, start: float) -> dict:
     dispatch.MOE_PLAN_KERNEL = getattr(args, "moe_plan_kernel", False)
     dispatch.ROUTER_KERNEL = getattr(args, "router_kernel", False)
     dispatch.DENSE_AFTER_ROUTER = getattr(args, "dense_after_router", False)
+    dispatch.ROUTER_OWN_NORM = getattr(args, "router_own_norm", False)
     if getattr(args, "moe_mosaic_min_rows", None):
         dispatch.MOSAIC_MOE_MIN_ROWS = args.moe_mosaic_min_rows
     if getattr(args, "moe_token_tiles", None) is not None:

@@ -300,6 +300,8 @@ class MoE(nnx.Module):
         """Top-k weights [M,k] (float32), expert ids [M,k] from the un-normalised stream, and where the router
         kernel ran (a decode step's few rows: `dispatch.resolve_router`) the experts' token table, else None."""
         d = x_md.shape[-1]
+        if dispatch.ROUTER_OWN_NORM:  # a reduction of its own, not the one XLA would share (dispatch's comment)
+            x_md = after(x_md, self.router_scale[...])
         r = rms_norm(x_md, None, self.eps) * self.router_scale[...] * (d**-0.5)
         proj, scale = self.router_proj[...], self.per_expert_scale[...]
         choice = dispatch.resolve_router(impl, rows=r.shape[0], d=d, experts=proj.shape[-1], k=self.top_k,
