@@ -385,7 +385,10 @@ class DecoderLayer(nnx.Module):
                 x_md = x.reshape(b * t, d)
                 w, idx, table = self.moe.route(x_md, impl)  # the router sees the un-normalised stream
             if dispatch.DENSE_AFTER_ROUTER:  # the dense MLP starts once the router is done (dispatch's comment)
-                x_mlp, a = after(x, w), None if a is None else after(a, w)
+                if a is None:  # the input the MLP reads: the stream it normalises, or the norm given to it
+                    x_mlp = after(x, w)
+                else:
+                    a = after(a, w)
         with jax.named_scope("mlp"):
             f = self.mlp(x_mlp, self.pre_ffw_norm[...], eps, impl, normed=a)
         if self.moe_enabled:
