@@ -320,15 +320,18 @@ def resolve_moe(impl: str, *, d: int, f: int, rows: int | None = None, dtype=jnp
 ROUTER_KERNEL = False
 # In a MoE layer the dense MLP beside the experts waits for the router's weights (`model.after`), so that at a decode
 # step its projections stream beside the experts instead of beside the router's chain of small kernels, which the
-# experts wait for. Not yet measured on a GPU, so off (`bench.py generate --dense-after-router`).
-DENSE_AFTER_ROUTER = False
+# experts wait for. On: on an H200 26B-A4B's decode step was 1.0-1.4 % faster with it at batch 1, 8 and 16
+# (docs/performance.md, eleventh session); the same values (a test compares float32 logits bit for bit). Benches turn
+# it off with `bench.py generate --no-dense-after-router`.
+DENSE_AFTER_ROUTER = True
 # The router normalises its own copy of the stream (`model.after`: x + 0·scale, which XLA can neither fold nor merge
 # with x; an optimisation barrier does not stop the merge, checked on the CPU). Without it XLA merges
 # the three identical mean-of-squares reductions of a MoE layer's stream (the router's, the dense MLP's and the
 # experts' norms) into one, shared by three consumers, so the router's norm is a reduce kernel and then an
 # elementwise one on the chain the experts wait for (on an H200: two kernels, docs/performance.md); its own
-# reduction can fuse with its own tail. The same values either way. Not yet measured on a GPU, so off
-# (`bench.py generate --router-own-norm`).
+# reduction can fuse with its own tail. The same values either way. Off: on an H200 26B-A4B's decode step was 0.9 %
+# slower with it at batch 16 and 1.1 % at batch 1, and 1.3 % slower than DENSE_AFTER_ROUTER alone at batch 16
+# (docs/performance.md, eleventh session); benches turn it on (`bench.py generate --router-own-norm`).
 ROUTER_OWN_NORM = False
 
 

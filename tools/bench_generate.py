@@ -52,6 +52,7 @@ run goes on.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -127,9 +128,9 @@ def add_parser(sub) -> None:
                    help="the Mosaic experts without a plan (a tile per chosen expert over every token) for calls of "
                         "at most this many tokens, 0: never (dispatch.MOE_TOKEN_TILES_MAX_TOKENS; default: the "
                         "library's)")
-    p.add_argument("--dense-after-router", action="store_true",
+    p.add_argument("--dense-after-router", action=argparse.BooleanOptionalAction, default=None,
                    help="a MoE layer's dense MLP waits for the router's weights, so that it runs beside the experts "
-                        "(dispatch.DENSE_AFTER_ROUTER on)")
+                        "(dispatch.DENSE_AFTER_ROUTER; default: the library's, on)")
     p.add_argument("--router-own-norm", action="store_true",
                    help="a MoE router normalises its own copy of the stream, not sharing XLA's merged reduction "
                         "(dispatch.ROUTER_OWN_NORM on)")
@@ -258,7 +259,8 @@ def _header(args, cfg) -> dict:
             "fused_add_norm": getattr(args, "fused_add_norm", False),
             "moe_plan_kernel": getattr(args, "moe_plan_kernel", False),
             "router_kernel": getattr(args, "router_kernel", False),
-            "dense_after_router": getattr(args, "dense_after_router", False),
+            "dense_after_router": _dispatch().DENSE_AFTER_ROUTER if getattr(args, "dense_after_router", None) is None
+            else args.dense_after_router,
             "router_own_norm": getattr(args, "router_own_norm", False),
             "moe_mosaic_min_rows": getattr(args, "moe_mosaic_min_rows", None) or _dispatch().MOSAIC_MOE_MIN_ROWS,
             "moe_token_tiles_max_tokens": _dispatch().MOE_TOKEN_TILES_MAX_TOKENS
@@ -334,7 +336,8 @@ def ours(args, start: float) -> dict:
     dispatch.FUSED_ADD_NORM = getattr(args, "fused_add_norm", False)
     dispatch.MOE_PLAN_KERNEL = getattr(args, "moe_plan_kernel", False)
     dispatch.ROUTER_KERNEL = getattr(args, "router_kernel", False)
-    dispatch.DENSE_AFTER_ROUTER = getattr(args, "dense_after_router", False)
+    if getattr(args, "dense_after_router", None) is not None:
+        dispatch.DENSE_AFTER_ROUTER = args.dense_after_router
     dispatch.ROUTER_OWN_NORM = getattr(args, "router_own_norm", False)
     if getattr(args, "moe_mosaic_min_rows", None):
         dispatch.MOSAIC_MOE_MIN_ROWS = args.moe_mosaic_min_rows
