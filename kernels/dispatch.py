@@ -349,6 +349,11 @@ def resolve_router(impl: str, *, rows: int, d: int, experts: int, k: int, dtype=
 
 # Benches set this to 'xla' to time XLA's dense projections beside the skinny kernel in one process.
 DENSE_FORCE: str | None = None
+# The skinny kernel adds its K splits itself (`gemv.gemv(sum_in_kernel=True)`: each column tile's last program
+# sums the float32 partials in a fixed order and writes the result), sparing the XLA reduction kernel that follows
+# each split launch on a decode step's chain of dependent kernels. Not yet measured on a GPU, so off
+# (`bench.py generate --gemv-sum-in-kernel`; `bench.py dense` times it beside the default).
+GEMV_SUM_IN_KERNEL = False
 # Weights of fewer elements than this go to XLA's product even at a decode step (0: none; `bench.py generate
 # --gemv-min-weight`): where XLA fuses the norm before a small projection into its product, the chain is shorter.
 GEMV_MIN_WEIGHT = 0
@@ -381,6 +386,6 @@ def settings() -> str:
              "DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS",
              "CUDNN_MAX_HEAD_DIM", "MOSAIC_HEAD_DIM", "CUDNN_BACKEND", "MOSAIC_INTERPRET", "MOSAIC_MOE_MIN_ROWS",
              "MOE_FORCE", "MOE_PLAN_KERNEL", "MOE_TOKEN_TILES_MAX_TOKENS", "ROUTER_KERNEL", "DENSE_FORCE",
-             "GEMV_MAX_WEIGHT", "GEMV_MIN_WEIGHT")
+             "GEMV_MAX_WEIGHT", "GEMV_MIN_WEIGHT", "GEMV_SUM_IN_KERNEL", "DENSE_AFTER_ROUTER", "ROUTER_OWN_NORM")
     return ",".join([f"{n}={globals()[n]!r}" for n in names]
                     + [f"gemv.{n}={getattr(gemv, n)!r}" for n in ("TARGET_PROGRAMS", "MIN_BLOCK_N", "MAX_SPLIT_K")])

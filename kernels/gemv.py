@@ -22,6 +22,14 @@ At a decode step every launch costs a few µs of ramp and tail whatever it reads
 decode step's time goes"); an earlier version normalised the whole row in each program before streaming, which
 doubled the queries' kernel time on an H200.
 
+With `sum_in_kernel` (`gemv` only) the K splits are added in the kernel instead: each program stores its float32
+partial product, then takes a ticket from its column tile's counter (an atomic add, acquire-release at GPU scope,
+after a block barrier so that all its threads' stores are out); the program that draws the last ticket loads the
+tile's S partials (ordered after the other programs' stores by the ticket's acquire) and writes their sum, in
+split order, in x's dtype. The reduction kernel after the launch, one more kernel on a decode step's chain, is
+gone; the sum is deterministic (a fixed order, not atomic adds of floats). The counters are a zeroed int32 input
+aliased to an output, so every call starts from 0.
+
 Block sizes must divide every N and K / split_k (powers of two ≥ 16): `default_config` picks them, `supports` says
 whether a shape can run.
 """
@@ -212,12 +220,74 @@ def _launch(x, ws, norm_weight, cfg: GemvConfig, interpret: bool, nk: bool) -> l
     )(*args, *ws)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret", "nk"))
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "nk", "sum_in_kernel"))
 def gemv(x: jax.Array, w: jax.Array, *, config: GemvConfig | None = None, interpret: bool = False,
-         nk: bool = False) -> jax.Array:
+         nk: bool = False, sum_in_kernel: bool = False) -> jax.Array:
     """x [M,K] @ w [K,N] for M ≤ 16 rows (`nk`: w stored [N,K]); float32 accumulation; returns [M,N] in x's
-    dtype."""
+    dtype. `sum_in_kernel`: the K splits added by each column tile's last program (the module's docstring), not by
+    an XLA reduction after the launch."""
+    if sum_in_kernel:
+        k, n = w.shape[::-1] if nk else w.shape
+        return _launch_summed(x, w, config or default_config(k, n), interpret, nk)
     return jnp.sum(gemv_parts(x, w, config=config, interpret=interpret, nk=nk), axis=0).astype(x.dtype)
+
+
+def _summed_kernel(x_ref, w_ref, count_ref, o_ref, parts_ref, count_out_ref, *, block_k: int, rows: int, kc: int,
+                   splits: int, block_n: int, nk: bool, barrier: bool):
+    # x_ref [16, K] (rows beyond `rows` masked), w_ref one [K/S, bn] slab ([bn, K/S] with `nk`); count_ref /
+    # count_out_ref the column tiles' ticket counters [tiles] (one buffer, aliased); o_ref the [16, bn] output
+    # block in x's dtype; parts_ref the whole float32 [S, 16, N] scratch of partial products.
+    del count_ref  # the same buffer as count_out_ref
+    valid = (lax.broadcasted_iota(jnp.int32, (ROWS, 1), 0) < rows)
+    j, s = pl.program_id(0), pl.program_id(1)
+
+    def body(i, acc):
+        k0 = pl.multiple_of(s * kc + i * block_k, block_k)
+        xb = plgpu.load(x_ref.at[:, pl.ds(k0, block_k)], mask=valid, other=0)
+        ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
+        return acc + _dot(xb, w_ref[:, ks].T if nk else w_ref[ks, :])
+
+    acc = lax.fori_loop(0, kc // block_k, body, jnp.zeros((ROWS, block_n), F32))
+    if splits == 1:  # nothing to add: the product is the result
+        plgpu.store(o_ref, acc.astype(o_ref.dtype), mask=valid)
+        return
+    cols = pl.ds(pl.multiple_of(j * block_n, block_n), block_n)
+    plgpu.store(parts_ref.at[s, :, cols], acc)
+    if barrier:  # every thread's part of the store out before the ticket releases it (interpret mode: one thread)
+        plgpu.debug_barrier()
+    ticket = plgpu.atomic_add(count_out_ref, j, jnp.ones((), jnp.int32))
+
+    @pl.when(ticket == splits - 1)
+    def _():  # the last of the tile's programs: every other split's partial is out
+        def add(t, total):
+            return total + parts_ref[t, :, cols]
+        total = lax.fori_loop(1, splits, add, parts_ref[jnp.int32(0), :, cols])
+        plgpu.store(o_ref, total.astype(o_ref.dtype), mask=valid)
+
+
+def _launch_summed(x, w, cfg: GemvConfig, interpret: bool, nk: bool) -> jax.Array:
+    """`gemv` with the K splits added in the kernel: [M, N] in x's dtype."""
+    m, k = x.shape
+    n = w.shape[0 if nk else 1]
+    _check(x, [w], cfg, nk)
+    s, kc, bn = cfg.split_k, k // cfg.split_k, cfg.block_n
+    tiles = n // bn
+    w_spec = (pl.BlockSpec((bn, kc), lambda j, sp: (j, sp)) if nk
+              else pl.BlockSpec((kc, bn), lambda j, sp: (sp, j)))
+    out, _, _ = pl.pallas_call(
+        functools.partial(_summed_kernel, block_k=cfg.block_k, rows=m, kc=kc, splits=s, block_n=bn, nk=nk,
+                          barrier=not interpret),
+        grid=(tiles, s),
+        in_specs=[pl.BlockSpec((ROWS, k), lambda j, sp: (0, 0)), w_spec, pl.BlockSpec()],
+        out_specs=[pl.BlockSpec((ROWS, bn), lambda j, sp: (0, j)), pl.BlockSpec(), pl.BlockSpec()],
+        out_shape=[jax.ShapeDtypeStruct((m, n), x.dtype), jax.ShapeDtypeStruct((s, ROWS, n), F32),
+                   jax.ShapeDtypeStruct((tiles,), jnp.int32)],
+        input_output_aliases={2: 2},
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name=f"summed_gemv_{k}x{n}",  # profiles tell it from the split launch
+    )(x, w, jnp.zeros((tiles,), jnp.int32))
+    return out
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret", "nk"))

@@ -22,6 +22,7 @@ from gemma4_jax.kernels.gemv import (
     default_config,
     gemv,
     gemv_many,
+    gemv_parts,
     gemv_reference,
 )
 from gemma4_jax.model.text import linear, rms_norm
@@ -57,6 +58,29 @@ def test_gemv_matches_reference(case):
     _check(gemv(x, w, config=cfg, interpret=True), ref, dtype)
     # the same product with W stored [N, K] (`nk`): the kernel reads its transpose in place
     _check(gemv(x, jnp.asarray(w.T), config=cfg, interpret=True, nk=True), ref, dtype)
+
+
+@pytest.mark.parametrize("nk", [False, True])
+@pytest.mark.parametrize("case", CASES, ids=[f"m{c[0]}_k{c[1]}_n{c[2]}_{c[4] or 'default'}" for c in CASES])
+def test_gemv_sums_its_splits_in_the_kernel(case, nk):
+    """`sum_in_kernel`: each column tile's last program adds the tile's K-split partials in split order, so the
+    result is, bit for bit, the partial products (`gemv_parts`, the same config) added in that order in float32
+    and rounded once; and within the tolerance of a float32 product. Unwritten partials are NaN in interpret mode,
+    so a tile summed before all its splits are out, or a split left out, fails."""
+    m, k, n, dtype, cfg = case
+    kx, kw = jax.random.split(jax.random.key(m * 1000 + k + 7))
+    x = jax.random.normal(kx, (m, k), jnp.float32).astype(dtype)
+    w = (k**-0.5 * jax.random.normal(kw, (k, n), jnp.float32)).astype(dtype)
+    wk = jnp.asarray(w.T) if nk else w
+    got = gemv(x, wk, config=cfg, interpret=True, nk=nk, sum_in_kernel=True)
+    parts = np.asarray(gemv_parts(x, wk, config=cfg, interpret=True, nk=nk))
+    want = parts[0]
+    for p in parts[1:]:
+        want = want + p  # float32, split order
+    assert got.dtype == x.dtype and got.shape == (m, n)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(jnp.asarray(want).astype(dtype), np.float32))
+    ref = gemv_reference(x.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    _check(got, ref, dtype)
 
 
 def test_gemv_detects_a_wrong_column_tile():
@@ -187,6 +211,11 @@ def test_the_weight_limits_move_projections_to_xla_and_key_programs(monkeypatch)
     assert resolve_dense("auto", rows=16, k=2816, n=128, dtype=jnp.bfloat16, platform="gpu") == "xla"
     assert resolve_dense("auto", rows=16, k=2816, n=2112, dtype=jnp.bfloat16, platform="gpu") == "pallas"
     assert dispatch.settings() != before
+    # every other knob read while tracing keys the programs too
+    for name in ("GEMV_SUM_IN_KERNEL", "DENSE_AFTER_ROUTER", "ROUTER_OWN_NORM"):
+        before = dispatch.settings()
+        monkeypatch.setattr(dispatch, name, not getattr(dispatch, name))
+        assert dispatch.settings() != before, name
 
 
 @pytest.mark.parametrize("eq,xs,ws", [
@@ -205,13 +234,15 @@ def test_linear_views_match_the_einsum(eq, xs, ws):
 
 
 @pytest.mark.parametrize("family,fused", [("e2b", False), ("26b-a4b", False), ("e2b", True), ("26b-a4b", True),
-                                          ("e2b", "add_norm"), ("26b-a4b", "add_norm")])
+                                          ("e2b", "add_norm"), ("26b-a4b", "add_norm"), ("e2b", "summed")])
 def test_model_with_gemv_matches_transformers(family, fused, hf_models, hf_dirs, monkeypatch):
     """float32, every projection of a 1×4-token forward through the kernel (interpret mode; attention and the
     experts on XLA): transformers' logits. e2b covers the per-layer-input projections and KV-shared layers,
     26b-a4b the router and k_eq_v; `fused`: q/k/v and gate/up in one launch each, the norm inside; "add_norm":
-    the output projection's partials, the post-attention norm, the residual and the pre-MLP norm in one kernel."""
+    the output projection's partials, the post-attention norm, the residual and the pre-MLP norm in one kernel;
+    "summed": every projection's K splits added in its kernel (`dispatch.GEMV_SUM_IN_KERNEL`)."""
     monkeypatch.setattr(dispatch, "DENSE_FORCE", "interpret")
+    monkeypatch.setattr(dispatch, "GEMV_SUM_IN_KERNEL", fused == "summed")
     monkeypatch.setattr(dispatch, "FUSED_PROJECTIONS", fused is True)
     monkeypatch.setattr(dispatch, "FUSED_ADD_NORM", fused == "add_norm")
     monkeypatch.setattr(dispatch, "MOE_FORCE", "xla")
@@ -237,12 +268,12 @@ def test_generation_with_gemv_equals_xla(hf_dirs, monkeypatch):
 
 
 @pytest.mark.parametrize("name,fused", [("e2b", False), ("e4b", False), ("26b-a4b", False), ("31b", False),
-                                        ("e2b", True), ("26b-a4b", "add_norm")])
+                                        ("e2b", True), ("26b-a4b", "add_norm"), ("26b-a4b", "summed")])
 def test_every_variant_lowers_its_decode_step_for_the_gpu(name, fused, monkeypatch):
     """Each released variant's batch-1 decode step, at the real shapes, lowers for CUDA on this CPU with the skinny
     kernel at exactly the projections the dispatcher gives it (and 26B-A4B's MoE kernels); `fused`: the queries
     run after the input norm inside one launch with the keys and values; "add_norm": each layer's output
-    projection feeds the one add-and-norm kernel."""
+    projection feeds the one add-and-norm kernel; "summed": every skinny kernel adds its own K splits."""
     import os
     import re
     import sys
@@ -262,13 +293,16 @@ def test_every_variant_lowers_its_decode_step_for_the_gpu(name, fused, monkeypat
     monkeypatch.setattr(dispatch, "_on_gpu", lambda platform: True)
     monkeypatch.setattr(dispatch, "FUSED_PROJECTIONS", fused is True)
     monkeypatch.setattr(dispatch, "FUSED_ADD_NORM", fused == "add_norm")
+    monkeypatch.setattr(dispatch, "GEMV_SUM_IN_KERNEL", fused == "summed")
     jax.clear_caches()  # the knobs are read when a step is traced: no trace of another test may be reused
     cfg = preset(name)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Gemma4Text(cfg, jnp.bfloat16, nnx.Rngs(0))))
     cache = jax.eval_shape(lambda: init_cache(cfg, 1, 256, jnp.bfloat16))
     tok = jax.ShapeDtypeStruct((1,), jnp.int32)
     text = decode_logits.trace(graphdef, state, cache, tok, tok).lower(lowering_platforms=("cuda",)).as_text()
-    names = re.findall(r'name = "((?:rmsnorm_)?gemv_[\dx_]+|moe_\w+)"', text)
+    names = re.findall(r'name = "((?:rmsnorm_|summed_)?gemv_[\dx_]+|moe_\w+)"', text)
+    gemvs = [n for n in names if "gemv_" in n]
+    assert gemvs and all(n.startswith("summed_") == (fused == "summed") for n in gemvs), sorted(set(gemvs))
     got = {shape for n in names if "gemv_" in n for shape in n.split("gemv_")[1].split("_")}
     got |= {n for n in names if n.startswith("moe_")}
     want = {f"{k}x{n}" for k, n in projection_shapes(cfg) if k * n <= GEMV_MAX_WEIGHT and gemv_supports(k, n)}

@@ -122,7 +122,8 @@ def run(args) -> dict:
             ref = np.asarray(jnp.dot(x.astype(jnp.float32), ws[0].astype(jnp.float32),
                                      precision=jax.lax.Precision.HIGHEST))
             impls = [("xla", False, lambda x, w: jnp.dot(x, w)),
-                     ("kernel default", False, lambda x, w: gemv(x, w, interpret=interpret))]
+                     ("kernel default", False, lambda x, w: gemv(x, w, interpret=interpret)),
+                     ("kernel summed", False, lambda x, w: gemv(x, w, interpret=interpret, sum_in_kernel=True))]
             if args.sweep and (k, n) in heaviest:
                 impls += [(_label(nk, c), nk, lambda x, w, c=c, nk=nk: gemv(x, w, config=c, nk=nk,
                                                                              interpret=interpret))
@@ -161,7 +162,7 @@ def run(args) -> dict:
         for entry in res["shapes"]:
             row = next(r for r in entry["rows"] if r["tokens"] == m)
             ok = {r["impl"]: r["us"] for r in row["results"] if "us" in r}
-            for name in ("xla", "kernel default"):
+            for name in ("xla", "kernel default", "kernel summed"):
                 tot[name] += ok.get(name, float("nan")) * entry["uses_per_step"]
             tot["kernel best"] += min((v for kk, v in ok.items() if kk != "xla"), default=float("nan")) \
                 * entry["uses_per_step"]

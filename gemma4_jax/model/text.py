@@ -135,7 +135,8 @@ def linear(eq: str, x: jax.Array, w: jax.Array, impl: str = "auto") -> jax.Array
     c, k, rows, choice = _matrix_view(eq, x, w, impl)
     if choice == "xla":
         return numerics.einsum(eq, x, w)
-    y = gemv.gemv(x.reshape(rows, k), w.reshape(k, -1), interpret=choice == "interpret")
+    y = gemv.gemv(x.reshape(rows, k), w.reshape(k, -1), interpret=choice == "interpret",
+                  sum_in_kernel=dispatch.GEMV_SUM_IN_KERNEL)
     return y.reshape(*x.shape[:x.ndim - c], *w.shape[c:])
 
 
