@@ -259,9 +259,9 @@ def _summed_kernel(x_ref, w_ref, count_ref, o_ref, parts_ref, count_out_ref, *, 
 
     @pl.when(ticket == splits - 1)
     def _():  # the last of the tile's programs: every other split's partial is out
-        def add(t, total):
-            return total + parts_ref[t, :, cols]
-        total = lax.fori_loop(1, splits, add, parts_ref[jnp.int32(0), :, cols])
+        total = parts_ref[jnp.int32(0), :, cols]
+        for t in range(1, splits):  # unrolled (S ≤ MAX_SPLIT_K), so the loads need not wait for the adds
+            total = total + parts_ref[jnp.int32(t), :, cols]
         plgpu.store(o_ref, total.astype(o_ref.dtype), mask=valid)
 
 
