@@ -351,9 +351,12 @@ def resolve_router(impl: str, *, rows: int, d: int, experts: int, k: int, dtype=
 DENSE_FORCE: str | None = None
 # The skinny kernel adds its K splits itself (`gemv.gemv(sum_in_kernel=True)`: each column tile's last program
 # sums the float32 partials in a fixed order and writes the result), sparing the XLA reduction kernel that follows
-# each split launch on a decode step's chain of dependent kernels. Not yet measured on a GPU, so off
-# (`bench.py generate --gemv-sum-in-kernel`; `bench.py dense` times it beside the default).
-GEMV_SUM_IN_KERNEL = False
+# each split launch on a decode step's chain of dependent kernels. True: every projection; "norm": only those whose
+# result is normalised or added up next (not gate and up before GELU or the per-layer-input gate, whose elementwise
+# work XLA fuses into its sum, and which would then be a kernel of their own: `model.linear`'s into_elementwise).
+# Not yet measured on a GPU, so off (`bench.py generate --gemv-sum-in-kernel [all|norm]`; `bench.py dense` times
+# it beside the default).
+GEMV_SUM_IN_KERNEL: bool | str = False
 # Weights of fewer elements than this go to XLA's product even at a decode step (0: none; `bench.py generate
 # --gemv-min-weight`): where XLA fuses the norm before a small projection into its product, the chain is shorter.
 GEMV_MIN_WEIGHT = 0

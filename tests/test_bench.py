@@ -30,7 +30,7 @@ def test_bench_generate_runs(tmp_path):
                   "--gemv-max-weight", "4096", "--decode-kernel-min-batch", "1", "--decode-kernel-max-keys", "0",
                   "--fused-add-norm", "--gemv-min-block-n", "32", "--router-kernel", "--moe-mosaic-min-rows", "256",
                   "--no-dense-after-router", "--router-own-norm", "--gemv-min-weight", "64",
-                  "--gemv-sum-in-kernel"],
+                  "--gemv-sum-in-kernel", "norm"],
                  tmp_path)
     assert res["hbm_gb_s"] > 0 and res["hbm_read_gb_s"] > 0 and res["hbm_matvec_gb_s"] > 0
     # the device-timed probes, and the best of every probe as the roofline's bandwidth
@@ -44,7 +44,7 @@ def test_bench_generate_runs(tmp_path):
     assert res["fused_add_norm"] and res["gemv_min_block_n"] == 32 and res["gemv_max_split_k"] == 64
     assert res["router_kernel"] is True and res["moe_mosaic_min_rows"] == 256
     assert res["dense_after_router"] is False and res["router_own_norm"] is True and res["gemv_min_weight"] == 64
-    assert res["gemv_sum_in_kernel"] is True
+    assert res["gemv_sum_in_kernel"] == "norm"
     for b in ("1", "2"):
         r = res["results"][b]
         assert r["decode_tokens_s"] * r["decode_ms_per_token"] / 1e3 == pytest.approx(int(b))

@@ -268,12 +268,14 @@ def test_generation_with_gemv_equals_xla(hf_dirs, monkeypatch):
 
 
 @pytest.mark.parametrize("name,fused", [("e2b", False), ("e4b", False), ("26b-a4b", False), ("31b", False),
-                                        ("e2b", True), ("26b-a4b", "add_norm"), ("26b-a4b", "summed")])
+                                        ("e2b", True), ("26b-a4b", "add_norm"), ("26b-a4b", "summed"),
+                                        ("e2b", "summed_norm")])
 def test_every_variant_lowers_its_decode_step_for_the_gpu(name, fused, monkeypatch):
     """Each released variant's batch-1 decode step, at the real shapes, lowers for CUDA on this CPU with the skinny
     kernel at exactly the projections the dispatcher gives it (and 26B-A4B's MoE kernels); `fused`: the queries
     run after the input norm inside one launch with the keys and values; "add_norm": each layer's output
-    projection feeds the one add-and-norm kernel; "summed": every skinny kernel adds its own K splits."""
+    projection feeds the one add-and-norm kernel; "summed": every skinny kernel adds its own K splits;
+    "summed_norm": all but gate, up and the per-layer-input gate, whose sums XLA fuses with the GELU."""
     import os
     import re
     import sys
@@ -293,7 +295,7 @@ def test_every_variant_lowers_its_decode_step_for_the_gpu(name, fused, monkeypat
     monkeypatch.setattr(dispatch, "_on_gpu", lambda platform: True)
     monkeypatch.setattr(dispatch, "FUSED_PROJECTIONS", fused is True)
     monkeypatch.setattr(dispatch, "FUSED_ADD_NORM", fused == "add_norm")
-    monkeypatch.setattr(dispatch, "GEMV_SUM_IN_KERNEL", fused == "summed")
+    monkeypatch.setattr(dispatch, "GEMV_SUM_IN_KERNEL", {"summed": True, "summed_norm": "norm"}.get(fused, False))
     jax.clear_caches()  # the knobs are read when a step is traced: no trace of another test may be reused
     cfg = preset(name)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Gemma4Text(cfg, jnp.bfloat16, nnx.Rngs(0))))
@@ -302,7 +304,16 @@ def test_every_variant_lowers_its_decode_step_for_the_gpu(name, fused, monkeypat
     text = decode_logits.trace(graphdef, state, cache, tok, tok).lower(lowering_platforms=("cuda",)).as_text()
     names = re.findall(r'name = "((?:rmsnorm_|summed_)?gemv_[\dx_]+|moe_\w+)"', text)
     gemvs = [n for n in names if "gemv_" in n]
-    assert gemvs and all(n.startswith("summed_") == (fused == "summed") for n in gemvs), sorted(set(gemvs))
+    plain = {n.split("gemv_")[1] for n in gemvs if not n.startswith("summed_")}
+    summed = {n.split("gemv_")[1] for n in gemvs if n.startswith("summed_")}
+    mlp_in = {f"{cfg.hidden_size}x{s.mlp_width}" for s in cfg.layers}
+    if fused == "summed":
+        assert gemvs and not plain, sorted(plain)
+    elif fused == "summed_norm":  # gate, up and the per-layer-input gate (E2B's 1536 × 256, as its keys' and values')
+        assert plain == mlp_in | {f"{cfg.hidden_size}x{cfg.ple_dim}"}, sorted(plain)
+        assert summed and not summed & mlp_in, sorted(summed)
+    else:
+        assert gemvs and not summed, sorted(summed)
     got = {shape for n in names if "gemv_" in n for shape in n.split("gemv_")[1].split("_")}
     got |= {n for n in names if n.startswith("moe_")}
     want = {f"{k}x{n}" for k, n in projection_shapes(cfg) if k * n <= GEMV_MAX_WEIGHT and gemv_supports(k, n)}

@@ -131,9 +131,10 @@ def add_parser(sub) -> None:
     p.add_argument("--dense-after-router", action=argparse.BooleanOptionalAction, default=None,
                    help="a MoE layer's dense MLP waits for the router's weights, so that it runs beside the experts "
                         "(dispatch.DENSE_AFTER_ROUTER; default: the library's, on)")
-    p.add_argument("--gemv-sum-in-kernel", action="store_true",
-                   help="the skinny kernel adds its K splits itself, with no reduction kernel after it "
-                        "(dispatch.GEMV_SUM_IN_KERNEL on)")
+    p.add_argument("--gemv-sum-in-kernel", nargs="?", const="all", default=None, choices=("all", "norm"),
+                   help="the skinny kernel adds its K splits itself, with no reduction kernel after it: in every "
+                        "projection (all, the default of the flag) or in those a norm or a sum follows (norm) "
+                        "(dispatch.GEMV_SUM_IN_KERNEL)")
     p.add_argument("--router-own-norm", action="store_true",
                    help="a MoE router normalises its own copy of the stream, not sharing XLA's merged reduction "
                         "(dispatch.ROUTER_OWN_NORM on)")
@@ -265,7 +266,7 @@ def _header(args, cfg) -> dict:
             "dense_after_router": _dispatch().DENSE_AFTER_ROUTER if getattr(args, "dense_after_router", None) is None
             else args.dense_after_router,
             "router_own_norm": getattr(args, "router_own_norm", False),
-            "gemv_sum_in_kernel": getattr(args, "gemv_sum_in_kernel", False),
+            "gemv_sum_in_kernel": getattr(args, "gemv_sum_in_kernel", None) or False,
             "moe_mosaic_min_rows": getattr(args, "moe_mosaic_min_rows", None) or _dispatch().MOSAIC_MOE_MIN_ROWS,
             "moe_token_tiles_max_tokens": _dispatch().MOE_TOKEN_TILES_MAX_TOKENS
             if getattr(args, "moe_token_tiles", None) is None else args.moe_token_tiles,
@@ -343,7 +344,7 @@ def ours(args, start: float) -> dict:
     if getattr(args, "dense_after_router", None) is not None:
         dispatch.DENSE_AFTER_ROUTER = args.dense_after_router
     dispatch.ROUTER_OWN_NORM = getattr(args, "router_own_norm", False)
-    dispatch.GEMV_SUM_IN_KERNEL = getattr(args, "gemv_sum_in_kernel", False)
+    dispatch.GEMV_SUM_IN_KERNEL = {None: False, "all": True, "norm": "norm"}[getattr(args, "gemv_sum_in_kernel", None)]
     if getattr(args, "moe_mosaic_min_rows", None):
         dispatch.MOSAIC_MOE_MIN_ROWS = args.moe_mosaic_min_rows
     if getattr(args, "moe_token_tiles", None) is not None:

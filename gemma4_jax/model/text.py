@@ -128,19 +128,24 @@ def _matrix_view(eq: str, x: jax.Array, w: jax.Array, impl: str) -> tuple[int, i
     return c, k, rows, dispatch.resolve_dense(impl, rows=rows, k=k, n=w.size // k, dtype=x.dtype)
 
 
-def linear(eq: str, x: jax.Array, w: jax.Array, impl: str = "auto") -> jax.Array:
+def linear(eq: str, x: jax.Array, w: jax.Array, impl: str = "auto", into_elementwise: bool = False) -> jax.Array:
     """The projection `einsum(eq, x, w)` where the contracted dims are x's last and w's first (every weight
     product of a layer). At a decode step's few rows it can run as the skinny Pallas kernel
-    (`kernels.dispatch.resolve_dense`), on x and w viewed as matrices; else it is the einsum itself."""
+    (`kernels.dispatch.resolve_dense`), on x and w viewed as matrices; else it is the einsum itself.
+    `into_elementwise`: the result feeds only elementwise work before the next projection (gate and up before
+    GELU, the per-layer-input gate), which XLA fuses into the split kernel's sum; `dispatch.GEMV_SUM_IN_KERNEL`
+    "norm" leaves those sums to XLA."""
     c, k, rows, choice = _matrix_view(eq, x, w, impl)
     if choice == "xla":
         return numerics.einsum(eq, x, w)
+    summed = dispatch.GEMV_SUM_IN_KERNEL
     y = gemv.gemv(x.reshape(rows, k), w.reshape(k, -1), interpret=choice == "interpret",
-                  sum_in_kernel=dispatch.GEMV_SUM_IN_KERNEL)
+                  sum_in_kernel=summed is True or (summed == "norm" and not into_elementwise))
     return y.reshape(*x.shape[:x.ndim - c], *w.shape[c:])
 
 
-def norm_linears(x_btd: jax.Array, norm_d: jax.Array, eps: float, ws: list[jax.Array], impl: str = "auto") -> list:
+def norm_linears(x_btd: jax.Array, norm_d: jax.Array, eps: float, ws: list[jax.Array], impl: str = "auto",
+                 into_elementwise: bool = False) -> list:
     """[rms_norm(x, norm) @ w for w in ws]: the projections that read one normalised input (queries, keys and
     values; gate and up), each w [D, …] contracted over D, each result [B, T, …]. Where every one of them takes
     the skinny kernel (a decode step's rows, `dispatch.resolve_dense`), one `gemv.gemv_many` launch with the norm
@@ -151,7 +156,8 @@ def norm_linears(x_btd: jax.Array, norm_d: jax.Array, eps: float, ws: list[jax.A
     choices = {dispatch.resolve_dense(impl, rows=rows, k=d, n=w.size // d, dtype=x_btd.dtype) for w in ws}
     if not dispatch.FUSED_PROJECTIONS or len(choices) != 1 or choices == {"xla"}:
         a = rms_norm(x_btd, norm_d, eps)
-        return [linear(f"BTD,D{'FGH'[:w.ndim - 1]}->BT{'FGH'[:w.ndim - 1]}", a, w, impl) for w in ws]
+        return [linear(f"BTD,D{'FGH'[:w.ndim - 1]}->BT{'FGH'[:w.ndim - 1]}", a, w, impl, into_elementwise)
+                for w in ws]
     ys = gemv.gemv_many(x_btd.reshape(rows, d), [w.reshape(d, -1) for w in ws], norm_d, eps=eps,
                         interpret=choices == {"interpret"})
     return [y.reshape(*x_btd.shape[:-1], *w.shape[1:]) for y, w in zip(ys, ws, strict=True)]
@@ -277,9 +283,9 @@ class MLP(nnx.Module):
         has it already (`residual_after`)."""
         ws = [self.gate[...], self.up[...]]
         if normed is None:
-            g, u = norm_linears(x_btd, norm_d, eps, ws, impl)
+            g, u = norm_linears(x_btd, norm_d, eps, ws, impl, into_elementwise=True)
         else:
-            g, u = (linear("BTD,DF->BTF", normed, w, impl) for w in ws)
+            g, u = (linear("BTD,DF->BTF", normed, w, impl, into_elementwise=True) for w in ws)
         return linear("BTF,FD->BTD", gelu(g) * u, self.down[...], impl)
 
 
@@ -401,7 +407,7 @@ class DecoderLayer(nnx.Module):
 
         if self.ple_enabled:
             with jax.named_scope("per_layer_input"):
-                g = gelu(linear("BTD,DP->BTP", x, self.ple_gate[...], impl)) * ple_btp
+                g = gelu(linear("BTD,DP->BTP", x, self.ple_gate[...], impl, into_elementwise=True)) * ple_btp
                 x = x + rms_norm(linear("BTP,PD->BTD", g, self.ple_proj[...], impl), self.ple_post_norm[...], eps)
         return x * self.layer_scalar[...], aux
 
