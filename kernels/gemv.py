@@ -100,6 +100,26 @@ def _dot(a, b):
     return plgpu.dot(a, b, precision=lax.Precision.HIGHEST if a.dtype == F32 else None)
 
 
+def _slab_product(x_ref, w_ref, nw_ref, valid, s, *, kc: int, block_k: int, block_n: int, nk: bool):
+    """Split s's float32 partial product of x's 16-row block with the weight slab w_ref, in block_k steps (x's
+    missing rows read as 0); with a norm weight nw_ref, of (x ∘ g) rounded to x's dtype, and also the sums of
+    squares of x's rows over the split [16, 1]."""
+    norm = nw_ref is not None
+
+    def body(i, carry):  # carry: the partial product, and with a norm the sums of squares of x's rows
+        k0 = pl.multiple_of(s * kc + i * block_k, block_k)
+        xb = plgpu.load(x_ref.at[:, pl.ds(k0, block_k)], mask=valid, other=0)
+        if norm:  # (x ∘ g) in float32, rounded to x's dtype; the squares of x on the way
+            xf = xb.astype(F32)
+            carry = carry[0], carry[1] + jnp.sum(xf * xf, axis=1, keepdims=True)
+            xb = (xf * nw_ref[pl.ds(k0, block_k)].astype(F32)[None, :]).astype(x_ref.dtype)
+        ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
+        return (carry[0] + _dot(xb, w_ref[:, ks].T if nk else w_ref[ks, :]),) + carry[1:]
+
+    zeros = (jnp.zeros((ROWS, block_n), F32),) + ((jnp.zeros((ROWS, 1), F32),) if norm else ())
+    return lax.fori_loop(0, kc // block_k, body, zeros)
+
+
 def _kernel(x_ref, *refs, block_k: int, rows: int, kc: int, tiles: tuple[int, ...], norm: bool, nk: bool):
     # x_ref [16, K]: a 16-row block of x, of which the first `rows` exist (the missing rows are masked: read as 0,
     # not written — no padded copy of x in the step). refs: the norm weight [K] (with `norm`), one weight slab
@@ -114,18 +134,8 @@ def _kernel(x_ref, *refs, block_k: int, rows: int, kc: int, tiles: tuple[int, ..
     j, s = pl.program_id(0), pl.program_id(1)
 
     def run(w_ref, o_ref, first: bool):
-        def body(i, carry):  # carry: the partial product, and with `norm` the sums of squares of x's rows
-            k0 = pl.multiple_of(s * kc + i * block_k, block_k)
-            xb = plgpu.load(x_ref.at[:, pl.ds(k0, block_k)], mask=valid, other=0)
-            if norm:  # (x ∘ g) in float32, rounded to x's dtype; the squares of x on the way
-                xf = xb.astype(F32)
-                carry = carry[0], carry[1] + jnp.sum(xf * xf, axis=1, keepdims=True)
-                xb = (xf * nw_ref[pl.ds(k0, block_k)].astype(F32)[None, :]).astype(x_ref.dtype)
-            ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
-            return (carry[0] + _dot(xb, w_ref[:, ks].T if nk else w_ref[ks, :]),) + carry[1:]
-
-        zeros = (jnp.zeros(o_ref.shape, F32),) + ((jnp.zeros((ROWS, 1), F32),) if norm else ())
-        acc, *ss = lax.fori_loop(0, kc // block_k, body, zeros)
+        acc, *ss = _slab_product(x_ref, w_ref, nw_ref, valid, s, kc=kc, block_k=block_k, block_n=o_ref.shape[-1],
+                                 nk=nk)
         plgpu.store(o_ref, acc, mask=valid)
         if norm and first:  # one program per split writes the split's sums of squares
             pl.when(j == 0)(lambda: plgpu.store(ss_ref, jnp.broadcast_to(ss[0], ss_ref.shape), mask=valid))
@@ -241,13 +251,7 @@ def _summed_kernel(x_ref, w_ref, count_ref, o_ref, parts_ref, count_out_ref, *, 
     valid = (lax.broadcasted_iota(jnp.int32, (ROWS, 1), 0) < rows)
     j, s = pl.program_id(0), pl.program_id(1)
 
-    def body(i, acc):
-        k0 = pl.multiple_of(s * kc + i * block_k, block_k)
-        xb = plgpu.load(x_ref.at[:, pl.ds(k0, block_k)], mask=valid, other=0)
-        ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
-        return acc + _dot(xb, w_ref[:, ks].T if nk else w_ref[ks, :])
-
-    acc = lax.fori_loop(0, kc // block_k, body, jnp.zeros((ROWS, block_n), F32))
+    (acc,) = _slab_product(x_ref, w_ref, None, valid, s, kc=kc, block_k=block_k, block_n=block_n, nk=nk)
     if splits == 1:  # nothing to add: the product is the result
         plgpu.store(o_ref, acc.astype(o_ref.dtype), mask=valid)
         return
