@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from . import flash_attention_mgpu, gemv, moe_mgpu, router
 from .decode_attention import decode_attention
 from .flash_attention import flash_attention, flash_attention_reference
-from .gemv import GEMV_MAX_ROWS, GEMV_MAX_WEIGHT
+from .gemv import GEMV_MAX_ROWS, GEMV_MAX_WEIGHT, GEMV_MAX_WEIGHT_BATCHED
 from .gemv import supports as gemv_supports
 from .moe import supports as moe_supports
 from .moe_mgpu import supports as moe_mgpu_supports
@@ -362,19 +362,25 @@ GEMV_SUM_IN_KERNEL: bool | str = False
 GEMV_MIN_WEIGHT = 0
 
 
+def gemv_max_weight(rows: int) -> int:
+    """The largest weight (K·N elements) a projection of `rows` rows sends to the skinny kernel: GEMV_MAX_WEIGHT
+    for one row, GEMV_MAX_WEIGHT_BATCHED for more (this module's copies, which benches change with `bench.py
+    generate --gemv-max-weight` (both) and `--gemv-max-weight-batched`)."""
+    return GEMV_MAX_WEIGHT if rows <= 1 else GEMV_MAX_WEIGHT_BATCHED
+
+
 def resolve_dense(impl: str, *, rows: int, k: int, n: int, dtype=jnp.bfloat16, platform: str | None = None) -> str:
     """How a dense projection x [rows,K] @ W [K,N] runs ('xla' | 'pallas' | 'interpret'), under the same `impl`.
 
-    A decode step's projections (at most GEMV_MAX_ROWS rows, weights of at most GEMV_MAX_WEIGHT elements: this
-    module's copy, which benches change with `bench.py generate --gemv-max-weight`; and of at least
-    GEMV_MIN_WEIGHT) go to the
-    skinny Pallas kernel (`gemv.gemv`, which streams W in place) where XLA would lower the smaller ones as a slow
-    column reduction: 'auto' and 'cudnn' on a GPU for 16-bit inputs, 'pallas' and 'interpret' for any dtype.
+    A decode step's projections (at most GEMV_MAX_ROWS rows, weights of at most `gemv_max_weight(rows)` elements
+    and of at least GEMV_MIN_WEIGHT) go to the skinny Pallas kernel (`gemv.gemv`, which streams W in place)
+    where XLA would lower the smaller ones as a slow column reduction: 'auto' and 'cudnn' on a GPU for 16-bit
+    inputs, 'pallas' and 'interpret' for any dtype.
     Everything else, and every shape the kernel does not take, is XLA's.
     """
     _check_impl(impl)
     impl = DENSE_FORCE or impl
-    if (impl == "xla" or rows > GEMV_MAX_ROWS or not GEMV_MIN_WEIGHT <= k * n <= GEMV_MAX_WEIGHT
+    if (impl == "xla" or rows > GEMV_MAX_ROWS or not GEMV_MIN_WEIGHT <= k * n <= gemv_max_weight(rows)
             or not gemv_supports(k, n)):
         return "xla"
     if impl in ("pallas", "interpret"):
@@ -389,6 +395,7 @@ def settings() -> str:
              "DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS",
              "CUDNN_MAX_HEAD_DIM", "MOSAIC_HEAD_DIM", "CUDNN_BACKEND", "MOSAIC_INTERPRET", "MOSAIC_MOE_MIN_ROWS",
              "MOE_FORCE", "MOE_PLAN_KERNEL", "MOE_TOKEN_TILES_MAX_TOKENS", "ROUTER_KERNEL", "DENSE_FORCE",
-             "GEMV_MAX_WEIGHT", "GEMV_MIN_WEIGHT", "GEMV_SUM_IN_KERNEL", "DENSE_AFTER_ROUTER", "ROUTER_OWN_NORM")
+             "GEMV_MAX_WEIGHT", "GEMV_MAX_WEIGHT_BATCHED", "GEMV_MIN_WEIGHT", "GEMV_SUM_IN_KERNEL",
+             "DENSE_AFTER_ROUTER", "ROUTER_OWN_NORM")
     return ",".join([f"{n}={globals()[n]!r}" for n in names]
                     + [f"gemv.{n}={getattr(gemv, n)!r}" for n in ("TARGET_PROGRAMS", "MIN_BLOCK_N", "MAX_SPLIT_K")])

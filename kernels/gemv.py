@@ -50,10 +50,14 @@ from .tiling import fit_block as _fit
 F32 = jnp.float32
 ROWS = 16  # x is padded to this many rows (Triton's dot needs at least 16)
 GEMV_MAX_ROWS = ROWS  # the dispatcher sends products with at most this many rows here
-# ... and weights of at most this many elements: the largest measured (26B-A4B's 2816 × 8192, where the kernel
-# matched cuBLAS and the smaller ones beat XLA's reduction 2.4×, docs/kernels.md run 7). Larger weights stay on
-# XLA, whose cuBLAS GEMV streamed 31B's at 4.26 TB/s.
-GEMV_MAX_WEIGHT = 24 * 2**20
+# ... and weights of at most this many elements. One row: 12 Mi. The kernel beat XLA's reduction 2.4× on the
+# smaller weights and matched cuBLAS on 26B-A4B's 2816 × 8192 (docs/kernels.md run 7), and XLA was 3 % faster on
+# E2B's decode step with its 1536 × 12288 and 12288 × 1536 MLP weights (18.9 M elements) on
+# cuBLAS (docs/performance.md, twelfth session). Two to 16 rows: 6 Mi. There E2B's step was 4 % faster with its
+# 1536 × 6144 ones on cuBLAS too, and 26B-A4B's batch 16 not slower with its 2816 × 4096 ones there. Larger
+# weights stay on XLA, whose cuBLAS GEMV streamed 31B's at 4.26 TB/s.
+GEMV_MAX_WEIGHT = 12 * 2**20
+GEMV_MAX_WEIGHT_BATCHED = 6 * 2**20
 # Aim for at least this many programs, so that every SM of an H100/H200 (132) streams part of W: first by
 # narrowing the column tiles down to MIN_BLOCK_N, then by splitting K (whose partial sums cost an XLA reduction
 # after the kernel, one more kernel on a decode step's critical path). Benches move both

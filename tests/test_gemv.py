@@ -183,7 +183,13 @@ def test_resolve_dense():
     assert r("auto", rows=1, k=2816, n=2112, dtype=jnp.bfloat16, platform="gpu") == "pallas"
     assert r("cudnn", rows=16, k=2816, n=2112, dtype=jnp.bfloat16, platform="gpu") == "pallas"
     assert r("auto", rows=GEMV_MAX_ROWS + 1, k=2816, n=2112, dtype=jnp.bfloat16, platform="gpu") == "xla"
-    assert r("auto", rows=1, k=2816, n=8192, dtype=jnp.bfloat16, platform="gpu") == "pallas"  # 26B-A4B's largest
+    # the weight limits: one row up to 12 Mi elements, 2-16 rows up to 6 Mi (E2B's 1536 × 6144, 9 Mi)
+    assert r("auto", rows=1, k=2816, n=4096, dtype=jnp.bfloat16, platform="gpu") == "pallas"
+    assert r("auto", rows=1, k=2816, n=8192, dtype=jnp.bfloat16, platform="gpu") == "xla"
+    assert r("auto", rows=1, k=1536, n=12288, dtype=jnp.bfloat16, platform="gpu") == "xla"
+    assert r("auto", rows=1, k=1536, n=6144, dtype=jnp.bfloat16, platform="gpu") == "pallas"
+    assert r("auto", rows=2, k=1536, n=6144, dtype=jnp.bfloat16, platform="gpu") == "xla"
+    assert r("auto", rows=16, k=2816, n=2112, dtype=jnp.bfloat16, platform="gpu") == "pallas"
     assert r("auto", rows=1, k=5376, n=21504, dtype=jnp.bfloat16, platform="gpu") == "xla"  # 31B's MLP: cuBLAS
     assert r("auto", rows=1, k=2816, n=2112, dtype=jnp.float32, platform="gpu") == "xla"
     assert r("auto", rows=1, k=2816, n=2112, dtype=jnp.bfloat16, platform="cpu") == "xla"
@@ -203,6 +209,12 @@ def test_the_weight_limits_move_projections_to_xla_and_key_programs(monkeypatch)
     before = dispatch.settings()
     monkeypatch.setattr(dispatch, "GEMV_MAX_WEIGHT", 2816 * 2112)
     assert resolve_dense("auto", rows=1, k=2816, n=2112, dtype=jnp.bfloat16, platform="gpu") == "pallas"
+    assert resolve_dense("auto", rows=1, k=2816, n=4096, dtype=jnp.bfloat16, platform="gpu") == "xla"
+    assert dispatch.settings() != before
+    # GEMV_MAX_WEIGHT_BATCHED (--gemv-max-weight-batched): the same for 2-16 rows, one row untouched
+    before = dispatch.settings()
+    monkeypatch.setattr(dispatch, "GEMV_MAX_WEIGHT_BATCHED", 2816 * 4096)
+    assert resolve_dense("auto", rows=2, k=2816, n=4096, dtype=jnp.bfloat16, platform="gpu") == "pallas"
     assert resolve_dense("auto", rows=1, k=2816, n=4096, dtype=jnp.bfloat16, platform="gpu") == "xla"
     assert dispatch.settings() != before
     # and below GEMV_MIN_WEIGHT (bench.py generate --gemv-min-weight): 26B-A4B's router to XLA, the rest kept
@@ -269,13 +281,14 @@ def test_generation_with_gemv_equals_xla(hf_dirs, monkeypatch):
 
 @pytest.mark.parametrize("name,fused", [("e2b", False), ("e4b", False), ("26b-a4b", False), ("31b", False),
                                         ("e2b", True), ("26b-a4b", "add_norm"), ("26b-a4b", "summed"),
-                                        ("e2b", "summed_norm")])
+                                        ("e2b", "summed_norm"), ("e2b", "b16")])
 def test_every_variant_lowers_its_decode_step_for_the_gpu(name, fused, monkeypatch):
     """Each released variant's batch-1 decode step, at the real shapes, lowers for CUDA on this CPU with the skinny
     kernel at exactly the projections the dispatcher gives it (and 26B-A4B's MoE kernels); `fused`: the queries
     run after the input norm inside one launch with the keys and values; "add_norm": each layer's output
     projection feeds the one add-and-norm kernel; "summed": every skinny kernel adds its own K splits;
-    "summed_norm": all but gate, up and the per-layer-input gate, whose sums XLA fuses with the GELU."""
+    "summed_norm": all but gate, up and the per-layer-input gate, whose sums XLA fuses with the GELU; "b16": the
+    batch-16 step, under the weight limit of 2-16 rows."""
     import os
     import re
     import sys
@@ -285,7 +298,6 @@ def test_every_variant_lowers_its_decode_step_for_the_gpu(name, fused, monkeypat
     from gemma4_jax.config import preset
     from gemma4_jax.generation.cache import init_cache
     from gemma4_jax.generation.loop import decode_logits
-    from gemma4_jax.kernels.gemv import GEMV_MAX_WEIGHT
     from gemma4_jax.kernels.gemv import supports as gemv_supports
     from gemma4_jax.model.text import Gemma4Text
 
@@ -299,14 +311,17 @@ def test_every_variant_lowers_its_decode_step_for_the_gpu(name, fused, monkeypat
     jax.clear_caches()  # the knobs are read when a step is traced: no trace of another test may be reused
     cfg = preset(name)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Gemma4Text(cfg, jnp.bfloat16, nnx.Rngs(0))))
-    cache = jax.eval_shape(lambda: init_cache(cfg, 1, 256, jnp.bfloat16))
-    tok = jax.ShapeDtypeStruct((1,), jnp.int32)
+    batch = 16 if fused == "b16" else 1  # "b16": the weight limit of 2-16 rows (dispatch.gemv_max_weight)
+    cache = jax.eval_shape(lambda: init_cache(cfg, batch, 256, jnp.bfloat16))
+    tok = jax.ShapeDtypeStruct((batch,), jnp.int32)
     text = decode_logits.trace(graphdef, state, cache, tok, tok).lower(lowering_platforms=("cuda",)).as_text()
     names = re.findall(r'name = "((?:rmsnorm_|summed_)?gemv_[\dx_]+|moe_\w+)"', text)
     gemvs = [n for n in names if "gemv_" in n]
     plain = {n.split("gemv_")[1] for n in gemvs if not n.startswith("summed_")}
     summed = {n.split("gemv_")[1] for n in gemvs if n.startswith("summed_")}
-    mlp_in = {f"{cfg.hidden_size}x{s.mlp_width}" for s in cfg.layers}
+    want = {f"{k}x{n}" for k, n in projection_shapes(cfg) if k * n <= dispatch.gemv_max_weight(batch)
+            and gemv_supports(k, n)}
+    mlp_in = {f"{cfg.hidden_size}x{s.mlp_width}" for s in cfg.layers} & want
     if fused == "summed":
         assert gemvs and not plain, sorted(plain)
     elif fused == "summed_norm":  # gate, up and the per-layer-input gate (E2B's 1536 × 256, as its keys' and values')
@@ -316,12 +331,13 @@ def test_every_variant_lowers_its_decode_step_for_the_gpu(name, fused, monkeypat
         assert gemvs and not summed, sorted(summed)
     got = {shape for n in names if "gemv_" in n for shape in n.split("gemv_")[1].split("_")}
     got |= {n for n in names if n.startswith("moe_")}
-    want = {f"{k}x{n}" for k, n in projection_shapes(cfg) if k * n <= GEMV_MAX_WEIGHT and gemv_supports(k, n)}
     want |= {"moe_gate_up", "moe_down"} if cfg.num_experts else set()
     assert got == want, (sorted(got ^ want))
     # the queries (with keys and values where they fit too) run after the input norm, inside one launch
     q = f"{cfg.hidden_size}x{cfg.num_heads * cfg.layers[0].head_dim}"
     assert (q in want and fused is True) == any(n.startswith(f"rmsnorm_gemv_{q}") for n in names), sorted(set(names))
-    calls = len(re.findall(r"call @add_norm\b", text))  # one per layer, after its output projection
-    assert calls == (cfg.num_layers if fused == "add_norm" else 0), calls
+    calls = len(re.findall(r"call @add_norm\b", text))  # after each output projection on the skinny kernel
+    on_kernel = sum(f"{cfg.num_heads * s.head_dim}x{cfg.hidden_size}" in want for s in cfg.layers)  # the outputs'
+    assert calls == (on_kernel if fused == "add_norm" else 0), calls
+    assert fused != "add_norm" or on_kernel >= cfg.num_layers // 2, on_kernel
     assert (f'name = "add_rms_norm_{cfg.hidden_size}"' in text) == (fused == "add_norm")

@@ -102,7 +102,11 @@ def add_parser(sub) -> None:
                         "kernel where the projection takes the skinny kernel (FUSED_ADD_NORM)")
     p.add_argument("--gemv-max-weight", type=int, default=None, metavar="ELEMENTS",
                    help="the largest weight (K*N elements) a decode-step projection sends to the skinny kernel; "
-                        "larger ones go to XLA (dispatch.GEMV_MAX_WEIGHT; default: the library's)")
+                        "larger ones go to XLA, whatever the batch (dispatch.GEMV_MAX_WEIGHT and "
+                        "GEMV_MAX_WEIGHT_BATCHED; default: the library's)")
+    p.add_argument("--gemv-max-weight-batched", type=int, default=None, metavar="ELEMENTS",
+                   help="the same for projections of 2 to 16 rows only, after --gemv-max-weight "
+                        "(dispatch.GEMV_MAX_WEIGHT_BATCHED; default: the library's)")
     p.add_argument("--gemv-min-weight", type=int, default=None, metavar="ELEMENTS",
                    help="the smallest weight (K*N elements) a decode-step projection sends to the skinny kernel; "
                         "smaller ones (26B-A4B's router: 360,448) go to XLA (dispatch.GEMV_MIN_WEIGHT; default: the "
@@ -271,6 +275,9 @@ def _header(args, cfg) -> dict:
             "moe_token_tiles_max_tokens": _dispatch().MOE_TOKEN_TILES_MAX_TOKENS
             if getattr(args, "moe_token_tiles", None) is None else args.moe_token_tiles,
             "gemv_max_weight": getattr(args, "gemv_max_weight", None) or _dispatch().GEMV_MAX_WEIGHT,
+            "gemv_max_weight_batched": (getattr(args, "gemv_max_weight_batched", None)
+                                        or getattr(args, "gemv_max_weight", None)
+                                        or _dispatch().GEMV_MAX_WEIGHT_BATCHED),
             "gemv_min_weight": getattr(args, "gemv_min_weight", None) or _dispatch().GEMV_MIN_WEIGHT,
             "gemv_target_programs": getattr(args, "gemv_target_programs", None) or _gemv().TARGET_PROGRAMS,
             "gemv_min_block_n": getattr(args, "gemv_min_block_n", None) or _gemv().MIN_BLOCK_N,
@@ -350,7 +357,9 @@ def ours(args, start: float) -> dict:
     if getattr(args, "moe_token_tiles", None) is not None:
         dispatch.MOE_TOKEN_TILES_MAX_TOKENS = args.moe_token_tiles
     if getattr(args, "gemv_max_weight", None):
-        dispatch.GEMV_MAX_WEIGHT = args.gemv_max_weight
+        dispatch.GEMV_MAX_WEIGHT = dispatch.GEMV_MAX_WEIGHT_BATCHED = args.gemv_max_weight
+    if getattr(args, "gemv_max_weight_batched", None):
+        dispatch.GEMV_MAX_WEIGHT_BATCHED = args.gemv_max_weight_batched
     if getattr(args, "gemv_min_weight", None):
         dispatch.GEMV_MIN_WEIGHT = args.gemv_min_weight
     for flag, name in (("gemv_target_programs", "TARGET_PROGRAMS"), ("gemv_min_block_n", "MIN_BLOCK_N"),
