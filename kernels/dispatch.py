@@ -354,8 +354,9 @@ DENSE_FORCE: str | None = None
 # each split launch on a decode step's chain of dependent kernels. True: every projection; "norm": only those whose
 # result is normalised or added up next (not gate and up before GELU or the per-layer-input gate, whose elementwise
 # work XLA fuses into its sum, and which would then be a kernel of their own: `model.linear`'s into_elementwise).
-# Not yet measured on a GPU, so off (`bench.py generate --gemv-sum-in-kernel [all|norm]`; `bench.py dense` times
-# it beside the default).
+# Off: on an H200 E2B's decode step was 28-29 % slower with it everywhere and 18-19 % with "norm", though alone
+# each launch was at most 2.3 µs slower than the split launch and its sum (docs/performance.md, twelfth session;
+# `bench.py generate --gemv-sum-in-kernel [all|norm]`; `bench.py dense` times it beside the default).
 GEMV_SUM_IN_KERNEL: bool | str = False
 # Weights of fewer elements than this go to XLA's product even at a decode step (0: none; `bench.py generate
 # --gemv-min-weight`): where XLA fuses the norm before a small projection into its product, the chain is shorter.
