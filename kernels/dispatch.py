@@ -363,6 +363,25 @@ GEMV_SUM_IN_KERNEL: bool | str = False
 GEMV_MIN_WEIGHT = 0
 
 
+# A one-row product that XLA takes, of a weight of at most this many elements, runs on x padded to GEMV_MAX_ROWS
+# rows (0: never; `bench.py generate --one-row-padded-max-weight`). At 16 rows XLA runs a GEMM, which on an H200 took
+# E2B's 1536 × 6144 and 6144 × 1536 MLP weights in 7.7 and 6.8 µs. At one row the skinny kernel took 8.8 µs and
+# XLA's reduction 12.4 and 10.3 (`bench.py dense`, docs/performance.md, twelfth session). So with those weights
+# on XLA (`--gemv-max-weight 6291456`) and padded, E2B's batch-1 step could run its MLP as its batch-16 step does.
+# Not yet measured in the model, so off.
+ONE_ROW_PADDED_MAX_WEIGHT = 0
+
+
+def xla_rows(impl: str, *, rows: int, k: int, n: int, platform: str | None = None) -> int:
+    """The rows XLA's product of x [rows, K] @ W [K, N] runs on, where `resolve_dense` gave it to XLA: under 'auto'
+    or 'cudnn' on a GPU, GEMV_MAX_ROWS for one row when W has at most ONE_ROW_PADDED_MAX_WEIGHT elements (x padded
+    with zero rows); else `rows`."""
+    impl = DENSE_FORCE or impl
+    if rows == 1 and k * n <= ONE_ROW_PADDED_MAX_WEIGHT and impl in ("auto", "cudnn") and _on_gpu(platform):
+        return GEMV_MAX_ROWS
+    return rows
+
+
 def gemv_max_weight(rows: int) -> int:
     """The largest weight (K·N elements) a projection of `rows` rows sends to the skinny kernel: GEMV_MAX_WEIGHT
     for one row, GEMV_MAX_WEIGHT_BATCHED for more (this module's copies, which benches change with `bench.py
@@ -397,6 +416,6 @@ def settings() -> str:
              "CUDNN_MAX_HEAD_DIM", "MOSAIC_HEAD_DIM", "CUDNN_BACKEND", "MOSAIC_INTERPRET", "MOSAIC_MOE_MIN_ROWS",
              "MOE_FORCE", "MOE_PLAN_KERNEL", "MOE_TOKEN_TILES_MAX_TOKENS", "ROUTER_KERNEL", "DENSE_FORCE",
              "GEMV_MAX_WEIGHT", "GEMV_MAX_WEIGHT_BATCHED", "GEMV_MIN_WEIGHT", "GEMV_SUM_IN_KERNEL",
-             "DENSE_AFTER_ROUTER", "ROUTER_OWN_NORM")
+             "DENSE_AFTER_ROUTER", "ROUTER_OWN_NORM", "ONE_ROW_PADDED_MAX_WEIGHT")
     return ",".join([f"{n}={globals()[n]!r}" for n in names]
                     + [f"gemv.{n}={getattr(gemv, n)!r}" for n in ("TARGET_PROGRAMS", "MIN_BLOCK_N", "MAX_SPLIT_K")])

@@ -28,6 +28,7 @@ def test_bench_generate_runs(tmp_path):
     res = _bench(["generate", "--config", DEMO, "--batch", "1,2", "--prompt-len", "8", "--gen-len", "8",
                   "--prefill-len", "16", "--repeat", "1", "--hbm-gib", "0.0625", "--profile", str(tmp_path / "prof"),
                   "--gemv-max-weight", "4096", "--gemv-max-weight-batched", "2048",
+                  "--one-row-padded-max-weight", "8192",
                   "--decode-kernel-min-batch", "1", "--decode-kernel-max-keys", "0",
                   "--fused-add-norm", "--gemv-min-block-n", "32", "--router-kernel", "--moe-mosaic-min-rows", "256",
                   "--no-dense-after-router", "--router-own-norm", "--gemv-min-weight", "64",
@@ -41,6 +42,7 @@ def test_bench_generate_runs(tmp_path):
                                        *res["hbm_device_gb_s"].values())
     assert res["decode_scheduling"] == "CONCURRENT"  # the library's default, recorded
     assert res["gemv_max_weight"] == 4096 and res["gemv_max_weight_batched"] == 2048
+    assert res["one_row_padded_max_weight"] == 8192
     assert res["decode_kernel_min_batch"] == 1
     assert res["decode_kernel_max_keys"] == 0  # 0 is a value, not "the library's default"
     assert res["fused_add_norm"] and res["gemv_min_block_n"] == 32 and res["gemv_max_split_k"] == 64

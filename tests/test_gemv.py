@@ -245,6 +245,46 @@ def test_linear_views_match_the_einsum(eq, xs, ws):
     _check(got, want, jnp.float32)
 
 
+@pytest.mark.parametrize("eq,xs,ws", [
+    ("BTD,DNH->BTNH", (1, 1, 64), (64, 4, 16)),  # queries
+    ("BTNH,NHD->BTD", (1, 1, 4, 16), (4, 16, 32)),  # output: two contracted dims
+    ("BTD,DF->BTF", (1, 1, 32), (32, 48)),  # MLP
+])
+def test_one_row_xla_products_run_padded(eq, xs, ws, monkeypatch):
+    """`dispatch.ONE_ROW_PADDED_MAX_WEIGHT` (bench.py generate --one-row-padded-max-weight): a one-row product that
+    XLA takes on a GPU runs on x padded to 16 rows (a 16-row dot in the program) with the einsum's result; weights
+    above the limit, two rows, the CPU and impl 'xla' keep the plain einsum."""
+    monkeypatch.setattr(dispatch, "_on_gpu", lambda platform: True)
+    monkeypatch.setattr(dispatch, "GEMV_MAX_WEIGHT", 0)
+    monkeypatch.setattr(dispatch, "GEMV_MAX_WEIGHT_BATCHED", 0)
+    k = int(np.prod(xs[-(len(ws) - 1):])) if eq.startswith("BTNH") else xs[-1]
+    n = int(np.prod(ws)) // k
+    kx, kw = jax.random.split(jax.random.key(len(eq)))
+    x, w = jax.random.normal(kx, xs), jax.random.normal(kw, ws)
+    want = jnp.einsum(eq, x, w, precision=jax.lax.Precision.HIGHEST)
+
+    def dot_rows(f, *args):
+        eqns = jax.make_jaxpr(f)(*args).eqns
+        return sorted({e.invars[0].aval.shape[0] for e in eqns if e.primitive.name == "dot_general"})
+
+    assert dot_rows(lambda x, w: linear(eq, x, w), x, w) == [1]  # off by default
+    before = dispatch.settings()
+    monkeypatch.setattr(dispatch, "ONE_ROW_PADDED_MAX_WEIGHT", k * n)
+    assert dispatch.settings() != before
+    got = linear(eq, x, w)
+    assert got.shape == want.shape
+    _check(got, want, jnp.float32)
+    assert dot_rows(lambda x, w: linear(eq, x, w), x, w) == [16]
+    assert dot_rows(lambda x, w: linear(eq, x, w, impl="xla"), x, w) == [1]
+    x2 = jnp.concatenate([x, x])
+    assert dot_rows(lambda x, w: linear(eq, x, w), x2, w) == [2]  # two rows: as they are
+    monkeypatch.setattr(dispatch, "ONE_ROW_PADDED_MAX_WEIGHT", k * n - 1)
+    assert dot_rows(lambda x, w: linear(eq, x, w), x, w) == [1]
+    monkeypatch.setattr(dispatch, "ONE_ROW_PADDED_MAX_WEIGHT", k * n)
+    monkeypatch.setattr(dispatch, "_on_gpu", lambda platform: False)
+    assert dot_rows(lambda x, w: linear(eq, x, w), x, w) == [1]
+
+
 @pytest.mark.parametrize("family,fused", [("e2b", False), ("26b-a4b", False), ("e2b", True), ("26b-a4b", True),
                                           ("e2b", "add_norm"), ("26b-a4b", "add_norm"), ("e2b", "summed")])
 def test_model_with_gemv_matches_transformers(family, fused, hf_models, hf_dirs, monkeypatch):
@@ -281,14 +321,15 @@ def test_generation_with_gemv_equals_xla(hf_dirs, monkeypatch):
 
 @pytest.mark.parametrize("name,fused", [("e2b", False), ("e4b", False), ("26b-a4b", False), ("31b", False),
                                         ("e2b", True), ("26b-a4b", "add_norm"), ("26b-a4b", "summed"),
-                                        ("e2b", "summed_norm"), ("e2b", "b16")])
+                                        ("e2b", "summed_norm"), ("e2b", "b16"), ("e2b", "padded")])
 def test_every_variant_lowers_its_decode_step_for_the_gpu(name, fused, monkeypatch):
     """Each released variant's batch-1 decode step, at the real shapes, lowers for CUDA on this CPU with the skinny
     kernel at exactly the projections the dispatcher gives it (and 26B-A4B's MoE kernels); `fused`: the queries
     run after the input norm inside one launch with the keys and values; "add_norm": each layer's output
     projection feeds the one add-and-norm kernel; "summed": every skinny kernel adds its own K splits;
     "summed_norm": all but gate, up and the per-layer-input gate, whose sums XLA fuses with the GELU; "b16": the
-    batch-16 step, under the weight limit of 2-16 rows."""
+    batch-16 step, under the weight limit of 2-16 rows; "padded": the kernel up to 6 Mi elements, XLA's products
+    of up to 12 Mi on the one row padded to 16 (E2B's 1536 × 6144 and 6144 × 1536), larger ones on one row."""
     import os
     import re
     import sys
@@ -308,6 +349,9 @@ def test_every_variant_lowers_its_decode_step_for_the_gpu(name, fused, monkeypat
     monkeypatch.setattr(dispatch, "FUSED_PROJECTIONS", fused is True)
     monkeypatch.setattr(dispatch, "FUSED_ADD_NORM", fused == "add_norm")
     monkeypatch.setattr(dispatch, "GEMV_SUM_IN_KERNEL", {"summed": True, "summed_norm": "norm"}.get(fused, False))
+    if fused == "padded":
+        monkeypatch.setattr(dispatch, "GEMV_MAX_WEIGHT", 6 * 2**20)
+        monkeypatch.setattr(dispatch, "ONE_ROW_PADDED_MAX_WEIGHT", 12 * 2**20)
     jax.clear_caches()  # the knobs are read when a step is traced: no trace of another test may be reused
     cfg = preset(name)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Gemma4Text(cfg, jnp.bfloat16, nnx.Rngs(0))))
@@ -336,6 +380,9 @@ def test_every_variant_lowers_its_decode_step_for_the_gpu(name, fused, monkeypat
     # the queries (with keys and values where they fit too) run after the input norm, inside one launch
     q = f"{cfg.hidden_size}x{cfg.num_heads * cfg.layers[0].head_dim}"
     assert (q in want and fused is True) == any(n.startswith(f"rmsnorm_gemv_{q}") for n in names), sorted(set(names))
+    dots = set(re.findall(r"dot_general.*\(tensor<(\d+)x(\d+)xbf16>, tensor<(\d+)x(\d+)xbf16>\)", text))
+    padded = {f"{k}x{n}" for m, k, _, n in dots if m == "16"}  # at batch 1 (at 16, every dot has 16 rows)
+    assert batch == 16 or padded == ({"1536x6144", "6144x1536"} if fused == "padded" else set()), sorted(dots)
     calls = len(re.findall(r"call @add_norm\b", text))  # after each output projection on the skinny kernel
     on_kernel = sum(f"{cfg.num_heads * s.head_dim}x{cfg.hidden_size}" in want for s in cfg.layers)  # the outputs'
     assert calls == (on_kernel if fused == "add_norm" else 0), calls

@@ -107,6 +107,9 @@ def add_parser(sub) -> None:
     p.add_argument("--gemv-max-weight-batched", type=int, default=None, metavar="ELEMENTS",
                    help="the same for projections of 2 to 16 rows only, after --gemv-max-weight "
                         "(dispatch.GEMV_MAX_WEIGHT_BATCHED; default: the library's)")
+    p.add_argument("--one-row-padded-max-weight", type=int, default=None, metavar="ELEMENTS",
+                   help="one-row products XLA takes, of weights of at most this many elements, run on x padded to "
+                        "16 rows, as XLA's GEMM (dispatch.ONE_ROW_PADDED_MAX_WEIGHT; default: the library's, 0: none)")
     p.add_argument("--gemv-min-weight", type=int, default=None, metavar="ELEMENTS",
                    help="the smallest weight (K*N elements) a decode-step projection sends to the skinny kernel; "
                         "smaller ones (26B-A4B's router: 360,448) go to XLA (dispatch.GEMV_MIN_WEIGHT; default: the "
@@ -279,6 +282,8 @@ def _header(args, cfg) -> dict:
                                         or getattr(args, "gemv_max_weight", None)
                                         or _dispatch().GEMV_MAX_WEIGHT_BATCHED),
             "gemv_min_weight": getattr(args, "gemv_min_weight", None) or _dispatch().GEMV_MIN_WEIGHT,
+            "one_row_padded_max_weight": getattr(args, "one_row_padded_max_weight", None)
+            or _dispatch().ONE_ROW_PADDED_MAX_WEIGHT,
             "gemv_target_programs": getattr(args, "gemv_target_programs", None) or _gemv().TARGET_PROGRAMS,
             "gemv_min_block_n": getattr(args, "gemv_min_block_n", None) or _gemv().MIN_BLOCK_N,
             "gemv_max_split_k": getattr(args, "gemv_max_split_k", None) or _gemv().MAX_SPLIT_K,
@@ -362,6 +367,8 @@ def ours(args, start: float) -> dict:
         dispatch.GEMV_MAX_WEIGHT_BATCHED = args.gemv_max_weight_batched
     if getattr(args, "gemv_min_weight", None):
         dispatch.GEMV_MIN_WEIGHT = args.gemv_min_weight
+    if getattr(args, "one_row_padded_max_weight", None):
+        dispatch.ONE_ROW_PADDED_MAX_WEIGHT = args.one_row_padded_max_weight
     for flag, name in (("gemv_target_programs", "TARGET_PROGRAMS"), ("gemv_min_block_n", "MIN_BLOCK_N"),
                        ("gemv_max_split_k", "MAX_SPLIT_K")):
         if getattr(args, flag, None):
