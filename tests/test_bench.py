@@ -199,7 +199,7 @@ def test_trace_summary_cli_prints_the_windows(tmp_path, capsys):
 
 def test_bench_pipeline_runs(tmp_path):
     res = _bench(["pipeline", "--config", DEMO, "--pp", "2", "--batch", "2,3", "--prompt-len", "8", "--gen-len", "8",
-                  "--prefill-len", "40", "--repeat", "1"], tmp_path, devices=2)
+                  "--prefill-len", "40", "--repeat", "1", "--shape-control", "--f32-reference"], tmp_path, devices=2)
     pp2 = res["pp2"]
     for key in ("pp1", "pp2"):
         assert set(res[key]["by_batch"]) == {"2", "3"} and res[key]["prefill_ms"] > 0
@@ -210,6 +210,15 @@ def test_bench_pipeline_runs(tmp_path):
     assert 0.3 < pp2["ratios_vs_pp1"]["weights_per_device"] < 1.0
     assert pp2["kl_vs_pp1"]["mean"] < 1e-2  # bf16 on the CPU: the same function, a few last-bit differences
     assert 0.0 <= pp2["greedy_equal_fraction"] <= 1.0 and pp2["decode_tok_s"] > 0
+    # issue #21's agreement bars: the KLs to a float32 forward of the same weights, and the shape control (pp=1 at
+    # batch 1 against batch 2); on the CPU both layouts compute the same function, so their KLs to float32 agree
+    kl1, kl2 = res["pp1"]["kl_vs_f32"]["mean"], pp2["kl_vs_f32"]["mean"]
+    assert 0 < kl1 < 0.05 and 0 < kl2 < 0.05, (kl1, kl2)
+    assert pp2["ratios_vs_pp1"]["kl_vs_f32"] == pytest.approx(kl2 / kl1)
+    assert 0.5 < pp2["ratios_vs_pp1"]["kl_vs_f32"] < 2.0
+    control = res["pp1"]["kl_batch1_vs_batch2"]["mean"]
+    assert control >= 0 and pp2["kl_vs_pp1_over_shape_control"] == (
+        pp2["kl_vs_pp1"]["mean"] / control if control > 0 else None)
 
 
 def test_roofline_bytes_match_published_sizes():

@@ -92,6 +92,11 @@ def _kl_summary(ref: np.ndarray, other: np.ndarray) -> dict:
             "top1_equal_fraction": float(np.mean(ref.argmax(-1) == other.argmax(-1)))}
 
 
+def _ratio(kl: dict, base: dict) -> float | None:
+    """The mean of one KL summary over another's; None where the base is 0 (bit-identical logits)."""
+    return kl["mean"] / base["mean"] if base["mean"] > 0 else None
+
+
 def run(args) -> dict:
     from gemma4_jax.config import Gemma4Config, preset
 
@@ -204,6 +209,12 @@ def run(args) -> dict:
             "kv_budget": res[key]["kv_budget_tokens"] / p1["kv_budget_tokens"] if p1["kv_budget_tokens"] else None,
             "kv_budget_80gb": res[key]["kv_budget_tokens_80gb"] / p1["kv_budget_tokens_80gb"],
         }
+        # issue #21's agreement bars: pp=N's mean KL to float32 over pp=1's (≤ 1.1), and its KL to pp=1 over the
+        # shape control's (≤ 1.0); absent where the flags that measure them were not given
+        if "kl_vs_f32" in res[key]:
+            res[key]["ratios_vs_pp1"]["kl_vs_f32"] = _ratio(res[key]["kl_vs_f32"], p1["kl_vs_f32"])
+        if "kl_vs_pp1" in res[key] and "kl_batch1_vs_batch2" in p1:
+            res[key]["kl_vs_pp1_over_shape_control"] = _ratio(res[key]["kl_vs_pp1"], p1["kl_batch1_vs_batch2"])
         phase(f"{key}_agreement")
         print(json.dumps({key: res[key]}), flush=True)
         del pipe
