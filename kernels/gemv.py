@@ -54,8 +54,9 @@ GEMV_MAX_ROWS = ROWS  # the dispatcher sends products with at most this many row
 # smaller weights and matched cuBLAS on 26B-A4B's 2816 × 8192 (docs/kernels.md run 7), and XLA was 3 % faster on
 # E2B's decode step with its 1536 × 12288 and 12288 × 1536 MLP weights (18.9 M elements) on
 # cuBLAS (docs/performance.md, twelfth session). Two to 16 rows: 6 Mi. There E2B's step was 4 % faster with its
-# 1536 × 6144 ones on cuBLAS too, and 26B-A4B's batch 16 not slower with its 2816 × 4096 ones there. Larger
-# weights stay on XLA, whose cuBLAS GEMV streamed 31B's at 4.26 TB/s.
+# 1536 × 6144 ones on cuBLAS too. With both limits, E2B's steps at batch 1 and 16 were 4.3 and 5.1 % shorter, and
+# 26B-A4B's 0.5 and 1.2 % (its 2816 × 4096 and larger on cuBLAS). Larger weights stay on XLA, whose cuBLAS GEMV
+# streamed 31B's at 4.26 TB/s.
 GEMV_MAX_WEIGHT = 12 * 2**20
 GEMV_MAX_WEIGHT_BATCHED = 6 * 2**20
 # Aim for at least this many programs, so that every SM of an H100/H200 (132) streams part of W: first by
