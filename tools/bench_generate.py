@@ -277,12 +277,7 @@ def _header(args, cfg) -> dict:
             "moe_mosaic_min_rows": getattr(args, "moe_mosaic_min_rows", None) or _dispatch().MOSAIC_MOE_MIN_ROWS,
             "moe_token_tiles_max_tokens": _dispatch().MOE_TOKEN_TILES_MAX_TOKENS
             if getattr(args, "moe_token_tiles", None) is None else args.moe_token_tiles,
-            "gemv_max_weight": _given(args, "gemv_max_weight", _dispatch().GEMV_MAX_WEIGHT),
-            "gemv_max_weight_batched": _given(args, "gemv_max_weight_batched",
-                                              _given(args, "gemv_max_weight", _dispatch().GEMV_MAX_WEIGHT_BATCHED)),
-            "gemv_min_weight": _given(args, "gemv_min_weight", _dispatch().GEMV_MIN_WEIGHT),
-            "one_row_padded_max_weight": _given(args, "one_row_padded_max_weight",
-                                                _dispatch().ONE_ROW_PADDED_MAX_WEIGHT),
+            **{name.lower(): value for name, value in _weight_limits(args, _dispatch()).items()},
             "gemv_target_programs": getattr(args, "gemv_target_programs", None) or _gemv().TARGET_PROGRAMS,
             "gemv_min_block_n": getattr(args, "gemv_min_block_n", None) or _gemv().MIN_BLOCK_N,
             "gemv_max_split_k": getattr(args, "gemv_max_split_k", None) or _gemv().MAX_SPLIT_K,
@@ -293,10 +288,19 @@ def _header(args, cfg) -> dict:
             "decode_scheduling": getattr(args, "decode_scheduling", None) or _programs().DECODE_SCHEDULING}
 
 
-def _given(args, name: str, default):
-    """args.name where the flag was given (0 included), else `default`."""
-    value = getattr(args, name, None)
-    return default if value is None else value
+def _weight_limits(args, dispatch) -> dict:
+    """The dispatcher's weight limits under the flags (`dispatch`'s attribute names): a flag given, 0 included
+    (no weight on the kernel, none padded), or the library's; --gemv-max-weight sets both maximums."""
+    def given(flag: str, default):
+        value = getattr(args, flag, None)
+        return default if value is None else value
+
+    most = given("gemv_max_weight", None)
+    return {"GEMV_MAX_WEIGHT": given("gemv_max_weight", dispatch.GEMV_MAX_WEIGHT),
+            "GEMV_MAX_WEIGHT_BATCHED": given("gemv_max_weight_batched",
+                                             dispatch.GEMV_MAX_WEIGHT_BATCHED if most is None else most),
+            "GEMV_MIN_WEIGHT": given("gemv_min_weight", dispatch.GEMV_MIN_WEIGHT),
+            "ONE_ROW_PADDED_MAX_WEIGHT": given("one_row_padded_max_weight", dispatch.ONE_ROW_PADDED_MAX_WEIGHT)}
 
 
 def _dispatch():
@@ -366,12 +370,8 @@ def ours(args, start: float) -> dict:
         dispatch.MOSAIC_MOE_MIN_ROWS = args.moe_mosaic_min_rows
     if getattr(args, "moe_token_tiles", None) is not None:
         dispatch.MOE_TOKEN_TILES_MAX_TOKENS = args.moe_token_tiles
-    # the weight limits: 0 is a value (no weight on the kernel, none padded), not "the library's default"
-    dispatch.GEMV_MAX_WEIGHT = _given(args, "gemv_max_weight", dispatch.GEMV_MAX_WEIGHT)
-    dispatch.GEMV_MAX_WEIGHT_BATCHED = _given(args, "gemv_max_weight_batched",
-                                              _given(args, "gemv_max_weight", dispatch.GEMV_MAX_WEIGHT_BATCHED))
-    dispatch.GEMV_MIN_WEIGHT = _given(args, "gemv_min_weight", dispatch.GEMV_MIN_WEIGHT)
-    dispatch.ONE_ROW_PADDED_MAX_WEIGHT = _given(args, "one_row_padded_max_weight", dispatch.ONE_ROW_PADDED_MAX_WEIGHT)
+    for name, value in _weight_limits(args, dispatch).items():
+        setattr(dispatch, name, value)
     for flag, name in (("gemv_target_programs", "TARGET_PROGRAMS"), ("gemv_min_block_n", "MIN_BLOCK_N"),
                        ("gemv_max_split_k", "MAX_SPLIT_K")):
         if getattr(args, flag, None):

@@ -136,16 +136,16 @@ def linear(eq: str, x: jax.Array, w: jax.Array, impl: str = "auto", into_element
     GELU, the per-layer-input gate), which XLA fuses into the split kernel's sum; `dispatch.GEMV_SUM_IN_KERNEL`
     "norm" leaves those sums to XLA."""
     c, k, rows, choice = _matrix_view(eq, x, w, impl)
+    xm, wm = x.reshape(rows, k), w.reshape(k, -1)
     if choice == "xla":
-        padded = dispatch.xla_rows(impl, rows=rows, k=k, n=w.size // k)
+        padded = dispatch.xla_rows(impl, rows=rows, k=k, n=wm.shape[1])
         if padded == rows:
             return numerics.einsum(eq, x, w)
-        xp = jnp.zeros((padded, k), x.dtype).at[:rows].set(x.reshape(rows, k))
-        y = numerics.einsum("MK,KN->MN", xp, w.reshape(k, -1))[:rows]
-        return y.reshape(*x.shape[:x.ndim - c], *w.shape[c:])
-    summed = dispatch.GEMV_SUM_IN_KERNEL
-    y = gemv.gemv(x.reshape(rows, k), w.reshape(k, -1), interpret=choice == "interpret",
-                  sum_in_kernel=summed is True or (summed == "norm" and not into_elementwise))
+        y = numerics.einsum("MK,KN->MN", jnp.pad(xm, ((0, padded - rows), (0, 0))), wm)[:rows]
+    else:
+        summed = dispatch.GEMV_SUM_IN_KERNEL
+        y = gemv.gemv(xm, wm, interpret=choice == "interpret",
+                      sum_in_kernel=summed is True or (summed == "norm" and not into_elementwise))
     return y.reshape(*x.shape[:x.ndim - c], *w.shape[c:])
 
 
