@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from . import flash_attention_mgpu, gemv, moe_mgpu, router
 from .decode_attention import decode_attention
+from .decode_attention import default_config as decode_config
 from .flash_attention import flash_attention, flash_attention_reference
 from .gemv import GEMV_MAX_ROWS, GEMV_MAX_WEIGHT, GEMV_MAX_WEIGHT_BATCHED
 from .gemv import supports as gemv_supports
@@ -95,10 +96,18 @@ def mosaic_supports(head_dim: int, group: int, dtype) -> bool:
     return head_dim == MOSAIC_HEAD_DIM and jnp.dtype(dtype).itemsize == 2 and group & (group - 1) == 0 and group <= 64
 
 
+# The GPU the dispatcher decides for in a process that has none (None: the process's own device). `bench.py chain
+# --target h200` sets "H200" to compile a decode step for that card on a CPU-only machine (JAX's deviceless
+# compilation): the GPU paths, Hopper's Mosaic kernels included, as on the card itself.
+TARGET_GPU: str | None = None
+
+
 def _builds(what: str, fallback: str, fn, *args) -> bool:
     """Whether `fn` lowers and compiles for these argument shapes here. Mosaic GPU's Pallas API still moves between
     jax releases; where this jax cannot build a Mosaic kernel, dispatch falls back with one warning instead of
-    failing the model."""
+    failing the model. For a TARGET_GPU there is no device to build on: yes (the step's own compile then tells)."""
+    if TARGET_GPU:
+        return True
     try:
         fn.lower(*args).compile()
         return True
@@ -130,6 +139,8 @@ def mosaic_moe_compiles(d: int, f: int, dtype_name: str) -> bool:
 
 def is_hopper() -> bool:
     """The default device is a Hopper GPU (compute capability 9.x): the Mosaic kernel uses wgmma and TMA."""
+    if TARGET_GPU:
+        return TARGET_GPU.upper().startswith(("H100", "H200", "H800", "H20", "GH200"))
     dev = jax.devices()[0]
     return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
 
@@ -147,7 +158,7 @@ def _check_impl(impl: str) -> None:
 
 
 def _on_gpu(platform: str | None) -> bool:
-    return (platform or jax.default_backend()) in ("gpu", "cuda")
+    return (platform or ("cuda" if TARGET_GPU else jax.default_backend())) in ("gpu", "cuda")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,8 +275,21 @@ def run_attention(choice: str, q: jax.Array, k: jax.Array, v: jax.Array, q_pos: 
         return cudnn_attention(q, k, v, scale=scale, window=window, causal=causal)
     if choice == "mosaic":
         return mosaic_attention(q, k, v, scale=scale, window=window)
-    fn = decode_attention if q.shape[1] <= DECODE_MAX_TOKENS else flash_attention
-    return fn(q, k, v, q_pos, k_pos, scale=scale, window=window, causal=causal, interpret=choice == "interpret")
+    if q.shape[1] <= DECODE_MAX_TOKENS:
+        config = None
+        if DECODE_TARGET_PROGRAMS:
+            config = dataclasses.replace(decode_config(q.shape[-1], q.dtype), target_programs=DECODE_TARGET_PROGRAMS)
+        return decode_attention(q, k, v, q_pos, k_pos, scale=scale, window=window, causal=causal, config=config,
+                                interpret=choice == "interpret")
+    return flash_attention(q, k, v, q_pos, k_pos, scale=scale, window=window, causal=causal,
+                           interpret=choice == "interpret")
+
+
+# The programs the decode kernel aims for when it splits the keys (None: its own default, 128; `bench.py generate
+# --decode-target-programs N`). Each split beyond one costs a combining kernel after the kernel, on the step's
+# critical path; 1 means one program per sequence and KV head and no combine (a short cache's whole read in one
+# program). Not yet measured against the default.
+DECODE_TARGET_PROGRAMS: int | None = None
 
 
 # Benches set this to 'xla' to time the XLA experts beside the kernels in one process, attention unchanged.
@@ -382,6 +406,22 @@ def xla_rows(impl: str, *, rows: int, k: int, n: int, platform: str | None = Non
     return rows
 
 
+# The rows a one-sequence decode step's stream runs on (1: as it is; 2: the sequence twice, `bench.py generate
+# --one-row-stream-rows 2`). XLA drops a unit row dimension: at one row each norm is a reduction to a scalar and a
+# separate normalising kernel; from two rows it emits one Triton kernel for a norm, with the residual and the next
+# norm inside it. XLA's program for an H200 (`bench.py chain --target h200`) has 870 kernels on E2B's batch-1
+# critical path at one row and 639 at two (27-36 % fewer in every variant: docs/performance.md, thirteenth
+# session). The copy costs nothing in the projections (the skinny kernel runs a 16-row block at one row too);
+# attention and the cache see the one real row. Not yet timed on a GPU, so off.
+ONE_ROW_STREAM_ROWS = 1
+
+
+def stream_rows(batch: int) -> int:
+    """The rows a decode step of `batch` sequences runs its stream on: ONE_ROW_STREAM_ROWS for one sequence (on any
+    platform; only a GPU's fusion gains from it), else `batch`."""
+    return ONE_ROW_STREAM_ROWS if batch == 1 else batch
+
+
 def gemv_max_weight(rows: int) -> int:
     """The largest weight (K·N elements) a projection of `rows` rows sends to the skinny kernel: GEMV_MAX_WEIGHT
     for one row, GEMV_MAX_WEIGHT_BATCHED for more (this module's copies, which benches change with `bench.py
@@ -416,6 +456,7 @@ def settings() -> str:
              "CUDNN_MAX_HEAD_DIM", "MOSAIC_HEAD_DIM", "CUDNN_BACKEND", "MOSAIC_INTERPRET", "MOSAIC_MOE_MIN_ROWS",
              "MOE_FORCE", "MOE_PLAN_KERNEL", "MOE_TOKEN_TILES_MAX_TOKENS", "ROUTER_KERNEL", "DENSE_FORCE",
              "GEMV_MAX_WEIGHT", "GEMV_MAX_WEIGHT_BATCHED", "GEMV_MIN_WEIGHT", "GEMV_SUM_IN_KERNEL",
-             "DENSE_AFTER_ROUTER", "ROUTER_OWN_NORM", "ONE_ROW_PADDED_MAX_WEIGHT")
+             "DENSE_AFTER_ROUTER", "ROUTER_OWN_NORM", "ONE_ROW_PADDED_MAX_WEIGHT", "ONE_ROW_STREAM_ROWS", "TARGET_GPU",
+             "DECODE_TARGET_PROGRAMS")
     return ",".join([f"{n}={globals()[n]!r}" for n in names]
                     + [f"gemv.{n}={getattr(gemv, n)!r}" for n in ("TARGET_PROGRAMS", "MIN_BLOCK_N", "MAX_SPLIT_K")])

@@ -32,7 +32,7 @@ def test_bench_generate_runs(tmp_path):
                   "--decode-kernel-min-batch", "1", "--decode-kernel-max-keys", "0",
                   "--fused-add-norm", "--gemv-min-block-n", "32", "--router-kernel", "--moe-mosaic-min-rows", "256",
                   "--no-dense-after-router", "--router-own-norm", "--gemv-min-weight", "64",
-                  "--gemv-sum-in-kernel", "norm"],
+                  "--gemv-sum-in-kernel", "norm", "--one-row-stream-rows", "2"],
                  tmp_path)
     assert res["hbm_gb_s"] > 0 and res["hbm_read_gb_s"] > 0 and res["hbm_matvec_gb_s"] > 0
     # the device-timed probes, and the best of every probe as the roofline's bandwidth
@@ -48,7 +48,7 @@ def test_bench_generate_runs(tmp_path):
     assert res["fused_add_norm"] and res["gemv_min_block_n"] == 32 and res["gemv_max_split_k"] == 64
     assert res["router_kernel"] is True and res["moe_mosaic_min_rows"] == 256
     assert res["dense_after_router"] is False and res["router_own_norm"] is True and res["gemv_min_weight"] == 64
-    assert res["gemv_sum_in_kernel"] == "norm"
+    assert res["gemv_sum_in_kernel"] == "norm" and res["one_row_stream_rows"] == 2
     for b in ("1", "2"):
         r = res["results"][b]
         assert r["decode_tokens_s"] * r["decode_ms_per_token"] / 1e3 == pytest.approx(int(b))
@@ -67,6 +67,71 @@ def test_bench_generate_runs(tmp_path):
     # Every step's kernels are in the trace (with the Python tracer on, the CPU trace lost them: 0.8 a step)
     assert prof["decode_step"]["kernels"] >= 1 and prof["decode_step"]["busy_us"] > 0
     assert isinstance(prof["decode_step"]["between_anchors"], dict) and isinstance(prof["kernel_args"], dict)
+
+
+def test_bench_chain_runs(tmp_path):
+    """`bench.py chain` on the CPU: every layer puts kernels on the decode step's critical path, the layers' and
+    the rest's add up to it, and --layer lists that layer's in order; the decode flags reach the dispatcher."""
+    cfg = json.load(open(DEMO))
+    res = _bench(["chain", "--config", DEMO, "--batch", "1,2", "--context", "32", "--layer", "1",
+                  "--one-row-stream-rows", "2"], tmp_path)
+    assert "ONE_ROW_STREAM_ROWS=2" in res["settings"] and "TARGET_GPU=None" in res["settings"]
+    assert res["target"] == "cpu" and res["context"] == 32
+    layers = cfg.get("text_config", cfg)["num_hidden_layers"]
+    for b in ("1", "2"):
+        r = res["results"][b]
+        assert r["kernels"] == sum(r["kinds"].values()) >= r["critical_path"] >= layers
+        assert sorted(r["per_layer"], key=int) == [str(i) for i in range(layers)]
+        assert all(n >= 1 for n in r["per_layer"].values())
+        assert sum(r["per_layer"].values()) + r["outside_layers"] == r["critical_path"]
+        assert len(r["layer_chain"]) == r["per_layer"]["1"] and r["compile_s"] > 0
+
+
+def test_bench_chain_h200_without_the_cuda_plugin_says_so(tmp_path):
+    """--target h200 where jax has no CUDA plugin (CI): one sentence naming what to install, exit 1, no JSON."""
+    import importlib.util
+
+    if importlib.util.find_spec("jax_plugins") is not None:
+        pytest.skip("a jax plugin (CUDA's?) is installed here")
+    out = tmp_path / "out.json"
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py"), "chain", "--config", DEMO,
+                          "--batch", "1", "--target", "h200", "--json", str(out)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert "needs jax's CUDA plugin" in run.stderr.strip().splitlines()[-1]
+    assert not out.exists() and not os.path.exists(str(out) + ".tmp")
+
+
+def test_chain_critical_path_is_the_longest_dependent_chain():
+    """The program-order pass finds the longest chain of kernels: against a recursive search from every
+    instruction's operands (no use of program order), on the demo model's compiled decode step; and each kernel
+    on the path reads the one before it through free instructions only."""
+    import functools
+
+    import bench_chain as bc
+
+    from gemma4_jax.config import Gemma4Config
+
+    text = bc.compile_step(Gemma4Config.from_json(DEMO), 1, 32, "auto", "device")
+    ins = bc.entry_instructions(text)
+    by_name = {i["name"]: i for i in ins}
+    assert len(ins) == len(by_name) > 50 and all(a in by_name for i in ins for a in i["operands"])
+
+    @functools.cache
+    def longest(name):  # kernels on the longest chain ending at `name`
+        i = by_name[name]
+        return (i["opcode"] not in bc.FREE) + max((longest(a) for a in i["operands"]), default=0)
+
+    sys.setrecursionlimit(100000)
+    path = bc.critical_path(ins)
+    assert len(path) == max(longest(n) for n in by_name)
+
+    def reads(name, target):  # `name` reads `target` directly or through free instructions
+        return any(a == target or (by_name[a]["opcode"] in bc.FREE and reads(a, target))
+                   for a in by_name[name]["operands"])
+
+    assert all(reads(b["name"], a["name"]) for a, b in zip(path, path[1:], strict=False))
 
 
 def test_trace_summary_classes_and_idle_time():

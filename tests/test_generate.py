@@ -266,3 +266,42 @@ def test_token_logprobs_are_the_logits_scores(hf_dirs, pp):
         m.token_logprobs(ids, targets[:, :5])
     with pytest.raises(ConfigError, match="target ids must lie in"):
         m.token_logprobs(ids, targets + m.config.vocab_size)
+
+
+def _eqns(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs inside it."""
+    for e in jaxpr.eqns:
+        yield e
+        for sub in jax.core.jaxprs_in_params(e.params):
+            yield from _eqns(sub)
+
+
+@pytest.mark.parametrize("family", ["e2b", "26b-a4b"])
+def test_one_sequence_decodes_on_a_two_row_stream(family, hf_models, hf_dirs, monkeypatch):
+    """`dispatch.ONE_ROW_STREAM_ROWS` = 2 (bench.py generate --one-row-stream-rows 2): a one-sequence decode step runs
+    its stream on two copies of the sequence while the cache and attention see one; every step's logits still
+    equal the full forward's and the greedy tokens transformers' (25 positions pass the window, so the ring wraps);
+    e2b covers KV-shared layers and per-layer inputs, 26b-a4b the router and experts."""
+    from gemma4_jax.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "ONE_ROW_STREAM_ROWS", 2)
+    jax.clear_caches()  # the knob is read when a step is traced
+    model = gemma4_jax.load(hf_dirs[family, "causal"], progress=False)
+    ids = np.random.default_rng(5).integers(3, 256, size=(1, 16)).astype(np.int32)
+    full = model.logits(ids)
+    cache = init_cache(model.config, 1, 32, jnp.float32)
+    _, cache = prefill(model.graphdef, model.state, jnp.asarray(ids[:, :4]), jnp.asarray([4]), cache)
+    tok, pos = jnp.asarray(ids[:, 4]), jnp.asarray([4], jnp.int32)
+    from gemma4_jax.generation.loop import decode_step
+    from gemma4_jax.model.text import merge
+
+    jaxpr = jax.make_jaxpr(lambda c, t, p: decode_step(merge(model.graphdef, model.state), c, t, p))(cache, tok, pos)
+    rows = {e.invars[0].aval.shape[0] for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"}
+    assert 2 in rows, rows  # the projections see two rows
+    for t in range(4, 16):
+        step, cache = decode_logits(model.graphdef, model.state, cache, jnp.asarray(ids[:, t]),
+                                    jnp.full((1,), t, jnp.int32))
+        assert step.shape == (1, full.shape[-1])
+        assert rel_err(np.asarray(step), full[:, t]) <= 1e-4, t
+    prompt = ids[0, :5].tolist()
+    assert model.generate([prompt], max_new_tokens=20, stop_tokens=())[0] == _hf_greedy(hf_models[family], prompt, 20)

@@ -142,6 +142,37 @@ def test_decode_attention_default_config():
     _assert_close(out, decode_attention_reference(q, k, v, q_pos, k_pos, scale=0.05), jnp.bfloat16)
 
 
+@pytest.mark.parametrize("programs", [None, 1, 8])
+def test_decode_target_programs_sets_the_splits(programs, monkeypatch):
+    """`dispatch.DECODE_TARGET_PROGRAMS` (bench.py generate --decode-target-programs): the decode kernel's key splits
+    aim for that many programs (1: one split, no combining step after the kernel); the output stays the
+    reference's."""
+    from gemma4_jax.kernels.decode_attention import default_config
+
+    b, t, s, n, kh, h = 2, 1, 64, 4, 2, 64
+    q, k, v = _qkv(5, b, t, s, n, kh, h, jnp.float32)
+    k_pos = _ring_positions([64, 30], s)
+    q_pos = jnp.asarray([[63], [29]], jnp.int32)
+    monkeypatch.setattr(dispatch, "DECODE_TARGET_PROGRAMS", programs)
+
+    def run(q, k, v):
+        return dispatch.run_attention("interpret", q, k, v, q_pos, k_pos, scale=0.125)
+
+    grids = [e.params["grid_mapping"].grid for e in _eqns(jax.make_jaxpr(run)(q, k, v).jaxpr)
+             if e.primitive.name == "pallas_call"]
+    assert s // default_config(h, jnp.float32).block_k == 4  # key blocks: at most 4 splits
+    want = {None: 4, 1: 1, 8: 2}[programs]  # splits: target / (b · kh) = 32, 1/4 and 2, rounded up, ≤ key blocks
+    assert grids == [(want, b, kh)], grids
+    _assert_close(run(q, k, v), decode_attention_reference(q, k, v, q_pos, k_pos, scale=0.125), jnp.float32)
+
+
+def _eqns(jaxpr):
+    for e in jaxpr.eqns:
+        yield e
+        for sub in jax.core.jaxprs_in_params(e.params):
+            yield from _eqns(sub)
+
+
 @pytest.mark.parametrize("window", [None, 6])
 def test_reference_matches_model_attention(window):
     """The kernels' reference computes exactly the model's attention (scale 1.0, mask from positions)."""

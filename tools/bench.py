@@ -1,5 +1,5 @@
-"""Benchmarks, one subcommand each: `python tools/bench.py SUBCOMMAND ...` (see --help; attention, dense, eval,
-generate, moe, numerics, pipeline, startup, towers).
+"""Benchmarks, one subcommand each: `python tools/bench.py SUBCOMMAND ...` (see --help; attention, chain, dense,
+eval, generate, moe, numerics, pipeline, startup, towers).
 
 Run from the repository root with PYTHONPATH=. on a GPU. Each subcommand lives in its own module
 (`tools/bench_<name>.py`) exposing `add_parser(subparsers)`, which sets `func` to run it; what they share (the
@@ -15,6 +15,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_attention  # noqa: E402
+import bench_chain  # noqa: E402
 import bench_dense  # noqa: E402
 import bench_eval  # noqa: E402
 import bench_generate  # noqa: E402
@@ -29,6 +30,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     bench_attention.add_parser(sub)
+    bench_chain.add_parser(sub)
     bench_dense.add_parser(sub)
     bench_eval.add_parser(sub)
     bench_generate.add_parser(sub)

@@ -90,6 +90,28 @@ def add_parser(sub) -> None:
     p.add_argument("--prefill-len", type=int, default=2048, help="prompt tokens of the batch-1 prefill (0: skip)")
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--attn-impl", default="auto")
+    add_decode_arguments(p)
+    p.add_argument("--check-scheduling", action="store_true",
+                   help="only compare greedy tokens under both decode schedulings (each twice), no timing")
+    p.add_argument("--profile", default=None, metavar="DIR", help="perfetto trace of one generation (first batch)")
+    p.add_argument("--profile-top", type=int, default=30, help="kernels kept in the profile summary")
+    p.add_argument("--profile-anchor", default="moe", metavar="REGEX",
+                   help="kernels whose gaps the profile analyses (what runs while none of them does)")
+    p.add_argument("--compare", default="none", choices=["none", "transformers"])
+    p.add_argument("--compile-batches", default="16",
+                   help="batches for transformers' static cache + torch.compile ('' for none)")
+    p.add_argument("--hbm-gib", type=float, default=2.0,
+                   help="GiB copied to measure the bandwidth (twice that is summed for the read-only figure)")
+    p.add_argument("--deadline", type=float, default=None, metavar="S",
+                   help="seconds for the whole run: our side starts no new batch after 0.6·S, transformers no "
+                        "new item after S (skipped items are recorded as such)")
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=run)
+
+
+def add_decode_arguments(p) -> None:
+    """The flags that change how a decode step runs (the dispatcher's and the skinny kernel's settings): `bench.py
+    generate` and `bench.py chain` take them; `apply_decode_settings` applies them."""
     p.add_argument("--moe-impl", default=None, choices=["xla", "pallas", "mosaic"],
                    help="force the MoE experts' path (xla: before the kernels; pallas: the Triton kernels; mosaic: "
                         "the Mosaic GPU grouped GEMM), attention unchanged")
@@ -107,6 +129,9 @@ def add_parser(sub) -> None:
     p.add_argument("--gemv-max-weight-batched", type=int, default=None, metavar="ELEMENTS",
                    help="the same for projections of 2 to 16 rows only, after --gemv-max-weight "
                         "(dispatch.GEMV_MAX_WEIGHT_BATCHED; default: the library's)")
+    p.add_argument("--one-row-stream-rows", type=int, default=None, metavar="ROWS",
+                   help="a one-sequence decode step runs its stream on this many copies of the sequence, attention "
+                        "and the cache on one (dispatch.ONE_ROW_STREAM_ROWS; default: the library's, 1)")
     p.add_argument("--one-row-padded-max-weight", type=int, default=None, metavar="ELEMENTS",
                    help="one-row products XLA takes, of weights of at most this many elements, run on x padded to "
                         "16 rows, as XLA's GEMM (dispatch.ONE_ROW_PADDED_MAX_WEIGHT; default: the library's, 0: none)")
@@ -129,6 +154,9 @@ def add_parser(sub) -> None:
     p.add_argument("--decode-kernel-max-keys", type=int, default=None, metavar="S",
                    help="below that batch, the most keys (cache slots) a decode call may read and still take the "
                         "kernel; 0: XLA for every such call (dispatch.DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS)")
+    p.add_argument("--decode-target-programs", type=int, default=None, metavar="N",
+                   help="programs the decode attention kernel aims for when it splits the keys; 1: no split and no "
+                        "combining kernel (dispatch.DECODE_TARGET_PROGRAMS; default: the kernel's, 128)")
     p.add_argument("--moe-plan-kernel", action="store_true",
                    help="the Mosaic experts' tile plan as one kernel at few rows (dispatch.MOE_PLAN_KERNEL)")
     p.add_argument("--moe-token-tiles", type=int, default=None, metavar="TOKENS",
@@ -153,22 +181,6 @@ def add_parser(sub) -> None:
     p.add_argument("--decode-scheduling", default=None, choices=["CONCURRENT", "LHS"],
                    help="XLA's command-buffer scheduling for the decode programs (programs.DECODE_SCHEDULING; "
                         "default: the library's)")
-    p.add_argument("--check-scheduling", action="store_true",
-                   help="only compare greedy tokens under both decode schedulings (each twice), no timing")
-    p.add_argument("--profile", default=None, metavar="DIR", help="perfetto trace of one generation (first batch)")
-    p.add_argument("--profile-top", type=int, default=30, help="kernels kept in the profile summary")
-    p.add_argument("--profile-anchor", default="moe", metavar="REGEX",
-                   help="kernels whose gaps the profile analyses (what runs while none of them does)")
-    p.add_argument("--compare", default="none", choices=["none", "transformers"])
-    p.add_argument("--compile-batches", default="16",
-                   help="batches for transformers' static cache + torch.compile ('' for none)")
-    p.add_argument("--hbm-gib", type=float, default=2.0,
-                   help="GiB copied to measure the bandwidth (twice that is summed for the read-only figure)")
-    p.add_argument("--deadline", type=float, default=None, metavar="S",
-                   help="seconds for the whole run: our side starts no new batch after 0.6·S, transformers no "
-                        "new item after S (skipped items are recorded as such)")
-    p.add_argument("--json", default=None)
-    p.set_defaults(func=run)
 
 
 def _ints(text: str) -> list[int]:
@@ -285,6 +297,9 @@ def _header(args, cfg) -> dict:
             or _dispatch().DECODE_KERNEL_MIN_BATCH,
             "decode_kernel_max_keys": _dispatch().DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS
             if getattr(args, "decode_kernel_max_keys", None) is None else args.decode_kernel_max_keys,
+            "one_row_stream_rows": getattr(args, "one_row_stream_rows", None) or _dispatch().ONE_ROW_STREAM_ROWS,
+            "decode_target_programs": getattr(args, "decode_target_programs", None)
+            or _dispatch().DECODE_TARGET_PROGRAMS,
             "decode_scheduling": getattr(args, "decode_scheduling", None) or _programs().DECODE_SCHEDULING}
 
 
@@ -301,6 +316,42 @@ def _weight_limits(args, dispatch) -> dict:
                                              dispatch.GEMV_MAX_WEIGHT_BATCHED if most is None else most),
             "GEMV_MIN_WEIGHT": given("gemv_min_weight", dispatch.GEMV_MIN_WEIGHT),
             "ONE_ROW_PADDED_MAX_WEIGHT": given("one_row_padded_max_weight", dispatch.ONE_ROW_PADDED_MAX_WEIGHT)}
+
+
+def apply_decode_settings(args) -> None:
+    """Set the dispatcher's, the skinny kernel's and the decode programs' module settings from
+    `add_decode_arguments`' flags (those not given keep the library's)."""
+    dispatch = _dispatch()
+    dispatch.MOE_FORCE = getattr(args, "moe_impl", None)
+    dispatch.DENSE_FORCE = getattr(args, "dense_impl", None)
+    dispatch.FUSED_PROJECTIONS = getattr(args, "fused_projections", False)
+    dispatch.FUSED_ADD_NORM = getattr(args, "fused_add_norm", False)
+    dispatch.MOE_PLAN_KERNEL = getattr(args, "moe_plan_kernel", False)
+    dispatch.ROUTER_KERNEL = getattr(args, "router_kernel", False)
+    if getattr(args, "dense_after_router", None) is not None:
+        dispatch.DENSE_AFTER_ROUTER = args.dense_after_router
+    dispatch.ROUTER_OWN_NORM = getattr(args, "router_own_norm", False)
+    dispatch.GEMV_SUM_IN_KERNEL = {None: False, "all": True, "norm": "norm"}[getattr(args, "gemv_sum_in_kernel", None)]
+    if getattr(args, "moe_mosaic_min_rows", None):
+        dispatch.MOSAIC_MOE_MIN_ROWS = args.moe_mosaic_min_rows
+    if getattr(args, "moe_token_tiles", None) is not None:
+        dispatch.MOE_TOKEN_TILES_MAX_TOKENS = args.moe_token_tiles
+    for name, value in _weight_limits(args, dispatch).items():
+        setattr(dispatch, name, value)
+    for flag, name in (("gemv_target_programs", "TARGET_PROGRAMS"), ("gemv_min_block_n", "MIN_BLOCK_N"),
+                       ("gemv_max_split_k", "MAX_SPLIT_K")):
+        if getattr(args, flag, None):
+            setattr(_gemv(), name, getattr(args, flag))
+    if getattr(args, "decode_kernel_min_batch", None):
+        dispatch.DECODE_KERNEL_MIN_BATCH = args.decode_kernel_min_batch
+    if getattr(args, "decode_kernel_max_keys", None) is not None:
+        dispatch.DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS = args.decode_kernel_max_keys
+    if getattr(args, "decode_target_programs", None):
+        dispatch.DECODE_TARGET_PROGRAMS = args.decode_target_programs
+    if getattr(args, "one_row_stream_rows", None):
+        dispatch.ONE_ROW_STREAM_ROWS = args.one_row_stream_rows
+    if getattr(args, "decode_scheduling", None):
+        _programs().DECODE_SCHEDULING = args.decode_scheduling
 
 
 def _dispatch():
@@ -354,34 +405,7 @@ def ours(args, start: float) -> dict:
 
     cfg = _config(args)
     dev = jax.devices()[0]
-    from gemma4_jax.kernels import dispatch
-
-    dispatch.MOE_FORCE = getattr(args, "moe_impl", None)
-    dispatch.DENSE_FORCE = getattr(args, "dense_impl", None)
-    dispatch.FUSED_PROJECTIONS = getattr(args, "fused_projections", False)
-    dispatch.FUSED_ADD_NORM = getattr(args, "fused_add_norm", False)
-    dispatch.MOE_PLAN_KERNEL = getattr(args, "moe_plan_kernel", False)
-    dispatch.ROUTER_KERNEL = getattr(args, "router_kernel", False)
-    if getattr(args, "dense_after_router", None) is not None:
-        dispatch.DENSE_AFTER_ROUTER = args.dense_after_router
-    dispatch.ROUTER_OWN_NORM = getattr(args, "router_own_norm", False)
-    dispatch.GEMV_SUM_IN_KERNEL = {None: False, "all": True, "norm": "norm"}[getattr(args, "gemv_sum_in_kernel", None)]
-    if getattr(args, "moe_mosaic_min_rows", None):
-        dispatch.MOSAIC_MOE_MIN_ROWS = args.moe_mosaic_min_rows
-    if getattr(args, "moe_token_tiles", None) is not None:
-        dispatch.MOE_TOKEN_TILES_MAX_TOKENS = args.moe_token_tiles
-    for name, value in _weight_limits(args, dispatch).items():
-        setattr(dispatch, name, value)
-    for flag, name in (("gemv_target_programs", "TARGET_PROGRAMS"), ("gemv_min_block_n", "MIN_BLOCK_N"),
-                       ("gemv_max_split_k", "MAX_SPLIT_K")):
-        if getattr(args, flag, None):
-            setattr(_gemv(), name, getattr(args, flag))
-    if getattr(args, "decode_kernel_min_batch", None):
-        dispatch.DECODE_KERNEL_MIN_BATCH = args.decode_kernel_min_batch
-    if getattr(args, "decode_kernel_max_keys", None) is not None:
-        dispatch.DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS = args.decode_kernel_max_keys
-    if getattr(args, "decode_scheduling", None):
-        _programs().DECODE_SCHEDULING = args.decode_scheduling
+    apply_decode_settings(args)
     res = _header(args, cfg)
     res.update(card=dev.device_kind, jax=jax.__version__, results={})
     progress = Progress(res, args.json, start)

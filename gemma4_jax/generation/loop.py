@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..errors import ConfigError
+from ..kernels import dispatch
 from ..model.text import merge
 from .cache import DecodeAttender, ExtendAttender, KVCache, PrefillAttender, init_cache, put_rows, take_rows
 from .options import Sampling, bucket  # noqa: F401 (re-exported: sampling options and shape buckets live there)
@@ -129,10 +130,15 @@ def extend(graphdef, params, ids_bt, start_b, lengths_b, cache: KVCache, impl: s
 
 
 def decode_step(model, cache: KVCache, token_b, pos_b, impl: str = "auto"):
-    """One token per sequence at positions [B]: logits [B,V] and the updated cache."""
+    """One token per sequence at positions [B]: logits [B,V] and the updated cache. One sequence may run its layers
+    on copies of its row (`dispatch.stream_rows`: XLA fuses a norm of two rows into one kernel, of one row into
+    two); the attender writes and reads the cache for the real row only, and the head reads row 0."""
+    b = token_b.shape[0]
+    rows = dispatch.stream_rows(b)
     attender = DecodeAttender(cache, pos_b[:, None], impl)
-    x = model.decode_layers(token_b[:, None], pos_b[:, None], attender)
-    return model.head(x)[:, 0], attender.cache
+    x = model.decode_layers(jnp.broadcast_to(token_b, (rows,))[:, None], jnp.broadcast_to(pos_b, (rows,))[:, None],
+                            attender)
+    return model.head(x[:b])[:, 0], attender.cache
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames="impl", donate_argnums=(2, 3))
