@@ -16,8 +16,9 @@ their op names.
 `--target device` (the default) compiles for this process's own device. `--target h200` compiles for an H200 on
 a machine without a GPU (JAX's deviceless compilation, `dispatch.TARGET_GPU`): it needs jax's CUDA plugin
 (`pip install "jax[cuda12]"` beside the project) and `JAX_PLATFORMS=cpu JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1` in the
-environment. The program is XLA's for that card as this jax's XLA builds it; the card's own jax may fuse a little
-differently, so compare targets and settings within one run, and time on the card.
+environment. The program is XLA's for that card as this jax's XLA builds it, without autotuning (its GEMMs take
+XLA's default backend and tiles, where the card may pick cuBLAS); the card's own jax may fuse a little
+differently, so compare settings within one target, and time on the card.
 """
 
 from __future__ import annotations
