@@ -129,3 +129,13 @@ def hf_logits(model, ids: np.ndarray, dtype=None) -> np.ndarray:
 
 def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
     return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+
+
+def all_eqns(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs inside its equations (jit, scan, cond, custom calls)."""
+    import jax
+
+    for e in jaxpr.eqns:
+        yield e
+        for sub in jax.core.jaxprs_in_params(e.params):
+            yield from all_eqns(sub)

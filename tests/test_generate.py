@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_fixtures import FAMILIES, rel_err
+from hf_fixtures import FAMILIES, all_eqns, rel_err
 
 import gemma4_jax
 from gemma4_jax.generation.cache import init_cache
@@ -268,14 +268,6 @@ def test_token_logprobs_are_the_logits_scores(hf_dirs, pp):
         m.token_logprobs(ids, targets + m.config.vocab_size)
 
 
-def _eqns(jaxpr):
-    """Every equation of a jaxpr and of the jaxprs inside it."""
-    for e in jaxpr.eqns:
-        yield e
-        for sub in jax.core.jaxprs_in_params(e.params):
-            yield from _eqns(sub)
-
-
 @pytest.mark.parametrize("family", ["e2b", "26b-a4b"])
 def test_one_sequence_decodes_on_a_two_row_stream(family, hf_models, hf_dirs, monkeypatch):
     """`dispatch.ONE_ROW_STREAM_ROWS` = 2 (bench.py generate --one-row-stream-rows 2): a one-sequence decode step runs
@@ -296,7 +288,7 @@ def test_one_sequence_decodes_on_a_two_row_stream(family, hf_models, hf_dirs, mo
     from gemma4_jax.model.text import merge
 
     jaxpr = jax.make_jaxpr(lambda c, t, p: decode_step(merge(model.graphdef, model.state), c, t, p))(cache, tok, pos)
-    rows = {e.invars[0].aval.shape[0] for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"}
+    rows = {e.invars[0].aval.shape[0] for e in all_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"}
     assert 2 in rows, rows  # the projections see two rows
     for t in range(4, 16):
         step, cache = decode_logits(model.graphdef, model.state, cache, jnp.asarray(ids[:, t]),

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_fixtures import all_eqns
 from jax.experimental import pallas as pl
 
 from gemma4_jax.kernels import (
@@ -158,19 +159,13 @@ def test_decode_target_programs_sets_the_splits(programs, monkeypatch):
     def run(q, k, v):
         return dispatch.run_attention("interpret", q, k, v, q_pos, k_pos, scale=0.125)
 
-    grids = [e.params["grid_mapping"].grid for e in _eqns(jax.make_jaxpr(run)(q, k, v).jaxpr)
+    grids = [e.params["grid_mapping"].grid for e in all_eqns(jax.make_jaxpr(run)(q, k, v).jaxpr)
              if e.primitive.name == "pallas_call"]
     assert s // default_config(h, jnp.float32).block_k == 4  # key blocks: at most 4 splits
     want = {None: 4, 1: 1, 8: 2}[programs]  # splits: target / (b · kh) = 32, 1/4 and 2, rounded up, ≤ key blocks
     assert grids == [(want, b, kh)], grids
     _assert_close(run(q, k, v), decode_attention_reference(q, k, v, q_pos, k_pos, scale=0.125), jnp.float32)
 
-
-def _eqns(jaxpr):
-    for e in jaxpr.eqns:
-        yield e
-        for sub in jax.core.jaxprs_in_params(e.params):
-            yield from _eqns(sub)
 
 
 @pytest.mark.parametrize("window", [None, 6])

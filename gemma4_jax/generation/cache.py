@@ -149,10 +149,12 @@ class DecodeAttender(Attender):
     def __call__(self, spec, q, kv):
         key = str(spec.kv_source)
         entry = self.cache.layers[key]
-        b, rows = self.pos.shape[0], q.shape[0]  # rows > b: the step's stream repeats its sequences (`decode_step`)
+        b, rows = self.pos.shape[0], q.shape[0]
+        if rows != b:  # the step's stream repeats its one sequence (`decode_step`): the cache sees the real row
+            q, kv = q[:b], kv and (kv[0][:b], kv[1][:b])
         if kv is not None:  # a KV-owning layer writes first; its readers come later in the step
-            entry = self.cache.layers[key] = write_token(entry, *(t[:b] for t in kv), self.pos)
-        o = attend_cache(self.impl, q[:b], entry, self.pos, spec.window)
+            entry = self.cache.layers[key] = write_token(entry, *kv, self.pos)
+        o = attend_cache(self.impl, q, entry, self.pos, spec.window)
         return o if rows == b else jnp.broadcast_to(o, (rows, *o.shape[1:]))
 
 
