@@ -355,3 +355,78 @@ def test_towers_bench_scores_tiny_towers(tmp_path):
         assert runs["transformers_bf16"]["max_rel"] > 10 * runs["transformers_f32"]["max_rel"], (name, runs)
         ratio = tower["ours_over_transformers"]["f32"]["max_rel"]
         assert ratio == pytest.approx(runs["ours_f32"]["max_rel"] / runs["transformers_f32"]["max_rel"])
+
+
+def _queue(args: list[str], tmp_path, queue: str):
+    path = tmp_path / "queue.txt"
+    path.write_text(queue)
+    out = tmp_path / "queue.json"
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": xla_flags(1)}
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py"), "queue", str(path), *args,
+                          "--json", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    return run, out
+
+
+def test_bench_queue_runs_each_run_in_its_own_process_into_one_file(tmp_path):
+    """`bench.py queue`: every run's status, exit code and JSON in the one output file (a run that works, one that
+    fails, one past its timeout, killed), `set` arguments appended to the runs of their subcommand; with no budget
+    left every run is skipped without starting."""
+    queue = (f"set chain --context 32  # appended\nch chain --config {DEMO} --batch 1\n"
+             "bad generate --config /no/such/config.json --batch 1\n"
+             f"set timeout 0.5\nslow chain --config {DEMO} --batch 1\n")
+    run, out = _queue([], tmp_path, queue)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    runs = {r["name"]: r for r in json.load(open(out))["runs"]}
+    assert [runs[n]["status"] for n in ("ch", "bad", "slow")] == ["ok", "failed", "timeout"]
+    assert runs["ch"]["rc"] == 0 and runs["ch"]["command"].endswith("--batch 1 --context 32")
+    assert runs["ch"]["result"]["context"] == 32 and runs["ch"]["result"]["results"]["1"]["critical_path"] > 0
+    assert runs["bad"]["rc"] != 0 and runs["bad"]["result"] is None
+    assert any("no config.json" in line for line in runs["bad"]["log_tail"])
+    assert runs["slow"]["rc"] != 0 and runs["slow"]["timeout_s"] == 0.5
+    run, out = _queue(["--budget-s", "0"], tmp_path, queue)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert [r["status"] for r in json.load(open(out))["runs"]] == ["skipped"] * 3
+
+
+@pytest.mark.parametrize("queue, says", [
+    ("x nosuch --a\n", "'nosuch' is not a bench.py subcommand"),
+    ("a chain\na chain\n", "the run name 'a' is used twice"),
+    ("a chain --json x.json\n", "drop --json"),
+    ("set timeout soon\n", "the timeout must be a positive number"),
+    ("# nothing\n", "the queue holds no runs"),
+    ("a chain 'unclosed\n", "line 1"),
+])
+def test_bench_queue_bad_file_says_so_in_one_sentence(tmp_path, queue, says):
+    run, out = _queue([], tmp_path, queue)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    last = run.stderr.strip().splitlines()
+    assert len(last) == 1 and last[0].startswith("bench.py queue: ") and says in last[0], run.stderr
+    assert not out.exists() and not os.path.exists(str(out) + ".tmp")
+
+
+def test_bench_queue_missing_file(tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py"), "queue",
+                          str(tmp_path / "none.txt")], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines() == [f"bench.py queue: cannot read the queue file "
+                                               f"{str(tmp_path / 'none.txt')!r} (No such file or directory)."]
+
+
+def test_planned_queues_parse():
+    """The queue files planned for GPU calls (docs/queues/) name real subcommands and flags: each run's arguments
+    parse with bench.py's own parser."""
+    import bench
+    import bench_queue
+
+    parser = bench.build_parser()
+    subcommands = set(parser.get_default("subcommands")) - {"queue"}
+    folder = os.path.join(ROOT, "docs", "queues")
+    files = sorted(os.listdir(folder))
+    assert files
+    for name in files:
+        path = os.path.join(folder, name)
+        runs = bench_queue.parse(open(path).read(), path, subcommands)
+        for r in runs:
+            parser.parse_args([*r.argv, "--json", "x.json"])  # exits (fails the test) on an unknown flag

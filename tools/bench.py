@@ -1,5 +1,5 @@
 """Benchmarks, one subcommand each: `python tools/bench.py SUBCOMMAND ...` (see --help; attention, chain, dense,
-eval, generate, moe, numerics, pipeline, startup, towers).
+eval, generate, moe, numerics, pipeline, queue, startup, towers).
 
 Run from the repository root with PYTHONPATH=. on a GPU. Each subcommand lives in its own module
 (`tools/bench_<name>.py`) exposing `add_parser(subparsers)`, which sets `func` to run it; what they share (the
@@ -22,24 +22,26 @@ import bench_generate  # noqa: E402
 import bench_moe  # noqa: E402
 import bench_numerics  # noqa: E402
 import bench_pipeline  # noqa: E402
+import bench_queue  # noqa: E402
 import bench_startup  # noqa: E402
 import bench_towers  # noqa: E402
 
+MODULES = (bench_attention, bench_chain, bench_dense, bench_eval, bench_generate, bench_moe, bench_numerics,
+           bench_pipeline, bench_queue, bench_startup, bench_towers)
 
-def main(argv=None) -> int:
+
+def build_parser() -> argparse.ArgumentParser:
+    """bench.py's parser: one subcommand per module of MODULES."""
     parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    bench_attention.add_parser(sub)
-    bench_chain.add_parser(sub)
-    bench_dense.add_parser(sub)
-    bench_eval.add_parser(sub)
-    bench_generate.add_parser(sub)
-    bench_moe.add_parser(sub)
-    bench_numerics.add_parser(sub)
-    bench_pipeline.add_parser(sub)
-    bench_startup.add_parser(sub)
-    bench_towers.add_parser(sub)
-    args = parser.parse_args(argv)
+    for module in MODULES:
+        module.add_parser(sub)
+    parser.set_defaults(subcommands=sorted(sub.choices))  # `queue` checks its runs against them
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     args.func(args)
     return 0
 

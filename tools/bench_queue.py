@@ -1,0 +1,207 @@
+"""`bench.py queue`: the runs of one GPU call from a queue file, each in its own process, into one JSON file.
+
+    PYTHONPATH=. python3 tools/bench.py queue QUEUE [--budget-s 540] [--json $OUT/queue.json] [--dry-run]
+
+A device call returns at most eight files and ends at its time limit, and a comparison holds only within one call
+(docs/gpu-runs.md). So the runs of a call are listed in a queue file (`docs/queues/`) and run here one after another,
+each as `python tools/bench.py SUBCOMMAND ARGS --json …` in a fresh process (a process compiles and autotunes its
+own programs, as a user's would). After every run the one output file is rewritten whole (through a temporary
+file), holding each run's command, exit status, seconds, its own JSON and the end of its log, so that a call cut
+short still returns every finished run. A run that would start with less than `--min-left-s` of the budget left is
+skipped, and each run's timeout is the smaller of its own and what is left.
+
+Queue file, one item a line (`#` starts a comment):
+
+    set timeout 150                          seconds a run may take from now on (default 150)
+    set generate --prompt-len 128 …          arguments appended to every later `generate` run (replaces the last)
+    e2b_base generate --preset e2b --batch 1,16
+    e2b_two  generate --preset e2b --batch 1,16 --one-row-stream-rows 2
+
+A run's name (letters, digits, '.', '_', '-') is unique in the file; the subcommand is one of `bench.py`'s. At the
+end a table lists every run; for `generate` runs, decode ms a step and tokens/s per batch, and the ratio to the
+queue's first run of the same preset at that batch (put the baseline first).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from bench_common import save_json
+
+NAME = re.compile(r"[A-Za-z0-9._-]+")
+DEFAULT_TIMEOUT_S = 150.0
+
+
+@dataclasses.dataclass
+class Run:
+    name: str
+    argv: list[str]  # the subcommand and its arguments, the `set` ones appended
+    timeout_s: float
+    line: int
+
+
+class QueueError(ValueError):
+    """A queue file that cannot be run; its message is one sentence naming the file and line."""
+
+
+def parse(text: str, path: str, subcommands: set[str]) -> list[Run]:
+    """The runs of a queue file's text, in order (see the module docstring); QueueError on the first bad line."""
+    runs, extra, timeout, names = [], {}, DEFAULT_TIMEOUT_S, set()
+    for n, raw in enumerate(text.splitlines(), 1):
+        where = f"{path}, line {n}"
+        try:
+            words = shlex.split(raw, comments=True)
+        except ValueError as e:
+            raise QueueError(f"{where}: {e}.") from None
+        if not words:
+            continue
+        if words[0] == "set":
+            if len(words) == 3 and words[1] == "timeout":
+                try:
+                    timeout = float(words[2])
+                except ValueError:
+                    timeout = -1.0
+                if not timeout > 0:
+                    raise QueueError(f"{where}: the timeout must be a positive number of seconds, not {words[2]!r}.")
+            elif len(words) >= 2 and words[1] in subcommands:
+                extra[words[1]] = words[2:]
+            else:
+                raise QueueError(f"{where}: `set` takes `timeout SECONDS` or a bench.py subcommand and its arguments.")
+            continue
+        if len(words) < 2:
+            raise QueueError(f"{where}: a run is a name and a bench.py subcommand, got {raw.strip()!r}.")
+        name, sub = words[0], words[1]
+        if not NAME.fullmatch(name):
+            raise QueueError(f"{where}: a run's name takes letters, digits, '.', '_' and '-' only, not {name!r}.")
+        if name in names:
+            raise QueueError(f"{where}: the run name {name!r} is used twice.")
+        if sub not in subcommands:
+            raise QueueError(f"{where}: {sub!r} is not a bench.py subcommand ({', '.join(sorted(subcommands))}).")
+        if "--json" in words[2:]:
+            raise QueueError(f"{where}: the queue names each run's JSON file itself; drop --json.")
+        names.add(name)
+        runs.append(Run(name, [sub, *words[2:], *extra.get(sub, [])], timeout, n))
+    if not runs:
+        raise QueueError(f"{path}: the queue holds no runs.")
+    return runs
+
+
+def _tail(text: str, lines: int = 30) -> list[str]:
+    return text.splitlines()[-lines:]
+
+
+def record(run: Run, status: str, *, rc: int | None = None, wall_s: float = 0.0, timeout_s: float = 0.0,
+           result: dict | None = None, log_tail: list[str] = ()) -> dict:
+    """What the output file holds of one run."""
+    return {"name": run.name, "subcommand": run.argv[0], "command": "python3 tools/bench.py " + shlex.join(run.argv),
+            "status": status, "rc": rc, "wall_s": round(wall_s, 1), "timeout_s": round(timeout_s, 1),
+            "result": result, "log_tail": list(log_tail)}
+
+
+def run_one(run: Run, timeout_s: float, workdir: str) -> dict:
+    """One run in its own process (its own process group, killed whole at the timeout): its record."""
+    out = os.path.join(workdir, run.name + ".json")
+    bench = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")
+    cmd = [sys.executable, bench, *run.argv, "--json", out]
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=timeout_s)
+        status = "ok" if proc.returncode == 0 else "failed"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        status = "timeout"
+    result = None
+    if os.path.exists(out):  # a run cut short keeps what its phases wrote
+        with open(out) as f:
+            result = json.load(f)
+    return record(run, status, rc=proc.returncode, wall_s=time.time() - t0, timeout_s=timeout_s, result=result,
+                  log_tail=_tail(log or ""))
+
+
+def generate_rows(records: list[dict]) -> list[tuple]:
+    """(run, preset, batch, ms a step, tokens/s, ratio to the queue's first run of that preset and batch) for the
+    `generate` runs' measured batches, in queue order."""
+    rows, first = [], {}
+    for rec in records:
+        res = rec.get("result") or {}
+        if rec.get("subcommand") != "generate":
+            continue
+        for b, r in (res.get("results") or {}).items():
+            ms = r.get("decode_ms_per_token")
+            if ms is None:
+                continue
+            key = (res.get("preset"), b)
+            first.setdefault(key, ms)
+            preset = os.path.basename(os.path.dirname(str(key[0]))) if str(key[0]).endswith(".json") else key[0]
+            rows.append((rec["name"], preset, b, ms, r.get("decode_tokens_s"), ms / first[key]))
+    return rows
+
+
+def table(records: list[dict]) -> str:
+    lines = [f"{'run':<28} {'status':<8} {'s':>6}"]
+    for rec in records:
+        lines.append(f"{rec['name']:<28} {rec['status']:<8} {rec['wall_s']:>6.0f}")
+    rows = generate_rows(records)
+    if rows:
+        lines += ["", f"{'run':<28} {'preset':<10} {'batch':>5} {'ms/step':>9} {'tokens/s':>10} {'vs first':>8}"]
+        lines += [f"{n:<28} {str(p):<10} {b:>5} {ms:>9.3f} {tps or 0:>10.0f} {ratio:>8.3f}"
+                  for n, p, b, ms, tps, ratio in rows]
+    return "\n".join(lines)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("queue", help="the runs of a queue file, one process each, into one JSON file")
+    p.add_argument("queue", help="the queue file (see tools/bench_queue.py; docs/queues/ holds the planned ones)")
+    p.add_argument("--budget-s", type=float, default=540.0,
+                   help="seconds for the whole queue (a device call's limit less its start; default 540)")
+    p.add_argument("--min-left-s", type=float, default=45.0,
+                   help="skip a run that would start with less than this left of the budget (default 45)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands and stop")
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=run)
+
+
+def run(args) -> dict:
+    subcommands = set(args.subcommands) - {"queue"}
+    try:
+        with open(args.queue) as f:
+            text = f.read()
+    except OSError as e:
+        raise SystemExit(f"bench.py queue: cannot read the queue file {args.queue!r} ({e.strerror}).") from None
+    try:
+        runs = parse(text, args.queue, subcommands)
+    except QueueError as e:
+        raise SystemExit(f"bench.py queue: {e}") from None
+    if args.dry_run:
+        for r in runs:
+            print(f"{r.name}: python3 tools/bench.py {shlex.join(r.argv)}  (timeout {r.timeout_s:.0f} s)")
+        return {}
+    start = time.time()
+    res = {"queue": args.queue, "date": time.strftime("%Y-%m-%d"), "budget_s": args.budget_s, "runs": []}
+    with tempfile.TemporaryDirectory(prefix="bench-queue-") as workdir:
+        for r in runs:
+            left = args.budget_s - (time.time() - start)
+            if left < args.min_left_s:
+                rec = record(r, "skipped", log_tail=[f"skipped: {left:.0f} s of the budget left"])
+            else:
+                print(f"[{r.name}] python3 tools/bench.py {shlex.join(r.argv)}", flush=True)
+                rec = run_one(r, min(r.timeout_s, left), workdir)
+                print(f"[{r.name}] {rec['status']} in {rec['wall_s']:.0f} s", flush=True)
+                if rec["status"] != "ok":
+                    print("\n".join(rec["log_tail"][-8:]), flush=True)
+            res["runs"].append(rec)
+            res["wall_s"] = round(time.time() - start, 1)
+            save_json(res, args.json)
+    print(table(res["runs"]), flush=True)
+    return res
