@@ -268,15 +268,15 @@ def test_token_logprobs_are_the_logits_scores(hf_dirs, pp):
         m.token_logprobs(ids, targets + m.config.vocab_size)
 
 
-@pytest.mark.parametrize("family", ["e2b", "26b-a4b"])
-def test_one_sequence_decodes_on_a_two_row_stream(family, hf_models, hf_dirs, monkeypatch):
-    """`dispatch.ONE_ROW_STREAM_ROWS` = 2 (bench.py generate --one-row-stream-rows 2): a one-sequence decode step runs
-    its stream on two copies of the sequence while the cache and attention see one; every step's logits still
+@pytest.mark.parametrize("family, rows", [("e2b", 4), ("26b-a4b", 2)])
+def test_one_sequence_decodes_on_a_multi_row_stream(family, rows, hf_models, hf_dirs, monkeypatch):
+    """`dispatch.ONE_ROW_STREAM_ROWS` = 2 or 4 (bench.py generate --one-row-stream-rows R): a one-sequence decode step
+    runs its stream on copies of the sequence while the cache and attention see one; every step's logits still
     equal the full forward's and the greedy tokens transformers' (25 positions pass the window, so the ring wraps);
     e2b covers KV-shared layers and per-layer inputs, 26b-a4b the router and experts."""
     from gemma4_jax.kernels import dispatch
 
-    monkeypatch.setattr(dispatch, "ONE_ROW_STREAM_ROWS", 2)
+    monkeypatch.setattr(dispatch, "ONE_ROW_STREAM_ROWS", rows)
     jax.clear_caches()  # the knob is read when a step is traced
     model = gemma4_jax.load(hf_dirs[family, "causal"], progress=False)
     ids = np.random.default_rng(5).integers(3, 256, size=(1, 16)).astype(np.int32)
@@ -288,8 +288,8 @@ def test_one_sequence_decodes_on_a_two_row_stream(family, hf_models, hf_dirs, mo
     from gemma4_jax.model.text import merge
 
     jaxpr = jax.make_jaxpr(lambda c, t, p: decode_step(merge(model.graphdef, model.state), c, t, p))(cache, tok, pos)
-    rows = {e.invars[0].aval.shape[0] for e in all_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"}
-    assert 2 in rows, rows  # the projections see two rows
+    seen = {e.invars[0].aval.shape[0] for e in all_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"}
+    assert rows in seen, seen  # the projections see the copies
     for t in range(4, 16):
         step, cache = decode_logits(model.graphdef, model.state, cache, jnp.asarray(ids[:, t]),
                                     jnp.full((1,), t, jnp.int32))
