@@ -370,15 +370,18 @@ def _queue(args: list[str], tmp_path, queue: str):
 
 def test_bench_queue_runs_each_run_in_its_own_process_into_one_file(tmp_path):
     """`bench.py queue`: every run's status, exit code and JSON in the one output file (a run that works, one that
-    fails, one past its timeout, killed), `set` arguments appended to the runs of their subcommand; with no budget
-    left every run is skipped without starting."""
+    fails, one whose own environment makes it fail, one past its timeout, killed), `set` arguments appended to the
+    runs of their subcommand; with no budget left every run is skipped without starting."""
     queue = (f"set chain --context 32  # appended\nch chain --config {DEMO} --batch 1\n"
              "bad generate --config /no/such/config.json --batch 1\n"
+             f"env JAX_PLATFORMS=nosuch chain --config {DEMO} --batch 1\n"
              f"set timeout 0.5\nslow chain --config {DEMO} --batch 1\n")
     run, out = _queue([], tmp_path, queue)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     runs = {r["name"]: r for r in json.load(open(out))["runs"]}
-    assert [runs[n]["status"] for n in ("ch", "bad", "slow")] == ["ok", "failed", "timeout"]
+    assert [runs[n]["status"] for n in ("ch", "bad", "env", "slow")] == ["ok", "failed", "failed", "timeout"]
+    assert runs["env"]["command"].startswith("JAX_PLATFORMS=nosuch python3 tools/bench.py chain")
+    assert any("nosuch" in line for line in runs["env"]["log_tail"]) and runs["env"]["result"] is None
     assert runs["ch"]["rc"] == 0 and runs["ch"]["command"].endswith("--batch 1 --context 32")
     assert runs["ch"]["result"]["context"] == 32 and runs["ch"]["result"]["results"]["1"]["critical_path"] > 0
     assert runs["bad"]["rc"] != 0 and runs["bad"]["result"] is None
@@ -386,7 +389,7 @@ def test_bench_queue_runs_each_run_in_its_own_process_into_one_file(tmp_path):
     assert runs["slow"]["rc"] != 0 and runs["slow"]["timeout_s"] == 0.5
     run, out = _queue(["--budget-s", "0"], tmp_path, queue)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert [r["status"] for r in json.load(open(out))["runs"]] == ["skipped"] * 3
+    assert [r["status"] for r in json.load(open(out))["runs"]] == ["skipped"] * 4
 
 
 @pytest.mark.parametrize("queue, says", [
@@ -396,6 +399,7 @@ def test_bench_queue_runs_each_run_in_its_own_process_into_one_file(tmp_path):
     ("set timeout soon\n", "the timeout must be a positive number"),
     ("# nothing\n", "the queue holds no runs"),
     ("a chain 'unclosed\n", "line 1"),
+    ("a FOO=1\n", "the run 'a' names no bench.py subcommand"),
 ])
 def test_bench_queue_bad_file_says_so_in_one_sentence(tmp_path, queue, says):
     run, out = _queue([], tmp_path, queue)

@@ -2,6 +2,8 @@
 and loaded by a later "process" (nothing left in memory) without tracing; anything that changes what a program
 computes is another program; a file that does not load is compiled again."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,7 +49,7 @@ def test_a_kept_program_is_loaded_without_tracing(store, monkeypatch):
     assert traces == [3], "loaded from the file, not traced again"
 
     # what changes the program is another program: a static argument, a shape, a static keyword, the sources,
-    # the dispatcher's settings, the matmul precision
+    # the dispatcher's settings, the matmul precision, the process's XLA flags
     call(n=2)
     call(size=5)
     np.testing.assert_allclose(call(scale=2.0), want * 2)
@@ -63,6 +65,11 @@ def test_a_kept_program_is_loaded_without_tracing(store, monkeypatch):
     with jax.default_matmul_precision("highest"):  # applied when lowering: a program of its own
         call()
     assert len(list(store.glob("*.bin"))) == 7
+    # a process under other XLA flags (read once, when XLA starts) compiles its own program
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=")
+    _new_process()
+    call()
+    assert len(list(store.glob("*.bin"))) == 8
 
 
 def test_a_file_that_does_not_load_is_compiled_again(store):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import re
 import time
 
@@ -225,7 +226,8 @@ def run(args) -> dict:
         dispatch.TARGET_GPU = "H200"
     res = {"preset": args.config or args.preset, "target": args.target if args.target != "device"
            else jax.devices()[0].device_kind, "jax": jax.__version__, "context": args.context,
-           "date": time.strftime("%Y-%m-%d"), "settings": dispatch.settings(), "results": {}}
+           "date": time.strftime("%Y-%m-%d"), "settings": dispatch.settings(),
+           "xla_flags": os.environ.get("XLA_FLAGS", ""), "results": {}}
     try:
         for b in batches:
             t0 = time.perf_counter()

@@ -16,6 +16,7 @@ Queue file, one item a line (`#` starts a comment):
     set generate --prompt-len 128 …          arguments appended to every later `generate` run (replaces the last)
     e2b_base generate --preset e2b --batch 1,16
     e2b_two  generate --preset e2b --batch 1,16 --one-row-stream-rows 2
+    e2b_xla  XLA_FLAGS=--xla_gpu_… generate --preset e2b --batch 1    (NAME=VALUE words: that run's environment)
 
 A run's name (letters, digits, '.', '_', '-') is unique in the file; the subcommand is one of `bench.py`'s. At the
 end a table lists every run; for `generate` runs, decode ms a step and tokens/s per batch, and the ratio to the
@@ -38,6 +39,7 @@ import time
 from bench_common import save_json
 
 NAME = re.compile(r"[A-Za-z0-9._-]+")
+ENV = re.compile(r"([A-Z_][A-Z0-9_]*)=(.*)")
 DEFAULT_TIMEOUT_S = 150.0
 
 
@@ -47,6 +49,12 @@ class Run:
     argv: list[str]  # the subcommand and its arguments, the `set` ones appended
     timeout_s: float
     line: int
+    env: dict[str, str] = dataclasses.field(default_factory=dict)  # set for this run's process only
+
+    def command(self) -> str:
+        """The run as a shell line, its environment first."""
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
+        return (env + " " if env else "") + "python3 tools/bench.py " + shlex.join(self.argv)
 
 
 class QueueError(ValueError):
@@ -79,17 +87,24 @@ def parse(text: str, path: str, subcommands: set[str]) -> list[Run]:
             continue
         if len(words) < 2:
             raise QueueError(f"{where}: a run is a name and a bench.py subcommand, got {raw.strip()!r}.")
-        name, sub = words[0], words[1]
+        name, words = words[0], words[1:]
+        env = {}
+        while words and ENV.fullmatch(words[0]):
+            key, value = ENV.fullmatch(words.pop(0)).groups()
+            env[key] = value
+        if not words:
+            raise QueueError(f"{where}: the run {name!r} names no bench.py subcommand.")
+        sub = words[0]
         if not NAME.fullmatch(name):
             raise QueueError(f"{where}: a run's name takes letters, digits, '.', '_' and '-' only, not {name!r}.")
         if name in names:
             raise QueueError(f"{where}: the run name {name!r} is used twice.")
         if sub not in subcommands:
             raise QueueError(f"{where}: {sub!r} is not a bench.py subcommand ({', '.join(sorted(subcommands))}).")
-        if "--json" in words[2:]:
+        if "--json" in words[1:]:
             raise QueueError(f"{where}: the queue names each run's JSON file itself; drop --json.")
         names.add(name)
-        runs.append(Run(name, [sub, *words[2:], *extra.get(sub, [])], timeout, n))
+        runs.append(Run(name, [sub, *words[1:], *extra.get(sub, [])], timeout, n, env))
     if not runs:
         raise QueueError(f"{path}: the queue holds no runs.")
     return runs
@@ -102,7 +117,7 @@ def _tail(text: str, lines: int = 30) -> list[str]:
 def record(run: Run, status: str, *, rc: int | None = None, wall_s: float = 0.0, timeout_s: float = 0.0,
            result: dict | None = None, log_tail: list[str] = ()) -> dict:
     """What the output file holds of one run."""
-    return {"name": run.name, "subcommand": run.argv[0], "command": "python3 tools/bench.py " + shlex.join(run.argv),
+    return {"name": run.name, "subcommand": run.argv[0], "command": run.command(),
             "status": status, "rc": rc, "wall_s": round(wall_s, 1), "timeout_s": round(timeout_s, 1),
             "result": result, "log_tail": list(log_tail)}
 
@@ -113,7 +128,8 @@ def run_one(run: Run, timeout_s: float, workdir: str) -> dict:
     bench = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")
     cmd = [sys.executable, bench, *run.argv, "--json", out]
     t0 = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, **run.env})
     try:
         log, _ = proc.communicate(timeout=timeout_s)
         status = "ok" if proc.returncode == 0 else "failed"
@@ -185,7 +201,7 @@ def run(args) -> dict:
         raise SystemExit(f"bench.py queue: {e}") from None
     if args.dry_run:
         for r in runs:
-            print(f"{r.name}: python3 tools/bench.py {shlex.join(r.argv)}  (timeout {r.timeout_s:.0f} s)")
+            print(f"{r.name}: {r.command()}  (timeout {r.timeout_s:.0f} s)")
         return {}
     start = time.time()
     res = {"queue": args.queue, "date": time.strftime("%Y-%m-%d"), "budget_s": args.budget_s, "runs": []}
@@ -195,7 +211,7 @@ def run(args) -> dict:
             if left < args.min_left_s:
                 rec = record(r, "skipped", log_tail=[f"skipped: {left:.0f} s of the budget left"])
             else:
-                print(f"[{r.name}] python3 tools/bench.py {shlex.join(r.argv)}", flush=True)
+                print(f"[{r.name}] {r.command()}", flush=True)
                 rec = run_one(r, min(r.timeout_s, left), workdir)
                 print(f"[{r.name}] {rec['status']} in {rec['wall_s']:.0f} s", flush=True)
                 if rec["status"] != "ok":

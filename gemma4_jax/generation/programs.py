@@ -5,8 +5,8 @@ lowers every program to find it there: for the demo model's prefill on a 2-core 
 of lowering before 128 ms of loading. A `Program` is a `jax.jit` function whose compiled executable is also
 written to `DIR` (when set: the CLIs set it beside JAX's cache) under a key of everything the program depends on —
 the package's source, the JAX and jaxlib versions, the backend and its devices, the settings read when tracing
-(matmul precision, x64, the kernel dispatcher's knobs), the static arguments, and the shapes, dtypes and
-shardings of the others — and read back in a later process without tracing anything. `DIR`
+(matmul precision, x64, the kernel dispatcher's knobs), the process's XLA_FLAGS, the static arguments, and the
+shapes, dtypes and shardings of the others — and read back in a later process without tracing anything. `DIR`
 defaults to the environment variable GEMMA4_JAX_PROGRAM_CACHE (what `cli.use_compile_cache` sets: the folder
 `programs` inside the compile cache); unset, a Program is a plain jitted function.
 
@@ -83,9 +83,10 @@ def _static_key(value) -> str:
 
 
 def _config() -> tuple:
-    """The settings read when tracing, lowering or compiling that no argument carries."""
+    """The settings read when tracing, lowering or compiling that no argument carries (XLA_FLAGS: a process's XLA
+    options, which a program kept by a process run under other flags was not compiled with)."""
     return (jax.config.jax_default_matmul_precision, jax.config.jax_enable_x64, dispatch.settings(),
-            DECODE_SCHEDULING)
+            DECODE_SCHEDULING, os.environ.get("XLA_FLAGS", ""))
 
 
 def compiler_options(decode: bool) -> dict[str, str]:
