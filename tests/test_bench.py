@@ -32,7 +32,8 @@ def test_bench_generate_runs(tmp_path):
                   "--decode-kernel-min-batch", "1", "--decode-kernel-max-keys", "0",
                   "--fused-add-norm", "--gemv-min-block-n", "32", "--router-kernel", "--moe-mosaic-min-rows", "256",
                   "--no-dense-after-router", "--router-own-norm", "--gemv-min-weight", "64",
-                  "--gemv-sum-in-kernel", "norm", "--one-row-stream-rows", "2"],
+                  "--gemv-sum-in-kernel", "norm", "--one-row-stream-rows", "2",
+                  "--decode-xla-option", "xla_gpu_enable_triton_gemm=false"],
                  tmp_path)
     assert res["hbm_gb_s"] > 0 and res["hbm_read_gb_s"] > 0 and res["hbm_matvec_gb_s"] > 0
     # the device-timed probes, and the best of every probe as the roofline's bandwidth
@@ -49,6 +50,7 @@ def test_bench_generate_runs(tmp_path):
     assert res["router_kernel"] is True and res["moe_mosaic_min_rows"] == 256
     assert res["dense_after_router"] is False and res["router_own_norm"] is True and res["gemv_min_weight"] == 64
     assert res["gemv_sum_in_kernel"] == "norm" and res["one_row_stream_rows"] == 2
+    assert res["decode_xla_options"] == {"xla_gpu_enable_triton_gemm": False}  # parsed as XLA takes it: a bool
     for b in ("1", "2"):
         r = res["results"][b]
         assert r["decode_tokens_s"] * r["decode_ms_per_token"] / 1e3 == pytest.approx(int(b))
@@ -74,8 +76,10 @@ def test_bench_chain_runs(tmp_path):
     the rest's add up to it, and --layer lists that layer's in order; the decode flags reach the dispatcher."""
     cfg = json.load(open(DEMO))
     res = _bench(["chain", "--config", DEMO, "--batch", "1,2", "--context", "32", "--layer", "1",
-                  "--one-row-stream-rows", "2"], tmp_path)
+                  "--one-row-stream-rows", "2", "--decode-xla-option", "xla_gpu_graph_min_graph_size=2"], tmp_path)
     assert "ONE_ROW_STREAM_ROWS=2" in res["settings"] and "TARGET_GPU=None" in res["settings"]
+    assert res["decode_xla_options"] == {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT",
+                                         "xla_gpu_graph_min_graph_size": 2}  # compiled as the decode loop is
     assert res["target"] == "cpu" and res["context"] == 32
     layers = cfg.get("text_config", cfg)["num_hidden_layers"]
     for b in ("1", "2"):
@@ -434,3 +438,16 @@ def test_planned_queues_parse():
         runs = bench_queue.parse(open(path).read(), path, subcommands)
         for r in runs:
             parser.parse_args([*r.argv, "--json", "x.json"])  # exits (fails the test) on an unknown flag
+
+
+def test_chain_compiles_the_step_with_the_decode_options(monkeypatch):
+    """`bench.py chain` compiles the step with the decode programs' XLA options (`programs.compiler_options`): a
+    value XLA refuses reaches XLA and fails the compile, naming the option."""
+    import bench_chain as bc
+
+    from gemma4_jax.config import Gemma4Config
+    from gemma4_jax.generation import programs
+
+    monkeypatch.setattr(programs, "DECODE_XLA_OPTIONS", {"xla_gpu_enable_triton_gemm": "maybe"})
+    with pytest.raises(Exception, match="xla_gpu_enable_triton_gemm"):
+        bc.compile_step(Gemma4Config.from_json(DEMO), 1, 32, "auto", "device")

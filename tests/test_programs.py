@@ -70,6 +70,9 @@ def test_a_kept_program_is_loaded_without_tracing(store, monkeypatch):
     _new_process()
     call()
     assert len(list(store.glob("*.bin"))) == 8
+    monkeypatch.setattr(programs, "DECODE_XLA_OPTIONS", {"xla_gpu_enable_triton_gemm": False})  # decode's options
+    call()
+    assert len(list(store.glob("*.bin"))) == 9
 
 
 def test_a_file_that_does_not_load_is_compiled_again(store):
@@ -112,7 +115,8 @@ def test_without_a_folder_a_program_is_a_jitted_function(monkeypatch):
 
 
 def test_decode_programs_compile_with_the_decode_scheduling(monkeypatch):
-    """`decode=True` programs reach XLA with `DECODE_SCHEDULING` (an invalid value is XLA's error), others do not;
+    """`decode=True` programs reach XLA with `DECODE_SCHEDULING` and `DECODE_XLA_OPTIONS` (an invalid value is
+    XLA's error), others do not;
     the decode loop at pp = 1 and the pipeline's ring are decode programs."""
     import gemma4_jax
 
@@ -129,6 +133,15 @@ def test_decode_programs_compile_with_the_decode_scheduling(monkeypatch):
 
     assert programs.compiler_options(True) == {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
     np.testing.assert_allclose(np.asarray(step(jnp.zeros(2))), 1.0)
+    # DECODE_XLA_OPTIONS reach the decode programs alone (a value XLA refuses is its error, naming the option)
+    monkeypatch.setattr(programs, "DECODE_XLA_OPTIONS", {"xla_gpu_enable_triton_gemm": "maybe"})
+    assert programs.compiler_options(True)["xla_gpu_enable_triton_gemm"] == "maybe"
+    with pytest.raises(Exception, match="xla_gpu_enable_triton_gemm"):
+        step(jnp.ones(2))
+    np.testing.assert_allclose(np.asarray(other(jnp.ones(2))), 3.0)
+    monkeypatch.setattr(programs, "DECODE_XLA_OPTIONS", {"xla_gpu_enable_triton_gemm": False})
+    np.testing.assert_allclose(np.asarray(step(jnp.ones(2))), 2.0)
+    monkeypatch.setattr(programs, "DECODE_XLA_OPTIONS", {})
     monkeypatch.setattr(programs, "DECODE_SCHEDULING", "NOT_A_MODE")
     with pytest.raises(Exception, match="xla_gpu_command_buffer_scheduling_mode"):
         step(jnp.zeros(2))

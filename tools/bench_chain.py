@@ -214,7 +214,16 @@ def compile_step(cfg, batch: int, context: int, impl: str, target: str) -> str:
         sharding = NamedSharding(topologies.make_mesh(topology, (1,), ("x",)), PartitionSpec())
         state, cache, tok = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                                          (state, cache, tok))
-    return decode_logits.lower(graphdef, state, cache, tok, tok, impl=impl).compile().as_text()
+    from gemma4_jax.generation import programs
+
+    options = programs.compiler_options(True) or None  # as the decode loop compiles (its scheduling, its options)
+    return decode_logits.lower(graphdef, state, cache, tok, tok, impl=impl).compile(options).as_text()
+
+
+def _decode_options() -> dict:
+    from gemma4_jax.generation import programs
+
+    return programs.compiler_options(True)
 
 
 def run(args) -> dict:
@@ -227,7 +236,7 @@ def run(args) -> dict:
     res = {"preset": args.config or args.preset, "target": args.target if args.target != "device"
            else jax.devices()[0].device_kind, "jax": jax.__version__, "context": args.context,
            "date": time.strftime("%Y-%m-%d"), "settings": dispatch.settings(),
-           "xla_flags": os.environ.get("XLA_FLAGS", ""), "results": {}}
+           "xla_flags": os.environ.get("XLA_FLAGS", ""), "decode_xla_options": _decode_options(), "results": {}}
     try:
         for b in batches:
             t0 = time.perf_counter()

@@ -181,6 +181,24 @@ def add_decode_arguments(p) -> None:
     p.add_argument("--decode-scheduling", default=None, choices=["CONCURRENT", "LHS"],
                    help="XLA's command-buffer scheduling for the decode programs (programs.DECODE_SCHEDULING; "
                         "default: the library's)")
+    p.add_argument("--decode-xla-option", action="append", default=None, metavar="NAME=VALUE", type=_xla_option,
+                   help="an XLA option for the decode programs alone, e.g. xla_gpu_enable_triton_gemm=false "
+                        "(programs.DECODE_XLA_OPTIONS; repeatable)")
+
+
+def _xla_option(text: str) -> tuple[str, str | bool | int | float]:
+    """NAME=VALUE as XLA takes it: true / false as a bool, a number as a number, anything else as text."""
+    name, eq, value = text.partition("=")
+    if not eq or not name.startswith("xla_"):
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with an XLA option's name (xla_...), got {text!r}")
+    if value.lower() in ("true", "false"):
+        return name, value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return name, kind(value)
+        except ValueError:
+            pass
+    return name, value
 
 
 def _ints(text: str) -> list[int]:
@@ -300,7 +318,8 @@ def _header(args, cfg) -> dict:
             "one_row_stream_rows": getattr(args, "one_row_stream_rows", None) or _dispatch().ONE_ROW_STREAM_ROWS,
             "decode_target_programs": getattr(args, "decode_target_programs", None)
             or _dispatch().DECODE_TARGET_PROGRAMS,
-            "decode_scheduling": getattr(args, "decode_scheduling", None) or _programs().DECODE_SCHEDULING}
+            "decode_scheduling": getattr(args, "decode_scheduling", None) or _programs().DECODE_SCHEDULING,
+            "decode_xla_options": dict(getattr(args, "decode_xla_option", None) or _programs().DECODE_XLA_OPTIONS)}
 
 
 def _weight_limits(args, dispatch) -> dict:
@@ -352,6 +371,8 @@ def apply_decode_settings(args) -> None:
         dispatch.ONE_ROW_STREAM_ROWS = args.one_row_stream_rows
     if getattr(args, "decode_scheduling", None):
         _programs().DECODE_SCHEDULING = args.decode_scheduling
+    if getattr(args, "decode_xla_option", None):
+        _programs().DECODE_XLA_OPTIONS = dict(args.decode_xla_option)
 
 
 def _dispatch():

@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 ENV = "GEMMA4_JAX_PROGRAM_CACHE"
 # XLA's command-buffer scheduling for decode programs: "CONCURRENT" or "LHS" (XLA's default); "" leaves it unset.
 DECODE_SCHEDULING = "CONCURRENT"
+# More XLA options for the decode programs alone, by name (none by default; `bench.py generate --decode-xla-option
+# NAME=VALUE`): e.g. {"xla_gpu_enable_triton_gemm": False} takes XLA's GEMMs in a decode step to cuBLAS, whose
+# products need no split-K sum kernel after them (docs/performance.md, fourteenth session), prefill unchanged.
+DECODE_XLA_OPTIONS: dict[str, str | bool | int | float] = {}
 DIR: str | None = None  # where compiled programs are kept (None: the environment variable's folder, or nowhere)
 _LOADED: dict = {}  # key (and each call's cheaper in-process key) -> the executable, for later calls in a process
 
@@ -86,14 +90,15 @@ def _config() -> tuple:
     """The settings read when tracing, lowering or compiling that no argument carries (XLA_FLAGS: a process's XLA
     options, which a program kept by a process run under other flags was not compiled with)."""
     return (jax.config.jax_default_matmul_precision, jax.config.jax_enable_x64, dispatch.settings(),
-            DECODE_SCHEDULING, os.environ.get("XLA_FLAGS", ""))
+            DECODE_SCHEDULING, tuple(sorted(DECODE_XLA_OPTIONS.items())), os.environ.get("XLA_FLAGS", ""))
 
 
-def compiler_options(decode: bool) -> dict[str, str]:
-    """XLA options a program compiles with: decode programs get `DECODE_SCHEDULING`."""
-    if decode and DECODE_SCHEDULING:
-        return {"xla_gpu_command_buffer_scheduling_mode": DECODE_SCHEDULING}
-    return {}
+def compiler_options(decode: bool) -> dict[str, str | bool | int | float]:
+    """XLA options a program compiles with: decode programs get `DECODE_SCHEDULING` and `DECODE_XLA_OPTIONS`."""
+    if not decode:
+        return {}
+    options = {"xla_gpu_command_buffer_scheduling_mode": DECODE_SCHEDULING} if DECODE_SCHEDULING else {}
+    return {**options, **DECODE_XLA_OPTIONS}
 
 
 def _fast_aval(x):
