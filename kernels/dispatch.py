@@ -406,20 +406,26 @@ def xla_rows(impl: str, *, rows: int, k: int, n: int, platform: str | None = Non
     return rows
 
 
-# The rows a one-sequence decode step's stream runs on (1: as it is; 2: the sequence twice, `bench.py generate
-# --one-row-stream-rows 2`). XLA drops a unit row dimension: at one row each norm is a reduction to a scalar and a
-# separate normalising kernel; from two rows it emits one Triton kernel for a norm, with the residual and the next
-# norm inside it. XLA's program for an H200 (`bench.py chain --target h200`) has 870 kernels on E2B's batch-1
-# critical path at one row and 639 at two (27-36 % fewer in every variant: docs/performance.md, thirteenth
-# session). The copy costs nothing in the projections (the skinny kernel runs a 16-row block at one row too);
-# attention and the cache see the one real row. Not yet timed on a GPU, so off.
-ONE_ROW_STREAM_ROWS = 1
+# The rows a one-sequence decode step's stream runs on (1: as it is; R: the sequence R times; `bench.py generate
+# --one-row-stream-rows R` sets both values). XLA drops a unit row dimension: at one row each norm is a reduction to a
+# scalar and a separate normalising kernel; from two rows it emits one Triton kernel for a norm, with the residual
+# and the next norm inside it (`bench.py chain --target h200`: docs/performance.md, thirteenth and fourteenth
+# sessions). The copies cost nothing in the projections (the skinny kernel runs a 16-row block at one row too);
+# attention and the cache see the one real row. On an H200 (2026-12-05, fourteenth session) four rows took E2B's
+# batch-1 token from 2.703 to 2.494 ms and from 2.784 to 2.501 in another call, E4B's from 4.193 to 4.004, 31B's
+# from 16.483 to 16.401 (two rows: 16.524 to 16.292); so models without experts take four. A MoE model's copies
+# are routed too: 26B-A4B's token went from 3.609 to 3.862 ms on two rows, so MoE models keep one.
+ONE_ROW_STREAM_ROWS = 4
+ONE_ROW_STREAM_ROWS_MOE = 1
 
 
-def stream_rows(batch: int) -> int:
-    """The rows a decode step of `batch` sequences runs its stream on: ONE_ROW_STREAM_ROWS for one sequence (on any
-    platform; only a GPU's fusion gains from it), else `batch`."""
-    return ONE_ROW_STREAM_ROWS if batch == 1 else batch
+def stream_rows(batch: int, moe: bool = False) -> int:
+    """The rows a decode step of `batch` sequences runs its stream on: for one sequence ONE_ROW_STREAM_ROWS, or
+    ONE_ROW_STREAM_ROWS_MOE in a model with routed experts (`moe`), on any platform (only a GPU's fusion gains from
+    it); else `batch`."""
+    if batch != 1:
+        return batch
+    return ONE_ROW_STREAM_ROWS_MOE if moe else ONE_ROW_STREAM_ROWS
 
 
 def gemv_max_weight(rows: int) -> int:
@@ -456,7 +462,8 @@ def settings() -> str:
              "CUDNN_MAX_HEAD_DIM", "MOSAIC_HEAD_DIM", "CUDNN_BACKEND", "MOSAIC_INTERPRET", "MOSAIC_MOE_MIN_ROWS",
              "MOE_FORCE", "MOE_PLAN_KERNEL", "MOE_TOKEN_TILES_MAX_TOKENS", "ROUTER_KERNEL", "DENSE_FORCE",
              "GEMV_MAX_WEIGHT", "GEMV_MAX_WEIGHT_BATCHED", "GEMV_MIN_WEIGHT", "GEMV_SUM_IN_KERNEL",
-             "DENSE_AFTER_ROUTER", "ROUTER_OWN_NORM", "ONE_ROW_PADDED_MAX_WEIGHT", "ONE_ROW_STREAM_ROWS", "TARGET_GPU",
+             "DENSE_AFTER_ROUTER", "ROUTER_OWN_NORM", "ONE_ROW_PADDED_MAX_WEIGHT", "ONE_ROW_STREAM_ROWS",
+             "ONE_ROW_STREAM_ROWS_MOE", "TARGET_GPU",
              "DECODE_TARGET_PROGRAMS")
     return ",".join([f"{n}={globals()[n]!r}" for n in names]
                     + [f"gemv.{n}={getattr(gemv, n)!r}" for n in ("TARGET_PROGRAMS", "MIN_BLOCK_N", "MAX_SPLIT_K")])

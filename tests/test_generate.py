@@ -268,15 +268,33 @@ def test_token_logprobs_are_the_logits_scores(hf_dirs, pp):
         m.token_logprobs(ids, targets + m.config.vocab_size)
 
 
+@pytest.mark.parametrize("family, rows", [("e2b", 4), ("26b-a4b", 1)])
+def test_one_sequence_decode_rows_by_default(family, rows, hf_dirs):
+    """By default a one-sequence decode step of a model without experts runs its stream on four rows, of a MoE
+    model on one (measured on an H200: `dispatch.ONE_ROW_STREAM_ROWS`'s comment); a batch runs its own rows."""
+    from gemma4_jax.generation.loop import decode_step
+    from gemma4_jax.model.text import merge
+
+    model = gemma4_jax.load(hf_dirs[family, "causal"], progress=False)
+    for b, want in ((1, rows), (3, 3)):
+        cache = init_cache(model.config, b, 16, jnp.float32)
+        tok, pos = jnp.full((b,), 5, jnp.int32), jnp.full((b,), 3, jnp.int32)
+        jaxpr = jax.make_jaxpr(lambda c, t, p: decode_step(merge(model.graphdef, model.state), c, t, p))(cache, tok,
+                                                                                                          pos)
+        seen = {e.invars[0].aval.shape[0] for e in all_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"}
+        assert want in seen and (want == 4 or 4 not in seen), (b, seen)  # attention and the head see the real row
+
+
 @pytest.mark.parametrize("family, rows", [("e2b", 4), ("26b-a4b", 2)])
 def test_one_sequence_decodes_on_a_multi_row_stream(family, rows, hf_models, hf_dirs, monkeypatch):
-    """`dispatch.ONE_ROW_STREAM_ROWS` = 2 or 4 (bench.py generate --one-row-stream-rows R): a one-sequence decode step
-    runs its stream on copies of the sequence while the cache and attention see one; every step's logits still
-    equal the full forward's and the greedy tokens transformers' (25 positions pass the window, so the ring wraps);
-    e2b covers KV-shared layers and per-layer inputs, 26b-a4b the router and experts."""
+    """`dispatch.ONE_ROW_STREAM_ROWS(_MOE)` = 2 or 4 (bench.py generate --one-row-stream-rows R): a one-sequence
+    decode step runs its stream on copies of the sequence while the cache and attention see one; every step's
+    logits still equal the full forward's and the greedy tokens transformers' (25 positions pass the window, so the
+    ring wraps); e2b covers KV-shared layers and per-layer inputs, 26b-a4b the router and experts."""
     from gemma4_jax.kernels import dispatch
 
     monkeypatch.setattr(dispatch, "ONE_ROW_STREAM_ROWS", rows)
+    monkeypatch.setattr(dispatch, "ONE_ROW_STREAM_ROWS_MOE", rows)
     jax.clear_caches()  # the knob is read when a step is traced
     model = gemma4_jax.load(hf_dirs[family, "causal"], progress=False)
     ids = np.random.default_rng(5).integers(3, 256, size=(1, 16)).astype(np.int32)

@@ -131,7 +131,8 @@ def add_decode_arguments(p) -> None:
                         "(dispatch.GEMV_MAX_WEIGHT_BATCHED; default: the library's)")
     p.add_argument("--one-row-stream-rows", type=int, default=None, metavar="ROWS",
                    help="a one-sequence decode step runs its stream on this many copies of the sequence, attention "
-                        "and the cache on one (dispatch.ONE_ROW_STREAM_ROWS; default: the library's, 1)")
+                        "and the cache on one, in any model (dispatch.ONE_ROW_STREAM_ROWS and ONE_ROW_STREAM_ROWS_MOE; "
+                        "default: the library's, 4 and for MoE models 1)")
     p.add_argument("--one-row-padded-max-weight", type=int, default=None, metavar="ELEMENTS",
                    help="one-row products XLA takes, of weights of at most this many elements, run on x padded to "
                         "16 rows, as XLA's GEMM (dispatch.ONE_ROW_PADDED_MAX_WEIGHT; default: the library's, 0: none)")
@@ -315,7 +316,8 @@ def _header(args, cfg) -> dict:
             or _dispatch().DECODE_KERNEL_MIN_BATCH,
             "decode_kernel_max_keys": _dispatch().DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS
             if getattr(args, "decode_kernel_max_keys", None) is None else args.decode_kernel_max_keys,
-            "one_row_stream_rows": getattr(args, "one_row_stream_rows", None) or _dispatch().ONE_ROW_STREAM_ROWS,
+            "one_row_stream_rows": getattr(args, "one_row_stream_rows", None) or _dispatch().stream_rows(
+                1, cfg.num_experts > 0),
             "decode_target_programs": getattr(args, "decode_target_programs", None)
             or _dispatch().DECODE_TARGET_PROGRAMS,
             "decode_scheduling": getattr(args, "decode_scheduling", None) or _programs().DECODE_SCHEDULING,
@@ -367,8 +369,8 @@ def apply_decode_settings(args) -> None:
         dispatch.DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS = args.decode_kernel_max_keys
     if getattr(args, "decode_target_programs", None):
         dispatch.DECODE_TARGET_PROGRAMS = args.decode_target_programs
-    if getattr(args, "one_row_stream_rows", None):
-        dispatch.ONE_ROW_STREAM_ROWS = args.one_row_stream_rows
+    if getattr(args, "one_row_stream_rows", None):  # for every model, MoE or not
+        dispatch.ONE_ROW_STREAM_ROWS = dispatch.ONE_ROW_STREAM_ROWS_MOE = args.one_row_stream_rows
     if getattr(args, "decode_scheduling", None):
         _programs().DECODE_SCHEDULING = args.decode_scheduling
     if getattr(args, "decode_xla_option", None):

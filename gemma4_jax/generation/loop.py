@@ -134,7 +134,7 @@ def decode_step(model, cache: KVCache, token_b, pos_b, impl: str = "auto"):
     on copies of its row (`dispatch.stream_rows`: XLA fuses a norm of two rows into one kernel, of one row into
     two); the attender writes and reads the cache for the real row only, and the head reads row 0."""
     b = token_b.shape[0]
-    rows = dispatch.stream_rows(b)
+    rows = dispatch.stream_rows(b, model.cfg.num_experts > 0)
     attender = DecodeAttender(cache, pos_b[:, None], impl)
     x = model.decode_layers(jnp.broadcast_to(token_b, (rows,))[:, None], jnp.broadcast_to(pos_b, (rows,))[:, None],
                             attender)
