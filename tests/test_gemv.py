@@ -346,6 +346,7 @@ def test_every_variant_lowers_its_decode_step_for_the_gpu(name, fused, monkeypat
     from bench_dense import projection_shapes
 
     monkeypatch.setattr(dispatch, "_on_gpu", lambda platform: True)
+    monkeypatch.setattr(dispatch, "ONE_ROW_STREAM_ROWS", 1)  # the one-row step (a dense model's default is 4 rows)
     monkeypatch.setattr(dispatch, "FUSED_PROJECTIONS", fused is True)
     monkeypatch.setattr(dispatch, "FUSED_ADD_NORM", fused == "add_norm")
     monkeypatch.setattr(dispatch, "GEMV_SUM_IN_KERNEL", {"summed": True, "summed_norm": "norm"}.get(fused, False))
