@@ -13,12 +13,16 @@ DEMO = os.path.join(ROOT, "gemma4_jax", "demo_model", "config.json")
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 
-def _bench(args: list[str], tmp_path, devices: int = 1) -> dict:
-    out = str(tmp_path / "out.json")
+def _run_bench(args: list[str], devices: int = 1) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": xla_flags(devices)}
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py"), *args, "--json", out],
-                         env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py"), *args],
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def _bench(args: list[str], tmp_path, devices: int = 1) -> dict:
+    out = str(tmp_path / "out.json")
+    run = _run_bench([*args, "--json", out], devices)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     with open(out) as f:
         return json.load(f)
@@ -365,11 +369,7 @@ def _queue(args: list[str], tmp_path, queue: str):
     path = tmp_path / "queue.txt"
     path.write_text(queue)
     out = tmp_path / "queue.json"
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": xla_flags(1)}
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py"), "queue", str(path), *args,
-                          "--json", str(out)], env=env, capture_output=True, text=True, timeout=600)
-    return run, out
+    return _run_bench(["queue", str(path), *args, "--json", str(out)]), out
 
 
 def test_bench_queue_runs_each_run_in_its_own_process_into_one_file(tmp_path):
@@ -414,9 +414,7 @@ def test_bench_queue_bad_file_says_so_in_one_sentence(tmp_path, queue, says):
 
 
 def test_bench_queue_missing_file(tmp_path):
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py"), "queue",
-                          str(tmp_path / "none.txt")], env=env, capture_output=True, text=True, timeout=300)
+    run = _run_bench(["queue", str(tmp_path / "none.txt")])
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines() == [f"bench.py queue: cannot read the queue file "
                                                f"{str(tmp_path / 'none.txt')!r} (No such file or directory)."]

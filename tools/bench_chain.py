@@ -32,7 +32,7 @@ import time
 import jax
 import jax.numpy as jnp
 from bench_common import save_json
-from bench_generate import _config, _dispatch, _ints, add_decode_arguments, apply_decode_settings
+from bench_generate import _config, _dispatch, _ints, _programs, add_decode_arguments, apply_decode_settings
 
 # The H200's description for XLA's deviceless GPU compilation (a GpuTargetConfigProto, text format): the card's
 # public figures (132 SMs, 4.8 TB/s, 141 GB, 50 MiB L2) and Hopper's per-SM limits.
@@ -214,16 +214,8 @@ def compile_step(cfg, batch: int, context: int, impl: str, target: str) -> str:
         sharding = NamedSharding(topologies.make_mesh(topology, (1,), ("x",)), PartitionSpec())
         state, cache, tok = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                                          (state, cache, tok))
-    from gemma4_jax.generation import programs
-
-    options = programs.compiler_options(True) or None  # as the decode loop compiles (its scheduling, its options)
+    options = _programs().compiler_options(True) or None  # as the decode loop compiles (scheduling, options)
     return decode_logits.lower(graphdef, state, cache, tok, tok, impl=impl).compile(options).as_text()
-
-
-def _decode_options() -> dict:
-    from gemma4_jax.generation import programs
-
-    return programs.compiler_options(True)
 
 
 def run(args) -> dict:
@@ -236,7 +228,8 @@ def run(args) -> dict:
     res = {"preset": args.config or args.preset, "target": args.target if args.target != "device"
            else jax.devices()[0].device_kind, "jax": jax.__version__, "context": args.context,
            "date": time.strftime("%Y-%m-%d"), "settings": dispatch.settings(),
-           "xla_flags": os.environ.get("XLA_FLAGS", ""), "decode_xla_options": _decode_options(), "results": {}}
+           "xla_flags": os.environ.get("XLA_FLAGS", ""), "decode_xla_options": _programs().compiler_options(True),
+           "results": {}}
     try:
         for b in batches:
             t0 = time.perf_counter()

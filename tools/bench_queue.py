@@ -89,9 +89,9 @@ def parse(text: str, path: str, subcommands: set[str]) -> list[Run]:
             raise QueueError(f"{where}: a run is a name and a bench.py subcommand, got {raw.strip()!r}.")
         name, words = words[0], words[1:]
         env = {}
-        while words and ENV.fullmatch(words[0]):
-            key, value = ENV.fullmatch(words.pop(0)).groups()
-            env[key] = value
+        while words and (assignment := ENV.fullmatch(words[0])):
+            env[assignment[1]] = assignment[2]
+            words.pop(0)
         if not words:
             raise QueueError(f"{where}: the run {name!r} names no bench.py subcommand.")
         sub = words[0]

@@ -50,8 +50,8 @@ ENV = "GEMMA4_JAX_PROGRAM_CACHE"
 # XLA's command-buffer scheduling for decode programs: "CONCURRENT" or "LHS" (XLA's default); "" leaves it unset.
 DECODE_SCHEDULING = "CONCURRENT"
 # More XLA options for the decode programs alone, by name (none by default; `bench.py generate --decode-xla-option
-# NAME=VALUE`): e.g. {"xla_gpu_enable_triton_gemm": False} takes XLA's GEMMs in a decode step to cuBLAS, whose
-# products need no split-K sum kernel after them (docs/performance.md, fourteenth session), prefill unchanged.
+# NAME=VALUE`), prefill unchanged. {"xla_gpu_enable_triton_gemm": False} (the decode GEMMs on cuBLAS) made E2B's
+# and E4B's batch-16 steps 48-51 % slower on an H200 (docs/performance.md, fourteenth session).
 DECODE_XLA_OPTIONS: dict[str, str | bool | int | float] = {}
 DIR: str | None = None  # where compiled programs are kept (None: the environment variable's folder, or nowhere)
 _LOADED: dict = {}  # key (and each call's cheaper in-process key) -> the executable, for later calls in a process
