@@ -13,6 +13,8 @@ skipped, and each run's timeout is the smaller of its own and what is left.
 Queue file, one item a line (`#` starts a comment):
 
     set timeout 150                          seconds a run may take from now on (default 150)
+    set tree .old-tree                       later runs use that source tree's bench.py and package (`set tree .`:
+                                             this one again), for an old commit beside the new in one call
     set generate --prompt-len 128 …          arguments appended to every later `generate` run (replaces the last)
     e2b_base generate --preset e2b --batch 1,16
     e2b_two  generate --preset e2b --batch 1,16 --one-row-stream-rows 2
@@ -50,11 +52,13 @@ class Run:
     timeout_s: float
     line: int
     env: dict[str, str] = dataclasses.field(default_factory=dict)  # set for this run's process only
+    tree: str = "."  # the source tree whose tools/bench.py and package the run uses, relative to the current directory
 
     def command(self) -> str:
         """The run as a shell line, its environment first."""
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
-        return (env + " " if env else "") + "python3 tools/bench.py " + shlex.join(self.argv)
+        line = (env + " " if env else "") + "python3 tools/bench.py " + shlex.join(self.argv)
+        return line if self.tree == "." else f"(cd {shlex.quote(self.tree)} && PYTHONPATH=. {line})"
 
 
 class QueueError(ValueError):
@@ -63,7 +67,7 @@ class QueueError(ValueError):
 
 def parse(text: str, path: str, subcommands: set[str]) -> list[Run]:
     """The runs of a queue file's text, in order (see the module docstring); QueueError on the first bad line."""
-    runs, extra, timeout, names = [], {}, DEFAULT_TIMEOUT_S, set()
+    runs, extra, timeout, names, tree = [], {}, DEFAULT_TIMEOUT_S, set(), "."
     for n, raw in enumerate(text.splitlines(), 1):
         where = f"{path}, line {n}"
         try:
@@ -80,10 +84,13 @@ def parse(text: str, path: str, subcommands: set[str]) -> list[Run]:
                     timeout = -1.0
                 if not timeout > 0:
                     raise QueueError(f"{where}: the timeout must be a positive number of seconds, not {words[2]!r}.")
+            elif len(words) == 3 and words[1] == "tree":
+                tree = os.path.normpath(words[2])
             elif len(words) >= 2 and words[1] in subcommands:
                 extra[words[1]] = words[2:]
             else:
-                raise QueueError(f"{where}: `set` takes `timeout SECONDS` or a bench.py subcommand and its arguments.")
+                raise QueueError(f"{where}: `set` takes `timeout SECONDS`, `tree DIR` or a bench.py subcommand and its "
+                                 "arguments.")
             continue
         if len(words) < 2:
             raise QueueError(f"{where}: a run is a name and a bench.py subcommand, got {raw.strip()!r}.")
@@ -104,7 +111,7 @@ def parse(text: str, path: str, subcommands: set[str]) -> list[Run]:
         if "--json" in words[1:]:
             raise QueueError(f"{where}: the queue names each run's JSON file itself; drop --json.")
         names.add(name)
-        runs.append(Run(name, [sub, *words[1:], *extra.get(sub, [])], timeout, n, env))
+        runs.append(Run(name, [sub, *words[1:], *extra.get(sub, [])], timeout, n, env, tree))
     if not runs:
         raise QueueError(f"{path}: the queue holds no runs.")
     return runs
@@ -117,7 +124,7 @@ def _tail(text: str, lines: int = 30) -> list[str]:
 def record(run: Run, status: str, *, rc: int | None = None, wall_s: float = 0.0, timeout_s: float = 0.0,
            result: dict | None = None, log_tail: list[str] = ()) -> dict:
     """What the output file holds of one run."""
-    return {"name": run.name, "subcommand": run.argv[0], "command": run.command(),
+    return {"name": run.name, "subcommand": run.argv[0], "command": run.command(), "tree": run.tree,
             "status": status, "rc": rc, "wall_s": round(wall_s, 1), "timeout_s": round(timeout_s, 1),
             "result": result, "log_tail": list(log_tail)}
 
@@ -125,11 +132,18 @@ def record(run: Run, status: str, *, rc: int | None = None, wall_s: float = 0.0,
 def run_one(run: Run, timeout_s: float, workdir: str) -> dict:
     """One run in its own process (its own process group, killed whole at the timeout): its record."""
     out = os.path.join(workdir, run.name + ".json")
-    bench = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")
+    env = {**os.environ, **run.env}
+    if run.tree == ".":
+        bench, cwd = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py"), None
+    else:  # another tree's bench, importing that tree's package
+        cwd = os.path.abspath(run.tree)
+        bench, env["PYTHONPATH"] = os.path.join(cwd, "tools", "bench.py"), cwd
+        if not os.path.isfile(bench):
+            return record(run, "failed", log_tail=[f"the tree {run.tree!r} holds no tools/bench.py"])
     cmd = [sys.executable, bench, *run.argv, "--json", out]
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**os.environ, **run.env})
+                            env=env, cwd=cwd)
     try:
         log, _ = proc.communicate(timeout=timeout_s)
         status = "ok" if proc.returncode == 0 else "failed"
