@@ -1,5 +1,6 @@
 """The benchmark tools run end to end on the CPU (the demo model's config), and their roofline arithmetic."""
 
+import glob
 import json
 import os
 import subprocess
@@ -31,6 +32,7 @@ def _bench(args: list[str], tmp_path, devices: int = 1) -> dict:
 def test_bench_generate_runs(tmp_path):
     res = _bench(["generate", "--config", DEMO, "--batch", "1,2", "--prompt-len", "8", "--gen-len", "8",
                   "--prefill-len", "16", "--repeat", "1", "--hbm-gib", "0.0625", "--profile", str(tmp_path / "prof"),
+                  "--profile-hlo", "--profile-top", "60",
                   "--gemv-max-weight", "4096", "--gemv-max-weight-batched", "2048",
                   "--one-row-padded-max-weight", "8192",
                   "--decode-kernel-min-batch", "1", "--decode-kernel-max-keys", "0",
@@ -73,6 +75,13 @@ def test_bench_generate_runs(tmp_path):
     # Every step's kernels are in the trace (with the Python tracer on, the CPU trace lost them: 0.8 a step)
     assert prof["decode_step"]["kernels"] >= 1 and prof["decode_step"]["busy_us"] > 0
     assert isinstance(prof["decode_step"]["between_anchors"], dict) and isinstance(prof["kernel_args"], dict)
+    # --profile-hlo: the decode program's dump names what its kernels run, by the model's named scopes
+    assert glob.glob(str(tmp_path / "prof" / "hlo" / "*jit_decode_chunk*after_optimizations.txt"))
+    assert res["xla_flags"].endswith("--xla_dump_hlo_module_re=decode_chunk")
+    scoped = [k["hlo"] for k in kernels if "hlo" in k]
+    assert prof["hlo_annotated"] == len(scoped) > 0
+    parts = {s.split("/")[1] for h in scoped for s in h["scopes"] if s.startswith("layer_*/")}
+    assert {"attention", "mlp"} <= parts, scoped
 
 
 def test_bench_chain_runs(tmp_path):
@@ -268,6 +277,40 @@ def test_trace_summary_cli_prints_the_windows(tmp_path, capsys):
     assert "host_work" not in out and "moe_gate_up" in out
     assert "gate_up→down: 1 windows, 4.0 µs, 3.0 µs covered" in out
     assert "down→gate_up: 1 windows, 6.0 µs, 4.0 µs covered" in out and "gemv_64x64" in out
+
+
+def test_bench_generate_profile_hlo_without_profile_says_so(tmp_path):
+    run = _run_bench(["generate", "--config", DEMO, "--batch", "1", "--profile-hlo", "--json", str(tmp_path / "o")])
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert run.stderr.strip().splitlines() == [
+        "bench.py generate: --profile-hlo needs --profile DIR (the dump goes into DIR/hlo)."]
+    assert not os.listdir(tmp_path)
+
+
+def test_hlo_scopes_name_what_a_fusion_runs(tmp_path):
+    """trace_summary.hlo_scopes on a real compiled program's optimised HLO text (as XLA's dump writes it): a fusion
+    maps to the named scopes of every op inside it, layer numbers folded; the newest compile of a module wins; a
+    kernel whose instance names that instruction is annotated, another is not."""
+    import jax
+    import jax.numpy as jnp
+    from trace_summary import annotate, hlo_scopes
+
+    def f(x):
+        with jax.named_scope("layer_3"), jax.named_scope("mlp"):
+            return jnp.tanh(x * 2 + 1).sum()
+
+    text = jax.jit(f).lower(jnp.ones(8)).compile().as_text()
+    (tmp_path / "module_0007.jit_f.cpu_after_optimizations.txt").write_text(text)
+    (tmp_path / "module_0003.jit_f.cpu_after_optimizations.txt").write_text(text.replace("mlp", "older"))
+    (tmp_path / "module_0007.jit_f.cpu_after_optimizations-buffer-assignment.txt").write_text("not HLO")
+    table = hlo_scopes(str(tmp_path))["jit_f"]
+    fusion = next(n for n in table if n.endswith("fusion"))
+    assert {"layer_*/mlp/mul", "layer_*/mlp/add", "layer_*/mlp/tanh"} <= set(table[fusion]), table[fusion]
+    assert not any("older" in s for scopes in table.values() for s in scopes)
+    kernels = [{"name": "k1"}, {"name": "k2"}]
+    assert annotate(kernels, {"k1": {"hlo_module": "jit_f", "hlo_op": fusion}, "k2": {"hlo_op": fusion}}, {
+        "jit_f": table}) == 1
+    assert kernels[0]["hlo"] == {"op": fusion, "scopes": table[fusion]} and "hlo" not in kernels[1]
 
 
 def test_bench_pipeline_runs(tmp_path):

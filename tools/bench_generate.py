@@ -33,8 +33,11 @@ After the first batch: prefill of `--prefill-len` tokens at batch 1 (`long_prefi
 `tools/trace_summary.py`) and `profile.decode_step` (their difference over the 32 steps: one decode step's device
 µs and kernels by op class, and the device's idle µs between kernels; `between_anchors`: per step, the windows
 when no `--profile-anchor` kernel runs — a MoE model's experts by default — and the kernels inside them, the chain
-that the rest of the step adds to the experts; `kernel_args`: each named kernel's profiler args). With `--pp N`
-(a pipeline), prefill is timed as a 1-token generation instead.
+that the rest of the step adds to the experts; `kernel_args`: each named kernel's profiler args). With
+`--profile-hlo` the process also dumps its decode programs' optimised HLO into DIR/hlo, and each listed kernel gets
+`hlo`: the HLO instruction of its first instance in the decode program and the named scopes and ops it runs (a
+GPU trace names XLA's fusions only by instruction; `hlo_annotated` counts the kernels found). With `--pp N` (a
+pipeline), prefill is timed as a 1-token generation instead.
 
 `--compare transformers` then runs the same shapes through transformers' Gemma4ForCausalLM (bf16,
 random weights, built once; `transformers[str(batch)]`): `eager` for every batch, and `static_compiled`
@@ -97,6 +100,9 @@ def add_parser(sub) -> None:
     p.add_argument("--profile-top", type=int, default=30, help="kernels kept in the profile summary")
     p.add_argument("--profile-anchor", default="moe", metavar="REGEX",
                    help="kernels whose gaps the profile analyses (what runs while none of them does)")
+    p.add_argument("--profile-hlo", action="store_true",
+                   help="with --profile: XLA dumps the decode programs' optimised HLO into DIR/hlo, and the summary's "
+                        "kernels name the scopes and ops they run (trace_summary.hlo_scopes)")
     p.add_argument("--compare", default="none", choices=["none", "transformers"])
     p.add_argument("--compile-batches", default="16",
                    help="batches for transformers' static cache + torch.compile ('' for none)")
@@ -289,6 +295,12 @@ def _config(args):
     return Gemma4Config.from_json(args.config) if args.config else preset(args.preset)
 
 
+def hlo_dump_flags(profile_dir: str) -> list[str]:
+    """XLA flags that dump the decode programs' optimised HLO as text into profile_dir/hlo (`--profile-hlo`)."""
+    return [f"--xla_dump_to={os.path.join(profile_dir, 'hlo')}", "--xla_dump_hlo_as_text",
+            "--xla_dump_hlo_module_re=decode_chunk"]
+
+
 def _header(args, cfg) -> dict:
     return {"preset": args.config or args.preset, "pp": args.pp, "batches": _ints(args.batch),
             "prompt_len": args.prompt_len, "gen_len": args.gen_len,
@@ -397,6 +409,10 @@ def _programs():
 
 def run(args) -> dict:
     start = time.time()
+    if getattr(args, "profile_hlo", False):  # before jax starts its backend, which reads XLA_FLAGS once
+        if not args.profile:
+            raise SystemExit("bench.py generate: --profile-hlo needs --profile DIR (the dump goes into DIR/hlo).")
+        os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *hlo_dump_flags(args.profile)]).strip()
     _header(args, _config(args))  # bad arguments fail here, before any device work
     if args.compare == "none":
         res = ours(args, start)
@@ -571,6 +587,10 @@ def ours(args, start: float) -> dict:
                 names = {k["name"] for k in res["profile"]["kernels"]}
                 names |= {k["name"] for g in between.values() for k in g["kernels"]}
                 res["profile"]["kernel_args"] = ts.first_args(raw["gen"], names)
+                if getattr(args, "profile_hlo", False):  # each kernel as the decode program ran it
+                    res["profile"]["hlo_annotated"] = ts.annotate(
+                        res["profile"]["kernels"], ts.first_args(raw["gen"], names, module="decode_chunk"),
+                        ts.hlo_scopes(os.path.join(args.profile, "hlo")))
             except Exception as e:
                 res["profile"]["summary_error"] = repr(e)
             progress("profile")

@@ -12,6 +12,11 @@ consecutive *anchor* kernels (a MoE model's expert kernels, which stream most of
 of a CUDA graph overlapping, the time when no anchor runs is what the rest of the step adds to the anchors, and the
 kernels inside those windows are the chain to shorten. Used by `bench.py generate --profile` to put the profile's
 evidence into its JSON without shipping the trace.
+
+A GPU trace names XLA's fused kernels only by their HLO instruction (`fusion_2972`). With `--hlo DUMP_DIR`, an XLA
+dump of the same run's optimised programs (`XLA_FLAGS=--xla_dump_to=DUMP_DIR --xla_dump_hlo_as_text`; `bench.py
+generate --profile-hlo` sets it), each listed kernel also shows what it computes: the named scopes and ops of the
+instructions it runs (`hlo_scopes`; the model's scopes are `layer_*/attention`, `mlp`, `per_layer_input`, ...).
 """
 
 from __future__ import annotations
@@ -115,12 +120,98 @@ def kernel_kind(name: str) -> str:
     return re.sub(r"\.\d+$", "", name)
 
 
-def first_args(events: list[dict], names: set[str], limit: int = 300) -> dict[str, dict]:
+_HLO_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{$")
+_HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = ")
+_HLO_CALLS = re.compile(r"\b(?:calls|to_apply|body|condition|branch_computations)=(\{[^}]*\}|%?[\w.\-]+)")
+_HLO_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_SCOPE_NOISE = {"while", "body", "cond", "closed_call", "eval_jaxpr", "checkpoint", "remat", "pjit"}
+
+
+def _scope(op_name: str) -> str:
+    """An op_name without the program's wrappers (jit(...), while/body, eval_jaxpr, ...), layer numbers as
+    layer_*: 'jit(decode_chunk)/while/body/layer_10/mlp/mul' → 'layer_*/mlp/mul'."""
+    parts = [p for p in op_name.split("/") if p not in _SCOPE_NOISE and not p.startswith("jit(")]
+    return re.sub(r"\blayer_\d+\b", "layer_*", "/".join(parts))
+
+
+def _scopes(op_name: str | None) -> list[str]:
+    return [s] if op_name and (s := _scope(op_name)) else []
+
+
+def _hlo_computations(lines: list[str]) -> dict[str, list[tuple[str, str | None, list[str]]]]:
+    """{computation: [(instruction, op_name or None, the computations it calls)]} of an HLO module's text."""
+    comps: dict[str, list[tuple[str, str | None, list[str]]]] = {}
+    current = None
+    for line in lines:
+        if (c := _HLO_COMPUTATION.match(line)) and not _HLO_INSTRUCTION.match(line):
+            current = comps.setdefault(c[1], [])
+        elif current is not None and (i := _HLO_INSTRUCTION.match(line)):
+            op = None if " parameter(" in line else _HLO_OP_NAME.search(line)  # a parameter's: an argument's name
+            called = [n.strip().lstrip("%") for m in _HLO_CALLS.finditer(line)
+                      for n in m[1].strip("{}").split(",") if n.strip()]
+            current.append((i[1], op[1] if op else None, called))
+    return comps
+
+
+def _instruction_scopes(comps: dict[str, list[tuple[str, str | None, list[str]]]],
+                        limit: int) -> dict[str, list[str]]:
+    """{instruction: the distinct scopes of it and of what it calls, recursively} over a module's computations."""
+    memo: dict[str, list[str]] = {}
+
+    def inside(comp: str, seen: frozenset) -> list[str]:
+        if comp not in memo:
+            found: list[str] = []
+            for _, op, called in comps.get(comp, []):
+                found += _scopes(op)
+                for c in called:
+                    found += inside(c, seen | {comp}) if c not in seen else []
+            memo[comp] = list(dict.fromkeys(found))
+        return memo[comp]
+
+    table = {}
+    for instructions in comps.values():
+        for name, op, called in instructions:
+            found = _scopes(op) + [s for c in called for s in inside(c, frozenset())]
+            table[name] = list(dict.fromkeys(found))[:limit]
+    return table
+
+
+def hlo_scopes(dump_dir: str, limit: int = 16) -> dict[str, dict[str, list[str]]]:
+    """{module: {instruction: scopes}} from the optimised HLO text of an XLA dump (the files
+    `*after_optimizations.txt`): for each instruction, the distinct `_scope`s of its own op_name and of every
+    instruction in the computations it calls (a fusion's body, recursively), in order, at most `limit`. A module
+    compiled more than once keeps its newest compile (the highest module number: a profile taken last runs it)."""
+    out: dict[str, dict[str, list[str]]] = {}
+    for path in sorted(glob.glob(os.path.join(dump_dir, "*after_optimizations.txt")), reverse=True):
+        with open(path) as f:
+            lines = f.read().splitlines()
+        if lines and lines[0].startswith("HloModule ") and (module := lines[0].split()[1].rstrip(",")) not in out:
+            out[module] = _instruction_scopes(_hlo_computations(lines[1:]), limit)
+    return out
+
+
+def annotate(kernels: list[dict], args: dict[str, dict], scopes: dict[str, dict[str, list[str]]]) -> int:
+    """Add to each kernel of a summary whose instance's `args` (`first_args`, from the dumped modules) name an HLO
+    module and instruction found in `scopes` (`hlo_scopes`) its 'hlo': {'op', 'scopes'}; returns how many."""
+    found = 0
+    for k in kernels:
+        a = args.get(k["name"]) or {}
+        hit = scopes.get(a.get("hlo_module", ""), {}).get(a.get("hlo_op", ""))
+        if hit is not None:
+            k["hlo"] = {"op": a["hlo_op"], "scopes": hit}
+            found += 1
+    return found
+
+
+def first_args(events: list[dict], names: set[str], limit: int = 300, module: str | None = None) -> dict[str, dict]:
     """The `args` of the first device event of each kernel name in `names` (a fusion's HLO op, scope or module,
-    where the profiler records them), each value cut to `limit` characters."""
+    where the profiler records them), each value cut to `limit` characters; with `module` (a regex), of the first
+    event whose HLO module matches it."""
     out: dict[str, dict] = {}
     for e in events:
         if e.get("ph") != "X" or not isinstance(e.get("args"), dict):
+            continue
+        if module and not re.search(module, str(e["args"].get("hlo_module", ""))):
             continue
         n = kernel_kind(str(e.get("name", "")))
         if n in names and n not in out:
@@ -236,17 +327,23 @@ def main(argv=None) -> None:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--anchor", default=None, metavar="REGEX",
                    help="also the windows when no kernel matching REGEX runs (`gaps`), and the kernels inside them")
+    p.add_argument("--hlo", default=None, metavar="DUMP_DIR",
+                   help="an XLA dump of the same run (--xla_dump_to, --xla_dump_hlo_as_text): what each kernel runs")
     args = p.parse_args(argv)
     path = newest_trace(args.trace_dir)
     events = read_trace(path)
     s = summarise(path, args.top, events)
+    if args.hlo:
+        scopes = hlo_scopes(args.hlo)  # each kernel as the first instance that a dumped module ran
+        annotate(s["kernels"], first_args(events, {k["name"] for k in s["kernels"]}, module="|".join(
+            re.escape(m) for m in scopes) or "^$"), scopes)
     print(f"{s['trace']}\ndevice busy {s['device_busy_us'] / 1e3:.1f} ms over a {s['span_us'] / 1e3:.1f} ms span "
           f"(idle {s['idle_us'] / 1e3:.1f} ms), {s['kernel_count']} kernels")
     for c, v in s["classes"].items():
         print(f"{v['total_us']:>12.1f} µs {v['count']:>7} ×  [{c}]")
     for k in s["kernels"]:
         print(f"{k['total_us']:>12.1f} µs {100 * k['share']:5.1f} % {k['count']:>7} × {k['mean_us']:>9.2f} µs "
-              f" {k['name']}")
+              f" {k['name']}" + (f"  [{k['hlo']['op']}: {', '.join(k['hlo']['scopes'])}]" if "hlo" in k else ""))
     if args.anchor:
         for label, g in gaps(device_events(events), args.anchor).items():
             print(f"{label}: {g['windows']} windows, {g['total_us']:.1f} µs, {g['busy_us']:.1f} µs covered")
