@@ -285,6 +285,38 @@ def test_one_sequence_decode_rows_by_default(family, rows, hf_dirs):
         assert want in seen and (want == 4 or 4 not in seen), (b, seen)  # attention and the head see the real row
 
 
+def test_one_sequence_output_projection_takes_the_real_row(hf_dirs, monkeypatch):
+    """On copied rows, where the skinny kernel takes the attention block's output projection (interpret mode here),
+    it projects the one real row and the stream gets copies of the result: no copy of the attention output before
+    the kernel, which would be a kernel of its own on the step's chain. The queries still run on the four rows, and
+    the steps' logits equal the full forward's (float32; the prompt and the full forward on XLA)."""
+    from gemma4_jax.generation.loop import decode_step
+    from gemma4_jax.kernels import dispatch
+    from gemma4_jax.model.text import merge
+
+    model = gemma4_jax.load(hf_dirs["e2b", "causal"], dtype="float32", attn_impl="xla", progress=False)
+    ids = np.random.default_rng(11).integers(3, 256, size=(1, 8)).astype(np.int32)
+    full = model.logits(ids)
+    cache = init_cache(model.config, 1, 16, jnp.float32)
+    _, cache = prefill(model.graphdef, model.state, jnp.asarray(ids[:, :5]), jnp.asarray([5]), cache)
+    monkeypatch.setattr(dispatch, "DENSE_FORCE", "interpret")
+    jax.clear_caches()  # the knob is read when a step is traced
+    cfg = model.config.text if hasattr(model.config, "text") else model.config
+    d, nh = cfg.hidden_size, cfg.num_heads * cfg.layers[0].head_dim
+    tok, pos = jnp.asarray(ids[:, 5]), jnp.asarray([5], jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda c, t, p: decode_step(merge(model.graphdef, model.state), c, t, p))(cache, tok, pos)
+    rows = {}  # (K, N) of each skinny-kernel weight: the rows of the x it takes
+    for e in all_eqns(jaxpr.jaxpr):
+        if e.primitive.name == "pallas_call" and len(e.invars) == 2:
+            x, w = (v.aval.shape for v in e.invars)
+            rows.setdefault(tuple(w), set()).add(x[0])
+    assert rows[(nh, d)] == {1} and rows[(d, nh)] == {4}, rows
+    for t in range(5, 8):
+        step, cache = decode_logits(model.graphdef, model.state, cache, jnp.asarray(ids[:, t]),
+                                    jnp.full((1,), t, jnp.int32))
+        assert rel_err(np.asarray(step), full[:, t]) <= 1e-4, t
+
+
 @pytest.mark.parametrize("family, rows", [("e2b", 4), ("26b-a4b", 2)])
 def test_one_sequence_decodes_on_a_multi_row_stream(family, rows, hf_models, hf_dirs, monkeypatch):
     """`dispatch.ONE_ROW_STREAM_ROWS(_MOE)` = 2 or 4 (bench.py generate --one-row-stream-rows R): a one-sequence

@@ -141,6 +141,8 @@ class DecodeAttender(Attender):
     """One new token per sequence at positions `pos` [B,1]: write K/V into the slot, attend the cache.
 
     `impl` as for FullAttender; the kernel path masks by the slot positions directly (ring buffers included).
+    On a stream of copied rows (more rows in q than sequences, `generation.loop.decode_step`) it reads and writes
+    for the real rows and returns their output alone; the layer copies it back (`model.residual_after`).
     """
 
     def __init__(self, cache: KVCache, pos_b1: jax.Array, impl: str = "auto"):
@@ -154,8 +156,7 @@ class DecodeAttender(Attender):
             q, kv = q[:b], kv and (kv[0][:b], kv[1][:b])
         if kv is not None:  # a KV-owning layer writes first; its readers come later in the step
             entry = self.cache.layers[key] = write_token(entry, *kv, self.pos)
-        o = attend_cache(self.impl, q, entry, self.pos, spec.window)
-        return o if rows == b else jnp.broadcast_to(o, (rows, *o.shape[1:]))
+        return attend_cache(self.impl, q, entry, self.pos, spec.window)  # the real rows: `model.residual_after`
 
 
 def attend_cache(impl: str, q_btnh, entry: LayerCache, pos_bt, window: int | None) -> jax.Array:

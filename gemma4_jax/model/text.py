@@ -174,7 +174,17 @@ def residual_after(eq: str, x_btd: jax.Array, h: jax.Array, w: jax.Array, post_d
     (contracted as in `linear`, its result [B, T, D]). Where that projection takes the skinny kernel and
     `dispatch.FUSED_ADD_NORM` is on, also rms_norm(that, next), the next block's input, from one kernel that adds
     the projection's K-split partials, both norms and the residual (`add_norm.add_norm`); else None (the caller
-    normalises)."""
+    normalises).
+
+    `h` may hold fewer rows than the stream: a one-sequence decode step runs its stream on copies of its row and
+    attends for the real one (`generation.loop.decode_step`). Where the skinny kernel takes the projection, it
+    projects the real row and the stream's rows get copies of the result (the copy fuses into the norm that reads
+    it; a copy of h before the kernel would be a kernel of its own on the step's chain). Else h is copied first, so
+    the product runs as on the stream's rows."""
+    stream_rows = x_btd.shape[0]
+    if h.shape[0] != stream_rows and (dispatch.FUSED_ADD_NORM or _matrix_view(
+            eq, jnp.broadcast_to(h, (stream_rows, *h.shape[1:])), w, impl)[3] == "xla"):
+        h = jnp.broadcast_to(h, (stream_rows, *h.shape[1:]))
     _, k, rows, choice = _matrix_view(eq, h, w, impl)
     d = x_btd.shape[-1]
     if dispatch.FUSED_ADD_NORM and choice != "xla" and add_norm.supports(d):
@@ -182,7 +192,8 @@ def residual_after(eq: str, x_btd: jax.Array, h: jax.Array, w: jax.Array, post_d
         parts = gemv.gemv_parts(h.reshape(rows, k), w.reshape(k, d), interpret=interpret)
         xn, a = add_norm.add_norm(parts, x_btd.reshape(rows, d), post_d, next_d, eps=eps, interpret=interpret)
         return xn.reshape(x_btd.shape), a.reshape(x_btd.shape)
-    return x_btd + rms_norm(linear(eq, h, w, impl), post_d, eps), None
+    y = linear(eq, h, w, impl)
+    return x_btd + rms_norm(jnp.broadcast_to(y, (stream_rows, *y.shape[1:])), post_d, eps), None
 
 
 def softcap(logits: jax.Array, cap: float | None) -> jax.Array:
@@ -540,8 +551,9 @@ class Gemma4Text(nnx.Module):
 
 
 class Attender:
-    """Supplies attention to the layers: `attender(spec, q, kv) -> o` with kv None on KV-shared layers.
-    `impl` is the run's kernel setting (the layers' MoE experts follow it too)."""
+    """Supplies attention to the layers: `attender(spec, q, kv) -> o` with kv None on KV-shared layers; o has q's
+    rows, or only the real ones on a stream of copied rows (`generation.cache.DecodeAttender`). `impl` is the run's
+    kernel setting (the layers' MoE experts follow it too)."""
 
     impl: str = "auto"
 
