@@ -133,9 +133,9 @@ def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
 
 def all_eqns(jaxpr):
     """Every equation of a jaxpr and of the jaxprs inside its equations (jit, scan, cond, custom calls)."""
-    import jax
+    from jax.extend.core import jaxprs_in_params
 
     for e in jaxpr.eqns:
         yield e
-        for sub in jax.core.jaxprs_in_params(e.params):
+        for sub in jaxprs_in_params(e.params):
             yield from all_eqns(sub)
