@@ -301,7 +301,7 @@ def test_one_sequence_output_projection_takes_the_real_row(hf_dirs, monkeypatch)
     _, cache = prefill(model.graphdef, model.state, jnp.asarray(ids[:, :5]), jnp.asarray([5]), cache)
     monkeypatch.setattr(dispatch, "DENSE_FORCE", "interpret")
     jax.clear_caches()  # the knob is read when a step is traced
-    cfg = model.config.text if hasattr(model.config, "text") else model.config
+    cfg = model.config
     d, nh = cfg.hidden_size, cfg.num_heads * cfg.layers[0].head_dim
     tok, pos = jnp.asarray(ids[:, 5]), jnp.asarray([5], jnp.int32)
     jaxpr = jax.make_jaxpr(lambda c, t, p: decode_step(merge(model.graphdef, model.state), c, t, p))(cache, tok, pos)

@@ -587,10 +587,9 @@ def ours(args, start: float) -> dict:
                 names = {k["name"] for k in res["profile"]["kernels"]}
                 names |= {k["name"] for g in between.values() for k in g["kernels"]}
                 res["profile"]["kernel_args"] = ts.first_args(raw["gen"], names)
-                if getattr(args, "profile_hlo", False):  # each kernel as the decode program ran it
-                    res["profile"]["hlo_annotated"] = ts.annotate(
-                        res["profile"]["kernels"], ts.first_args(raw["gen"], names, module="decode_chunk"),
-                        ts.hlo_scopes(os.path.join(args.profile, "hlo")))
+                if getattr(args, "profile_hlo", False):  # the dump holds the decode program alone
+                    res["profile"]["hlo_annotated"] = ts.annotate_from_dump(
+                        res["profile"]["kernels"], raw["gen"], os.path.join(args.profile, "hlo"))
             except Exception as e:
                 res["profile"]["summary_error"] = repr(e)
             progress("profile")

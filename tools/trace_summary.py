@@ -203,6 +203,16 @@ def annotate(kernels: list[dict], args: dict[str, dict], scopes: dict[str, dict[
     return found
 
 
+def annotate_from_dump(kernels: list[dict], events: list[dict], dump_dir: str) -> int:
+    """`annotate` a summary's kernels from an XLA dump (`hlo_scopes`), each as the first instance that a dumped
+    module ran; returns how many were found."""
+    scopes = hlo_scopes(dump_dir)
+    if not scopes:
+        return 0
+    module = "|".join(re.escape(m) for m in scopes)
+    return annotate(kernels, first_args(events, {k["name"] for k in kernels}, module=module), scopes)
+
+
 def first_args(events: list[dict], names: set[str], limit: int = 300, module: str | None = None) -> dict[str, dict]:
     """The `args` of the first device event of each kernel name in `names` (a fusion's HLO op, scope or module,
     where the profiler records them), each value cut to `limit` characters; with `module` (a regex), of the first
@@ -334,9 +344,7 @@ def main(argv=None) -> None:
     events = read_trace(path)
     s = summarise(path, args.top, events)
     if args.hlo:
-        scopes = hlo_scopes(args.hlo)  # each kernel as the first instance that a dumped module ran
-        annotate(s["kernels"], first_args(events, {k["name"] for k in s["kernels"]}, module="|".join(
-            re.escape(m) for m in scopes) or "^$"), scopes)
+        annotate_from_dump(s["kernels"], events, args.hlo)
     print(f"{s['trace']}\ndevice busy {s['device_busy_us'] / 1e3:.1f} ms over a {s['span_us'] / 1e3:.1f} ms span "
           f"(idle {s['idle_us'] / 1e3:.1f} ms), {s['kernel_count']} kernels")
     for c, v in s["classes"].items():

@@ -182,17 +182,15 @@ def residual_after(eq: str, x_btd: jax.Array, h: jax.Array, w: jax.Array, post_d
     it; a copy of h before the kernel would be a kernel of its own on the step's chain). Else h is copied first, so
     the product runs as on the stream's rows."""
     stream_rows = x_btd.shape[0]
-    if h.shape[0] != stream_rows and (dispatch.FUSED_ADD_NORM or _matrix_view(
-            eq, jnp.broadcast_to(h, (stream_rows, *h.shape[1:])), w, impl)[3] == "xla"):
-        h = jnp.broadcast_to(h, (stream_rows, *h.shape[1:]))
-    _, k, rows, choice = _matrix_view(eq, h, w, impl)
+    copied = jnp.broadcast_to(h, (stream_rows, *h.shape[1:]))  # h itself where it holds the stream's rows
+    _, k, rows, choice = _matrix_view(eq, copied, w, impl)
     d = x_btd.shape[-1]
     if dispatch.FUSED_ADD_NORM and choice != "xla" and add_norm.supports(d):
         interpret = choice == "interpret"
-        parts = gemv.gemv_parts(h.reshape(rows, k), w.reshape(k, d), interpret=interpret)
+        parts = gemv.gemv_parts(copied.reshape(rows, k), w.reshape(k, d), interpret=interpret)
         xn, a = add_norm.add_norm(parts, x_btd.reshape(rows, d), post_d, next_d, eps=eps, interpret=interpret)
         return xn.reshape(x_btd.shape), a.reshape(x_btd.shape)
-    y = linear(eq, h, w, impl)
+    y = linear(eq, copied if choice == "xla" else h, w, impl)
     return x_btd + rms_norm(jnp.broadcast_to(y, (stream_rows, *y.shape[1:])), post_d, eps), None
 
 
