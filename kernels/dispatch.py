@@ -33,7 +33,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from . import flash_attention_mgpu, gemv, moe_mgpu, router
+from . import flash_attention_mgpu, gemv, l2_prefetch, moe_mgpu, router
 from .decode_attention import decode_attention
 from .decode_attention import default_config as decode_config
 from .flash_attention import flash_attention, flash_attention_reference
@@ -454,6 +454,28 @@ def resolve_dense(impl: str, *, rows: int, k: int, n: int, dtype=jnp.bfloat16, p
     return "pallas" if _on_gpu(platform) and jnp.dtype(dtype).itemsize == 2 else "xla"
 
 
+# Weights read into L2 ahead of their projections (`l2_prefetch.prefetch`): at a decode step on the GPU, once a
+# layer's queries are projected, one kernel reads the weights the layer streams next (the output projection, the
+# MLP's, the per-layer input's; not a MoE layer's experts), up to this many bytes, while the chain of small kernels
+# between the projections leaves HBM idle; the layer's output waits for it (`model.prefetch_weights`). 0: off.
+# `bench.py generate --l2-prefetch-bytes N`; not yet measured on a GPU.
+L2_PREFETCH_BYTES = 0
+L2_PREFETCH_PROGRAMS = l2_prefetch.PROGRAMS  # the kernel's programs (each shares its SM with the step's kernels)
+L2_PREFETCH_MAX_ROWS = 64  # calls of up to this many rows prefetch (longer ones stream each weight at full speed)
+
+
+def resolve_prefetch(impl: str, *, rows: int, dtype=jnp.bfloat16, platform: str | None = None) -> str | None:
+    """How a decode step of `rows` rows reads its next weights into L2: 'pallas' (the kernel), 'interpret', or
+    None (no prefetch: off, a prefill's rows, XLA asked for, or not a 16-bit GPU run under 'auto')."""
+    _check_impl(impl)
+    impl = DENSE_FORCE or impl
+    if not L2_PREFETCH_BYTES or impl == "xla" or rows > L2_PREFETCH_MAX_ROWS:
+        return None
+    if impl in ("pallas", "interpret"):
+        return impl
+    return "pallas" if _on_gpu(platform) and jnp.dtype(dtype).itemsize == 2 else None
+
+
 def settings() -> str:
     """This module's settings that tests and benches change (read when a program is traced): the text keys
     programs kept across processes (`generation.programs`), so a program traced under other settings misses."""
@@ -464,6 +486,7 @@ def settings() -> str:
              "GEMV_MAX_WEIGHT", "GEMV_MAX_WEIGHT_BATCHED", "GEMV_MIN_WEIGHT", "GEMV_SUM_IN_KERNEL",
              "DENSE_AFTER_ROUTER", "ROUTER_OWN_NORM", "ONE_ROW_PADDED_MAX_WEIGHT", "ONE_ROW_STREAM_ROWS",
              "ONE_ROW_STREAM_ROWS_MOE", "TARGET_GPU",
-             "DECODE_TARGET_PROGRAMS")
+             "DECODE_TARGET_PROGRAMS", "L2_PREFETCH_BYTES", "L2_PREFETCH_PROGRAMS",
+             "L2_PREFETCH_MAX_ROWS")
     return ",".join([f"{n}={globals()[n]!r}" for n in names]
                     + [f"gemv.{n}={getattr(gemv, n)!r}" for n in ("TARGET_PROGRAMS", "MIN_BLOCK_N", "MAX_SPLIT_K")])

@@ -164,6 +164,11 @@ def add_decode_arguments(p) -> None:
     p.add_argument("--decode-target-programs", type=int, default=None, metavar="N",
                    help="programs the decode attention kernel aims for when it splits the keys; 1: no split and no "
                         "combining kernel (dispatch.DECODE_TARGET_PROGRAMS; default: the kernel's, 128)")
+    p.add_argument("--l2-prefetch-bytes", type=int, default=None, metavar="BYTES",
+                   help="at a decode step, once a layer's queries are projected, one kernel reads up to BYTES of the "
+                        "weights the layer streams next into L2 (dispatch.L2_PREFETCH_BYTES; 0, the default: off)")
+    p.add_argument("--l2-prefetch-programs", type=int, default=None, metavar="P",
+                   help="the L2 prefetch kernel's programs (dispatch.L2_PREFETCH_PROGRAMS; default: the library's)")
     p.add_argument("--moe-plan-kernel", action="store_true",
                    help="the Mosaic experts' tile plan as one kernel at few rows (dispatch.MOE_PLAN_KERNEL)")
     p.add_argument("--moe-token-tiles", type=int, default=None, metavar="TOKENS",
@@ -332,6 +337,8 @@ def _header(args, cfg) -> dict:
                 1, cfg.num_experts > 0),
             "decode_target_programs": getattr(args, "decode_target_programs", None)
             or _dispatch().DECODE_TARGET_PROGRAMS,
+            "l2_prefetch_bytes": getattr(args, "l2_prefetch_bytes", None) or _dispatch().L2_PREFETCH_BYTES,
+            "l2_prefetch_programs": getattr(args, "l2_prefetch_programs", None) or _dispatch().L2_PREFETCH_PROGRAMS,
             "decode_scheduling": getattr(args, "decode_scheduling", None) or _programs().DECODE_SCHEDULING,
             "decode_xla_options": dict(getattr(args, "decode_xla_option", None) or _programs().DECODE_XLA_OPTIONS)}
 
@@ -381,6 +388,10 @@ def apply_decode_settings(args) -> None:
         dispatch.DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS = args.decode_kernel_max_keys
     if getattr(args, "decode_target_programs", None):
         dispatch.DECODE_TARGET_PROGRAMS = args.decode_target_programs
+    if getattr(args, "l2_prefetch_bytes", None) is not None:
+        dispatch.L2_PREFETCH_BYTES = args.l2_prefetch_bytes
+    if getattr(args, "l2_prefetch_programs", None):
+        dispatch.L2_PREFETCH_PROGRAMS = args.l2_prefetch_programs
     if getattr(args, "one_row_stream_rows", None):  # for every model, MoE or not
         dispatch.ONE_ROW_STREAM_ROWS = dispatch.ONE_ROW_STREAM_ROWS_MOE = args.one_row_stream_rows
     if getattr(args, "decode_scheduling", None):

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from ..config import Gemma4Config, LayerSpec
-from ..kernels import add_norm, dispatch, gemv, moe, moe_mgpu, numerics, router
+from ..kernels import add_norm, dispatch, gemv, l2_prefetch, moe, moe_mgpu, numerics, router
 from ..kernels.flash_attention import xla_attention
 
 F32 = jnp.float32
@@ -192,6 +192,20 @@ def residual_after(eq: str, x_btd: jax.Array, h: jax.Array, w: jax.Array, post_d
         return xn.reshape(x_btd.shape), a.reshape(x_btd.shape)
     y = linear(eq, copied if choice == "xla" else h, w, impl)
     return x_btd + rms_norm(jnp.broadcast_to(y, (stream_rows, *y.shape[1:])), post_d, eps), None
+
+
+def prefetch_weights(ws: list[jax.Array], start: jax.Array, rows: int, impl: str = "auto") -> jax.Array | None:
+    """At a decode step of `rows` rows (`dispatch.resolve_prefetch`), one kernel reads the first
+    `dispatch.L2_PREFETCH_BYTES` of the weights `ws`, in order, into L2 once `start` is computed
+    (`l2_prefetch.prefetch`). Returns what a later result must wait for (`after`), or None where nothing runs."""
+    choice = dispatch.resolve_prefetch(impl, rows=rows, dtype=ws[0].dtype)
+    if choice is None:
+        return None
+    counts = l2_prefetch.budget_counts([w.size for w in ws], ws[0].dtype.itemsize, dispatch.L2_PREFETCH_BYTES)
+    if not counts[0]:
+        return None
+    return l2_prefetch.prefetch(ws, start, counts=counts, programs=dispatch.L2_PREFETCH_PROGRAMS,
+                                interpret=choice == "interpret")
 
 
 def softcap(logits: jax.Array, cap: float | None) -> jax.Array:
@@ -393,6 +407,9 @@ class DecoderLayer(nnx.Module):
         with jax.named_scope("attention"):  # named scopes: device traces name the layer's parts
             owns = self.attn.owns_kv if owns_kv is None else owns_kv
             q, *kv = norm_linears(x_btd, self.input_norm[...], eps, self.attn.projections(owns), impl)
+            # the projections' input is ready: the next weights stream into L2 beside the attention block's chain
+            # (started from the queries' norm and RoPE instead, the step's chain grew a kernel a layer)
+            token = prefetch_weights(self.weights_after_queries(), q, x_btd.shape[0] * x_btd.shape[1], impl)
             q = self.attn.queries(q, cos, sin)
             kv = self.attn.keys_values(kv[0], kv[-1], cos, sin) if owns else None  # kv[-1] is kv[0] if k_eq_v
             o, aux = attend(q, kv)
@@ -423,7 +440,16 @@ class DecoderLayer(nnx.Module):
             with jax.named_scope("per_layer_input"):
                 g = gelu(linear("BTD,DP->BTP", x, self.ple_gate[...], impl, into_elementwise=True)) * ple_btp
                 x = x + rms_norm(linear("BTP,PD->BTD", g, self.ple_proj[...], impl), self.ple_post_norm[...], eps)
-        return x * self.layer_scalar[...], aux
+        x = x * self.layer_scalar[...]
+        return (x if token is None else after(x, token)), aux
+
+    def weights_after_queries(self) -> list[jax.Array]:
+        """The weights this layer streams after its q/k/v projections, in the order it reads them: the output
+        projection, the MLP's, the per-layer input's (a MoE layer's experts are not among them)."""
+        ws = [self.attn.o_proj[...], self.mlp.gate[...], self.mlp.up[...], self.mlp.down[...]]
+        if self.ple_enabled:
+            ws += [self.ple_gate[...], self.ple_proj[...]]
+        return ws
 
 
 # -- the model's pieces as functions of arrays: the one source for both runtimes (this module's Gemma4Text and

@@ -1,0 +1,104 @@
+"""Weights read into the GPU's L2 cache ahead of the projection that needs them (Pallas, Triton backend).
+
+A decode step at a few rows is a chain of dependent kernels (docs/performance.md, "Where a decode step's time
+goes"): between its projections run norms, RoPE, attention and residuals of 1–4 µs each, during which HBM is
+almost idle, and every projection then starts cold, streaming its weight from HBM. This kernel reads the next
+weights while that chain runs, so that the projection finds (part of) them in L2 (50 MB on an H100 or H200).
+
+    out [P] = the largest value each program read (float32)
+
+Program p reads its share of each weight's first `counts[i]` elements (a contiguous range per weight, in
+`block`-element loads marked evict-last, Triton's hint to keep them in L2). Its output matters only as a dependency: the
+caller ties it to a later result of the step (`model.after`), so XLA keeps the kernel, and takes nothing from its
+value. A weight is read flat, in the order it lies in memory: a prefix of it is the first rows of the matrix the
+projection streams.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+F32 = jnp.float32
+BLOCK = 8192  # elements a program loads at once (16 KB of bf16: 32 per thread at 8 warps)
+PROGRAMS = 132  # one per SM of an H100/H200; each shares its SM with the step's own kernels
+NUM_WARPS = 8
+
+
+def shares(counts: tuple[int, ...], programs: int, block: int) -> tuple[int, ...]:
+    """Elements each program reads of each weight: a whole number of blocks, enough that `programs` of them
+    cover the weight's count."""
+    return tuple(math.ceil(math.ceil(c / programs) / block) * block for c in counts)
+
+
+def budget_counts(sizes: list[int], itemsize: int, budget_bytes: int) -> tuple[int, ...]:
+    """How many leading elements of each weight fit a budget of bytes, taken in order: the whole of each until
+    the budget runs out, then a prefix of one, then none."""
+    counts, left = [], budget_bytes // itemsize
+    for n in sizes:
+        counts.append(min(n, left))
+        left -= counts[-1]
+    return tuple(counts)
+
+
+def _kernel(start_ref, *refs, counts: tuple[int, ...], share: tuple[int, ...], block: int):
+    del start_ref  # an input only so that the launch waits for it
+    ws, o_ref = refs[:-1], refs[-1]
+    p = pl.program_id(0)
+    acc = jnp.full((block,), -jnp.inf, F32)
+    for w_ref, count, per in zip(ws, counts, share, strict=True):
+        if not count:
+            continue
+        def step(j, acc, w_ref=w_ref, count=count, per=per):
+            first = p * per + j * block
+            tile = plgpu.load(w_ref.at[pl.ds(first, block)], mask=first + jnp.arange(block) < count,
+                              other=-jnp.inf, eviction_policy="evict_last")
+            return jnp.maximum(acc, tile.astype(F32))
+
+        acc = lax.fori_loop(0, per // block, step, acc)
+    o_ref[p] = jnp.max(acc)
+
+
+@functools.partial(jax.jit, static_argnames=("counts", "programs", "block", "interpret"))
+def prefetch(ws: list[jax.Array], start: jax.Array, *, counts: tuple[int, ...] | None = None,
+             programs: int = PROGRAMS, block: int = BLOCK, interpret: bool = False) -> jax.Array:
+    """Read the first `counts[i]` elements of each weight in `ws` (all of them by default) into L2, once `start`
+    is computed. Returns [programs] float32, each program's largest value read (−inf where it read nothing)."""
+    if counts is None:
+        counts = tuple(w.size for w in ws)
+    if len(counts) != len(ws) or any(not 0 <= c <= w.size for c, w in zip(counts, ws, strict=True)):
+        raise ValueError(f"counts {counts} do not fit weights of {[w.size for w in ws]} elements")
+    share = shares(counts, programs, block)
+    # Flat views of the weights in place (a reshape, no copy); loads past a weight's count are masked out.
+    flat = [w.reshape(-1) for w in ws]
+    return pl.pallas_call(
+        functools.partial(_kernel, counts=counts, share=share, block=block),
+        grid=(programs,),
+        in_specs=[pl.BlockSpec() for _ in range(1 + len(flat))],  # whole arrays (pointers)
+        out_specs=pl.BlockSpec(),
+        out_shape=jax.ShapeDtypeStruct((programs,), F32),
+        compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+        interpret=interpret,
+        name="l2_prefetch_" + "_".join(str(c) for c in counts),
+    )(start, *flat)
+
+
+def prefetch_reference(ws: list[jax.Array], counts: tuple[int, ...] | None = None, programs: int = PROGRAMS,
+                       block: int = BLOCK) -> jax.Array:
+    """What `prefetch` returns, in jnp: each program's largest value over its ranges."""
+    if counts is None:
+        counts = tuple(w.size for w in ws)
+    share = shares(counts, programs, block)
+    best = jnp.full((programs,), -jnp.inf, F32)
+    for w, count, per in zip(ws, counts, share, strict=True):
+        if not count:
+            continue
+        f = jnp.pad(w.reshape(-1)[:count].astype(F32), (0, programs * per - count), constant_values=-jnp.inf)
+        best = jnp.maximum(best, f.reshape(programs, per).max(axis=1))
+    return best

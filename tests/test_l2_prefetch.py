@@ -1,0 +1,143 @@
+"""The L2 prefetch kernel (`kernels/l2_prefetch.py`, interpret mode on the CPU) and its place in a decode step
+(`model.prefetch_weights`, `dispatch.L2_PREFETCH_BYTES`)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hf_fixtures import all_eqns, rel_err
+
+import gemma4_jax
+from gemma4_jax.generation.cache import init_cache
+from gemma4_jax.generation.loop import decode_logits, prefill
+from gemma4_jax.kernels import dispatch, l2_prefetch
+
+
+@pytest.mark.parametrize("counts", ["all", "prefixes"])
+def test_each_program_reads_its_share_and_nothing_past_the_counts(counts):
+    """Each program returns the largest value of its own contiguous share of every weight's first `count`
+    elements (numpy's max over the same ranges): the last counted element (a marker) is read, and a larger one
+    just past the count is not."""
+    rng = np.random.default_rng(0)
+    shapes = [(64, 96), (40, 33), (128, 80)]  # 6144, 1320 (not a multiple of the block) and 10240 elements
+    sizes = [int(np.prod(s)) for s in shapes]
+    want_counts = sizes if counts == "all" else [6144, 1000, 0]
+    programs, block = 5, 256
+    ws = []
+    for shape, size, c in zip(shapes, sizes, want_counts, strict=True):
+        w = rng.uniform(-1, 1, size).astype(np.float32)
+        if c:
+            w[c - 1] = 2.0 + len(ws)  # the last element read: each weight's own marker
+        if c < size:
+            w[c] = 50.0  # the first element not read
+        ws.append(w.reshape(shape))
+    got = np.asarray(l2_prefetch.prefetch([jnp.asarray(w, jnp.bfloat16) for w in ws], jnp.zeros((2, 3)),
+                                          counts=None if counts == "all" else tuple(want_counts),
+                                          programs=programs, block=block, interpret=True))
+    assert got.shape == (programs,) and not (got >= 50).any(), got  # nothing past a count was read
+    # each program's share: ceil(ceil(c / P) / block) blocks of each weight, in program order
+    best = np.full(programs, -np.inf)
+    for w, c in zip(ws, want_counts, strict=True):
+        flat = np.asarray(jnp.asarray(w, jnp.bfloat16).astype(jnp.float32)).reshape(-1)[:c]
+        per = math.ceil(math.ceil(c / programs) / block) * block
+        for p in range(programs):
+            part = flat[p * per:(p + 1) * per]
+            if part.size:
+                best[p] = max(best[p], part.max())
+    np.testing.assert_array_equal(got, best)
+    assert got.max() == 2.0 + max(i for i, c in enumerate(want_counts) if c)  # the last weight's last element
+
+
+def test_budget_counts_takes_weights_whole_in_order():
+    assert l2_prefetch.budget_counts([10, 20, 30], 2, 50) == (10, 15, 0)
+    assert l2_prefetch.budget_counts([10, 20], 2, 1000) == (10, 20)
+    assert l2_prefetch.budget_counts([10, 20], 4, 3) == (0, 0)
+
+
+def test_resolve_prefetch(monkeypatch):
+    """Off by default; with a budget, 16-bit decode-sized calls on a GPU under auto, any dtype in interpret mode,
+    never under xla or past the row limit."""
+    assert dispatch.resolve_prefetch("auto", rows=1, platform="cuda") is None  # off
+    monkeypatch.setattr(dispatch, "L2_PREFETCH_BYTES", 2**20)
+    assert dispatch.resolve_prefetch("auto", rows=4, platform="cuda") == "pallas"
+    assert dispatch.resolve_prefetch("auto", rows=4, dtype=jnp.float32, platform="cuda") is None
+    assert dispatch.resolve_prefetch("auto", rows=4, platform="cpu") is None
+    assert dispatch.resolve_prefetch("interpret", rows=4, dtype=jnp.float32, platform="cpu") == "interpret"
+    assert dispatch.resolve_prefetch("xla", rows=4, platform="cuda") is None
+    assert dispatch.resolve_prefetch("auto", rows=dispatch.L2_PREFETCH_MAX_ROWS + 1, platform="cuda") is None
+    assert "L2_PREFETCH_BYTES=1048576" in dispatch.settings()  # programs kept across processes are keyed by it
+
+
+def _live(jaxpr) -> list:
+    """The equations of `jaxpr` whose results reach its outputs, and the same inside those (jit bodies)."""
+    from jax.extend.core import jaxprs_in_params
+
+    needed = {v for v in jaxpr.outvars if not isinstance(v, jax.extend.core.Literal)}
+    live = []
+    for e in reversed(jaxpr.eqns):
+        if any(v in needed for v in e.outvars) or e.effects:
+            live.append(e)
+            needed |= {v for v in e.invars if not isinstance(v, jax.extend.core.Literal)}
+    out = list(live)
+    for e in live:
+        for sub in jaxprs_in_params(e.params):
+            out += _live(sub)
+    return out
+
+
+def test_a_decode_step_prefetches_each_layers_next_weights(hf_dirs, monkeypatch):
+    """With a budget, each layer of a decode step launches one prefetch after its queries, over the weights it
+    streams next in the order it reads them (output projection, gate, up, down, the per-layer input's) up to the
+    budget, and the step's results depend on it (else XLA would drop the kernel); the logits are the full
+    forward's and, bit for bit, those of the same step without it (float32, the projections in interpret mode
+    as the prefetch is)."""
+    from gemma4_jax.generation.loop import decode_step
+    from gemma4_jax.model.text import merge
+
+    model = gemma4_jax.load(hf_dirs["e2b", "causal"], dtype="float32", attn_impl="xla", progress=False)
+    cfg = model.config
+    ids = np.random.default_rng(3).integers(3, 256, size=(1, 7)).astype(np.int32)
+    full = model.logits(ids)
+    cache = init_cache(cfg, 1, 16, jnp.float32)
+    _, cache = prefill(model.graphdef, model.state, jnp.asarray(ids[:, :5]), jnp.asarray([5]), cache)
+    tok, pos = jnp.asarray(ids[:, 5]), jnp.asarray([5], jnp.int32)
+    monkeypatch.setattr(dispatch, "DENSE_FORCE", "interpret")
+    d, f, nh = cfg.hidden_size, cfg.layers[0].mlp_width, cfg.num_heads * cfg.layers[0].head_dim
+    budget = 4 * (nh * d + d * f + d)  # the output projection, the gate and one row of up, in float32
+    steps = {}
+    for on in (0, budget):
+        monkeypatch.setattr(dispatch, "L2_PREFETCH_BYTES", on)
+        jax.clear_caches()  # the knobs are read when a step is traced
+        jaxpr = jax.make_jaxpr(lambda c, t, p: decode_step(merge(model.graphdef, model.state), c, t, p))(cache, tok,
+                                                                                                          pos)
+        calls = [e for e in all_eqns(jaxpr.jaxpr) if e.primitive.name in ("jit", "pjit")
+                 and e.params["name"] == "prefetch"]
+        live = {id(e) for e in _live(jaxpr.jaxpr)}
+        if not on:
+            assert not calls
+        else:
+            assert len(calls) == cfg.num_layers, len(calls)
+            assert all(id(e) in live for e in calls)  # each reaches the step's outputs
+            for e, spec in zip(calls, cfg.layers, strict=True):
+                shapes = [v.aval.shape for v in e.invars]
+                want = [(cfg.num_heads, spec.head_dim, d), (d, spec.mlp_width),
+                                            (d, spec.mlp_width), (spec.mlp_width, d)]
+                if spec.ple:
+                    want += [(d, cfg.ple_dim), (cfg.ple_dim, d)]
+                assert shapes[:-1] == want and shapes[-1][-2:] == (cfg.num_heads, spec.head_dim), shapes
+                pallas = [x for x in all_eqns(e.params["jaxpr"].jaxpr) if x.primitive.name == "pallas_call"]
+                name = pallas[0].params["jaxpr"].debug_info.func_src_info.split()[0]
+                counts = tuple(int(n) for n in name.removeprefix("l2_prefetch_").split("_"))
+                if spec.head_dim == cfg.layers[0].head_dim and spec.mlp_width == f:  # the budget's own layer kind
+                    assert counts == (nh * d, d * f, d) + (0,) * (len(want) - 3), (spec.index, counts)
+                else:  # whole weights in order, then a prefix of one, within the budget
+                    sizes = [int(np.prod(s)) for s in want]
+                    cut = next((i for i, (c, n) in enumerate(zip(counts, sizes, strict=True)) if c < n), len(sizes))
+                    assert counts[:cut] == tuple(sizes[:cut]) and not any(counts[cut + 1:]), (spec.index, counts)
+                    assert sum(counts) == min(budget // 4, sum(sizes)), (spec.index, counts)
+        step, _ = decode_logits(model.graphdef, model.state, jax.tree.map(jnp.copy, cache), tok, pos)  # donated
+        steps[on] = np.asarray(step)
+    np.testing.assert_array_equal(steps[budget], steps[0])
+    assert rel_err(steps[budget], full[:, 5]) <= 1e-4
