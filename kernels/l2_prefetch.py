@@ -8,7 +8,7 @@ weights while that chain runs, so that the projection finds (part of) them in L2
     out [P] = the largest value each program read (float32)
 
 Program p reads its share of each weight's first `counts[i]` elements (a contiguous range per weight, in
-`block`-element loads marked evict-last, Triton's hint to keep them in L2). Its output matters only as a dependency: the
+`block`-element loads, by default marked evict-last: `EVICTION`). Its output matters only as a dependency: the
 caller ties it to a later result of the step (`model.after`), so XLA keeps the kernel, and takes nothing from its
 value. A weight is read flat, in the order it lies in memory: a prefix of it is the first rows of the matrix the
 projection streams.
@@ -29,6 +29,10 @@ F32 = jnp.float32
 BLOCK = 8192  # elements a program loads at once (16 KB of bf16: 32 per thread at 8 warps)
 PROGRAMS = 132  # one per SM of an H100/H200; each shares its SM with the step's own kernels
 NUM_WARPS = 8
+# Triton's hint on every load. On sm_80 and later 'evict_last' becomes an L2 cache policy as well
+# (`createpolicy.fractional.L2::evict_last`): the lines stay while lines loaded without it are evicted first.
+EVICTION = "evict_last"
+EVICTIONS = ("evict_last", "evict_normal", "evict_first")
 
 
 def shares(counts: tuple[int, ...], programs: int, block: int) -> tuple[int, ...]:
@@ -47,7 +51,7 @@ def budget_counts(sizes: list[int], itemsize: int, budget_bytes: int) -> tuple[i
     return tuple(counts)
 
 
-def _kernel(start_ref, *refs, counts: tuple[int, ...], share: tuple[int, ...], block: int):
+def _kernel(start_ref, *refs, counts: tuple[int, ...], share: tuple[int, ...], block: int, eviction: str):
     del start_ref  # an input only so that the launch waits for it
     ws, o_ref = refs[:-1], refs[-1]
     p = pl.program_id(0)
@@ -58,18 +62,22 @@ def _kernel(start_ref, *refs, counts: tuple[int, ...], share: tuple[int, ...], b
         def step(j, acc, w_ref=w_ref, count=count, per=per):
             first = p * per + j * block
             tile = plgpu.load(w_ref.at[pl.ds(first, block)], mask=first + jnp.arange(block) < count,
-                              other=-jnp.inf, eviction_policy="evict_last")
+                              other=-jnp.inf, eviction_policy=eviction)
             return jnp.maximum(acc, tile.astype(F32))
 
         acc = lax.fori_loop(0, per // block, step, acc)
     o_ref[p] = jnp.max(acc)
 
 
-@functools.partial(jax.jit, static_argnames=("counts", "programs", "block", "interpret"))
+@functools.partial(jax.jit, static_argnames=("counts", "programs", "block", "eviction", "interpret"))
 def prefetch(ws: list[jax.Array], start: jax.Array, *, counts: tuple[int, ...] | None = None,
-             programs: int = PROGRAMS, block: int = BLOCK, interpret: bool = False) -> jax.Array:
+             programs: int = PROGRAMS, block: int = BLOCK, eviction: str = EVICTION,
+             interpret: bool = False) -> jax.Array:
     """Read the first `counts[i]` elements of each weight in `ws` (all of them by default) into L2, once `start`
-    is computed. Returns [programs] float32, each program's largest value read (−inf where it read nothing)."""
+    is computed, with Triton's `eviction` hint ('evict_last', 'evict_normal' or 'evict_first'). Returns [programs]
+    float32, each program's largest value read (−inf where it read nothing)."""
+    if eviction not in EVICTIONS:
+        raise ValueError(f"eviction must be one of {EVICTIONS}, got {eviction!r}")
     if counts is None:
         counts = tuple(w.size for w in ws)
     if len(counts) != len(ws) or any(not 0 <= c <= w.size for c, w in zip(counts, ws, strict=True)):
@@ -78,7 +86,7 @@ def prefetch(ws: list[jax.Array], start: jax.Array, *, counts: tuple[int, ...] |
     # Flat views of the weights in place (a reshape, no copy); loads past a weight's count are masked out.
     flat = [w.reshape(-1) for w in ws]
     return pl.pallas_call(
-        functools.partial(_kernel, counts=counts, share=share, block=block),
+        functools.partial(_kernel, counts=counts, share=share, block=block, eviction=eviction),
         grid=(programs,),
         in_specs=[pl.BlockSpec() for _ in range(1 + len(flat))],  # whole arrays (pointers)
         out_specs=pl.BlockSpec(),

@@ -35,7 +35,8 @@ def test_each_program_reads_its_share_and_nothing_past_the_counts(counts):
         ws.append(w.reshape(shape))
     got = np.asarray(l2_prefetch.prefetch([jnp.asarray(w, jnp.bfloat16) for w in ws], jnp.zeros((2, 3)),
                                           counts=None if counts == "all" else tuple(want_counts),
-                                          programs=programs, block=block, interpret=True))
+                                          programs=programs, block=block, interpret=True,
+                                          eviction="evict_last" if counts == "all" else "evict_normal"))
     assert got.shape == (programs,) and not (got >= 50).any(), got  # nothing past a count was read
     # each program's share: ceil(ceil(c / P) / block) blocks of each weight, in program order
     best = np.full(programs, -np.inf)
@@ -48,6 +49,14 @@ def test_each_program_reads_its_share_and_nothing_past_the_counts(counts):
                 best[p] = max(best[p], part.max())
     np.testing.assert_array_equal(got, best)
     assert got.max() == 2.0 + max(i for i, c in enumerate(want_counts) if c)  # the last weight's last element
+
+
+def test_bad_counts_and_eviction_say_so():
+    w = jnp.zeros((4, 8))
+    with pytest.raises(ValueError, match="counts"):
+        l2_prefetch.prefetch([w], w, counts=(33,), interpret=True)
+    with pytest.raises(ValueError, match="eviction"):
+        l2_prefetch.prefetch([w], w, eviction="evict_later", interpret=True)
 
 
 def test_budget_counts_takes_weights_whole_in_order():

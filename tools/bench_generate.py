@@ -169,6 +169,11 @@ def add_decode_arguments(p) -> None:
                         "weights the layer streams next into L2 (dispatch.L2_PREFETCH_BYTES; 0, the default: off)")
     p.add_argument("--l2-prefetch-programs", type=int, default=None, metavar="P",
                    help="the L2 prefetch kernel's programs (dispatch.L2_PREFETCH_PROGRAMS; default: the library's)")
+    from gemma4_jax.kernels.l2_prefetch import EVICTIONS
+
+    p.add_argument("--l2-prefetch-eviction", default=None, choices=EVICTIONS,
+                   help="the L2 prefetch's eviction hint on its loads (dispatch.L2_PREFETCH_EVICTION; default: the "
+                        "library's, evict_last)")
     p.add_argument("--moe-plan-kernel", action="store_true",
                    help="the Mosaic experts' tile plan as one kernel at few rows (dispatch.MOE_PLAN_KERNEL)")
     p.add_argument("--moe-token-tiles", type=int, default=None, metavar="TOKENS",
@@ -339,6 +344,7 @@ def _header(args, cfg) -> dict:
             or _dispatch().DECODE_TARGET_PROGRAMS,
             "l2_prefetch_bytes": getattr(args, "l2_prefetch_bytes", None) or _dispatch().L2_PREFETCH_BYTES,
             "l2_prefetch_programs": getattr(args, "l2_prefetch_programs", None) or _dispatch().L2_PREFETCH_PROGRAMS,
+            "l2_prefetch_eviction": getattr(args, "l2_prefetch_eviction", None) or _dispatch().L2_PREFETCH_EVICTION,
             "decode_scheduling": getattr(args, "decode_scheduling", None) or _programs().DECODE_SCHEDULING,
             "decode_xla_options": dict(getattr(args, "decode_xla_option", None) or _programs().DECODE_XLA_OPTIONS)}
 
@@ -392,6 +398,8 @@ def apply_decode_settings(args) -> None:
         dispatch.L2_PREFETCH_BYTES = args.l2_prefetch_bytes
     if getattr(args, "l2_prefetch_programs", None):
         dispatch.L2_PREFETCH_PROGRAMS = args.l2_prefetch_programs
+    if getattr(args, "l2_prefetch_eviction", None):
+        dispatch.L2_PREFETCH_EVICTION = args.l2_prefetch_eviction
     if getattr(args, "one_row_stream_rows", None):  # for every model, MoE or not
         dispatch.ONE_ROW_STREAM_ROWS = dispatch.ONE_ROW_STREAM_ROWS_MOE = args.one_row_stream_rows
     if getattr(args, "decode_scheduling", None):

@@ -205,7 +205,7 @@ def prefetch_weights(ws: list[jax.Array], start: jax.Array, rows: int, impl: str
     if not counts[0]:
         return None
     return l2_prefetch.prefetch(ws, start, counts=counts, programs=dispatch.L2_PREFETCH_PROGRAMS,
-                                interpret=choice == "interpret")
+                                eviction=dispatch.L2_PREFETCH_EVICTION, interpret=choice == "interpret")
 
 
 def softcap(logits: jax.Array, cap: float | None) -> jax.Array:
