@@ -96,17 +96,3 @@ def prefetch(ws: list[jax.Array], start: jax.Array, *, counts: tuple[int, ...] |
         name="l2_prefetch_" + "_".join(str(c) for c in counts),
     )(start, *flat)
 
-
-def prefetch_reference(ws: list[jax.Array], counts: tuple[int, ...] | None = None, programs: int = PROGRAMS,
-                       block: int = BLOCK) -> jax.Array:
-    """What `prefetch` returns, in jnp: each program's largest value over its ranges."""
-    if counts is None:
-        counts = tuple(w.size for w in ws)
-    share = shares(counts, programs, block)
-    best = jnp.full((programs,), -jnp.inf, F32)
-    for w, count, per in zip(ws, counts, share, strict=True):
-        if not count:
-            continue
-        f = jnp.pad(w.reshape(-1)[:count].astype(F32), (0, programs * per - count), constant_values=-jnp.inf)
-        best = jnp.maximum(best, f.reshape(programs, per).max(axis=1))
-    return best
