@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import numbers
 from dataclasses import dataclass
 
 import jax
@@ -116,6 +117,39 @@ class Gemma4Model:
             raise ConfigError(f"{ids.shape[1]} tokens exceed the context of {limit}")
         return ids.astype(np.int32)
 
+    def _prompts(self, tokens) -> list[list[int]]:
+        """`generate`'s prompts as id lists: an int array [B, T], or a list of id sequences of any lengths, each
+        checked as `logits` checks its tokens (`_check_tokens`: integer ids in the vocabulary, within the context)."""
+        if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__"):
+            raise ConfigError(f"tokens must be a list of id lists or an int array [B, T], got {type(tokens).__name__}")
+        if hasattr(tokens, "ndim"):  # a numpy or jax array [B, T]
+            return self._check_tokens(tokens).tolist()
+        prompts = []
+        for p in tokens:
+            if isinstance(p, (str, bytes, dict)) or not hasattr(p, "__iter__"):
+                raise ConfigError(f"tokens must be a list of id lists or an int array [B, T], got a prompt {p!r:.40}")
+            try:
+                row = np.asarray(p if hasattr(p, "ndim") else list(p))
+            except ValueError:  # ragged nesting
+                raise ConfigError("tokens must be a list of id lists or an int array [B, T]") from None
+            prompts.append(self._check_tokens(row[None] if row.size else np.zeros((1, 0), np.int64))[0].tolist())
+        return prompts
+
+    def _stop_ids(self, stop_tokens) -> tuple[int, ...]:
+        """`stop_tokens` as ids: None the checkpoint's end ids, one id, or a sequence of ids (`()`: none)."""
+        if stop_tokens is None:
+            return self.stop_tokens
+        one = isinstance(stop_tokens, numbers.Integral) and not isinstance(stop_tokens, bool)
+        ids = (stop_tokens,) if one else tuple(stop_tokens) if hasattr(stop_tokens, "__iter__") and not isinstance(
+            stop_tokens, (str, bytes, dict)) else None
+        if ids is None or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
+            raise ConfigError(f"stop_tokens must be None, a token id or a sequence of token ids, got "
+                              f"{stop_tokens!r:.80}")
+        ids = tuple(int(t) for t in ids)
+        if any(not 0 <= t < self.config.vocab_size for t in ids):
+            raise ConfigError(f"stop token ids must lie in [0, {self.config.vocab_size}), got {list(ids)}")
+        return ids
+
     def logits(self, tokens, soft_tokens=None) -> np.ndarray:
         """Float32 soft-capped next-token logits [B, T, V] of a full causal forward over `tokens` [B, T];
         `soft_tokens` (a `model.Multimodal` over [B, T], see `multimodal.soft_tokens`) merges image/audio
@@ -155,21 +189,15 @@ class Gemma4Model:
         """New tokens for each prompt (a list of id lists of any lengths, or an int array [B, T]).
 
         `temperature=0.0` is greedy. `stop_tokens=None` stops at the checkpoint's end ids (kept as the
-        last element); `stop_tokens=()` never stops early. `on_tokens(block [B, n])` streams.
+        last element); `stop_tokens` may be one id or a sequence of ids; `stop_tokens=()` never stops early.
+        `on_tokens(block [B, n])` streams.
         `soft_tokens(t) -> model.Multimodal` merges image/audio features (see `generate_text`). `timings` (a
         dict) receives `prefill_s` and `decode_s`, each timed on its own (benchmarks).
         """
         sampling = check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                   seed=seed, vocab=self.config.vocab_size)
-        if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__"):
-            raise ConfigError(f"tokens must be a list of id lists or an int array [B, T], got {type(tokens).__name__}")
-        try:
-            prompts = [list(map(int, p)) for p in (tokens.tolist() if isinstance(tokens, np.ndarray) else tokens)]
-        except (TypeError, ValueError):
-            raise ConfigError("tokens must be a list of id lists or an int array [B, T]") from None
-        for p in prompts:
-            self._check_tokens(np.asarray([p], dtype=np.int64))
-        stops = self.stop_tokens if stop_tokens is None else tuple(int(t) for t in stop_tokens)
+        prompts = self._prompts(tokens)
+        stops = self._stop_ids(stop_tokens)
         with precision_scope(self.run.dtype):
             return generate_tokens(self.graphdef, self.state, self.config, prompts, max_new_tokens=int(max_new_tokens),
                                    context=self.context, dtype=DTYPES[self.run.dtype], sampling=sampling,
@@ -189,15 +217,11 @@ class Gemma4Model:
         `generation.engine.PREFILL_CHUNK`, 256) is prefilled in pieces between the other slots' decode steps."""
         from .generation.engine import PREFILL_CHUNK, run_slots
 
-        if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__"):
-            raise ConfigError(f"tokens must be a list of id lists, got {type(tokens).__name__}")
-        prompts = [list(map(int, p)) for p in tokens]
+        prompts = self._prompts(tokens)
         limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         sampling = check_sampling(max_new_tokens=max(limits, default=1), temperature=temperature, top_k=top_k,
                                   top_p=top_p, seed=seed, vocab=self.config.vocab_size)
-        for p in prompts:
-            self._check_tokens(np.asarray([p], dtype=np.int64))
-        stops = self.stop_tokens if stop_tokens is None else tuple(int(t) for t in stop_tokens)
+        stops = self._stop_ids(stop_tokens)
         with precision_scope(self.run.dtype):
             return run_slots(self.graphdef, self.state, self.config, prompts, limits, slots=int(slots),
                              context=self.context, dtype=DTYPES[self.run.dtype], sampling=sampling, seed=int(seed),
@@ -236,7 +260,7 @@ class Gemma4Model:
                 raise ConfigError("message lists need the chat template: drop chat=False")
             ids = [self.tokenizer.encode_chat(p, thinking) if chat else self.tokenizer.encode(p) for p in prompts]
         outs = self.generate(ids, max_new_tokens=max_new_tokens, soft_tokens=soft, **sampling)
-        stops = set(self.stop_tokens if sampling.get("stop_tokens") is None else sampling["stop_tokens"])
+        stops = set(self._stop_ids(sampling.get("stop_tokens")))
         texts = [self.tokenizer.decode(o[:-1] if o and o[-1] in stops else o) for o in outs]
         if not chat:
             return [(t, "") for t in texts] if return_thoughts else texts
@@ -289,7 +313,9 @@ def load(path: str | None = None, *, pp: int = 1, dtype=None, max_seq_len: int |
 
     `path` is a Hugging Face directory or one written by `tools/convert_checkpoint.py` (whose stage
     count must equal `pp`). With `pp` > 1 the layers of an HF directory are split balanced by bytes, or
-    at `layer_split` (boundaries `0,a,...,L`, a string or a sequence). `attn_impl` picks the attention
+    at `layer_split` (boundaries `0,a,...,L`, a string as `--layer-split` takes it or a sequence of ints, with
+    exactly `pp` stages whatever `pp` is; a converted directory's own split). `max_seq_len` (a positive int;
+    None: the model's `max_position_embeddings`) caps prompt plus new tokens. `attn_impl` picks the attention
     path: 'auto' (on GPU, per call the fastest measured of the Pallas kernels, cuDNN and XLA; XLA on CPU),
     'xla', 'cudnn' (cuDNN where it applies, XLA elsewhere), 'pallas', or 'interpret' (the kernels in Pallas
     interpret mode, for testing). See `gemma4_jax.kernels.dispatch`.
@@ -297,6 +323,9 @@ def load(path: str | None = None, *, pp: int = 1, dtype=None, max_seq_len: int |
     `dtype` is 'float32' or 'bfloat16' (default: bfloat16 on GPU, float32 on CPU). Errors are
     `gemma4_jax.Gemma4Error` subclasses with one sentence naming the problem.
     """
+    if max_seq_len is not None and (not isinstance(max_seq_len, numbers.Integral) or isinstance(max_seq_len, bool)
+                                    or max_seq_len < 1):
+        raise ConfigError(f"max_seq_len must be a positive integer (or None: the model's context), got {max_seq_len!r}")
     if path is None:
         path = demo_path()
     ckpt = checkpoint.open(path)  # an HF directory or a converted one, and its config
@@ -307,7 +336,8 @@ def load(path: str | None = None, *, pp: int = 1, dtype=None, max_seq_len: int |
         hint = "; 'interpret' runs the Pallas kernels on the CPU (slowly)" if attn_impl == "pallas" else ""
         raise ConfigError(f"attn_impl {attn_impl!r} needs a CUDA GPU; this process runs on "
                           f"{jax.default_backend()}{hint}")
-    run = RunConfig(dtype=resolve_dtype(dtype), pp=pp, max_seq_len=max_seq_len, attn_impl=attn_impl)
+    run = RunConfig(dtype=resolve_dtype(dtype), pp=pp, max_seq_len=None if max_seq_len is None else int(max_seq_len),
+                    attn_impl=attn_impl)
     jdtype = DTYPES[run.dtype]
     if ckpt.converted and manifest["num_stages"] != pp:
             raise ConfigError(
@@ -315,6 +345,13 @@ def load(path: str | None = None, *, pp: int = 1, dtype=None, max_seq_len: int |
                 f"pp={manifest['num_stages']} (--pp {manifest['num_stages']}), or re-convert with python "
                 f"tools/convert_checkpoint.py --hf-dir {manifest['source']['hf_dir']} --out NEW_DIR --pp {pp}")
     check_pp(cfg, pp)
+    split = None if layer_split is None else layer_split_stages(layer_split, cfg.num_layers)
+    if split is not None and len(split) != pp:
+        raise ConfigError(f"layer_split {bounds_text(split)} makes {len(split)} stages but pp={pp}: give "
+                          f"pp={len(split)}, or {pp + 1} boundaries from 0 to {cfg.num_layers}")
+    if split is not None and ckpt.converted and split != sc.manifest_stages(manifest, cfg):
+        raise ConfigError(f"layer_split {bounds_text(split)} differs from the split {path} was converted with "
+                          f"({bounds_text(sc.manifest_stages(manifest, cfg))}); drop layer_split or re-convert")
     tokenizer = Tokenizer.maybe_load(path)
     if tokenizer is not None:  # the built-in format follows the size class: 26B/31B (no per-layer inputs)
         tokenizer.empty_thoughts = not cfg.ple_dim  # write an empty thought channel when thinking is off
@@ -326,13 +363,7 @@ def load(path: str | None = None, *, pp: int = 1, dtype=None, max_seq_len: int |
                       if dev.id in mine else None
                       for s, lv, dev in zip(stages, stage_leaf_shapes(cfg, stages), jax.devices(), strict=False)]
         else:
-            if layer_split is not None:
-                stages = (parse_layer_split(layer_split, cfg.num_layers) if isinstance(layer_split, str)
-                          else stages_from_bounds(list(layer_split), cfg.num_layers))
-                if len(stages) != pp:
-                    raise ConfigError(f"layer_split {list(layer_split)} has {len(stages)} stages but pp={pp}")
-            else:
-                stages = best_stages(cfg, pp, jnp.dtype(jdtype).itemsize)
+            stages = split or best_stages(cfg, pp, jnp.dtype(jdtype).itemsize)
             leaves = split_params(cfg, stages, read_hf_params(path, cfg, jdtype, progress=progress))
         pipe = Pipeline(cfg, stages, leaves, jdtype, attn_impl)
         return Gemma4Model(None, run, tokenizer=tokenizer, path=path, pipeline=pipe,
@@ -344,6 +375,24 @@ def load(path: str | None = None, *, pp: int = 1, dtype=None, max_seq_len: int |
         params = read_hf_params(path, cfg, jdtype, progress=progress)
         module = model_from_params(cfg, params, jdtype)
     return Gemma4Model(module, run, tokenizer=tokenizer, path=path, towers=Towers.load(ckpt, cfg.hidden_size, jdtype))
+
+
+def layer_split_stages(layer_split, num_layers: int) -> tuple:
+    """The stages of `layer_split`: boundaries `0,a,...,L` as a string (parsed as the converter's `--layer-split`)
+    or a sequence of ints, checked by the same rule (`parallel.stages`); one ConfigError sentence otherwise."""
+    if isinstance(layer_split, str):
+        return parse_layer_split(layer_split, num_layers)
+    bounds = list(layer_split) if hasattr(layer_split, "__iter__") and not isinstance(layer_split, (bytes, dict)) \
+        else None
+    if bounds is None or not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in bounds):
+        raise ConfigError(f"layer_split must be stage boundaries 0,a,...,{num_layers} (a string like "
+                          f"'0,3,{num_layers}' or a sequence of integers), got {layer_split!r:.80}")
+    return stages_from_bounds(bounds, num_layers)
+
+
+def bounds_text(stages: tuple) -> str:
+    """'0,a,...,L' of a split."""
+    return ",".join(str(b) for b in [s.start for s in stages] + [stages[-1].stop])
 
 
 def check_pp(cfg: Gemma4Config, pp: int) -> None:

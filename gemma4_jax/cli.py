@@ -1,5 +1,5 @@
-"""What the command lines share: the flags of a multi-host run and of the compilation cache, and how they end
-(Ctrl-C, the process exit, a device that ran out of memory).
+"""What the command lines share: their help layout, the flags of a multi-host run and of the compilation cache, and
+how they end (Ctrl-C, a reader that closed the pipe, the process exit, a device that ran out of memory).
 
 After Ctrl-C, a normal interpreter shutdown can crash inside XLA's threads (a segmentation fault, exit 139,
 seen when the interrupt lands while a decode chunk compiles), and a KeyboardInterrupt raised inside one of
@@ -14,6 +14,18 @@ import os
 import re
 import signal
 import sys
+import tempfile
+
+from .errors import ConfigError
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` with each flag's default, unless its help text already says it in words ('(default: …)')."""
+
+    def _get_help_string(self, action):
+        if "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def exit_now(code: int) -> None:
@@ -24,6 +36,27 @@ def exit_now(code: int) -> None:
         except Exception:  # a closed or broken pipe: nothing more can be said there
             pass
     os._exit(code)
+
+
+# A reader that went away (`… | head`) ends a command line quietly with 141 = 128 + SIGPIPE, the status a shell
+# reports for any program that a closed pipe ended (`yes | head`): under `set -o pipefail` the output was cut short.
+BROKEN_PIPE_STATUS = 141
+
+
+def quiet_broken_pipe() -> int:
+    """After a BrokenPipeError: point stdout and stderr, where they still hold output that cannot be written, at
+    /dev/null (so that the interpreter's final flush does not raise again), and return BROKEN_PIPE_STATUS."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # its pipe is closed: what is left in its buffer goes nowhere
+            try:
+                os.dup2(devnull, stream.fileno())
+            except (OSError, ValueError):
+                pass
+    os.close(devnull)
+    return BROKEN_PIPE_STATUS
 
 
 def on_interrupt_exit(code: int = 130, message: str | None = None) -> None:
@@ -76,21 +109,46 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
                        help="join a multi-host run with jax.distributed.initialize() (cluster auto-detection)")
     hosts.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                        help="the coordinator's address (implies --distributed; needs --num-processes, --process-id)")
-    hosts.add_argument("--num-processes", type=int, default=None)
-    hosts.add_argument("--process-id", type=int, default=None)
+    hosts.add_argument("--num-processes", type=int, default=None, help="how many processes the run has")
+    hosts.add_argument("--process-id", type=int, default=None,
+                       help="this process's rank, 0 to --num-processes - 1 (0 prints)")
 
 
 COMPILE_CACHE_ENV = "GEMMA4_JAX_COMPILE_CACHE"
+_CACHE_ENVS = (COMPILE_CACHE_ENV, "JAX_COMPILATION_CACHE_DIR")  # the first one set gives the default
+
+
+def _cache_env() -> str | None:
+    """The environment variable that sets the default cache, if any."""
+    return next((name for name in _CACHE_ENVS if os.environ.get(name)), None)
 
 
 def default_compile_cache() -> str:
     """$GEMMA4_JAX_COMPILE_CACHE ('off' turns the cache off), else JAX's own $JAX_COMPILATION_CACHE_DIR, else
     $XDG_CACHE_HOME/gemma4_jax/jax (~/.cache/gemma4_jax/jax)."""
-    for name in (COMPILE_CACHE_ENV, "JAX_COMPILATION_CACHE_DIR"):
-        if os.environ.get(name):
-            return os.environ[name]
+    if name := _cache_env():
+        return os.environ[name]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "gemma4_jax", "jax")
+
+
+def writable_compile_cache(path: str) -> bool:
+    """Whether `path` can hold the cache: made if missing, then one probe file written and removed. A path the user
+    chose (the flag, or an environment variable) that cannot is one ConfigError sentence; the built-in default
+    that cannot (a read-only home) is False: the run goes on without a cache, as before there was one."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(fd)
+        os.remove(probe)
+        return True
+    except OSError as err:
+        env = _cache_env()
+        if env is None and path == default_compile_cache():
+            return False
+        given = f"${env}" if env and os.environ[env] == path else "--compile-cache"
+        why = "is a file, not a directory" if os.path.isfile(path) else f"cannot be created or written ({err.strerror})"
+        raise ConfigError(f"{given} {path} {why}: give a writable directory, or 'off' for no cache") from None
 
 
 def add_compile_cache_args(p: argparse.ArgumentParser) -> None:
@@ -104,8 +162,9 @@ def use_compile_cache(path: str | None) -> None:
     """Keep JAX's compiled programs in `path` across processes (None or 'off': leave JAX's setting alone). Every
     program is kept, however fast it compiled; generation's own programs also as executables in `path/programs`
     (`generation.programs`: a later run loads them without tracing). Works before JAX is imported (through its
-    environment variables, so a command line's flag checks need not import it) and after (through its config)."""
-    if not path or path == "off":
+    environment variables, so a command line's flag checks need not import it) and after (through its config).
+    A `path` that cannot be created or written is one ConfigError sentence (`writable_compile_cache`)."""
+    if not path or path == "off" or not writable_compile_cache(path):
         return
     os.environ["GEMMA4_JAX_PROGRAM_CACHE"] = os.path.join(os.path.abspath(path), "programs")
     settings = {"jax_compilation_cache_dir": os.path.abspath(path), "jax_persistent_cache_min_compile_time_secs": 0,

@@ -2,8 +2,10 @@
 
 Thin command line over `gemma4_jax.load(...).generate(...)`. Prompts come from `--prompt` or stdin
 (UTF-8, one per line; a blank line gets an empty output line, so outputs stay in line with inputs).
-Timing goes to stderr, text to stdout. Flags are checked before the model loads. Bad flags or input end
-with one sentence on stderr and exit status 2 (usage) or 1 (everything else); Ctrl-C ends with 130.
+Timing goes to stderr, text to stdout; with `--show-thoughts`, the thoughts go to stderr as one `[thoughts] …`
+line per prompt. Flags are checked before the model loads. Bad flags or input end with one sentence on stderr
+and exit status 2 (usage) or 1 (everything else); Ctrl-C ends with 130; a reader that closes the pipe early
+(`| head`) ends it quietly with 141.
 """
 
 from __future__ import annotations
@@ -18,28 +20,45 @@ import numpy as np
 import gemma4_jax
 
 from .chat import ThoughtStream, split_thoughts
-from .cli import add_cluster_args, add_compile_cache_args, exit_now, on_interrupt_exit, out_of_memory, use_compile_cache
+from .cli import (
+    HelpFormatter,
+    add_cluster_args,
+    add_compile_cache_args,
+    exit_now,
+    on_interrupt_exit,
+    out_of_memory,
+    quiet_broken_pipe,
+    use_compile_cache,
+)
 from .errors import ConfigError, Gemma4Error
 from .generation.options import check_sampling
 from .tokenizer import StreamDecoder
 
+THOUGHTS_LABEL = "[thoughts] "  # what opens a prompt's line of thoughts on stderr (--show-thoughts)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gemma4_jax.generate", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", default=None,
                    help="HF or converted checkpoint directory (default: the embedded demo model)")
-    p.add_argument("--prompt", nargs="*", default=None, help="prompt text(s); none: read stdin, one per line")
+    p.add_argument("--prompt", nargs="*", default=None,
+                   help="prompt text(s) (default: read stdin, one prompt per line)")
     chat = p.add_mutually_exclusive_group()
-    chat.add_argument("--chat", dest="chat", action="store_true", default=True, help="apply the chat template")
-    chat.add_argument("--no-chat", dest="chat", action="store_false", help="raw text (BOS is still added once)")
+    chat.add_argument("--chat", dest="chat", action="store_true", default=True,
+                      help="apply the chat template (default: on)")
+    chat.add_argument("--no-chat", dest="chat", action="store_false", default=argparse.SUPPRESS,
+                      help="raw text instead of the chat template (BOS is still added once)")
     p.add_argument("--think", action="store_true",
                    help="the template's thinking mode: the model thinks before answering; only the answer is printed")
-    p.add_argument("--show-thoughts", action="store_true", help="also print the thoughts, on stderr")
+    p.add_argument("--show-thoughts", action="store_true", help="with --think: also print the thoughts, on stderr")
     p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens generated per prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None,
+                   help="with --temperature > 0: sample only among the K most likely tokens (default: all)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="with --temperature > 0: nucleus sampling, only among the most likely tokens whose "
+                        "probabilities add up to P, in (0, 1] (default: all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages")
     p.add_argument("--batch-size", type=int, default=8,
@@ -49,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention: on GPU the fastest measured of Pallas kernels, cuDNN and XLA per call (auto), "
                         "or one forced")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="parameters and activations (none: bfloat16 on a GPU, float32 on the CPU)")
+                   help="parameters and activations (default: bfloat16 on a GPU, float32 on the CPU)")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image for the (single) prompt; repeat for several; placed at the prompt's <|image|> "
                         "markers, else first")
@@ -62,10 +81,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def utf8(raw: bytes, where: str) -> str:
+    """`raw` decoded as UTF-8, or one ConfigError sentence naming `where` and the first byte that is not."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+
+
 def read_prompts(args: argparse.Namespace, stdin, err) -> list[str]:
-    """The prompts: `--prompt` texts (none may be blank), or stdin's lines (UTF-8; blank lines kept as '')."""
+    """The prompts: `--prompt` texts (UTF-8; none may be blank), or stdin's lines (UTF-8; blank lines kept as '')."""
     if args.prompt:
         for i, text in enumerate(args.prompt, 1):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # argv's undecodable bytes arrive as surrogate escapes: name the first
+                try:
+                    utf8(os.fsencode(text), f"prompt {i}")
+                except UnicodeEncodeError:  # a lone surrogate that is no escaped byte (a caller of run())
+                    pass
+                raise ConfigError(f"prompt {i} is not UTF-8 text") from None
             if not text.strip():
                 raise ConfigError(f"prompt {i} is empty")
         return list(args.prompt)
@@ -74,10 +109,7 @@ def read_prompts(args: argparse.Namespace, stdin, err) -> list[str]:
         err.flush()
     raw = stdin.buffer.read() if hasattr(stdin, "buffer") else stdin.read()
     if isinstance(raw, bytes):
-        try:
-            raw = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"stdin is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+        raw = utf8(raw, "stdin")
     prompts = raw.splitlines()
     if not any(p.strip() for p in prompts):
         raise ConfigError("no prompt given: pass --prompt TEXT or write prompts to stdin")
@@ -95,12 +127,52 @@ def check_args(args: argparse.Namespace) -> None:
         raise gemma4_jax.ConfigError(f"--pp must be at least 1, got {args.pp}")
     if args.batch_size < 1:
         raise gemma4_jax.ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.show_thoughts and not args.think:
+        raise gemma4_jax.ConfigError("--show-thoughts needs --think")
     if (args.think or args.show_thoughts) and not args.chat:
         raise gemma4_jax.ConfigError("--think and --show-thoughts need the chat template: drop --no-chat")
     for kind, paths in (("image", args.image), ("audio", args.audio)):
         for path in paths:
             if not os.path.isfile(path):
                 raise gemma4_jax.ConfigError(f"{kind} file {path!r} does not exist")
+
+
+def check_lengths(ids: list[list[int]], where: list[int], max_new_tokens: int, context: int) -> None:
+    """Each prompt and its new tokens fit the context, or one sentence naming the first that does not
+    (prompt `where[j] + 1`: the N-th --prompt, or stdin's line N), before any prompt is generated."""
+    for j, p in zip(where, ids, strict=True):
+        if len(p) > context:
+            raise ConfigError(f"prompt {j + 1} is {len(p)} tokens long, more than the context of {context}")
+        if len(p) + max_new_tokens > context:
+            raise ConfigError(f"prompt {j + 1} is {len(p)} tokens long: with --max-new-tokens {max_new_tokens} it "
+                              f"exceeds the context of {context}")
+
+
+class ThoughtLine:
+    """Streamed thoughts written the way the batched path writes a whole prompt's: `[thoughts] …` and a newline
+    (`close()`), without the channel's leading and trailing whitespace (`split_thoughts` strips it); nothing when
+    there are none."""
+
+    def __init__(self, write):
+        self.write, self.open, self.held = write, False, ""
+
+    def push(self, piece: str) -> None:
+        text = self.held + piece
+        if not self.open:
+            text = text.lstrip()
+            if not text:
+                return
+            self.write(THOUGHTS_LABEL)
+            self.open = True
+        body = text.rstrip()
+        self.held = text[len(body):]  # trailing whitespace: written only if more thoughts follow it
+        if body:
+            self.write(body)
+
+    def close(self) -> None:
+        if self.open:
+            self.write("\n")
+        self.open, self.held = False, ""
 
 
 def run(args: argparse.Namespace, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
@@ -121,6 +193,7 @@ def run(args: argparse.Namespace, stdin=sys.stdin, out=sys.stdout, err=sys.stder
         ids, soft = model.media_prompt(texts, args.image, args.audio, args.image_tokens, args.chat)
     else:
         ids = [tok.encode_chat(p, args.think) if args.chat else tok.encode(p) for p in texts]
+    check_lengths(ids, todo, args.max_new_tokens, model.context)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed)
     stops = set(model.stop_tokens)
@@ -133,7 +206,7 @@ def run(args: argparse.Namespace, stdin=sys.stdin, out=sys.stdout, err=sys.stder
             return text
         thoughts, answer = split_thoughts(text)
         if thoughts and args.show_thoughts:
-            err.write(f"[thoughts] {thoughts}\n")
+            err.write(f"{THOUGHTS_LABEL}{thoughts}\n")
         return answer
 
     if len(prompts) == 1 and not streaming:  # the pipeline's answer arrives whole: one write, one line
@@ -143,7 +216,13 @@ def run(args: argparse.Namespace, stdin=sys.stdin, out=sys.stdout, err=sys.stder
     elif len(prompts) == 1:
         text = StreamDecoder(tok)
         ended = []
-        shown = ThoughtStream(out.write, err.write if args.show_thoughts else None) if args.chat else None
+        thought_line = ThoughtLine(err.write)
+
+        def answer(piece: str) -> None:  # the thoughts' line ends where the answer begins
+            thought_line.close()
+            out.write(piece)
+
+        shown = ThoughtStream(answer, thought_line.push if args.show_thoughts else None) if args.chat else None
         emit = shown.push if shown else out.write
 
         def stream(block: np.ndarray) -> None:
@@ -160,6 +239,7 @@ def run(args: argparse.Namespace, stdin=sys.stdin, out=sys.stdout, err=sys.stder
         emit(text.flush())
         if shown:
             shown.flush()
+        thought_line.close()  # thoughts with no answer after them
         out.write("\n")
     else:  # stdin: continuous batching, each answer written once those before it are
         texts_out: list[str | None] = [None] * len(prompts)
@@ -176,6 +256,7 @@ def run(args: argparse.Namespace, stdin=sys.stdin, out=sys.stdout, err=sys.stder
             out.flush()
 
         outs = model.generate_continuous(ids, slots=args.batch_size, on_done=done, **sampling)
+    out.flush()  # a reader that went away (`| head`) is found here, not in the interpreter's final flush
     end = time.perf_counter()
     n = sum(len(o) for o in outs)
     ttft = f"time to first token {first[0] - start:.3f}s; " if streaming and first else ""
@@ -193,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): nothing more to say, and nowhere to say it
+        return quiet_broken_pipe()
     except Exception as e:
         if (oom := out_of_memory(e)) is None:
             raise

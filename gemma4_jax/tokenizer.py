@@ -4,6 +4,8 @@ Owns encoding with BOS exactly once, decoding, the stop ids of a checkpoint (`co
 `generation_config.json`), and the Gemma 4 chat prompt: the checkpoint's own template
 (`chat_template.jinja`, or `chat_template` in `tokenizer_config.json`) rendered as transformers renders it
 (`gemma4_jax.chat`) when present, else the built-in format of docs/architecture.md §4. No torch at run time.
+`check_side_files` reads those files as `load` does, so that `load` and the converter refuse a malformed one
+(one sentence naming it) before touching the weights.
 """
 
 from __future__ import annotations
@@ -146,26 +148,59 @@ class Tokenizer:
         return self.encode(self.chat_prompt(prompt, enable_thinking), add_bos=True)
 
 
-def _read_template(path: str) -> str | None:
-    jinja = os.path.join(path, "chat_template.jinja")
-    if os.path.exists(jinja):
-        with open(jinja) as f:
+def _read_text(file: str) -> str | None:
+    """The text of `file`, or None when there is none; CheckpointError naming it when it cannot be read."""
+    if not os.path.exists(file):
+        return None
+    try:
+        with open(file, encoding="utf-8") as f:
             return f.read()
-    cfg = os.path.join(path, "tokenizer_config.json")
-    if os.path.exists(cfg):
-        with open(cfg) as f:
-            template = json.load(f).get("chat_template")
-        if isinstance(template, str):
-            return template
-    return None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{file} is not UTF-8 text") from None
+    except OSError as err:
+        raise CheckpointError(f"{file} cannot be read ({err.strerror or err})") from None
+
+
+def _read_json(path: str, name: str) -> dict | None:
+    """The JSON object in the side file `name` of the checkpoint directory `path`, or None when there is none;
+    CheckpointError with one sentence naming the file when it is not one."""
+    file = os.path.join(path, name)
+    text = _read_text(file)
+    if text is None:
+        return None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{file} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file} does not hold a JSON object")
+    return raw
+
+
+def _read_template(path: str) -> str | None:
+    """The checkpoint's chat template: chat_template.jinja, else tokenizer_config.json's `chat_template`."""
+    template = _read_text(os.path.join(path, "chat_template.jinja"))
+    if template is None:
+        template = (_read_json(path, "tokenizer_config.json") or {}).get("chat_template")
+    return template if isinstance(template, str) else None
 
 
 def stop_ids(path: str | None, config_eos: tuple[int, ...]) -> tuple[int, ...]:
-    """End-of-sequence ids: config.json's plus generation_config.json's, in first-seen order."""
-    ids = list(config_eos)
-    gen = os.path.join(path, "generation_config.json") if path else None
-    if gen and os.path.exists(gen):
-        with open(gen) as f:
-            eos = json.load(f).get("eos_token_id")
-        ids += [eos] if isinstance(eos, int) else list(eos or [])
-    return tuple(dict.fromkeys(int(i) for i in ids))
+    """End-of-sequence ids: config.json's plus generation_config.json's, in first-seen order. CheckpointError
+    when generation_config.json is malformed or its `eos_token_id` is neither a token id nor a list of them."""
+    gen = (_read_json(path, "generation_config.json") if path else None) or {}
+    eos = gen.get("eos_token_id")
+    eos_list = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos_list):
+        raise CheckpointError(f"{os.path.join(path, 'generation_config.json')} has eos_token_id {json.dumps(eos)}, "
+                              "which is neither a token id nor a list of token ids")
+    return tuple(dict.fromkeys(int(i) for i in [*config_eos, *eos_list]))
+
+
+def check_side_files(path: str) -> None:
+    """Read the small files of a checkpoint that `load` reads besides its weights and config
+    (generation_config.json, tokenizer_config.json, chat_template.jinja), with the readers `load` uses:
+    CheckpointError naming the first malformed one. tokenizer.json is checked by `Tokenizer` itself."""
+    stop_ids(path, ())
+    _read_template(path)
+    _read_json(path, "tokenizer_config.json")  # not read above when there is a chat_template.jinja

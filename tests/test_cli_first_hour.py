@@ -6,8 +6,10 @@ The commands run as subprocesses on the embedded demo model (vocabulary 512, byt
 outside its training text).
 """
 
+import io
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -114,11 +116,61 @@ def test_streaming_never_splits_a_character(demo, monkeypatch, capsys):
 
     monkeypatch.setattr(Gemma4Model, "generate", fake_generate)
     args = cli.build_parser().parse_args(["--prompt", "hi"])
-    import io
-
     out, err = io.StringIO(), io.StringIO()
     assert cli.run(args, stdin=io.StringIO(), out=out, err=err) == 0
     assert out.getvalue() == text + "\n"
+
+
+def test_streamed_thoughts_are_one_labelled_line(demo, monkeypatch):
+    """`--think --show-thoughts` on one prompt (streamed) writes the thoughts as the batched path writes them,
+    `[thoughts] …` on a line of their own (they ran unlabelled into the timing line), the answer alone on stdout;
+    thoughts cut off by the token limit end their line too. The model "answers" with the text's ids."""
+    from gemma4_jax import generate as cli
+    from gemma4_jax.api import Gemma4Model
+    from gemma4_jax.chat import split_thoughts
+
+    monkeypatch.setattr(gemma4_jax, "load", lambda *a, **kw: demo)  # the loaded demo model, not a second load
+    for said in ("<|channel>thought\nLet me add. \n<channel|>\n\nThe answer is 5.", "<|channel>thought\nstill"):
+        ids = demo.tokenizer.encode(said, add_bos=False)
+
+        def fake_generate(self, tokens, *, on_tokens, ids=ids, **kw):  # one token at a time
+            for i in ids:
+                on_tokens(np.asarray([[i]]))
+            return [ids]
+
+        monkeypatch.setattr(Gemma4Model, "generate", fake_generate)
+        out, err = io.StringIO(), io.StringIO()
+        args = cli.build_parser().parse_args(["--prompt", "hi", "--think", "--show-thoughts"])
+        assert cli.run(args, stdin=io.StringIO(), out=out, err=err) == 0
+        thoughts, answer = split_thoughts(said)
+        assert out.getvalue() == answer + "\n"
+        lines = err.getvalue().splitlines()
+        assert len(lines) == 2 and lines[0] == f"[thoughts] {thoughts}" and lines[1].startswith("loaded in"), lines
+
+
+def test_a_reader_that_closes_the_pipe_ends_the_command_quietly():
+    """`… | head -c 3` on a streamed answer (the pipe closes under the chat template's thought splitter) and
+    `… | head -1` on stdin's batch (under a finished answer's line): exit 141 (128 + SIGPIPE, what a shell reports
+    for `yes | head`) and nothing on stderr but the loading bar: no traceback, no 'Exception ignored' from the
+    interpreter's final flush. Standard output is block-buffered, as in a shell; the two commands run at once."""
+    batch = "".join(f"What is {i} + 3?\n" for i in range(40)).encode()
+    env = {k: v for k, v in _env().items() if k != "PYTHONUNBUFFERED"}
+    procs = []
+    # the flags of the runs above (pp 1 and the blank lines'), whose compiled programs the cache holds
+    for args, stdin in ((["--prompt", QUESTION, "--max-new-tokens", "40"], b""),
+                        (["--max-new-tokens", "12", "--batch-size", "1"], batch)):
+        p = subprocess.Popen([sys.executable, "-m", "gemma4_jax.generate", *args], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+        p.stdin.write(stdin)
+        p.stdin.close()
+        procs.append(p)
+    for p, first in zip(procs, (lambda f: f.read(3), lambda f: f.readline()), strict=True):
+        assert first(p.stdout), p.stderr.read().decode()
+        p.stdout.close()  # the reader goes away while more answer is to come
+        err = p.stderr.read().decode()
+        assert p.wait(timeout=300) == 141, err
+        assert "Traceback" not in err and "Exception ignored" not in err and "Error" not in err, err
+        assert "error:" not in err, err
 
 
 def test_a_terminal_on_stdin_is_told_what_to_do():
@@ -151,14 +203,44 @@ def test_non_utf8_stdin():
     (["--top-p", "1.5", "--model", "/no/such/dir"], "top_p must be in (0, 1]"),  # flags checked before loading
     (["--top-k", "0", "--model", "/no/such/dir"], "top_k must be between 1"),
     (["--think", "--no-chat", "--model", "/no/such/dir"], "--think and --show-thoughts need the chat template"),
+    (["--show-thoughts", "--model", "/no/such/dir"], "--show-thoughts needs --think"),
+    # argv's bytes as the shell passes them ($'caf\xe9'), as stdin's are checked
+    (["--prompt", b"caf\xe9", "--model", "/no/such/dir"], "prompt 1 is not UTF-8 text (byte 0xe9 at offset 3)"),
 ])
 def test_bad_flags_get_one_sentence(args, match):
     _one_sentence(_gen("--prompt", "Hi", *args), 1, match)
 
 
 def test_help_shows_the_defaults():
+    """Each flag of the usage line has one entry in the list, with a help text that gives its default once at
+    most: not `(default: True)` under --no-chat, not a second `(default: None)` after --model's own words."""
     r = _gen("--help")
     assert r.returncode == 0 and "(default: 256)" in r.stdout and "(default: 0.0)" in r.stdout
+    usage, options = r.stdout.split("\noptions:\n")
+    helps = {}  # flag -> [its help text, one per entry]
+    for entry in re.findall(r"^  (-.*(?:\n {3,}.*)*)", options, re.M):
+        flags, _, text = entry.strip().partition("  ")
+        helps.setdefault(flags.split()[0].rstrip(","), []).append(" ".join(text.split()))
+    flags = set(re.findall(r"--[\w-]+", usage))
+    assert {"--model", "--no-chat", "--top-k", "--top-p", "--compile-cache"} <= flags
+    for flag in flags:
+        assert len(helps.get(flag, [])) == 1 and helps[flag][0], (flag, helps.get(flag))
+        assert helps[flag][0].count("(default") <= 1, (flag, helps[flag])
+    assert helps["--model"] == ["HF or converted checkpoint directory (default: the embedded demo model)"]
+    assert "default" not in helps["--no-chat"][0]
+
+
+def test_a_compile_cache_that_cannot_be_written_is_refused_before_loading(tmp_path):
+    """--compile-cache naming a file, or GEMMA4_JAX_COMPILE_CACHE naming a place no directory can be made: one
+    sentence naming where the value came from, before the (missing) model is looked at, and nothing created."""
+    (tmp_path / "a_file").write_text("x")
+    argv = ["-m", "gemma4_jax.generate", "--prompt", "Hi", "--model", "/no/such/dir"]
+    r = _run([*argv, "--compile-cache", str(tmp_path / "a_file")])
+    _one_sentence(r, 1, f"--compile-cache {tmp_path / 'a_file'} is a file, not a directory")
+    r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env=dict(_env(), GEMMA4_JAX_COMPILE_CACHE="/proc/nope"))
+    _one_sentence(r, 1, "$GEMMA4_JAX_COMPILE_CACHE /proc/nope cannot be created or written")
+    assert os.listdir(tmp_path) == ["a_file"]
 
 
 def test_config_with_no_layers(tmp_path):

@@ -1,6 +1,7 @@
 """The tokenizer, the chat format and `python -m gemma4_jax.generate` on a small HF checkpoint."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -82,6 +83,15 @@ def test_cli_bad_flags(tiny_dir, args, code, match):
     r = _cli("--model", tiny_dir, "--prompt", "Hi", *args)
     assert r.returncode == code
     assert match in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_names_the_prompt_too_long_for_the_context(tiny_dir):
+    """A stdin line longer than the context ends the batch before any generation with one sentence naming it,
+    as an empty --prompt is named ('prompt 2 is empty')."""
+    r = _cli("--model", tiny_dir, stdin="Hi\n" + "x " * 600 + "\n")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and r.stdout == ""
+    assert [ln for ln in r.stderr.splitlines() if "error" in ln] == [r.stderr.splitlines()[-1]], r.stderr
+    assert re.fullmatch(r"error: prompt 2 is \d+ tokens long, more than the context of 512", r.stderr.splitlines()[-1])
 
 
 def test_cli_missing_model(tmp_path):

@@ -220,14 +220,25 @@ def test_bad_splits_end_cleanly(hf_dirs, tmp_path, capsys, args, msg):
     assert os.listdir(tmp_path) == []
 
 
-def test_existing_output_and_interrupted_conversion(hf_dirs, tmp_path, capsys, monkeypatch):
+def _tree(root):
+    """{path under `root`: file size, or None for a folder}, hidden entries included."""
+    out = {}
+    for d, dirs, files in os.walk(root):
+        out.update({os.path.relpath(os.path.join(d, n), root): None for n in dirs})
+        out.update({os.path.relpath(os.path.join(d, n), root): os.path.getsize(os.path.join(d, n)) for n in files})
+    return out
+
+
+def test_overwrite_replaces_an_earlier_conversion_once_the_new_one_is_written(hf_dirs, tmp_path, capsys,
+                                                                               monkeypatch):
     hf_dir = hf_dirs["31b", "causal"]
     out = tmp_path / "conv"
-    out.mkdir()
+    convert(hf_dir, str(out), progress=False, log=lambda s: None)
     (out / "keep.txt").write_text("x")
+    old = _tree(out)
     rc = convert_checkpoint.main(["--hf-dir", hf_dir, "--out", str(out), "--no-progress"])
     assert rc == 1 and "already exists" in capsys.readouterr().err
-    assert os.listdir(out) == ["keep.txt"]
+    assert _tree(out) == old
 
     # A failure half-way leaves the old directory untouched and no temporary directory behind.
     calls = {"n": 0}
@@ -242,7 +253,67 @@ def test_existing_output_and_interrupted_conversion(hf_dirs, tmp_path, capsys, m
     monkeypatch.setattr(stage_checkpoint._StageWriter, "add", failing_add)
     rc = convert_checkpoint.main(["--hf-dir", hf_dir, "--out", str(out), "--overwrite", "--no-progress"])
     assert rc == 130
-    assert sorted(os.listdir(tmp_path)) == ["conv"] and os.listdir(out) == ["keep.txt"]
+    assert os.listdir(tmp_path) == ["conv"] and _tree(out) == old
+
+    # The last step failing (the new conversion cannot take the old one's place) puts the old one back.
+    with pytest.raises(FileNotFoundError):
+        stage_checkpoint._replace_dir(str(tmp_path / "missing"), str(out))
+    assert os.listdir(tmp_path) == ["conv"] and _tree(out) == old
+
+    monkeypatch.undo()
+    rc = convert_checkpoint.main(["--hf-dir", hf_dir, "--out", str(out), "--overwrite", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    assert os.listdir(tmp_path) == ["conv"] and not (out / "keep.txt").exists() and read_manifest(str(out))
+
+
+def test_a_directory_made_at_out_while_converting_is_kept(hf_dirs, tmp_path, monkeypatch):
+    """--out is checked again before the conversion takes its place: what appeared there meanwhile stays."""
+    out = tmp_path / "conv"
+    real_finish = stage_checkpoint._StageWriter.finish
+
+    def finish_and_make_out(self):
+        real_finish(self)
+        out.mkdir()
+        (out / "keep.txt").write_text("x")
+
+    monkeypatch.setattr(stage_checkpoint._StageWriter, "finish", finish_and_make_out)
+    with pytest.raises(Gemma4Error, match="already exists"):
+        convert(hf_dirs["31b", "causal"], str(out), progress=False, log=lambda s: None)
+    assert os.listdir(tmp_path) == ["conv"] and os.listdir(out) == ["keep.txt"]
+
+
+def test_bad_out_ends_cleanly_in_a_fresh_process(hf_dirs, tmp_path):
+    """An --out that would lose data (empty, the source or a folder around it, the current or home directory,
+    with --overwrite a directory that is not an earlier conversion) or a missing --hf-dir: exit 1 with one
+    sentence, no traceback, and not a file added or removed anywhere. The processes run side by side."""
+    src = str(shutil.copytree(hf_dirs["31b", "causal"], tmp_path / "models" / "src"))
+    for d in ("cwd", "empty", "home", "other"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "cwd" / "keep.txt").write_text("x")
+    (tmp_path / "other" / "keep.txt").write_text("x")
+    home = dict(os.environ, HOME=str(tmp_path / "home"))
+    cases = [  # (arguments, working directory, environment, what the sentence says)
+        (["--hf-dir", src, "--out", "", "--overwrite"], "cwd", None, "error: --out is empty"),
+        (["--hf-dir", src, "--out", " "], "cwd", None, "error: --out is empty"),
+        (["--hf-dir", src, "--out", src, "--overwrite"], "cwd", None, "is the source checkpoint"),
+        (["--hf-dir", src, "--out", str(tmp_path / "models"), "--overwrite"], "cwd", None,
+         "contains the source checkpoint"),
+        (["--hf-dir", src, "--out", str(tmp_path / "other"), "--overwrite"], "cwd", None,
+         "--overwrite replaces only an earlier conversion, and"),
+        (["--hf-dir", src, "--out", "."], "empty", None, "is the current directory, which is never replaced"),
+        (["--hf-dir", src, "--out", str(tmp_path / "home"), "--overwrite"], "cwd", home,
+         "is your home directory, which is never replaced"),
+        (["--hf-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")], "cwd", None, "is not a directory"),
+    ]
+    before = _tree(tmp_path)
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), *args,
+                               "--no-progress"], cwd=tmp_path / cwd, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for args, cwd, env, _ in cases]
+    for p, (args, _, _, msg) in zip(procs, cases, strict=True):
+        err = p.communicate(timeout=300)[1]
+        assert p.returncode == 1 and msg in err and "Traceback" not in err, (args, err)
+        assert err.startswith("error: ") and err.count("\n") == 1, err  # one sentence
+    assert _tree(tmp_path) == before
 
 
 def test_a_failed_conversion_is_removed_while_writes_are_still_in_flight(hf_dirs, tmp_path, monkeypatch):
@@ -298,9 +369,3 @@ def test_loader_refuses_a_conversion_of_another_format_version(hf_dirs, tmp_path
         json.dump(m, f)
     with pytest.raises(Gemma4Error, match="format v1, this one reads v2.*convert it again"):
         gemma4_jax.load(out)
-
-
-def test_cli_has_no_traceback_in_a_fresh_process(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "--hf-dir",
-                        str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")], capture_output=True, text=True)
-    assert r.returncode == 1 and "is not a directory" in r.stderr and "Traceback" not in r.stderr

@@ -17,6 +17,7 @@ from gemma4_jax.config import FULL, PRESETS, SLIDING, Gemma4Config
 from gemma4_jax.demo import arith, demo_path
 from gemma4_jax.demo.train import make_batch, prompt_text
 from gemma4_jax.evals.gsm8k import extract_answer, user_text
+from gemma4_jax.tokenizer import builtin_chat_prompt
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +64,29 @@ def test_demo_tokenizer_keeps_gemma_specials_and_splits_digits(demo):
 
 
 def test_demo_tokenizer_and_template_match_transformers(demo):
+    """The shipped template as transformers renders it, and as the built-in Gemma 4 format writes it: a question as a
+    string, as README-style text parts, and a conversation with a system turn, parts and an earlier thought; the
+    demo is not a thinking model, so thinking mode leaves the prompt as it is (gemma4_jax/demo/__init__.py)."""
     from transformers import AutoTokenizer
 
     hf_tok = AutoTokenizer.from_pretrained(demo_path())
     question = user_text(arith.held_out(123, 1)[0]["question"])
-    want = hf_tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                      tokenize=True)
-    want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
-    assert demo.tokenizer.encode_chat(question) == list(want)
+    parts = [{"type": "text", "text": "What is "}, {"type": "text", "text": " 2 + 2? "}]
+    conversations = [
+        [{"role": "user", "content": question}],
+        [{"role": "user", "content": [{"type": "text", "text": question}]}],
+        [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": parts},
+         {"role": "assistant", "content": "<|channel>thought\nadd<channel|> 2 + 2 = 4.\n#### 4"},
+         {"role": "user", "content": [{"type": "text", "text": "And 3 + 3?"}]}],
+    ]
+    for messages in conversations:
+        want = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
+        assert demo.tokenizer.encode_chat(messages) == list(want)
+        text = demo.tokenizer.chat_prompt(messages)
+        assert text == builtin_chat_prompt(messages) == demo.tokenizer.chat_prompt(messages, enable_thinking=True)
+    assert demo.tokenizer.encode_chat(conversations[1]) == demo.tokenizer.encode_chat(question)
+    assert "<|turn>user\nWhat is2 + 2?<turn|>\n<|turn>model\n2 + 2 = 4.\n#### 4<turn|>" in text
 
 
 def test_demo_greedy_equals_transformers(demo, hf_demo):

@@ -141,6 +141,35 @@ def test_bad_inputs_give_one_sentence(tmp_path):
     assert not os.path.exists(tmp_path / "r.json")
 
 
+@pytest.mark.parametrize("out, words", [
+    ("", "--out is empty"),
+    ("adir/sub/", "ends in a slash"),  # a directory that does not exist yet
+    ("adir", "adir is a directory"),
+    ("nope/r.json", "nope does not exist"),
+    ("afile/r.json", "afile is a file, not a directory"),
+    ("afile/sub/r.json", "afile is a file, not a directory"),
+    pytest.param("ro/r.json", "ro is not writable",
+                 marks=pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")),
+    pytest.param("/proc/r.json", "/proc is not writable",  # no one can create a file there, root included
+                 marks=pytest.mark.skipif(not os.path.isdir("/proc"), reason="no /proc")),
+])
+def test_bad_out_fails_first_and_leaves_nothing(tmp_path, out, words):
+    """A bad --out is one sentence before the demo model loads or any question runs, and nothing is left on disk."""
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"question": "Sam has 5 apples and eats 2. How many are left?", "answer": "5 - 2 = 3\\n#### 3"}\n')
+    cwd = tmp_path / "cwd"
+    (cwd / "adir").mkdir(parents=True)
+    (cwd / "ro").mkdir(mode=0o555)
+    (cwd / "afile").write_text("")
+    before = sorted(os.walk(tmp_path))
+    r = _run("--data", str(data), "--limit", "1", "--max-new-tokens", "4", "--quiet", "--compile-cache", "off",
+             "--out", out, cwd=cwd)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr and words in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert sorted(os.walk(tmp_path)) == before  # no records file, summary or temporary file
+
+
 @pytest.fixture(scope="module")
 def demo_pp2():
     import gemma4_jax

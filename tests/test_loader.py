@@ -3,6 +3,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,7 +13,10 @@ from hf_fixtures import FAMILIES, hf_logits, rel_err, save_hf
 import gemma4_jax
 from gemma4_jax.checkpoint.safetensors_io import SafetensorsFile, save_file
 from gemma4_jax.checkpoint.staged import convert
-from gemma4_jax.errors import Gemma4Error
+from gemma4_jax.errors import CheckpointError, Gemma4Error
+from gemma4_jax.testing.tiny import write_char_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _copy(src, dst):
@@ -75,6 +80,40 @@ def test_bad_checkpoints_fail_with_one_sentence(problem, match, hf_dirs, tmp_pat
     with pytest.raises(gemma4_jax.Gemma4Error, match=match) as info:
         gemma4_jax.load(d, progress=False)
     assert "\n" not in str(info.value)
+
+
+def test_malformed_side_files_fail_with_one_sentence(hf_dirs, tmp_path):
+    """A generation_config.json or tokenizer_config.json that cannot be read: `load` raises CheckpointError naming
+    the file; the generate command and the converter end with that sentence (exit 1, no traceback), the converter
+    before writing anything. The processes run side by side."""
+    cases = {  # name: (file, its text, what the sentence says)
+        "gen": ("generation_config.json", "{x", "generation_config.json is not valid JSON"),
+        "tok": ("tokenizer_config.json", "{x", "tokenizer_config.json is not valid JSON"),
+        "eos": ("generation_config.json", '{"eos_token_id": "abc"}',
+                'generation_config.json has eos_token_id "abc", which is neither a token id nor a list'),
+    }
+    for name, (file, text, _) in cases.items():
+        d = _copy(hf_dirs["31b", "causal"], tmp_path / name)
+        write_char_tokenizer(d)
+        with open(os.path.join(d, file), "w") as f:
+            f.write(text)
+    before = sorted(os.listdir(tmp_path))
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    runs = [(name, argv) for name in cases for argv in (
+        ["-m", "gemma4_jax.generate", "--model", str(tmp_path / name), "--prompt", "hi"],
+        [os.path.join(ROOT, "tools", "convert_checkpoint.py"), "--hf-dir", str(tmp_path / name), "--out",
+         str(tmp_path / f"{name}-out"), "--no-progress"])]
+    procs = [subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _, argv in runs]
+    for name, (_, _, msg) in cases.items():
+        with pytest.raises(CheckpointError, match=msg) as info:
+            gemma4_jax.load(str(tmp_path / name), progress=False)
+        assert "\n" not in str(info.value)
+    for p, (name, argv) in zip(procs, runs, strict=True):
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 1 and cases[name][2] in err and "Traceback" not in err, (argv, err)
+        assert err.startswith("error: ") and err.count("\n") == 1 and out == "", err  # one sentence
+    assert sorted(os.listdir(tmp_path)) == before  # no conversion, no temporary directory
 
 
 def test_load_rejects_bad_options(hf_dirs):

@@ -6,6 +6,8 @@
 Each pipeline stage gets only its layers (and its columns of the per-layer embedding table); the
 embedding goes to the first stage and a copy of it, the tied head, with the final norm to the last.
 The default split minimises the parameter bytes per device. See gemma4_jax/checkpoint/staged.py for the format.
+--out may not be empty, the source, a folder inside or holding it, or the current or home directory; --overwrite
+replaces only an earlier conversion (a directory with the converter's manifest.json), once the new one is complete.
 """
 
 from __future__ import annotations
@@ -59,17 +61,18 @@ def main(argv=None, exiting: bool = False) -> int:
     split.add_argument("--layer-split", default=None, help="explicit stage boundaries, e.g. 0,21,42")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="stored dtype (default: the checkpoint's own)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier conversion at --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
-    from gemma4_jax.checkpoint.staged import convert
+    from gemma4_jax.checkpoint.staged import check_output, convert
     from gemma4_jax.config import Gemma4Config
     from gemma4_jax.errors import Gemma4Error
     from gemma4_jax.parallel.stages import parse_layer_split
 
     real_err, noise = sys.stderr, io.StringIO()
     try:
+        check_output(args.hf_dir, args.out, args.overwrite)  # before anything is read
         stages = None
         if args.layer_split is not None:
             if not os.path.isdir(args.hf_dir):

@@ -49,10 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, interrupts=None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from gemma4_jax.errors import Gemma4Error
+    from gemma4_jax.evals.gsm8k import check_out, run_eval
+
+    try:
+        check_out(args.out)  # before JAX is imported: a bad --out fails at once, leaving nothing on disk
+    except Gemma4Error as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     from gemma4_jax import join_cluster
     from gemma4_jax.cli import out_of_memory, use_compile_cache
-    from gemma4_jax.errors import Gemma4Error
-    from gemma4_jax.evals.gsm8k import run_eval
     from gemma4_jax.parallel.cluster import check_cluster_args
 
     try:

@@ -9,11 +9,13 @@ Owns the on-disk format written by `tools/convert_checkpoint.py`:
 Conversion streams: tensors are read one at a time from memory-mapped safetensors, cut into their
 stages' leaves, cast, and handed to orbax in small batches (orbax partial saves), so the resident
 memory stays near one tensor however large the checkpoint is. Everything is written into a
-temporary directory beside OUT and renamed into place at the end.
+temporary directory beside OUT and renamed into place at the end; `check_output` says which OUT are refused
+(with overwrite, only an earlier conversion is replaced, and only once the new one is complete).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -44,6 +46,7 @@ from ..parallel.stages import (
     stage_leaf_shapes,
     stages_from_bounds,
 )
+from ..tokenizer import Tokenizer, check_side_files
 from .hf import HFCheckpoint, read_tower_tensors
 from .safetensors_io import save_file
 
@@ -140,6 +143,54 @@ def source_dtype(ckpt: HFCheckpoint) -> str:
     return name
 
 
+def _is_conversion(path: str) -> bool:
+    """Whether `path` is a directory written by the converter (it holds our manifest, of any format version)."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            m = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(m, dict) and m.get("format") == FORMAT
+
+
+def _within(path: str, folder: str) -> bool:
+    """`path` is `folder` or lies inside it (both real paths)."""
+    return os.path.commonpath([path, folder]) == folder
+
+
+def check_output(hf_dir: str, out: str, overwrite: bool = False) -> str:
+    """The absolute path at which to write a conversion of `hf_dir`, once `out` is known to lose nothing;
+    else ConfigError with one sentence. Refused: an empty `out`; the source, a folder inside it or one holding
+    it; the current or the home directory, or a folder holding either; an existing file or non-empty directory
+    without `overwrite`, and with it anything but an earlier conversion; a place that cannot take new entries.
+    Paths are compared as real paths (symbolic links resolved). Writes nothing."""
+    if not os.fspath(out).strip():
+        raise ConfigError("--out is empty; name the directory to write the conversion to")
+    out = os.path.abspath(out)
+    real, src = os.path.realpath(out), os.path.realpath(hf_dir)
+    if _within(real, src) or _within(src, real):
+        how = "is" if real == src else "lies inside" if _within(real, src) else "contains"
+        raise ConfigError(f"--out {out} {how} the source checkpoint {hf_dir}; choose a directory outside it")
+    for name, keep in (("the current directory", os.getcwd()), ("your home directory", os.path.expanduser("~"))):
+        if _within(os.path.realpath(keep), real):
+            how = "is" if real == os.path.realpath(keep) else "contains"
+            raise ConfigError(f"--out {out} {how} {name}, which is never replaced; choose another --out")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        if not overwrite:
+            raise ConfigError(f"{out} already exists; choose another --out or pass --overwrite")
+        if not _is_conversion(out):
+            raise ConfigError(f"--overwrite replaces only an earlier conversion, and {out} is not one (it has no "
+                              f"converter {MANIFEST}); remove it yourself or choose another --out")
+    base = os.path.dirname(out)
+    while not os.path.exists(base):  # the nearest existing folder above --out must take new entries
+        base = os.path.dirname(base)
+    if not os.path.isdir(base):
+        raise ConfigError(f"cannot write {out}: {base} is a file, not a directory")
+    if not os.access(base, os.W_OK):
+        raise ConfigError(f"cannot write {out}: {base} is not writable")
+    return out
+
+
 def convert(hf_dir: str, out: str, stages: tuple[Stage, ...] | None = None, *, pp: int | None = None,
             dtype: str | None = None, overwrite: bool = False, progress: bool = True,
             log: Callable[[str], None] = print, progress_file=None) -> dict:
@@ -148,11 +199,16 @@ def convert(hf_dir: str, out: str, stages: tuple[Stage, ...] | None = None, *, p
 
     `stages` (explicit split) or `pp` (the split with the fewest parameter bytes per device, see
     `stages.best_stages`); `dtype` defaults to the checkpoint's own.
-    Raises Gemma4Error subclasses with one sentence; never leaves a partial `out`.
+    Raises Gemma4Error subclasses with one sentence (`check_output` says which `out` are refused; a malformed
+    tokenizer or generation config is refused too) before anything is written; never leaves a partial `out`,
+    and an earlier conversion at `out` (with `overwrite`) is deleted only after the new one is in its place.
     """
     _quiet_orbax()
+    out = check_output(hf_dir, out, overwrite)
     if not os.path.isdir(hf_dir):
         raise CheckpointError(f"{hf_dir} is not a directory")
+    check_side_files(hf_dir)  # the side files are copied as-is: refuse now what `load` would refuse later,
+    Tokenizer.maybe_load(hf_dir)  # tokenizer.json included
     cfg = Gemma4Config.from_json(hf_dir)
     ckpt = HFCheckpoint(hf_dir, cfg)  # validates every name and shape before anything is written
     dtype = dtype or source_dtype(ckpt)
@@ -163,16 +219,6 @@ def convert(hf_dir: str, out: str, stages: tuple[Stage, ...] | None = None, *, p
         stages = best_stages(cfg, 1 if pp is None else pp, itemsize)
     else:
         stages = stages_from_bounds([s.start for s in stages] + [stages[-1].stop], cfg.num_layers)
-    out = os.path.abspath(out)
-    if os.path.exists(out) and not overwrite and (not os.path.isdir(out) or os.listdir(out)):
-        raise ConfigError(f"{out} already exists; choose another --out or pass --overwrite")
-    base = os.path.dirname(out)
-    while not os.path.exists(base):  # the nearest existing folder above --out must take new entries
-        base = os.path.dirname(base)
-    if not os.path.isdir(base):
-        raise ConfigError(f"cannot write {out}: {base} is a file, not a directory")
-    if not os.access(base, os.W_OK):
-        raise ConfigError(f"cannot write {out}: {base} is not writable")
     log(f"{cfg.num_layers} layers in {len(stages)} stage(s), {dtype}:\n" + describe(cfg, stages, itemsize))
 
     parent = os.path.dirname(out)
@@ -242,6 +288,7 @@ def convert(hf_dir: str, out: str, stages: tuple[Stage, ...] | None = None, *, p
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the result is an ordinary directory
+        check_output(hf_dir, out, overwrite)  # again: something may have appeared at `out` while converting
         _replace_dir(tmp, out)
     except BaseException:
         remove_for_good(tmp)
@@ -291,13 +338,25 @@ def _stage_sizes(root: str, n: int) -> list[int]:
 
 
 def _replace_dir(tmp: str, out: str) -> None:
-    if os.path.exists(out):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
-        os.rename(out, os.path.join(old, "x"))
+    """Move the finished conversion `tmp` to `out`. An earlier `out` is moved aside first and deleted only once
+    `tmp` has taken its place; if that fails, it is put back."""
+    if not os.path.exists(out):
         os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+    aside = os.path.join(old, "x")
+    try:
+        os.rename(out, aside)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(aside, out)
+            raise
+    except BaseException:
+        with contextlib.suppress(OSError):  # empty, unless the earlier conversion could not be put back
+            os.rmdir(old)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

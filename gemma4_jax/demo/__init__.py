@@ -3,6 +3,8 @@
 `demo_path()` is the directory (Hugging Face format: config.json, model.safetensors, tokenizer.json,
 tokenizer_config.json, chat_template.jinja, generation_config.json, training.json) that
 `gemma4_jax.load(None)`, the generate CLI and `tools/eval_gsm8k.py` use when no model is given.
+Its chat template writes Gemma 4's turns as the built-in format does (text parts of a message joined); the
+demo is not a thinking model, so `--think` / `thinking=True` leave its prompt and its answers unchanged.
 """
 
 from __future__ import annotations

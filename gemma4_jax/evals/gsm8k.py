@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
@@ -307,18 +308,30 @@ def evaluate(model, examples: Sequence[dict], *, batch_size: int = 8, max_new_to
 
 
 def check_out(out: str) -> str:
-    """The records file beside `out`, once both paths are usable: checked before any work, so that a bad --out
-    fails in a second, not after the evaluation."""
+    """The records file beside `out`, once both paths are usable: checked before any work (no data read, no model
+    loaded, nothing left on disk), so that a bad --out fails in a second with one sentence, not after the evaluation."""
+    if not out:
+        raise DataError("--out is empty; give a file name such as gsm8k_results.json")
+    if out.endswith(("/", os.sep)) or os.path.isdir(out):
+        what = "is a directory" if os.path.isdir(out) else "ends in a slash, so it names a directory"
+        raise DataError(f"--out {out} {what}; give a file name such as {os.path.join(out, 'gsm8k_results.json')}")
     out_dir = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(out_dir):
-        raise DataError(f"the output directory {out_dir} does not exist")
-    if not os.access(out_dir, os.W_OK):
-        raise DataError(f"the output directory {out_dir} is not writable")
+        above = out_dir
+        while not os.path.lexists(above):  # the nearest existing ancestor says why the directory is not there
+            above = os.path.dirname(above)
+        if not os.path.isdir(above):
+            raise DataError(f"--out {out} cannot be written: {above} is a file, not a directory")
+        raise DataError(f"the output directory {out_dir} does not exist; create it or give another --out")
+    try:  # a file made and removed at once: permissions alone miss read-only mounts, /proc, root squash
+        fd, probe = tempfile.mkstemp(prefix=".gsm8k-write-check", dir=out_dir)
+        os.close(fd)
+        os.remove(probe)
+    except OSError:
+        raise DataError(f"the output directory {out_dir} is not writable") from None
     records_file = records_path(out)
-    for p in (out, records_file):
-        if os.path.isdir(p):
-            raise DataError(f"--out names {p}, which is a directory; give a file name such as "
-                            f"{os.path.join(p, 'gsm8k_results.json')}")
+    if os.path.isdir(records_file):
+        raise DataError(f"the records file {records_file} beside --out is a directory; give another --out")
     return records_file
 
 
@@ -333,6 +346,7 @@ def run_eval(model_path: str | None, data: str | None, *, out: str, limit: int |
         raise DataError(f"--limit must be at least 1, got {limit}")
     if shots < 0:
         raise DataError(f"--shots must be 0 or more, got {shots}")
+    records_file = check_out(out)
     examples = read_jsonl(data) if data else load_hf_gsm8k("test")
     if limit is not None:
         examples = examples[:limit]
@@ -344,7 +358,6 @@ def run_eval(model_path: str | None, data: str | None, *, out: str, limit: int |
         if len(pool) < shots:
             raise DataError(f"--shots {shots} asks for more examples than the {len(pool)} of the shots file")
         few = pool[:shots]
-    records_file = check_out(out)
     model = gemma4_jax.load(model_path, pp=pp, dtype=dtype, progress=progress)  # no path: the demo model
     path = model.path
     summary = evaluate(model, examples, batch_size=batch_size, max_new_tokens=max_new_tokens, shots=few,

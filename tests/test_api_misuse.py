@@ -1,0 +1,54 @@
+"""Misused `load` and `generate` arguments: one `Gemma4Error` sentence at the call, never a Python error later."""
+
+import re
+
+import numpy as np
+import pytest
+
+import gemma4_jax
+from gemma4_jax.api import layer_split_stages
+from gemma4_jax.demo import demo_path
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return gemma4_jax.load(demo_path(), dtype="float32", progress=False)
+
+
+# The demo model has 6 layers; the tests run with 4 CPU devices (conftest), so pp=2 is possible.
+@pytest.mark.parametrize("kw, words", [
+    (dict(max_seq_len=0), "max_seq_len must be a positive integer (or None: the model's context), got 0"),
+    (dict(max_seq_len=-5), "max_seq_len must be a positive integer"),
+    (dict(max_seq_len=2.5), "max_seq_len must be a positive integer"),
+    (dict(layer_split="a,b"), "must be comma-separated integers like 0,21,42, got 'a,b'"),  # the converter's parser
+    (dict(layer_split="0,3"), "a layer split must run from 0 to 6"),
+    (dict(layer_split="0,3,6"), "layer_split 0,3,6 makes 2 stages but pp=1"),
+    (dict(layer_split=[0, 3.0, 6], pp=2), "or a sequence of integers), got [0, 3.0, 6]"),
+    (dict(layer_split="0,2,4,6", pp=2), "layer_split 0,2,4,6 makes 3 stages but pp=2"),
+])
+def test_load_refuses_bad_run_options(kw, words):
+    with pytest.raises(gemma4_jax.Gemma4Error, match=re.escape(words)) as err:
+        gemma4_jax.load(progress=False, **kw)
+    assert "\n" not in str(err.value)
+
+
+def test_load_takes_a_split_as_text_or_integers():
+    assert gemma4_jax.load(progress=False, layer_split=(0, 6), max_seq_len=np.int64(16)).context == 16
+    for split in ("0,2,6", [0, 2, 6], np.array([0, 2, 6])):
+        assert [(s.start, s.stop) for s in layer_split_stages(split, 6)] == [(0, 2), (2, 6)]
+
+
+def test_generate_takes_one_stop_id_and_refuses_what_logits_refuses(demo):
+    ids = [2, 105, 30, 31, 32]
+    free = demo.generate([ids], max_new_tokens=6, stop_tokens=())[0]
+    stop = free[2]
+    assert demo.generate([ids], max_new_tokens=6, stop_tokens=stop)[0] == free[:free.index(stop) + 1]
+    with pytest.raises(gemma4_jax.Gemma4Error) as want:
+        demo.logits(np.array([[2.0, 5.5]]))
+    for floats in (np.array([[2.0, 5.5]]), [[2.0, 5.5]]):  # no silent truncation to [[2, 5]]
+        with pytest.raises(gemma4_jax.Gemma4Error) as err:
+            demo.generate(floats, max_new_tokens=3)
+        assert str(err.value) == str(want.value)
+    for bad in ("<eos>", [1.5], [demo.config.vocab_size]):
+        with pytest.raises(gemma4_jax.Gemma4Error, match="stop_tokens must be|stop token ids must lie"):
+            demo.generate([ids], max_new_tokens=3, stop_tokens=bad)
