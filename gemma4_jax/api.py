@@ -218,7 +218,8 @@ class Gemma4Model:
         from .generation.engine import PREFILL_CHUNK, run_slots
 
         prompts = self._prompts(tokens)
-        limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        limits = ([int(max_new_tokens)] * len(prompts) if isinstance(max_new_tokens, numbers.Integral)
+                  else list(max_new_tokens))
         sampling = check_sampling(max_new_tokens=max(limits, default=1), temperature=temperature, top_k=top_k,
                                   top_p=top_p, seed=seed, vocab=self.config.vocab_size)
         stops = self._stop_ids(stop_tokens)

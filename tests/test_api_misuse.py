@@ -52,3 +52,5 @@ def test_generate_takes_one_stop_id_and_refuses_what_logits_refuses(demo):
     for bad in ("<eos>", [1.5], [demo.config.vocab_size]):
         with pytest.raises(gemma4_jax.Gemma4Error, match="stop_tokens must be|stop token ids must lie"):
             demo.generate([ids], max_new_tokens=3, stop_tokens=bad)
+    # a numpy integer is a token count too, in continuous batching as in `generate`
+    assert demo.generate_continuous([ids], max_new_tokens=np.int64(3), stop_tokens=()) == [free[:3]]

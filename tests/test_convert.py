@@ -284,7 +284,7 @@ def test_a_directory_made_at_out_while_converting_is_kept(hf_dirs, tmp_path, mon
 
 def test_bad_out_ends_cleanly_in_a_fresh_process(hf_dirs, tmp_path):
     """An --out that would lose data (empty, the source or a folder around it, the current or home directory,
-    with --overwrite a directory that is not an earlier conversion) or a missing --hf-dir: exit 1 with one
+    with --overwrite a directory that is not an earlier conversion), a blank or missing --hf-dir: exit 1 with one
     sentence, no traceback, and not a file added or removed anywhere. The processes run side by side."""
     src = str(shutil.copytree(hf_dirs["31b", "causal"], tmp_path / "models" / "src"))
     for d in ("cwd", "empty", "home", "other"):
@@ -294,7 +294,7 @@ def test_bad_out_ends_cleanly_in_a_fresh_process(hf_dirs, tmp_path):
     home = dict(os.environ, HOME=str(tmp_path / "home"))
     cases = [  # (arguments, working directory, environment, what the sentence says)
         (["--hf-dir", src, "--out", "", "--overwrite"], "cwd", None, "error: --out is empty"),
-        (["--hf-dir", src, "--out", " "], "cwd", None, "error: --out is empty"),
+        (["--hf-dir", " ", "--out", str(tmp_path / "o")], "cwd", None, "error: --hf-dir is empty"),
         (["--hf-dir", src, "--out", src, "--overwrite"], "cwd", None, "is the source checkpoint"),
         (["--hf-dir", src, "--out", str(tmp_path / "models"), "--overwrite"], "cwd", None,
          "contains the source checkpoint"),

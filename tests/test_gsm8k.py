@@ -128,6 +128,23 @@ def test_resume_after_interruption_gives_the_same_summary(tmp_path, demo_model, 
         assert resumed[key] == full[key], key
 
 
+@needs_data
+def test_a_reader_that_closes_the_pipe_ends_the_eval_quietly(tmp_path):
+    """`eval_gsm8k.py … | head -c 0`: the summary line meets a closed pipe after the results are written; the
+    script exits 141 (as the generate CLI does) with no traceback and no 'Exception ignored', results kept."""
+    out = tmp_path / "res.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    env.pop("PYTHONUNBUFFERED", None)  # block-buffered, as in a shell
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "tools", "eval_gsm8k.py"), "--data", TEST, "--limit",
+                          "1", "--max-new-tokens", "8", "--out", str(out), "--quiet"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env)
+    p.stdout.close()  # the reader is gone before anything is printed
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 141, err
+    assert "Traceback" not in err and "Exception ignored" not in err and "error:" not in err, err
+    assert json.loads(out.read_text())["total"] == 1
+
+
 def test_bad_inputs_give_one_sentence(tmp_path):
     missing = _run("--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "r.json"))
     bad = tmp_path / "bad.jsonl"

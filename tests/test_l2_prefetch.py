@@ -100,8 +100,7 @@ def test_a_decode_step_prefetches_each_layers_next_weights(hf_dirs, monkeypatch)
     """With a budget, each layer of a decode step launches one prefetch after its queries, over the weights it
     streams next in the order it reads them (output projection, gate, up, down, the per-layer input's) up to the
     budget, and the step's results depend on it (else XLA would drop the kernel); the logits are the full
-    forward's and, bit for bit, those of the same step without it (float32, the projections in interpret mode
-    as the prefetch is)."""
+    forward's and, bit for bit, those of the same step without it (float32)."""
     from gemma4_jax.generation.loop import decode_step
     from gemma4_jax.model.text import merge
 
@@ -112,7 +111,8 @@ def test_a_decode_step_prefetches_each_layers_next_weights(hf_dirs, monkeypatch)
     cache = init_cache(cfg, 1, 16, jnp.float32)
     _, cache = prefill(model.graphdef, model.state, jnp.asarray(ids[:, :5]), jnp.asarray([5]), cache)
     tok, pos = jnp.asarray(ids[:, 5]), jnp.asarray([5], jnp.int32)
-    monkeypatch.setattr(dispatch, "DENSE_FORCE", "interpret")
+    # the prefetch in interpret mode, the projections on XLA (`resolve_prefetch`'s own rule is tested above)
+    monkeypatch.setattr(dispatch, "resolve_prefetch", lambda impl, rows, dtype: "interpret" if rows <= 4 else None)
     d, f, nh = cfg.hidden_size, cfg.layers[0].mlp_width, cfg.num_heads * cfg.layers[0].head_dim
     budget = 4 * (nh * d + d * f + d)  # the output projection, the gate and one row of up, in float32
     steps = {}

@@ -137,7 +137,7 @@ def test_converted_stages_load_onto_their_devices(hf_dirs, single, tmp_path):
 def test_bad_pp_is_one_sentence(hf_dirs):
     with pytest.raises(Gemma4Error, match="pp=5 needs 5 devices but only 4 are visible"):
         gemma4_jax.load(hf_dirs["e2b", "causal"], pp=5)
-    with pytest.raises(Gemma4Error, match="has 3 stages but pp=2"):
+    with pytest.raises(Gemma4Error, match="makes 3 stages but pp=2"):
         gemma4_jax.load(hf_dirs["e2b", "causal"], pp=2, layer_split="0,3,6,10")
 
 

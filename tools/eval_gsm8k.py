@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None, interrupts=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     from gemma4_jax import join_cluster
-    from gemma4_jax.cli import out_of_memory, use_compile_cache
+    from gemma4_jax.cli import out_of_memory, quiet_broken_pipe, use_compile_cache
     from gemma4_jax.parallel.cluster import check_cluster_args
 
     try:
@@ -71,9 +71,12 @@ def main(argv: list[str] | None = None, interrupts=None) -> int:
                  max_new_tokens=args.max_new_tokens, shots=args.shots, shots_data=args.shots_data,
                  resume=args.resume, dtype=args.dtype, progress=not args.quiet and writer, write=writer,
                  on_batch=on_batch, thinking=args.think, engine=args.engine)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
     except Gemma4Error as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader of stdout went away (`| head`) after the results were written: say nothing
+        return quiet_broken_pipe()
     except OSError as err:
         print(f"error: {err.strerror or err} ({err.filename})", file=sys.stderr)
         return 1

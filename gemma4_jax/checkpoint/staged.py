@@ -164,6 +164,8 @@ def check_output(hf_dir: str, out: str, overwrite: bool = False) -> str:
     it; the current or the home directory, or a folder holding either; an existing file or non-empty directory
     without `overwrite`, and with it anything but an earlier conversion; a place that cannot take new entries.
     Paths are compared as real paths (symbolic links resolved). Writes nothing."""
+    if not os.fspath(hf_dir).strip():
+        raise ConfigError("--hf-dir is empty; name the Hugging Face checkpoint directory to convert")
     if not os.fspath(out).strip():
         raise ConfigError("--out is empty; name the directory to write the conversion to")
     out = os.path.abspath(out)
