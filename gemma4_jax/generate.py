@@ -199,7 +199,7 @@ def run(args: argparse.Namespace, stdin=sys.stdin, out=sys.stdout, err=sys.stder
     stops = set(model.stop_tokens)
     first: list[float] = []
     start = time.perf_counter()
-    streaming = len(prompts) == 1 and args.pp == 1  # the pipeline returns its tokens at the end
+    streaming = len(prompts) == 1  # at --pp > 1 too: the pipeline's ring streams a chunk of tokens per call
 
     def answer_of(text: str) -> str:  # with the chat template, the thought channel is not the answer
         if not args.chat:
@@ -209,11 +209,7 @@ def run(args: argparse.Namespace, stdin=sys.stdin, out=sys.stdout, err=sys.stder
             err.write(f"{THOUGHTS_LABEL}{thoughts}\n")
         return answer
 
-    if len(prompts) == 1 and not streaming:  # the pipeline's answer arrives whole: one write, one line
-        outs = model.generate(ids, soft_tokens=soft, **sampling)
-        first.append(time.perf_counter())
-        out.write(answer_of(tok.decode([t for t in outs[0] if t not in stops])) + "\n")
-    elif len(prompts) == 1:
+    if streaming:
         text = StreamDecoder(tok)
         ended = []
         thought_line = ThoughtLine(err.write)

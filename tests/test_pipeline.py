@@ -125,6 +125,29 @@ def test_stop_tokens_end_sequences_in_the_ring(hf_dirs, single):
         assert g == w[:cut]
 
 
+def test_the_ring_streams_what_one_call_returns(hf_dirs, single):
+    """At pp = 2, `on_tokens` gets the first token, then each ring call's chunk of 8 as it returns; put together,
+    the blocks are the generation's tokens: pp = 1's greedy ones, cut at a stop token (a row that stopped repeats
+    it), and a sampled generation's own unstreamed tokens (the chunks sample with the keys of one call). The
+    CLI's single prompt walking the stages: test_cli_first_hour's pp 2 test."""
+    want = single["e2b"][1]
+    m = gemma4_jax.load(hf_dirs["e2b", "causal"], pp=2, progress=False)
+    stop = want[0][11]
+    sampled = dict(stop_tokens=(), temperature=0.9, seed=3)
+    cases = ((dict(stop_tokens=()), want),
+             (dict(stop_tokens=(stop,)), [w[:w.index(stop) + 1] if stop in w else w for w in want]),
+             (sampled, m.generate(PROMPTS, max_new_tokens=20, **sampled)))
+    for kw, whole in cases:
+        blocks = []
+        got = m.generate(PROMPTS, max_new_tokens=20, on_tokens=blocks.append, **kw)
+        sizes = [b.shape[1] for b in blocks]
+        assert got == whole and sizes[:2] == [1, 8] and (kw["stop_tokens"] or sizes == [1, 8, 8, 3]), sizes
+        streamed = np.concatenate(blocks, axis=1)
+        for row, w in zip(streamed, whole, strict=True):
+            assert row[:len(w)].tolist() == w and set(row[len(w):].tolist()) <= {w[-1]}
+    assert cases[2][1] != want  # the sampled case samples
+
+
 def test_converted_stages_load_onto_their_devices(hf_dirs, single, tmp_path):
     out = str(tmp_path / "conv")
     convert(hf_dirs["e4b", "wrapper"], out, parse_layer_split("0,7,9,12", 12), progress=False, log=lambda s: None)
@@ -168,9 +191,10 @@ def test_stage_programs_close_over_no_empty_constant(hf_dirs, prompts):
     statics = dict(plan=pipe.plan, dtype_name=pipe.dtype.name, impl="xla", mesh=pipe.mesh)
     texts = [pl._run_gpipe.lower(pipe.params, ids, lengths, cache if mode == "prefill" else None, mode=mode,
                                  **statics).as_text() for mode in ("prefill", "logits")]
-    first, left, stops, key = pipe.replicated(np.ones((m, 1), np.int32), np.full((m, 1), 7, np.int32),
-                                              np.array([-1], np.int32), jax.random.key(0))
-    texts.append(pl._run_ring.lower(pipe.params, cache, first, lengths, left, stops, key,
+    first, left, stops, key, offset = pipe.replicated(np.ones((m, 1), np.int32), np.full((m, 1), 7, np.int32),
+                                                      np.array([-1], np.int32), jax.random.key(0),
+                                                      np.asarray(0, np.int32))
+    texts.append(pl._run_ring.lower(pipe.params, cache, first, lengths, left, stops, key, offset,
                                     sampling=Sampling(0.0, None, None), width=8, **statics).as_text())
     # Layer weights reach the programs as one array per slot: a stack [n, ...] would be sliced per layer,
     # which on the GPU copies the weight every tick.

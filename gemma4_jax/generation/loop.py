@@ -205,7 +205,8 @@ def generate_tokens(graphdef, params, cfg, prompts: list[list[int]], *, max_new_
     A sequence ends after its first stop token (kept as its last element). `on_tokens`, when given,
     receives each newly decoded block [B, n] as soon as it is on the host (streaming); decoding then
     runs in compiled chunks of `chunk` tokens instead of one loop. With a `pipeline.Pipeline`, the
-    prompts are micro-batched through its stages and decoded in its ring (streamed once, at the end).
+    prompts are micro-batched through its stages and decoded in its ring (streamed a ring call of `chunk` tokens
+    at a time).
     `soft_tokens(t) -> model.Multimodal` (mask and blocks [B, t] for the prompts right-padded to t tokens)
     merges image and audio features into the prompts. `timings`, when given, receives `prefill_s` (prefill and
     the first token) and `decode_s` (the other tokens), each timed on its own after the device finished the
@@ -232,12 +233,9 @@ def generate_tokens(graphdef, params, cfg, prompts: list[list[int]], *, max_new_
     if pipeline is not None:
         result = pipeline.generate(prompts, max_new_tokens=max_new_tokens, max_len=max_len, t=t, sampling=sampling,
                                    seed=seed, stop_ids=stop_ids,
-                                   mm=soft_tokens(t) if soft_tokens is not None else None, timings=timings)
-        rows = _trim(result, max_new_tokens, stop_ids)
-        if on_tokens is not None:  # streamed once, at the end; never the buffer past a row's end
-            width = max(len(r) for r in rows)
-            on_tokens(np.asarray([r + r[-1:] * (width - len(r)) for r in rows], np.int32))
-        return rows
+                                   mm=soft_tokens(t) if soft_tokens is not None else None, timings=timings,
+                                   on_tokens=on_tokens, chunk=chunk)
+        return _trim(result, max_new_tokens, stop_ids)
     cache = init_cache(cfg, b, max_len, dtype)
     mm = soft_tokens(t) if soft_tokens is not None else None
     t0 = time.perf_counter()

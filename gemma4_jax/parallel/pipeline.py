@@ -431,12 +431,14 @@ def _gpipe(plan: PipelinePlan, mode: str, dtype, impl: str, params, ids, lengths
 
 
 def _ring(plan: PipelinePlan, sampling: Sampling, dtype, impl: str, width: int, params, cache, first, pos, left,
-          stops, key):
+          stops, key, offset):
     """The decode ring. first [M, b]: each sequence's latest token, not yet fed (from prefill, or the previous
     call's last), at positions `pos` [M, b]; each sequence decodes up to `left` [M, b] (traced, < `width`) more
     tokens, fewer after a stop (0: a free or ended row, computed and never read). Returns (out [M, b, width]:
     `first`, then the new tokens, 0 after a sequence's end; done [M, b]; cache), valid on the last stage.
-    `width` is a bucket, so one compiled ring serves every length up to it."""
+    `width` is a bucket, so one compiled ring serves every length up to it. The k-th new token of micro-batch m
+    is sampled with key (key, m, offset + k + 1): a generation decoded in several calls, each with `offset` the
+    tokens decoded before it, samples what one call would."""
     graphdefs = _kind_graphdefs(plan, jnp.dtype(dtype).name)
     params = jax.tree.map(lambda a: a[0], params)
     cache = jax.tree.map(lambda a: a[0], cache)
@@ -466,7 +468,7 @@ def _ring(plan: PipelinePlan, sampling: Sampling, dtype, impl: str, width: int, 
         emit = valid & (s == n - 1)
         lg = jax.lax.cond(emit, lambda: _head(plan, params, packet.x)[:, 0],
                           lambda: jnp.zeros((b, plan.cfg.vocab_size), F32))
-        tok = sample(lg, jax.random.fold_in(jax.random.fold_in(key, mc), k + 1), sampling)
+        tok = sample(lg, jax.random.fold_in(jax.random.fold_in(key, mc), offset + k + 1), sampling)
         tok = jnp.where(done[mc], 0, tok)
         out = jnp.where(emit, out.at[mc, :, k + 1].set(tok), out)
         ended = done[mc] | jnp.isin(tok, stops) | (k + 1 >= left[mc])
@@ -511,11 +513,11 @@ def _everywhere(mesh, x):
 
 @program(static_argnames=("plan", "sampling", "dtype_name", "impl", "mesh", "width"), donate_argnames=("cache",),
          decode=True, keep=False)  # the decode programs' XLA options (generation/programs.py)
-def _run_ring(params, cache, first, pos, left, stops, key, *, plan, sampling, dtype_name, impl, mesh, width):
+def _run_ring(params, cache, first, pos, left, stops, key, offset, *, plan, sampling, dtype_name, impl, mesh, width):
     body = functools.partial(_ring, plan, sampling, jnp.dtype(dtype_name), impl, width)
-    f = jax.shard_map(body, mesh=mesh, in_specs=(P("pp"), P("pp"), P(), P(), P(), P(), P()),
+    f = jax.shard_map(body, mesh=mesh, in_specs=(P("pp"), P("pp"), P(), P(), P(), P(), P(), P()),
                       out_specs=(P("pp"), P("pp"), P("pp")), check_vma=False)
-    out, done, cache = f(params, cache, first, pos, left, stops, key)
+    out, done, cache = f(params, cache, first, pos, left, stops, key, offset)
     return _everywhere(mesh, out[plan.num_stages - 1]), _everywhere(mesh, done[plan.num_stages - 1]), cache
 
 
@@ -652,18 +654,23 @@ class Pipeline:
         src_a, dst_a = (np.asarray(list(x) + [x[-1]] * (n - len(x)), np.int32).reshape(-1, 2) for x in (src, dst))
         return _move_rows(cache, rows, *self.replicated(src_a, dst_a))
 
-    def decode(self, cache, first, pos, left, *, sampling: Sampling, stops, key, width: int):
+    def decode(self, cache, first, pos, left, *, sampling: Sampling, stops, key, width: int, offset: int = 0):
         """The ring over `cache` (donated): `first` [M, b] the latest tokens at positions `pos` [M, b], `left`
-        [M, b] more tokens each (`_ring`). Returns (out [M, b, width], done [M, b], cache)."""
-        first, pos, left, stops, key = self.replicated(first, pos, left, stops, key)
-        return _run_ring(self.params, cache, first, pos, left, stops, key, plan=self.plan, sampling=sampling,
-                         dtype_name=self.dtype.name, impl=self.impl, mesh=self.mesh, width=width)
+        [M, b] more tokens each, sampled as the tokens after the first `offset` new ones (`_ring`). Returns
+        (out [M, b, width], done [M, b], cache)."""
+        first, pos, left, stops, key, offset = self.replicated(first, pos, left, stops, key,
+                                                               np.asarray(offset, np.int32))
+        return _run_ring(self.params, cache, first, pos, left, stops, key, offset, plan=self.plan,
+                         sampling=sampling, dtype_name=self.dtype.name, impl=self.impl, mesh=self.mesh, width=width)
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, max_len: int, t: int,
                  sampling: Sampling, seed: int, stop_ids: tuple[int, ...], mm=None,
-                 timings: dict | None = None) -> np.ndarray:
+                 timings: dict | None = None, on_tokens=None, chunk: int = 8) -> np.ndarray:
         """New tokens [B, max_new_tokens] (0 after a stop) for prompts right-padded to `t` tokens (soft
-        tokens `mm` merged on the first stage). `timings` receives `prefill_s` and `decode_s` (the ring)."""
+        tokens `mm` merged on the first stage). `timings` receives `prefill_s` and `decode_s` (the ring).
+        `on_tokens(block [B, n])` streams: the first token, then the ring in calls of `chunk` tokens, each call's
+        new tokens as soon as it returns (a row that ended repeats its last token); the tokens, sampled ones
+        included, are those of one call."""
         t0 = time.perf_counter()
         b = len(prompts)
         last, cache = self.prefill(prompts, max_len=max_len, t=t, mm=mm)
@@ -674,14 +681,47 @@ class Pipeline:
         stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
         first = jnp.stack([sample(last[i], jax.random.fold_in(jax.random.fold_in(key, i), 0), sampling)
                            for i in range(m)])
-        width = bucket(max_new_tokens, 8)  # one compiled ring per power-of-two bucket
         if timings is not None:
             jax.block_until_ready((first, cache))
             t1 = time.perf_counter()
             timings["prefill_s"] = t1 - t0
-        out, _, _ = self.decode(cache, first, lengths.reshape(m, per), np.full((m, per), max_new_tokens - 1, np.int32),
-                                sampling=sampling, stops=stops, key=key, width=width)
-        out = np.asarray(out)
+        if on_tokens is None:
+            width = bucket(max_new_tokens, 8)  # one compiled ring per power-of-two bucket
+            out, _, _ = self.decode(cache, first, lengths.reshape(m, per),
+                                    np.full((m, per), max_new_tokens - 1, np.int32), sampling=sampling, stops=stops,
+                                    key=key, width=width)
+            out = np.asarray(out)[:, :, :max_new_tokens].reshape(m * per, max_new_tokens)
+        else:
+            out = self._stream(cache, np.asarray(first).reshape(m * per), lengths, (m, per), b,
+                               max_new_tokens=max_new_tokens, sampling=sampling, stops=stops, stop_ids=stop_ids,
+                               key=key, on_tokens=on_tokens, chunk=chunk)
         if timings is not None:
             timings["decode_s"] = time.perf_counter() - t1
-        return out[:, :, :max_new_tokens].reshape(m * per, max_new_tokens)[:b]
+        return out[:b]
+
+    def _stream(self, cache, tok, pos, shape, b, *, max_new_tokens, sampling, stops, stop_ids, key, on_tokens,
+                chunk) -> np.ndarray:
+        """`generate`'s ring in calls of `chunk` tokens from the first token `tok` [M·b] at positions `pos`,
+        handing the first B rows' new tokens to `on_tokens` after each call; returns out [M·b, max_new_tokens]."""
+        out = np.zeros((tok.size, max_new_tokens), np.int32)
+        out[:, 0] = tok
+        on_tokens(out[:b, :1])
+        done = np.isin(tok, stop_ids)
+        n = 1  # tokens so far, every live row alike
+        while n < max_new_tokens and not done[:b].all():
+            k = min(chunk, max_new_tokens - n)
+            want = np.where(done, 0, k).astype(np.int32)
+            ring, _, cache = self.decode(cache, tok.reshape(shape), pos.reshape(shape), want.reshape(shape),
+                                         sampling=sampling, stops=stops, key=key, width=bucket(chunk + 1, 8),
+                                         offset=n - 1)
+            new = np.array(np.asarray(ring).reshape(tok.size, -1)[:, 1:1 + k])  # writable
+            for r in np.flatnonzero(~done):  # a row that stops here: its stop token, repeated after it
+                hit = np.flatnonzero(np.isin(new[r], stop_ids))
+                if hit.size:
+                    new[r, hit[0]:] = new[r, hit[0]]
+                    done[r] = True
+            new[want == 0] = tok[want == 0, None]  # rows that had ended: their last token
+            out[:, n:n + k] = np.where(want[:, None] > 0, new, 0)
+            on_tokens(new[:b])
+            tok, pos, n = new[:, -1].copy(), pos + k, n + k
+        return out
