@@ -318,14 +318,14 @@ def test_hlo_scopes_name_what_a_fusion_runs(tmp_path):
 
 
 def test_bench_pipeline_runs(tmp_path):
-    res = _bench(["pipeline", "--config", DEMO, "--pp", "2", "--batch", "2,3", "--prompt-len", "8", "--gen-len", "8",
+    res = _bench(["pipeline", "--config", DEMO, "--pp", "2", "--batch", "2", "--prompt-len", "8", "--gen-len", "8",
                   "--prefill-len", "40", "--repeat", "1", "--shape-control", "--f32-reference"], tmp_path, devices=2)
     pp2 = res["pp2"]
     for key in ("pp1", "pp2"):
-        assert set(res[key]["by_batch"]) == {"2", "3"} and res[key]["prefill_ms"] > 0
+        assert set(res[key]["by_batch"]) == {"2"} and res[key]["prefill_ms"] > 0
         assert all(r["decode_tok_s"] > 0 for r in res[key]["by_batch"].values())
     ratios = pp2["ratios_vs_pp1"]
-    assert ratios["prefill"] > 0 and set(ratios["decode_throughput_by_batch"]) == {"2", "3"}
+    assert ratios["prefill"] > 0 and set(ratios["decode_throughput_by_batch"]) == {"2"}
     assert pp2["split"][0] == 0 and pp2["split"][-1] == len(json.load(open(DEMO))["layer_types"])
     assert 0.3 < pp2["ratios_vs_pp1"]["weights_per_device"] < 1.0
     assert pp2["kl_vs_pp1"]["mean"] < 1e-2  # bf16 on the CPU: the same function, a few last-bit differences

@@ -196,11 +196,13 @@ def demo_pp2():
 
 
 @needs_data
-# Zero-shot at pp = 2: test_pipeline's two-process eval (engine records = static pp = 1 records).
-@pytest.mark.parametrize("shots,pp", [(0, 1), (8, 1), (8, 2)])
+# Zero-shot at pp = 2: test_pipeline's two-process eval (engine records = static pp = 1 records). At pp = 2 one
+# worked example keeps the shared prefix past the demo's 64-token window at a fraction of eight's compile time.
+@pytest.mark.parametrize("shots,pp", [(0, 1), (8, 1), (1, 2)])
 def test_engine_records_equal_static_batches(tmp_path, demo_model, demo_pp2, monkeypatch, shots, pp):
-    """Continuous batching (`--engine`) writes the same greedy records as static batches, zero-shot and 8-shot,
-    at pp = 1 and through the pipeline's ring at pp = 2; an interrupted engine run resumes to the same summary."""
+    """Continuous batching (`--engine`) writes the same greedy records as static batches, zero-shot and 8-shot
+    at pp = 1 and 1-shot through the pipeline's ring at pp = 2; an interrupted engine run resumes to the same
+    summary."""
     import gemma4_jax
 
     monkeypatch.setattr(gemma4_jax, "load", lambda *a, **k: demo_model if pp == 1 else demo_pp2)
@@ -214,7 +216,7 @@ def test_engine_records_equal_static_batches(tmp_path, demo_model, demo_pp2, mon
     n = kw["limit"]  # questions: the prefix computed once instead of n times
     assert 0 < pre["prefix_tokens"] and pre["prefill_tokens"] == pre["prompt_tokens"] - (n - 1) * pre["prefix_tokens"]
     if shots:
-        assert pre["prefix_tokens"] > 500
+        assert pre["prefix_tokens"] > (500 if shots == 8 else 64)
     if shots or pp > 1:
         return
 
