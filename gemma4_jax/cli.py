@@ -132,15 +132,21 @@ def default_compile_cache() -> str:
     return os.path.join(base, "gemma4_jax", "jax")
 
 
+def probe_write(folder: str) -> None:
+    """Make and remove one file in `folder`; OSError where it cannot take a new entry (permissions alone miss
+    read-only mounts, /proc and root squash)."""
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".gemma4-jax-write-check-")
+    os.close(fd)
+    os.remove(probe)
+
+
 def writable_compile_cache(path: str) -> bool:
     """Whether `path` can hold the cache: made if missing, then one probe file written and removed. A path the user
     chose (the flag, or an environment variable) that cannot is one ConfigError sentence; the built-in default
     that cannot (a read-only home) is False: the run goes on without a cache, as before there was one."""
     try:
         os.makedirs(path, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
-        os.close(fd)
-        os.remove(probe)
+        probe_write(path)
         return True
     except OSError as err:
         env = _cache_env()

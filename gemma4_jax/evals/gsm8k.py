@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
@@ -23,6 +22,7 @@ from tqdm.auto import tqdm
 import gemma4_jax
 
 from ..chat import split_thoughts
+from ..cli import probe_write
 from ..errors import Gemma4Error
 
 INSTRUCTION = "Solve step by step and give the final answer after ####."
@@ -323,10 +323,8 @@ def check_out(out: str) -> str:
         if not os.path.isdir(above):
             raise DataError(f"--out {out} cannot be written: {above} is a file, not a directory")
         raise DataError(f"the output directory {out_dir} does not exist; create it or give another --out")
-    try:  # a file made and removed at once: permissions alone miss read-only mounts, /proc, root squash
-        fd, probe = tempfile.mkstemp(prefix=".gsm8k-write-check", dir=out_dir)
-        os.close(fd)
-        os.remove(probe)
+    try:
+        probe_write(out_dir)
     except OSError:
         raise DataError(f"the output directory {out_dir} is not writable") from None
     records_file = records_path(out)
