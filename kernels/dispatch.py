@@ -456,21 +456,29 @@ def resolve_dense(impl: str, *, rows: int, k: int, n: int, dtype=jnp.bfloat16, p
 
 # Weights read into L2 ahead of their projections (`l2_prefetch.prefetch`): at a decode step on the GPU, once a
 # layer's queries are projected, one kernel reads the weights the layer streams next (the output projection, the
-# MLP's, the per-layer input's; not a MoE layer's experts), up to this many bytes, while the chain of small kernels
+# MLP's, the per-layer input's; not a MoE layer's experts), up to L2_PREFETCH_BYTES, while the chain of small kernels
 # between the projections leaves HBM idle; the layer's output waits for it (`model.prefetch_weights`). 0: off.
-# `bench.py generate --l2-prefetch-bytes N`; not yet measured on a GPU.
-L2_PREFETCH_BYTES = 0
+# Measured on an H100 (docs/performance.md, seventeenth session): 24 MiB took 2.7 % off E2B's batch-1 step, 1.7 % off
+# its batch-16 one and 3.2 % off E4B's batch-1 one (none at batch 64); 40 MiB took nothing. Only layers whose own
+# weights come to at most L2_PREFETCH_MAX_LAYER_BYTES prefetch: small layers are the ones whose step is a chain of
+# short kernels; 31B's layers (about 1 GB) already stream near the bandwidth, and a MoE layer's experts (26B-A4B:
+# about 1.5 GB a layer) put it past the limit too; neither was measured with it.
+L2_PREFETCH_BYTES = 24 << 20
+L2_PREFETCH_MAX_LAYER_BYTES = 256 << 20
 L2_PREFETCH_PROGRAMS = l2_prefetch.PROGRAMS  # the kernel's programs (each shares its SM with the step's kernels)
 L2_PREFETCH_EVICTION = l2_prefetch.EVICTION  # the loads' eviction hint (`l2_prefetch.EVICTIONS`)
 L2_PREFETCH_MAX_ROWS = 64  # calls of up to this many rows prefetch (longer ones stream each weight at full speed)
 
 
-def resolve_prefetch(impl: str, *, rows: int, dtype=jnp.bfloat16, platform: str | None = None) -> str | None:
-    """How a decode step of `rows` rows reads its next weights into L2: 'pallas' (the kernel), 'interpret', or
-    None (no prefetch: off, a prefill's rows, XLA asked for, or not a 16-bit GPU run under 'auto')."""
+def resolve_prefetch(impl: str, *, rows: int, layer_bytes: int, dtype=jnp.bfloat16,
+                     platform: str | None = None) -> str | None:
+    """How a decode step of `rows` rows reads a layer's next weights into L2, the layer's own weights being
+    `layer_bytes`: 'pallas' (the kernel), 'interpret', or None (no prefetch: off, a prefill's rows, a layer past
+    L2_PREFETCH_MAX_LAYER_BYTES, XLA asked for, or not a 16-bit GPU run under 'auto')."""
     _check_impl(impl)
     impl = DENSE_FORCE or impl
-    if not L2_PREFETCH_BYTES or impl == "xla" or rows > L2_PREFETCH_MAX_ROWS:
+    if (not L2_PREFETCH_BYTES or impl == "xla" or rows > L2_PREFETCH_MAX_ROWS
+            or layer_bytes > L2_PREFETCH_MAX_LAYER_BYTES):
         return None
     if impl in ("pallas", "interpret"):
         return impl
@@ -488,6 +496,6 @@ def settings() -> str:
              "DENSE_AFTER_ROUTER", "ROUTER_OWN_NORM", "ONE_ROW_PADDED_MAX_WEIGHT", "ONE_ROW_STREAM_ROWS",
              "ONE_ROW_STREAM_ROWS_MOE", "TARGET_GPU",
              "DECODE_TARGET_PROGRAMS", "L2_PREFETCH_BYTES", "L2_PREFETCH_PROGRAMS",
-             "L2_PREFETCH_EVICTION", "L2_PREFETCH_MAX_ROWS")
+             "L2_PREFETCH_EVICTION", "L2_PREFETCH_MAX_ROWS", "L2_PREFETCH_MAX_LAYER_BYTES")
     return ",".join([f"{n}={globals()[n]!r}" for n in names]
                     + [f"gemv.{n}={getattr(gemv, n)!r}" for n in ("TARGET_PROGRAMS", "MIN_BLOCK_N", "MAX_SPLIT_K")])

@@ -66,17 +66,50 @@ def test_budget_counts_takes_weights_whole_in_order():
 
 
 def test_resolve_prefetch(monkeypatch):
-    """Off by default; with a budget, 16-bit decode-sized calls on a GPU under auto, any dtype in interpret mode,
-    never under xla or past the row limit."""
-    assert dispatch.resolve_prefetch("auto", rows=1, platform="cuda") is None  # off
+    """With a budget (the default's, 24 MiB), 16-bit decode-sized calls on a GPU under auto, any dtype in interpret
+    mode; never when off, under xla, past the row limit or in a layer past the weight limit."""
+    small = dispatch.L2_PREFETCH_MAX_LAYER_BYTES
+    assert dispatch.L2_PREFETCH_BYTES == 24 << 20
+    assert dispatch.resolve_prefetch("auto", rows=4, layer_bytes=small, platform="cuda") == "pallas"
+    assert dispatch.resolve_prefetch("auto", rows=4, layer_bytes=small + 1, platform="cuda") is None
+    assert dispatch.resolve_prefetch("auto", rows=4, layer_bytes=small, dtype=jnp.float32, platform="cuda") is None
+    assert dispatch.resolve_prefetch("auto", rows=4, layer_bytes=small, platform="cpu") is None
+    assert dispatch.resolve_prefetch("interpret", rows=4, layer_bytes=small, dtype=jnp.float32,
+                                     platform="cpu") == "interpret"
+    assert dispatch.resolve_prefetch("interpret", rows=4, layer_bytes=small + 1, platform="cpu") is None
+    assert dispatch.resolve_prefetch("xla", rows=4, layer_bytes=small, platform="cuda") is None
+    assert dispatch.resolve_prefetch("auto", rows=dispatch.L2_PREFETCH_MAX_ROWS + 1, layer_bytes=small,
+                                     platform="cuda") is None
+    monkeypatch.setattr(dispatch, "L2_PREFETCH_BYTES", 0)
+    assert dispatch.resolve_prefetch("auto", rows=1, layer_bytes=small, platform="cuda") is None  # off
     monkeypatch.setattr(dispatch, "L2_PREFETCH_BYTES", 2**20)
-    assert dispatch.resolve_prefetch("auto", rows=4, platform="cuda") == "pallas"
-    assert dispatch.resolve_prefetch("auto", rows=4, dtype=jnp.float32, platform="cuda") is None
-    assert dispatch.resolve_prefetch("auto", rows=4, platform="cpu") is None
-    assert dispatch.resolve_prefetch("interpret", rows=4, dtype=jnp.float32, platform="cpu") == "interpret"
-    assert dispatch.resolve_prefetch("xla", rows=4, platform="cuda") is None
-    assert dispatch.resolve_prefetch("auto", rows=dispatch.L2_PREFETCH_MAX_ROWS + 1, platform="cuda") is None
     assert "L2_PREFETCH_BYTES=1048576" in dispatch.settings()  # programs kept across processes are keyed by it
+
+
+def test_the_layer_limit_takes_the_small_models_only():
+    """The rule's intent at the real shapes in bf16: every layer of E2B and E4B (measured faster with the prefetch)
+    is within the weight limit, every layer of 26B-A4B and 31B (not measured) past it."""
+    from gemma4_jax.config import PRESETS, Gemma4Config
+    from gemma4_jax.parallel.stages import layer_param_bytes
+
+    for preset, within in (("e2b", True), ("e4b", True), ("26b-a4b", False), ("31b", False)):
+        sizes = layer_param_bytes(Gemma4Config.from_hf_dict(PRESETS[preset]), 2)
+        assert ((sizes <= dispatch.L2_PREFETCH_MAX_LAYER_BYTES) == within).all(), preset
+
+
+def test_a_layer_counts_its_own_weight_bytes(hf_dirs):
+    """`DecoderLayer.weight_bytes`, which the rule reads, is the layer's parameter bytes (stages' count), experts
+    included."""
+    from gemma4_jax.parallel.stages import layer_param_bytes
+
+    for family in ("e2b", "26b-a4b"):
+        model = gemma4_jax.load(hf_dirs[family, "causal"], dtype="float32", attn_impl="xla", progress=False)
+        from gemma4_jax.model.text import merge
+
+        layers = merge(model.graphdef, model.state).layers
+        want = layer_param_bytes(model.config, 4)
+        got = [layer.weight_bytes() for layer in layers]
+        assert got == list(want), (family, got, list(want))
 
 
 def _live(jaxpr) -> list:
@@ -112,7 +145,8 @@ def test_a_decode_step_prefetches_each_layers_next_weights(hf_dirs, monkeypatch)
     _, cache = prefill(model.graphdef, model.state, jnp.asarray(ids[:, :5]), jnp.asarray([5]), cache)
     tok, pos = jnp.asarray(ids[:, 5]), jnp.asarray([5], jnp.int32)
     # the prefetch in interpret mode, the projections on XLA (`resolve_prefetch`'s own rule is tested above)
-    monkeypatch.setattr(dispatch, "resolve_prefetch", lambda impl, rows, dtype: "interpret" if rows <= 4 else None)
+    monkeypatch.setattr(dispatch, "resolve_prefetch",
+                        lambda impl, rows, layer_bytes, dtype: "interpret" if rows <= 4 else None)
     d, f, nh = cfg.hidden_size, cfg.layers[0].mlp_width, cfg.num_heads * cfg.layers[0].head_dim
     budget = 4 * (nh * d + d * f + d)  # the output projection, the gate and one row of up, in float32
     steps = {}

@@ -166,7 +166,8 @@ def add_decode_arguments(p) -> None:
                         "combining kernel (dispatch.DECODE_TARGET_PROGRAMS; default: the kernel's, 128)")
     p.add_argument("--l2-prefetch-bytes", type=int, default=None, metavar="BYTES",
                    help="at a decode step, once a layer's queries are projected, one kernel reads up to BYTES of the "
-                        "weights the layer streams next into L2 (dispatch.L2_PREFETCH_BYTES; 0, the default: off)")
+                        "weights the layer streams next into L2 (dispatch.L2_PREFETCH_BYTES; 0: off; default: the "
+                        "library's, 24 MiB, in layers of at most dispatch.L2_PREFETCH_MAX_LAYER_BYTES)")
     p.add_argument("--l2-prefetch-programs", type=int, default=None, metavar="P",
                    help="the L2 prefetch kernel's programs (dispatch.L2_PREFETCH_PROGRAMS; default: the library's)")
     from gemma4_jax.kernels.l2_prefetch import EVICTIONS
@@ -342,7 +343,8 @@ def _header(args, cfg) -> dict:
                 1, cfg.num_experts > 0),
             "decode_target_programs": getattr(args, "decode_target_programs", None)
             or _dispatch().DECODE_TARGET_PROGRAMS,
-            "l2_prefetch_bytes": getattr(args, "l2_prefetch_bytes", None) or _dispatch().L2_PREFETCH_BYTES,
+            "l2_prefetch_bytes": _dispatch().L2_PREFETCH_BYTES if getattr(args, "l2_prefetch_bytes", None) is None
+            else args.l2_prefetch_bytes,
             "l2_prefetch_programs": getattr(args, "l2_prefetch_programs", None) or _dispatch().L2_PREFETCH_PROGRAMS,
             "l2_prefetch_eviction": getattr(args, "l2_prefetch_eviction", None) or _dispatch().L2_PREFETCH_EVICTION,
             "decode_scheduling": getattr(args, "decode_scheduling", None) or _programs().DECODE_SCHEDULING,

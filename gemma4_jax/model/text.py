@@ -194,11 +194,12 @@ def residual_after(eq: str, x_btd: jax.Array, h: jax.Array, w: jax.Array, post_d
     return x_btd + rms_norm(jnp.broadcast_to(y, (stream_rows, *y.shape[1:])), post_d, eps), None
 
 
-def prefetch_weights(ws: list[jax.Array], start: jax.Array, rows: int, impl: str = "auto") -> jax.Array | None:
-    """At a decode step of `rows` rows (`dispatch.resolve_prefetch`), one kernel reads the first
-    `dispatch.L2_PREFETCH_BYTES` of the weights `ws`, in order, into L2 once `start` is computed
+def prefetch_weights(ws: list[jax.Array], start: jax.Array, rows: int, layer_bytes: int,
+                     impl: str = "auto") -> jax.Array | None:
+    """At a decode step of `rows` rows in a layer of `layer_bytes` (`dispatch.resolve_prefetch`), one kernel reads
+    the first `dispatch.L2_PREFETCH_BYTES` of the weights `ws`, in order, into L2 once `start` is computed
     (`l2_prefetch.prefetch`). Returns what a later result must wait for (`after`), or None where nothing runs."""
-    choice = dispatch.resolve_prefetch(impl, rows=rows, dtype=ws[0].dtype)
+    choice = dispatch.resolve_prefetch(impl, rows=rows, layer_bytes=layer_bytes, dtype=ws[0].dtype)
     if choice is None:
         return None
     counts = l2_prefetch.budget_counts([w.size for w in ws], ws[0].dtype.itemsize, dispatch.L2_PREFETCH_BYTES)
@@ -409,7 +410,8 @@ class DecoderLayer(nnx.Module):
             q, *kv = norm_linears(x_btd, self.input_norm[...], eps, self.attn.projections(owns), impl)
             # the projections' input is ready: the next weights stream into L2 beside the attention block's chain
             # (started from the queries' norm and RoPE instead, the step's chain grew a kernel a layer)
-            token = prefetch_weights(self.weights_after_queries(), q, x_btd.shape[0] * x_btd.shape[1], impl)
+            token = prefetch_weights(self.weights_after_queries(), q, x_btd.shape[0] * x_btd.shape[1],
+                                     self.weight_bytes(), impl)
             q = self.attn.queries(q, cos, sin)
             kv = self.attn.keys_values(kv[0], kv[-1], cos, sin) if owns else None  # kv[-1] is kv[0] if k_eq_v
             o, aux = attend(q, kv)
@@ -442,6 +444,10 @@ class DecoderLayer(nnx.Module):
                 x = x + rms_norm(linear("BTP,PD->BTD", g, self.ple_proj[...], impl), self.ple_post_norm[...], eps)
         x = x * self.layer_scalar[...]
         return (x if token is None else after(x, token)), aux
+
+    def weight_bytes(self) -> int:
+        """Bytes of this layer's own weights (its experts' included)."""
+        return sum(v.size * v.dtype.itemsize for v in jax.tree.leaves(nnx.state(self, nnx.Param)))
 
     def weights_after_queries(self) -> list[jax.Array]:
         """The weights this layer streams after its q/k/v projections, in the order it reads them: the output
