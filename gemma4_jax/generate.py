@@ -31,7 +31,7 @@ from .cli import (
     use_compile_cache,
 )
 from .errors import ConfigError, Gemma4Error
-from .generation.options import check_sampling
+from .generation.options import check_context, check_sampling
 from .tokenizer import StreamDecoder
 
 THOUGHTS_LABEL = "[thoughts] "  # what opens a prompt's line of thoughts on stderr (--show-thoughts)
@@ -137,17 +137,6 @@ def check_args(args: argparse.Namespace) -> None:
                 raise gemma4_jax.ConfigError(f"{kind} file {path!r} does not exist")
 
 
-def check_lengths(ids: list[list[int]], where: list[int], max_new_tokens: int, context: int) -> None:
-    """Each prompt and its new tokens fit the context, or one sentence naming the first that does not
-    (prompt `where[j] + 1`: the N-th --prompt, or stdin's line N), before any prompt is generated."""
-    for j, p in zip(where, ids, strict=True):
-        if len(p) > context:
-            raise ConfigError(f"prompt {j + 1} is {len(p)} tokens long, more than the context of {context}")
-        if len(p) + max_new_tokens > context:
-            raise ConfigError(f"prompt {j + 1} is {len(p)} tokens long: with --max-new-tokens {max_new_tokens} it "
-                              f"exceeds the context of {context}")
-
-
 class ThoughtLine:
     """Streamed thoughts written the way the batched path writes a whole prompt's: `[thoughts] …` and a newline
     (`close()`), without the channel's leading and trailing whitespace (`split_thoughts` strips it); nothing when
@@ -193,7 +182,8 @@ def run(args: argparse.Namespace, stdin=sys.stdin, out=sys.stdout, err=sys.stder
         ids, soft = model.media_prompt(texts, args.image, args.audio, args.image_tokens, args.chat)
     else:
         ids = [tok.encode_chat(p, args.think) if args.chat else tok.encode(p) for p in texts]
-    check_lengths(ids, todo, args.max_new_tokens, model.context)
+    check_context([len(p) for p in ids], args.max_new_tokens, model.context, who=lambda i: f"prompt {todo[i] + 1}",
+                  new="--max-new-tokens")
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed)
     stops = set(model.stop_tokens)

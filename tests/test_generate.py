@@ -130,6 +130,22 @@ def test_prompt_longer_than_context_fails_clearly(hf_dirs):
         model.generate([list(range(3, 30))], max_new_tokens=8)
 
 
+def test_one_length_rule_names_the_first_prompt_past_the_context():
+    """`check_context`, the rule the loop, the engine and the command line share: a prompt plus its new tokens may
+    fill the context exactly; the first prompt past it is named, alone or with its new tokens."""
+    from gemma4_jax.generation.options import check_context
+
+    check_context([3, 5], 3, 8)
+    check_context([3, 5], [5, 3], 8)
+    with pytest.raises(gemma4_jax.ConfigError, match=r"^a prompt is 6 tokens long: with max_new_tokens 3 it exceeds "
+                                                     r"the context of 8$"):
+        check_context([3, 6, 9], 3, 8)
+    with pytest.raises(gemma4_jax.ConfigError, match=r"^prompt 2 is 5 tokens long: with --max-new-tokens 4 it"):
+        check_context([3, 5], [5, 4], 8, who=lambda i: f"prompt {i + 1}", new="--max-new-tokens")
+    with pytest.raises(gemma4_jax.ConfigError, match=r"^a prompt is 9 tokens long, more than the context of 8$"):
+        check_context([9], 0, 8)
+
+
 def test_decode_program_reads_layer_weights_in_place():
     """The model keeps one array per layer weight, so the compiled decode step slices no weight (on the GPU a
     slice of a stacked weight is a device-to-device copy of the weight every step)."""

@@ -36,7 +36,7 @@ from ..errors import ConfigError
 from ..model.text import merge
 from .cache import KVCache, init_cache, put_rows
 from .loop import DecodeState, bucket, decode_step, extend, sample
-from .options import Sampling
+from .options import Sampling, check_context
 from .programs import program
 
 PIECE_MIN = 256
@@ -131,9 +131,8 @@ def run_slots(graphdef, params, cfg, prompts: Sequence[Sequence[int]], limits: S
         raise ConfigError("every token limit must be at least 1")
     if not n:
         return []
+    check_context([len(p) for p in prompts], limits, context)
     longest = max(len(p) + m for p, m in zip(prompts, limits, strict=True))
-    if longest > context:
-        raise ConfigError(f"a prompt plus its new tokens ({longest}) exceeds the context of {context}")
     max_len = min(bucket(longest), context)
     stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
     job = dict(prompts=prompts, limits=limits, slots=slots, max_len=max_len, context=context, sampling=sampling,

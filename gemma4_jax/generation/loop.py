@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..kernels import dispatch
 from ..model.text import merge
 from .cache import DecodeAttender, ExtendAttender, KVCache, PrefillAttender, init_cache, put_rows, take_rows
-from .options import Sampling, bucket  # noqa: F401 (re-exported: sampling options and shape buckets live there)
+from .options import Sampling, bucket, check_context  # noqa: F401 (re-exported: sampling options and shape buckets live there)
 from .programs import program
 
 F32 = jnp.float32
@@ -216,10 +216,8 @@ def generate_tokens(graphdef, params, cfg, prompts: list[list[int]], *, max_new_
         raise ConfigError("every prompt needs at least one token")
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    check_context([len(p) for p in prompts], max_new_tokens, context)
     longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > context:
-        raise ConfigError(f"a prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the context "
-                          f"of {context}")
     b = len(prompts)
     t = min(bucket(longest), context)
     max_len = min(bucket(longest + max_new_tokens), context)

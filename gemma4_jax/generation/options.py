@@ -3,6 +3,7 @@ their flags with these before they import anything heavy or load a model."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +14,19 @@ from ..errors import ConfigError
 def bucket(n: int, minimum: int = 16) -> int:
     """Round up to a power of two (at least `minimum`) so that few shapes get compiled."""
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def check_context(lengths, new_tokens, context: int, *, who: Callable[[int], str] = lambda i: "a prompt",
+                  new: str = "max_new_tokens") -> None:
+    """The one length rule of a generation: prompt i (`lengths[i]` tokens) plus its new tokens (`new_tokens`, one
+    count for all or one each) within `context`; else one sentence on the first prompt past it, named `who(i)`, its
+    count of new tokens named `new`."""
+    counts = [new_tokens] * len(lengths) if isinstance(new_tokens, int) else list(new_tokens)
+    for i, (n, m) in enumerate(zip(lengths, counts, strict=True)):
+        if n > context:
+            raise ConfigError(f"{who(i)} is {n} tokens long, more than the context of {context}")
+        if n + m > context:
+            raise ConfigError(f"{who(i)} is {n} tokens long: with {new} {m} it exceeds the context of {context}")
 
 
 @dataclass(frozen=True)
