@@ -265,6 +265,8 @@ def test_converter_unwritable_out_and_full_disk(tmp_path):
     (tmp_path / "a_file").write_text("x")
     r = _convert(tmp_path / "a_file" / "out")
     _one_sentence(r, 1, "a_file is a file, not a directory", log_lines=True)
+    r = _convert("/proc/gemma4-conv")  # no one can create a file there, root included (its permissions say yes)
+    _one_sentence(r, 1, "cannot write /proc/gemma4-conv: /proc is not writable", log_lines=True)
 
     def small_files():  # every file the converter writes may hold 100 KB: the first stage's table fails
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))

@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.experimental.v1 import partial
 from tqdm.auto import tqdm
 
+from ..cli import probe_write
 from ..config import Gemma4Config
 from ..errors import CheckpointError, ConfigError
 from ..model.text import target_shapes
@@ -188,8 +189,10 @@ def check_output(hf_dir: str, out: str, overwrite: bool = False) -> str:
         base = os.path.dirname(base)
     if not os.path.isdir(base):
         raise ConfigError(f"cannot write {out}: {base} is a file, not a directory")
-    if not os.access(base, os.W_OK):
-        raise ConfigError(f"cannot write {out}: {base} is not writable")
+    try:
+        probe_write(base)  # permissions alone miss read-only mounts and root squash
+    except OSError:
+        raise ConfigError(f"cannot write {out}: {base} is not writable") from None
     return out
 
 
