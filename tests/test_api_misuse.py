@@ -20,7 +20,7 @@ def demo():
     (dict(max_seq_len=0), "max_seq_len must be a positive integer (or None: the model's context), got 0"),
     (dict(max_seq_len=-5), "max_seq_len must be a positive integer"),
     (dict(max_seq_len=2.5), "max_seq_len must be a positive integer"),
-    (dict(layer_split="a,b"), "must be comma-separated integers like 0,21,42, got 'a,b'"),  # the converter's parser
+    (dict(layer_split="a,b"), "a layer split must be comma-separated integers like 0,21,42, got 'a,b'"),
     (dict(layer_split="0,3"), "a layer split must run from 0 to 6"),
     (dict(layer_split="0,3,6"), "layer_split 0,3,6 makes 2 stages but pp=1"),
     (dict(layer_split=[0, 3.0, 6], pp=2), "or a sequence of integers), got [0, 3.0, 6]"),

@@ -74,7 +74,7 @@ def parse_layer_split(text: str, num_layers: int) -> tuple[Stage, ...]:
     try:
         bounds = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ConfigError(f"--layer-split must be comma-separated integers like 0,21,42, got {text!r}") from None
+        raise ConfigError(f"a layer split must be comma-separated integers like 0,21,42, got {text!r}") from None
     return stages_from_bounds(bounds, num_layers)
 
 
