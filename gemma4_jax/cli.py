@@ -132,6 +132,14 @@ def default_compile_cache() -> str:
     return os.path.join(base, "gemma4_jax", "jax")
 
 
+def check_cwd() -> None:
+    """One sentence where the current directory was removed under the process: relative paths cannot resolve."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        raise ConfigError("the current directory no longer exists; change to one that does and run again") from None
+
+
 def probe_write(folder: str) -> None:
     """Make and remove one file in `folder`; OSError where it cannot take a new entry (permissions alone miss
     read-only mounts, /proc and root squash)."""

@@ -276,6 +276,24 @@ def test_converter_unwritable_out_and_full_disk(tmp_path):
     assert _leftovers(tmp_path, "full") == []
 
 
+def test_a_removed_current_directory_is_one_sentence(tmp_path):
+    """The converter and the eval script, run from a directory removed under them (relative paths cannot resolve):
+    one sentence, nothing written."""
+    gone = tmp_path / "gone"
+
+    def in_a_removed_directory():
+        os.chdir(gone)
+        os.rmdir(gone)
+
+    for argv in ([os.path.join(ROOT, "tools/convert_checkpoint.py"), "--hf-dir", demo_path(), "--out", "conv",
+                  "--no-progress"],
+                 [os.path.join(ROOT, "tools/eval_gsm8k.py"), "--limit", "1", "--quiet"]):
+        gone.mkdir()
+        r = _run(argv, preexec_fn=in_a_removed_directory)
+        _one_sentence(r, 1, "the current directory no longer exists")
+        assert os.listdir(tmp_path) == []
+
+
 def test_converted_directory_is_an_ordinary_directory(tmp_path):
     r = _convert(tmp_path / "conv")
     assert r.returncode == 0, r.stderr

@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.experimental.v1 import partial
 from tqdm.auto import tqdm
 
-from ..cli import probe_write
+from ..cli import check_cwd, probe_write
 from ..config import Gemma4Config
 from ..errors import CheckpointError, ConfigError
 from ..model.text import target_shapes
@@ -165,6 +165,7 @@ def check_output(hf_dir: str, out: str, overwrite: bool = False) -> str:
     it; the current or the home directory, or a folder holding either; an existing file or non-empty directory
     without `overwrite`, and with it anything but an earlier conversion; a place that cannot take new entries.
     Paths are compared as real paths (symbolic links resolved). Writes nothing."""
+    check_cwd()
     if not os.fspath(hf_dir).strip():
         raise ConfigError("--hf-dir is empty; name the Hugging Face checkpoint directory to convert")
     if not os.fspath(out).strip():

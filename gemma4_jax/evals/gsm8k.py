@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 import gemma4_jax
 
 from ..chat import split_thoughts
-from ..cli import probe_write
+from ..cli import check_cwd, probe_write
 from ..errors import Gemma4Error
 
 INSTRUCTION = "Solve step by step and give the final answer after ####."
@@ -310,6 +310,7 @@ def evaluate(model, examples: Sequence[dict], *, batch_size: int = 8, max_new_to
 def check_out(out: str) -> str:
     """The records file beside `out`, once both paths are usable: checked before any work (no data read, no model
     loaded, nothing left on disk), so that a bad --out fails in a second with one sentence, not after the evaluation."""
+    check_cwd()
     if not out:
         raise DataError("--out is empty; give a file name such as gsm8k_results.json")
     if out.endswith(("/", os.sep)) or os.path.isdir(out):
