@@ -168,6 +168,9 @@ def add_decode_arguments(p) -> None:
                    help="at a decode step, once a layer's queries are projected, one kernel reads up to BYTES of the "
                         "weights the layer streams next into L2 (dispatch.L2_PREFETCH_BYTES; 0: off; default: the "
                         "library's, 24 MiB, in layers of at most dispatch.L2_PREFETCH_MAX_LAYER_BYTES)")
+    p.add_argument("--l2-prefetch-max-layer-bytes", type=int, default=None, metavar="BYTES",
+                   help="only layers whose own weights come to at most BYTES prefetch (dispatch."
+                        "L2_PREFETCH_MAX_LAYER_BYTES; default: the library's, 256 MiB, every layer of E2B and E4B)")
     p.add_argument("--l2-prefetch-programs", type=int, default=None, metavar="P",
                    help="the L2 prefetch kernel's programs (dispatch.L2_PREFETCH_PROGRAMS; default: the library's)")
     from gemma4_jax.kernels.l2_prefetch import EVICTIONS
@@ -345,6 +348,8 @@ def _header(args, cfg) -> dict:
             or _dispatch().DECODE_TARGET_PROGRAMS,
             "l2_prefetch_bytes": _dispatch().L2_PREFETCH_BYTES if getattr(args, "l2_prefetch_bytes", None) is None
             else args.l2_prefetch_bytes,
+            "l2_prefetch_max_layer_bytes": getattr(args, "l2_prefetch_max_layer_bytes", None)
+            or _dispatch().L2_PREFETCH_MAX_LAYER_BYTES,
             "l2_prefetch_programs": getattr(args, "l2_prefetch_programs", None) or _dispatch().L2_PREFETCH_PROGRAMS,
             "l2_prefetch_eviction": getattr(args, "l2_prefetch_eviction", None) or _dispatch().L2_PREFETCH_EVICTION,
             "decode_scheduling": getattr(args, "decode_scheduling", None) or _programs().DECODE_SCHEDULING,
@@ -398,6 +403,8 @@ def apply_decode_settings(args) -> None:
         dispatch.DECODE_TARGET_PROGRAMS = args.decode_target_programs
     if getattr(args, "l2_prefetch_bytes", None) is not None:
         dispatch.L2_PREFETCH_BYTES = args.l2_prefetch_bytes
+    if getattr(args, "l2_prefetch_max_layer_bytes", None):
+        dispatch.L2_PREFETCH_MAX_LAYER_BYTES = args.l2_prefetch_max_layer_bytes
     if getattr(args, "l2_prefetch_programs", None):
         dispatch.L2_PREFETCH_PROGRAMS = args.l2_prefetch_programs
     if getattr(args, "l2_prefetch_eviction", None):
