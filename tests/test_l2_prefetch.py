@@ -184,3 +184,50 @@ def test_a_decode_step_prefetches_each_layers_next_weights(hf_dirs, monkeypatch)
         steps[on] = np.asarray(step)
     np.testing.assert_array_equal(steps[budget], steps[0])
     assert rel_err(steps[budget], full[:, 5]) <= 1e-4
+
+
+def test_the_second_point_reads_the_per_layer_input_and_the_next_projections(hf_dirs, monkeypatch):
+    """With `L2_PREFETCH_NEXT_BYTES` (and the first point off), each layer of a decode step launches one prefetch
+    once its MLP is done, over its per-layer-input weights and then the next layer's q/k/v projections (the last
+    layer: its own alone), whole within the budget; the step's results depend on each, and its logits equal, bit
+    for bit, the same step's without it (float32)."""
+    from gemma4_jax.generation.loop import decode_step
+    from gemma4_jax.model.text import merge
+
+    model = gemma4_jax.load(hf_dirs["e2b", "causal"], dtype="float32", attn_impl="xla", progress=False)
+    cfg = model.config
+    ids = np.random.default_rng(4).integers(3, 256, size=(1, 6)).astype(np.int32)
+    cache = init_cache(cfg, 1, 16, jnp.float32)
+    _, cache = prefill(model.graphdef, model.state, jnp.asarray(ids[:, :5]), jnp.asarray([5]), cache)
+    tok, pos = jnp.asarray(ids[:, 5]), jnp.asarray([5], jnp.int32)
+    monkeypatch.setattr(dispatch, "resolve_prefetch",
+                        lambda impl, rows, layer_bytes, dtype: "interpret" if rows <= 4 else None)
+    monkeypatch.setattr(dispatch, "L2_PREFETCH_BYTES", 0)
+    d, n = cfg.hidden_size, cfg.num_heads
+    steps = {}
+    for on in (0, 2**30):  # the launches
+        monkeypatch.setattr(dispatch, "L2_PREFETCH_NEXT_BYTES", on)
+        jax.clear_caches()
+        jaxpr = jax.make_jaxpr(lambda c, t, p: decode_step(merge(model.graphdef, model.state), c, t, p))(cache, tok,
+                                                                                                          pos)
+        calls = [e for e in all_eqns(jaxpr.jaxpr) if e.primitive.name in ("jit", "pjit")
+                 and e.params["name"] == "prefetch"]
+        live = {id(e) for e in _live(jaxpr.jaxpr)}
+        if not on:
+            assert not calls
+            continue
+        assert len(calls) == cfg.num_layers and all(id(e) in live for e in calls), len(calls)
+        for e, spec in zip(calls, cfg.layers, strict=True):
+            want = [(d, cfg.ple_dim), (cfg.ple_dim, d)]
+            if spec.index + 1 < cfg.num_layers:
+                nxt = cfg.layers[spec.index + 1]
+                want.append((d, n, nxt.head_dim))
+                if nxt.owns_kv:
+                    want += [(d, nxt.num_kv_heads, nxt.head_dim)] * (1 if nxt.k_eq_v else 2)
+            assert [v.aval.shape for v in e.invars][:-1] == want, (spec.index, [v.aval.shape for v in e.invars])
+    for on in (2**30, 0):
+        monkeypatch.setattr(dispatch, "L2_PREFETCH_NEXT_BYTES", on)
+        jax.clear_caches()
+        step, _ = decode_logits(model.graphdef, model.state, jax.tree.map(jnp.copy, cache), tok, pos)  # donated
+        steps[on] = np.asarray(step)
+    np.testing.assert_array_equal(steps[2**30], steps[0])

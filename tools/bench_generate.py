@@ -168,6 +168,9 @@ def add_decode_arguments(p) -> None:
                    help="at a decode step, once a layer's queries are projected, one kernel reads up to BYTES of the "
                         "weights the layer streams next into L2 (dispatch.L2_PREFETCH_BYTES; 0: off; default: the "
                         "library's, 24 MiB, in layers of at most dispatch.L2_PREFETCH_MAX_LAYER_BYTES)")
+    p.add_argument("--l2-prefetch-next-bytes", type=int, default=None, metavar="BYTES",
+                   help="a second L2 prefetch once a layer's MLP is done: up to BYTES of its per-layer-input weights "
+                        "and the next layer's q/k/v projections (dispatch.L2_PREFETCH_NEXT_BYTES; default 0: off)")
     p.add_argument("--l2-prefetch-max-layer-bytes", type=int, default=None, metavar="BYTES",
                    help="only layers whose own weights come to at most BYTES prefetch (dispatch."
                         "L2_PREFETCH_MAX_LAYER_BYTES; default: the library's, 256 MiB, every layer of E2B and E4B)")
@@ -348,6 +351,8 @@ def _header(args, cfg) -> dict:
             or _dispatch().DECODE_TARGET_PROGRAMS,
             "l2_prefetch_bytes": _dispatch().L2_PREFETCH_BYTES if getattr(args, "l2_prefetch_bytes", None) is None
             else args.l2_prefetch_bytes,
+            "l2_prefetch_next_bytes": _dispatch().L2_PREFETCH_NEXT_BYTES
+            if getattr(args, "l2_prefetch_next_bytes", None) is None else args.l2_prefetch_next_bytes,
             "l2_prefetch_max_layer_bytes": getattr(args, "l2_prefetch_max_layer_bytes", None)
             or _dispatch().L2_PREFETCH_MAX_LAYER_BYTES,
             "l2_prefetch_programs": getattr(args, "l2_prefetch_programs", None) or _dispatch().L2_PREFETCH_PROGRAMS,
@@ -403,6 +408,8 @@ def apply_decode_settings(args) -> None:
         dispatch.DECODE_TARGET_PROGRAMS = args.decode_target_programs
     if getattr(args, "l2_prefetch_bytes", None) is not None:
         dispatch.L2_PREFETCH_BYTES = args.l2_prefetch_bytes
+    if getattr(args, "l2_prefetch_next_bytes", None) is not None:
+        dispatch.L2_PREFETCH_NEXT_BYTES = args.l2_prefetch_next_bytes
     if getattr(args, "l2_prefetch_max_layer_bytes", None):
         dispatch.L2_PREFETCH_MAX_LAYER_BYTES = args.l2_prefetch_max_layer_bytes
     if getattr(args, "l2_prefetch_programs", None):

@@ -194,15 +194,19 @@ def residual_after(eq: str, x_btd: jax.Array, h: jax.Array, w: jax.Array, post_d
     return x_btd + rms_norm(jnp.broadcast_to(y, (stream_rows, *y.shape[1:])), post_d, eps), None
 
 
-def prefetch_weights(ws: list[jax.Array], start: jax.Array, rows: int, layer_bytes: int,
-                     impl: str = "auto") -> jax.Array | None:
+def prefetch_weights(ws: list[jax.Array], start: jax.Array, rows: int, layer_bytes: int, impl: str = "auto",
+                     budget: int | None = None) -> jax.Array | None:
     """At a decode step of `rows` rows in a layer of `layer_bytes` (`dispatch.resolve_prefetch`), one kernel reads
-    the first `dispatch.L2_PREFETCH_BYTES` of the weights `ws`, in order, into L2 once `start` is computed
-    (`l2_prefetch.prefetch`). Returns what a later result must wait for (`after`), or None where nothing runs."""
+    the first `budget` bytes (default `dispatch.L2_PREFETCH_BYTES`) of the weights `ws`, in order, into L2 once
+    `start` is computed (`l2_prefetch.prefetch`). Returns what a later result must wait for (`after`), or None where
+    nothing runs."""
+    budget = dispatch.L2_PREFETCH_BYTES if budget is None else budget
+    if not ws or not budget:
+        return None
     choice = dispatch.resolve_prefetch(impl, rows=rows, layer_bytes=layer_bytes, dtype=ws[0].dtype)
     if choice is None:
         return None
-    counts = l2_prefetch.budget_counts([w.size for w in ws], ws[0].dtype.itemsize, dispatch.L2_PREFETCH_BYTES)
+    counts = l2_prefetch.budget_counts([w.size for w in ws], ws[0].dtype.itemsize, budget)
     if not counts[0]:
         return None
     return l2_prefetch.prefetch(ws, start, counts=counts, programs=dispatch.L2_PREFETCH_PROGRAMS,
@@ -399,19 +403,20 @@ class DecoderLayer(nnx.Module):
         self.layer_scalar = _param(rngs, (), (), dtype, stack, "ones")
 
     def __call__(self, x_btd, ple_btp, cos, sin, attend: AttendFn, owns_kv: bool | None = None,
-                 impl: str = "auto"):
+                 impl: str = "auto", next_weights: list[jax.Array] = ()):
         """`owns_kv=False` runs a KV-shared layer from a stack that also holds K/V weights (the pipeline
         stores shared layers beside their owning kind); by default the stack's own kind decides. `impl` is
         the run's kernel setting, for the MoE experts and the decode-step projections (attention gets it through
-        `attend`)."""
+        `attend`). `next_weights`: what the next layer reads first (its q/k/v projections), for the L2 prefetch
+        after this layer's MLP (`dispatch.L2_PREFETCH_NEXT_BYTES`)."""
         eps = self.eps
         with jax.named_scope("attention"):  # named scopes: device traces name the layer's parts
             owns = self.attn.owns_kv if owns_kv is None else owns_kv
             q, *kv = norm_linears(x_btd, self.input_norm[...], eps, self.attn.projections(owns), impl)
             # the projections' input is ready: the next weights stream into L2 beside the attention block's chain
             # (started from the queries' norm and RoPE instead, the step's chain grew a kernel a layer)
-            token = prefetch_weights(self.weights_after_queries(), q, x_btd.shape[0] * x_btd.shape[1],
-                                     self.weight_bytes(), impl)
+            rows, layer_bytes = x_btd.shape[0] * x_btd.shape[1], self.weight_bytes()
+            token = prefetch_weights(self.weights_after_queries(), q, rows, layer_bytes, impl)
             q = self.attn.queries(q, cos, sin)
             kv = self.attn.keys_values(kv[0], kv[-1], cos, sin) if owns else None  # kv[-1] is kv[0] if k_eq_v
             o, aux = attend(q, kv)
@@ -431,6 +436,11 @@ class DecoderLayer(nnx.Module):
                     a = after(a, w)
         with jax.named_scope("mlp"):
             f = self.mlp(x_mlp, self.pre_ffw_norm[...], eps, impl, normed=a)
+            # the MLP is done: what the step reads next (the per-layer input's weights, the next layer's
+            # projections) streams into L2 beside the chain of small kernels between the two layers
+            ple_ws = [self.ple_gate[...], self.ple_proj[...]] if self.ple_enabled else []
+            token_next = prefetch_weights(ple_ws + list(next_weights), f, rows, layer_bytes, impl,
+                                          budget=dispatch.L2_PREFETCH_NEXT_BYTES)
         if self.moe_enabled:
             with jax.named_scope("moe"):
                 dense = rms_norm(f, self.post_ffw_norm_1[...], eps)
@@ -443,7 +453,9 @@ class DecoderLayer(nnx.Module):
                 g = gelu(linear("BTD,DP->BTP", x, self.ple_gate[...], impl, into_elementwise=True)) * ple_btp
                 x = x + rms_norm(linear("BTP,PD->BTD", g, self.ple_proj[...], impl), self.ple_post_norm[...], eps)
         x = x * self.layer_scalar[...]
-        return (x if token is None else after(x, token)), aux
+        for dep in (token, token_next):
+            x = x if dep is None else after(x, dep)
+        return x, aux
 
     def weight_bytes(self) -> int:
         """Bytes of this layer's own weights (its experts' included)."""
@@ -495,7 +507,9 @@ def run_layers(layers, x_btd, ple_btlp, pos_bt, attender: Attender, dtype, taps:
     """The decoder layers in order: `layers` yields (spec, DecoderLayer, column of `ple` for it); RoPE tables
     once per attention type; attention delegated to `attender`. `taps` receives the stream entering each layer."""
     rope = {}
-    for spec, layer, j in layers:
+    layers = list(layers)
+    for i, (spec, layer, j) in enumerate(layers):
+        nxt = layers[i + 1] if i + 1 < len(layers) and dispatch.L2_PREFETCH_NEXT_BYTES else None
         if spec.attn_type not in rope:
             rope[spec.attn_type] = rope_cos_sin(pos_bt, rope_inv_freq(spec), dtype)
 
@@ -506,7 +520,8 @@ def run_layers(layers, x_btd, ple_btlp, pos_bt, attender: Attender, dtype, taps:
             taps.append(x_btd)
         with jax.named_scope(f"layer_{spec.index}"):
             x_btd, _ = layer(x_btd, ple_btlp[:, :, j] if ple_btlp is not None else None, *rope[spec.attn_type],
-                             attend, owns_kv=spec.owns_kv, impl=attender.impl)
+                             attend, owns_kv=spec.owns_kv, impl=attender.impl,
+                             next_weights=nxt[1].attn.projections(nxt[0].owns_kv) if nxt else ())
     return x_btd
 
 
