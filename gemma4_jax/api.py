@@ -24,7 +24,7 @@ from .config import Gemma4Config
 from .demo import demo_path
 from .errors import ConfigError
 from .generation.loop import generate_tokens
-from .generation.options import check_sampling
+from .generation.options import check_count, check_sampling
 from .kernels.dispatch import IMPLS
 from .model.text import Gemma4Text, merge, split
 from .multimodal import towers as mmod
@@ -218,13 +218,17 @@ class Gemma4Model:
         from .generation.engine import PREFILL_CHUNK, run_slots
 
         prompts = self._prompts(tokens)
-        limits = ([int(max_new_tokens)] * len(prompts) if isinstance(max_new_tokens, numbers.Integral)
-                  else list(max_new_tokens))
+        each = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, numbers.Integral) else max_new_tokens
+        if isinstance(each, (str, bytes, dict)) or not hasattr(each, "__iter__"):
+            raise ConfigError(f"max_new_tokens must be an integer or one integer per prompt, "
+                              f"got {max_new_tokens!r:.40}")
+        limits = [check_count("max_new_tokens", m) for m in each]
+        slots = check_count("slots", slots)
         sampling = check_sampling(max_new_tokens=max(limits, default=1), temperature=temperature, top_k=top_k,
                                   top_p=top_p, seed=seed, vocab=self.config.vocab_size)
         stops = self._stop_ids(stop_tokens)
         with precision_scope(self.run.dtype):
-            return run_slots(self.graphdef, self.state, self.config, prompts, limits, slots=int(slots),
+            return run_slots(self.graphdef, self.state, self.config, prompts, limits, slots=slots,
                              context=self.context, dtype=DTYPES[self.run.dtype], sampling=sampling, seed=int(seed),
                              stop_ids=stops, impl=self.run.attn_impl, on_done=on_done, shared_prefix=shared_prefix,
                              stats=stats, pipeline=self.pipeline,

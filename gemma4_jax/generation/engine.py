@@ -131,6 +131,7 @@ def run_slots(graphdef, params, cfg, prompts: Sequence[Sequence[int]], limits: S
         raise ConfigError("every token limit must be at least 1")
     if not n:
         return []
+    slots = min(slots, n)  # a slot without a prompt would only cost memory and time
     check_context([len(p) for p in prompts], limits, context)
     longest = max(len(p) + m for p, m in zip(prompts, limits, strict=True))
     max_len = min(bucket(longest), context)

@@ -61,13 +61,19 @@ def _number(name: str, value, kind) -> float | int:
     return kind(value)
 
 
+def check_count(name: str, value, minimum: int = 1) -> int:
+    """`value` as an int of at least `minimum` (numpy integers too), or a one-sentence ConfigError."""
+    n = _number(name, value, int)
+    if n < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {n}")
+    return n
+
+
 def check_sampling(*, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=0,
                    vocab: int | None = None) -> Sampling:
     """Types and ranges of the sampling options (before any device work: the CLIs call it before loading);
     the Sampling they describe. `vocab` None skips top_k's upper bound."""
-    n = _number("max_new_tokens", max_new_tokens, int)
-    if n < 1:
-        raise ConfigError(f"max_new_tokens must be at least 1, got {n}")
+    check_count("max_new_tokens", max_new_tokens)
     seed = _number("seed", seed, int)
     if not 0 <= seed < SEED_LIMIT:
         raise ConfigError(f"seed must be between 0 and 2**63 - 1, got {seed}")
