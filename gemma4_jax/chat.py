@@ -66,11 +66,20 @@ def _with_reasoning_aliases(message: dict) -> dict:
 
 def check_conversation(messages) -> list[dict]:
     """`messages` as a list, or one `ConfigError` sentence: it must be a non-empty list of dicts with a role."""
-    if not isinstance(messages, (list, tuple)) or not messages:
+    if not isinstance(messages, (list, tuple)):
+        raise ConfigError(f"the conversation must be a list of messages, got {type(messages).__name__} "
+                          f"{messages!r:.40}")
+    if not messages:
         raise ConfigError("the conversation is empty: give at least one message")
     bad = next((m for m in messages if not (isinstance(m, dict) and isinstance(m.get("role"), str))), None)
     if bad is not None:
         raise ConfigError(f"each message must be a dict with a 'role' (and 'content'), got {bad!r:.80}")
+    for m in messages:
+        content = m.get("content")
+        if not (content is None or isinstance(content, str) or (isinstance(content, (list, tuple))
+                                                                  and all(isinstance(p, dict) for p in content))):
+            raise ConfigError(f"a message's content must be text or a list of parts (dicts), got {content!r:.40} "
+                              f"in the {m['role']} message")
     return list(messages)
 
 

@@ -114,6 +114,13 @@ def test_bad_conversations_are_one_sentence(tok_dir):
         ours.apply_chat_template([{"role": "narrator", "content": "Once"}])
     with pytest.raises(ConfigError, match="must be a dict with a 'role'"):
         ours.apply_chat_template(["hi"])
+    with pytest.raises(ConfigError, match=r"^the conversation must be a list of messages, got str 'hi'$"):
+        ours.apply_chat_template("hi")
+    for content in (5, ["text"]):  # the template raised a TypeError on these
+        with pytest.raises(ConfigError, match="^a message's content must be text or a list of parts .* in the user "):
+            ours.apply_chat_template([{"role": "user", "content": content}])
+        with pytest.raises(ConfigError, match="^a message's content must be text"):
+            builtin_chat_prompt([{"role": "user", "content": content}])
     with pytest.raises(ConfigError, match="cannot be parsed"):
         render("{% for %}", [{"role": "user", "content": "x"}])
 
