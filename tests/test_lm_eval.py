@@ -155,7 +155,8 @@ def test_bad_settings_are_one_sentence(demo, lm):
                           ({"max_gen_toks": 4096}, "max_length"), ({"until": 3}, "until")):
         with pytest.raises(ConfigError, match=words):
             gen(kwargs)
-    for args, words in (("foo=1", "foo"), ("batch_size=auto", "batch_size"), ("max_gen_toks=0", "max_gen_toks")):
+    for args, words in (("foo=1", "foo"), ("batch_size=auto", "batch_size"), ("max_gen_toks=0", "max_gen_toks"),
+                        ("seed=-1", "^seed must be between 0 and 2"), ("seed=x", "^seed must be an integer, got 'x'")):
         with pytest.raises(ConfigError, match=words):
             lm_harness.Gemma4LM.create_from_arg_string(args)  # refused before loading anything
     with pytest.raises(ConfigError, match="context"):
@@ -193,7 +194,8 @@ def test_gsm8k_local_task_end_to_end(lm):
 
 def test_command_line_bad_input_is_one_sentence(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    for args, words in (([f"path={tmp_path / 'nope'}"], "not a directory"), (["foo=1"], "foo")):
+    for args, words in (([f"path={tmp_path / 'nope'}"], "not a directory"), (["foo=1"], "foo"),
+                        (["seed=x"], "error: seed must be an integer, got 'x'")):
         r = subprocess.run([sys.executable, "-m", "gemma4_jax.evals.lm_harness", "--model_args", *args,
                             "--tasks", "gsm8k_local"], env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 1, r.stderr

@@ -51,7 +51,7 @@ import gemma4_jax
 
 from ..cli import add_compile_cache_args, use_compile_cache
 from ..errors import ConfigError, Gemma4Error
-from ..generation.options import bucket
+from ..generation.options import bucket, check_seed
 from .gsm8k import DataError, read_jsonl
 
 MODEL_NAME = "gemma4-jax"
@@ -93,8 +93,9 @@ class Gemma4LM(LM):
                  max_length: int | None = None, max_gen_toks: int = 256, seed: int = 0, progress: bool = True,
                  model=None, **lm_eval_options):
         super().__init__()
-        check_options(batch_size=batch_size, max_length=max_length, max_gen_toks=max_gen_toks, **lm_eval_options)
-        self.batch_size, self.max_gen_toks, self.seed = _count("batch_size", batch_size), int(max_gen_toks), int(seed)
+        check_options(batch_size=batch_size, max_length=max_length, max_gen_toks=max_gen_toks, seed=seed,
+                      **lm_eval_options)
+        self.batch_size, self.max_gen_toks, self.seed = _count("batch_size", batch_size), int(max_gen_toks), _seed(seed)
         if model is None:
             model = gemma4_jax.load(path, pp=pp, dtype=dtype, attn_impl=attn_impl, max_seq_len=max_seq_len,
                                     layer_split=layer_split, progress=progress)
@@ -275,8 +276,8 @@ if __name__ != "__main__":
     register_model(MODEL_NAME)(Gemma4LM)
 
 
-def check_options(*, batch_size=8, max_length=None, max_gen_toks=256, **options) -> None:
-    """The checks of `Gemma4LM`'s own options that need no model (no unknown names, positive counts)."""
+def check_options(*, batch_size=8, max_length=None, max_gen_toks=256, seed=0, **options) -> None:
+    """The checks of `Gemma4LM`'s own options that need no model (no unknown names, positive counts, the seed)."""
     names = [p for p in inspect.signature(Gemma4LM).parameters if p not in ("model", "lm_eval_options")]
     unknown = sorted(set(options) - set(names) - set(LM_EVAL_OPTIONS))
     if unknown:
@@ -285,6 +286,14 @@ def check_options(*, batch_size=8, max_length=None, max_gen_toks=256, **options)
     _count("max_gen_toks", max_gen_toks)
     if max_length is not None:
         _count("max_length", max_length)
+    _seed(seed)
+
+
+def _seed(value) -> int:
+    """The sampling seed (lm_eval's command line hands it over as a string), by the generators' own rule."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    return check_seed(value)
 
 
 def gsm8k_dataset(gsm8k_dir: str | None = None, **_metadata):

@@ -69,14 +69,20 @@ def check_count(name: str, value, minimum: int = 1) -> int:
     return n
 
 
+def check_seed(value) -> int:
+    """The sampling seed as an int in [0, 2**63), or a one-sentence ConfigError."""
+    seed = _number("seed", value, int)
+    if not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"seed must be between 0 and 2**63 - 1, got {seed}")
+    return seed
+
+
 def check_sampling(*, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=0,
                    vocab: int | None = None) -> Sampling:
     """Types and ranges of the sampling options (before any device work: the CLIs call it before loading);
     the Sampling they describe. `vocab` None skips top_k's upper bound."""
     check_count("max_new_tokens", max_new_tokens)
-    seed = _number("seed", seed, int)
-    if not 0 <= seed < SEED_LIMIT:
-        raise ConfigError(f"seed must be between 0 and 2**63 - 1, got {seed}")
+    check_seed(seed)
     s = Sampling(float(_number("temperature", temperature, float)),
                  None if top_k is None else _number("top_k", top_k, int),
                  None if top_p is None else float(_number("top_p", top_p, float)))
