@@ -211,23 +211,31 @@ def test_bad_flags_get_one_sentence(args, match):
     _one_sentence(_gen("--prompt", "Hi", *args), 1, match)
 
 
-def test_help_shows_the_defaults():
-    """Each flag of the usage line has one entry in the list, with a help text that gives its default once at
-    most: not `(default: True)` under --no-chat, not a second `(default: None)` after --model's own words."""
-    r = _gen("--help")
-    assert r.returncode == 0 and "(default: 256)" in r.stdout and "(default: 0.0)" in r.stdout
-    usage, options = r.stdout.split("\noptions:\n")
+def _help_entries(stdout: str) -> tuple[set[str], dict[str, list[str]]]:
+    """The flags of a --help's usage line, and each flag's help texts (one per entry of the options list)."""
+    usage, options = stdout.split("\noptions:\n")
     helps = {}  # flag -> [its help text, one per entry]
     for entry in re.findall(r"^  (-.*(?:\n {3,}.*)*)", options, re.M):
         flags, _, text = entry.strip().partition("  ")
         helps.setdefault(flags.split()[0].rstrip(","), []).append(" ".join(text.split()))
-    flags = set(re.findall(r"--[\w-]+", usage))
-    assert {"--model", "--no-chat", "--top-k", "--top-p", "--compile-cache"} <= flags
+    return set(re.findall(r"--[\w-]+", usage)), helps
+
+
+@pytest.mark.parametrize("argv", [["-m", "gemma4_jax.generate"], ["tools/eval_gsm8k.py"]])
+def test_help_shows_the_defaults(argv):
+    """Each flag of the usage line has one entry in the list, with a help text that gives its default once at
+    most: not `(default: True)` under --no-chat, not a second `(default: None)` after --model's own words."""
+    r = _run([*argv, "--help"])
+    assert r.returncode == 0 and "(default: 256)" in r.stdout, r.stdout
+    flags, helps = _help_entries(r.stdout)
+    assert {"--model", "--dtype", "--max-new-tokens", "--compile-cache"} <= flags
     for flag in flags:
         assert len(helps.get(flag, [])) == 1 and helps[flag][0], (flag, helps.get(flag))
         assert helps[flag][0].count("(default") <= 1, (flag, helps[flag])
-    assert helps["--model"] == ["HF or converted checkpoint directory (default: the embedded demo model)"]
-    assert "default" not in helps["--no-chat"][0]
+    if argv[-1] == "gemma4_jax.generate":
+        assert "(default: 0.0)" in r.stdout and {"--no-chat", "--top-k", "--top-p"} <= flags
+        assert helps["--model"] == ["HF or converted checkpoint directory (default: the embedded demo model)"]
+        assert "default" not in helps["--no-chat"][0]
 
 
 def test_a_compile_cache_that_cannot_be_written_is_refused_before_loading(tmp_path):

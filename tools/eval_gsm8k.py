@@ -20,8 +20,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gemma4_jax.cli import HelpFormatter, add_cluster_args, add_compile_cache_args
+
     p = argparse.ArgumentParser(prog="tools/eval_gsm8k.py", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", default=None, help="HF or converted checkpoint directory (default: the demo model)")
     p.add_argument("--data", default=None, help="GSM8K JSON-lines file (default: openai/gsm8k via `datasets`)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
@@ -30,17 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continuous batching: a question's slot takes the next question as soon as its answer ends "
                         "(the same greedy answers as static batches; at --pp > 1 the slots are the ring's rows)")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens generated per answer")
     p.add_argument("--out", default="gsm8k_results.json", help="JSON summary (records go beside it)")
     p.add_argument("--shots", type=int, default=0, help="few-shot examples from the train set")
     p.add_argument("--shots-data", default=None, help="train-set JSON lines (default: train.jsonl beside --data)")
     p.add_argument("--resume", action="store_true", help="continue from the records of an interrupted run")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="parameters and activations (default: bfloat16 on a GPU, float32 on the CPU)")
     p.add_argument("--think", action="store_true",
                    help="the template's thinking mode; answers are read after the thought channel")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    from gemma4_jax.cli import add_cluster_args, add_compile_cache_args
-
     add_compile_cache_args(p)
     add_cluster_args(p)  # several hosts: only process 0 writes; --resume needs a file system they share
     return p
