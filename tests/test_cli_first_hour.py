@@ -329,6 +329,9 @@ def test_resume_refuses_records_made_with_other_settings(tmp_path, demo):
     gsm8k.run_eval(None, str(data), out=out, max_new_tokens=8, progress=False, log=lambda s: None)
     with pytest.raises(gemma4_jax.Gemma4Error, match="was made with .*max_new_tokens.: 8"):
         gsm8k.run_eval(None, str(data), out=out, max_new_tokens=16, resume=True, progress=False, log=lambda s: None)
+    with pytest.raises(gemma4_jax.Gemma4Error, match="was made with .*'dtype': 'float32'"):  # answers differ too
+        gsm8k.run_eval(None, str(data), out=out, max_new_tokens=8, dtype="bfloat16", resume=True, progress=False,
+                       log=lambda s: None)
     again = gsm8k.run_eval(None, str(data), out=out, max_new_tokens=8, resume=True, limit=2, progress=False,
                            log=lambda s: None)  # a smaller --limit with the same settings is fine
     assert again["total"] == 2

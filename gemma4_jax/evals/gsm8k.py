@@ -218,8 +218,9 @@ def evaluate(model, examples: Sequence[dict], *, batch_size: int = 8, max_new_to
 
     With `records_file`, the records so far are rewritten atomically after each batch (unless `write` is
     False: the other hosts of a multi-host run); with `resume`, records already there (matched by index and
-    question) are kept and not redone. Every record carries `settings` (what changes an answer: the model,
-    max_new_tokens, shots), and `resume` refuses records made with other settings.
+    question) are kept and not redone. Every record carries `settings` (what changes an answer: the model and
+    its dtype as `run_eval` gives them, max_new_tokens, shots), and `resume` refuses records made with other
+    settings.
     `on_batch(n_done)` is called after each batch (tests use it to simulate an interruption).
     """
     if model.tokenizer is None:
@@ -361,7 +362,8 @@ def run_eval(model_path: str | None, data: str | None, *, out: str, limit: int |
     path = model.path
     summary = evaluate(model, examples, batch_size=batch_size, max_new_tokens=max_new_tokens, shots=few,
                        records_file=records_file, resume=resume, progress=progress, on_batch=on_batch, write=write,
-                       settings={"model": os.path.abspath(path)}, thinking=thinking, engine=engine)
+                       settings={"model": os.path.abspath(path), "dtype": model.run.dtype}, thinking=thinking,
+                       engine=engine)
     summary = {"model": path, "data": data or "openai/gsm8k:test", "limit": limit, **summary}
     if not write:
         return summary
