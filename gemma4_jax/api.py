@@ -197,6 +197,10 @@ class Gemma4Model:
         sampling = check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                   seed=seed, vocab=self.config.vocab_size)
         prompts = self._prompts(tokens)
+        if not prompts:
+            raise ConfigError("there are no prompts: give at least one id list")
+        if on_tokens is not None and not callable(on_tokens):
+            raise ConfigError(f"on_tokens must be a function of each new block of tokens, got {on_tokens!r:.40}")
         stops = self._stop_ids(stop_tokens)
         with precision_scope(self.run.dtype):
             return generate_tokens(self.graphdef, self.state, self.config, prompts, max_new_tokens=int(max_new_tokens),
@@ -255,6 +259,8 @@ class Gemma4Model:
                 isinstance(p, str) or (isinstance(p, list) and all(isinstance(m, dict) for m in p)) for p in prompts):
             raise ConfigError("prompts must be a string or a non-empty list of strings or message lists, got "
                               f"{prompts!r:.80}")
+        if thinking and not chat:
+            raise ConfigError("thinking=True needs the chat template: drop chat=False")
         images, audio = list(images or ()), list(audio or ())
         soft = None
         if images or audio:
@@ -402,7 +408,7 @@ def bounds_text(stages: tuple) -> str:
 
 def check_pp(cfg: Gemma4Config, pp: int) -> None:
     """`pp` must be at least 1 and at most the layer count and the device count."""
-    if not isinstance(pp, int) or pp < 1:
+    if not isinstance(pp, int) or isinstance(pp, bool) or pp < 1:
         raise ConfigError(f"pp must be a positive integer, got {pp!r}")
     if pp > cfg.num_layers:
         raise ConfigError(f"pp={pp} is more stages than the model's {cfg.num_layers} layers")

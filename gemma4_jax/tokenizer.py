@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 from tokenizers import Tokenizer as _HFTokenizer
 
 from .chat import EMPTY_THOUGHTS, THINK, check_conversation, render, split_thoughts
@@ -114,16 +115,29 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of `text` with BOS exactly once at the front (when `add_bos`)."""
+        if not isinstance(text, str):
+            raise ConfigError(f"encode takes text (a str), got {type(text).__name__} {text!r:.40}")
         ids = self._tok.encode(text, add_special_tokens=False).ids
         if add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id, *ids]
         return ids
 
+    @staticmethod
+    def _check_ids(ids) -> list[int]:
+        """`ids` as a list of non-negative ints, or one ConfigError sentence. An id past the tokenizer's vocabulary
+        (a model's table may be padded beyond it) decodes to nothing, as transformers' tokenizers do."""
+        ids = [ids] if isinstance(ids, (int, np.integer)) else list(ids)
+        bad = next((i for i in ids if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0), None)
+        if bad is not None:
+            raise ConfigError(f"token ids must be non-negative integers, got {bad!r}")
+        return [int(i) for i in ids]
+
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return self._tok.decode(self._check_ids(ids), skip_special_tokens=skip_special_tokens)
 
     def id_to_token(self, i: int) -> str | None:
-        return self._tok.id_to_token(i)
+        """The token's text; None for an id past the tokenizer's vocabulary."""
+        return self._tok.id_to_token(self._check_ids([i])[0])
 
     def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True,
                             enable_thinking: bool = False, tools: list[dict] | None = None) -> str:

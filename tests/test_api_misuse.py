@@ -22,6 +22,7 @@ def demo():
     (dict(max_seq_len=2.5), "max_seq_len must be a positive integer"),
     (dict(layer_split="a,b"), "a layer split must be comma-separated integers like 0,21,42, got 'a,b'"),
     (dict(layer_split="0,3"), "a layer split must run from 0 to 6"),
+    (dict(pp=True), "pp must be a positive integer, got True"),
     (dict(layer_split="0,3,6"), "layer_split 0,3,6 makes 2 stages but pp=1"),
     (dict(layer_split=[0, 3.0, 6], pp=2), "or a sequence of integers), got [0, 3.0, 6]"),
     (dict(layer_split="0,2,4,6", pp=2), "layer_split 0,2,4,6 makes 3 stages but pp=2"),
@@ -54,3 +55,24 @@ def test_generate_takes_one_stop_id_and_refuses_what_logits_refuses(demo):
             demo.generate([ids], max_new_tokens=3, stop_tokens=bad)
     # a numpy integer is a token count too, in continuous batching as in `generate`
     assert demo.generate_continuous([ids], max_new_tokens=np.int64(3), stop_tokens=()) == [free[:3]]
+
+
+def test_generate_and_the_tokenizer_refuse_what_they_cannot_use(demo):
+    """Each a `Gemma4Error` sentence at the call (they were a misleading sentence, a TypeError mid-generation, a
+    silently ignored option, an OverflowError or a TypeError from the tokenizers library)."""
+    cases = [
+        (lambda: demo.generate([], max_new_tokens=3), "there are no prompts: give at least one id list"),
+        (lambda: demo.generate([[2, 5]], max_new_tokens=2, on_tokens=3),
+         "on_tokens must be a function of each new block of tokens, got 3"),
+        (lambda: demo.generate_text(["Hi"], chat=False, thinking=True),
+         "thinking=True needs the chat template: drop chat=False"),
+        (lambda: demo.tokenizer.decode([5, -1]), "token ids must be non-negative integers, got -1"),
+        (lambda: demo.tokenizer.decode(["a"]), "token ids must be non-negative integers, got 'a'"),
+        (lambda: demo.tokenizer.id_to_token(-2), "token ids must be non-negative integers, got -2"),
+        (lambda: demo.tokenizer.encode(None), "encode takes text (a str), got NoneType None"),
+    ]
+    for call, words in cases:
+        with pytest.raises(gemma4_jax.Gemma4Error, match=f"^{re.escape(words)}$"):
+            call()
+    ids = demo.tokenizer.encode("Hi there")
+    assert demo.tokenizer.decode(np.array(ids)) == demo.tokenizer.decode(ids)  # numpy ids still decode
