@@ -151,7 +151,8 @@ def test_bad_inputs_give_one_sentence(tmp_path):
     bad.write_text('{"question": "q", "answer": "4"}\n')
     malformed = _run("--data", str(bad), "--out", str(tmp_path / "r.json"))
     no_data = _run("--out", str(tmp_path / "r.json"))
-    for r, words in ((missing, "no data file"), (malformed, "####"), (no_data, "--data FILE.jsonl")):
+    for r, words in ((missing, "no data file"), (malformed, f"{bad} line 1: a GSM8K answer lacks its '####"),
+                     (no_data, "--data FILE.jsonl")):
         assert r.returncode == 1, r.stderr
         assert "Traceback" not in r.stderr and words in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -140,7 +140,10 @@ def read_jsonl(path: str) -> list[dict]:
             raise DataError(f"{path} line {n} is not valid JSON") from None
         if not (isinstance(row, dict) and isinstance(row.get("question"), str) and isinstance(row.get("answer"), str)):
             raise DataError(f"{path} line {n} lacks a string 'question' and 'answer'")
-        reference_answer(row["answer"])
+        try:
+            reference_answer(row["answer"])
+        except DataError as err:
+            raise DataError(f"{path} line {n}: {err}") from None
         rows.append({"question": row["question"], "answer": row["answer"]})
     if not rows:
         raise DataError(f"{path} holds no GSM8K examples")
