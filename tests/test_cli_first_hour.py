@@ -305,6 +305,10 @@ def test_a_removed_current_directory_is_one_sentence(tmp_path):
 def test_converted_directory_is_an_ordinary_directory(tmp_path):
     r = _convert(tmp_path / "conv")
     assert r.returncode == 0, r.stderr
+    again = _run(["tools/convert_checkpoint.py", "--hf-dir", str(tmp_path / "conv"), "--out", str(tmp_path / "c2"),
+                  "--no-progress"])
+    _one_sentence(again, 1, f"--hf-dir {tmp_path / 'conv'} is already a conversion")
+    assert not os.path.exists(tmp_path / "c2")
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(tmp_path / "conv").st_mode & 0o777 == 0o777 & ~umask

@@ -170,6 +170,9 @@ def check_output(hf_dir: str, out: str, overwrite: bool = False) -> str:
         raise ConfigError("--hf-dir is empty; name the Hugging Face checkpoint directory to convert")
     if not os.fspath(out).strip():
         raise ConfigError("--out is empty; name the directory to write the conversion to")
+    if _is_conversion(hf_dir):
+        raise ConfigError(f"--hf-dir {hf_dir} is already a conversion (it holds the converter's {MANIFEST}); load it "
+                          f"as it is, or convert the Hugging Face checkpoint it came from")
     out = os.path.abspath(out)
     real, src = os.path.realpath(out), os.path.realpath(hf_dir)
     if _within(real, src) or _within(src, real):
