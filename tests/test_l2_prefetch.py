@@ -129,13 +129,21 @@ def _live(jaxpr) -> list:
     return out
 
 
+def _prefetch_launches(model, cache, tok, pos) -> tuple[list, set]:
+    """The prefetch launches of a decode step's program, and the ids of the equations that reach its outputs."""
+    from gemma4_jax.generation.loop import decode_step
+    from gemma4_jax.model.text import merge
+
+    jaxpr = jax.make_jaxpr(lambda c, t, p: decode_step(merge(model.graphdef, model.state), c, t, p))(cache, tok, pos)
+    calls = [e for e in all_eqns(jaxpr.jaxpr) if e.primitive.name in ("jit", "pjit") and e.params["name"] == "prefetch"]
+    return calls, {id(e) for e in _live(jaxpr.jaxpr)}
+
+
 def test_a_decode_step_prefetches_each_layers_next_weights(hf_dirs, monkeypatch):
     """With a budget, each layer of a decode step launches one prefetch after its queries, over the weights it
     streams next in the order it reads them (output projection, gate, up, down, the per-layer input's) up to the
     budget, and the step's results depend on it (else XLA would drop the kernel); the logits are the full
     forward's and, bit for bit, those of the same step without it (float32)."""
-    from gemma4_jax.generation.loop import decode_step
-    from gemma4_jax.model.text import merge
 
     model = gemma4_jax.load(hf_dirs["e2b", "causal"], dtype="float32", attn_impl="xla", progress=False)
     cfg = model.config
@@ -153,11 +161,7 @@ def test_a_decode_step_prefetches_each_layers_next_weights(hf_dirs, monkeypatch)
     for on in (0, budget):
         monkeypatch.setattr(dispatch, "L2_PREFETCH_BYTES", on)
         jax.clear_caches()  # the knobs are read when a step is traced
-        jaxpr = jax.make_jaxpr(lambda c, t, p: decode_step(merge(model.graphdef, model.state), c, t, p))(cache, tok,
-                                                                                                          pos)
-        calls = [e for e in all_eqns(jaxpr.jaxpr) if e.primitive.name in ("jit", "pjit")
-                 and e.params["name"] == "prefetch"]
-        live = {id(e) for e in _live(jaxpr.jaxpr)}
+        calls, live = _prefetch_launches(model, cache, tok, pos)
         if not on:
             assert not calls
         else:
@@ -191,8 +195,6 @@ def test_the_second_point_reads_the_per_layer_input_and_the_next_projections(hf_
     once its MLP is done, over its per-layer-input weights and then the next layer's q/k/v projections (the last
     layer: its own alone), whole within the budget; the step's results depend on each, and its logits equal, bit
     for bit, the same step's without it (float32)."""
-    from gemma4_jax.generation.loop import decode_step
-    from gemma4_jax.model.text import merge
 
     model = gemma4_jax.load(hf_dirs["e2b", "causal"], dtype="float32", attn_impl="xla", progress=False)
     cfg = model.config
@@ -208,11 +210,7 @@ def test_the_second_point_reads_the_per_layer_input_and_the_next_projections(hf_
     for on in (0, 2**30):  # the launches
         monkeypatch.setattr(dispatch, "L2_PREFETCH_NEXT_BYTES", on)
         jax.clear_caches()
-        jaxpr = jax.make_jaxpr(lambda c, t, p: decode_step(merge(model.graphdef, model.state), c, t, p))(cache, tok,
-                                                                                                          pos)
-        calls = [e for e in all_eqns(jaxpr.jaxpr) if e.primitive.name in ("jit", "pjit")
-                 and e.params["name"] == "prefetch"]
-        live = {id(e) for e in _live(jaxpr.jaxpr)}
+        calls, live = _prefetch_launches(model, cache, tok, pos)
         if not on:
             assert not calls
             continue
