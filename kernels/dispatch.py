@@ -474,14 +474,16 @@ L2_PREFETCH_EVICTION = l2_prefetch.EVICTION  # the loads' eviction hint (`l2_pre
 L2_PREFETCH_MAX_ROWS = 64  # calls of up to this many rows prefetch (longer ones stream each weight at full speed)
 
 
-def resolve_prefetch(impl: str, *, rows: int, layer_bytes: int, dtype=jnp.bfloat16,
+def resolve_prefetch(impl: str, *, rows: int, layer_bytes: int, budget: int | None = None, dtype=jnp.bfloat16,
                      platform: str | None = None) -> str | None:
-    """How a decode step of `rows` rows reads a layer's next weights into L2, the layer's own weights being
-    `layer_bytes`: 'pallas' (the kernel), 'interpret', or None (no prefetch: off, a prefill's rows, a layer past
+    """How a decode step of `rows` rows reads `budget` bytes (default L2_PREFETCH_BYTES; the second point passes
+    L2_PREFETCH_NEXT_BYTES) of a layer's next weights into L2, the layer's own weights being `layer_bytes`:
+    'pallas' (the kernel), 'interpret', or None (no prefetch: no budget, a prefill's rows, a layer past
     L2_PREFETCH_MAX_LAYER_BYTES, XLA asked for, or not a 16-bit GPU run under 'auto')."""
     _check_impl(impl)
     impl = DENSE_FORCE or impl
-    if (not L2_PREFETCH_BYTES or impl == "xla" or rows > L2_PREFETCH_MAX_ROWS
+    budget = L2_PREFETCH_BYTES if budget is None else budget
+    if (not budget or impl == "xla" or rows > L2_PREFETCH_MAX_ROWS
             or layer_bytes > L2_PREFETCH_MAX_LAYER_BYTES):
         return None
     if impl in ("pallas", "interpret"):

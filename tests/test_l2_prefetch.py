@@ -82,6 +82,8 @@ def test_resolve_prefetch(monkeypatch):
                                      platform="cuda") is None
     monkeypatch.setattr(dispatch, "L2_PREFETCH_BYTES", 0)
     assert dispatch.resolve_prefetch("auto", rows=1, layer_bytes=small, platform="cuda") is None  # off
+    # the second point's own budget works with the first point off
+    assert dispatch.resolve_prefetch("auto", rows=1, layer_bytes=small, budget=1, platform="cuda") == "pallas"
     monkeypatch.setattr(dispatch, "L2_PREFETCH_BYTES", 2**20)
     assert "L2_PREFETCH_BYTES=1048576" in dispatch.settings()  # programs kept across processes are keyed by it
 
@@ -154,7 +156,7 @@ def test_a_decode_step_prefetches_each_layers_next_weights(hf_dirs, monkeypatch)
     tok, pos = jnp.asarray(ids[:, 5]), jnp.asarray([5], jnp.int32)
     # the prefetch in interpret mode, the projections on XLA (`resolve_prefetch`'s own rule is tested above)
     monkeypatch.setattr(dispatch, "resolve_prefetch",
-                        lambda impl, rows, layer_bytes, dtype: "interpret" if rows <= 4 else None)
+                        lambda impl, rows, layer_bytes, budget, dtype: "interpret" if rows <= 4 and budget else None)
     d, f, nh = cfg.hidden_size, cfg.layers[0].mlp_width, cfg.num_heads * cfg.layers[0].head_dim
     budget = 4 * (nh * d + d * f + d)  # the output projection, the gate and one row of up, in float32
     steps = {}
@@ -203,7 +205,7 @@ def test_the_second_point_reads_the_per_layer_input_and_the_next_projections(hf_
     _, cache = prefill(model.graphdef, model.state, jnp.asarray(ids[:, :5]), jnp.asarray([5]), cache)
     tok, pos = jnp.asarray(ids[:, 5]), jnp.asarray([5], jnp.int32)
     monkeypatch.setattr(dispatch, "resolve_prefetch",
-                        lambda impl, rows, layer_bytes, dtype: "interpret" if rows <= 4 else None)
+                        lambda impl, rows, layer_bytes, budget, dtype: "interpret" if rows <= 4 and budget else None)
     monkeypatch.setattr(dispatch, "L2_PREFETCH_BYTES", 0)
     d, n = cfg.hidden_size, cfg.num_heads
     steps = {}

@@ -201,9 +201,9 @@ def prefetch_weights(ws: list[jax.Array], start: jax.Array, rows: int, layer_byt
     `start` is computed (`l2_prefetch.prefetch`). Returns what a later result must wait for (`after`), or None where
     nothing runs."""
     budget = dispatch.L2_PREFETCH_BYTES if budget is None else budget
-    if not ws or not budget:
+    if not ws:
         return None
-    choice = dispatch.resolve_prefetch(impl, rows=rows, layer_bytes=layer_bytes, dtype=ws[0].dtype)
+    choice = dispatch.resolve_prefetch(impl, rows=rows, layer_bytes=layer_bytes, budget=budget, dtype=ws[0].dtype)
     if choice is None:
         return None
     counts = l2_prefetch.budget_counts([w.size for w in ws], ws[0].dtype.itemsize, budget)
