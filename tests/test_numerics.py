@@ -69,7 +69,7 @@ def test_float32_model_runs_every_program_at_highest(hf_dirs, monkeypatch, pp, d
 # sliding and a full layer, 1.56× with the full layer alone; 26B-A4B's 1.14× and 1.54×; E2B's 1.66×; 31B's 1.67×).
 # 31B's MLP is cut to 4096 of its 21504 columns (2.1 GB of float32 weights to 1.0 GB, half the test's time): its
 # output projection's 16384-term sums still break the bound without blocks (1.61× at the full width), while fewer
-# heads (16 with that MLP: 1.47×) would hide it. With blocks every case is at 0.75–0.91× (2026-12-05, this CPU).
+# heads (16 with that MLP: 1.47×) would hide it. With blocks every case is at 0.74–0.91× (2026-12-05, this CPU).
 EXACT_CASES = {"e2b": {}, "e4b": {}, "26b-a4b": dict(experts=16), "31b": dict(intermediate_size=4096)}
 EXACT_TOKENS, EXACT_VOCAB = 704, 2048
 
