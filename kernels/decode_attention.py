@@ -53,19 +53,62 @@ def default_config(head_dim: int, dtype=jnp.bfloat16) -> DecodeConfig:
     return DecodeConfig(block_k=64, num_warps=4, num_stages=3, target_programs=128)  # not measured separately
 
 
-def _decode_kernel(lo_ref, hi_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
-                   scale: float, window: int | None, causal: bool, block_k: int, rows: int):
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QueryPrologue:
+    """Queries handed to the kernel raw, as their projection gives them: the kernel itself makes them
+
+        q = rope(rms_norm(q_raw) · norm)    rms_norm in float32 over H (rounded to the input dtype after the
+                                             weight), rotate-half RoPE: channel j pairs with j + H/2
+
+    so the two small kernels that would do it sit off a decode step's chain. norm [H]; cos, sin [B,T,H] (what
+    the model's `rope_cos_sin` gives); eps static. Needs H ≥ 32 (each half feeds a dot of at least 16).
+    """
+
+    norm: jax.Array
+    cos: jax.Array
+    sin: jax.Array
+    eps: float = dataclasses.field(metadata=dict(static=True))
+
+
+def _queries(q_ref, valid, prologue_refs, eps: float):
+    """This program's queries [Mp, H] as the kernel's dot takes them: loaded, or (with the prologue's norm, cos and
+    sin refs) normalised and rotated in halves, returned as the two column halves (`sweep_keys` takes pieces)."""
+    if prologue_refs is None:
+        return plgpu.load(q_ref, mask=valid[:, None], other=0)
+    norm_ref, cos_ref, sin_ref = prologue_refs
+    h = q_ref.shape[-1]
+    half = h // 2
+    first, second = pl.ds(0, half), pl.ds(half, half)
+    x1, x2 = (plgpu.load(q_ref.at[:, c], mask=valid[:, None], other=0).astype(jnp.float32) for c in (first, second))
+    inv = jax.lax.rsqrt((jnp.sum(x1 * x1, axis=1) + jnp.sum(x2 * x2, axis=1)) / h + eps)[:, None]
+    # the norm's result in the input dtype, as the model rounds it before RoPE
+    y1, y2 = ((x * inv * norm_ref[c].astype(jnp.float32)[None, :]).astype(q_ref.dtype).astype(jnp.float32)
+              for x, c in ((x1, first), (x2, second)))
+    cos1, cos2, sin1, sin2 = (ref[:, c].astype(jnp.float32) for ref in (cos_ref, sin_ref) for c in (first, second))
+
+    def rounded(x):  # each product and sum in the input dtype, as the model's (and transformers') RoPE rounds
+        return x.astype(q_ref.dtype).astype(jnp.float32)
+
+    return (rounded(rounded(y1 * cos1) - rounded(y2 * sin1)).astype(q_ref.dtype),
+            rounded(rounded(y2 * cos2) + rounded(y1 * sin2)).astype(q_ref.dtype))
+
+
+def _decode_kernel(lo_ref, hi_ref, qpos_ref, kpos_ref, q_ref, *refs, scale: float, window: int | None, causal: bool,
+                   block_k: int, rows: int, eps: float | None):
     # lo_ref, hi_ref: []          key-block range of this split (global block indices)
     # qpos_ref: [Mp]              position of each query row (−1: padding row)
     # kpos_ref: [S]               slot positions of this sequence's cache (−1: empty)
     # q_ref: [Mp, H]              rows = (token, head) pairs of this KV head's G query heads; the first `rows` exist
     #                             (the rest are masked: read as 0, never written — no padded copy of q in the step)
+    # with a QueryPrologue (eps not None): norm_ref [H], cos_ref, sin_ref [Mp, H] (each row's token's)
     # k_ref, v_ref: [S, H]
     # o_ref: [Mp, H]              this split's normalised output (input dtype: half the bytes of float32)
     # m_ref, l_ref: [Mp]          this split's max score (base 2) and softmax denominator (float32)
+    prologue_refs, (k_ref, v_ref, o_ref, m_ref, l_ref) = (refs[:3], refs[3:]) if eps is not None else (None, refs)
     mp = q_ref.shape[0]
     valid = jax.lax.broadcasted_iota(jnp.int32, (mp,), 0) < rows
-    q = plgpu.load(q_ref, mask=valid[:, None], other=0)
+    q = _queries(q_ref, valid, prologue_refs, eps)
     qp = qpos_ref[...][:, None]
     qk_scale = scale * LOG2E
     acc, m_i, l_i = sweep_keys(q, qp, kpos_ref, k_ref, v_ref, lo_ref[()], hi_ref[()], qk_scale=qk_scale,
@@ -87,13 +130,17 @@ def num_splits(batch: int, kv_heads: int, key_blocks: int, target_programs: int)
 @functools.partial(jax.jit, static_argnames=("scale", "window", "causal", "config", "interpret"))
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, *,
                      scale: float = 1.0, window: int | None = None, causal: bool = True,
-                     config: DecodeConfig | None = None, interpret: bool = False) -> jax.Array:
-    """q [B,T,N,H] (T small) against a cache k, v [B,S,K,H] with slot positions k_pos [B,S]; returns [B,T,N,H]."""
+                     config: DecodeConfig | None = None, interpret: bool = False,
+                     prologue: QueryPrologue | None = None) -> jax.Array:
+    """q [B,T,N,H] (T small) against a cache k, v [B,S,K,H] with slot positions k_pos [B,S]; returns [B,T,N,H].
+    With `prologue`, q is the raw projection and the kernel normalises and rotates it first (`QueryPrologue`)."""
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     assert k.shape == v.shape == (b, s, kh, h), (q.shape, k.shape, v.shape)
     assert n % kh == 0 and h & (h - 1) == 0 and 16 <= h <= 512, (n, kh, h)
     assert q.dtype == k.dtype == v.dtype and q_pos.shape == (b, t) and k_pos.shape == (b, s)
+    assert prologue is None or (h >= 32 and prologue.norm.shape == (h,)
+                                and prologue.cos.shape == prologue.sin.shape == (b, t, h)), (h, prologue)
     g = n // kh
     cfg = config or default_config(h, q.dtype)
     bk = cfg.block_k
@@ -118,8 +165,15 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
     base = (jnp.arange(ns, dtype=jnp.int32) * per)[None, :]
     lo, hi = lo + base, jnp.where(hi > 0, hi + base, lo + base)
 
+    extra_specs, extra = [], []
+    if prologue is not None:  # each row's token's cos and sin (rows t·G + g), padded to Mp: off the step's chain
+        def rows_of(x):
+            return pad_axis(jnp.repeat(x, g, axis=1), 1, mp, 0)
+        extra = [prologue.norm, rows_of(prologue.cos), rows_of(prologue.sin)]
+        extra_specs = [pl.BlockSpec((h,), lambda si, bi, hi_: (0,))] + [
+            pl.BlockSpec((None, mp, h), lambda si, bi, hi_: (bi, 0, 0))] * 2
     kernel = functools.partial(_decode_kernel, scale=float(scale), window=window, causal=causal, block_k=bk,
-                               rows=m)
+                               rows=m, eps=None if prologue is None else float(prologue.eps))
     o_part, m_part, l_part = pl.pallas_call(
         kernel,
         grid=(ns, b, kh),
@@ -129,6 +183,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
             pl.BlockSpec((None, mp), lambda si, bi, hi_: (bi, 0)),  # q positions per row
             pl.BlockSpec((None, sp), lambda si, bi, hi_: (bi, 0)),  # k_pos
             pl.BlockSpec((None, None, mp, h), lambda si, bi, hi_: (bi, hi_, 0, 0)),  # q rows
+            *extra_specs,  # the prologue's norm, cos, sin
             pl.BlockSpec((None, sp, None, h), lambda si, bi, hi_: (bi, 0, hi_, 0)),  # k
             pl.BlockSpec((None, sp, None, h), lambda si, bi, hi_: (bi, 0, hi_, 0)),  # v
         ],
@@ -145,7 +200,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="decode_attention",
-    )(lo, hi, qpos_rows, k_pos, q_rows, kp, vp)
+    )(lo, hi, qpos_rows, k_pos, q_rows, *extra, kp, vp)
 
     if ns == 1:  # one split's output is already normalised (0 where no key is visible): no combine kernel
         o = o_part[:, :, 0]

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from . import flash_attention_mgpu, gemv, l2_prefetch, moe_mgpu, router
-from .decode_attention import decode_attention
+from .decode_attention import QueryPrologue, decode_attention
 from .decode_attention import default_config as decode_config
 from .flash_attention import flash_attention, flash_attention_reference
 from .gemv import GEMV_MAX_ROWS, GEMV_MAX_WEIGHT, GEMV_MAX_WEIGHT_BATCHED
@@ -266,9 +266,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos:
 
 
 def run_attention(choice: str, q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, *,
-                  scale: float = 1.0, window: int | None = None, causal: bool = True) -> jax.Array:
+                  scale: float = 1.0, window: int | None = None, causal: bool = True,
+                  prologue: QueryPrologue | None = None) -> jax.Array:
     """`attention` by a choice `resolve` already made (callers that resolve once and branch on it): 'cudnn' and
-    'mosaic' take the positions as aligned (the caller resolved with `aligned`)."""
+    'mosaic' take the positions as aligned (the caller resolved with `aligned`). `prologue` (raw queries: the
+    decode kernel normalises and rotates them) only where `query_prologue` allowed it."""
+    if prologue is not None and not query_prologue(choice, q_len=q.shape[1], head_dim=q.shape[-1]):
+        raise ValueError(f"raw queries need the decode kernel with head_dim >= 32, not {choice!r} at {q.shape}")
     if choice == "xla":
         return flash_attention_reference(q, k, v, q_pos, k_pos, scale=scale, window=window, causal=causal)
     if choice == "cudnn":
@@ -280,9 +284,21 @@ def run_attention(choice: str, q: jax.Array, k: jax.Array, v: jax.Array, q_pos: 
         if DECODE_TARGET_PROGRAMS:
             config = dataclasses.replace(decode_config(q.shape[-1], q.dtype), target_programs=DECODE_TARGET_PROGRAMS)
         return decode_attention(q, k, v, q_pos, k_pos, scale=scale, window=window, causal=causal, config=config,
-                                interpret=choice == "interpret")
+                                interpret=choice == "interpret", prologue=prologue)
     return flash_attention(q, k, v, q_pos, k_pos, scale=scale, window=window, causal=causal,
                            interpret=choice == "interpret")
+
+
+# The decode kernel takes a layer's raw queries and applies their norm and RoPE itself (`QueryPrologue`): the two
+# small kernels that do it in XLA leave a decode step's chain. False: the model applies them first, as before.
+DECODE_QUERY_PROLOGUE = True
+
+
+def query_prologue(choice: str, *, q_len: int, head_dim: int) -> bool:
+    """Whether a call resolved to `choice` takes raw queries with a `QueryPrologue`: the decode kernel (at most
+    DECODE_MAX_TOKENS queries), head_dim of at least 32 (each half of a head feeds its own dot), while
+    DECODE_QUERY_PROLOGUE is on."""
+    return DECODE_QUERY_PROLOGUE and choice in ("pallas", "interpret") and q_len <= DECODE_MAX_TOKENS and head_dim >= 32
 
 
 # The programs the decode kernel aims for when it splits the keys (None: its own default, 128; `bench.py generate
@@ -495,6 +511,7 @@ def settings() -> str:
     """This module's settings that tests and benches change (read when a program is traced): the text keys
     programs kept across processes (`generation.programs`), so a program traced under other settings misses."""
     names = ("FUSED_PROJECTIONS", "FUSED_ADD_NORM", "DECODE_MAX_TOKENS", "DECODE_KERNEL_MIN_BATCH",
+             "DECODE_QUERY_PROLOGUE",
              "DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS",
              "CUDNN_MAX_HEAD_DIM", "MOSAIC_HEAD_DIM", "CUDNN_BACKEND", "MOSAIC_INTERPRET", "MOSAIC_MOE_MIN_ROWS",
              "MOE_FORCE", "MOE_PLAN_KERNEL", "MOE_TOKEN_TILES_MAX_TOKENS", "ROUTER_KERNEL", "DENSE_FORCE",

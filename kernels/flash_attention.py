@@ -71,15 +71,21 @@ def default_config(head_dim: int, dtype=jnp.bfloat16, q_len: int = 4096) -> Flas
 def sweep_keys(q, qp, kpos_ref, k_ref, v_ref, lo, hi, *, qk_scale: float, window: int | None, causal: bool,
                block_k: int):
     """The online softmax over key blocks lo..hi-1, the one loop of the prefill and the decode kernels: q [rows, H]
-    (loaded), qp [rows, 1] its positions; k_ref, v_ref [S, H] and kpos_ref [S] in memory. Scores are in base 2
-    (`qk_scale` includes log2 e). Returns the unnormalised output [rows, H], the running max and the softmax
-    denominator [rows] (float32); a row that saw no visible key has denominator 0 and output 0."""
-    rows, h = q.shape
+    (loaded; or a tuple of equal column pieces of it, in order), qp [rows, 1] its positions; k_ref, v_ref [S, H]
+    and kpos_ref [S] in memory. Scores are in base 2 (`qk_scale` includes log2 e). Returns the unnormalised output
+    [rows, H], the running max and the softmax denominator [rows] (float32); a row that saw no visible key has
+    denominator 0 and output 0."""
+    parts = q if isinstance(q, tuple) else (q,)  # column pieces of q side by side (the decode prologue's halves)
+    rows, h, w = parts[0].shape[0], v_ref.shape[-1], parts[0].shape[1]
 
     def body(j, carry):
         acc, m_prev, l_prev = carry
         ks = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
-        s = plgpu.dot(q, k_ref[ks, :], trans_b=True) * qk_scale  # [rows, block_k] float32
+        if len(parts) == 1:
+            s = plgpu.dot(q, k_ref[ks, :], trans_b=True)
+        else:
+            s = sum(plgpu.dot(part, k_ref[ks, pl.ds(i * w, w)], trans_b=True) for i, part in enumerate(parts))
+        s = s * qk_scale  # [rows, block_k] float32
         vis = visible(qp, kpos_ref[ks][None, :], window, causal)
         s = jnp.where(vis, s, MASK_VALUE)
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))

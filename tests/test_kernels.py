@@ -143,6 +143,62 @@ def test_decode_attention_default_config():
     _assert_close(out, decode_attention_reference(q, k, v, q_pos, k_pos, scale=0.05), jnp.bfloat16)
 
 
+# (head_dim, G, dtype, T, cache slots, window, rotated fraction of the head's pairs)
+PROLOGUE_CASES = [
+    (256, 2, jnp.bfloat16, 1, 40, 16, 1.0),  # a sliding layer: the whole head rotates
+    (512, 8, jnp.bfloat16, 1, 48, None, 0.25),  # a full layer: proportional RoPE, three quarters pass through
+    (32, 4, jnp.float32, 3, 24, 8, 1.0),  # the smallest head it takes, a few query tokens
+]
+
+
+@pytest.mark.parametrize("h,g,dtype,t,slots,window,fraction", PROLOGUE_CASES)
+def test_decode_attention_query_prologue(h, g, dtype, t, slots, window, fraction):
+    """Raw queries with a `QueryPrologue`: the kernel's own norm and RoPE give the reference's attention of the
+    model's queries (`Queries.value`: rms_norm with the q_norm weight, then RoPE), and in bf16 all but a rare last
+    bit of the kernel fed those queries (both round the norm and each RoPE product and sum to the input dtype)."""
+    from gemma4_jax.kernels.decode_attention import QueryPrologue
+    from gemma4_jax.model.text import Queries, inverse_frequencies, rope_cos_sin
+
+    lengths = np.asarray((slots + 9, 7, slots))
+    b, kh = len(lengths), 1 if h == 512 else 2
+    q, k, v = _qkv(h + t, b, t, slots, kh * g, kh, h, dtype)
+    q = (3.0 * q.astype(jnp.float32) + 0.5).astype(dtype)  # rows far from unit RMS: the norm must act
+    k_pos = _ring_positions(lengths, slots)
+    q_pos = jnp.asarray(lengths[:, None] - t + np.arange(t)[None, :], jnp.int32)
+    pairs = int(fraction * h // 2)
+    inv = np.concatenate([inverse_frequencies(1e4, pairs, h), np.zeros(h // 2 - pairs, np.float32)])
+    cos, sin = rope_cos_sin(q_pos, inv, dtype)
+    norm = (1.0 + 0.5 * jax.random.normal(jax.random.key(h), (h,))).astype(dtype)  # far from 1.0
+    queries = Queries(q, norm, 1e-6, cos, sin)
+    out = decode_attention(q, k, v, q_pos, k_pos, window=window, config=SMALL_DECODE, interpret=True,
+                           prologue=QueryPrologue(norm, cos, sin, 1e-6))
+    ref = decode_attention_reference(queries.value(), k, v, q_pos, k_pos, window=window)
+    _assert_close(out, ref, dtype)
+    if dtype == jnp.bfloat16:
+        fed = decode_attention(queries.value(), k, v, q_pos, k_pos, window=window, config=SMALL_DECODE,
+                               interpret=True)
+        out, fed = np.asarray(out, np.float32), np.asarray(fed, np.float32)
+        assert np.mean(out != fed) < 1e-3  # a norm's sum taken in two halves may move a rare last bit
+        np.testing.assert_allclose(out, fed, rtol=2.0**-7, atol=0)  # and then by one bf16 step at most
+
+
+def test_query_prologue_rule():
+    """Raw queries go to the decode kernel only (at most DECODE_MAX_TOKENS queries, head_dim ≥ 32, the setting on);
+    `run_attention` refuses a prologue anywhere else."""
+    from gemma4_jax.kernels.decode_attention import QueryPrologue
+
+    ok = dict(q_len=1, head_dim=256)
+    assert dispatch.query_prologue("pallas", **ok) and dispatch.query_prologue("interpret", **ok)
+    assert not dispatch.query_prologue("xla", **ok) and not dispatch.query_prologue("cudnn", **ok)
+    assert not dispatch.query_prologue("interpret", q_len=dispatch.DECODE_MAX_TOKENS + 1, head_dim=256)
+    assert not dispatch.query_prologue("interpret", q_len=1, head_dim=16)
+    q, k, v = _qkv(1, 1, 1, 16, 2, 1, 16, jnp.float32)
+    pos = jnp.zeros((1, 1), jnp.int32)
+    prologue = QueryPrologue(jnp.ones((16,)), jnp.ones((1, 1, 16)), jnp.zeros((1, 1, 16)), 1e-6)
+    with pytest.raises(ValueError, match="raw queries need the decode kernel"):
+        dispatch.run_attention("interpret", q, k, v, pos, jnp.zeros((1, 16), jnp.int32), prologue=prologue)
+
+
 @pytest.mark.parametrize("programs", [None, 1, 8])
 def test_decode_target_programs_sets_the_splits(programs, monkeypatch):
     """`dispatch.DECODE_TARGET_PROGRAMS` (bench.py generate --decode-target-programs): the decode kernel's key splits
@@ -283,6 +339,11 @@ def test_model_through_kernels_equals_xla():
     valid = np.arange(12)[None, :] < np.asarray(lengths)[:, None]  # padding rows are never used
     np.testing.assert_allclose(np.asarray(x)[valid], np.asarray(x_ref)[valid], rtol=0, atol=1e-4)
     np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=0, atol=1e-4)
+    # the decode step hands both layers' raw queries to the kernel (lo, hi, positions, q, its norm, cos, sin, k, v)
+    eqns = all_eqns(jax.make_jaxpr(run, static_argnums=1)(params, "interpret").jaxpr)
+    decode_calls = [e for e in eqns if e.primitive.name == "pallas_call"
+                    and "decode_attention" in str(e.params.get("name") or e.params.get("name_and_src_info"))]
+    assert [len(e.invars) for e in decode_calls] == [10, 10], [len(e.invars) for e in decode_calls]
 
 
 @pytest.mark.parametrize("h,g,window", [(64, 1, None), (256, 4, 5), (128, 2, 1), (64, 8, 16)])

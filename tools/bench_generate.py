@@ -164,6 +164,9 @@ def add_decode_arguments(p) -> None:
     p.add_argument("--decode-target-programs", type=int, default=None, metavar="N",
                    help="programs the decode attention kernel aims for when it splits the keys; 1: no split and no "
                         "combining kernel (dispatch.DECODE_TARGET_PROGRAMS; default: the kernel's, 128)")
+    p.add_argument("--decode-query-prologue", action=argparse.BooleanOptionalAction, default=None,
+                   help="the decode kernel applies the queries' norm and RoPE itself; --no-decode-query-prologue: XLA "
+                        "applies them first (dispatch.DECODE_QUERY_PROLOGUE; default: the library's, on)")
     p.add_argument("--l2-prefetch-bytes", type=int, default=None, metavar="BYTES",
                    help="at a decode step, once a layer's queries are projected, one kernel reads up to BYTES of the "
                         "weights the layer streams next into L2 (dispatch.L2_PREFETCH_BYTES; 0: off; default: the "
@@ -349,6 +352,8 @@ def _header(args, cfg) -> dict:
                 1, cfg.num_experts > 0),
             "decode_target_programs": getattr(args, "decode_target_programs", None)
             or _dispatch().DECODE_TARGET_PROGRAMS,
+            "decode_query_prologue": _dispatch().DECODE_QUERY_PROLOGUE
+            if getattr(args, "decode_query_prologue", None) is None else args.decode_query_prologue,
             "l2_prefetch_bytes": _dispatch().L2_PREFETCH_BYTES if getattr(args, "l2_prefetch_bytes", None) is None
             else args.l2_prefetch_bytes,
             "l2_prefetch_next_bytes": _dispatch().L2_PREFETCH_NEXT_BYTES
@@ -406,6 +411,8 @@ def apply_decode_settings(args) -> None:
         dispatch.DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS = args.decode_kernel_max_keys
     if getattr(args, "decode_target_programs", None):
         dispatch.DECODE_TARGET_PROGRAMS = args.decode_target_programs
+    if getattr(args, "decode_query_prologue", None) is not None:
+        dispatch.DECODE_QUERY_PROLOGUE = args.decode_query_prologue
     if getattr(args, "l2_prefetch_bytes", None) is not None:
         dispatch.L2_PREFETCH_BYTES = args.l2_prefetch_bytes
     if getattr(args, "l2_prefetch_next_bytes", None) is not None:

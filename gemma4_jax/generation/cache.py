@@ -13,7 +13,16 @@ import jax
 import jax.numpy as jnp
 
 from ..config import Gemma4Config
-from ..model.text import Attender, FullAttender, attention, attention_impl, attention_mask, kernel_attention
+from ..kernels import dispatch
+from ..model.text import (
+    Attender,
+    FullAttender,
+    Queries,
+    attention,
+    attention_impl,
+    attention_mask,
+    kernel_attention,
+)
 from .programs import program
 
 
@@ -145,15 +154,19 @@ class DecodeAttender(Attender):
     for the real rows and returns their output alone; the layer copies it back (`model.residual_after`).
     """
 
+    @property
+    def raw_queries(self) -> bool:  # the decode kernel normalises and rotates them itself (`model.kernel_attention`)
+        return dispatch.DECODE_QUERY_PROLOGUE
+
     def __init__(self, cache: KVCache, pos_b1: jax.Array, impl: str = "auto"):
         self.cache, self.pos, self.impl = KVCache(dict(cache.layers)), pos_b1, impl
 
     def __call__(self, spec, q, kv):
         key = str(spec.kv_source)
         entry = self.cache.layers[key]
-        b, rows = self.pos.shape[0], q.shape[0]
+        b, rows = self.pos.shape[0], (q.raw if isinstance(q, Queries) else q).shape[0]
         if rows != b:  # the step's stream repeats its one sequence (`decode_step`): the cache sees the real row
-            q, kv = q[:b], kv and (kv[0][:b], kv[1][:b])
+            q, kv = q.head(b) if isinstance(q, Queries) else q[:b], kv and (kv[0][:b], kv[1][:b])
         if kv is not None:  # a KV-owning layer writes first; its readers come later in the step
             entry = self.cache.layers[key] = write_token(entry, *kv, self.pos)
         return attend_cache(self.impl, q, entry, self.pos, spec.window)  # the real rows: `model.residual_after`
@@ -161,9 +174,10 @@ class DecodeAttender(Attender):
 
 def attend_cache(impl: str, q_btnh, entry: LayerCache, pos_bt, window: int | None) -> jax.Array:
     """Decode attention of queries at `pos` over one layer's cache entry (the decode kernel or XLA, by `impl`);
-    the slots' own positions mask it (empty slots, ring buffers, the window)."""
+    the slots' own positions mask it (empty slots, ring buffers, the window). q may be raw `Queries`."""
     if (choice := attention_impl(impl, q_btnh, entry.k)) != "xla":
         return kernel_attention(choice, q_btnh, entry.k, entry.v, pos_bt, entry.pos, window)
+    q_btnh = q_btnh.value() if isinstance(q_btnh, Queries) else q_btnh
     return attention(q_btnh, entry.k, entry.v, attention_mask(pos_bt, entry.pos, window, entry.pos >= 0))
 
 

@@ -264,6 +264,27 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype,
     return nnx.Param(value, axes=axes)
 
 
+@dataclasses.dataclass(frozen=True)
+class Queries:
+    """A layer's queries as their projection gives them (raw [B,T,N,H]) with what makes them attention's queries:
+    `value()` is the model's math, rms_norm with the layer's q_norm and then RoPE. An attender with `raw_queries`
+    receives them so; the decode kernel then does the same math in its prologue (`kernel_attention`), which
+    takes two small kernels off a decode step's chain. Every other attender receives `value()`."""
+
+    raw: jax.Array
+    norm: jax.Array
+    eps: float
+    cos: jax.Array
+    sin: jax.Array
+
+    def value(self) -> jax.Array:
+        return apply_rope(rms_norm(self.raw, self.norm, self.eps), self.cos, self.sin)
+
+    def head(self, n: int) -> Queries:
+        """The first n rows (sequences)."""
+        return Queries(self.raw[:n], self.norm, self.eps, self.cos[:n], self.sin[:n])
+
+
 class Attention(nnx.Module):
     """q/k/v/o projections and q/k norms of one layer. K/V-shared layers own no k/v weights."""
 
@@ -291,9 +312,10 @@ class Attention(nnx.Module):
                 ws.append(self.v_proj[...])
         return ws
 
-    def queries(self, q_btnh, cos, sin):
-        """Normalised, rotated queries from their projection [B,T,N,H]."""
-        return apply_rope(rms_norm(q_btnh, self.q_norm[...], self.eps), cos, sin)
+    def queries(self, q_btnh, cos, sin) -> Queries:
+        """The queries from their projection [B,T,N,H], normalised and rotated by `Queries.value` (or by the decode
+        kernel, where the attender lets it)."""
+        return Queries(q_btnh, self.q_norm[...], self.eps, cos, sin)
 
     def keys_values(self, k_raw, v_raw, cos, sin):
         """Normalised, rotated keys and normalised values [B,T,K,H] from this step's projections (k_eq_v: the
@@ -514,7 +536,7 @@ def run_layers(layers, x_btd, ple_btlp, pos_bt, attender: Attender, dtype, taps:
             rope[spec.attn_type] = rope_cos_sin(pos_bt, rope_inv_freq(spec), dtype)
 
         def attend(q, kv, spec=spec):
-            return attender(spec, q, kv), None
+            return attender(spec, q if attender.raw_queries else q.value(), kv), None
 
         if taps is not None:
             taps.append(x_btd)
@@ -601,6 +623,7 @@ class Attender:
     kernel setting (the layers' MoE experts follow it too)."""
 
     impl: str = "auto"
+    raw_queries: bool = False  # True: q comes as `Queries` (norm and RoPE not yet applied), else as its value
 
     def __call__(self, spec: LayerSpec, q_btnh: jax.Array, kv) -> jax.Array:
         raise NotImplementedError
@@ -609,8 +632,11 @@ class Attender:
 def attention_impl(impl: str, q_btnh: jax.Array, k_bskh: jax.Array, aligned: bool = False) -> str:
     """'xla' or the library choice for this call (`gemma4_jax.kernels.dispatch`: 'auto' is XLA on CPU).
 
-    `aligned`: queries and keys are the same tokens at positions 0..T-1 (prefill), which cuDNN can take.
+    `aligned`: queries and keys are the same tokens at positions 0..T-1 (prefill), which cuDNN can take. q may be
+    `Queries` (their raw shape is theirs).
     """
+    if isinstance(q_btnh, Queries):
+        q_btnh = q_btnh.raw
     return dispatch.resolve(impl, head_dim=q_btnh.shape[-1], group=q_btnh.shape[2] // k_bskh.shape[2],
                             dtype=q_btnh.dtype, q_len=q_btnh.shape[1], batch=q_btnh.shape[0], aligned=aligned,
                             keys=k_bskh.shape[1])
@@ -618,8 +644,17 @@ def attention_impl(impl: str, q_btnh: jax.Array, k_bskh: jax.Array, aligned: boo
 
 def kernel_attention(choice: str, q_btnh, k_bskh, v_bskh, q_pos_bt, k_pos_bs, window: int | None) -> jax.Array:
     """The dispatcher's non-XLA paths with the model's semantics: scale 1.0, mask from positions (k_pos −1 =
-    invalid). `choice` is what `attention_impl` resolved (once per call site)."""
-    return dispatch.run_attention(choice, q_btnh, k_bskh, v_bskh, q_pos_bt, k_pos_bs, scale=1.0, window=window)
+    invalid). `choice` is what `attention_impl` resolved (once per call site). q may be `Queries`: the decode
+    kernel applies their norm and RoPE itself where `dispatch.query_prologue` allows, else they are applied here."""
+    prologue = None
+    if isinstance(q_btnh, Queries):
+        q = q_btnh
+        if dispatch.query_prologue(choice, q_len=q.raw.shape[1], head_dim=q.raw.shape[-1]):
+            q_btnh, prologue = q.raw, dispatch.QueryPrologue(q.norm, q.cos, q.sin, q.eps)
+        else:
+            q_btnh = q.value()
+    return dispatch.run_attention(choice, q_btnh, k_bskh, v_bskh, q_pos_bt, k_pos_bs, scale=1.0, window=window,
+                                  prologue=prologue)
 
 
 class FullAttender(Attender):

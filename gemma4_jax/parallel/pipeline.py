@@ -54,6 +54,7 @@ from ..generation.cache import (
 )
 from ..generation.loop import Sampling, bucket, sample
 from ..generation.programs import program
+from ..kernels import dispatch
 from ..model import text as model
 from ..model.text import DecoderLayer, FullAttender, iter_params
 from .stages import Path, Stage, stage_of_layer, storage_kinds
@@ -299,6 +300,10 @@ class _Attender(FullAttender):
         else:
             return
         self.cache[layer] = LayerCache(e.k.at[mb].set(new.k), e.v.at[mb].set(new.v), e.pos.at[mb].set(new.pos))
+
+    @property
+    def raw_queries(self) -> bool:  # decode reads the cache through `attend_cache`, which takes them raw
+        return self.mode == "decode" and dispatch.DECODE_QUERY_PROLOGUE
 
     def __call__(self, spec, q, kv):
         if kv is not None:
