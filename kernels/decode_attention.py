@@ -13,6 +13,10 @@ returns its own normalised output (in the input dtype, to keep the extra traffic
 score and softmax denominator in float32; a log-sum-exp combine in XLA merges the splits. Key blocks
 that hold no visible key (beyond a sequence's length, outside the window) are skipped through per-split
 loop bounds computed in the wrapper.
+
+With a `QueryPrologue` the queries come raw (or as their projection's unadded float32 K splits) and each program
+makes them attention's queries itself: the splits added, rms_norm with the layer's q_norm, RoPE. At a decode step
+that takes the kernels that would do it off the step's chain (docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -73,25 +77,36 @@ class QueryPrologue:
 
 def _queries(q_ref, valid, prologue_refs, eps: float):
     """This program's queries [Mp, H] as the kernel's dot takes them: loaded, or (with the prologue's norm, cos and
-    sin refs) normalised and rotated in halves, returned as the two column halves (`sweep_keys` takes pieces)."""
+    sin refs) normalised and rotated in halves, returned as the two column halves (`sweep_keys` takes pieces). A
+    q_ref of float32 K-split partials [S, Mp, H] is added up first (in split order) and rounded to the queries'
+    dtype, as the projection would have returned them."""
     if prologue_refs is None:
         return plgpu.load(q_ref, mask=valid[:, None], other=0)
     norm_ref, cos_ref, sin_ref = prologue_refs
-    h = q_ref.shape[-1]
+    dtype, h = cos_ref.dtype, q_ref.shape[-1]
     half = h // 2
     first, second = pl.ds(0, half), pl.ds(half, half)
-    x1, x2 = (plgpu.load(q_ref.at[:, c], mask=valid[:, None], other=0).astype(jnp.float32) for c in (first, second))
+
+    def rounded(x):  # to the queries' dtype and back: the model rounds there (the projection, the norm, RoPE's ops)
+        return x.astype(dtype).astype(jnp.float32)
+
+    def load(c, sk=None):  # one indexer: Triton's lowering takes no view of a view
+        view = q_ref.at[:, c] if sk is None else q_ref.at[sk, :, c]
+        return plgpu.load(view, mask=valid[:, None], other=0).astype(jnp.float32)
+
+    if q_ref.ndim == 3:  # the projection's K-split partials
+        def add(sk, acc):
+            return tuple(a + load(c, sk) for a, c in zip(acc, (first, second), strict=True))
+
+        zero = jnp.zeros((q_ref.shape[1], half), jnp.float32)
+        x1, x2 = (rounded(x) for x in jax.lax.fori_loop(0, q_ref.shape[0], add, (zero, zero)))
+    else:
+        x1, x2 = load(first), load(second)
     inv = jax.lax.rsqrt((jnp.sum(x1 * x1, axis=1) + jnp.sum(x2 * x2, axis=1)) / h + eps)[:, None]
-    # the norm's result in the input dtype, as the model rounds it before RoPE
-    y1, y2 = ((x * inv * norm_ref[c].astype(jnp.float32)[None, :]).astype(q_ref.dtype).astype(jnp.float32)
-              for x, c in ((x1, first), (x2, second)))
+    y1, y2 = (rounded(x * inv * norm_ref[c].astype(jnp.float32)[None, :]) for x, c in ((x1, first), (x2, second)))
     cos1, cos2, sin1, sin2 = (ref[:, c].astype(jnp.float32) for ref in (cos_ref, sin_ref) for c in (first, second))
-
-    def rounded(x):  # each product and sum in the input dtype, as the model's (and transformers') RoPE rounds
-        return x.astype(q_ref.dtype).astype(jnp.float32)
-
-    return (rounded(rounded(y1 * cos1) - rounded(y2 * sin1)).astype(q_ref.dtype),
-            rounded(rounded(y2 * cos2) + rounded(y1 * sin2)).astype(q_ref.dtype))
+    return (rounded(rounded(y1 * cos1) - rounded(y2 * sin1)).astype(dtype),
+            rounded(rounded(y2 * cos2) + rounded(y1 * sin2)).astype(dtype))
 
 
 def _decode_kernel(lo_ref, hi_ref, qpos_ref, kpos_ref, q_ref, *refs, scale: float, window: int | None, causal: bool,
@@ -100,13 +115,14 @@ def _decode_kernel(lo_ref, hi_ref, qpos_ref, kpos_ref, q_ref, *refs, scale: floa
     # qpos_ref: [Mp]              position of each query row (−1: padding row)
     # kpos_ref: [S]               slot positions of this sequence's cache (−1: empty)
     # q_ref: [Mp, H]              rows = (token, head) pairs of this KV head's G query heads; the first `rows` exist
-    #                             (the rest are masked: read as 0, never written — no padded copy of q in the step)
+    #                             (the rest are masked: read as 0, never written — no padded copy of q in the step);
+    #                             [S, Mp, H] float32 with a prologue over the projection's K-split partials
     # with a QueryPrologue (eps not None): norm_ref [H], cos_ref, sin_ref [Mp, H] (each row's token's)
     # k_ref, v_ref: [S, H]
     # o_ref: [Mp, H]              this split's normalised output (input dtype: half the bytes of float32)
     # m_ref, l_ref: [Mp]          this split's max score (base 2) and softmax denominator (float32)
     prologue_refs, (k_ref, v_ref, o_ref, m_ref, l_ref) = (refs[:3], refs[3:]) if eps is not None else (None, refs)
-    mp = q_ref.shape[0]
+    mp = q_ref.shape[-2]
     valid = jax.lax.broadcasted_iota(jnp.int32, (mp,), 0) < rows
     q = _queries(q_ref, valid, prologue_refs, eps)
     qp = qpos_ref[...][:, None]
@@ -133,22 +149,35 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
                      config: DecodeConfig | None = None, interpret: bool = False,
                      prologue: QueryPrologue | None = None) -> jax.Array:
     """q [B,T,N,H] (T small) against a cache k, v [B,S,K,H] with slot positions k_pos [B,S]; returns [B,T,N,H].
-    With `prologue`, q is the raw projection and the kernel normalises and rotates it first (`QueryPrologue`)."""
-    b, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    assert k.shape == v.shape == (b, s, kh, h), (q.shape, k.shape, v.shape)
+    With `prologue`, q is the raw projection and the kernel normalises and rotates it first (`QueryPrologue`); q
+    may then also be that projection's float32 K-split partials [S', R, N·H] (`gemv.gemv_parts`, T = 1, R ≥ B rows
+    of which the first B are the sequences'), which the kernel adds up itself."""
+    b, s, kh, h = k.shape
+    partials = q.ndim == 3
+    if partials:
+        assert prologue is not None and q.dtype == jnp.float32 and q.shape[1] >= b, (q.shape, b)
+        t, n = 1, q.shape[2] // h
+    else:
+        t, n = q.shape[1], q.shape[2]
+        assert q.shape == (b, t, n, h) and q.dtype == k.dtype, (q.shape, k.shape)
+    assert k.shape == v.shape, (k.shape, v.shape)
     assert n % kh == 0 and h & (h - 1) == 0 and 16 <= h <= 512, (n, kh, h)
-    assert q.dtype == k.dtype == v.dtype and q_pos.shape == (b, t) and k_pos.shape == (b, s)
+    assert k.dtype == v.dtype and q_pos.shape == (b, t) and k_pos.shape == (b, s)
     assert prologue is None or (h >= 32 and prologue.norm.shape == (h,)
                                 and prologue.cos.shape == prologue.sin.shape == (b, t, h)), (h, prologue)
     g = n // kh
-    cfg = config or default_config(h, q.dtype)
+    cfg = config or default_config(h, k.dtype)
     bk = cfg.block_k
 
     # Query rows r = t·G + g per KV head, in blocks of a power of two ≥ 16 (the dot's smallest M), masked past M.
     m = t * g
     mp = max(16, 1 << (m - 1).bit_length())
-    q_rows = q.reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, m, h)  # at t = 1 a bitcast
+    if partials:  # [S', R, K, G, H], a bitcast; program (b, kh) reads row b's G heads of every split
+        q_rows = q.reshape(q.shape[0], q.shape[1], kh, g, h)
+        q_spec = pl.BlockSpec((q.shape[0], None, None, mp, h), lambda si, bi, hi_: (0, bi, hi_, 0, 0))
+    else:
+        q_rows = q.reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, m, h)  # at t = 1 a bitcast
+        q_spec = pl.BlockSpec((None, None, mp, h), lambda si, bi, hi_: (bi, hi_, 0, 0))
     qpos_rows = pad_axis(jnp.repeat(q_pos.astype(jnp.int32), g, axis=1), 1, mp, -1)  # [B, Mp]
 
     k_pos = pad_axis(k_pos.astype(jnp.int32), 1, bk, -1)
@@ -182,7 +211,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
             pl.BlockSpec((None, None), lambda si, bi, hi_: (bi, si)),  # hi
             pl.BlockSpec((None, mp), lambda si, bi, hi_: (bi, 0)),  # q positions per row
             pl.BlockSpec((None, sp), lambda si, bi, hi_: (bi, 0)),  # k_pos
-            pl.BlockSpec((None, None, mp, h), lambda si, bi, hi_: (bi, hi_, 0, 0)),  # q rows
+            q_spec,  # q rows
             *extra_specs,  # the prologue's norm, cos, sin
             pl.BlockSpec((None, sp, None, h), lambda si, bi, hi_: (bi, 0, hi_, 0)),  # k
             pl.BlockSpec((None, sp, None, h), lambda si, bi, hi_: (bi, 0, hi_, 0)),  # v
@@ -193,7 +222,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
             pl.BlockSpec((None, None, None, mp), lambda si, bi, hi_: (bi, hi_, si, 0)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((b, kh, ns, m, h), q.dtype),
+            jax.ShapeDtypeStruct((b, kh, ns, m, h), k.dtype),
             jax.ShapeDtypeStruct((b, kh, ns, m), jnp.float32),
             jax.ShapeDtypeStruct((b, kh, ns, m), jnp.float32),
         ],
@@ -208,7 +237,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
         w = jnp.exp2(m_part - jnp.max(m_part, axis=2, keepdims=True)) * l_part  # [B, K, ns, M]; 0 for empty splits
         w_tot = jnp.sum(w, axis=2)
         o = jnp.einsum("bksm,bksmh->bkmh", w, o_part.astype(jnp.float32))
-        o = (o / jnp.where(w_tot == 0.0, 1.0, w_tot)[..., None]).astype(q.dtype)
+        o = (o / jnp.where(w_tot == 0.0, 1.0, w_tot)[..., None]).astype(k.dtype)
     return o.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)  # at t = 1 a bitcast
 
 

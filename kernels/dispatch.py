@@ -270,8 +270,10 @@ def run_attention(choice: str, q: jax.Array, k: jax.Array, v: jax.Array, q_pos: 
                   prologue: QueryPrologue | None = None) -> jax.Array:
     """`attention` by a choice `resolve` already made (callers that resolve once and branch on it): 'cudnn' and
     'mosaic' take the positions as aligned (the caller resolved with `aligned`). `prologue` (raw queries: the
-    decode kernel normalises and rotates them) only where `query_prologue` allowed it."""
-    if prologue is not None and not query_prologue(choice, q_len=q.shape[1], head_dim=q.shape[-1]):
+    decode kernel normalises and rotates them; q may then be a projection's K-split partials [S, R, N·H] of one
+    query token a sequence, `decode_attention`) only where `query_prologue` allowed it."""
+    q_len, head_dim = q_pos.shape[1], k.shape[-1]
+    if prologue is not None and not query_prologue(choice, q_len=q_len, head_dim=head_dim):
         raise ValueError(f"raw queries need the decode kernel with head_dim >= 32, not {choice!r} at {q.shape}")
     if choice == "xla":
         return flash_attention_reference(q, k, v, q_pos, k_pos, scale=scale, window=window, causal=causal)
@@ -279,18 +281,20 @@ def run_attention(choice: str, q: jax.Array, k: jax.Array, v: jax.Array, q_pos: 
         return cudnn_attention(q, k, v, scale=scale, window=window, causal=causal)
     if choice == "mosaic":
         return mosaic_attention(q, k, v, scale=scale, window=window)
-    if q.shape[1] <= DECODE_MAX_TOKENS:
+    if q_len <= DECODE_MAX_TOKENS:
         config = None
         if DECODE_TARGET_PROGRAMS:
-            config = dataclasses.replace(decode_config(q.shape[-1], q.dtype), target_programs=DECODE_TARGET_PROGRAMS)
+            config = dataclasses.replace(decode_config(head_dim, k.dtype), target_programs=DECODE_TARGET_PROGRAMS)
         return decode_attention(q, k, v, q_pos, k_pos, scale=scale, window=window, causal=causal, config=config,
                                 interpret=choice == "interpret", prologue=prologue)
     return flash_attention(q, k, v, q_pos, k_pos, scale=scale, window=window, causal=causal,
                            interpret=choice == "interpret")
 
 
-# The decode kernel takes a layer's raw queries and applies their norm and RoPE itself (`QueryPrologue`): the two
-# small kernels that do it in XLA leave a decode step's chain. False: the model applies them first, as before.
+# The decode kernel takes a layer's raw queries (their projection's K splits unadded where the skinny kernel ran it)
+# and adds them, normalises and rotates them itself (`QueryPrologue`): the two small kernels that do it in XLA leave
+# a decode step's chain (deviceless for an H200, E2B's chain 605 -> 565 kernels; docs/kernels.md). Not yet timed on
+# a GPU. False: the model applies them first, as before.
 DECODE_QUERY_PROLOGUE = True
 
 

@@ -244,7 +244,12 @@ def gemv(x: jax.Array, w: jax.Array, *, config: GemvConfig | None = None, interp
     if sum_in_kernel:
         k, n = w.shape[::-1] if nk else w.shape
         return _launch_summed(x, w, config or default_config(k, n), interpret, nk)
-    return jnp.sum(gemv_parts(x, w, config=config, interpret=interpret, nk=nk), axis=0).astype(x.dtype)
+    return add_parts(gemv_parts(x, w, config=config, interpret=interpret, nk=nk), x.dtype)
+
+
+def add_parts(parts: jax.Array, dtype) -> jax.Array:
+    """The product from `gemv_parts`' float32 partials [S, M, N]: their sum, in `dtype` (what `gemv` returns)."""
+    return jnp.sum(parts, axis=0).astype(dtype)
 
 
 def _summed_kernel(x_ref, w_ref, count_ref, o_ref, parts_ref, count_out_ref, *, block_k: int, rows: int, kc: int,

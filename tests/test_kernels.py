@@ -174,6 +174,12 @@ def test_decode_attention_query_prologue(h, g, dtype, t, slots, window, fraction
                            prologue=QueryPrologue(norm, cos, sin, 1e-6))
     ref = decode_attention_reference(queries.value(), k, v, q_pos, k_pos, window=window)
     _assert_close(out, ref, dtype)
+    if t == 1:  # the projection's unadded K splits (three, over more rows than sequences): the kernel adds them
+        parts = jnp.stack([q.astype(jnp.float32).reshape(b, -1) * w for w in (0.25, 0.5, 0.25)])
+        parts = jnp.concatenate([parts, jnp.ones_like(parts[:, :1])], axis=1)  # a row past the sequences' rows
+        split = decode_attention(parts, k, v, q_pos, k_pos, window=window, config=SMALL_DECODE, interpret=True,
+                                 prologue=QueryPrologue(norm, cos, sin, 1e-6))
+        _assert_close(split, ref, dtype)
     if dtype == jnp.bfloat16:
         fed = decode_attention(queries.value(), k, v, q_pos, k_pos, window=window, config=SMALL_DECODE,
                                interpret=True)
@@ -339,11 +345,13 @@ def test_model_through_kernels_equals_xla():
     valid = np.arange(12)[None, :] < np.asarray(lengths)[:, None]  # padding rows are never used
     np.testing.assert_allclose(np.asarray(x)[valid], np.asarray(x_ref)[valid], rtol=0, atol=1e-4)
     np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=0, atol=1e-4)
-    # the decode step hands both layers' raw queries to the kernel (lo, hi, positions, q, its norm, cos, sin, k, v)
+    # the decode step hands both layers' raw queries to the kernel (lo, hi, positions, q, its norm, cos, sin, k, v),
+    # as the skinny kernel's unadded K splits [S, R, K, G, H] (the kernel adds them)
     eqns = all_eqns(jax.make_jaxpr(run, static_argnums=1)(params, "interpret").jaxpr)
     decode_calls = [e for e in eqns if e.primitive.name == "pallas_call"
                     and "decode_attention" in str(e.params.get("name") or e.params.get("name_and_src_info"))]
     assert [len(e.invars) for e in decode_calls] == [10, 10], [len(e.invars) for e in decode_calls]
+    assert [e.invars[4].aval.ndim for e in decode_calls] == [5, 5]
 
 
 @pytest.mark.parametrize("h,g,window", [(64, 1, None), (256, 4, 5), (128, 2, 1), (64, 8, 16)])

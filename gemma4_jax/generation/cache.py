@@ -164,7 +164,7 @@ class DecodeAttender(Attender):
     def __call__(self, spec, q, kv):
         key = str(spec.kv_source)
         entry = self.cache.layers[key]
-        b, rows = self.pos.shape[0], (q.raw if isinstance(q, Queries) else q).shape[0]
+        b, rows = self.pos.shape[0], q.shape[0]
         if rows != b:  # the step's stream repeats its one sequence (`decode_step`): the cache sees the real row
             q, kv = q.head(b) if isinstance(q, Queries) else q[:b], kv and (kv[0][:b], kv[1][:b])
         if kv is not None:  # a KV-owning layer writes first; its readers come later in the step

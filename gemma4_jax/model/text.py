@@ -128,15 +128,33 @@ def _matrix_view(eq: str, x: jax.Array, w: jax.Array, impl: str) -> tuple[int, i
     return c, k, rows, dispatch.resolve_dense(impl, rows=rows, k=k, n=w.size // k, dtype=x.dtype)
 
 
-def linear(eq: str, x: jax.Array, w: jax.Array, impl: str = "auto", into_elementwise: bool = False) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class SplitK:
+    """A projection's float32 K-split partial products [S, R, N] from the skinny kernel, not yet added, with the
+    result's shape (its rows may be fewer than R: the first ones) and dtype. Its reader may add them itself (the
+    decode kernel's prologue); `value()` adds them as `linear` does."""
+
+    parts: jax.Array
+    shape: tuple[int, ...]
+    dtype: object
+
+    def value(self) -> jax.Array:
+        rows = math.prod(self.shape) // self.parts.shape[-1]
+        return gemv.add_parts(self.parts[:, :rows], self.dtype).reshape(self.shape)
+
+
+def linear(eq: str, x: jax.Array, w: jax.Array, impl: str = "auto", into_elementwise: bool = False,
+           split_k: bool = False) -> jax.Array | SplitK:
     """The projection `einsum(eq, x, w)` where the contracted dims are x's last and w's first (every weight
     product of a layer). At a decode step's few rows it can run as the skinny Pallas kernel
     (`kernels.dispatch.resolve_dense`), on x and w viewed as matrices; else it is the einsum itself.
     `into_elementwise`: the result feeds only elementwise work before the next projection (gate and up before
     GELU, the per-layer-input gate), which XLA fuses into the split kernel's sum; `dispatch.GEMV_SUM_IN_KERNEL`
-    "norm" leaves those sums to XLA."""
+    "norm" leaves those sums to XLA. `split_k`: where the skinny kernel runs and XLA would add its splits, they
+    come back unadded (`SplitK`)."""
     c, k, rows, choice = _matrix_view(eq, x, w, impl)
     xm, wm = x.reshape(rows, k), w.reshape(k, -1)
+    shape = (*x.shape[:x.ndim - c], *w.shape[c:])
     if choice == "xla":
         padded = dispatch.xla_rows(impl, rows=rows, k=k, n=wm.shape[1])
         if padded == rows:
@@ -144,25 +162,28 @@ def linear(eq: str, x: jax.Array, w: jax.Array, impl: str = "auto", into_element
         y = numerics.einsum("MK,KN->MN", jnp.pad(xm, ((0, padded - rows), (0, 0))), wm)[:rows]
     else:
         summed = dispatch.GEMV_SUM_IN_KERNEL
-        y = gemv.gemv(xm, wm, interpret=choice == "interpret",
-                      sum_in_kernel=summed is True or (summed == "norm" and not into_elementwise))
-    return y.reshape(*x.shape[:x.ndim - c], *w.shape[c:])
+        summed = summed is True or (summed == "norm" and not into_elementwise)
+        if split_k and not summed:
+            return SplitK(gemv.gemv_parts(xm, wm, interpret=choice == "interpret"), shape, x.dtype)
+        y = gemv.gemv(xm, wm, interpret=choice == "interpret", sum_in_kernel=summed)
+    return y.reshape(shape)
 
 
 def norm_linears(x_btd: jax.Array, norm_d: jax.Array, eps: float, ws: list[jax.Array], impl: str = "auto",
-                 into_elementwise: bool = False) -> list:
+                 into_elementwise: bool = False, split_first: bool = False) -> list:
     """[rms_norm(x, norm) @ w for w in ws]: the projections that read one normalised input (queries, keys and
     values; gate and up), each w [D, …] contracted over D, each result [B, T, …]. Where every one of them takes
     the skinny kernel (a decode step's rows, `dispatch.resolve_dense`), one `gemv.gemv_many` launch with the norm
     inside it (a launch costs its ramp and tail whatever it reads: docs/performance.md); else the norm, then
-    `linear` for each (XLA merges sibling products itself where it runs them)."""
+    `linear` for each (XLA merges sibling products itself where it runs them). `split_first`: the first result
+    may come as its unadded K splits (`linear`'s `split_k`)."""
     d = x_btd.shape[-1]
     rows = x_btd.size // d
     choices = {dispatch.resolve_dense(impl, rows=rows, k=d, n=w.size // d, dtype=x_btd.dtype) for w in ws}
     if not dispatch.FUSED_PROJECTIONS or len(choices) != 1 or choices == {"xla"}:
         a = rms_norm(x_btd, norm_d, eps)
-        return [linear(f"BTD,D{'FGH'[:w.ndim - 1]}->BT{'FGH'[:w.ndim - 1]}", a, w, impl, into_elementwise)
-                for w in ws]
+        return [linear(f"BTD,D{'FGH'[:w.ndim - 1]}->BT{'FGH'[:w.ndim - 1]}", a, w, impl, into_elementwise,
+                       split_k=split_first and i == 0) for i, w in enumerate(ws)]
     ys = gemv.gemv_many(x_btd.reshape(rows, d), [w.reshape(d, -1) for w in ws], norm_d, eps=eps,
                         interpret=choices == {"interpret"})
     return [y.reshape(*x_btd.shape[:-1], *w.shape[1:]) for y, w in zip(ys, ws, strict=True)]
@@ -271,18 +292,32 @@ class Queries:
     receives them so; the decode kernel then does the same math in its prologue (`kernel_attention`), which
     takes two small kernels off a decode step's chain. Every other attender receives `value()`."""
 
-    raw: jax.Array
+    raw: jax.Array | SplitK  # [B,T,N,H], or the projection's unadded K splits (the kernel adds them too)
     norm: jax.Array
     eps: float
     cos: jax.Array
     sin: jax.Array
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.raw.shape)
+
+    @property
+    def dtype(self):
+        return self.raw.dtype
+
+    def projected(self) -> jax.Array:
+        """The raw queries [B,T,N,H] (their K splits added)."""
+        return self.raw.value() if isinstance(self.raw, SplitK) else self.raw
+
     def value(self) -> jax.Array:
-        return apply_rope(rms_norm(self.raw, self.norm, self.eps), self.cos, self.sin)
+        return apply_rope(rms_norm(self.projected(), self.norm, self.eps), self.cos, self.sin)
 
     def head(self, n: int) -> Queries:
-        """The first n rows (sequences)."""
-        return Queries(self.raw[:n], self.norm, self.eps, self.cos[:n], self.sin[:n])
+        """The first n rows (sequences). Unadded splits keep every row (the kernel reads the first n in place)."""
+        raw = self.raw
+        raw = SplitK(raw.parts, (n, *raw.shape[1:]), raw.dtype) if isinstance(raw, SplitK) else raw[:n]
+        return Queries(raw, self.norm, self.eps, self.cos[:n], self.sin[:n])
 
 
 class Attention(nnx.Module):
@@ -434,11 +469,14 @@ class DecoderLayer(nnx.Module):
         eps = self.eps
         with jax.named_scope("attention"):  # named scopes: device traces name the layer's parts
             owns = self.attn.owns_kv if owns_kv is None else owns_kv
-            q, *kv = norm_linears(x_btd, self.input_norm[...], eps, self.attn.projections(owns), impl)
+            # the queries' K splits may stay unadded: the decode kernel adds them in its prologue
+            q, *kv = norm_linears(x_btd, self.input_norm[...], eps, self.attn.projections(owns), impl,
+                                  split_first=dispatch.DECODE_QUERY_PROLOGUE)
             # the projections' input is ready: the next weights stream into L2 beside the attention block's chain
             # (started from the queries' norm and RoPE instead, the step's chain grew a kernel a layer)
             rows, layer_bytes = x_btd.shape[0] * x_btd.shape[1], self.weight_bytes()
-            token = prefetch_weights(self.weights_after_queries(), q, rows, layer_bytes, impl)
+            token = prefetch_weights(self.weights_after_queries(), q.parts if isinstance(q, SplitK) else q, rows,
+                                     layer_bytes, impl)
             q = self.attn.queries(q, cos, sin)
             kv = self.attn.keys_values(kv[0], kv[-1], cos, sin) if owns else None  # kv[-1] is kv[0] if k_eq_v
             o, aux = attend(q, kv)
@@ -636,7 +674,7 @@ def attention_impl(impl: str, q_btnh: jax.Array, k_bskh: jax.Array, aligned: boo
     `Queries` (their raw shape is theirs).
     """
     if isinstance(q_btnh, Queries):
-        q_btnh = q_btnh.raw
+        q_btnh = jax.ShapeDtypeStruct(q_btnh.shape, q_btnh.dtype)
     return dispatch.resolve(impl, head_dim=q_btnh.shape[-1], group=q_btnh.shape[2] // k_bskh.shape[2],
                             dtype=q_btnh.dtype, q_len=q_btnh.shape[1], batch=q_btnh.shape[0], aligned=aligned,
                             keys=k_bskh.shape[1])
@@ -649,8 +687,10 @@ def kernel_attention(choice: str, q_btnh, k_bskh, v_bskh, q_pos_bt, k_pos_bs, wi
     prologue = None
     if isinstance(q_btnh, Queries):
         q = q_btnh
-        if dispatch.query_prologue(choice, q_len=q.raw.shape[1], head_dim=q.raw.shape[-1]):
-            q_btnh, prologue = q.raw, dispatch.QueryPrologue(q.norm, q.cos, q.sin, q.eps)
+        if dispatch.query_prologue(choice, q_len=q.shape[1], head_dim=q.shape[-1]):
+            prologue = dispatch.QueryPrologue(q.norm, q.cos, q.sin, q.eps)
+            split = isinstance(q.raw, SplitK) and q.shape[1] == 1
+            q_btnh = q.raw.parts if split else q.projected()  # the kernel adds one token's splits itself
         else:
             q_btnh = q.value()
     return dispatch.run_attention(choice, q_btnh, k_bskh, v_bskh, q_pos_bt, k_pos_bs, scale=1.0, window=window,
