@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .flash_attention import LOG2E, flash_attention_reference, sweep_keys
+from .flash_attention import LOG2E, MASK_VALUE, flash_attention_reference, sweep_keys
 from .masking import block_visibility, pad_axis, ranges
 
 
@@ -75,6 +75,73 @@ class QueryPrologue:
     eps: float = dataclasses.field(metadata=dict(static=True))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class NewKey:
+    """The step's own token's key and value, raw (as their projections give them, [B,1,K,H], or as the projections'
+    unadded float32 K splits [S', R, K·H] whose first B rows are the sequences'), with the keys' norm weight [H]:
+    the kernel attends to the token itself with k = rope(rms_norm(k) · norm) and v = rms_norm(v) (no weight; a layer
+    whose values are its keys passes the raw keys again), eps and RoPE as its `QueryPrologue`'s. So the cache it
+    reads need not hold the token yet: the kernel writes it into its slot itself (`slot` [B], the cache updated in
+    place and returned), so no cache write sits between the projections and attention on a decode step's chain.
+    One query token a sequence; in the cache given, the slot must be empty or hold a key outside the window (a ring
+    buffer's oldest), and the cache must need no padding (`writes_in_place`)."""
+
+    k: jax.Array
+    v: jax.Array
+    norm: jax.Array
+    slot: jax.Array
+
+
+def _splits(b: int, kh: int, s: int, h: int, dtype, config: DecodeConfig | None) -> tuple[int, int, int]:
+    """(block_k, key splits, key blocks a split) of a call: the one rule the wrapper and `writes_in_place` share."""
+    cfg = config or default_config(h, dtype)
+    nk = -(-s // cfg.block_k)
+    ns = num_splits(b, kh, nk, cfg.target_programs)
+    return cfg.block_k, ns, -(-nk // ns)
+
+
+def writes_in_place(b: int, kh: int, s: int, h: int, dtype, config: DecodeConfig | None = None) -> bool:
+    """Whether a call over a cache of `s` slots reads the cache unpadded, so that a `NewKey` can be written into it
+    in place (a padded copy would be written instead, and lost)."""
+    bk, ns, per = _splits(b, kh, s, h, dtype, config)
+    return h >= 32 and per * ns * bk == s
+
+
+def _rounded(x, dtype):
+    """To `dtype` and back to float32: the model rounds there (a projection, a norm, each of RoPE's ops)."""
+    return x.astype(dtype).astype(jnp.float32)
+
+
+def _rope_halves(x1, x2, cos1, cos2, sin1, sin2, dtype):
+    """Rotate-half RoPE of a head's halves (float32, each product and sum rounded to `dtype` as the model's)."""
+    return (_rounded(_rounded(x1 * cos1, dtype) - _rounded(x2 * sin1, dtype), dtype),
+            _rounded(_rounded(x2 * cos2, dtype) + _rounded(x1 * sin2, dtype), dtype))
+
+
+def _new_key(k_ref, v_ref, norm_ref, cos_ref, sin_ref, eps: float):
+    """The new token's normalised, rotated key halves and normalised value [H], float32 (dtype-rounded), from its
+    raw projections: refs of one head [H], or of its K splits [S', H] (added in split order, then rounded)."""
+    dtype, h = cos_ref.dtype, k_ref.shape[-1]
+    half = h // 2
+    first, second = pl.ds(0, half), pl.ds(half, half)
+
+    def vector(ref, c, n):
+        if ref.ndim == 1:
+            return ref[c].astype(jnp.float32)
+        total = jax.lax.fori_loop(0, ref.shape[0], lambda sk, a: a + ref[sk, c].astype(jnp.float32),
+                                  jnp.zeros((n,), jnp.float32))
+        return _rounded(total, dtype)
+
+    k1, k2 = vector(k_ref, first, half), vector(k_ref, second, half)
+    inv = jax.lax.rsqrt((jnp.sum(k1 * k1) + jnp.sum(k2 * k2)) / h + eps)
+    y1, y2 = (_rounded(x * inv * norm_ref[c].astype(jnp.float32), dtype) for x, c in ((k1, first), (k2, second)))
+    tables = (ref[0, c].astype(jnp.float32) for ref in (cos_ref, sin_ref) for c in (first, second))  # row 0's token
+    halves = _rope_halves(y1, y2, *tables, dtype)
+    v = vector(v_ref, pl.ds(0, h), h)
+    return halves, _rounded(v * jax.lax.rsqrt(jnp.sum(v * v) / h + eps), dtype)
+
+
 def _queries(q_ref, valid, prologue_refs, eps: float):
     """This program's queries [Mp, H] as the kernel's dot takes them: loaded, or (with the prologue's norm, cos and
     sin refs) normalised and rotated in halves, returned as the two column halves (`sweep_keys` takes pieces). A
@@ -87,8 +154,8 @@ def _queries(q_ref, valid, prologue_refs, eps: float):
     half = h // 2
     first, second = pl.ds(0, half), pl.ds(half, half)
 
-    def rounded(x):  # to the queries' dtype and back: the model rounds there (the projection, the norm, RoPE's ops)
-        return x.astype(dtype).astype(jnp.float32)
+    def rounded(x):
+        return _rounded(x, dtype)
 
     def load(c, sk=None):  # one indexer: Triton's lowering takes no view of a view
         view = q_ref.at[:, c] if sk is None else q_ref.at[sk, :, c]
@@ -104,13 +171,13 @@ def _queries(q_ref, valid, prologue_refs, eps: float):
         x1, x2 = load(first), load(second)
     inv = jax.lax.rsqrt((jnp.sum(x1 * x1, axis=1) + jnp.sum(x2 * x2, axis=1)) / h + eps)[:, None]
     y1, y2 = (rounded(x * inv * norm_ref[c].astype(jnp.float32)[None, :]) for x, c in ((x1, first), (x2, second)))
-    cos1, cos2, sin1, sin2 = (ref[:, c].astype(jnp.float32) for ref in (cos_ref, sin_ref) for c in (first, second))
-    return (rounded(rounded(y1 * cos1) - rounded(y2 * sin1)).astype(dtype),
-            rounded(rounded(y2 * cos2) + rounded(y1 * sin2)).astype(dtype))
+    rotated = _rope_halves(y1, y2, *(ref[:, c].astype(jnp.float32) for ref in (cos_ref, sin_ref)
+                                     for c in (first, second)), dtype)
+    return tuple(x.astype(dtype) for x in rotated)
 
 
 def _decode_kernel(lo_ref, hi_ref, qpos_ref, kpos_ref, q_ref, *refs, scale: float, window: int | None, causal: bool,
-                   block_k: int, rows: int, eps: float | None):
+                   block_k: int, rows: int, eps: float | None, new_key: bool, splits: int):
     # lo_ref, hi_ref: []          key-block range of this split (global block indices)
     # qpos_ref: [Mp]              position of each query row (−1: padding row)
     # kpos_ref: [S]               slot positions of this sequence's cache (−1: empty)
@@ -118,10 +185,14 @@ def _decode_kernel(lo_ref, hi_ref, qpos_ref, kpos_ref, q_ref, *refs, scale: floa
     #                             (the rest are masked: read as 0, never written — no padded copy of q in the step);
     #                             [S, Mp, H] float32 with a prologue over the projection's K-split partials
     # with a QueryPrologue (eps not None): norm_ref [H], cos_ref, sin_ref [Mp, H] (each row's token's)
+    # with a NewKey: knew_ref, vnew_ref [H] (or their K splits [S', H]), knorm_ref [H], slot_ref [] (the token's
+    # cache slot); then after the outputs k_out, v_out [S, H]: the cache itself (aliased to k_ref, v_ref)
     # k_ref, v_ref: [S, H]
     # o_ref: [Mp, H]              this split's normalised output (input dtype: half the bytes of float32)
     # m_ref, l_ref: [Mp]          this split's max score (base 2) and softmax denominator (float32)
-    prologue_refs, (k_ref, v_ref, o_ref, m_ref, l_ref) = (refs[:3], refs[3:]) if eps is not None else (None, refs)
+    prologue_refs, refs = (refs[:3], refs[3:]) if eps is not None else (None, refs)
+    new_refs, refs = (refs[:4], refs[4:]) if new_key else (None, refs)
+    k_ref, v_ref, o_ref, m_ref, l_ref, *cache_out = refs
     mp = q_ref.shape[-2]
     valid = jax.lax.broadcasted_iota(jnp.int32, (mp,), 0) < rows
     q = _queries(q_ref, valid, prologue_refs, eps)
@@ -129,6 +200,28 @@ def _decode_kernel(lo_ref, hi_ref, qpos_ref, kpos_ref, q_ref, *refs, scale: floa
     qk_scale = scale * LOG2E
     acc, m_i, l_i = sweep_keys(q, qp, kpos_ref, k_ref, v_ref, lo_ref[()], hi_ref[()], qk_scale=qk_scale,
                                window=window, causal=causal, block_k=block_k)
+    if new_key:  # the token's own key, in the last split: visible to each real row (its own position)
+        (k1, k2), v_new = _new_key(*new_refs[:2], new_refs[2], *prologue_refs[1:], eps)
+        last = pl.program_id(0) == splits - 1
+
+        @pl.when(last)
+        def _():  # the token into its cache slot, in place (other splits may read the slot: its position masks it)
+            k_out, v_out = cache_out
+            slot, half = new_refs[3][()], k1.shape[0]
+            k_out[slot, pl.ds(0, half)] = k1.astype(k_out.dtype)
+            k_out[slot, pl.ds(half, half)] = k2.astype(k_out.dtype)
+            v_out[slot, pl.ds(0, 2 * half)] = v_new.astype(v_out.dtype)
+
+        s_new = (jnp.sum(q[0].astype(jnp.float32) * k1[None, :], axis=1)
+                 + jnp.sum(q[1].astype(jnp.float32) * k2[None, :], axis=1)) * qk_scale
+        seen = (qpos_ref[...] >= 0) & last
+        s_new = jnp.where(seen, s_new, MASK_VALUE)
+        m_next = jnp.maximum(m_i, s_new)
+        alpha = jnp.exp2(m_i - m_next)
+        p = jnp.where(seen, jnp.exp2(s_new - m_next), 0.0)
+        l_i = alpha * l_i + p
+        acc = acc * alpha[:, None] + _rounded(p, v_ref.dtype)[:, None] * v_new[None, :]  # P·V takes p in V's dtype
+        m_i = m_next
     plgpu.store(o_ref, (acc / jnp.where(l_i == 0.0, 1.0, l_i)[:, None]).astype(o_ref.dtype), mask=valid[:, None])
     plgpu.store(m_ref, m_i, mask=valid)
     plgpu.store(l_ref, l_i, mask=valid)
@@ -147,11 +240,13 @@ def num_splits(batch: int, kv_heads: int, key_blocks: int, target_programs: int)
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, *,
                      scale: float = 1.0, window: int | None = None, causal: bool = True,
                      config: DecodeConfig | None = None, interpret: bool = False,
-                     prologue: QueryPrologue | None = None) -> jax.Array:
+                     prologue: QueryPrologue | None = None, new_key: NewKey | None = None) -> jax.Array:
     """q [B,T,N,H] (T small) against a cache k, v [B,S,K,H] with slot positions k_pos [B,S]; returns [B,T,N,H].
     With `prologue`, q is the raw projection and the kernel normalises and rotates it first (`QueryPrologue`); q
     may then also be that projection's float32 K-split partials [S', R, N·H] (`gemv.gemv_parts`, T = 1, R ≥ B rows
-    of which the first B are the sequences'), which the kernel adds up itself."""
+    of which the first B are the sequences'), which the kernel adds up itself. With `new_key` (and a prologue, T = 1)
+    the step's own token is attended from its raw key and value, not from the cache, and written into the cache in
+    place (`NewKey`): the call then returns (o, k, v), the cache's new k and v."""
     b, s, kh, h = k.shape
     partials = q.ndim == 3
     if partials:
@@ -165,9 +260,11 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
     assert k.dtype == v.dtype and q_pos.shape == (b, t) and k_pos.shape == (b, s)
     assert prologue is None or (h >= 32 and prologue.norm.shape == (h,)
                                 and prologue.cos.shape == prologue.sin.shape == (b, t, h)), (h, prologue)
+    assert new_key is None or (prologue is not None and t == 1 and new_key.norm.shape == (h,)), (t, new_key)
     g = n // kh
     cfg = config or default_config(h, k.dtype)
-    bk = cfg.block_k
+    bk, ns, per = _splits(b, kh, s, h, k.dtype, config)
+    assert new_key is None or per * ns * bk == s, "a NewKey needs a cache that takes no padding (writes_in_place)"
 
     # Query rows r = t·G + g per KV head, in blocks of a power of two ≥ 16 (the dot's smallest M), masked past M.
     m = t * g
@@ -182,9 +279,6 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
 
     k_pos = pad_axis(k_pos.astype(jnp.int32), 1, bk, -1)
     kp, vp = pad_axis(k, 1, bk, 0), pad_axis(v, 1, bk, 0)
-    nk = kp.shape[1] // bk
-    ns = num_splits(b, kh, nk, cfg.target_programs)
-    per = -(-nk // ns)
     # Pad the key blocks to ns·per so every split covers the same number of blocks.
     k_pos = pad_axis(k_pos, 1, per * ns * bk, -1)
     kp, vp = pad_axis(kp, 1, per * ns * bk, 0), pad_axis(vp, 1, per * ns * bk, 0)
@@ -201,9 +295,24 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
         extra = [prologue.norm, rows_of(prologue.cos), rows_of(prologue.sin)]
         extra_specs = [pl.BlockSpec((h,), lambda si, bi, hi_: (0,))] + [
             pl.BlockSpec((None, mp, h), lambda si, bi, hi_: (bi, 0, 0))] * 2
+    if new_key is not None:  # one head's raw key and value a program (or their K splits), read in place
+        for x in (new_key.k, new_key.v):
+            if x.ndim == 3:  # [S', R, K·H] -> [S', R, K, H]
+                assert x.dtype == jnp.float32 and x.shape[1] >= b and x.shape[2] == kh * h, (x.shape, b)
+                extra.append(x.reshape(x.shape[0], x.shape[1], kh, h))
+                extra_specs.append(pl.BlockSpec((x.shape[0], None, None, h), lambda si, bi, hi_: (0, bi, hi_, 0)))
+            else:  # [B, 1, K, H]
+                assert x.shape == (b, 1, kh, h) and x.dtype == k.dtype, (x.shape, k.shape)
+                extra.append(x)
+                extra_specs.append(pl.BlockSpec((None, None, None, h), lambda si, bi, hi_: (bi, 0, hi_, 0)))
+        extra += [new_key.norm, new_key.slot.astype(jnp.int32)]
+        extra_specs += [pl.BlockSpec((h,), lambda si, bi, hi_: (0,)), pl.BlockSpec((None,), lambda si, bi, hi_: (bi,))]
+    cache_specs = [pl.BlockSpec((None, sp, None, h), lambda si, bi, hi_: (bi, 0, hi_, 0))] * 2
     kernel = functools.partial(_decode_kernel, scale=float(scale), window=window, causal=causal, block_k=bk,
-                               rows=m, eps=None if prologue is None else float(prologue.eps))
-    o_part, m_part, l_part = pl.pallas_call(
+                               rows=m, eps=None if prologue is None else float(prologue.eps),
+                               new_key=new_key is not None, splits=ns)
+    n_in = 7 + len(extra)
+    o_part, m_part, l_part, *cache = pl.pallas_call(
         kernel,
         grid=(ns, b, kh),
         in_specs=[
@@ -212,7 +321,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
             pl.BlockSpec((None, mp), lambda si, bi, hi_: (bi, 0)),  # q positions per row
             pl.BlockSpec((None, sp), lambda si, bi, hi_: (bi, 0)),  # k_pos
             q_spec,  # q rows
-            *extra_specs,  # the prologue's norm, cos, sin
+            *extra_specs,  # the prologue's norm, cos, sin; the new token's key, value, key norm
             pl.BlockSpec((None, sp, None, h), lambda si, bi, hi_: (bi, 0, hi_, 0)),  # k
             pl.BlockSpec((None, sp, None, h), lambda si, bi, hi_: (bi, 0, hi_, 0)),  # v
         ],
@@ -220,12 +329,15 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
             pl.BlockSpec((None, None, None, mp, h), lambda si, bi, hi_: (bi, hi_, si, 0, 0)),
             pl.BlockSpec((None, None, None, mp), lambda si, bi, hi_: (bi, hi_, si, 0)),
             pl.BlockSpec((None, None, None, mp), lambda si, bi, hi_: (bi, hi_, si, 0)),
+            *(cache_specs if new_key is not None else []),
         ],
         out_shape=[
             jax.ShapeDtypeStruct((b, kh, ns, m, h), k.dtype),
             jax.ShapeDtypeStruct((b, kh, ns, m), jnp.float32),
             jax.ShapeDtypeStruct((b, kh, ns, m), jnp.float32),
+            *([jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2 if new_key is not None else []),
         ],
+        input_output_aliases={n_in - 2: 3, n_in - 1: 4} if new_key is not None else {},
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="decode_attention",
@@ -238,7 +350,8 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
         w_tot = jnp.sum(w, axis=2)
         o = jnp.einsum("bksm,bksmh->bkmh", w, o_part.astype(jnp.float32))
         o = (o / jnp.where(w_tot == 0.0, 1.0, w_tot)[..., None]).astype(k.dtype)
-    return o.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)  # at t = 1 a bitcast
+    o = o.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)  # at t = 1 a bitcast
+    return o if new_key is None else (o, *cache)
 
 
 # The decode kernel's semantics are the prefill kernel's (positions decide everything): one reference, two names.

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from . import flash_attention_mgpu, gemv, l2_prefetch, moe_mgpu, router
-from .decode_attention import QueryPrologue, decode_attention
+from .decode_attention import NewKey, QueryPrologue, decode_attention, writes_in_place
 from .decode_attention import default_config as decode_config
 from .flash_attention import flash_attention, flash_attention_reference
 from .gemv import GEMV_MAX_ROWS, GEMV_MAX_WEIGHT, GEMV_MAX_WEIGHT_BATCHED
@@ -267,11 +267,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos:
 
 def run_attention(choice: str, q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, *,
                   scale: float = 1.0, window: int | None = None, causal: bool = True,
-                  prologue: QueryPrologue | None = None) -> jax.Array:
+                  prologue: QueryPrologue | None = None, new_key: NewKey | None = None) -> jax.Array:
     """`attention` by a choice `resolve` already made (callers that resolve once and branch on it): 'cudnn' and
     'mosaic' take the positions as aligned (the caller resolved with `aligned`). `prologue` (raw queries: the
     decode kernel normalises and rotates them; q may then be a projection's K-split partials [S, R, N·H] of one
-    query token a sequence, `decode_attention`) only where `query_prologue` allowed it."""
+    query token a sequence, `decode_attention`) only where `query_prologue` allowed it, and with it `new_key` (the
+    token's raw key and value, attended to by the kernel itself)."""
     q_len, head_dim = q_pos.shape[1], k.shape[-1]
     if prologue is not None and not query_prologue(choice, q_len=q_len, head_dim=head_dim):
         raise ValueError(f"raw queries need the decode kernel with head_dim >= 32, not {choice!r} at {q.shape}")
@@ -282,20 +283,35 @@ def run_attention(choice: str, q: jax.Array, k: jax.Array, v: jax.Array, q_pos: 
     if choice == "mosaic":
         return mosaic_attention(q, k, v, scale=scale, window=window)
     if q_len <= DECODE_MAX_TOKENS:
-        config = None
-        if DECODE_TARGET_PROGRAMS:
-            config = dataclasses.replace(decode_config(head_dim, k.dtype), target_programs=DECODE_TARGET_PROGRAMS)
+        config = _decode_call_config(head_dim, k.dtype)
         return decode_attention(q, k, v, q_pos, k_pos, scale=scale, window=window, causal=causal, config=config,
-                                interpret=choice == "interpret", prologue=prologue)
+                                interpret=choice == "interpret", prologue=prologue, new_key=new_key)
     return flash_attention(q, k, v, q_pos, k_pos, scale=scale, window=window, causal=causal,
                            interpret=choice == "interpret")
 
 
 # The decode kernel takes a layer's raw queries (their projection's K splits unadded where the skinny kernel ran it)
-# and adds them, normalises and rotates them itself (`QueryPrologue`): the two small kernels that do it in XLA leave
-# a decode step's chain (deviceless for an H200, E2B's chain 605 -> 565 kernels; docs/kernels.md). Not yet timed on
-# a GPU. False: the model applies them first, as before.
+# and adds them, normalises and rotates them itself (`QueryPrologue`), and in a layer that computes K/V it also
+# makes the step's own key and value, attends to them and writes them into the cache in place (`NewKey`): the small
+# kernels that did it in XLA leave a decode step's chain (deviceless for an H200, E2B's chain 605 -> 535 kernels;
+# docs/kernels.md). Not yet timed on a GPU. False: the model applies them first, as before.
 DECODE_QUERY_PROLOGUE = True
+
+
+def _decode_call_config(head_dim: int, dtype):
+    """The decode kernel's config under DECODE_TARGET_PROGRAMS (None: the kernel's own)."""
+    if not DECODE_TARGET_PROGRAMS:
+        return None
+    return dataclasses.replace(decode_config(head_dim, dtype), target_programs=DECODE_TARGET_PROGRAMS)
+
+
+def new_key_in_place(choice: str, *, q_len: int, batch: int, kv_heads: int, slots: int, head_dim: int,
+                     dtype) -> bool:
+    """Whether a decode call resolved to `choice` can attend to its token from the raw key and value and write them
+    into the cache itself (`NewKey`): the queries go raw (`query_prologue`), one token a sequence, and the kernel
+    reads the cache of `slots` slots unpadded (`decode_attention.writes_in_place`)."""
+    return (q_len == 1 and query_prologue(choice, q_len=q_len, head_dim=head_dim)
+            and writes_in_place(batch, kv_heads, slots, head_dim, dtype, _decode_call_config(head_dim, dtype)))
 
 
 def query_prologue(choice: str, *, q_len: int, head_dim: int) -> bool:

@@ -188,6 +188,49 @@ def test_decode_attention_query_prologue(h, g, dtype, t, slots, window, fraction
         np.testing.assert_allclose(out, fed, rtol=2.0**-7, atol=0)  # and then by one bf16 step at most
 
 
+@pytest.mark.parametrize("h,kh,slots,window,lengths,split", [
+    (64, 2, 16, 16, (40, 5, 16), False),  # a ring buffer: the token's slot holds a key just outside the window
+    (32, 1, 64, None, (30, 63), True),  # a full cache, the key and value as unadded K splits over an extra row
+    (128, 1, 64, None, (1, 63, 20), False),  # the first token (an empty cache) and a cache one short of full
+])
+def test_decode_attention_new_key(h, kh, slots, window, lengths, split):
+    """`NewKey`: the kernel attends to the step's token from its raw key and value (k = rope(rms_norm(k)·norm),
+    v = rms_norm(v)) over a cache that does not hold it yet, and writes them into the token's slot in place; the
+    result is the reference's over the cache with the token written as the model writes it (`Keys.value`,
+    `write_token`), and so is the cache it returns."""
+    from gemma4_jax.generation.cache import LayerCache, token_slot, write_token
+    from gemma4_jax.kernels.decode_attention import NewKey, QueryPrologue
+    from gemma4_jax.model.text import Keys, Queries, inverse_frequencies, rope_cos_sin
+
+    dtype, n = jnp.bfloat16, 4 * kh
+    lengths = np.asarray(lengths)
+    b = len(lengths)
+    q, k, v = _qkv(h + slots, b, 1, slots, n, kh, h, dtype)
+    k_pos = _ring_positions(lengths - 1, slots)  # the cache holds the tokens before the new one
+    q_pos = jnp.asarray(lengths[:, None] - 1, jnp.int32)
+    inv = np.concatenate([inverse_frequencies(1e4, h // 4, h), np.zeros(h // 4, np.float32)])
+    cos, sin = rope_cos_sin(q_pos, inv, dtype)
+    r = jax.random.split(jax.random.key(h), 4)
+    q_norm, k_norm = ((1.0 + 0.5 * jax.random.normal(x, (h,))).astype(dtype) for x in r[:2])
+    k_raw, v_raw = ((3.0 * jax.random.normal(x, (b, 1, kh, h)) + 0.2).astype(dtype) for x in r[2:])
+    queries, keys = Queries(q, q_norm, 1e-6, cos, sin), Keys(k_raw, v_raw, k_norm, 1e-6, cos, sin)
+    written = write_token(LayerCache(k, v, k_pos), *keys.value(), q_pos)
+    ref = decode_attention_reference(queries.value(), written.k, written.v, q_pos, written.pos, window=window)
+    if split:  # three splits that add up to the projections exactly, over one row more than the sequences
+        def parts(x):
+            p = jnp.stack([x.astype(jnp.float32).reshape(b, -1) * w for w in (0.5, 0.25, 0.25)])
+            return jnp.concatenate([p, jnp.ones_like(p[:, :1])], axis=1)
+        k_raw, v_raw = parts(k_raw), parts(v_raw)
+    out, k_out, v_out = decode_attention(q, k, v, q_pos, k_pos, window=window, config=SMALL_DECODE, interpret=True,
+                                         prologue=QueryPrologue(q_norm, cos, sin, 1e-6),
+                                         new_key=NewKey(k_raw, v_raw, k_norm, token_slot(q_pos, slots)))
+    _assert_close(out, ref, dtype)
+    # the token written into its slot in place, as the model writes it; every other slot untouched
+    np.testing.assert_array_equal(np.asarray(v_out, np.float32), np.asarray(written.v, np.float32))
+    _assert_close(k_out, written.k, dtype)
+    assert np.mean(np.asarray(k_out != written.k)) < 1e-3  # the keys' norm may move a rare last bit
+
+
 def test_query_prologue_rule():
     """Raw queries go to the decode kernel only (at most DECODE_MAX_TOKENS queries, head_dim ≥ 32, the setting on);
     `run_attention` refuses a prologue anywhere else."""
@@ -345,13 +388,19 @@ def test_model_through_kernels_equals_xla():
     valid = np.arange(12)[None, :] < np.asarray(lengths)[:, None]  # padding rows are never used
     np.testing.assert_allclose(np.asarray(x)[valid], np.asarray(x_ref)[valid], rtol=0, atol=1e-4)
     np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=0, atol=1e-4)
-    # the decode step hands both layers' raw queries to the kernel (lo, hi, positions, q, its norm, cos, sin, k, v),
-    # as the skinny kernel's unadded K splits [S, R, K, G, H] (the kernel adds them)
+    # the decode step hands both layers' raw queries to the kernel (lo, hi, positions, q, its norm, cos, sin, ...,
+    # the cache's k, v) as the skinny kernel's unadded K splits [S, R, K, G, H]: the kernel adds them. The full
+    # layer (16 slots, unpadded) also hands it the token's raw key and value splits [S, R, K, H], their norm and
+    # slot: the kernel attends to the token and writes it into the cache itself (the XLA path above attends after
+    # writing it). The sliding layer's ring of 8 slots is padded to the kernel's 16-key block, so it writes first.
     eqns = all_eqns(jax.make_jaxpr(run, static_argnums=1)(params, "interpret").jaxpr)
     decode_calls = [e for e in eqns if e.primitive.name == "pallas_call"
                     and "decode_attention" in str(e.params.get("name") or e.params.get("name_and_src_info"))]
-    assert [len(e.invars) for e in decode_calls] == [10, 10], [len(e.invars) for e in decode_calls]
+    assert [len(e.invars) for e in decode_calls] == [10, 14], [len(e.invars) for e in decode_calls]
     assert [e.invars[4].aval.ndim for e in decode_calls] == [5, 5]
+    full = decode_calls[1]
+    assert [(v.aval.ndim, v.aval.dtype) for v in full.invars[8:10]] == [(4, jnp.float32)] * 2
+    assert len(full.params["input_output_aliases"]) == 2  # the cache's k and v, written in place
 
 
 @pytest.mark.parametrize("h,g,window", [(64, 1, None), (256, 4, 5), (128, 2, 1), (64, 8, 16)])

@@ -17,11 +17,13 @@ from ..kernels import dispatch
 from ..model.text import (
     Attender,
     FullAttender,
+    Keys,
     Queries,
     attention,
     attention_impl,
     attention_mask,
     kernel_attention,
+    takes_new_key,
 )
 from .programs import program
 
@@ -166,10 +168,23 @@ class DecodeAttender(Attender):
         entry = self.cache.layers[key]
         b, rows = self.pos.shape[0], q.shape[0]
         if rows != b:  # the step's stream repeats its one sequence (`decode_step`): the cache sees the real row
-            q, kv = q.head(b) if isinstance(q, Queries) else q[:b], kv and (kv[0][:b], kv[1][:b])
-        if kv is not None:  # a KV-owning layer writes first; its readers come later in the step
-            entry = self.cache.layers[key] = write_token(entry, *kv, self.pos)
-        return attend_cache(self.impl, q, entry, self.pos, spec.window)  # the real rows: `model.residual_after`
+            q = q.head(b) if isinstance(q, Queries) else q[:b]
+            kv = kv if kv is None else kv.head(b) if isinstance(kv, Keys) else (kv[0][:b], kv[1][:b])
+        if kv is None:
+            return attend_cache(self.impl, q, entry, self.pos, spec.window)  # the real rows: `model.residual_after`
+        if isinstance(kv, Keys) and takes_new_key(choice := attention_impl(self.impl, q, entry.k), q, entry.k):
+            # the kernel attends to the token from its raw key and value over the cache as it was (the token's slot
+            # held nothing visible) and writes them into the slot itself: no cache write on the step's chain
+            slot = token_slot(self.pos, entry.pos.shape[-1])
+            o, k, v = kernel_attention(choice, q, entry.k, entry.v, self.pos, entry.pos, spec.window, new_key=kv,
+                                       new_slot=slot)
+            rows = jnp.arange(slot.shape[0])
+            self.cache.layers[key] = LayerCache(k, v, entry.pos.at[rows, slot].set(self.pos[:, 0]))
+            return o
+        # a KV-owning layer writes first; its readers come later in the step
+        k, v = kv.value() if isinstance(kv, Keys) else kv
+        self.cache.layers[key] = written = write_token(entry, k, v, self.pos)
+        return attend_cache(self.impl, q, written, self.pos, spec.window)
 
 
 def attend_cache(impl: str, q_btnh, entry: LayerCache, pos_bt, window: int | None) -> jax.Array:
@@ -197,13 +212,17 @@ def store_prompt(entry: LayerCache, k_btkh, v_btkh, pos_bt, lengths_b) -> LayerC
                       jnp.where(ok, p, -1).astype(jnp.int32))
 
 
+def token_slot(pos_b1: jax.Array, slots: int) -> jax.Array:
+    """The cache slot [B] of one new token a sequence at positions [B,1]: position mod the cache's slots."""
+    return pos_b1[:, 0] % slots
+
+
 def write_token(entry: LayerCache, k_b1kh, v_b1kh, pos_b1, mb=None) -> LayerCache:
     """Decode: write one token's K/V [B,1,K,H] at positions [B,1] (slot = position mod S).
 
     With `mb`, the entry has a leading micro-batch axis and only that micro-batch's slots are written.
     """
-    s = entry.pos.shape[-1]
-    slot = pos_b1[:, 0] % s
+    slot = token_slot(pos_b1, entry.pos.shape[-1])
     rows = jnp.arange(pos_b1.shape[0])
     at = (rows, slot) if mb is None else (mb, rows, slot)
     return LayerCache(entry.k.at[at].set(k_b1kh[:, 0]), entry.v.at[at].set(v_b1kh[:, 0]),

@@ -170,20 +170,20 @@ def linear(eq: str, x: jax.Array, w: jax.Array, impl: str = "auto", into_element
 
 
 def norm_linears(x_btd: jax.Array, norm_d: jax.Array, eps: float, ws: list[jax.Array], impl: str = "auto",
-                 into_elementwise: bool = False, split_first: bool = False) -> list:
+                 into_elementwise: bool = False, split: bool = False) -> list:
     """[rms_norm(x, norm) @ w for w in ws]: the projections that read one normalised input (queries, keys and
     values; gate and up), each w [D, …] contracted over D, each result [B, T, …]. Where every one of them takes
     the skinny kernel (a decode step's rows, `dispatch.resolve_dense`), one `gemv.gemv_many` launch with the norm
     inside it (a launch costs its ramp and tail whatever it reads: docs/performance.md); else the norm, then
-    `linear` for each (XLA merges sibling products itself where it runs them). `split_first`: the first result
-    may come as its unadded K splits (`linear`'s `split_k`)."""
+    `linear` for each (XLA merges sibling products itself where it runs them). `split`: the results may come as
+    their unadded K splits (`linear`'s `split_k`)."""
     d = x_btd.shape[-1]
     rows = x_btd.size // d
     choices = {dispatch.resolve_dense(impl, rows=rows, k=d, n=w.size // d, dtype=x_btd.dtype) for w in ws}
     if not dispatch.FUSED_PROJECTIONS or len(choices) != 1 or choices == {"xla"}:
         a = rms_norm(x_btd, norm_d, eps)
         return [linear(f"BTD,D{'FGH'[:w.ndim - 1]}->BT{'FGH'[:w.ndim - 1]}", a, w, impl, into_elementwise,
-                       split_k=split_first and i == 0) for i, w in enumerate(ws)]
+                       split_k=split) for w in ws]
     ys = gemv.gemv_many(x_btd.reshape(rows, d), [w.reshape(d, -1) for w in ws], norm_d, eps=eps,
                         interpret=choices == {"interpret"})
     return [y.reshape(*x_btd.shape[:-1], *w.shape[1:]) for y, w in zip(ys, ws, strict=True)]
@@ -315,9 +315,44 @@ class Queries:
 
     def head(self, n: int) -> Queries:
         """The first n rows (sequences). Unadded splits keep every row (the kernel reads the first n in place)."""
-        raw = self.raw
-        raw = SplitK(raw.parts, (n, *raw.shape[1:]), raw.dtype) if isinstance(raw, SplitK) else raw[:n]
-        return Queries(raw, self.norm, self.eps, self.cos[:n], self.sin[:n])
+        return Queries(_head(self.raw, n), self.norm, self.eps, self.cos[:n], self.sin[:n])
+
+
+@dataclasses.dataclass(frozen=True)
+class Keys:
+    """A K/V-computing layer's keys and values as their projections give them (raw [B,T,K,H] or `SplitK`; for
+    k_eq_v the value is the raw key), with what makes them the cache's: `value()` is the model's math (keys:
+    rms_norm with k_norm, then RoPE; values: rms_norm without a weight, no RoPE). An attender with `raw_queries`
+    receives them so: at a decode step the decode kernel can attend to the token from them itself
+    (`kernel_attention`'s `new_key`) while the cache write runs beside it."""
+
+    k: jax.Array | SplitK
+    v: jax.Array | SplitK
+    norm: jax.Array
+    eps: float
+    cos: jax.Array
+    sin: jax.Array
+
+    def value(self) -> tuple[jax.Array, jax.Array]:
+        k, v = (x.value() if isinstance(x, SplitK) else x for x in (self.k, self.v))
+        return apply_rope(rms_norm(k, self.norm, self.eps), self.cos, self.sin), rms_norm(v, None, self.eps)
+
+    def head(self, n: int) -> Keys:
+        """The first n rows (sequences); unadded splits keep every row (the kernel reads the first n in place)."""
+        k, v = (_head(x, n) for x in (self.k, self.v))
+        return Keys(k, v, self.norm, self.eps, self.cos[:n], self.sin[:n])
+
+
+def _head(x: jax.Array | SplitK, n: int) -> jax.Array | SplitK:
+    return SplitK(x.parts, (n, *x.shape[1:]), x.dtype) if isinstance(x, SplitK) else x[:n]
+
+
+def takes_new_key(choice: str, q, k_bskh) -> bool:
+    """Whether a decode call resolved to `choice` over a cache k [B,S,K,H] attends to the step's own token from its
+    raw key and value (`Keys`) and writes them into the cache itself (`dispatch.new_key_in_place`)."""
+    b, s, kh, h = k_bskh.shape
+    return dispatch.new_key_in_place(choice, q_len=q.shape[1], batch=b, kv_heads=kh, slots=s, head_dim=h,
+                                     dtype=k_bskh.dtype)
 
 
 class Attention(nnx.Module):
@@ -352,12 +387,10 @@ class Attention(nnx.Module):
         kernel, where the attender lets it)."""
         return Queries(q_btnh, self.q_norm[...], self.eps, cos, sin)
 
-    def keys_values(self, k_raw, v_raw, cos, sin):
-        """Normalised, rotated keys and normalised values [B,T,K,H] from this step's projections (k_eq_v: the
-        value is the raw key projection, taken before k_norm and RoPE)."""
-        k = apply_rope(rms_norm(k_raw, self.k_norm[...], self.eps), cos, sin)
-        v = rms_norm(v_raw, None, self.eps)  # v_norm has no weight and V gets no RoPE
-        return k, v
+    def keys_values(self, k_raw, v_raw, cos, sin) -> Keys:
+        """The keys and values from this step's projections (k_eq_v: the value is the raw key projection, taken
+        before k_norm and RoPE), normalised and rotated by `Keys.value` (or by the decode kernel)."""
+        return Keys(k_raw, v_raw, self.k_norm[...], self.eps, cos, sin)
 
 
 class MLP(nnx.Module):
@@ -469,9 +502,9 @@ class DecoderLayer(nnx.Module):
         eps = self.eps
         with jax.named_scope("attention"):  # named scopes: device traces name the layer's parts
             owns = self.attn.owns_kv if owns_kv is None else owns_kv
-            # the queries' K splits may stay unadded: the decode kernel adds them in its prologue
+            # the projections' K splits may stay unadded: the decode kernel adds them in its prologue
             q, *kv = norm_linears(x_btd, self.input_norm[...], eps, self.attn.projections(owns), impl,
-                                  split_first=dispatch.DECODE_QUERY_PROLOGUE)
+                                  split=dispatch.DECODE_QUERY_PROLOGUE)
             # the projections' input is ready: the next weights stream into L2 beside the attention block's chain
             # (started from the queries' norm and RoPE instead, the step's chain grew a kernel a layer)
             rows, layer_bytes = x_btd.shape[0] * x_btd.shape[1], self.weight_bytes()
@@ -574,7 +607,9 @@ def run_layers(layers, x_btd, ple_btlp, pos_bt, attender: Attender, dtype, taps:
             rope[spec.attn_type] = rope_cos_sin(pos_bt, rope_inv_freq(spec), dtype)
 
         def attend(q, kv, spec=spec):
-            return attender(spec, q if attender.raw_queries else q.value(), kv), None
+            if attender.raw_queries:
+                return attender(spec, q, kv), None
+            return attender(spec, q.value(), kv and kv.value()), None
 
         if taps is not None:
             taps.append(x_btd)
@@ -680,11 +715,19 @@ def attention_impl(impl: str, q_btnh: jax.Array, k_bskh: jax.Array, aligned: boo
                             keys=k_bskh.shape[1])
 
 
-def kernel_attention(choice: str, q_btnh, k_bskh, v_bskh, q_pos_bt, k_pos_bs, window: int | None) -> jax.Array:
+def kernel_attention(choice: str, q_btnh, k_bskh, v_bskh, q_pos_bt, k_pos_bs, window: int | None,
+                     new_key: Keys | None = None, new_slot: jax.Array | None = None):
     """The dispatcher's non-XLA paths with the model's semantics: scale 1.0, mask from positions (k_pos −1 =
     invalid). `choice` is what `attention_impl` resolved (once per call site). q may be `Queries`: the decode
-    kernel applies their norm and RoPE itself where `dispatch.query_prologue` allows, else they are applied here."""
-    prologue = None
+    kernel applies their norm and RoPE itself where `dispatch.query_prologue` allows, else they are applied here.
+    `new_key` (only where `takes_new_key`): the step's token's raw key and value, which the kernel attends to and
+    writes into slot `new_slot` [B] of the cache (which does not hold the token yet); then the call returns
+    (o, the cache's new k, v)."""
+    prologue = new = None
+    if new_key is not None:
+        assert takes_new_key(choice, q_btnh, k_bskh), "new_key needs the decode kernel's prologue at one token"
+        raw = (x.parts if isinstance(x, SplitK) else x for x in (new_key.k, new_key.v))
+        new = dispatch.NewKey(*raw, new_key.norm, new_slot)
     if isinstance(q_btnh, Queries):
         q = q_btnh
         if dispatch.query_prologue(choice, q_len=q.shape[1], head_dim=q.shape[-1]):
@@ -694,7 +737,7 @@ def kernel_attention(choice: str, q_btnh, k_bskh, v_bskh, q_pos_bt, k_pos_bs, wi
         else:
             q_btnh = q.value()
     return dispatch.run_attention(choice, q_btnh, k_bskh, v_bskh, q_pos_bt, k_pos_bs, scale=1.0, window=window,
-                                  prologue=prologue)
+                                  prologue=prologue, new_key=new)
 
 
 class FullAttender(Attender):

@@ -307,7 +307,7 @@ class _Attender(FullAttender):
 
     def __call__(self, spec, q, kv):
         if kv is not None:
-            self._own(spec.index, kv)
+            self._own(spec.index, kv if isinstance(kv, tuple) else kv.value())  # decode's raw `Keys`
         if self.mode == "extend":
             return self.ext.attend(spec, q)
         if self.mode != "decode":
