@@ -119,9 +119,20 @@ def _rope_halves(x1, x2, cos1, cos2, sin1, sin2, dtype):
             _rounded(_rounded(x2 * cos2, dtype) + _rounded(x1 * sin2, dtype), dtype))
 
 
+def _norm_rope(x1, x2, norm_ref, tables, eps: float, dtype):
+    """rms_norm over a head's halves [R, H/2] (float32, the row's sum of squares), times the norm weight, rounded to
+    `dtype`, then RoPE with `tables` (cos and sin halves, [R or 1, H/2]): the model's queries' and keys' math."""
+    half = x1.shape[-1]
+    inv = jax.lax.rsqrt((jnp.sum(x1 * x1, axis=-1, keepdims=True) + jnp.sum(x2 * x2, axis=-1, keepdims=True))
+                        / (2 * half) + eps)
+    y1, y2 = (_rounded(x * inv * norm_ref[pl.ds(i * half, half)].astype(jnp.float32)[None, :], dtype)
+              for i, x in enumerate((x1, x2)))
+    return _rope_halves(y1, y2, *tables, dtype)
+
+
 def _new_key(k_ref, v_ref, norm_ref, cos_ref, sin_ref, eps: float):
-    """The new token's normalised, rotated key halves and normalised value [H], float32 (dtype-rounded), from its
-    raw projections: refs of one head [H], or of its K splits [S', H] (added in split order, then rounded)."""
+    """The new token's normalised, rotated key halves [1, H/2] and normalised value [H], float32 (dtype-rounded),
+    from its raw projections: refs of one head [H], or of its K splits [S', H] (added in split order, then rounded)."""
     dtype, h = cos_ref.dtype, k_ref.shape[-1]
     half = h // 2
     first, second = pl.ds(0, half), pl.ds(half, half)
@@ -133,13 +144,11 @@ def _new_key(k_ref, v_ref, norm_ref, cos_ref, sin_ref, eps: float):
                                   jnp.zeros((n,), jnp.float32))
         return _rounded(total, dtype)
 
-    k1, k2 = vector(k_ref, first, half), vector(k_ref, second, half)
-    inv = jax.lax.rsqrt((jnp.sum(k1 * k1) + jnp.sum(k2 * k2)) / h + eps)
-    y1, y2 = (_rounded(x * inv * norm_ref[c].astype(jnp.float32), dtype) for x, c in ((k1, first), (k2, second)))
-    tables = (ref[0, c].astype(jnp.float32) for ref in (cos_ref, sin_ref) for c in (first, second))  # row 0's token
-    halves = _rope_halves(y1, y2, *tables, dtype)
+    k1, k2 = (vector(k_ref, c, half)[None, :] for c in (first, second))
+    tables = [ref[0, c].astype(jnp.float32)[None, :] for ref in (cos_ref, sin_ref) for c in (first, second)]  # row 0
+    k1, k2 = _norm_rope(k1, k2, norm_ref, tables, eps, dtype)
     v = vector(v_ref, pl.ds(0, h), h)
-    return halves, _rounded(v * jax.lax.rsqrt(jnp.sum(v * v) / h + eps), dtype)
+    return (k1, k2), _rounded(v * jax.lax.rsqrt(jnp.sum(v * v) / h + eps), dtype)
 
 
 def _queries(q_ref, valid, prologue_refs, eps: float):
@@ -154,9 +163,6 @@ def _queries(q_ref, valid, prologue_refs, eps: float):
     half = h // 2
     first, second = pl.ds(0, half), pl.ds(half, half)
 
-    def rounded(x):
-        return _rounded(x, dtype)
-
     def load(c, sk=None):  # one indexer: Triton's lowering takes no view of a view
         view = q_ref.at[:, c] if sk is None else q_ref.at[sk, :, c]
         return plgpu.load(view, mask=valid[:, None], other=0).astype(jnp.float32)
@@ -166,14 +172,11 @@ def _queries(q_ref, valid, prologue_refs, eps: float):
             return tuple(a + load(c, sk) for a, c in zip(acc, (first, second), strict=True))
 
         zero = jnp.zeros((q_ref.shape[1], half), jnp.float32)
-        x1, x2 = (rounded(x) for x in jax.lax.fori_loop(0, q_ref.shape[0], add, (zero, zero)))
+        x1, x2 = (_rounded(x, dtype) for x in jax.lax.fori_loop(0, q_ref.shape[0], add, (zero, zero)))
     else:
         x1, x2 = load(first), load(second)
-    inv = jax.lax.rsqrt((jnp.sum(x1 * x1, axis=1) + jnp.sum(x2 * x2, axis=1)) / h + eps)[:, None]
-    y1, y2 = (rounded(x * inv * norm_ref[c].astype(jnp.float32)[None, :]) for x, c in ((x1, first), (x2, second)))
-    rotated = _rope_halves(y1, y2, *(ref[:, c].astype(jnp.float32) for ref in (cos_ref, sin_ref)
-                                     for c in (first, second)), dtype)
-    return tuple(x.astype(dtype) for x in rotated)
+    tables = [ref[:, c].astype(jnp.float32) for ref in (cos_ref, sin_ref) for c in (first, second)]
+    return tuple(x.astype(dtype) for x in _norm_rope(x1, x2, norm_ref, tables, eps, dtype))
 
 
 def _decode_kernel(lo_ref, hi_ref, qpos_ref, kpos_ref, q_ref, *refs, scale: float, window: int | None, causal: bool,
@@ -207,13 +210,13 @@ def _decode_kernel(lo_ref, hi_ref, qpos_ref, kpos_ref, q_ref, *refs, scale: floa
         @pl.when(last)
         def _():  # the token into its cache slot, in place (other splits may read the slot: its position masks it)
             k_out, v_out = cache_out
-            slot, half = new_refs[3][()], k1.shape[0]
+            slot, half = pl.ds(new_refs[3][()], 1), k1.shape[-1]
             k_out[slot, pl.ds(0, half)] = k1.astype(k_out.dtype)
             k_out[slot, pl.ds(half, half)] = k2.astype(k_out.dtype)
-            v_out[slot, pl.ds(0, 2 * half)] = v_new.astype(v_out.dtype)
+            v_out[slot, pl.ds(0, 2 * half)] = v_new[None, :].astype(v_out.dtype)
 
-        s_new = (jnp.sum(q[0].astype(jnp.float32) * k1[None, :], axis=1)
-                 + jnp.sum(q[1].astype(jnp.float32) * k2[None, :], axis=1)) * qk_scale
+        s_new = (jnp.sum(q[0].astype(jnp.float32) * k1, axis=1) + jnp.sum(q[1].astype(jnp.float32) * k2, axis=1)
+                 ) * qk_scale
         seen = (qpos_ref[...] >= 0) & last
         s_new = jnp.where(seen, s_new, MASK_VALUE)
         m_next = jnp.maximum(m_i, s_new)
@@ -307,7 +310,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
                 extra_specs.append(pl.BlockSpec((None, None, None, h), lambda si, bi, hi_: (bi, 0, hi_, 0)))
         extra += [new_key.norm, new_key.slot.astype(jnp.int32)]
         extra_specs += [pl.BlockSpec((h,), lambda si, bi, hi_: (0,)), pl.BlockSpec((None,), lambda si, bi, hi_: (bi,))]
-    cache_specs = [pl.BlockSpec((None, sp, None, h), lambda si, bi, hi_: (bi, 0, hi_, 0))] * 2
+    cache_spec = pl.BlockSpec((None, sp, None, h), lambda si, bi, hi_: (bi, 0, hi_, 0))  # k, v: read, and written
     kernel = functools.partial(_decode_kernel, scale=float(scale), window=window, causal=causal, block_k=bk,
                                rows=m, eps=None if prologue is None else float(prologue.eps),
                                new_key=new_key is not None, splits=ns)
@@ -322,14 +325,14 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
             pl.BlockSpec((None, sp), lambda si, bi, hi_: (bi, 0)),  # k_pos
             q_spec,  # q rows
             *extra_specs,  # the prologue's norm, cos, sin; the new token's key, value, key norm
-            pl.BlockSpec((None, sp, None, h), lambda si, bi, hi_: (bi, 0, hi_, 0)),  # k
-            pl.BlockSpec((None, sp, None, h), lambda si, bi, hi_: (bi, 0, hi_, 0)),  # v
+            cache_spec,  # k
+            cache_spec,  # v
         ],
         out_specs=[
             pl.BlockSpec((None, None, None, mp, h), lambda si, bi, hi_: (bi, hi_, si, 0, 0)),
             pl.BlockSpec((None, None, None, mp), lambda si, bi, hi_: (bi, hi_, si, 0)),
             pl.BlockSpec((None, None, None, mp), lambda si, bi, hi_: (bi, hi_, si, 0)),
-            *(cache_specs if new_key is not None else []),
+            *([cache_spec] * 2 if new_key is not None else []),
         ],
         out_shape=[
             jax.ShapeDtypeStruct((b, kh, ns, m, h), k.dtype),
