@@ -40,8 +40,7 @@ def _rope_denominator_is_rotated_width(spec):
 
 
 def _keqv_after_norm(self, k_raw, v_raw, cos, sin):
-    k = k_raw.value() if isinstance(k_raw, mdl.SplitK) else k_raw
-    v = mdl.rms_norm(k, self.k_norm[...], self.eps) if self.k_eq_v else v_raw  # the value taken after k_norm
+    v = mdl.rms_norm(mdl.added(k_raw), self.k_norm[...], self.eps) if self.k_eq_v else v_raw  # after k_norm
     return mdl.Keys(k_raw, v, self.k_norm[...], self.eps, cos, sin)
 
 

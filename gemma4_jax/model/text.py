@@ -143,6 +143,16 @@ class SplitK:
         return gemv.add_parts(self.parts[:, :rows], self.dtype).reshape(self.shape)
 
 
+def added(x: jax.Array | SplitK) -> jax.Array:
+    """A projection's result: x, or its K splits added (`SplitK.value`)."""
+    return x.value() if isinstance(x, SplitK) else x
+
+
+def unadded(x: jax.Array | SplitK) -> jax.Array:
+    """What a kernel that adds the splits itself reads: the K-split partials of a `SplitK`, else x."""
+    return x.parts if isinstance(x, SplitK) else x
+
+
 def linear(eq: str, x: jax.Array, w: jax.Array, impl: str = "auto", into_elementwise: bool = False,
            split_k: bool = False) -> jax.Array | SplitK:
     """The projection `einsum(eq, x, w)` where the contracted dims are x's last and w's first (every weight
@@ -308,7 +318,7 @@ class Queries:
 
     def projected(self) -> jax.Array:
         """The raw queries [B,T,N,H] (their K splits added)."""
-        return self.raw.value() if isinstance(self.raw, SplitK) else self.raw
+        return added(self.raw)
 
     def value(self) -> jax.Array:
         return apply_rope(rms_norm(self.projected(), self.norm, self.eps), self.cos, self.sin)
@@ -334,7 +344,7 @@ class Keys:
     sin: jax.Array
 
     def value(self) -> tuple[jax.Array, jax.Array]:
-        k, v = (x.value() if isinstance(x, SplitK) else x for x in (self.k, self.v))
+        k, v = added(self.k), added(self.v)
         return apply_rope(rms_norm(k, self.norm, self.eps), self.cos, self.sin), rms_norm(v, None, self.eps)
 
     def head(self, n: int) -> Keys:
@@ -508,8 +518,7 @@ class DecoderLayer(nnx.Module):
             # the projections' input is ready: the next weights stream into L2 beside the attention block's chain
             # (started from the queries' norm and RoPE instead, the step's chain grew a kernel a layer)
             rows, layer_bytes = x_btd.shape[0] * x_btd.shape[1], self.weight_bytes()
-            token = prefetch_weights(self.weights_after_queries(), q.parts if isinstance(q, SplitK) else q, rows,
-                                     layer_bytes, impl)
+            token = prefetch_weights(self.weights_after_queries(), unadded(q), rows, layer_bytes, impl)
             q = self.attn.queries(q, cos, sin)
             kv = self.attn.keys_values(kv[0], kv[-1], cos, sin) if owns else None  # kv[-1] is kv[0] if k_eq_v
             o, aux = attend(q, kv)
@@ -726,8 +735,7 @@ def kernel_attention(choice: str, q_btnh, k_bskh, v_bskh, q_pos_bt, k_pos_bs, wi
     prologue = new = None
     if new_key is not None:
         assert takes_new_key(choice, q_btnh, k_bskh), "new_key needs the decode kernel's prologue at one token"
-        raw = (x.parts if isinstance(x, SplitK) else x for x in (new_key.k, new_key.v))
-        new = dispatch.NewKey(*raw, new_key.norm, new_slot)
+        new = dispatch.NewKey(unadded(new_key.k), unadded(new_key.v), new_key.norm, new_slot)
     if isinstance(q_btnh, Queries):
         q = q_btnh
         if dispatch.query_prologue(choice, q_len=q.shape[1], head_dim=q.shape[-1]):
