@@ -294,8 +294,12 @@ def run_attention(choice: str, q: jax.Array, k: jax.Array, v: jax.Array, q_pos: 
 # and adds them, normalises and rotates them itself (`QueryPrologue`), and in a layer that computes K/V it also
 # makes the step's own key and value, attends to them and writes them into the cache in place (`NewKey`): the small
 # kernels that did it in XLA leave a decode step's chain (deviceless for an H200, E2B's chain 605 -> 535 kernels;
-# docs/kernels.md). Not yet timed on a GPU. False: the model applies them first, as before.
-DECODE_QUERY_PROLOGUE = True
+# docs/kernels.md). Off: on an H100 (2026-12-05, docs/performance.md) it made E2B's and E4B's batch-16 steps 3.2 % and
+# 3.5 % slower and their batch-1 steps 1.9 % and 0.4 %, 31B's batch 1 unchanged. Off, the model applies them first.
+DECODE_QUERY_PROLOGUE = False
+# With the prologue on, whether the kernel also makes the step's own key and value and writes them in place
+# (`NewKey`); off, the queries alone go raw and the key and value are written first.
+DECODE_NEW_KEY = True
 
 
 def _decode_call_config(head_dim: int, dtype):
@@ -309,8 +313,8 @@ def new_key_in_place(choice: str, *, q_len: int, batch: int, kv_heads: int, slot
                      dtype) -> bool:
     """Whether a decode call resolved to `choice` can attend to its token from the raw key and value and write them
     into the cache itself (`NewKey`): the queries go raw (`query_prologue`), one token a sequence, and the kernel
-    reads the cache of `slots` slots unpadded (`decode_attention.writes_in_place`)."""
-    return (q_len == 1 and query_prologue(choice, q_len=q_len, head_dim=head_dim)
+    reads the cache of `slots` slots unpadded (`decode_attention.writes_in_place`), while DECODE_NEW_KEY is on."""
+    return (DECODE_NEW_KEY and q_len == 1 and query_prologue(choice, q_len=q_len, head_dim=head_dim)
             and writes_in_place(batch, kv_heads, slots, head_dim, dtype, _decode_call_config(head_dim, dtype)))
 
 
@@ -531,7 +535,7 @@ def settings() -> str:
     """This module's settings that tests and benches change (read when a program is traced): the text keys
     programs kept across processes (`generation.programs`), so a program traced under other settings misses."""
     names = ("FUSED_PROJECTIONS", "FUSED_ADD_NORM", "DECODE_MAX_TOKENS", "DECODE_KERNEL_MIN_BATCH",
-             "DECODE_QUERY_PROLOGUE",
+             "DECODE_QUERY_PROLOGUE", "DECODE_NEW_KEY",
              "DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS",
              "CUDNN_MAX_HEAD_DIM", "MOSAIC_HEAD_DIM", "CUDNN_BACKEND", "MOSAIC_INTERPRET", "MOSAIC_MOE_MIN_ROWS",
              "MOE_FORCE", "MOE_PLAN_KERNEL", "MOE_TOKEN_TILES_MAX_TOKENS", "ROUTER_KERNEL", "DENSE_FORCE",

@@ -231,12 +231,15 @@ def test_decode_attention_new_key(h, kh, slots, window, lengths, split):
     assert np.mean(np.asarray(k_out != written.k)) < 1e-3  # the keys' norm may move a rare last bit
 
 
-def test_query_prologue_rule():
+def test_query_prologue_rule(monkeypatch):
     """Raw queries go to the decode kernel only (at most DECODE_MAX_TOKENS queries, head_dim ≥ 32, the setting on);
     `run_attention` refuses a prologue anywhere else."""
     from gemma4_jax.kernels.decode_attention import QueryPrologue
 
     ok = dict(q_len=1, head_dim=256)
+    monkeypatch.setattr(dispatch, "DECODE_QUERY_PROLOGUE", False)
+    assert not dispatch.query_prologue("pallas", **ok)
+    monkeypatch.setattr(dispatch, "DECODE_QUERY_PROLOGUE", True)
     assert dispatch.query_prologue("pallas", **ok) and dispatch.query_prologue("interpret", **ok)
     assert not dispatch.query_prologue("xla", **ok) and not dispatch.query_prologue("cudnn", **ok)
     assert not dispatch.query_prologue("interpret", q_len=dispatch.DECODE_MAX_TOKENS + 1, head_dim=256)
@@ -358,9 +361,11 @@ def test_dispatch():
                       attention(q, k, v, q_pos, k_pos, impl="xla", **kw), jnp.float32)
 
 
-def test_model_through_kernels_equals_xla():
+@pytest.mark.parametrize("prologue,new_key", [(False, False), (True, False), (True, True)])
+def test_model_through_kernels_equals_xla(monkeypatch, prologue, new_key):
     """Wire-up: prefill (PrefillAttender) and a decode step (DecodeAttender, ring-buffer sliding cache) of a
-    small model give the same hidden states through the kernels (interpret mode) as through XLA."""
+    small model give the same hidden states through the kernels (interpret mode) as through XLA, with the decode
+    kernel's prologue off, on for the queries alone, and on for the queries and the new key."""
     from flax import nnx
 
     from gemma4_jax.config import Gemma4Config
@@ -374,6 +379,8 @@ def test_model_through_kernels_equals_xla():
     graphdef, params = nnx.split(init_model(cfg, jnp.float32, seed=0))
     ids = jax.random.randint(jax.random.key(0), (2, 12), 5, 200)
     lengths = jnp.asarray([12, 7], jnp.int32)  # the sliding ring (8 slots) wraps for the first prompt
+    monkeypatch.setattr(dispatch, "DECODE_QUERY_PROLOGUE", prologue)
+    monkeypatch.setattr(dispatch, "DECODE_NEW_KEY", new_key)
 
     def run(params, impl):
         model = nnx.merge(graphdef, params)
@@ -393,11 +400,21 @@ def test_model_through_kernels_equals_xla():
     # layer (16 slots, unpadded) also hands it the token's raw key and value splits [S, R, K, H], their norm and
     # slot: the kernel attends to the token and writes it into the cache itself (the XLA path above attends after
     # writing it). The sliding layer's ring of 8 slots is padded to the kernel's 16-key block, so it writes first.
+    # Off, the kernel takes (lo, hi, the query and key positions, q rows as one array, the cache's k, v), writes
+    # nothing.
     eqns = all_eqns(jax.make_jaxpr(run, static_argnums=1)(params, "interpret").jaxpr)
     decode_calls = [e for e in eqns if e.primitive.name == "pallas_call"
                     and "decode_attention" in str(e.params.get("name") or e.params.get("name_and_src_info"))]
-    assert [len(e.invars) for e in decode_calls] == [10, 14], [len(e.invars) for e in decode_calls]
+    counts = [len(e.invars) for e in decode_calls]
+    if not prologue:
+        assert counts == [7, 7] and [e.invars[4].aval.ndim for e in decode_calls] == [4, 4], counts
+        assert not any(e.params["input_output_aliases"] for e in decode_calls)
+        return
+    assert counts == ([10, 14] if new_key else [10, 10]), counts
     assert [e.invars[4].aval.ndim for e in decode_calls] == [5, 5]
+    if not new_key:
+        assert not any(e.params["input_output_aliases"] for e in decode_calls)
+        return
     full = decode_calls[1]
     assert [(v.aval.ndim, v.aval.dtype) for v in full.invars[8:10]] == [(4, jnp.float32)] * 2
     assert len(full.params["input_output_aliases"]) == 2  # the cache's k and v, written in place

@@ -166,7 +166,11 @@ def add_decode_arguments(p) -> None:
                         "combining kernel (dispatch.DECODE_TARGET_PROGRAMS; default: the kernel's, 128)")
     p.add_argument("--decode-query-prologue", action=argparse.BooleanOptionalAction, default=None,
                    help="the decode kernel applies the queries' norm and RoPE itself; --no-decode-query-prologue: XLA "
-                        "applies them first (dispatch.DECODE_QUERY_PROLOGUE; default: the library's, on)")
+                        "applies them first (dispatch.DECODE_QUERY_PROLOGUE; default: the library's, off)")
+    p.add_argument("--decode-new-key", action=argparse.BooleanOptionalAction, default=None,
+                   help="with the prologue on, the decode kernel also makes the step's key and value and writes them "
+                        "into the cache in place; --no-decode-new-key: the queries alone (dispatch.DECODE_NEW_KEY; "
+                        "default: the library's, on)")
     p.add_argument("--l2-prefetch-bytes", type=int, default=None, metavar="BYTES",
                    help="at a decode step, once a layer's queries are projected, one kernel reads up to BYTES of the "
                         "weights the layer streams next into L2 (dispatch.L2_PREFETCH_BYTES; 0: off; default: the "
@@ -354,6 +358,8 @@ def _header(args, cfg) -> dict:
             or _dispatch().DECODE_TARGET_PROGRAMS,
             "decode_query_prologue": _dispatch().DECODE_QUERY_PROLOGUE
             if getattr(args, "decode_query_prologue", None) is None else args.decode_query_prologue,
+            "decode_new_key": _dispatch().DECODE_NEW_KEY
+            if getattr(args, "decode_new_key", None) is None else args.decode_new_key,
             "l2_prefetch_bytes": _dispatch().L2_PREFETCH_BYTES if getattr(args, "l2_prefetch_bytes", None) is None
             else args.l2_prefetch_bytes,
             "l2_prefetch_next_bytes": _dispatch().L2_PREFETCH_NEXT_BYTES
@@ -413,6 +419,8 @@ def apply_decode_settings(args) -> None:
         dispatch.DECODE_TARGET_PROGRAMS = args.decode_target_programs
     if getattr(args, "decode_query_prologue", None) is not None:
         dispatch.DECODE_QUERY_PROLOGUE = args.decode_query_prologue
+    if getattr(args, "decode_new_key", None) is not None:
+        dispatch.DECODE_NEW_KEY = args.decode_new_key
     if getattr(args, "l2_prefetch_bytes", None) is not None:
         dispatch.L2_PREFETCH_BYTES = args.l2_prefetch_bytes
     if getattr(args, "l2_prefetch_next_bytes", None) is not None:

@@ -152,9 +152,10 @@ class DecodeAttender(Attender):
     """One new token per sequence at positions `pos` [B,1]: write K/V into the slot, attend the cache.
 
     `impl` as for FullAttender; the kernel path masks by the slot positions directly (ring buffers included).
-    It takes the layer's queries, keys and values raw (`Queries`, `Keys`): where the decode kernel runs the call it
-    normalises and rotates them itself and, over a cache it reads unpadded, attends to the token from its key and
-    value and writes them into the slot in place (`model.takes_new_key`); else they are written first, as `value()`.
+    With `dispatch.DECODE_QUERY_PROLOGUE` on (off by default) it takes the layer's queries, keys and values raw
+    (`Queries`, `Keys`): where the decode kernel runs the call it normalises and rotates them itself and, over a
+    cache it reads unpadded, attends to the token from its key and value and writes them into the slot in place
+    (`model.takes_new_key`); else they are written first, as `value()`.
     On a stream of copied rows (more rows in q than sequences, `generation.loop.decode_step`) it reads and writes
     for the real rows and returns their output alone; the layer copies it back (`model.residual_after`).
     """
