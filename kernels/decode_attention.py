@@ -203,28 +203,30 @@ def _decode_kernel(lo_ref, hi_ref, qpos_ref, kpos_ref, q_ref, *refs, scale: floa
     qk_scale = scale * LOG2E
     acc, m_i, l_i = sweep_keys(q, qp, kpos_ref, k_ref, v_ref, lo_ref[()], hi_ref[()], qk_scale=qk_scale,
                                window=window, causal=causal, block_k=block_k)
-    if new_key:  # the token's own key, in the last split: visible to each real row (its own position)
-        (k1, k2), v_new = _new_key(*new_refs[:2], new_refs[2], *prologue_refs[1:], eps)
-        last = pl.program_id(0) == splits - 1
-
-        @pl.when(last)
-        def _():  # the token into its cache slot, in place (other splits may read the slot: its position masks it)
+    if new_key:  # the token's own key, in the last split alone: visible to each real row (its own position)
+        def fold(state):
+            acc, m_i, l_i = state
+            (k1, k2), v_new = _new_key(*new_refs[:2], new_refs[2], *prologue_refs[1:], eps)
+            # the token into its cache slot, in place (other splits may read the slot: its position masks it)
             k_out, v_out = cache_out
             slot, half = pl.ds(new_refs[3][()], 1), k1.shape[-1]
             k_out[slot, pl.ds(0, half)] = k1.astype(k_out.dtype)
             k_out[slot, pl.ds(half, half)] = k2.astype(k_out.dtype)
             v_out[slot, pl.ds(0, 2 * half)] = v_new[None, :].astype(v_out.dtype)
+            s_new = (jnp.sum(q[0].astype(jnp.float32) * k1, axis=1)
+                     + jnp.sum(q[1].astype(jnp.float32) * k2, axis=1)) * qk_scale
+            seen = qpos_ref[...] >= 0
+            s_new = jnp.where(seen, s_new, MASK_VALUE)
+            m_next = jnp.maximum(m_i, s_new)
+            alpha = jnp.exp2(m_i - m_next)
+            p = jnp.where(seen, jnp.exp2(s_new - m_next), 0.0)
+            # P·V takes p in V's dtype
+            return acc * alpha[:, None] + _rounded(p, v_ref.dtype)[:, None] * v_new[None, :], m_next, alpha * l_i + p
 
-        s_new = (jnp.sum(q[0].astype(jnp.float32) * k1, axis=1) + jnp.sum(q[1].astype(jnp.float32) * k2, axis=1)
-                 ) * qk_scale
-        seen = (qpos_ref[...] >= 0) & last
-        s_new = jnp.where(seen, s_new, MASK_VALUE)
-        m_next = jnp.maximum(m_i, s_new)
-        alpha = jnp.exp2(m_i - m_next)
-        p = jnp.where(seen, jnp.exp2(s_new - m_next), 0.0)
-        l_i = alpha * l_i + p
-        acc = acc * alpha[:, None] + _rounded(p, v_ref.dtype)[:, None] * v_new[None, :]  # P·V takes p in V's dtype
-        m_i = m_next
+        state = (acc, m_i, l_i)
+        # the other splits skip the key's split sum, norm and RoPE (one split: no branch)
+        acc, m_i, l_i = fold(state) if splits == 1 else jax.lax.cond(pl.program_id(0) == splits - 1, fold,
+                                                                       lambda st: st, state)
     plgpu.store(o_ref, (acc / jnp.where(l_i == 0.0, 1.0, l_i)[:, None]).astype(o_ref.dtype), mask=valid[:, None])
     plgpu.store(m_ref, m_i, mask=valid)
     plgpu.store(l_ref, l_i, mask=valid)
