@@ -96,6 +96,17 @@ def test_every_split_gives_single_stage_tokens(hf_dirs, single, family, pp, spli
         assert m.generate(PROMPTS[1:2], max_new_tokens=20, stop_tokens=()) == want[1:2]
 
 
+def test_raw_queries_through_the_ring(hf_dirs, single, monkeypatch):
+    """With the decode kernel's prologue on (`dispatch.DECODE_QUERY_PROLOGUE`), the ring's decode hands its attender
+    raw queries and keys (`Queries`, `Keys`) and writes the cache from their value; on the CPU XLA attends to the
+    queries' value: the single-stage tokens."""
+    from gemma4_jax.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "DECODE_QUERY_PROLOGUE", True)
+    m = gemma4_jax.load(hf_dirs["e2b", "causal"], pp=2, layer_split="0,7,10", progress=False)
+    assert m.generate(PROMPTS[1:2], max_new_tokens=20, stop_tokens=()) == single["e2b"][1][1:2]
+
+
 def test_continuous_batching_in_the_ring_after_a_shared_prefix(hf_dirs):
     """The engine at pp = 2 (`generate_continuous`): a 21-token shared prefix (past the window of 8: the ring
     buffers wrap) prefilled once, then each prompt's own tokens through GPipe's extend mode (the longer ones in
