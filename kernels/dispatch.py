@@ -300,6 +300,10 @@ DECODE_QUERY_PROLOGUE = False
 # With the prologue on, whether the kernel also makes the step's own key and value and writes them in place
 # (`NewKey`); off, the queries alone go raw and the key and value are written first.
 DECODE_NEW_KEY = True
+# With the prologue on, whether the kernel takes the projections' float32 K-split partials and adds them itself (every
+# program of every key split reads all of its rows' partials: for E2B's queries 12 float32 splits, 24x the bytes of
+# the summed bf16 row) or XLA adds them first (a kernel a projection back on the chain; the kernel reads the sums).
+DECODE_PROLOGUE_PARTIALS = True
 
 
 def _decode_call_config(head_dim: int, dtype):
@@ -535,7 +539,7 @@ def settings() -> str:
     """This module's settings that tests and benches change (read when a program is traced): the text keys
     programs kept across processes (`generation.programs`), so a program traced under other settings misses."""
     names = ("FUSED_PROJECTIONS", "FUSED_ADD_NORM", "DECODE_MAX_TOKENS", "DECODE_KERNEL_MIN_BATCH",
-             "DECODE_QUERY_PROLOGUE", "DECODE_NEW_KEY",
+             "DECODE_QUERY_PROLOGUE", "DECODE_NEW_KEY", "DECODE_PROLOGUE_PARTIALS",
              "DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS",
              "CUDNN_MAX_HEAD_DIM", "MOSAIC_HEAD_DIM", "CUDNN_BACKEND", "MOSAIC_INTERPRET", "MOSAIC_MOE_MIN_ROWS",
              "MOE_FORCE", "MOE_PLAN_KERNEL", "MOE_TOKEN_TILES_MAX_TOKENS", "ROUTER_KERNEL", "DENSE_FORCE",

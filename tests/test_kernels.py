@@ -361,11 +361,13 @@ def test_dispatch():
                       attention(q, k, v, q_pos, k_pos, impl="xla", **kw), jnp.float32)
 
 
-@pytest.mark.parametrize("prologue,new_key", [(False, False), (True, False), (True, True)])
-def test_model_through_kernels_equals_xla(monkeypatch, prologue, new_key):
+@pytest.mark.parametrize("prologue,new_key,partials", [(False, False, True), (True, False, True), (True, True, True),
+                                                       (True, True, False)])
+def test_model_through_kernels_equals_xla(monkeypatch, prologue, new_key, partials):
     """Wire-up: prefill (PrefillAttender) and a decode step (DecodeAttender, ring-buffer sliding cache) of a
     small model give the same hidden states through the kernels (interpret mode) as through XLA, with the decode
-    kernel's prologue off, on for the queries alone, and on for the queries and the new key."""
+    kernel's prologue off, on for the queries alone, and on for the queries and the new key (from the projections'
+    K-split partials, or from their sums)."""
     from flax import nnx
 
     from gemma4_jax.config import Gemma4Config
@@ -381,6 +383,7 @@ def test_model_through_kernels_equals_xla(monkeypatch, prologue, new_key):
     lengths = jnp.asarray([12, 7], jnp.int32)  # the sliding ring (8 slots) wraps for the first prompt
     monkeypatch.setattr(dispatch, "DECODE_QUERY_PROLOGUE", prologue)
     monkeypatch.setattr(dispatch, "DECODE_NEW_KEY", new_key)
+    monkeypatch.setattr(dispatch, "DECODE_PROLOGUE_PARTIALS", partials)
 
     def run(params, impl):
         model = nnx.merge(graphdef, params)
@@ -400,6 +403,7 @@ def test_model_through_kernels_equals_xla(monkeypatch, prologue, new_key):
     # layer (16 slots, unpadded) also hands it the token's raw key and value splits [S, R, K, H], their norm and
     # slot: the kernel attends to the token and writes it into the cache itself (the XLA path above attends after
     # writing it). The sliding layer's ring of 8 slots is padded to the kernel's 16-key block, so it writes first.
+    # Without partials, XLA adds the splits and the kernel takes the sums (q [B, T, N, H], k and v [B, 1, K, H]).
     # Off, the kernel takes (lo, hi, the query and key positions, q rows as one array, the cache's k, v), writes
     # nothing.
     eqns = all_eqns(jax.make_jaxpr(run, static_argnums=1)(params, "interpret").jaxpr)
@@ -411,12 +415,13 @@ def test_model_through_kernels_equals_xla(monkeypatch, prologue, new_key):
         assert not any(e.params["input_output_aliases"] for e in decode_calls)
         return
     assert counts == ([10, 14] if new_key else [10, 10]), counts
-    assert [e.invars[4].aval.ndim for e in decode_calls] == [5, 5]
+    assert [e.invars[4].aval.ndim for e in decode_calls] == [5 if partials else 4] * 2
     if not new_key:
         assert not any(e.params["input_output_aliases"] for e in decode_calls)
         return
     full = decode_calls[1]
-    assert [(v.aval.ndim, v.aval.dtype) for v in full.invars[8:10]] == [(4, jnp.float32)] * 2
+    # the token's key and value: their K splits [S, R, K, H], or their sums [B, 1, K, H]
+    assert [(v.aval.ndim, v.aval.shape[1] == 1) for v in full.invars[8:10]] == [(4, not partials)] * 2
     assert len(full.params["input_output_aliases"]) == 2  # the cache's k and v, written in place
 
 

@@ -171,6 +171,10 @@ def add_decode_arguments(p) -> None:
                    help="with the prologue on, the decode kernel also makes the step's key and value and writes them "
                         "into the cache in place; --no-decode-new-key: the queries alone (dispatch.DECODE_NEW_KEY; "
                         "default: the library's, on)")
+    p.add_argument("--decode-prologue-partials", action=argparse.BooleanOptionalAction, default=None,
+                   help="with the prologue on, the decode kernel adds the projections' float32 K splits itself; "
+                        "--no-decode-prologue-partials: XLA adds them first and the kernel reads the summed rows "
+                        "(dispatch.DECODE_PROLOGUE_PARTIALS; default: the library's, on)")
     p.add_argument("--l2-prefetch-bytes", type=int, default=None, metavar="BYTES",
                    help="at a decode step, once a layer's queries are projected, one kernel reads up to BYTES of the "
                         "weights the layer streams next into L2 (dispatch.L2_PREFETCH_BYTES; 0: off; default: the "
@@ -360,6 +364,8 @@ def _header(args, cfg) -> dict:
             if getattr(args, "decode_query_prologue", None) is None else args.decode_query_prologue,
             "decode_new_key": _dispatch().DECODE_NEW_KEY
             if getattr(args, "decode_new_key", None) is None else args.decode_new_key,
+            "decode_prologue_partials": _dispatch().DECODE_PROLOGUE_PARTIALS
+            if getattr(args, "decode_prologue_partials", None) is None else args.decode_prologue_partials,
             "l2_prefetch_bytes": _dispatch().L2_PREFETCH_BYTES if getattr(args, "l2_prefetch_bytes", None) is None
             else args.l2_prefetch_bytes,
             "l2_prefetch_next_bytes": _dispatch().L2_PREFETCH_NEXT_BYTES
@@ -421,6 +427,8 @@ def apply_decode_settings(args) -> None:
         dispatch.DECODE_QUERY_PROLOGUE = args.decode_query_prologue
     if getattr(args, "decode_new_key", None) is not None:
         dispatch.DECODE_NEW_KEY = args.decode_new_key
+    if getattr(args, "decode_prologue_partials", None) is not None:
+        dispatch.DECODE_PROLOGUE_PARTIALS = args.decode_prologue_partials
     if getattr(args, "l2_prefetch_bytes", None) is not None:
         dispatch.L2_PREFETCH_BYTES = args.l2_prefetch_bytes
     if getattr(args, "l2_prefetch_next_bytes", None) is not None:

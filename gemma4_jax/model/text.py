@@ -514,7 +514,7 @@ class DecoderLayer(nnx.Module):
             owns = self.attn.owns_kv if owns_kv is None else owns_kv
             # the projections' K splits may stay unadded: the decode kernel adds them in its prologue
             q, *kv = norm_linears(x_btd, self.input_norm[...], eps, self.attn.projections(owns), impl,
-                                  split=dispatch.DECODE_QUERY_PROLOGUE)
+                                  split=dispatch.DECODE_QUERY_PROLOGUE and dispatch.DECODE_PROLOGUE_PARTIALS)
             # the projections' input is ready: the next weights stream into L2 beside the attention block's chain
             # (started from the queries' norm and RoPE instead, the step's chain grew a kernel a layer)
             rows, layer_bytes = x_btd.shape[0] * x_btd.shape[1], self.weight_bytes()
