@@ -341,35 +341,20 @@ def _header(args, cfg) -> dict:
             "fused_add_norm": getattr(args, "fused_add_norm", False),
             "moe_plan_kernel": getattr(args, "moe_plan_kernel", False),
             "router_kernel": getattr(args, "router_kernel", False),
-            "dense_after_router": _dispatch().DENSE_AFTER_ROUTER if getattr(args, "dense_after_router", None) is None
-            else args.dense_after_router,
             "router_own_norm": getattr(args, "router_own_norm", False),
             "gemv_sum_in_kernel": getattr(args, "gemv_sum_in_kernel", None) or False,
             "moe_mosaic_min_rows": getattr(args, "moe_mosaic_min_rows", None) or _dispatch().MOSAIC_MOE_MIN_ROWS,
-            "moe_token_tiles_max_tokens": _dispatch().MOE_TOKEN_TILES_MAX_TOKENS
-            if getattr(args, "moe_token_tiles", None) is None else args.moe_token_tiles,
             **{name.lower(): value for name, value in _weight_limits(args, _dispatch()).items()},
+            **{key: _given(args, flag, getattr(_dispatch(), name)) for flag, name, key in GIVEN_SETTINGS},
             "gemv_target_programs": getattr(args, "gemv_target_programs", None) or _gemv().TARGET_PROGRAMS,
             "gemv_min_block_n": getattr(args, "gemv_min_block_n", None) or _gemv().MIN_BLOCK_N,
             "gemv_max_split_k": getattr(args, "gemv_max_split_k", None) or _gemv().MAX_SPLIT_K,
             "decode_kernel_min_batch": getattr(args, "decode_kernel_min_batch", None)
             or _dispatch().DECODE_KERNEL_MIN_BATCH,
-            "decode_kernel_max_keys": _dispatch().DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS
-            if getattr(args, "decode_kernel_max_keys", None) is None else args.decode_kernel_max_keys,
             "one_row_stream_rows": getattr(args, "one_row_stream_rows", None) or _dispatch().stream_rows(
                 1, cfg.num_experts > 0),
             "decode_target_programs": getattr(args, "decode_target_programs", None)
             or _dispatch().DECODE_TARGET_PROGRAMS,
-            "decode_query_prologue": _dispatch().DECODE_QUERY_PROLOGUE
-            if getattr(args, "decode_query_prologue", None) is None else args.decode_query_prologue,
-            "decode_new_key": _dispatch().DECODE_NEW_KEY
-            if getattr(args, "decode_new_key", None) is None else args.decode_new_key,
-            "decode_prologue_partials": _dispatch().DECODE_PROLOGUE_PARTIALS
-            if getattr(args, "decode_prologue_partials", None) is None else args.decode_prologue_partials,
-            "l2_prefetch_bytes": _dispatch().L2_PREFETCH_BYTES if getattr(args, "l2_prefetch_bytes", None) is None
-            else args.l2_prefetch_bytes,
-            "l2_prefetch_next_bytes": _dispatch().L2_PREFETCH_NEXT_BYTES
-            if getattr(args, "l2_prefetch_next_bytes", None) is None else args.l2_prefetch_next_bytes,
             "l2_prefetch_max_layer_bytes": getattr(args, "l2_prefetch_max_layer_bytes", None)
             or _dispatch().L2_PREFETCH_MAX_LAYER_BYTES,
             "l2_prefetch_programs": getattr(args, "l2_prefetch_programs", None) or _dispatch().L2_PREFETCH_PROGRAMS,
@@ -378,19 +363,35 @@ def _header(args, cfg) -> dict:
             "decode_xla_options": dict(getattr(args, "decode_xla_option", None) or _programs().DECODE_XLA_OPTIONS)}
 
 
+# Flags that set a dispatcher setting whenever given, 0 and False included (not given: the library's stands):
+# (the flag's dest, `dispatch`'s name, the JSON header's key).
+GIVEN_SETTINGS = (
+    ("dense_after_router", "DENSE_AFTER_ROUTER", "dense_after_router"),
+    ("moe_token_tiles", "MOE_TOKEN_TILES_MAX_TOKENS", "moe_token_tiles_max_tokens"),
+    ("decode_kernel_max_keys", "DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS", "decode_kernel_max_keys"),
+    ("decode_query_prologue", "DECODE_QUERY_PROLOGUE", "decode_query_prologue"),
+    ("decode_new_key", "DECODE_NEW_KEY", "decode_new_key"),
+    ("decode_prologue_partials", "DECODE_PROLOGUE_PARTIALS", "decode_prologue_partials"),
+    ("l2_prefetch_bytes", "L2_PREFETCH_BYTES", "l2_prefetch_bytes"),
+    ("l2_prefetch_next_bytes", "L2_PREFETCH_NEXT_BYTES", "l2_prefetch_next_bytes"),
+)
+
+
+def _given(args, flag: str, default):
+    """The flag's value where it was given (0 and False included), else `default`."""
+    value = getattr(args, flag, None)
+    return default if value is None else value
+
+
 def _weight_limits(args, dispatch) -> dict:
     """The dispatcher's weight limits under the flags (`dispatch`'s attribute names): a flag given, 0 included
     (no weight on the kernel, none padded), or the library's; --gemv-max-weight sets both maximums."""
-    def given(flag: str, default):
-        value = getattr(args, flag, None)
-        return default if value is None else value
-
-    most = given("gemv_max_weight", None)
-    return {"GEMV_MAX_WEIGHT": given("gemv_max_weight", dispatch.GEMV_MAX_WEIGHT),
-            "GEMV_MAX_WEIGHT_BATCHED": given("gemv_max_weight_batched",
-                                             dispatch.GEMV_MAX_WEIGHT_BATCHED if most is None else most),
-            "GEMV_MIN_WEIGHT": given("gemv_min_weight", dispatch.GEMV_MIN_WEIGHT),
-            "ONE_ROW_PADDED_MAX_WEIGHT": given("one_row_padded_max_weight", dispatch.ONE_ROW_PADDED_MAX_WEIGHT)}
+    most = _given(args, "gemv_max_weight", None)
+    return {"GEMV_MAX_WEIGHT": _given(args, "gemv_max_weight", dispatch.GEMV_MAX_WEIGHT),
+            "GEMV_MAX_WEIGHT_BATCHED": _given(args, "gemv_max_weight_batched",
+                                              dispatch.GEMV_MAX_WEIGHT_BATCHED if most is None else most),
+            "GEMV_MIN_WEIGHT": _given(args, "gemv_min_weight", dispatch.GEMV_MIN_WEIGHT),
+            "ONE_ROW_PADDED_MAX_WEIGHT": _given(args, "one_row_padded_max_weight", dispatch.ONE_ROW_PADDED_MAX_WEIGHT)}
 
 
 def apply_decode_settings(args) -> None:
@@ -403,36 +404,22 @@ def apply_decode_settings(args) -> None:
     dispatch.FUSED_ADD_NORM = getattr(args, "fused_add_norm", False)
     dispatch.MOE_PLAN_KERNEL = getattr(args, "moe_plan_kernel", False)
     dispatch.ROUTER_KERNEL = getattr(args, "router_kernel", False)
-    if getattr(args, "dense_after_router", None) is not None:
-        dispatch.DENSE_AFTER_ROUTER = args.dense_after_router
     dispatch.ROUTER_OWN_NORM = getattr(args, "router_own_norm", False)
     dispatch.GEMV_SUM_IN_KERNEL = {None: False, "all": True, "norm": "norm"}[getattr(args, "gemv_sum_in_kernel", None)]
     if getattr(args, "moe_mosaic_min_rows", None):
         dispatch.MOSAIC_MOE_MIN_ROWS = args.moe_mosaic_min_rows
-    if getattr(args, "moe_token_tiles", None) is not None:
-        dispatch.MOE_TOKEN_TILES_MAX_TOKENS = args.moe_token_tiles
     for name, value in _weight_limits(args, dispatch).items():
         setattr(dispatch, name, value)
+    for flag, name, _ in GIVEN_SETTINGS:
+        setattr(dispatch, name, _given(args, flag, getattr(dispatch, name)))
     for flag, name in (("gemv_target_programs", "TARGET_PROGRAMS"), ("gemv_min_block_n", "MIN_BLOCK_N"),
                        ("gemv_max_split_k", "MAX_SPLIT_K")):
         if getattr(args, flag, None):
             setattr(_gemv(), name, getattr(args, flag))
     if getattr(args, "decode_kernel_min_batch", None):
         dispatch.DECODE_KERNEL_MIN_BATCH = args.decode_kernel_min_batch
-    if getattr(args, "decode_kernel_max_keys", None) is not None:
-        dispatch.DECODE_KERNEL_ONE_SEQUENCE_MAX_KEYS = args.decode_kernel_max_keys
     if getattr(args, "decode_target_programs", None):
         dispatch.DECODE_TARGET_PROGRAMS = args.decode_target_programs
-    if getattr(args, "decode_query_prologue", None) is not None:
-        dispatch.DECODE_QUERY_PROLOGUE = args.decode_query_prologue
-    if getattr(args, "decode_new_key", None) is not None:
-        dispatch.DECODE_NEW_KEY = args.decode_new_key
-    if getattr(args, "decode_prologue_partials", None) is not None:
-        dispatch.DECODE_PROLOGUE_PARTIALS = args.decode_prologue_partials
-    if getattr(args, "l2_prefetch_bytes", None) is not None:
-        dispatch.L2_PREFETCH_BYTES = args.l2_prefetch_bytes
-    if getattr(args, "l2_prefetch_next_bytes", None) is not None:
-        dispatch.L2_PREFETCH_NEXT_BYTES = args.l2_prefetch_next_bytes
     if getattr(args, "l2_prefetch_max_layer_bytes", None):
         dispatch.L2_PREFETCH_MAX_LAYER_BYTES = args.l2_prefetch_max_layer_bytes
     if getattr(args, "l2_prefetch_programs", None):
