@@ -482,6 +482,37 @@ def test_bench_queue_bad_file_says_so_in_one_sentence(tmp_path, queue, says):
     assert not out.exists() and not os.path.exists(str(out) + ".tmp")
 
 
+def test_bench_queue_shares_one_compile_cache(tmp_path):
+    """The runs of a queue share JAX's persistent compilation cache: a folder of the queue's own by default (one for
+    all its runs, gone at its end), `--compile-cache DIR`, or none with `off` (whatever the environment says); a
+    run's own environment line decides over the flag. A real run keeps its programs in DIR."""
+    fake = tmp_path / "fake"
+    (fake / "tools").mkdir(parents=True)
+    (fake / "tools" / "bench.py").write_text(
+        "import json, os, sys\n"
+        "json.dump({'cache': os.environ.get('JAX_COMPILATION_CACHE_DIR')},"
+        " open(sys.argv[sys.argv.index('--json') + 1], 'w'))\n")
+    queue = f"set tree {fake}\na chain\nb chain\nown JAX_COMPILATION_CACHE_DIR=/mine chain\n"
+
+    def caches(args):
+        run, out = _queue(args, tmp_path, queue)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+        res = json.load(open(out))
+        return [r["result"]["cache"] for r in res["runs"]], res["compile_cache"]
+
+    (a, b, own), said = caches([])
+    assert a == b and a.endswith("jax-cache") and own == "/mine" and said == "the queue's own"
+    assert not os.path.exists(a)  # the queue's own folder goes with it
+    assert caches(["--compile-cache", str(tmp_path / "kept")]) == ([str(tmp_path / "kept")] * 2 + ["/mine"],
+                                                                    str(tmp_path / "kept"))
+    assert caches(["--compile-cache", "off"])[0] == [None, None, "/mine"]
+    kept = tmp_path / "real"
+    run, out = _queue(["--compile-cache", str(kept)], tmp_path, f"one chain --config {DEMO} --batch 1\n")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert [r["status"] for r in json.load(open(out))["runs"]] == ["ok"]
+    assert any(name.startswith("jit_") for name in os.listdir(kept)), os.listdir(kept)
+
+
 def test_bench_queue_missing_file(tmp_path):
     run = _run_bench(["queue", str(tmp_path / "none.txt")])
     assert run.returncode == 1 and "Traceback" not in run.stderr

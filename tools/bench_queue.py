@@ -4,11 +4,14 @@
 
 A device call returns at most eight files and ends at its time limit, and a comparison holds only within one call
 (docs/gpu-runs.md). So the runs of a call are listed in a queue file (`docs/queues/`) and run here one after another,
-each as `python tools/bench.py SUBCOMMAND ARGS --json …` in a fresh process (a process compiles and autotunes its
-own programs, as a user's would). After every run the one output file is rewritten whole (through a temporary
-file), holding each run's command, exit status, seconds, its own JSON and the end of its log, so that a call cut
-short still returns every finished run. A run that would start with less than `--min-left-s` of the budget left is
-skipped, and each run's timeout is the smaller of its own and what is left.
+each as `python tools/bench.py SUBCOMMAND ARGS --json …` in a fresh process. The runs share JAX's persistent
+compilation cache (`--compile-cache`, a folder of the queue's own by default), as a user's runs share the CLI's: a
+program compiled before loads, and XLA tunes each GEMM fusion once (its autotuning results live in that folder), so
+a run spends less of the call compiling; its timings are the compiled program's either way. After every run the
+one output file is rewritten whole (through a temporary file), holding each run's command, exit status, seconds,
+its own JSON and the end of its log, so that a call cut short still returns every finished run. A run that would
+start with less than `--min-left-s` of the budget left is skipped, and each run's timeout is the smaller of its own
+and what is left.
 
 Queue file, one item a line (`#` starts a comment):
 
@@ -129,10 +132,20 @@ def record(run: Run, status: str, *, rc: int | None = None, wall_s: float = 0.0,
             "result": result, "log_tail": list(log_tail)}
 
 
-def run_one(run: Run, timeout_s: float, workdir: str) -> dict:
-    """One run in its own process (its own process group, killed whole at the timeout): its record."""
+CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+
+
+def run_one(run: Run, timeout_s: float, workdir: str, cache: str) -> dict:
+    """One run in its own process (its own process group, killed whole at the timeout), with JAX's compilation cache
+    in `cache` ('off': none, whatever the environment says; a run's own environment line decides over both): its
+    record."""
     out = os.path.join(workdir, run.name + ".json")
-    env = {**os.environ, **run.env}
+    env = dict(os.environ)
+    if cache == "off":
+        env.pop(CACHE_ENV, None)
+    else:
+        env[CACHE_ENV] = os.path.abspath(cache)
+    env.update(run.env)
     if run.tree == ".":
         bench, cwd = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py"), None
     else:  # another tree's bench, importing that tree's package
@@ -197,6 +210,10 @@ def add_parser(sub) -> None:
                    help="seconds for the whole queue (a device call's limit less its start; default 540)")
     p.add_argument("--min-left-s", type=float, default=45.0,
                    help="skip a run that would start with less than this left of the budget (default 45)")
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="JAX's persistent compilation cache for every run (and XLA's GEMM autotuning results): "
+                        "default, a folder of this queue's own, removed at its end; DIR keeps one across queues (a "
+                        "warm device machine keeps /tmp); 'off': each run compiles and autotunes from scratch")
     p.add_argument("--dry-run", action="store_true", help="print the commands and stop")
     p.add_argument("--json", default=None)
     p.set_defaults(func=run)
@@ -220,13 +237,15 @@ def run(args) -> dict:
     start = time.time()
     res = {"queue": args.queue, "date": time.strftime("%Y-%m-%d"), "budget_s": args.budget_s, "runs": []}
     with tempfile.TemporaryDirectory(prefix="bench-queue-") as workdir:
+        cache = getattr(args, "compile_cache", None) or os.path.join(workdir, "jax-cache")
+        res["compile_cache"] = cache if getattr(args, "compile_cache", None) else "the queue's own"
         for r in runs:
             left = args.budget_s - (time.time() - start)
             if left < args.min_left_s:
                 rec = record(r, "skipped", log_tail=[f"skipped: {left:.0f} s of the budget left"])
             else:
                 print(f"[{r.name}] {r.command()}", flush=True)
-                rec = run_one(r, min(r.timeout_s, left), workdir)
+                rec = run_one(r, min(r.timeout_s, left), workdir, cache)
                 print(f"[{r.name}] {rec['status']} in {rec['wall_s']:.0f} s", flush=True)
                 if rec["status"] != "ok":
                     print("\n".join(rec["log_tail"][-8:]), flush=True)
