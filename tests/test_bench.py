@@ -443,15 +443,18 @@ def test_bench_queue_runs_each_run_in_its_own_process_into_one_file(tmp_path):
     assert [r["status"] for r in json.load(open(out))["runs"]] == ["skipped"] * 4
 
 
+def _fake_tree(path, dumped: str):
+    """A source tree at `path` whose tools/bench.py writes `dumped` (a dict expression over os and sys) as its JSON."""
+    (path / "tools").mkdir(parents=True)
+    (path / "tools" / "bench.py").write_text(
+        f"import json, os, sys\njson.dump({dumped}, open(sys.argv[sys.argv.index('--json') + 1], 'w'))\n")
+    return path
+
+
 def test_bench_queue_runs_another_tree(tmp_path):
     """`set tree DIR`: later runs use DIR's tools/bench.py, from DIR, importing DIR's package; `set tree .` this
     tree's again; a tree without a bench fails its run alone."""
-    old = tmp_path / "old"
-    (old / "tools").mkdir(parents=True)
-    (old / "tools" / "bench.py").write_text(
-        "import json, os, sys\n"
-        "json.dump({'cwd': os.getcwd(), 'path': os.environ['PYTHONPATH'], 'argv': sys.argv[1:]},"
-        " open(sys.argv[sys.argv.index('--json') + 1], 'w'))\n")
+    old = _fake_tree(tmp_path / "old", "{'cwd': os.getcwd(), 'path': os.environ['PYTHONPATH'], 'argv': sys.argv[1:]}")
     queue = (f"set tree {old}\nold chain --batch 2\nset tree {tmp_path / 'none'}\nnone chain --batch 2\n"
              "set tree .\nnew chain --help\n")  # this tree's bench: its options, no JSON
     run, out = _queue([], tmp_path, queue)
@@ -486,12 +489,7 @@ def test_bench_queue_shares_one_compile_cache(tmp_path):
     """The runs of a queue share JAX's persistent compilation cache: a folder of the queue's own by default (one for
     all its runs, gone at its end), `--compile-cache DIR`, or none with `off` (whatever the environment says); a
     run's own environment line decides over the flag. A real run keeps its programs in DIR."""
-    fake = tmp_path / "fake"
-    (fake / "tools").mkdir(parents=True)
-    (fake / "tools" / "bench.py").write_text(
-        "import json, os, sys\n"
-        "json.dump({'cache': os.environ.get('JAX_COMPILATION_CACHE_DIR')},"
-        " open(sys.argv[sys.argv.index('--json') + 1], 'w'))\n")
+    fake = _fake_tree(tmp_path / "fake", "{'cache': os.environ.get('JAX_COMPILATION_CACHE_DIR')}")
     queue = f"set tree {fake}\na chain\nb chain\nown JAX_COMPILATION_CACHE_DIR=/mine chain\n"
 
     def caches(args):
