@@ -511,6 +511,15 @@ def test_bench_queue_shares_one_compile_cache(tmp_path):
     assert any(name.startswith("jit_") for name in os.listdir(kept)), os.listdir(kept)
 
 
+def test_bench_queue_unwritable_compile_cache_says_so_in_one_sentence(tmp_path):
+    (tmp_path / "file").write_text("")
+    run, out = _queue(["--compile-cache", str(tmp_path / "file")], tmp_path, "a chain --help\n")
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert run.stderr.strip().splitlines() == [f"bench.py queue: --compile-cache {tmp_path / 'file'} is a file, not a "
+                                               f"directory: give a writable directory, or 'off' for no cache."]
+    assert not out.exists() and not os.path.exists(str(out) + ".tmp")
+
+
 def test_bench_queue_missing_file(tmp_path):
     run = _run_bench(["queue", str(tmp_path / "none.txt")])
     assert run.returncode == 1 and "Traceback" not in run.stderr

@@ -234,11 +234,19 @@ def run(args) -> dict:
         for r in runs:
             print(f"{r.name}: {r.command()}  (timeout {r.timeout_s:.0f} s)")
         return {}
+    if args.compile_cache not in (None, "off"):  # the CLI's rule for a cache folder the user names
+        from gemma4_jax.cli import writable_compile_cache
+        from gemma4_jax.errors import ConfigError
+
+        try:
+            writable_compile_cache(args.compile_cache)
+        except ConfigError as e:
+            raise SystemExit(f"bench.py queue: {e}.") from None
     start = time.time()
-    res = {"queue": args.queue, "date": time.strftime("%Y-%m-%d"), "budget_s": args.budget_s, "runs": []}
+    res = {"queue": args.queue, "date": time.strftime("%Y-%m-%d"), "budget_s": args.budget_s, "runs": [],
+           "compile_cache": args.compile_cache or "the queue's own"}
     with tempfile.TemporaryDirectory(prefix="bench-queue-") as workdir:
-        cache = getattr(args, "compile_cache", None) or os.path.join(workdir, "jax-cache")
-        res["compile_cache"] = cache if getattr(args, "compile_cache", None) else "the queue's own"
+        cache = args.compile_cache or os.path.join(workdir, "jax-cache")
         for r in runs:
             left = args.budget_s - (time.time() - start)
             if left < args.min_left_s:
