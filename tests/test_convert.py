@@ -329,11 +329,11 @@ def test_a_failed_conversion_is_removed_while_writes_are_still_in_flight(hf_dirs
         def in_flight():
             end = time.monotonic() + 0.3
             while time.monotonic() < end:
-                os.makedirs(os.path.join(tmp, "stage_0.partial_save", "d"), exist_ok=True)
-                try:
+                try:  # a folder can go away between any two of these calls
+                    os.makedirs(os.path.join(tmp, "stage_0.partial_save", "d"), exist_ok=True)
                     with open(os.path.join(tmp, "stage_0.partial_save", "d", "chunk"), "w") as f:
                         f.write("x")
-                except OSError:  # the folder went away between the two calls
+                except OSError:
                     pass
                 time.sleep(0.005)
 
