@@ -14,11 +14,11 @@ DEMO = os.path.join(ROOT, "gemma4_jax", "demo_model", "config.json")
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 
-def _run_bench(args: list[str], devices: int = 1) -> subprocess.CompletedProcess:
+def _run_bench(args: list[str], devices: int = 1, cwd=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": xla_flags(devices)}
     return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py"), *args],
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=600, cwd=cwd)
 
 
 def _bench(args: list[str], tmp_path, devices: int = 1) -> dict:
@@ -412,11 +412,11 @@ def test_towers_bench_scores_tiny_towers(tmp_path):
         assert ratio == pytest.approx(runs["ours_f32"]["max_rel"] / runs["transformers_f32"]["max_rel"])
 
 
-def _queue(args: list[str], tmp_path, queue: str):
+def _queue(args: list[str], tmp_path, queue: str, cwd=None):
     path = tmp_path / "queue.txt"
     path.write_text(queue)
     out = tmp_path / "queue.json"
-    return _run_bench(["queue", str(path), *args, "--json", str(out)]), out
+    return _run_bench(["queue", str(path), *args, "--json", str(out)], cwd=cwd), out
 
 
 def test_bench_queue_runs_each_run_in_its_own_process_into_one_file(tmp_path):
@@ -492,8 +492,8 @@ def test_bench_queue_shares_one_compile_cache(tmp_path):
     fake = _fake_tree(tmp_path / "fake", "{'cache': os.environ.get('JAX_COMPILATION_CACHE_DIR')}")
     queue = f"set tree {fake}\na chain\nb chain\nown JAX_COMPILATION_CACHE_DIR=/mine chain\n"
 
-    def caches(args):
-        run, out = _queue(args, tmp_path, queue)
+    def caches(args, cwd=None):
+        run, out = _queue(args, tmp_path, queue, cwd)
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
         res = json.load(open(out))
         return [r["result"]["cache"] for r in res["runs"]], res["compile_cache"]
@@ -504,6 +504,10 @@ def test_bench_queue_shares_one_compile_cache(tmp_path):
     assert caches(["--compile-cache", str(tmp_path / "kept")]) == ([str(tmp_path / "kept")] * 2 + ["/mine"],
                                                                     str(tmp_path / "kept"))
     assert caches(["--compile-cache", "off"])[0] == [None, None, "/mine"]
+    # a folder named relative to where the queue starts, as the queues' `.bench-cache`: the same folder for a run in
+    # another tree, whose process starts in that tree
+    (tmp_path / "here").mkdir()
+    assert caches(["--compile-cache", "rel"], cwd=tmp_path / "here")[0][:2] == [str(tmp_path / "here" / "rel")] * 2
     kept = tmp_path / "real"
     run, out = _queue(["--compile-cache", str(kept)], tmp_path, f"one chain --config {DEMO} --batch 1\n")
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
