@@ -115,7 +115,8 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
 
 
 COMPILE_CACHE_ENV = "GEMMA4_JAX_COMPILE_CACHE"
-_CACHE_ENVS = (COMPILE_CACHE_ENV, "JAX_COMPILATION_CACHE_DIR")  # the first one set gives the default
+JAX_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"  # JAX's own, read when it is imported
+_CACHE_ENVS = (COMPILE_CACHE_ENV, JAX_CACHE_ENV)  # the first one set gives the default
 
 
 def _cache_env() -> str | None:

@@ -43,6 +43,9 @@ import time
 
 from bench_common import save_json
 
+from gemma4_jax.cli import JAX_CACHE_ENV, writable_compile_cache
+from gemma4_jax.errors import ConfigError
+
 NAME = re.compile(r"[A-Za-z0-9._-]+")
 ENV = re.compile(r"([A-Z_][A-Z0-9_]*)=(.*)")
 DEFAULT_TIMEOUT_S = 150.0
@@ -132,9 +135,6 @@ def record(run: Run, status: str, *, rc: int | None = None, wall_s: float = 0.0,
             "result": result, "log_tail": list(log_tail)}
 
 
-CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
-
-
 def run_one(run: Run, timeout_s: float, workdir: str, cache: str) -> dict:
     """One run in its own process (its own process group, killed whole at the timeout), with JAX's compilation cache
     in `cache` ('off': none, whatever the environment says; a run's own environment line decides over both): its
@@ -142,9 +142,9 @@ def run_one(run: Run, timeout_s: float, workdir: str, cache: str) -> dict:
     out = os.path.join(workdir, run.name + ".json")
     env = dict(os.environ)
     if cache == "off":
-        env.pop(CACHE_ENV, None)
+        env.pop(JAX_CACHE_ENV, None)
     else:
-        env[CACHE_ENV] = os.path.abspath(cache)
+        env[JAX_CACHE_ENV] = os.path.abspath(cache)
     env.update(run.env)
     if run.tree == ".":
         bench, cwd = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py"), None
@@ -213,7 +213,8 @@ def add_parser(sub) -> None:
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="JAX's persistent compilation cache for every run (and XLA's GEMM autotuning results): "
                         "default, a folder of this queue's own, removed at its end; DIR keeps one across queues (a "
-                        "warm device machine keeps /tmp); 'off': each run compiles and autotunes from scratch")
+                        "git-ignored folder of the checkout, such as .bench-cache, stays on a warm device machine "
+                        "between calls); 'off': each run compiles and autotunes from scratch")
     p.add_argument("--dry-run", action="store_true", help="print the commands and stop")
     p.add_argument("--json", default=None)
     p.set_defaults(func=run)
@@ -235,9 +236,6 @@ def run(args) -> dict:
             print(f"{r.name}: {r.command()}  (timeout {r.timeout_s:.0f} s)")
         return {}
     if args.compile_cache not in (None, "off"):  # the CLI's rule for a cache folder the user names
-        from gemma4_jax.cli import writable_compile_cache
-        from gemma4_jax.errors import ConfigError
-
         try:
             writable_compile_cache(args.compile_cache)
         except ConfigError as e:
