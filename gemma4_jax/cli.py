@@ -116,6 +116,7 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
 
 COMPILE_CACHE_ENV = "GEMMA4_JAX_COMPILE_CACHE"
 JAX_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"  # JAX's own, read when it is imported
+PROGRAM_CACHE_ENV = "GEMMA4_JAX_PROGRAM_CACHE"  # where `generation.programs` keeps executables (its ENV)
 _CACHE_ENVS = (COMPILE_CACHE_ENV, JAX_CACHE_ENV)  # the first one set gives the default
 
 
@@ -181,13 +182,28 @@ def use_compile_cache(path: str | None) -> None:
     A `path` that cannot be created or written is one ConfigError sentence (`writable_compile_cache`)."""
     if not path or path == "off" or not writable_compile_cache(path):
         return
-    os.environ["GEMMA4_JAX_PROGRAM_CACHE"] = os.path.join(os.path.abspath(path), "programs")
-    settings = {"jax_compilation_cache_dir": os.path.abspath(path), "jax_persistent_cache_min_compile_time_secs": 0,
-                "jax_persistent_cache_min_entry_size_bytes": 0}
+    os.environ[PROGRAM_CACHE_ENV] = _program_folder(path)
     jax = sys.modules.get("jax")
-    for name, value in settings.items():
+    for name, value in _jax_cache_settings(path).items():
         if jax is None:
             os.environ[name.upper()] = str(value)
         else:
             jax.config.update(name, value)
+
+
+def _program_folder(path: str) -> str:
+    return os.path.join(os.path.abspath(path), "programs")
+
+
+def _jax_cache_settings(path: str) -> dict[str, str | int]:
+    """JAX's settings, by config name, for a cache in `path` that keeps every program however fast it compiled."""
+    return {"jax_compilation_cache_dir": os.path.abspath(path), "jax_persistent_cache_min_compile_time_secs": 0,
+            "jax_persistent_cache_min_entry_size_bytes": 0}
+
+
+def compile_cache_env(path: str) -> dict[str, str]:
+    """The environment variables that give a new process the cache `use_compile_cache(path)` gives this one (JAX's
+    settings and generation's program folder), for a tool that starts processes of its own (`bench.py queue`)."""
+    return {PROGRAM_CACHE_ENV: _program_folder(path),
+            **{name.upper(): str(value) for name, value in _jax_cache_settings(path).items()}}
 

@@ -488,14 +488,20 @@ def test_bench_queue_bad_file_says_so_in_one_sentence(tmp_path, queue, says):
 def test_bench_queue_shares_one_compile_cache(tmp_path):
     """The runs of a queue share JAX's persistent compilation cache: a folder of the queue's own by default (one for
     all its runs, gone at its end), `--compile-cache DIR`, or none with `off` (whatever the environment says); a
-    run's own environment line decides over the flag. A real run keeps its programs in DIR."""
-    fake = _fake_tree(tmp_path / "fake", "{'cache': os.environ.get('JAX_COMPILATION_CACHE_DIR')}")
+    run's own environment line decides over the flag. As the CLI's cache, it keeps every program however fast it
+    compiled, and generation's programs as executables in DIR/programs. A real run keeps its programs in DIR."""
+    fake = _fake_tree(tmp_path / "fake", "{'cache': os.environ.get('JAX_COMPILATION_CACHE_DIR'), 'env': "
+                                         "[os.environ.get(n) for n in ('GEMMA4_JAX_PROGRAM_CACHE', "
+                                         "'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS')]}")
     queue = f"set tree {fake}\na chain\nb chain\nown JAX_COMPILATION_CACHE_DIR=/mine chain\n"
 
     def caches(args, cwd=None):
         run, out = _queue(args, tmp_path, queue, cwd)
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
         res = json.load(open(out))
+        for r in res["runs"][:2]:  # the program folder and the threshold come with the queue's cache ('off': neither)
+            cache, inherited = r["result"]["cache"], os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+            assert r["result"]["env"] == ([os.path.join(cache, "programs"), "0"] if cache else [None, inherited])
         return [r["result"]["cache"] for r in res["runs"]], res["compile_cache"]
 
     (a, b, own), said = caches([])

@@ -5,9 +5,11 @@
 A device call returns at most eight files and ends at its time limit, and a comparison holds only within one call
 (docs/gpu-runs.md). So the runs of a call are listed in a queue file (`docs/queues/`) and run here one after another,
 each as `python tools/bench.py SUBCOMMAND ARGS --json …` in a fresh process. The runs share JAX's persistent
-compilation cache (`--compile-cache`, a folder of the queue's own by default), as a user's runs share the CLI's: a
-program compiled before loads, and XLA tunes each GEMM fusion once (its autotuning results live in that folder), so
-a run spends less of the call compiling; its timings are the compiled program's either way. After every run the
+compilation cache (`--compile-cache`, a folder of the queue's own by default), set as the CLI sets its own
+(`cli.compile_cache_env`): a program compiled before loads, however fast it compiled (random init's and the
+bandwidth probes' small programs too), generation's programs load as executables without tracing, and XLA tunes
+each GEMM fusion once (its autotuning results live in that folder), so a run spends less of the call compiling; its
+timings are the compiled program's either way. After every run the
 one output file is rewritten whole (through a temporary file), holding each run's command, exit status, seconds,
 its own JSON and the end of its log, so that a call cut short still returns every finished run. A run that would
 start with less than `--min-left-s` of the budget left is skipped, and each run's timeout is the smaller of its own
@@ -43,7 +45,7 @@ import time
 
 from bench_common import save_json
 
-from gemma4_jax.cli import JAX_CACHE_ENV, writable_compile_cache
+from gemma4_jax.cli import JAX_CACHE_ENV, PROGRAM_CACHE_ENV, compile_cache_env, writable_compile_cache
 from gemma4_jax.errors import ConfigError
 
 NAME = re.compile(r"[A-Za-z0-9._-]+")
@@ -143,8 +145,9 @@ def run_one(run: Run, timeout_s: float, workdir: str, cache: str) -> dict:
     env = dict(os.environ)
     if cache == "off":
         env.pop(JAX_CACHE_ENV, None)
-    else:
-        env[JAX_CACHE_ENV] = os.path.abspath(cache)
+        env.pop(PROGRAM_CACHE_ENV, None)
+    else:  # as the CLI keeps it: every program, and generation's programs as executables too
+        env.update(compile_cache_env(cache))
     env.update(run.env)
     if run.tree == ".":
         bench, cwd = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py"), None

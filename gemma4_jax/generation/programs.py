@@ -42,11 +42,12 @@ import jaxlib
 from jax.experimental import serialize_executable
 
 from .. import kernels
+from ..cli import PROGRAM_CACHE_ENV
 from ..kernels import dispatch
 
 log = logging.getLogger(__name__)
 
-ENV = "GEMMA4_JAX_PROGRAM_CACHE"
+ENV = PROGRAM_CACHE_ENV  # GEMMA4_JAX_PROGRAM_CACHE
 # XLA's command-buffer scheduling for decode programs: "CONCURRENT" or "LHS" (XLA's default); "" leaves it unset.
 DECODE_SCHEDULING = "CONCURRENT"
 # More XLA options for the decode programs alone, by name (none by default; `bench.py generate --decode-xla-option
