@@ -182,17 +182,14 @@ def use_compile_cache(path: str | None) -> None:
     A `path` that cannot be created or written is one ConfigError sentence (`writable_compile_cache`)."""
     if not path or path == "off" or not writable_compile_cache(path):
         return
-    os.environ[PROGRAM_CACHE_ENV] = _program_folder(path)
+    env = compile_cache_env(path)
     jax = sys.modules.get("jax")
+    if jax is None:
+        os.environ.update(env)
+        return
+    os.environ[PROGRAM_CACHE_ENV] = env[PROGRAM_CACHE_ENV]
     for name, value in _jax_cache_settings(path).items():
-        if jax is None:
-            os.environ[name.upper()] = str(value)
-        else:
-            jax.config.update(name, value)
-
-
-def _program_folder(path: str) -> str:
-    return os.path.join(os.path.abspath(path), "programs")
+        jax.config.update(name, value)
 
 
 def _jax_cache_settings(path: str) -> dict[str, str | int]:
@@ -204,6 +201,6 @@ def _jax_cache_settings(path: str) -> dict[str, str | int]:
 def compile_cache_env(path: str) -> dict[str, str]:
     """The environment variables that give a new process the cache `use_compile_cache(path)` gives this one (JAX's
     settings and generation's program folder), for a tool that starts processes of its own (`bench.py queue`)."""
-    return {PROGRAM_CACHE_ENV: _program_folder(path),
+    return {PROGRAM_CACHE_ENV: os.path.join(os.path.abspath(path), "programs"),
             **{name.upper(): str(value) for name, value in _jax_cache_settings(path).items()}}
 
