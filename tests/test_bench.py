@@ -223,6 +223,28 @@ def test_device_seconds_times_each_job_from_a_trace():
     assert all(0 < r["busy_us"] < 1e7 and r["kernels"] > 0 for r in out)
 
 
+def test_small_decode_sweep_times_each_distinct_split_against_the_reference():
+    """`bench.py attention --small-decode` on the CPU (interpret mode): configs that split the keys alike are timed
+    once, every output is the float32 reference's, XLA is timed beside them, and the best config is named."""
+    import math
+
+    import bench_attention as ba
+
+    from gemma4_jax.kernels import DecodeConfig
+
+    # batch 2, one KV head, 64 slots in tiles of 16: 4 key blocks; targets 1 and 2 both give one split, 3 gives two
+    configs = [DecodeConfig(16, 4, 1, tp) for tp in (1, 2, 3)]
+    row = ba.sweep_small_decode("e2b sliding", 4, 1, 32, 2, 64, interpret=True, stream_bytes=1, first=configs)
+    labels = [r["label"] for r in row["configs"]]
+    assert labels[:4] == ["default", "xla", "bk16 ns1 (tp1)", "bk16 ns2 (tp3)"], labels
+    assert len(labels) == 4 + len(ba.SMALL_DECODE_SHAPES_OF_WARPS) and len(set(labels)) == len(labels)
+    for r in row["configs"]:
+        assert r["rel_err"] < 2e-2, r
+        assert math.isfinite(r["us"]) and r["us"] > 0, r
+    assert row["best"]["label"] in labels and row["best"]["label"] != "xla"
+    assert row["default_over_best"] >= 1.0
+
+
 def test_trace_summary_per_step_is_the_difference_over_the_steps():
     from trace_summary import per_step
 

@@ -18,16 +18,18 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_common import copy_bandwidth, save_json, seconds_per_call
+from bench_common import copy_bandwidth, device_seconds, save_json, seconds_per_call
 
 from gemma4_jax.kernels import (
     DecodeConfig,
     FlashConfig,
     decode_attention,
+    decode_attention_reference,
     dispatch,
     flash_attention,
     flash_attention_reference,
 )
+from gemma4_jax.kernels.decode_attention import num_splits
 from gemma4_jax.model.text import attention as xla_attention
 from gemma4_jax.model.text import attention_mask
 
@@ -255,6 +257,121 @@ def tune_decode(b: int, s: int, ok: Deadline) -> list[dict]:
     return out
 
 
+# The small models' decode calls at short caches (name, query heads, KV heads, head_dim) and the (batch, slots) they
+# are swept at by `--small-decode`: the shapes of `bench.py generate`'s decode steps (a 128-token prompt and 64 new
+# tokens: 256 slots), where the kernel's tiles and split rule, chosen at 32K context and batch 1, were never timed.
+# A sliding layer's ring holds at most its window (512) slots.
+SMALL_DECODE = [("e2b sliding", 8, 1, 256), ("e2b full", 8, 1, 512), ("e4b sliding", 8, 2, 256),
+                ("e4b full", 8, 2, 512)]
+SMALL_DECODE_POINTS = ((1, 256), (16, 256), (64, 256))
+SMALL_DECODE_WINDOW = 512
+SMALL_DECODE_TARGETS = (16, 64, 128, 256, 1024)
+SMALL_DECODE_SHAPES_OF_WARPS = ((4, 2), (8, 3), (2, 3), (4, 1))  # (num_warps, num_stages) tried at the best tiles
+SMALL_DECODE_STREAM_BYTES = 256 << 20  # each timed pass reads this much cache (distinct copies): L2 cannot hold it
+
+
+def _decode_configs(h: int) -> list[DecodeConfig]:
+    """The first pass of `sweep_small_decode`: key tiles × split targets at 4 warps and 3 stages."""
+    tiles = (16, 32, 64) if h <= 256 else (16, 32)
+    return [DecodeConfig(bk, 4, 3, tp) for bk in tiles for tp in SMALL_DECODE_TARGETS]
+
+
+def sweep_small_decode(name: str, n: int, kh: int, h: int, b: int, s: int, interpret: bool = False,
+                       stream_bytes: int = SMALL_DECODE_STREAM_BYTES, first: list[DecodeConfig] | None = None) -> dict:
+    """One small-model decode call (one token a sequence, a full cache of `s` slots; a sliding layer's at most its
+    window) under the kernel's default config, every config of `_decode_configs`, then the best of those at other
+    warps and stages, and XLA's attention: each timed by its kernels' device time (`device_seconds`, combine and
+    padding kernels included) over distinct caches that together read `stream_bytes`, as a step's layers read
+    theirs from HBM. Each output's error against the float32 reference is kept (`rel_err`)."""
+    window = SMALL_DECODE_WINDOW if "sliding" in name else None
+    s = min(s, SMALL_DECODE_WINDOW) if window else s
+    kq, kk = jax.random.split(jax.random.key(b * s + h + kh), 2)
+    q = _rand(kq, (b, 1, n, h), jnp.bfloat16, h ** -0.5)
+    one = 2 * b * s * kh * h * 2
+    copies = max(1, min(256, -(-stream_bytes // one)))
+    caches = [(_rand(jax.random.fold_in(kk, 2 * i), (b, s, kh, h), jnp.bfloat16),
+               _rand(jax.random.fold_in(kk, 2 * i + 1), (b, s, kh, h), jnp.bfloat16)) for i in range(copies)]
+    k_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    q_pos = jnp.full((b, 1), s - 1, jnp.int32)
+    ref = decode_attention_reference(q.astype(jnp.float32), caches[0][0].astype(jnp.float32),
+                                     caches[0][1].astype(jnp.float32), q_pos, k_pos, window=window)
+    row = dict(shape=f"{name} B={b} N={n} K={kh} H={h} S={s}", b=b, s=s, n=n, kh=kh, h=h, copies=copies,
+               bytes=one, configs=[])
+
+    def timed(named):  # [(label, config or 'xla')] -> rows, in one trace
+        fns = []
+        for _, cfg in named:
+            if cfg == "xla":
+                mask = attention_mask(q_pos, k_pos, window, k_pos >= 0)
+                fns.append(jax.jit(lambda q, k, v, m=mask: xla_attention(q, k, v, m)))
+            else:
+                fns.append(jax.jit(lambda q, k, v, c=cfg: decode_attention(q, k, v, q_pos, k_pos, window=window,
+                                                                           config=c, interpret=interpret)))
+        out = []
+        for (label, cfg), fn in zip(named, fns, strict=True):
+            err = _try(lambda f=fn: _rel(f(q, *caches[0]), ref))
+            out.append(dict(label=label, config=cfg if cfg == "xla" else cfg and dataclasses.asdict(cfg),
+                            rel_err=err))
+        jobs = [(lambda f=fn: [f(q, k, v) for k, v in caches][-1], ()) for fn in fns]
+        times = _try(device_seconds, jobs, runs=2)
+        for r, t in zip(out, times if isinstance(times, list) else [None] * len(out), strict=True):
+            if t is None:
+                r["error"] = times
+            else:
+                r["us"], r["kernels"] = t["busy_us"] / copies, t["kernels"] / copies
+                r["gbps"] = one / (r["us"] * 1e-6) / 1e9 if r["us"] > 0 else None
+        return out
+
+    pass1, seen = [("default", None), ("xla", "xla")], set()
+    for c in first or _decode_configs(h):  # configs that split the keys alike are one config: the first is kept
+        splits = num_splits(b, kh, -(-s // c.block_k), c.target_programs)
+        if (c.block_k, splits) not in seen:
+            seen.add((c.block_k, splits))
+            pass1.append((f"bk{c.block_k} ns{splits} (tp{c.target_programs})", c))
+    row["configs"] = timed(pass1)
+    kernel_rows = [r for r in row["configs"] if r["label"] not in ("xla",) and r.get("us")]
+    if kernel_rows:
+        best = min(kernel_rows, key=lambda r: r["us"])
+        base = DecodeConfig(**best["config"]) if best["config"] else dispatch.decode_config(h, jnp.bfloat16)
+        more = [(f"{best['label']} w{w} st{st}",
+                 dataclasses.replace(base, num_warps=w, num_stages=st)) for w, st in SMALL_DECODE_SHAPES_OF_WARPS]
+        row["configs"] += timed(more)
+    timed_rows = [r for r in row["configs"] if r["label"] != "xla" and r.get("us")]
+    if timed_rows:
+        best = min(timed_rows, key=lambda r: r["us"])
+        default = next(r for r in row["configs"] if r["label"] == "default")
+        row["best"] = dict(label=best["label"], config=best["config"], us=best["us"])
+        if default.get("us"):
+            row["default_over_best"] = default["us"] / best["us"]
+    return row
+
+
+def run_small_decode(args) -> dict:
+    """`--small-decode`: `sweep_small_decode` over SMALL_DECODE × SMALL_DECODE_POINTS, printed as it goes."""
+    ok = Deadline(args.max_seconds)
+    dev = jax.devices()[0]
+    interpret = dev.platform != "gpu"
+    result = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__, date=time.strftime("%Y-%m-%d"),
+                  small_decode=[])
+    shapes = SMALL_DECODE if not args.small_decode_only else [x for x in SMALL_DECODE
+                                                             if x[0] in args.small_decode_only.split(",")]
+    points = SMALL_DECODE_POINTS if not args.small_decode_points else [
+        tuple(int(v) for v in p.split("x")) for p in args.small_decode_points.split(",")]
+    for name, n, kh, h in shapes:
+        for b, s in points:
+            if not ok:
+                break
+            row = sweep_small_decode(name, n, kh, h, b, s, interpret=interpret,
+                                     **({"stream_bytes": 1, "first": _decode_configs(h)[:2]} if interpret else {}))
+            result["small_decode"].append(row)
+            cells = "  ".join(f"{r['label']} {r['us']:.2f}" for r in row["configs"] if r.get("us") is not None)
+            print(f"{row['shape']:<36} best {row.get('best', {}).get('label')}  "
+                  f"default/best {row.get('default_over_best', float('nan')):.3f}  µs: {cells}", flush=True)
+            save_json(result, args.json)
+    save_json(result, args.json)
+    return result
+
+
 def _best(rows, key, cls):
     ok = [r for r in rows if not isinstance(r[key], str)]
     return cls(**max(ok, key=lambda r: r[key])["config"]) if ok else None
@@ -295,6 +412,8 @@ def for_profiler(mosaic_only: bool = False) -> None:
 
 
 def run(args) -> dict:
+    if args.small_decode:
+        return run_small_decode(args)
     if args.for_profiler:
         for_profiler(args.mosaic_only)
         return {}
@@ -359,4 +478,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--for-profiler", action="store_true",
                    help="only run the prefill kernels at T=4096 a few times (under ncu), no timing")
     p.add_argument("--mosaic-only", action="store_true", help="with --for-profiler: only the Mosaic GPU kernel")
+    p.add_argument("--small-decode", action="store_true",
+                   help="only sweep the decode kernel's configs at the small models' short-cache decode calls, "
+                        "device-timed (SMALL_DECODE)")
+    p.add_argument("--small-decode-only", default="", metavar="NAMES",
+                   help="with --small-decode: these of SMALL_DECODE's names, comma-separated (e.g. 'e2b sliding')")
+    p.add_argument("--small-decode-points", default="", metavar="BxS,...",
+                   help="with --small-decode: (batch, slots) points instead of SMALL_DECODE_POINTS, e.g. 1x256,64x256")
     p.set_defaults(func=run)
