@@ -245,6 +245,22 @@ def test_small_decode_sweep_times_each_distinct_split_against_the_reference():
     assert row["default_over_best"] >= 1.0
 
 
+def test_small_decode_bad_names_say_so_in_one_sentence(tmp_path):
+    """A shape or point `--small-decode` cannot read: one sentence, a non-zero exit, no JSON (the command line once;
+    each flag's rule in process)."""
+    import bench_attention as ba
+
+    run = _run_bench(["attention", "--small-decode", "--small-decode-only", "e2b slidng", "--json",
+                      str(tmp_path / "o.json")])
+    assert run.returncode != 0 and "names 'e2b slidng'" in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert not os.path.exists(tmp_path / "o.json")
+    for bad in ("64x", "x256", "0x256", "64*256"):
+        with pytest.raises(SystemExit, match="takes BATCHxSLOTS"):
+            ba.small_decode_plan("", bad)
+    shapes, points = ba.small_decode_plan("e4b full", "1x256, 64x512")
+    assert shapes == [("e4b full", 8, 2, 512)] and points == [(1, 256), (64, 512)]
+
+
 def test_trace_summary_per_step_is_the_difference_over_the_steps():
     from trace_summary import per_step
 

@@ -346,6 +346,23 @@ def sweep_small_decode(name: str, n: int, kh: int, h: int, b: int, s: int, inter
     return row
 
 
+def small_decode_plan(only: str, points: str) -> tuple[list, list]:
+    """The shapes and (batch, slots) points `--small-decode-only` and `--small-decode-points` name (empty: all of
+    SMALL_DECODE, SMALL_DECODE_POINTS); one sentence (SystemExit) for a name or point it cannot read."""
+    names = {x[0]: x for x in SMALL_DECODE}
+    wanted = [v.strip() for v in only.split(",") if v.strip()]
+    if unknown := [v for v in wanted if v not in names]:
+        raise SystemExit(f"bench.py attention: --small-decode-only names {unknown[0]!r}, not one of {sorted(names)}.")
+    pts = []
+    for p in (v.strip() for v in points.split(",") if v.strip()):
+        b, _, sl = p.partition("x")
+        if not (b.isdigit() and sl.isdigit() and int(b) > 0 and int(sl) > 0):
+            raise SystemExit(f"bench.py attention: --small-decode-points takes BATCHxSLOTS (such as 64x256), "
+                             f"not {p!r}.")
+        pts.append((int(b), int(sl)))
+    return [names[v] for v in wanted] or list(SMALL_DECODE), pts or list(SMALL_DECODE_POINTS)
+
+
 def run_small_decode(args) -> dict:
     """`--small-decode`: `sweep_small_decode` over SMALL_DECODE × SMALL_DECODE_POINTS, printed as it goes."""
     ok = Deadline(args.max_seconds)
@@ -353,10 +370,7 @@ def run_small_decode(args) -> dict:
     interpret = dev.platform != "gpu"
     result = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__, date=time.strftime("%Y-%m-%d"),
                   small_decode=[])
-    shapes = SMALL_DECODE if not args.small_decode_only else [x for x in SMALL_DECODE
-                                                             if x[0] in args.small_decode_only.split(",")]
-    points = SMALL_DECODE_POINTS if not args.small_decode_points else [
-        tuple(int(v) for v in p.split("x")) for p in args.small_decode_points.split(",")]
+    shapes, points = small_decode_plan(args.small_decode_only, args.small_decode_points)
     for name, n, kh, h in shapes:
         for b, s in points:
             if not ok:
