@@ -506,6 +506,30 @@ def test_bench_queue_runs_another_tree(tmp_path):
     assert runs["new"]["tree"] == "." and any("--decode-xla-option" in line for line in runs["new"]["log_tail"])
 
 
+def test_bench_queue_runs_only_on_the_card_it_names(tmp_path):
+    """`set card NAME`: later runs run only where the machine's card name holds NAME (here, without a GPU: 'cpu'),
+    the others are skipped and say why; `set card any` lifts it; a queue none of whose runs can run here stops
+    before the first, in one sentence, with no output file."""
+    import bench_queue
+
+    assert bench_queue.machine_card() == "cpu"  # CI and this machine have no GPU
+    fake = _fake_tree(tmp_path / "fake", "{'ran': True}")
+    queue = (f"set tree {fake}\nfree chain\nset card H200\nh200 chain\nset card CPU\nhere chain\n"
+             "set card any\nagain chain\n")
+    run, out = _queue([], tmp_path, queue)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    runs = {r["name"]: r for r in json.load(open(out))["runs"]}
+    assert [runs[n]["status"] for n in ("free", "h200", "here", "again")] == ["ok", "skipped", "ok", "ok"]
+    assert runs["h200"]["log_tail"] == ["skipped: it needs a card named like 'H200', this machine has 'cpu'"]
+    assert runs["here"]["result"] == {"ran": True}
+    out.unlink()
+    run, out = _queue([], tmp_path, f"set tree {fake}\nset card H200\na chain\nset card H100\nb chain\n")
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    last = run.stderr.strip().splitlines()
+    assert len(last) == 1 and "runs on this machine's card ('cpu'): they need 'H100' or 'H200'" in last[0], last
+    assert not out.exists() and not os.path.exists(str(out) + ".tmp")
+
+
 @pytest.mark.parametrize("queue, says", [
     ("x nosuch --a\n", "'nosuch' is not a bench.py subcommand"),
     ("a chain\na chain\n", "the run name 'a' is used twice"),

@@ -21,6 +21,10 @@ Queue file, one item a line (`#` starts a comment):
     set tree .old-tree                       later runs use that source tree's bench.py and package (`set tree .`:
                                              this one again), for an old commit beside the new in one call
     set generate --prompt-len 128 …          arguments appended to every later `generate` run (replaces the last)
+    set card H200                            later runs run only on a card whose name holds that (any case; `cpu`
+                                             names a machine without a GPU; `set card any`: every card again); on
+                                             another card they are skipped, and a queue none of whose runs can run
+                                             here stops before the first with one sentence (exit 1)
     e2b_base generate --preset e2b --batch 1,16
     e2b_two  generate --preset e2b --batch 1,16 --one-row-stream-rows 2
     e2b_xla  XLA_FLAGS=--xla_gpu_… generate --preset e2b --batch 1    (NAME=VALUE words: that run's environment)
@@ -61,6 +65,7 @@ class Run:
     line: int
     env: dict[str, str] = dataclasses.field(default_factory=dict)  # set for this run's process only
     tree: str = "."  # the source tree whose tools/bench.py and package the run uses, relative to the current directory
+    card: str = ""  # the run runs only where the machine's card name holds this (any case); "" on any card
 
     def command(self) -> str:
         """The run as a shell line, its environment first."""
@@ -75,7 +80,7 @@ class QueueError(ValueError):
 
 def parse(text: str, path: str, subcommands: set[str]) -> list[Run]:
     """The runs of a queue file's text, in order (see the module docstring); QueueError on the first bad line."""
-    runs, extra, timeout, names, tree = [], {}, DEFAULT_TIMEOUT_S, set(), "."
+    runs, extra, timeout, names, tree, card = [], {}, DEFAULT_TIMEOUT_S, set(), ".", ""
     for n, raw in enumerate(text.splitlines(), 1):
         where = f"{path}, line {n}"
         try:
@@ -94,11 +99,13 @@ def parse(text: str, path: str, subcommands: set[str]) -> list[Run]:
                     raise QueueError(f"{where}: the timeout must be a positive number of seconds, not {words[2]!r}.")
             elif len(words) == 3 and words[1] == "tree":
                 tree = os.path.normpath(words[2])
+            elif len(words) == 3 and words[1] == "card":
+                card = "" if words[2].lower() == "any" else words[2]
             elif len(words) >= 2 and words[1] in subcommands:
                 extra[words[1]] = words[2:]
             else:
-                raise QueueError(f"{where}: `set` takes `timeout SECONDS`, `tree DIR` or a bench.py subcommand and its "
-                                 "arguments.")
+                raise QueueError(f"{where}: `set` takes `timeout SECONDS`, `tree DIR`, `card NAME` or a bench.py "
+                                 "subcommand and its arguments.")
             continue
         if len(words) < 2:
             raise QueueError(f"{where}: a run is a name and a bench.py subcommand, got {raw.strip()!r}.")
@@ -119,10 +126,26 @@ def parse(text: str, path: str, subcommands: set[str]) -> list[Run]:
         if "--json" in words[1:]:
             raise QueueError(f"{where}: the queue names each run's JSON file itself; drop --json.")
         names.add(name)
-        runs.append(Run(name, [sub, *words[1:], *extra.get(sub, [])], timeout, n, env, tree))
+        runs.append(Run(name, [sub, *words[1:], *extra.get(sub, [])], timeout, n, env, tree, card))
     if not runs:
         raise QueueError(f"{path}: the queue holds no runs.")
     return runs
+
+
+def machine_card() -> str:
+    """This machine's (first) GPU's name as `nvidia-smi` gives it, or 'cpu' where there is none."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return "cpu"
+    names = out.stdout.strip().splitlines() if out.returncode == 0 else []
+    return names[0].strip() if names else "cpu"
+
+
+def runs_here(run: Run, card: str) -> bool:
+    """Whether `run` may run on a machine whose card is named `card` (its `set card`, any case)."""
+    return run.card.lower() in card.lower()
 
 
 def _tail(text: str, lines: int = 30) -> list[str]:
@@ -243,6 +266,10 @@ def run(args) -> dict:
             writable_compile_cache(args.compile_cache)
         except ConfigError as e:
             raise SystemExit(f"bench.py queue: {e}.") from None
+    card = machine_card() if any(r.card for r in runs) else ""
+    if not any(runs_here(r, card) for r in runs):
+        raise SystemExit(f"bench.py queue: no run of {args.queue} runs on this machine's card ({card!r}): they need "
+                         f"{' or '.join(sorted({repr(r.card) for r in runs}))} (`set card`).")
     start = time.time()
     res = {"queue": args.queue, "date": time.strftime("%Y-%m-%d"), "budget_s": args.budget_s, "runs": [],
            "compile_cache": args.compile_cache or "the queue's own"}
@@ -250,7 +277,10 @@ def run(args) -> dict:
         cache = args.compile_cache or os.path.join(workdir, "jax-cache")
         for r in runs:
             left = args.budget_s - (time.time() - start)
-            if left < args.min_left_s:
+            if not runs_here(r, card):
+                rec = record(r, "skipped", log_tail=[f"skipped: it needs a card named like {r.card!r}, this machine "
+                                                     f"has {card!r}"])
+            elif left < args.min_left_s:
                 rec = record(r, "skipped", log_tail=[f"skipped: {left:.0f} s of the budget left"])
             else:
                 print(f"[{r.name}] {r.command()}", flush=True)
