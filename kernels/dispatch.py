@@ -332,7 +332,9 @@ def query_prologue(choice: str, *, q_len: int, head_dim: int) -> bool:
 # The programs the decode kernel aims for when it splits the keys (None: its own default, 128; `bench.py generate
 # --decode-target-programs N`). Each split beyond one costs a combining kernel after the kernel, on the step's
 # critical path; 1 means one program per sequence and KV head and no combine (a short cache's whole read in one
-# program). Not yet measured against the default.
+# program). On an H100 (docs/performance.md) 1 made E2B's and E4B's steps 1.2-3.3 % slower (2026-12-05), and 64 (one
+# split at E2B's batch 64) 0.8-1.5 % faster at batch 64, at the edge of the call's spread (2026-12-06): the default
+# stays.
 DECODE_TARGET_PROGRAMS: int | None = None
 
 
