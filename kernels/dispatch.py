@@ -516,6 +516,7 @@ L2_PREFETCH_MAX_LAYER_BYTES = 256 << 20
 # which otherwise start cold after the chain of small kernels between the two layers. Same rule (rows, layer limit).
 L2_PREFETCH_NEXT_BYTES = 0
 L2_PREFETCH_PROGRAMS = l2_prefetch.PROGRAMS  # the kernel's programs (each shares its SM with the step's kernels)
+L2_PREFETCH_LOADS = l2_prefetch.LOADS  # blocks a program of the kernel has in flight at once
 L2_PREFETCH_EVICTION = l2_prefetch.EVICTION  # the loads' eviction hint (`l2_prefetch.EVICTIONS`)
 L2_PREFETCH_MAX_ROWS = 64  # calls of up to this many rows prefetch (longer ones stream each weight at full speed)
 
@@ -548,7 +549,7 @@ def settings() -> str:
              "GEMV_MAX_WEIGHT", "GEMV_MAX_WEIGHT_BATCHED", "GEMV_MIN_WEIGHT", "GEMV_SUM_IN_KERNEL",
              "DENSE_AFTER_ROUTER", "ROUTER_OWN_NORM", "ONE_ROW_PADDED_MAX_WEIGHT", "ONE_ROW_STREAM_ROWS",
              "ONE_ROW_STREAM_ROWS_MOE", "TARGET_GPU",
-             "DECODE_TARGET_PROGRAMS", "L2_PREFETCH_BYTES", "L2_PREFETCH_PROGRAMS",
+             "DECODE_TARGET_PROGRAMS", "L2_PREFETCH_BYTES", "L2_PREFETCH_PROGRAMS", "L2_PREFETCH_LOADS",
              "L2_PREFETCH_EVICTION", "L2_PREFETCH_MAX_ROWS", "L2_PREFETCH_MAX_LAYER_BYTES",
              "L2_PREFETCH_NEXT_BYTES")
     return ",".join([f"{n}={globals()[n]!r}" for n in names]

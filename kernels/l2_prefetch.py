@@ -8,10 +8,12 @@ weights while that chain runs, so that the projection finds (part of) them in L2
     out [P] = the largest value each program read (float32)
 
 Program p reads its share of each weight's first `counts[i]` elements (a contiguous range per weight, in
-`block`-element loads, by default marked evict-last: `EVICTION`). Its output matters only as a dependency: the
-caller ties it to a later result of the step (`model.after`), so XLA keeps the kernel, and takes nothing from its
-value. A weight is read flat, in the order it lies in memory: a prefix of it is the first rows of the matrix the
-projection streams.
+`block`-element loads, by default marked evict-last: `EVICTION`), `loads` of them issued together before any is
+used, so that a program has that many in flight (`LOADS`; with one, a program waits out each load's latency before
+the next, and the whole kernel read E2B's 25 MB in about 35 µs on an H100, 0.7 TB/s). Its output matters only as a
+dependency: the caller ties it to a later result of the step (`model.after`), so XLA keeps the kernel, and takes
+nothing from its value. A weight is read flat, in the order it lies in memory: a prefix of it is the first rows of
+the matrix the projection streams.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from jax.experimental.pallas import triton as plgpu
 F32 = jnp.float32
 BLOCK = 8192  # elements a program loads at once (16 KB of bf16: 32 per thread at 8 warps)
 PROGRAMS = 132  # one per SM of an H100/H200; each shares its SM with the step's own kernels
+LOADS = 1  # blocks a program loads together per loop step (its loads in flight); 1 until a GPU times more
 NUM_WARPS = 8
 # Triton's hint on every load. On sm_80 and later 'evict_last' becomes an L2 cache policy as well
 # (`createpolicy.fractional.L2::evict_last`): the lines stay while lines loaded without it are evicted first.
@@ -51,7 +54,7 @@ def budget_counts(sizes: list[int], itemsize: int, budget_bytes: int) -> tuple[i
     return tuple(counts)
 
 
-def _kernel(start_ref, *refs, counts: tuple[int, ...], share: tuple[int, ...], block: int, eviction: str):
+def _kernel(start_ref, *refs, counts: tuple[int, ...], share: tuple[int, ...], block: int, loads: int, eviction: str):
     del start_ref  # an input only so that the launch waits for it
     ws, o_ref = refs[:-1], refs[-1]
     p = pl.program_id(0)
@@ -60,33 +63,40 @@ def _kernel(start_ref, *refs, counts: tuple[int, ...], share: tuple[int, ...], b
         if not count:
             continue
         def step(j, acc, w_ref=w_ref, count=count, per=per):
-            first = p * per + j * block
-            tile = plgpu.load(w_ref.at[pl.ds(first, block)], mask=first + jnp.arange(block) < count,
-                              other=-jnp.inf, eviction_policy=eviction)
-            return jnp.maximum(acc, tile.astype(F32))
+            tiles = []
+            for i in range(loads):  # all issued before the first is used: `loads` in flight
+                first = p * per + (j * loads + i) * block
+                tiles.append(plgpu.load(w_ref.at[pl.ds(first, block)], mask=first + jnp.arange(block) < count,
+                                        other=-jnp.inf, eviction_policy=eviction))
+            for tile in tiles:
+                acc = jnp.maximum(acc, tile.astype(F32))
+            return acc
 
-        acc = lax.fori_loop(0, per // block, step, acc)
+        acc = lax.fori_loop(0, per // (block * loads), step, acc)
     o_ref[p] = jnp.max(acc)
 
 
-@functools.partial(jax.jit, static_argnames=("counts", "programs", "block", "eviction", "interpret"))
+@functools.partial(jax.jit, static_argnames=("counts", "programs", "block", "loads", "eviction", "interpret"))
 def prefetch(ws: list[jax.Array], start: jax.Array, *, counts: tuple[int, ...] | None = None,
-             programs: int = PROGRAMS, block: int = BLOCK, eviction: str = EVICTION,
+             programs: int = PROGRAMS, block: int = BLOCK, loads: int = LOADS, eviction: str = EVICTION,
              interpret: bool = False) -> jax.Array:
     """Read the first `counts[i]` elements of each weight in `ws` (all of them by default) into L2, once `start`
-    is computed, with Triton's `eviction` hint ('evict_last', 'evict_normal' or 'evict_first'). Returns [programs]
-    float32, each program's largest value read (−inf where it read nothing)."""
+    is computed, with Triton's `eviction` hint ('evict_last', 'evict_normal' or 'evict_first'), `loads` blocks of
+    a program in flight at once. Returns [programs] float32, each program's largest value read (−inf where it read
+    nothing)."""
     if eviction not in EVICTIONS:
         raise ValueError(f"eviction must be one of {EVICTIONS}, got {eviction!r}")
+    if loads < 1:
+        raise ValueError(f"loads must be at least 1, got {loads}")
     if counts is None:
         counts = tuple(w.size for w in ws)
     if len(counts) != len(ws) or any(not 0 <= c <= w.size for c, w in zip(counts, ws, strict=True)):
         raise ValueError(f"counts {counts} do not fit weights of {[w.size for w in ws]} elements")
-    share = shares(counts, programs, block)
+    share = shares(counts, programs, block * loads)  # whole loop steps of `loads` blocks
     # Flat views of the weights in place (a reshape, no copy); loads past a weight's count are masked out.
     flat = [w.reshape(-1) for w in ws]
     return pl.pallas_call(
-        functools.partial(_kernel, counts=counts, share=share, block=block, eviction=eviction),
+        functools.partial(_kernel, counts=counts, share=share, block=block, loads=loads, eviction=eviction),
         grid=(programs,),
         in_specs=[pl.BlockSpec() for _ in range(1 + len(flat))],  # whole arrays (pointers)
         out_specs=pl.BlockSpec(),

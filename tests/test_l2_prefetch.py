@@ -15,11 +15,11 @@ from gemma4_jax.generation.loop import decode_logits, prefill
 from gemma4_jax.kernels import dispatch, l2_prefetch
 
 
-@pytest.mark.parametrize("counts", ["all", "prefixes"])
-def test_each_program_reads_its_share_and_nothing_past_the_counts(counts):
+@pytest.mark.parametrize("counts, loads", [("all", 1), ("prefixes", 1), ("all", 3), ("prefixes", 2)])
+def test_each_program_reads_its_share_and_nothing_past_the_counts(counts, loads):
     """Each program returns the largest value of its own contiguous share of every weight's first `count`
     elements (numpy's max over the same ranges): the last counted element (a marker) is read, and a larger one
-    just past the count is not."""
+    just past the count is not; with `loads` blocks in flight a share is whole loop steps of that many blocks."""
     rng = np.random.default_rng(0)
     shapes = [(64, 96), (40, 33), (128, 80)]  # 6144, 1320 (not a multiple of the block) and 10240 elements
     sizes = [int(np.prod(s)) for s in shapes]
@@ -35,14 +35,14 @@ def test_each_program_reads_its_share_and_nothing_past_the_counts(counts):
         ws.append(w.reshape(shape))
     got = np.asarray(l2_prefetch.prefetch([jnp.asarray(w, jnp.bfloat16) for w in ws], jnp.zeros((2, 3)),
                                           counts=None if counts == "all" else tuple(want_counts),
-                                          programs=programs, block=block, interpret=True,
+                                          programs=programs, block=block, loads=loads, interpret=True,
                                           eviction="evict_last" if counts == "all" else "evict_normal"))
     assert got.shape == (programs,) and not (got >= 50).any(), got  # nothing past a count was read
-    # each program's share: ceil(ceil(c / P) / block) blocks of each weight, in program order
+    # each program's share: ceil(ceil(c / P) / (block · loads)) loop steps of each weight, in program order
     best = np.full(programs, -np.inf)
     for w, c in zip(ws, want_counts, strict=True):
         flat = np.asarray(jnp.asarray(w, jnp.bfloat16).astype(jnp.float32)).reshape(-1)[:c]
-        per = math.ceil(math.ceil(c / programs) / block) * block
+        per = math.ceil(math.ceil(c / programs) / (block * loads)) * block * loads
         for p in range(programs):
             part = flat[p * per:(p + 1) * per]
             if part.size:
@@ -57,6 +57,8 @@ def test_bad_counts_and_eviction_say_so():
         l2_prefetch.prefetch([w], w, counts=(33,), interpret=True)
     with pytest.raises(ValueError, match="eviction"):
         l2_prefetch.prefetch([w], w, eviction="evict_later", interpret=True)
+    with pytest.raises(ValueError, match="loads"):
+        l2_prefetch.prefetch([w], w, loads=0, interpret=True)
 
 
 def test_budget_counts_takes_weights_whole_in_order():

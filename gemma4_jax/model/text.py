@@ -241,7 +241,8 @@ def prefetch_weights(ws: list[jax.Array], start: jax.Array, rows: int, layer_byt
     if not counts[0]:
         return None
     return l2_prefetch.prefetch(ws, start, counts=counts, programs=dispatch.L2_PREFETCH_PROGRAMS,
-                                eviction=dispatch.L2_PREFETCH_EVICTION, interpret=choice == "interpret")
+                                loads=dispatch.L2_PREFETCH_LOADS, eviction=dispatch.L2_PREFETCH_EVICTION,
+                                interpret=choice == "interpret")
 
 
 def softcap(logits: jax.Array, cap: float | None) -> jax.Array:
