@@ -511,13 +511,19 @@ def resolve_dense(impl: str, *, rows: int, k: int, n: int, dtype=jnp.bfloat16, p
 # about 1.5 GB a layer) put it past the limit too; neither was measured with it.
 L2_PREFETCH_BYTES = 24 << 20
 L2_PREFETCH_MAX_LAYER_BYTES = 256 << 20
-# A second point, off (not yet measured on a GPU): once a layer's MLP is done, one more kernel reads what the step
-# streams next, up to this many bytes: the layer's per-layer-input weights, then the next layer's q/k/v projections,
-# which otherwise start cold after the chain of small kernels between the two layers. Same rule (rows, layer limit).
+# A second point, off: once a layer's MLP is done, one more kernel reads what the step streams next, up to this many
+# bytes: the layer's per-layer-input weights, then the next layer's q/k/v projections, which otherwise start cold
+# after the chain of small kernels between the two layers. Same rule (rows, layer limit). On an H100 (eighteenth
+# session) 16 MiB there changed E2B's and E4B's steps by −0.1 % to −0.7 %, within a call's spread.
 L2_PREFETCH_NEXT_BYTES = 0
 L2_PREFETCH_PROGRAMS = l2_prefetch.PROGRAMS  # the kernel's programs (each shares its SM with the step's kernels)
 L2_PREFETCH_LOADS = l2_prefetch.LOADS  # blocks a program of the kernel has in flight at once
 L2_PREFETCH_EVICTION = l2_prefetch.EVICTION  # the loads' eviction hint (`l2_prefetch.EVICTIONS`)
+# The order a prefetch takes its weights in, and so which of them a budget covers: 'stream', the order the layer reads
+# them; 'smallest_first', the small ones first (the output projection and the per-layer input's, whose projections are
+# too short to reach the bandwidth from HBM, before the MLP's, which stream near it anyway). Not yet timed.
+L2_PREFETCH_ORDERS = ("stream", "smallest_first")
+L2_PREFETCH_ORDER = "stream"
 L2_PREFETCH_MAX_ROWS = 64  # calls of up to this many rows prefetch (longer ones stream each weight at full speed)
 
 
@@ -550,7 +556,7 @@ def settings() -> str:
              "DENSE_AFTER_ROUTER", "ROUTER_OWN_NORM", "ONE_ROW_PADDED_MAX_WEIGHT", "ONE_ROW_STREAM_ROWS",
              "ONE_ROW_STREAM_ROWS_MOE", "TARGET_GPU",
              "DECODE_TARGET_PROGRAMS", "L2_PREFETCH_BYTES", "L2_PREFETCH_PROGRAMS", "L2_PREFETCH_LOADS",
-             "L2_PREFETCH_EVICTION", "L2_PREFETCH_MAX_ROWS", "L2_PREFETCH_MAX_LAYER_BYTES",
+             "L2_PREFETCH_EVICTION", "L2_PREFETCH_ORDER", "L2_PREFETCH_MAX_ROWS", "L2_PREFETCH_MAX_LAYER_BYTES",
              "L2_PREFETCH_NEXT_BYTES")
     return ",".join([f"{n}={globals()[n]!r}" for n in names]
                     + [f"gemv.{n}={getattr(gemv, n)!r}" for n in ("TARGET_PROGRAMS", "MIN_BLOCK_N", "MAX_SPLIT_K")])

@@ -40,6 +40,7 @@ def test_bench_generate_runs(tmp_path):
                   "--no-dense-after-router", "--router-own-norm", "--gemv-min-weight", "64",
                   "--gemv-sum-in-kernel", "norm", "--one-row-stream-rows", "2",
                   "--l2-prefetch-bytes", "65536", "--l2-prefetch-programs", "8", "--l2-prefetch-loads", "2",
+                  "--l2-prefetch-order", "smallest_first",
                   "--l2-prefetch-eviction", "evict_normal",
                   "--decode-xla-option", "xla_gpu_enable_triton_gemm=false"],
                  tmp_path)
@@ -59,6 +60,7 @@ def test_bench_generate_runs(tmp_path):
     assert res["dense_after_router"] is False and res["router_own_norm"] is True and res["gemv_min_weight"] == 64
     assert res["gemv_sum_in_kernel"] == "norm" and res["one_row_stream_rows"] == 2
     assert res["l2_prefetch_bytes"] == 65536 and res["l2_prefetch_programs"] == 8 and res["l2_prefetch_loads"] == 2
+    assert res["l2_prefetch_order"] == "smallest_first"
     assert res["l2_prefetch_eviction"] == "evict_normal"
     assert res["decode_xla_options"] == {"xla_gpu_enable_triton_gemm": False}  # parsed as XLA takes it: a bool
     for b in ("1", "2"):

@@ -194,6 +194,42 @@ def test_a_decode_step_prefetches_each_layers_next_weights(hf_dirs, monkeypatch)
     assert rel_err(steps[budget], full[:, 5]) <= 1e-4
 
 
+def test_smallest_first_order_gives_the_budget_to_the_small_weights(hf_dirs, monkeypatch):
+    """`L2_PREFETCH_ORDER = 'smallest_first'`: each layer's prefetch takes the weights it streams next smallest first
+    (in stream order among equals), so a budget of the two smallest, the per-layer input's, covers them whole and
+    nothing else, where the stream order would give it to the output projection; the step's logits stay those
+    without a prefetch, bit for bit (float32)."""
+    model = gemma4_jax.load(hf_dirs["e2b", "causal"], dtype="float32", attn_impl="xla", progress=False)
+    cfg = model.config
+    ids = np.random.default_rng(4).integers(3, 256, size=(1, 6)).astype(np.int32)
+    cache = init_cache(cfg, 1, 16, jnp.float32)
+    _, cache = prefill(model.graphdef, model.state, jnp.asarray(ids[:, :5]), jnp.asarray([5]), cache)
+    tok, pos = jnp.asarray(ids[:, 5]), jnp.asarray([5], jnp.int32)
+    monkeypatch.setattr(dispatch, "resolve_prefetch",
+                        lambda impl, rows, layer_bytes, budget, dtype: "interpret" if rows <= 4 and budget else None)
+    d, spec = cfg.hidden_size, cfg.layers[0]
+    stream = [(cfg.num_heads, spec.head_dim, d), (d, spec.mlp_width), (d, spec.mlp_width), (spec.mlp_width, d),
+              (d, cfg.ple_dim), (cfg.ple_dim, d)]  # the order the layer reads them
+    want = sorted(stream, key=lambda x: int(np.prod(x)))
+    assert spec.ple and want[:2] == [(d, cfg.ple_dim), (cfg.ple_dim, d)] and want[0] != stream[0]
+    sizes = [int(np.prod(x)) for x in want]
+    monkeypatch.setattr(dispatch, "L2_PREFETCH_BYTES", 4 * (sizes[0] + sizes[1]))
+    monkeypatch.setattr(dispatch, "L2_PREFETCH_ORDER", "smallest_first")
+    jax.clear_caches()
+    calls, live = _prefetch_launches(model, cache, tok, pos)
+    e = calls[0]  # the first layer's
+    assert [v.aval.shape for v in e.invars][:-1] == want and id(e) in live
+    pallas = [x for x in all_eqns(e.params["jaxpr"].jaxpr) if x.primitive.name == "pallas_call"]
+    counts = tuple(int(n) for n in pallas[0].params["jaxpr"].debug_info.func_src_info.split()[0]
+                   .removeprefix("l2_prefetch_").split("_"))
+    assert counts == (sizes[0], sizes[1], 0, 0, 0, 0), counts
+    with_order, _ = decode_logits(model.graphdef, model.state, jax.tree.map(jnp.copy, cache), tok, pos)
+    monkeypatch.setattr(dispatch, "L2_PREFETCH_BYTES", 0)
+    jax.clear_caches()
+    without, _ = decode_logits(model.graphdef, model.state, jax.tree.map(jnp.copy, cache), tok, pos)
+    np.testing.assert_array_equal(np.asarray(with_order), np.asarray(without))
+
+
 def test_the_second_point_reads_the_per_layer_input_and_the_next_projections(hf_dirs, monkeypatch):
     """With `L2_PREFETCH_NEXT_BYTES` (and the first point off), each layer of a decode step launches one prefetch
     once its MLP is done, over its per-layer-input weights and then the next layer's q/k/v projections (the last

@@ -190,6 +190,11 @@ def add_decode_arguments(p) -> None:
     p.add_argument("--l2-prefetch-loads", type=int, default=None, metavar="N",
                    help="blocks each program of the L2 prefetch kernel has in flight at once "
                         "(dispatch.L2_PREFETCH_LOADS; default: the library's, 1)")
+    from gemma4_jax.kernels.dispatch import L2_PREFETCH_ORDERS
+
+    p.add_argument("--l2-prefetch-order", default=None, choices=L2_PREFETCH_ORDERS,
+                   help="which weights the L2 prefetch's budget covers first (dispatch.L2_PREFETCH_ORDER; default: "
+                        "the library's, stream: the order the layer reads them)")
     from gemma4_jax.kernels.l2_prefetch import EVICTIONS
 
     p.add_argument("--l2-prefetch-eviction", default=None, choices=EVICTIONS,
@@ -362,6 +367,7 @@ def _header(args, cfg) -> dict:
             or _dispatch().L2_PREFETCH_MAX_LAYER_BYTES,
             "l2_prefetch_programs": getattr(args, "l2_prefetch_programs", None) or _dispatch().L2_PREFETCH_PROGRAMS,
             "l2_prefetch_loads": getattr(args, "l2_prefetch_loads", None) or _dispatch().L2_PREFETCH_LOADS,
+            "l2_prefetch_order": getattr(args, "l2_prefetch_order", None) or _dispatch().L2_PREFETCH_ORDER,
             "l2_prefetch_eviction": getattr(args, "l2_prefetch_eviction", None) or _dispatch().L2_PREFETCH_EVICTION,
             "decode_scheduling": getattr(args, "decode_scheduling", None) or _programs().DECODE_SCHEDULING,
             "decode_xla_options": dict(getattr(args, "decode_xla_option", None) or _programs().DECODE_XLA_OPTIONS)}
@@ -430,6 +436,8 @@ def apply_decode_settings(args) -> None:
         dispatch.L2_PREFETCH_PROGRAMS = args.l2_prefetch_programs
     if getattr(args, "l2_prefetch_loads", None):
         dispatch.L2_PREFETCH_LOADS = args.l2_prefetch_loads
+    if getattr(args, "l2_prefetch_order", None):
+        dispatch.L2_PREFETCH_ORDER = args.l2_prefetch_order
     if getattr(args, "l2_prefetch_eviction", None):
         dispatch.L2_PREFETCH_EVICTION = args.l2_prefetch_eviction
     if getattr(args, "one_row_stream_rows", None):  # for every model, MoE or not

@@ -228,15 +228,17 @@ def residual_after(eq: str, x_btd: jax.Array, h: jax.Array, w: jax.Array, post_d
 def prefetch_weights(ws: list[jax.Array], start: jax.Array, rows: int, layer_bytes: int, impl: str = "auto",
                      budget: int | None = None) -> jax.Array | None:
     """At a decode step of `rows` rows in a layer of `layer_bytes` (`dispatch.resolve_prefetch`), one kernel reads
-    the first `budget` bytes (default `dispatch.L2_PREFETCH_BYTES`) of the weights `ws`, in order, into L2 once
-    `start` is computed (`l2_prefetch.prefetch`). Returns what a later result must wait for (`after`), or None where
-    nothing runs."""
+    the first `budget` bytes (default `dispatch.L2_PREFETCH_BYTES`) of the weights `ws`, in order (or the smallest
+    first: `dispatch.L2_PREFETCH_ORDER`), into L2 once `start` is computed (`l2_prefetch.prefetch`). Returns what a
+    later result must wait for (`after`), or None where nothing runs."""
     budget = dispatch.L2_PREFETCH_BYTES if budget is None else budget
     if not ws:
         return None
     choice = dispatch.resolve_prefetch(impl, rows=rows, layer_bytes=layer_bytes, budget=budget, dtype=ws[0].dtype)
     if choice is None:
         return None
+    if dispatch.L2_PREFETCH_ORDER == "smallest_first":  # which weights the budget covers (dispatch's comment)
+        ws = sorted(ws, key=lambda w: w.size)
     counts = l2_prefetch.budget_counts([w.size for w in ws], ws[0].dtype.itemsize, budget)
     if not counts[0]:
         return None
