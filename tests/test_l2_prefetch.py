@@ -194,19 +194,26 @@ def test_a_decode_step_prefetches_each_layers_next_weights(hf_dirs, monkeypatch)
     assert rel_err(steps[budget], full[:, 5]) <= 1e-4
 
 
+def _one_step_after_a_prompt(hf_dirs, monkeypatch):
+    """E2B's tiny float32 model, its cache after a 5-token prompt, and the next token and position; the prefetch in
+    interpret mode at up to 4 rows with a budget (`resolve_prefetch`'s own rule is tested above), the projections
+    on XLA."""
+    model = gemma4_jax.load(hf_dirs["e2b", "causal"], dtype="float32", attn_impl="xla", progress=False)
+    ids = np.random.default_rng(4).integers(3, 256, size=(1, 6)).astype(np.int32)
+    cache = init_cache(model.config, 1, 16, jnp.float32)
+    _, cache = prefill(model.graphdef, model.state, jnp.asarray(ids[:, :5]), jnp.asarray([5]), cache)
+    monkeypatch.setattr(dispatch, "resolve_prefetch",
+                        lambda impl, rows, layer_bytes, budget, dtype: "interpret" if rows <= 4 and budget else None)
+    return model, cache, jnp.asarray(ids[:, 5]), jnp.asarray([5], jnp.int32)
+
+
 def test_smallest_first_order_gives_the_budget_to_the_small_weights(hf_dirs, monkeypatch):
     """`L2_PREFETCH_ORDER = 'smallest_first'`: each layer's prefetch takes the weights it streams next smallest first
     (in stream order among equals), so a budget of the two smallest, the per-layer input's, covers them whole and
     nothing else, where the stream order would give it to the output projection; the step's logits stay those
     without a prefetch, bit for bit (float32)."""
-    model = gemma4_jax.load(hf_dirs["e2b", "causal"], dtype="float32", attn_impl="xla", progress=False)
+    model, cache, tok, pos = _one_step_after_a_prompt(hf_dirs, monkeypatch)
     cfg = model.config
-    ids = np.random.default_rng(4).integers(3, 256, size=(1, 6)).astype(np.int32)
-    cache = init_cache(cfg, 1, 16, jnp.float32)
-    _, cache = prefill(model.graphdef, model.state, jnp.asarray(ids[:, :5]), jnp.asarray([5]), cache)
-    tok, pos = jnp.asarray(ids[:, 5]), jnp.asarray([5], jnp.int32)
-    monkeypatch.setattr(dispatch, "resolve_prefetch",
-                        lambda impl, rows, layer_bytes, budget, dtype: "interpret" if rows <= 4 and budget else None)
     d, spec = cfg.hidden_size, cfg.layers[0]
     stream = [(cfg.num_heads, spec.head_dim, d), (d, spec.mlp_width), (d, spec.mlp_width), (spec.mlp_width, d),
               (d, cfg.ple_dim), (cfg.ple_dim, d)]  # the order the layer reads them
@@ -236,14 +243,8 @@ def test_the_second_point_reads_the_per_layer_input_and_the_next_projections(hf_
     layer: its own alone), whole within the budget; the step's results depend on each, and its logits equal, bit
     for bit, the same step's without it (float32)."""
 
-    model = gemma4_jax.load(hf_dirs["e2b", "causal"], dtype="float32", attn_impl="xla", progress=False)
+    model, cache, tok, pos = _one_step_after_a_prompt(hf_dirs, monkeypatch)
     cfg = model.config
-    ids = np.random.default_rng(4).integers(3, 256, size=(1, 6)).astype(np.int32)
-    cache = init_cache(cfg, 1, 16, jnp.float32)
-    _, cache = prefill(model.graphdef, model.state, jnp.asarray(ids[:, :5]), jnp.asarray([5]), cache)
-    tok, pos = jnp.asarray(ids[:, 5]), jnp.asarray([5], jnp.int32)
-    monkeypatch.setattr(dispatch, "resolve_prefetch",
-                        lambda impl, rows, layer_bytes, budget, dtype: "interpret" if rows <= 4 and budget else None)
     monkeypatch.setattr(dispatch, "L2_PREFETCH_BYTES", 0)
     d, n = cfg.hidden_size, cfg.num_heads
     steps = {}
