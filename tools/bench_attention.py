@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from bench_common import copy_bandwidth, device_seconds, save_json, seconds_per_call
 
+from gemma4_jax.config import PRESETS, Gemma4Config
 from gemma4_jax.kernels import (
     DecodeConfig,
     FlashConfig,
@@ -260,11 +261,24 @@ def tune_decode(b: int, s: int, ok: Deadline) -> list[dict]:
 # The small models' decode calls at short caches (name, query heads, KV heads, head_dim) and the (batch, slots) they
 # are swept at by `--small-decode`: the shapes of `bench.py generate`'s decode steps (a 128-token prompt and 64 new
 # tokens: 256 slots), where the kernel's tiles and split rule, chosen at 32K context and batch 1, were never timed.
-# A sliding layer's ring holds at most its window (512) slots.
-SMALL_DECODE = [("e2b sliding", 8, 1, 256), ("e2b full", 8, 1, 512), ("e4b sliding", 8, 2, 256),
-                ("e4b full", 8, 2, 512)]
+# A sliding layer's ring holds at most its window's slots.
+
+
+def _small_decode_shapes() -> tuple[list[tuple[str, int, int, int]], dict[str, int | None]]:
+    """(name, query heads, KV heads, head_dim) of E2B's and E4B's sliding and full layers, and each one's window,
+    from the presets' own layer specs."""
+    shapes, windows = [], {}
+    for preset in ("e2b", "e4b"):
+        cfg = Gemma4Config.from_hf_dict(PRESETS[preset])
+        for kind, spec in (("sliding", next(x for x in cfg.layers if x.window is not None)),
+                           ("full", next(x for x in cfg.layers if x.window is None))):
+            shapes.append((f"{preset} {kind}", cfg.num_heads, spec.num_kv_heads, spec.head_dim))
+            windows[f"{preset} {kind}"] = spec.window
+    return shapes, windows
+
+
+SMALL_DECODE, SMALL_DECODE_WINDOWS = _small_decode_shapes()
 SMALL_DECODE_POINTS = ((1, 256), (16, 256), (64, 256))
-SMALL_DECODE_WINDOW = 512
 SMALL_DECODE_TARGETS = (16, 64, 128, 256, 1024)
 SMALL_DECODE_SHAPES_OF_WARPS = ((4, 2), (8, 3), (2, 3), (4, 1))  # (num_warps, num_stages) tried at the best tiles
 SMALL_DECODE_STREAM_BYTES = 256 << 20  # each timed pass reads this much cache (distinct copies): L2 cannot hold it
@@ -283,8 +297,8 @@ def sweep_small_decode(name: str, n: int, kh: int, h: int, b: int, s: int, inter
     warps and stages, and XLA's attention: each timed by its kernels' device time (`device_seconds`, combine and
     padding kernels included) over distinct caches that together read `stream_bytes`, as a step's layers read
     theirs from HBM. Each output's error against the float32 reference is kept (`rel_err`)."""
-    window = SMALL_DECODE_WINDOW if "sliding" in name else None
-    s = min(s, SMALL_DECODE_WINDOW) if window else s
+    window = SMALL_DECODE_WINDOWS.get(name)
+    s = min(s, window) if window else s
     kq, kk = jax.random.split(jax.random.key(b * s + h + kh), 2)
     q = _rand(kq, (b, 1, n, h), jnp.bfloat16, h ** -0.5)
     one = 2 * b * s * kh * h * 2
