@@ -1,5 +1,6 @@
 """Pallas kernels: attention for large heads (head_dim up to 512), the routed experts of an MoE FFN, a skinny
-matmul for decode-step projections (`gemv`) and the add-and-norm after one (`add_norm`), installed as
+matmul for decode-step projections (`gemv`) and the add-and-norm after one (`add_norm`), weights read into L2 ahead
+of their projection (`l2_prefetch`), and a probe of a barrier across a kernel's grid (`grid_barrier`), installed as
 `gemma4_jax.kernels`.
 
 Model-agnostic: nothing here knows about Gemma. Each kernel file holds the kernel body, its wrapper, a

@@ -521,7 +521,8 @@ L2_PREFETCH_LOADS = l2_prefetch.LOADS  # blocks a program of the kernel has in f
 L2_PREFETCH_EVICTION = l2_prefetch.EVICTION  # the loads' eviction hint (`l2_prefetch.EVICTIONS`)
 # The order a prefetch takes its weights in, and so which of them a budget covers: 'stream', the order the layer reads
 # them; 'smallest_first', the small ones first (the output projection and the per-layer input's, whose projections are
-# too short to reach the bandwidth from HBM, before the MLP's, which stream near it anyway). Not yet timed.
+# too short to reach the bandwidth from HBM, before the MLP's, which stream near it anyway). On an H100 (2026-12-06)
+# 'smallest_first' made E2B's steps 2.3-5.2 % slower (docs/performance.md, "Twenty-third session").
 L2_PREFETCH_ORDERS = ("stream", "smallest_first")
 L2_PREFETCH_ORDER = "stream"
 L2_PREFETCH_MAX_ROWS = 64  # calls of up to this many rows prefetch (longer ones stream each weight at full speed)

@@ -30,7 +30,7 @@ from jax.experimental.pallas import triton as plgpu
 F32 = jnp.float32
 BLOCK = 8192  # elements a program loads at once (16 KB of bf16: 32 per thread at 8 warps)
 PROGRAMS = 132  # one per SM of an H100/H200; each shares its SM with the step's own kernels
-LOADS = 1  # blocks a program loads together per loop step (its loads in flight); 1 until a GPU times more
+LOADS = 1  # blocks a program loads together per loop step (its loads in flight); 2 and 4 were within noise (H100)
 NUM_WARPS = 8
 # Triton's hint on every load. On sm_80 and later 'evict_last' becomes an L2 cache policy as well
 # (`createpolicy.fractional.L2::evict_last`): the lines stay while lines loaded without it are evicted first.

@@ -263,6 +263,22 @@ def test_small_decode_bad_names_say_so_in_one_sentence(tmp_path):
     assert shapes == [("e4b full", 8, 2, 512)] and points == [(1, 256), (64, 512)]
 
 
+def test_bench_barrier_checks_then_times_both(tmp_path):
+    """`bench.py barrier` on the CPU (interpret mode): both spins and the chain give the reference at each round
+    count, their times are finite and positive, and the slopes are reported; a round count below 2, one sentence."""
+    import math
+
+    res = _bench(["barrier", "--rounds", "2,3", "--iterations", "2", "--repeat", "1"], tmp_path)
+    assert res["programs"] == 4 and res["interpret"] and set(res["results"]) == {"2", "3"}
+    for entry in res["results"].values():
+        for key in ("chain_us_per_call", "barrier_atomic_us_per_call", "barrier_volatile_us_per_call"):
+            assert math.isfinite(entry[key]) and entry[key] > 0, entry
+    assert set(res["us_per_barrier"]) == {"atomic", "volatile"} and math.isfinite(res["us_per_kernel_boundary"])
+    run = _run_bench(["barrier", "--rounds", "1,3", "--json", str(tmp_path / "bad.json")])
+    assert run.returncode != 0 and "at least 2" in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert not os.path.exists(tmp_path / "bad.json")
+
+
 def test_trace_summary_per_step_is_the_difference_over_the_steps():
     from trace_summary import per_step
 

@@ -510,3 +510,25 @@ def test_mosaic_falls_back_when_it_does_not_compile(monkeypatch):
         assert resolve("pallas", head_dim=512, group=8, platform="gpu", q_len=4096, aligned=True) == "pallas"
     finally:
         dispatch.mosaic_compiles.cache_clear()
+
+
+def test_grid_barrier_probe_rounds_read_what_the_last_round_wrote():
+    """The grid-barrier probe (interpret mode: the rounds as the grid's outer axis) and its chain of one kernel a
+    round both give the reference exactly: each round reads the next program's row of the round before and adds 1
+    (integer values, so float32 sums are exact; a wrong row, round or order changes them)."""
+    from gemma4_jax.kernels import grid_barrier as gb
+
+    programs, rounds = 5, 4
+    x = jnp.asarray(np.random.default_rng(3).integers(-64, 64, (programs, gb.BLOCK)), jnp.float32)
+    buf = jnp.zeros((rounds + 1, programs, gb.BLOCK), jnp.float32).at[0].set(x)
+    zero = jnp.zeros((1,), jnp.int32)
+    out, counter, ok = gb.probe_barrier(buf, zero, zero, rounds=rounds, interpret=True)
+    want = gb.probe_reference(x, rounds)
+    assert np.array_equal(np.asarray(out[rounds]), np.asarray(want)) and np.all(np.asarray(ok) == 1)
+    assert int(counter[0]) == (rounds - 1) * programs  # what the GPU kernel's arrivals add, for a caller's next base
+    y = x
+    for _ in range(rounds):
+        y = gb.probe_chain_round(y, interpret=True)
+    assert np.array_equal(np.asarray(y), np.asarray(want))
+    assert not np.array_equal(np.asarray(want), np.asarray(x + rounds))  # the rows moved: the check can tell
+

@@ -1,5 +1,5 @@
-"""Benchmarks, one subcommand each: `python tools/bench.py SUBCOMMAND ...` (see --help; attention, chain, dense,
-eval, generate, moe, numerics, pipeline, queue, startup, towers).
+"""Benchmarks, one subcommand each: `python tools/bench.py SUBCOMMAND ...` (see --help; attention, barrier, chain,
+dense, eval, generate, moe, numerics, pipeline, queue, startup, towers).
 
 Run from the repository root with PYTHONPATH=. on a GPU. Each subcommand lives in its own module
 (`tools/bench_<name>.py`) exposing `add_parser(subparsers)`, which sets `func` to run it; what they share (the
@@ -15,6 +15,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_attention  # noqa: E402
+import bench_barrier  # noqa: E402
 import bench_chain  # noqa: E402
 import bench_dense  # noqa: E402
 import bench_eval  # noqa: E402
@@ -26,8 +27,8 @@ import bench_queue  # noqa: E402
 import bench_startup  # noqa: E402
 import bench_towers  # noqa: E402
 
-MODULES = (bench_attention, bench_chain, bench_dense, bench_eval, bench_generate, bench_moe, bench_numerics,
-           bench_pipeline, bench_queue, bench_startup, bench_towers)
+MODULES = (bench_attention, bench_barrier, bench_chain, bench_dense, bench_eval, bench_generate, bench_moe,
+           bench_numerics, bench_pipeline, bench_queue, bench_startup, bench_towers)
 
 
 def build_parser() -> argparse.ArgumentParser:
