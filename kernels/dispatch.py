@@ -428,6 +428,21 @@ DENSE_FORCE: str | None = None
 # each launch was at most 2.3 µs slower than the split launch and its sum (docs/performance.md, twelfth session;
 # `bench.py generate --gemv-sum-in-kernel [all|norm]`; `bench.py dense` times it beside the default).
 GEMV_SUM_IN_KERNEL: bool | str = False
+# The skinny kernel's config for a block's output projection at a decode step, where the kernel takes it
+# (`model.residual_after`): None, the kernel's default (64-column tiles, K split until 264 programs), whose float32
+# partials an XLA reduction adds up on the step's chain before the norm; or a `gemv.GemvConfig`, such as narrow tiles
+# and no K split, whose one partial folds into the norm that reads it (deviceless for an H200, E2B's chain 605 -> 570
+# kernels at batch 1 and 16). Where its blocks do not tile a weight, the default (`output_projection_config`).
+# `bench.py generate --output-projection-config BN,BK,SPLIT[,WARPS,STAGES]`. Not yet timed on a GPU.
+OUTPUT_PROJECTION_CONFIG: gemv.GemvConfig | None = None
+
+
+def output_projection_config(k: int, n: int) -> gemv.GemvConfig | None:
+    """OUTPUT_PROJECTION_CONFIG where it tiles an output projection W [K,N], else None (the kernel's default)."""
+    cfg = OUTPUT_PROJECTION_CONFIG
+    return cfg if cfg is not None and gemv.fits(k, n, cfg) else None
+
+
 # Weights of fewer elements than this go to XLA's product even at a decode step (0: none; `bench.py generate
 # --gemv-min-weight`): where XLA fuses the norm before a small projection into its product, the chain is shorter.
 GEMV_MIN_WEIGHT = 0
@@ -555,7 +570,7 @@ def settings() -> str:
              "MOE_FORCE", "MOE_PLAN_KERNEL", "MOE_TOKEN_TILES_MAX_TOKENS", "ROUTER_KERNEL", "DENSE_FORCE",
              "GEMV_MAX_WEIGHT", "GEMV_MAX_WEIGHT_BATCHED", "GEMV_MIN_WEIGHT", "GEMV_SUM_IN_KERNEL",
              "DENSE_AFTER_ROUTER", "ROUTER_OWN_NORM", "ONE_ROW_PADDED_MAX_WEIGHT", "ONE_ROW_STREAM_ROWS",
-             "ONE_ROW_STREAM_ROWS_MOE", "TARGET_GPU",
+             "ONE_ROW_STREAM_ROWS_MOE", "TARGET_GPU", "OUTPUT_PROJECTION_CONFIG",
              "DECODE_TARGET_PROGRAMS", "L2_PREFETCH_BYTES", "L2_PREFETCH_PROGRAMS", "L2_PREFETCH_LOADS",
              "L2_PREFETCH_EVICTION", "L2_PREFETCH_ORDER", "L2_PREFETCH_MAX_ROWS", "L2_PREFETCH_MAX_LAYER_BYTES",
              "L2_PREFETCH_NEXT_BYTES")

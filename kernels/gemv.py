@@ -84,6 +84,13 @@ def supports(k: int, n: int) -> bool:
     return _fit(k, 16) > 0 and _fit(n, 16) > 0
 
 
+def fits(k: int, n: int, cfg: GemvConfig) -> bool:
+    """Whether `cfg`'s blocks tile W [K,N]: powers of two ≥ 16, block_n dividing N, block_k dividing K / split_k."""
+    def ok(b, dim):
+        return b >= 16 and b & (b - 1) == 0 and dim % b == 0
+    return k % cfg.split_k == 0 and ok(cfg.block_n, n) and ok(cfg.block_k, k // cfg.split_k)
+
+
 def default_config(k: int, n: int, block_n: int = 64, block_k: int = 128) -> GemvConfig:
     """Block sizes for W [K,N]: column tiles narrowed (down to MIN_BLOCK_N) and then the fewest K splits that give
     TARGET_PROGRAMS programs, at most MAX_SPLIT_K (K / split_k must stay a multiple of block_k)."""

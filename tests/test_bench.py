@@ -279,6 +279,25 @@ def test_bench_barrier_checks_then_times_both(tmp_path):
     assert not os.path.exists(tmp_path / "bad.json")
 
 
+def test_output_projection_config_flag(tmp_path):
+    """`--output-projection-config`: BN,BK,SPLIT[,WARPS,STAGES] becomes the skinny kernel's config; anything else is
+    one sentence and a non-zero exit, with no JSON written."""
+    import argparse
+
+    import bench_generate as bg
+
+    from gemma4_jax.kernels.gemv import GemvConfig
+
+    assert bg.gemv_config("16,256,1") == GemvConfig(16, 256, 1)
+    assert bg.gemv_config("32,128,2,8,3") == GemvConfig(32, 128, 2, 8, 3)
+    for bad in ("16,100,1", "16,256", "8,256,1", "16,256,0", "a,b,c", "16,256,1,4"):
+        with pytest.raises(argparse.ArgumentTypeError, match="takes BN,BK,SPLIT"):
+            bg.gemv_config(bad)
+    run = _run_bench(["generate", "--output-projection-config", "16,100,1", "--json", str(tmp_path / "o.json")])
+    assert run.returncode != 0 and "takes BN,BK,SPLIT" in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert not os.path.exists(tmp_path / "o.json")
+
+
 def test_trace_summary_per_step_is_the_difference_over_the_steps():
     from trace_summary import per_step
 

@@ -1,5 +1,7 @@
 """KV-cache decoding and sampling against transformers and against the full forward pass."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -331,6 +333,43 @@ def test_one_sequence_output_projection_takes_the_real_row(hf_dirs, monkeypatch)
         step, cache = decode_logits(model.graphdef, model.state, cache, jnp.asarray(ids[:, t]),
                                     jnp.full((1,), t, jnp.int32))
         assert rel_err(np.asarray(step), full[:, t]) <= 1e-4, t
+
+
+def test_output_projection_takes_its_own_config(hf_dirs, monkeypatch):
+    """`dispatch.OUTPUT_PROJECTION_CONFIG`: where the skinny kernel (interpret mode here) takes a block's output
+    projection at a decode step, it runs with that config (no K split: one float32 partial for the norm to read), the
+    other projections keep their default, and the steps' logits equal the full forward's (float32; the prompt on
+    XLA). A config whose blocks do not tile a weight falls back to the default."""
+    from gemma4_jax.generation.loop import decode_step
+    from gemma4_jax.kernels import dispatch, gemv
+    from gemma4_jax.model.text import merge
+
+    model = gemma4_jax.load(hf_dirs["e2b", "causal"], dtype="float32", attn_impl="xla", progress=False)
+    ids = np.random.default_rng(17).integers(3, 256, size=(1, 8)).astype(np.int32)
+    full = model.logits(ids)
+    cache = init_cache(model.config, 1, 16, jnp.float32)
+    _, cache = prefill(model.graphdef, model.state, jnp.asarray(ids[:, :5]), jnp.asarray([5]), cache)
+    # 16-deep blocks by default, so that the tiny model's 64-deep weights split their K as the real ones do
+    monkeypatch.setattr(gemv, "default_config", functools.partial(gemv.default_config, block_k=16))
+    monkeypatch.setattr(dispatch, "DENSE_FORCE", "interpret")
+    monkeypatch.setattr(dispatch, "OUTPUT_PROJECTION_CONFIG", gemv.GemvConfig(16, 16, 3))
+    mc = model.config
+    d, nh = mc.hidden_size, mc.num_heads * mc.layers[0].head_dim
+    assert dispatch.output_projection_config(nh, d) is None  # 3 splits of K = 64: the default
+    monkeypatch.setattr(dispatch, "OUTPUT_PROJECTION_CONFIG", gemv.GemvConfig(16, 16, 1))
+    assert dispatch.output_projection_config(nh, d) == gemv.GemvConfig(16, 16, 1)
+    jax.clear_caches()  # the knobs are read when a step is traced
+    step = jax.jit(lambda c, t, p: decode_step(merge(model.graphdef, model.state), c, t, p))
+    jaxpr = jax.make_jaxpr(step)(cache, jnp.asarray(ids[:, 5]), jnp.asarray([5], jnp.int32))
+    splits = {}  # (K, N) of each skinny-kernel weight: the K splits of its partials [S, R, N]
+    for e in all_eqns(jaxpr.jaxpr):
+        if e.primitive.name == "pallas_call" and len(e.invars) == 2:
+            splits.setdefault(tuple(e.invars[1].aval.shape), set()).add(e.outvars[0].aval.shape[0])
+    assert gemv.default_config(d, nh).split_k > 1 and splits[(d, nh)] == {gemv.default_config(d, nh).split_k}, splits
+    assert splits[(nh, d)] == {1}, splits
+    for t in range(5, 7):
+        logits, cache = step(cache, jnp.asarray(ids[:, t]), jnp.full((1,), t, jnp.int32))
+        assert rel_err(np.asarray(logits), full[:, t]) <= 1e-4, t
 
 
 @pytest.mark.parametrize("family, rows", [("e2b", 4), ("26b-a4b", 2)])

@@ -115,6 +115,20 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def gemv_config(text: str):
+    """`--output-projection-config`'s value: BN,BK,SPLIT[,WARPS,STAGES] as a `gemv.GemvConfig` (block sizes powers
+    of two from 16, a split of at least 1)."""
+    gemv = _gemv()
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (3, 5) or min(values) < 1 or any(b < 16 or b & (b - 1) for b in values[:2]):
+        raise argparse.ArgumentTypeError(f"takes BN,BK,SPLIT[,WARPS,STAGES] with BN and BK powers of two from 16, "
+                                         f"not {text!r}")
+    return gemv.GemvConfig(*values)
+
+
 def add_decode_arguments(p) -> None:
     """The flags that change how a decode step runs (the dispatcher's and the skinny kernel's settings): `bench.py
     generate` and `bench.py chain` take them; `apply_decode_settings` applies them."""
@@ -164,6 +178,10 @@ def add_decode_arguments(p) -> None:
     p.add_argument("--decode-target-programs", type=int, default=None, metavar="N",
                    help="programs the decode attention kernel aims for when it splits the keys; 1: no split and no "
                         "combining kernel (dispatch.DECODE_TARGET_PROGRAMS; default: the kernel's, 128)")
+    p.add_argument("--output-projection-config", type=gemv_config, default=None, metavar="BN,BK,SPLIT[,WARPS,STAGES]",
+                   help="the skinny kernel's blocks for each block's output projection at a decode step, e.g. "
+                        "16,256,1 for 16-column tiles and no K split (dispatch.OUTPUT_PROJECTION_CONFIG; default: "
+                        "the kernel's own rule)")
     p.add_argument("--decode-query-prologue", action=argparse.BooleanOptionalAction, default=None,
                    help="the decode kernel applies the queries' norm and RoPE itself; --no-decode-query-prologue: XLA "
                         "applies them first (dispatch.DECODE_QUERY_PROLOGUE; default: the library's, off)")
@@ -363,6 +381,8 @@ def _header(args, cfg) -> dict:
                 1, cfg.num_experts > 0),
             "decode_target_programs": getattr(args, "decode_target_programs", None)
             or _dispatch().DECODE_TARGET_PROGRAMS,
+            "output_projection_config": repr(getattr(args, "output_projection_config", None)
+                                             or _dispatch().OUTPUT_PROJECTION_CONFIG),
             "l2_prefetch_max_layer_bytes": getattr(args, "l2_prefetch_max_layer_bytes", None)
             or _dispatch().L2_PREFETCH_MAX_LAYER_BYTES,
             "l2_prefetch_programs": getattr(args, "l2_prefetch_programs", None) or _dispatch().L2_PREFETCH_PROGRAMS,
@@ -430,6 +450,8 @@ def apply_decode_settings(args) -> None:
         dispatch.DECODE_KERNEL_MIN_BATCH = args.decode_kernel_min_batch
     if getattr(args, "decode_target_programs", None):
         dispatch.DECODE_TARGET_PROGRAMS = args.decode_target_programs
+    if getattr(args, "output_projection_config", None):
+        dispatch.OUTPUT_PROJECTION_CONFIG = args.output_projection_config
     if getattr(args, "l2_prefetch_max_layer_bytes", None):
         dispatch.L2_PREFETCH_MAX_LAYER_BYTES = args.l2_prefetch_max_layer_bytes
     if getattr(args, "l2_prefetch_programs", None):

@@ -154,14 +154,14 @@ def unadded(x: jax.Array | SplitK) -> jax.Array:
 
 
 def linear(eq: str, x: jax.Array, w: jax.Array, impl: str = "auto", into_elementwise: bool = False,
-           split_k: bool = False) -> jax.Array | SplitK:
+           split_k: bool = False, config: gemv.GemvConfig | None = None) -> jax.Array | SplitK:
     """The projection `einsum(eq, x, w)` where the contracted dims are x's last and w's first (every weight
     product of a layer). At a decode step's few rows it can run as the skinny Pallas kernel
     (`kernels.dispatch.resolve_dense`), on x and w viewed as matrices; else it is the einsum itself.
     `into_elementwise`: the result feeds only elementwise work before the next projection (gate and up before
     GELU, the per-layer-input gate), which XLA fuses into the split kernel's sum; `dispatch.GEMV_SUM_IN_KERNEL`
     "norm" leaves those sums to XLA. `split_k`: where the skinny kernel runs and XLA would add its splits, they
-    come back unadded (`SplitK`)."""
+    come back unadded (`SplitK`). `config`: the skinny kernel's blocks, where it runs (None: its default)."""
     c, k, rows, choice = _matrix_view(eq, x, w, impl)
     xm, wm = x.reshape(rows, k), w.reshape(k, -1)
     shape = (*x.shape[:x.ndim - c], *w.shape[c:])
@@ -174,8 +174,8 @@ def linear(eq: str, x: jax.Array, w: jax.Array, impl: str = "auto", into_element
         summed = dispatch.GEMV_SUM_IN_KERNEL
         summed = summed is True or (summed == "norm" and not into_elementwise)
         if split_k and not summed:
-            return SplitK(gemv.gemv_parts(xm, wm, interpret=choice == "interpret"), shape, x.dtype)
-        y = gemv.gemv(xm, wm, interpret=choice == "interpret", sum_in_kernel=summed)
+            return SplitK(gemv.gemv_parts(xm, wm, config=config, interpret=choice == "interpret"), shape, x.dtype)
+        y = gemv.gemv(xm, wm, config=config, interpret=choice == "interpret", sum_in_kernel=summed)
     return y.reshape(shape)
 
 
@@ -221,7 +221,7 @@ def residual_after(eq: str, x_btd: jax.Array, h: jax.Array, w: jax.Array, post_d
         parts = gemv.gemv_parts(copied.reshape(rows, k), w.reshape(k, d), interpret=interpret)
         xn, a = add_norm.add_norm(parts, x_btd.reshape(rows, d), post_d, next_d, eps=eps, interpret=interpret)
         return xn.reshape(x_btd.shape), a.reshape(x_btd.shape)
-    y = linear(eq, copied if choice == "xla" else h, w, impl)
+    y = linear(eq, copied if choice == "xla" else h, w, impl, config=dispatch.output_projection_config(k, d))
     return x_btd + rms_norm(jnp.broadcast_to(y, (stream_rows, *y.shape[1:])), post_d, eps), None
 
 
