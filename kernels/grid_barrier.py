@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-BLOCK = 256  # float32 values a program carries a round (one per thread at 2 warps)
+BLOCK = 256  # float32 values a program carries a round (two per thread at 4 warps)
 NUM_WARPS = 4
 MAX_SPINS = 1 << 22  # a program that waited this many reads of the counter gives up (the probe reports it)
 
