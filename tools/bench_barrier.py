@@ -8,9 +8,9 @@ the probe's R rounds (each program reads what another wrote in the round before)
 with R − 1 barriers, each inside a jitted loop of `--iterations` calls (XLA runs the loop's body as a CUDA graph,
 as it runs a decode step), by the wall clock. The slope from the fewest rounds to the most is the cost of one
 boundary and of one barrier. Keep every R at 5 or more: on an H100 two kernels a call took longer than nine, likely
-because XLA leaves so short a loop body out of the graph (`xla_gpu_graph_min_graph_size`). Every result is checked against the plain-jnp
-reference first (a barrier that let a program run ahead would read stale values). Without a GPU the rounds run in
-interpret mode (correctness only; the times mean nothing).
+because XLA leaves so short a loop body out of the graph (`xla_gpu_graph_min_graph_size`). Every result is checked
+against the plain-jnp reference first (a barrier that let a program run ahead would read stale values). Without a
+GPU the rounds run in interpret mode (correctness only; the times mean nothing).
 """
 
 from __future__ import annotations
