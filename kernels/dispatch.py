@@ -533,7 +533,10 @@ L2_PREFETCH_MAX_LAYER_BYTES = 256 << 20
 # after the chain of small kernels between the two layers. Same rule (rows, layer limit). On an H100 (eighteenth
 # session) 16 MiB there changed E2B's and E4B's steps by −0.1 % to −0.7 %, within a call's spread.
 L2_PREFETCH_NEXT_BYTES = 0
-L2_PREFETCH_PROGRAMS = l2_prefetch.PROGRAMS  # the kernel's programs (each shares its SM with the step's kernels)
+# The kernel's programs (each shares its SM with the step's kernels). On an H200 (2026-12-06) 264 were within the
+# call's spread of 132 and 66 were 2-3 % slower; 33 made E2B's steps 42-49 % slower: the chain waits for its layer's
+# prefetch (`model.after`), which must end within the layer.
+L2_PREFETCH_PROGRAMS = l2_prefetch.PROGRAMS
 L2_PREFETCH_LOADS = l2_prefetch.LOADS  # blocks a program of the kernel has in flight at once
 L2_PREFETCH_EVICTION = l2_prefetch.EVICTION  # the loads' eviction hint (`l2_prefetch.EVICTIONS`)
 # The order a prefetch takes its weights in, and so which of them a budget covers: 'stream', the order the layer reads
