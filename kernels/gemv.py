@@ -161,13 +161,10 @@ def _kernel(x_ref, *refs, block_k: int, rows: int, kc: int, tiles: tuple[int, ..
 def _check(x, ws, cfg: GemvConfig, nk: bool):
     m, k = x.shape
     assert m <= ROWS, f"gemv takes at most {ROWS} rows, got {m}"
-    assert k % cfg.split_k == 0, (k, cfg.split_k)
     for w in ws:
         assert w.ndim == 2 and w.shape[nk] == k, (x.shape, w.shape, nk)
         assert x.dtype == w.dtype, (x.dtype, w.dtype)
-        for dim, b in ((w.shape[1 - nk], cfg.block_n), (k // cfg.split_k, cfg.block_k)):
-            assert b >= 16 and b & (b - 1) == 0 and dim % b == 0, \
-                f"block {b} must be a power of two ≥ 16 dividing {dim}"
+        assert fits(k, w.shape[1 - nk], cfg), f"{cfg} does not tile a [{k}, {w.shape[1 - nk]}] weight (`fits`)"
 
 
 def supports_many(k: int, ns) -> bool:

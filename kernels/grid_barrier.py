@@ -11,10 +11,11 @@ resident at once: a grid of at most one program per SM, each small enough to fit
     round r of the probe: buf[r + 1, p] = buf[r, (p + 1) mod P] + 1       (P programs, R rounds)
 
 Each round reads what another program wrote in the round before, so a missing or broken barrier gives wrong
-values. `probe_barrier` runs the R rounds in one kernel with a barrier between them; `probe_chain` runs them as R
-kernels, the boundary XLA puts between dependent kernels. In interpret mode (CPU tests) the programs run one after
-another, so a barrier would wait forever: there the rounds are the grid's outer axis instead (round r's programs
-all run before round r + 1's) and no barrier is taken; the rounds' math is the same code.
+values. `probe_barrier` runs the R rounds in one kernel with a barrier between them; `probe_chain_round` runs one
+round as a kernel of its own, so R calls of it put the boundary XLA keeps between dependent kernels where the
+barriers were. In interpret mode (CPU tests) the programs run one after another, so a barrier would wait forever:
+there the rounds are the grid's outer axis instead (round r's programs all run before round r + 1's) and no barrier
+is taken; the rounds' math is the same code.
 """
 
 from __future__ import annotations
@@ -64,11 +65,11 @@ def wait_for_grid(counter_ref, arrivals, spin: str = "atomic"):
     return seen >= arrivals
 
 
-def _round(src_ref, dst_ref, r, p, programs: int):
-    """One round of program p: dst[r + 1, p] = src[r, (p + 1) mod P] + 1. The read is volatile (not from L1): the
+def _round(buf_ref, r, p, programs: int):
+    """One round of program p: buf[r + 1, p] = buf[r, (p + 1) mod P] + 1. The read is volatile (not from L1): the
     value was written by another SM during this kernel."""
-    row = plgpu.load(src_ref.at[r, (p + 1) % programs], volatile=True)
-    dst_ref[r + 1, p] = row + 1.0
+    row = plgpu.load(buf_ref.at[r, (p + 1) % programs], volatile=True)
+    buf_ref[r + 1, p] = row + 1.0
 
 
 def _barrier_kernel(base_ref, counter_in, buf_in, buf_ref, counter_ref, ok_ref, *, rounds: int, programs: int,
@@ -79,13 +80,13 @@ def _barrier_kernel(base_ref, counter_in, buf_in, buf_ref, counter_ref, ok_ref, 
     for r in range(rounds):
         if r:
             ok &= wait_for_grid(counter_ref, base_ref[0] + r * programs, spin)
-        _round(buf_ref, buf_ref, r, p, programs)
+        _round(buf_ref, r, p, programs)
     ok_ref[p] = ok.astype(jnp.int32)
 
 
 def _interpret_kernel(buf_in, buf_ref, *, programs: int):
     del buf_in
-    _round(buf_ref, buf_ref, pl.program_id(0), pl.program_id(1), programs)
+    _round(buf_ref, pl.program_id(0), pl.program_id(1), programs)
 
 
 @functools.partial(jax.jit, static_argnames=("rounds", "spin", "interpret"))

@@ -37,11 +37,10 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _loops(programs: int, rounds: int, iterations: int, interpret: bool, spin: str = "atomic"):
-    """(barrier loop, chain loop): jitted functions of x [P, BLOCK] that run `iterations` calls of the probe's
-    `rounds` rounds. The barrier loop's calls each start from x (the buffer it carries keeps x as its first row) and
-    it returns the last call's result and whether every program saw every barrier pass; the chain's calls go on
-    from each other's results."""
+def _barrier_loop(programs: int, rounds: int, iterations: int, interpret: bool, spin: str):
+    """A jitted function of x [P, BLOCK] that runs `iterations` calls of the probe's `rounds` rounds in one kernel
+    each; every call starts from x (the buffer it carries keeps x as its first row). Returns the last call's result
+    and whether every program saw every barrier pass."""
     from gemma4_jax.kernels import grid_barrier as gb
 
     @jax.jit
@@ -58,15 +57,23 @@ def _loops(programs: int, rounds: int, iterations: int, interpret: bool, spin: s
         buf, _, ok = jax.lax.fori_loop(0, iterations, body, (buf, jnp.zeros((1,), jnp.int32), jnp.bool_(True)))
         return buf[rounds], ok
 
+    return barrier
+
+
+def _chain_loop(rounds: int, iterations: int, interpret: bool):
+    """A jitted function of x [P, BLOCK] that runs `iterations` calls of the probe's `rounds` rounds as a kernel each;
+    each call's rounds go on from the last's (rounds × iterations in all)."""
+    from gemma4_jax.kernels import grid_barrier as gb
+
     @jax.jit
-    def chain(x):  # each call's rounds continue from the last's: rounds × iterations in all
+    def chain(x):
         def body(_, y):
             for _ in range(rounds):
                 y = gb.probe_chain_round(y, interpret=interpret)
             return y
         return jax.lax.fori_loop(0, iterations, body, x)
 
-    return barrier, chain
+    return chain
 
 
 def run(args) -> dict:
@@ -87,12 +94,12 @@ def run(args) -> dict:
     timing = functools.partial(seconds_per_call, repeat=args.repeat, stat=min)
     for rounds in rounds_list:
         entry = {}
-        chain = _loops(programs, rounds, args.iterations, interpret=not on_gpu)[1]
+        chain = _chain_loop(rounds, args.iterations, interpret=not on_gpu)
         if not np.array_equal(np.asarray(chain(x)), np.asarray(gb.probe_reference(x, rounds * args.iterations))):
             raise SystemExit(f"bench.py barrier: the chain of {rounds} kernels computes a wrong result")
         entry["chain_us_per_call"] = timing(chain, x) / args.iterations * 1e6
         for spin in spins:
-            barrier = _loops(programs, rounds, args.iterations, interpret=not on_gpu, spin=spin)[0]
+            barrier = _barrier_loop(programs, rounds, args.iterations, not on_gpu, spin)
             got, ok = barrier(x)
             if not (bool(ok) and np.array_equal(np.asarray(got), np.asarray(gb.probe_reference(x, rounds)))):
                 raise SystemExit(f"bench.py barrier: with the {spin} spin at {rounds} rounds the barrier "
