@@ -398,13 +398,15 @@ def test_resolve_moe_mosaic_by_rows(monkeypatch):
 
 def test_model_with_mosaic_moe_kernels_matches_xla_experts(monkeypatch):
     """A 26B-A4B-family model in bf16 (random weights, norms and scalars perturbed; expert width 64, which the
-    kernels need) with the Mosaic kernels (interpreted) in every MoE layer: its logits agree with the same model
-    on XLA's experts to bf16 accuracy, through prefill at pp = 1 (48 routed rows a layer)."""
+    kernels need; one sliding and one full layer, since every interpreted kernel is traced once a layer) with the
+    Mosaic kernels (interpreted) in every MoE layer: its logits agree with the same model on XLA's experts to bf16
+    accuracy, through prefill at pp = 1 (48 routed rows a layer)."""
     from gemma4_jax.api import Gemma4Model, RunConfig
     from gemma4_jax.config import Gemma4Config
     from gemma4_jax.testing.synthetic import random_model
 
-    cfg = Gemma4Config.from_hf_dict(dict(FAMILIES["26b-a4b"], moe_intermediate_size=64), name="moe-f64")
+    cfg = Gemma4Config.from_hf_dict(dict(FAMILIES["26b-a4b"], moe_intermediate_size=64, num_hidden_layers=2,
+                                         layer_types=["sliding_attention", "full_attention"]), name="moe-f64")
     model = random_model(cfg, jnp.bfloat16)
     ids = np.random.default_rng(9).integers(3, 256, size=(2, 12))
     monkeypatch.setattr(dispatch, "MOSAIC_INTERPRET", True)
