@@ -163,9 +163,9 @@ class HFCheckpoint:
     before anything is written or allocated.
     """
 
-    def __init__(self, hf_dir: str, cfg: Gemma4Config):
+    def __init__(self, hf_dir: str, cfg: Gemma4Config, files: list | None = None):
         self.hf_dir = hf_dir
-        self.files = [SafetensorsFile(f) for f in checkpoint_files(hf_dir)]
+        self.files = files if files is not None else [SafetensorsFile(f) for f in checkpoint_files(hf_dir)]
         names = [nm for st in self.files for nm in st.keys()]
         self.prefix = prefix = text_prefix(names)
         table, ignorable = converter_table(cfg)
@@ -215,6 +215,35 @@ class HFCheckpoint:
         return [{"name": os.path.basename(st.path), "bytes": os.path.getsize(st.path)} for st in self.files]
 
 
+class InMemoryTensors:
+    """HF-named arrays already in memory (e.g. a torch model's `state_dict()` as numpy), read as one
+    checkpoint file would be: `params_from_tensors` validates and converts them exactly as `read_hf_params`
+    does a directory, without writing and reading a file."""
+
+    path = "<in memory>"
+
+    def __init__(self, tensors: dict[str, np.ndarray]):
+        self.tensors = tensors
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape)
+
+    def nbytes(self, name: str) -> int:
+        return int(self.tensors[name].nbytes)
+
+    def get(self, name: str) -> np.ndarray:
+        return np.asarray(self.tensors[name])
+
+
+def params_from_tensors(tensors: dict[str, np.ndarray], cfg: Gemma4Config,
+                        dtype=jnp.float32) -> dict[Path, np.ndarray]:
+    """`read_hf_params` for HF-named arrays in memory (`InMemoryTensors`): the same checks, the same params."""
+    return _fill(HFCheckpoint("<in memory>", cfg, files=[InMemoryTensors(tensors)]), cfg, dtype, None, False)
+
+
 def read_hf_params(hf_dir: str, cfg: Gemma4Config, dtype=jnp.float32, wanted: Callable[[Path], bool] | None = None,
                    progress: bool = False) -> dict[Path, np.ndarray]:
     """Read an HF directory into {path: numpy array in `dtype`}, tensor by tensor.
@@ -223,7 +252,10 @@ def read_hf_params(hf_dir: str, cfg: Gemma4Config, dtype=jnp.float32, wanted: Ca
     whole checkpoint is still validated. Raises CheckpointError with one clear sentence on a
     missing, unexpected, duplicated or misshaped tensor.
     """
-    ckpt = HFCheckpoint(hf_dir, cfg)
+    return _fill(HFCheckpoint(hf_dir, cfg), cfg, dtype, wanted, progress)
+
+
+def _fill(ckpt: HFCheckpoint, cfg: Gemma4Config, dtype, wanted, progress: bool) -> dict[Path, np.ndarray]:
     filler = _Filler(target_shapes(cfg, dtype), wanted or (lambda p: True))
     items = iter(ckpt)
     if progress:
