@@ -466,6 +466,32 @@ def test_numerics_bench_cuts_and_scores():
     assert errors(ref, ref[..., ::-1])["top1"] == 0.5
 
 
+def test_transformers_half_times_decode_by_its_clock_and_without_a_streamer():
+    """`generate --compare transformers`' half, in this process on the demo config (eager; the CPU here): decode
+    timed by the streamer's clock, and the streamer-free difference of two generation lengths beside it."""
+    import argparse
+    import math
+    import time
+
+    import bench_generate
+    from bench_common import Progress
+
+    parser = argparse.ArgumentParser()
+    bench_generate.add_parser(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["generate", "--config", DEMO, "--batch", "1", "--prompt-len", "8", "--gen-len", "5",
+                              "--compare", "transformers", "--compile-batches", "", "--prefill-len", "0"])
+    res: dict = {}
+    bench_generate._transformers(args, res, Progress(res, None, start=time.time()))
+    out = res["transformers"]
+    assert out["device"] and "error" not in out, out
+    m = out["1"]["eager"]
+    assert set(out["1"]) == {"eager"} and "error" not in m, m
+    assert math.isfinite(m["decode_ms_per_token"]) and m["decode_ms_per_token"] > 0, m
+    assert math.isfinite(m["decode_ms_per_token_without_streamer"]), m
+    assert set(m["generate_s"]) == {"5", "5_without_streamer", "3_without_streamer"}, m
+    assert all(t > 0 for t in m["generate_s"].values()), m
+
+
 def test_towers_bench_scores_tiny_towers(tmp_path):
     """`bench.py towers --tiny`, in this process (no second start-up of jax, torch and transformers; the CPU here):
     both towers, ours and transformers' float32 within float32 rounding of the float64 reference, bfloat16 far

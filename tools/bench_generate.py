@@ -44,7 +44,9 @@ random weights, built once; `transformers[str(batch)]`): `eager` for every batch
 (a static cache, with the decode step under transformers' own `torch.compile(mode="reduce-overhead")`)
 for the batches in `--compile-batches` ('' for none). Decode from a streamer's clock: the time from the first
 new token to the end of a `gen-len`-token generation (one run, after an 8-token warm-up, whose time is
-`first_run_s`), prefill as a 1-token generation. JAX keeps
+`first_run_s`), prefill as a 1-token generation. As a check on that clock, `decode_ms_per_token_without_streamer`
+is the difference between a `gen-len`- and a (`gen-len` / 2 + 1)-token generation without a streamer, over the
+tokens between (the method of the 2026-11-28 tables; on a busy host it can even come out negative). JAX keeps
 freed device memory in its own pool until its process ends, so with `--compare` our side runs in a child
 process: the two models are never on the device together.
 
@@ -763,6 +765,12 @@ def _transformers(args, res: dict, progress: Progress) -> None:
                 decode = (clock.times[-1] - clock.times[1]) / (args.gen_len - 1)
                 m.update(prefill_ms=prefill * 1e3, decode_ms_per_token=decode * 1e3, decode_tokens_s=b / decode,
                          generate_s={str(args.gen_len): t_long})
+                short = args.gen_len // 2 + 1
+                if args.gen_len > short:  # the clock's check: no streamer, no copy to the host a token
+                    plain = {n: seconds_once(lambda gen=gen, n=n: gen(n)) for n in (args.gen_len, short)}
+                    m["generate_s"].update({f"{n}_without_streamer": t for n, t in plain.items()})
+                    m["decode_ms_per_token_without_streamer"] = (
+                        (plain[args.gen_len] - plain[short]) / (args.gen_len - short) * 1e3)
                 if device == "cuda":
                     m["peak_device_gib"] = torch.cuda.max_memory_allocated() / 2**30
             except Exception as e:
