@@ -163,3 +163,25 @@ def test_untied_config_without_its_head_is_refused(untied, tmp_path):
     _rewrite(os.path.join(d, "model.safetensors"), lambda t: t.pop("lm_head.weight"))
     with pytest.raises(Gemma4Error, match="not tied to the embedding .* holds no lm_head.weight"):
         gemma4_jax.load(d, progress=False)
+
+
+def test_tensors_in_memory_load_as_their_directory_does(hf_dirs):
+    """`params_from_tensors` (HF-named arrays in memory, as the float64 references hand them over) gives
+    `read_hf_params`' parameters of the same tensors bit for bit, and runs the directory's checks."""
+    from gemma4_jax import checkpoint
+    from gemma4_jax.checkpoint.hf import params_from_tensors, read_hf_params
+    from gemma4_jax.checkpoint.safetensors_io import checkpoint_files
+
+    d = hf_dirs["26b-a4b", "causal"]
+    cfg = checkpoint.open(d).config
+    tensors = {k: np.array(st.get(k)) for st in map(SafetensorsFile, checkpoint_files(d)) for k in st.keys()}
+    want = read_hf_params(d, cfg)
+    got = params_from_tensors(tensors, cfg)
+    assert set(got) == set(want)
+    for path, value in want.items():
+        np.testing.assert_array_equal(got[path], value, err_msg="/".join(path))
+    name = next(k for k in tensors if k.endswith("layers.0.self_attn.q_proj.weight"))
+    with pytest.raises(CheckpointError, match="lacks tensor"):
+        params_from_tensors({k: v for k, v in tensors.items() if k != name}, cfg)
+    with pytest.raises(CheckpointError, match="has shape"):
+        params_from_tensors({**tensors, name: tensors[name][:1]}, cfg)
