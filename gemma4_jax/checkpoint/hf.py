@@ -218,9 +218,8 @@ class HFCheckpoint:
 class InMemoryTensors:
     """HF-named arrays already in memory (e.g. a torch model's `state_dict()` as numpy), read as one
     checkpoint file would be: `params_from_tensors` validates and converts them exactly as `read_hf_params`
-    does a directory, without writing and reading a file."""
-
-    path = "<in memory>"
+    does a directory, without writing and reading a file. (Only what `HFCheckpoint` reads: the converter, which
+    also asks a file's path and bytes, takes directories.)"""
 
     def __init__(self, tensors: dict[str, np.ndarray]):
         self.tensors = tensors
@@ -230,9 +229,6 @@ class InMemoryTensors:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.tensors[name].shape)
-
-    def nbytes(self, name: str) -> int:
-        return int(self.tensors[name].nbytes)
 
     def get(self, name: str) -> np.ndarray:
         return np.asarray(self.tensors[name])
