@@ -490,6 +490,24 @@ def test_transformers_half_times_decode_by_its_clock_and_without_a_streamer():
     assert math.isfinite(m["decode_ms_per_token_without_streamer"]), m
     assert set(m["generate_s"]) == {"5", "5_without_streamer", "3_without_streamer"}, m
     assert all(t > 0 for t in m["generate_s"].values()), m
+    assert math.isfinite(m["generation_overhead_s"]), m
+    assert m["torch_compile"] == {"cudagraph_skips": 0, "graphs_compiled": 0, "graph_breaks": 0,
+                                  "cudagraph_skip_reasons": []}, m  # eager: nothing compiled
+
+
+def test_cudagraph_watch_counts_the_skips_torch_logs():
+    """`CudagraphWatch` reads torch's own record of a skipped CUDA graph (the call inductor makes when it skips one),
+    with its reason, and only what happened inside the block."""
+    from bench_generate import CudagraphWatch
+    from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
+
+    log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to a skip before the watch")
+    with CudagraphWatch() as watch:
+        for _ in range(2):
+            log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to mutated inputs")
+    log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to a skip after the watch")
+    assert watch.result() == {"cudagraph_skips": 2, "graphs_compiled": 0, "graph_breaks": 0,
+                              "cudagraph_skip_reasons": ["skipping cudagraphs due to mutated inputs"]}
 
 
 def test_towers_bench_scores_tiny_towers(tmp_path):

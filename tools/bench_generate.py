@@ -46,8 +46,11 @@ for the batches in `--compile-batches` ('' for none). Decode from a streamer's c
 new token to the end of a `gen-len`-token generation (one run, after an 8-token warm-up, whose time is
 `first_run_s`), prefill as a 1-token generation. As a check on that clock, `decode_ms_per_token_without_streamer`
 is the difference between a `gen-len`- and a (`gen-len` / 2 + 1)-token generation without a streamer, over the
-tokens between (the method of the 2026-11-28 tables; on a busy host it can even come out negative). JAX keeps
-freed device memory in its own pool until its process ends, so with `--compare` our side runs in a child
+tokens between (the method of the 2026-11-28 tables; on a busy host it can even come out negative), and
+`generation_overhead_s` what a whole generation took beyond its 1-token generation and that many marginal steps.
+`torch_compile` says what torch.compile did in each mode's runs (`CudagraphWatch`): a compiled step whose CUDA
+graphs were skipped launches every kernel from the host, so the ratio stands only where `cudagraph_skips` is 0.
+JAX keeps freed device memory in its own pool until its process ends, so with `--compare` our side runs in a child
 process: the two models are never on the device together.
 
 The JSON file is rewritten after every measured item, so a run cut short keeps what it measured; each
@@ -679,6 +682,48 @@ def ours(args, start: float) -> dict:
     return res
 
 
+class CudagraphWatch:
+    """What torch.compile did while a block ran: the CUDA graphs it skipped (`cudagraph_skips`, with the reasons it
+    logged on CUDA, `cudagraph_skip_reasons`; a CPU counts skips silently), the graphs dynamo compiled
+    (`graphs_compiled`) and its graph breaks (`graph_breaks`). A `reduce-overhead` decode step that is not graphed
+    launches every kernel from the host, so a comparison with it is only fair where `cudagraph_skips` is 0."""
+
+    # where inductor logs a skip: its artifact logger "cudagraphs" (torch 2.11, 2.13) or "perf_hints" (older) of this
+    # module, whose records reach this one
+    LOGGER = "torch._inductor.cudagraph_utils"
+
+    def __enter__(self):
+        import logging
+
+        from torch._dynamo.utils import counters
+
+        self._counters, self.reasons = counters, []
+        watch = self
+
+        class Reasons(logging.Handler):
+            def emit(self, record):
+                if "cudagraph" in (message := record.getMessage()):
+                    watch.reasons.append(message)
+
+        self._logger, self._handler = logging.getLogger(self.LOGGER), Reasons()
+        self._logger.addHandler(self._handler)
+        self._before = self._snapshot()
+        return self
+
+    def _snapshot(self) -> dict:
+        c = self._counters
+        return {"cudagraph_skips": c["inductor"]["cudagraph_skips"], "graphs_compiled": c["stats"]["unique_graphs"],
+                "graph_breaks": sum(c["graph_break"].values())}
+
+    def __exit__(self, *exc):
+        self._logger.removeHandler(self._handler)
+        self.counts = {k: v - self._before[k] for k, v in self._snapshot().items()}
+        return False
+
+    def result(self) -> dict:
+        return {**self.counts, "cudagraph_skip_reasons": sorted(set(self.reasons))[:8]}
+
+
 def _transformers(args, res: dict, progress: Progress) -> None:
     """The same shapes through transformers' Gemma4ForCausalLM (bf16, built once): eager, and static cache +
     compile for `--compile-batches`; into `res["transformers"]`."""
@@ -755,27 +800,32 @@ def _transformers(args, res: dict, progress: Progress) -> None:
                 m["skipped"] = f"--deadline {args.deadline:g} s reached"
                 progress(f"transformers_b{b}_{name}_skipped")
                 continue
-            try:
-                if device == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                m["first_run_s"] = seconds_once(lambda gen=gen: gen(min(8, args.gen_len)))  # warm-up (compiles)
-                clock = Clock()
-                t_long = seconds_once(lambda gen=gen, clock=clock: gen(args.gen_len, clock))
-                prefill = seconds_once(lambda gen=gen: gen(1))
-                decode = (clock.times[-1] - clock.times[1]) / (args.gen_len - 1)
-                m.update(prefill_ms=prefill * 1e3, decode_ms_per_token=decode * 1e3, decode_tokens_s=b / decode,
-                         generate_s={str(args.gen_len): t_long})
-                short = args.gen_len // 2 + 1
-                if args.gen_len > short:  # the clock's check: no streamer, no copy to the host a token
-                    plain = {n: seconds_once(lambda gen=gen, n=n: gen(n)) for n in (args.gen_len, short)}
-                    m["generate_s"].update({f"{n}_without_streamer": t for n, t in plain.items()})
-                    m["decode_ms_per_token_without_streamer"] = (
-                        (plain[args.gen_len] - plain[short]) / (args.gen_len - short) * 1e3)
-                if device == "cuda":
-                    m["peak_device_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            except Exception as e:
-                traceback.print_exc()
-                m["error"] = repr(e)
+            with CudagraphWatch() as watch:
+                try:
+                    if device == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    m["first_run_s"] = seconds_once(lambda gen=gen: gen(min(8, args.gen_len)))  # warm-up (compiles)
+                    clock = Clock()
+                    t_long = seconds_once(lambda gen=gen, clock=clock: gen(args.gen_len, clock))
+                    prefill = seconds_once(lambda gen=gen: gen(1))
+                    decode = (clock.times[-1] - clock.times[1]) / (args.gen_len - 1)
+                    m.update(prefill_ms=prefill * 1e3, decode_ms_per_token=decode * 1e3, decode_tokens_s=b / decode,
+                             generate_s={str(args.gen_len): t_long})
+                    short = args.gen_len // 2 + 1
+                    if args.gen_len > short:  # the clock's check: no streamer, no copy to the host a token
+                        plain = {n: seconds_once(lambda gen=gen, n=n: gen(n)) for n in (args.gen_len, short)}
+                        m["generate_s"].update({f"{n}_without_streamer": t for n, t in plain.items()})
+                        step = (plain[args.gen_len] - plain[short]) / (args.gen_len - short)
+                        m["decode_ms_per_token_without_streamer"] = step * 1e3
+                        # what a whole generation carries beyond its 1-token generation and its marginal steps (a
+                        # CUDA graph recorded again each generation would show here, not in the marginal step)
+                        m["generation_overhead_s"] = plain[args.gen_len] - prefill - (args.gen_len - 1) * step
+                    if device == "cuda":
+                        m["peak_device_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                except Exception as e:
+                    traceback.print_exc()
+                    m["error"] = repr(e)
+            m["torch_compile"] = watch.result()
             gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()
