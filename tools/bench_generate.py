@@ -63,6 +63,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import time
 import traceback
@@ -682,6 +683,26 @@ def ours(args, start: float) -> dict:
     return res
 
 
+class _CudagraphMessages(logging.Handler):
+    """Keeps the messages of the log records it sees that speak of CUDA graphs."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        if "cudagraph" in (message := record.getMessage()):
+            self.messages.append(message)
+
+
+def _compile_counts() -> dict:
+    from torch._dynamo.utils import counters
+
+    return {"cudagraph_skips": counters["inductor"]["cudagraph_skips"],
+            "graphs_compiled": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values())}
+
+
 class CudagraphWatch:
     """What torch.compile did while a block ran: the CUDA graphs it skipped (`cudagraph_skips`, with the reasons it
     logged on CUDA, `cudagraph_skip_reasons`; a CPU counts skips silently), the graphs dynamo compiled
@@ -693,35 +714,18 @@ class CudagraphWatch:
     LOGGER = "torch._inductor.cudagraph_utils"
 
     def __enter__(self):
-        import logging
-
-        from torch._dynamo.utils import counters
-
-        self._counters, self.reasons = counters, []
-        watch = self
-
-        class Reasons(logging.Handler):
-            def emit(self, record):
-                if "cudagraph" in (message := record.getMessage()):
-                    watch.reasons.append(message)
-
-        self._logger, self._handler = logging.getLogger(self.LOGGER), Reasons()
-        self._logger.addHandler(self._handler)
-        self._before = self._snapshot()
+        self._messages = _CudagraphMessages()
+        logging.getLogger(self.LOGGER).addHandler(self._messages)
+        self._before = _compile_counts()
         return self
 
-    def _snapshot(self) -> dict:
-        c = self._counters
-        return {"cudagraph_skips": c["inductor"]["cudagraph_skips"], "graphs_compiled": c["stats"]["unique_graphs"],
-                "graph_breaks": sum(c["graph_break"].values())}
-
     def __exit__(self, *exc):
-        self._logger.removeHandler(self._handler)
-        self.counts = {k: v - self._before[k] for k, v in self._snapshot().items()}
+        logging.getLogger(self.LOGGER).removeHandler(self._messages)
+        self.counts = {k: v - self._before[k] for k, v in _compile_counts().items()}
         return False
 
     def result(self) -> dict:
-        return {**self.counts, "cudagraph_skip_reasons": sorted(set(self.reasons))[:8]}
+        return {**self.counts, "cudagraph_skip_reasons": sorted(set(self._messages.messages))[:8]}
 
 
 def _transformers(args, res: dict, progress: Progress) -> None:
