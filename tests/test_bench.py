@@ -541,13 +541,16 @@ def _queue(args: list[str], tmp_path, queue: str, cwd=None):
 def test_bench_queue_runs_each_run_in_its_own_process_into_one_file(tmp_path):
     """`bench.py queue`: every run's status, exit code and JSON in the one output file (a run that works, one that
     fails, one whose own environment makes it fail, one past its timeout, killed), `set` arguments appended to the
-    runs of their subcommand; with no budget left every run is skipped without starting."""
+    runs of their subcommand; with no budget left every run is skipped without starting. The run that works keeps
+    its programs in `--compile-cache DIR` (the cache's other forms: test_bench_queue_shares_one_compile_cache)."""
     queue = (f"set chain --context 32  # appended\nch chain --config {DEMO} --batch 1\n"
              "bad generate --config /no/such/config.json --batch 1\n"
              f"env JAX_PLATFORMS=nosuch chain --config {DEMO} --batch 1\n"
              f"set timeout 0.5\nslow chain --config {DEMO} --batch 1\n")
-    run, out = _queue([], tmp_path, queue)
+    kept = tmp_path / "kept"
+    run, out = _queue(["--compile-cache", str(kept)], tmp_path, queue)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert any(name.startswith("jit_") for name in os.listdir(kept)), os.listdir(kept)
     runs = {r["name"]: r for r in json.load(open(out))["runs"]}
     assert [runs[n]["status"] for n in ("ch", "bad", "env", "slow")] == ["ok", "failed", "failed", "timeout"]
     assert runs["env"]["command"].startswith("JAX_PLATFORMS=nosuch python3 tools/bench.py chain")
@@ -632,7 +635,8 @@ def test_bench_queue_shares_one_compile_cache(tmp_path):
     """The runs of a queue share JAX's persistent compilation cache: a folder of the queue's own by default (one for
     all its runs, gone at its end), `--compile-cache DIR`, or none with `off` (whatever the environment says); a
     run's own environment line decides over the flag. As the CLI's cache, it keeps every program however fast it
-    compiled, and generation's programs as executables in DIR/programs. A real run keeps its programs in DIR."""
+    compiled, and generation's programs as executables in DIR/programs. (A real run's programs in DIR:
+    test_bench_queue_runs_each_run_in_its_own_process_into_one_file.)"""
     fake = _fake_tree(tmp_path / "fake", "{'cache': os.environ.get('JAX_COMPILATION_CACHE_DIR'), 'env': "
                                          "[os.environ.get(n) for n in ('GEMMA4_JAX_PROGRAM_CACHE', "
                                          "'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS')]}")
@@ -657,11 +661,6 @@ def test_bench_queue_shares_one_compile_cache(tmp_path):
     # another tree, whose process starts in that tree
     (tmp_path / "here").mkdir()
     assert caches(["--compile-cache", "rel"], cwd=tmp_path / "here")[0][:2] == [str(tmp_path / "here" / "rel")] * 2
-    kept = tmp_path / "real"
-    run, out = _queue(["--compile-cache", str(kept)], tmp_path, f"one chain --config {DEMO} --batch 1\n")
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    assert [r["status"] for r in json.load(open(out))["runs"]] == ["ok"]
-    assert any(name.startswith("jit_") for name in os.listdir(kept)), os.listdir(kept)
 
 
 def test_bench_queue_unwritable_compile_cache_says_so_in_one_sentence(tmp_path):

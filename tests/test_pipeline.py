@@ -298,7 +298,7 @@ def test_gsm8k_eval_across_processes(tmp_path):
     """`tools/eval_gsm8k.py --coordinator … --pp 2 --engine` on two processes (a stage each): process 0 writes
     the single-process run's records (static batches, pp = 1) and summary; process 1 writes nothing. The engine's
     slots are the ring's rows, the hosts' schedulers in step. (Zero-shot engine records at pp = 2: this test;
-    8-shot: test_gsm8k's.)"""
+    few-shot: test_gsm8k's.)"""
     import json
 
     from gemma4_jax.evals import gsm8k
