@@ -82,9 +82,10 @@ def sweep_keys(q, qp, kpos_ref, k_ref, v_ref, lo, hi, *, qk_scale: float, window
         acc, m_prev, l_prev = carry
         ks = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
         if len(parts) == 1:
-            s = plgpu.dot(q, k_ref[ks, :], trans_b=True)
+            s = numerics.kernel_dot(q, k_ref[ks, :], trans_b=True)
         else:
-            s = sum(plgpu.dot(part, k_ref[ks, pl.ds(i * w, w)], trans_b=True) for i, part in enumerate(parts))
+            s = sum(numerics.kernel_dot(part, k_ref[ks, pl.ds(i * w, w)], trans_b=True)
+                    for i, part in enumerate(parts))
         s = s * qk_scale  # [rows, block_k] float32
         vis = visible(qp, kpos_ref[ks][None, :], window, causal)
         s = jnp.where(vis, s, MASK_VALUE)
@@ -94,7 +95,7 @@ def sweep_keys(q, qp, kpos_ref, k_ref, v_ref, lo, hi, *, qk_scale: float, window
         p = jnp.where(vis, jnp.exp2(s - m_next[:, None]), 0.0)
         l_next = alpha * l_prev + jnp.sum(p, axis=1)
         v = v_ref[ks, :]
-        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
+        acc = acc * alpha[:, None] + numerics.kernel_dot(p.astype(v.dtype), v)
         return acc, m_next, l_next
 
     init = (jnp.zeros((rows, h), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),

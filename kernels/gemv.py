@@ -45,6 +45,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from . import numerics
 from .tiling import fit_block as _fit
 
 F32 = jnp.float32
@@ -107,11 +108,6 @@ def default_config(k: int, n: int, block_n: int = 64, block_k: int = 128) -> Gem
     return GemvConfig(block_n=bn, block_k=bk, split_k=split)
 
 
-def _dot(a, b):
-    """float32 accumulation; float32 operands at full precision (IEEE, never TF32)."""
-    return plgpu.dot(a, b, precision=lax.Precision.HIGHEST if a.dtype == F32 else None)
-
-
 def _slab_product(x_ref, w_ref, nw_ref, valid, s, *, kc: int, block_k: int, block_n: int, nk: bool):
     """Split s's float32 partial product of x's 16-row block with the weight slab w_ref, in block_k steps (x's
     missing rows read as 0); with a norm weight nw_ref, of (x ∘ g) rounded to x's dtype, and also the sums of
@@ -126,7 +122,7 @@ def _slab_product(x_ref, w_ref, nw_ref, valid, s, *, kc: int, block_k: int, bloc
             carry = carry[0], carry[1] + jnp.sum(xf * xf, axis=1, keepdims=True)
             xb = (xf * nw_ref[pl.ds(k0, block_k)].astype(F32)[None, :]).astype(x_ref.dtype)
         ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
-        return (carry[0] + _dot(xb, w_ref[:, ks].T if nk else w_ref[ks, :]),) + carry[1:]
+        return (carry[0] + numerics.kernel_dot(xb, w_ref[:, ks].T if nk else w_ref[ks, :]),) + carry[1:]
 
     zeros = (jnp.zeros((ROWS, block_n), F32),) + ((jnp.zeros((ROWS, 1), F32),) if norm else ())
     return lax.fori_loop(0, kc // block_k, body, zeros)

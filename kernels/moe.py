@@ -152,11 +152,6 @@ def _gelu_tanh(x):
     return jax.nn.gelu(x, approximate=True)
 
 
-def _dot(a, b):
-    """float32 accumulation; float32 operands at full precision (IEEE, never TF32)."""
-    return plgpu.dot(a, b, precision=lax.Precision.HIGHEST if a.dtype == F32 else None)
-
-
 def _weight_tile(ref, e, ks, cols):
     """The [bk, bn] tile (depth ks, output columns cols) of expert e's weight, stored [E, out, in]."""
     return ref[e, cols, ks].T
@@ -180,7 +175,7 @@ def _gate_up_kernel(e_ref, rows_ref, x_ref, g_ref, u_ref, h_ref, *, top_k: int, 
             ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
             xb = x_ref[tok, ks]  # [bm, bk]
             g, u = _weight_tile(g_ref, e, ks, cols), _weight_tile(u_ref, e, ks, cols)
-            return acc[0] + _dot(xb, g), acc[1] + _dot(xb, u)
+            return acc[0] + numerics.kernel_dot(xb, g), acc[1] + numerics.kernel_dot(xb, u)
 
         zero = jnp.zeros(h_ref.shape, F32)
         ag, au = lax.fori_loop(0, x_ref.shape[1] // block_k, body, (zero, zero))
@@ -204,7 +199,7 @@ def _down_kernel(e_ref, rows_ref, w_ref, h_ref, d_ref, y_ref, *, block_k: int):
 
         def body(i, acc):
             ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
-            return acc + _dot(h_ref[:, ks], _weight_tile(d_ref, e, ks, cols))
+            return acc + numerics.kernel_dot(h_ref[:, ks], _weight_tile(d_ref, e, ks, cols))
 
         acc = lax.fori_loop(0, h_ref.shape[1] // block_k, body, jnp.zeros(y_ref.shape, F32))
         y_ref[...] = acc * wt[:, None]

@@ -9,6 +9,9 @@ in memory at a time: the head's [T, vocabulary] logits are not multiplied by the
 It changes nothing elsewhere: 16-bit operands, other backends, and contractions of at most ACC_BLOCK terms
 go straight to `fn`.
 
+`kernel_dot` is the one product inside the Triton kernels (attention, the skinny projections, the experts):
+float32 accumulation, and float32 operands at full precision, where Triton's default would round them to TF32.
+
 `gelu_tanh` is the tanh-approximated GELU (transformers' `gelu_pytorch_tanh`). For float32 it is written as
 x·σ(2u) = ½x(1 + tanh u), u = √(2/π)(x + 0.044715x³), the same function, because XLA's float32 tanh is a fast
 approximation (on the CPU 1.6× torch's mean error in this GELU, up to 8× on tanh itself) while exp is as
@@ -23,8 +26,15 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental.pallas import triton as plgpu
 
 ACC_BLOCK = 128
+
+
+def kernel_dot(a: jax.Array, b: jax.Array, *, trans_b: bool = False) -> jax.Array:
+    """a @ b (a @ bᵀ with `trans_b`) inside a Triton kernel: float32 accumulation; float32 operands at full
+    precision (IEEE, never TF32)."""
+    return plgpu.dot(a, b, trans_b=trans_b, precision=lax.Precision.HIGHEST if a.dtype == jnp.float32 else None)
 
 
 def contract(fn: Callable[[jax.Array, jax.Array], jax.Array], a: jax.Array, b: jax.Array, a_axis: int,

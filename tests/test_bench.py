@@ -709,3 +709,32 @@ def test_chain_compiles_the_step_with_the_decode_options(monkeypatch):
     monkeypatch.setattr(programs, "DECODE_XLA_OPTIONS", {"xla_gpu_enable_triton_gemm": "maybe"})
     with pytest.raises(Exception, match="xla_gpu_enable_triton_gemm"):
         bc.compile_step(Gemma4Config.from_json(DEMO), 1, 32, "auto", "device")
+
+
+def test_numerics_bench_runs_our_paths_as_asked(tmp_path, monkeypatch):
+    """`bench.py numerics --config … --moe-impl interpret --attn-impl xla` on the CPU, in this process, with a small
+    26B-A4B-like config: our runs take the expert kernels (interpret mode) and hand attention the impl they were
+    given (not the default 'auto'), the dispatcher's MoE setting is restored afterwards, and our float32 error stays
+    at transformers' scale."""
+    import argparse
+
+    import bench_numerics
+    from hf_fixtures import FAMILIES
+
+    from gemma4_jax.kernels import dispatch
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(dict(FAMILIES["26b-a4b"], architectures=["Gemma4ForCausalLM"],
+                                   model_type="gemma4_text")))
+    moe, asked, real_moe, real_attn, before = [], [], dispatch.resolve_moe, dispatch.resolve, dispatch.MOE_FORCE
+    monkeypatch.setattr(dispatch, "resolve_moe", lambda *a, **k: moe.append(real_moe(*a, **k)) or moe[-1])
+    monkeypatch.setattr(dispatch, "resolve", lambda impl, **k: asked.append(impl) or real_attn(impl, **k))
+    args = argparse.Namespace(ops=False, config=str(cfg), preset=None, layers=2, vocab=256, experts=0, tokens=12,
+                              seed=0, no_default_run=True, per_layer=False, attn_impl="xla", moe_impl="interpret",
+                              json=str(tmp_path / "out.json"))
+    res = bench_numerics.run(args)
+    assert res["moe_impl"] == "interpret" and res["attn_impl"] == "xla" and dispatch.MOE_FORCE == before
+    assert moe and set(moe) == {"interpret"} and asked and set(asked) == {"xla"}, (set(moe), set(asked))
+    assert json.load(open(tmp_path / "out.json"))["moe_impl"] == "interpret"
+    t, o = res["runs"]["transformers_f32"], res["runs"]["ours_f32"]
+    assert o["top1"] == 1.0 and 0 < o["mean_rel"] < 10 * t["mean_rel"] + 1e-6, (o, t)

@@ -532,3 +532,38 @@ def test_grid_barrier_probe_rounds_read_what_the_last_round_wrote():
     assert np.array_equal(np.asarray(y), np.asarray(want))
     assert not np.array_equal(np.asarray(want), np.asarray(x + rounds))  # the rows moved: the check can tell
 
+
+
+def test_kernel_products_take_float32_at_full_precision(monkeypatch):
+    """Every product inside the Triton kernels (the online-softmax loop of the prefill and decode attention
+    kernels, the skinny projections, the experts) multiplies float32 operands at IEEE precision — Triton's default
+    would round them to TF32 on a GPU, so `dtype="float32"` with `attn_impl="pallas"` was TF32 attention — and
+    16-bit operands as they are. Interpret mode on the CPU computes either way: this checks what each product
+    asks for."""
+    from jax.experimental.pallas import triton as plgpu
+
+    from gemma4_jax.kernels.gemv import gemv
+    from gemma4_jax.kernels.moe import moe_experts
+
+    seen, real = [], plgpu.dot
+
+    def spy(a, b, *args, **kw):
+        seen.append((jnp.dtype(a.dtype).name, kw.get("precision")))
+        return real(a, b, *args, **kw)
+
+    monkeypatch.setattr(plgpu, "dot", spy)
+    jax.clear_caches()  # every kernel below is traced again, through the spy
+    rng = np.random.default_rng(0)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        seen.clear()
+        q, k, v = _qkv(1, 1, 16, 16, 2, 1, 32, dtype)
+        pos = jnp.arange(16, dtype=jnp.int32)[None]
+        flash_attention(q, k, v, pos, pos, config=SMALL_FLASH, interpret=True)
+        decode_attention(q[:, :1], k, v, pos[:, -1:], pos, config=SMALL_DECODE, interpret=True)
+        gemv(jnp.asarray(rng.normal(size=(2, 64)), dtype), jnp.asarray(rng.normal(size=(64, 32)), dtype),
+             interpret=True)
+        experts = [jnp.asarray(rng.normal(size=shape), dtype) for shape in ((4, 32, 32), (4, 32, 32), (4, 32, 32))]
+        moe_experts(jnp.asarray(rng.normal(size=(3, 32)), dtype), jnp.full((3, 2), 0.5, jnp.float32),
+                    jnp.asarray([[0, 1], [2, 3], [1, 2]], jnp.int32), *experts, interpret=True)
+        want = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+        assert len(seen) >= 5 and set(seen) == {(jnp.dtype(dtype).name, want)}, (dtype, set(seen))

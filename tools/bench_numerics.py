@@ -18,6 +18,9 @@ percentile over tokens of max|Δ| (over the vocabulary) / max|ref|; top-1 agreem
 
 `--per-layer` adds the mean rel. error of the stream entering each layer (ours in float32, and transformers'
 float32, each against the float64 run), which says in which layer our float32 starts to drift further.
+`--attn-impl` and `--moe-impl` choose our runs' attention and routed-expert paths (float32 takes XLA for both by
+default; `--moe-impl pallas`, the Triton expert kernels, multiplies float32 at IEEE precision), to tell which path
+an excess enters through.
 `--ops` instead measures single ops on this device at the model's shapes — a float32 matmul (ours at full
 precision, as `linear` runs it), tanh, exp, cos/sin of RoPE angles up to 1024 rad, x^-½, a mean of squares,
 softmax and the GELU — JAX's and torch's, each against float64 numpy.
@@ -47,6 +50,11 @@ def add_parser(sub) -> None:
     p.add_argument("--per-layer", action="store_true",
                    help="also: the stream entering each layer, ours and transformers' float32 against float64")
     p.add_argument("--ops", action="store_true", help="only the per-op errors on this device (no model)")
+    p.add_argument("--attn-impl", default="auto", choices=["auto", "xla", "pallas", "interpret"],
+                   help="our runs' attention (gemma4_jax.load's attn_impl; default: auto, XLA for float32)")
+    p.add_argument("--moe-impl", default=None, choices=["xla", "pallas", "interpret"],
+                   help="our runs' routed experts (dispatch.MOE_FORCE): pallas, the Triton kernels, whose float32 "
+                        "products are IEEE (default: the library's rule, XLA for float32)")
     p.add_argument("--json", default=None)
     p.set_defaults(func=run)
 
@@ -133,6 +141,7 @@ def run(args) -> dict:
     import gemma4_jax
     from gemma4_jax import api
     from gemma4_jax.config import PRESETS
+    from gemma4_jax.kernels import dispatch
     from gemma4_jax.testing.tiny import perturb_scales
 
     if args.ops:
@@ -146,7 +155,8 @@ def run(args) -> dict:
     res = {"preset": args.config or args.preset, "layers": args.layers, "vocab": args.vocab, "tokens": args.tokens,
            "experts": raw.get("num_experts", 0), "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
            "torch": torch.__version__, "card": jax.devices()[0].device_kind,
-           "transformers_on": "cuda" if cuda else "cpu", "runs": {}}
+           "transformers_on": "cuda" if cuda else "cpu", "attn_impl": args.attn_impl, "moe_impl": args.moe_impl,
+           "runs": {}}
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
     dev = "cuda" if cuda else "cpu"
@@ -178,16 +188,17 @@ def run(args) -> dict:
                                    ("ours_bf16", "bfloat16", None)):
             if name == "ours_f32_default" and args.no_default_run:
                 continue
-            model = gemma4_jax.load(d, dtype=dtype, progress=False)
-            keep = api.precision_scope
+            model = gemma4_jax.load(d, dtype=dtype, progress=False, attn_impl=args.attn_impl)
+            keep, keep_moe = api.precision_scope, dispatch.MOE_FORCE
             if scope == "default":  # what float32 ran at before: JAX's default precision
                 api.precision_scope = lambda dtype: contextlib.nullcontext()
+            dispatch.MOE_FORCE = args.moe_impl or keep_moe
             try:
                 runs[name] = np.asarray(model.logits(ids), np.float64)
                 if args.per_layer and name == "ours_f32":
                     ours_h = layer_inputs(model, ids)
             finally:
-                api.precision_scope = keep
+                api.precision_scope, dispatch.MOE_FORCE = keep, keep_moe
             del model
     for name, got in runs.items():
         res["runs"][name] = errors(ref, got)
@@ -213,7 +224,8 @@ def run(args) -> dict:
 
 
 def layer_inputs(model, ids) -> list[np.ndarray]:
-    """The stream entering each layer of a float32 forward (XLA attention), as `model.logits` runs it."""
+    """The stream entering each layer of a float32 forward (the model's own attention path), as `model.logits`
+    runs it."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -227,7 +239,7 @@ def layer_inputs(model, ids) -> list[np.ndarray]:
     def forward(state, ids_bt):  # the weights as an argument: closed over, they would be constants to fold
         pos = jnp.broadcast_to(jnp.arange(ids_bt.shape[1], dtype=jnp.int32), ids_bt.shape)
         taps = []
-        nnx.merge(graphdef, state).decode_layers(ids_bt, pos, FullAttender(pos, impl="xla"), taps=taps)
+        nnx.merge(graphdef, state).decode_layers(ids_bt, pos, FullAttender(pos, impl=model.run.attn_impl), taps=taps)
         return taps
 
     with api.precision_scope("float32"):
