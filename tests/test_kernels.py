@@ -536,10 +536,9 @@ def test_grid_barrier_probe_rounds_read_what_the_last_round_wrote():
 
 def test_kernel_products_take_float32_at_full_precision(monkeypatch):
     """Every product inside the Triton kernels (the online-softmax loop of the prefill and decode attention
-    kernels, the skinny projections, the experts) multiplies float32 operands at IEEE precision — Triton's default
-    would round them to TF32 on a GPU, so `dtype="float32"` with `attn_impl="pallas"` was TF32 attention — and
-    16-bit operands as they are. Interpret mode on the CPU computes either way: this checks what each product
-    asks for."""
+    kernels, the skinny projections, the experts) asks for IEEE precision on float32 operands itself, outside any
+    `jax.default_matmul_precision` scope (with none, Triton rounds them to TF32 on a GPU), and for nothing on 16-bit
+    ones. Interpret mode on the CPU computes either way: this checks what each product asks for."""
     from jax.experimental.pallas import triton as plgpu
 
     from gemma4_jax.kernels.gemv import gemv
