@@ -729,10 +729,12 @@ def test_numerics_bench_runs_our_paths_as_asked(tmp_path, monkeypatch):
     moe, asked, real_moe, real_attn, before = [], [], dispatch.resolve_moe, dispatch.resolve, dispatch.MOE_FORCE
     monkeypatch.setattr(dispatch, "resolve_moe", lambda *a, **k: moe.append(real_moe(*a, **k)) or moe[-1])
     monkeypatch.setattr(dispatch, "resolve", lambda impl, **k: asked.append(impl) or real_attn(impl, **k))
-    args = argparse.Namespace(ops=False, config=str(cfg), preset=None, layers=2, vocab=256, experts=0, tokens=12,
-                              seed=0, no_default_run=True, per_layer=False, attn_impl="xla", moe_impl="interpret",
-                              json=str(tmp_path / "out.json"))
-    res = bench_numerics.run(args)
+    parser = argparse.ArgumentParser()
+    bench_numerics.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["numerics", "--config", str(cfg), "--layers", "2", "--vocab", "256", "--tokens", "12",
+                              "--no-default-run", "--attn-impl", "xla", "--moe-impl", "interpret",
+                              "--json", str(tmp_path / "out.json")])
+    res = args.func(args)
     assert res["moe_impl"] == "interpret" and res["attn_impl"] == "xla" and dispatch.MOE_FORCE == before
     assert moe and set(moe) == {"interpret"} and asked and set(asked) == {"xla"}, (set(moe), set(asked))
     assert json.load(open(tmp_path / "out.json"))["moe_impl"] == "interpret"

@@ -218,7 +218,7 @@ def test_engine_records_equal_static_batches(tmp_path, demo_model, demo_pp2, mon
     n = kw["limit"]  # questions: the prefix computed once instead of n times
     assert 0 < pre["prefix_tokens"] and pre["prefill_tokens"] == pre["prompt_tokens"] - (n - 1) * pre["prefix_tokens"]
     if shots:
-        assert pre["prefix_tokens"] > 64 * (3 if shots == 3 else 1)
+        assert pre["prefix_tokens"] > 64 * shots  # past the window once per worked example
     if shots or pp > 1:
         return
 

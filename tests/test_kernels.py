@@ -533,7 +533,6 @@ def test_grid_barrier_probe_rounds_read_what_the_last_round_wrote():
     assert not np.array_equal(np.asarray(want), np.asarray(x + rounds))  # the rows moved: the check can tell
 
 
-
 def test_kernel_products_take_float32_at_full_precision(monkeypatch):
     """Every product inside the Triton kernels (the online-softmax loop of the prefill and decode attention
     kernels, the skinny projections, the experts) asks for IEEE precision on float32 operands itself, outside any
