@@ -42,8 +42,11 @@ def test_bench_generate_runs(tmp_path):
                   "--l2-prefetch-bytes", "65536", "--l2-prefetch-programs", "8", "--l2-prefetch-loads", "2",
                   "--l2-prefetch-order", "smallest_first",
                   "--l2-prefetch-eviction", "evict_normal",
-                  "--decode-xla-option", "xla_gpu_enable_triton_gemm=false"],
+                  "--decode-xla-option", "xla_gpu_enable_triton_gemm=false",
+                  "--compile-cache", str(tmp_path / "cache")],
                  tmp_path)
+    # --compile-cache: generation's programs were kept there (as executables a later process loads)
+    assert res["compile_cache"] == str(tmp_path / "cache") and os.listdir(tmp_path / "cache" / "programs")
     assert res["hbm_gb_s"] > 0 and res["hbm_read_gb_s"] > 0 and res["hbm_matvec_gb_s"] > 0
     # the device-timed probes, and the best of every probe as the roofline's bandwidth
     assert set(res["hbm_device_gb_s"]) == {"copy", "read", "matvec", "gemv"}
@@ -364,6 +367,17 @@ def test_bench_generate_profile_hlo_without_profile_says_so(tmp_path):
     assert run.stderr.strip().splitlines() == [
         "bench.py generate: --profile-hlo needs --profile DIR (the dump goes into DIR/hlo)."]
     assert not os.listdir(tmp_path)
+
+
+def test_bench_generate_unwritable_compile_cache_says_so(tmp_path):
+    (tmp_path / "file").write_text("")
+    run = _run_bench(["generate", "--config", DEMO, "--batch", "1", "--compile-cache", str(tmp_path / "file"),
+                      "--json", str(tmp_path / "o")])
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert run.stderr.strip().splitlines() == [
+        f"bench.py generate: --compile-cache {tmp_path / 'file'} is a file, not a directory: give a writable "
+        f"directory, or 'off' for no cache."]
+    assert sorted(os.listdir(tmp_path)) == ["file"]
 
 
 def test_hlo_scopes_name_what_a_fusion_runs(tmp_path):

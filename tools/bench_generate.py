@@ -117,6 +117,9 @@ def add_parser(sub) -> None:
     p.add_argument("--deadline", type=float, default=None, metavar="S",
                    help="seconds for the whole run: our side starts no new batch after 0.6·S, transformers no "
                         "new item after S (skipped items are recorded as such)")
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="keep our compiled programs in DIR across processes, as `bench.py queue --compile-cache` and "
+                        "the CLI do (default: none, so compile times are a cold process's)")
     p.add_argument("--json", default=None)
     p.set_defaults(func=run)
 
@@ -369,6 +372,7 @@ def _header(args, cfg) -> dict:
             "moe_impl": getattr(args, "moe_impl", None) or args.attn_impl,
             "dense_impl": getattr(args, "dense_impl", None) or args.attn_impl,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "compile_cache": getattr(args, "compile_cache", None),
             "fused_projections": getattr(args, "fused_projections", False),
             "fused_add_norm": getattr(args, "fused_add_norm", False),
             "moe_plan_kernel": getattr(args, "moe_plan_kernel", False),
@@ -501,6 +505,7 @@ def run(args) -> dict:
             raise SystemExit("bench.py generate: --profile-hlo needs --profile DIR (the dump goes into DIR/hlo).")
         os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *hlo_dump_flags(args.profile)]).strip()
     _header(args, _config(args))  # bad arguments fail here, before any device work
+    _use_compile_cache(args)
     if args.compare == "none":
         res = ours(args, start)
     else:
@@ -524,12 +529,24 @@ def run(args) -> dict:
     return res
 
 
+def _use_compile_cache(args) -> None:
+    """`--compile-cache DIR` for this process (the CLI's `use_compile_cache`); a folder that cannot be written is one
+    sentence."""
+    from gemma4_jax.cli import ConfigError, use_compile_cache
+
+    try:
+        use_compile_cache(getattr(args, "compile_cache", None))
+    except ConfigError as e:
+        raise SystemExit(f"bench.py generate: {e}.") from None
+
+
 def ours(args, start: float) -> dict:
     """Our model at every batch size (see the module docstring); the results, also in the JSON file."""
     from gemma4_jax.generation.cache import init_cache
     from gemma4_jax.generation.loop import DECODE_CHUNK, bucket, prefill
 
     cfg = _config(args)
+    _use_compile_cache(args)  # again: with --compare this runs in a child process of its own
     dev = jax.devices()[0]
     apply_decode_settings(args)
     res = _header(args, cfg)
