@@ -746,7 +746,7 @@ def test_numerics_bench_runs_our_paths_as_asked(tmp_path, monkeypatch):
     parser = argparse.ArgumentParser()
     bench_numerics.add_parser(parser.add_subparsers())
     args = parser.parse_args(["numerics", "--config", str(cfg), "--layers", "2", "--vocab", "256", "--tokens", "12",
-                              "--no-default-run", "--attn-impl", "xla", "--moe-impl", "interpret",
+                              "--no-default-run", "--attn-impl", "xla", "--moe-impl", "interpret", "--per-layer",
                               "--json", str(tmp_path / "out.json")])
     res = args.func(args)
     assert res["moe_impl"] == "interpret" and res["attn_impl"] == "xla" and dispatch.MOE_FORCE == before
@@ -754,3 +754,11 @@ def test_numerics_bench_runs_our_paths_as_asked(tmp_path, monkeypatch):
     assert json.load(open(tmp_path / "out.json"))["moe_impl"] == "interpret"
     t, o = res["runs"]["transformers_f32"], res["runs"]["ours_f32"]
     assert o["top1"] == 1.0 and 0 < o["mean_rel"] < 10 * t["mean_rel"] + 1e-6, (o, t)
+    # --per-layer: the stream entering each layer and the values inside it, ours and transformers' float32 against
+    # float64. A tap that read another value than transformers' module gives (for its mean) an error of order 1.
+    assert [e["layer"] for e in res["per_layer"]] == [0, 1]
+    for e in res["per_layer"]:
+        assert set(e["inside"]) == {"attention_residual", "mlp", "experts"}, e
+        for v in [e, *e["inside"].values()]:
+            assert 0 <= v["transformers_f32"] < 1e-4 and 0 <= v["ours_f32"] < 1e-4, e
+    assert res["per_layer"][1]["ours_f32"] > 0  # layer 0 ran in float32, not in float64

@@ -17,7 +17,9 @@ Against the reference: mean rel. error = mean|Δ| / mean|ref| over all logits; p
 percentile over tokens of max|Δ| (over the vocabulary) / max|ref|; top-1 agreement.
 
 `--per-layer` adds the mean rel. error of the stream entering each layer (ours in float32, and transformers'
-float32, each against the float64 run), which says in which layer our float32 starts to drift further.
+float32, each against the float64 run), which says in which layer our float32 starts to drift further, and of
+three values inside each layer where both models have them (`INSIDE`: the stream after the attention block, the
+dense MLP's output, the routed experts' output), which says in which part of a layer.
 `--attn-impl` and `--moe-impl` choose our runs' attention and routed-expert paths (float32 takes XLA for both by
 default; `--moe-impl pallas`, the Triton expert kernels, multiplies float32 at IEEE precision), to tell which path
 an excess enters through.
@@ -170,12 +172,19 @@ def run(args) -> dict:
         hf.save_pretrained(d)
         print(f"{res['preset']} cut to {args.layers} layers, vocab {args.vocab}, {args.tokens} tokens "
               f"({time.perf_counter() - t0:.0f} s to build)", flush=True)
+        inside32, inside64 = [], []  # per layer {INSIDE name: value} of the float32 and the float64 run
+        hooks = inside_hooks(hf, inside32) if args.per_layer else []
         with torch.no_grad():
             tids = torch.as_tensor(ids, device=dev)
             out32 = hf(tids, output_hidden_states=args.per_layer)
             f32 = out32.logits.float().cpu().numpy()
+            for h in hooks:
+                h.remove()
+            hooks = inside_hooks(hf, inside64) if args.per_layer else []
             out64 = hf.double()(tids, output_hidden_states=args.per_layer)  # float64 holds the float32 weights
             ref = out64.logits.cpu().numpy()
+            for h in hooks:
+                h.remove()
             if args.per_layer:  # transformers' hidden_states[i] is the stream entering layer i (the last: normed)
                 h32 = [h.cpu().numpy() for h in out32.hidden_states[:-1]]
                 h64 = [h.cpu().numpy() for h in out64.hidden_states[:-1]]
@@ -214,18 +223,53 @@ def run(args) -> dict:
         def rel(a, r):
             return float(np.abs(np.asarray(a, np.float64) - r).mean() / np.abs(r).mean())
 
-        res["per_layer"] = [{"layer": i, "transformers_f32": rel(h32[i], h64[i]), "ours_f32": rel(ours_h[i], h64[i])}
+        res["per_layer"] = [{"layer": i, "transformers_f32": rel(h32[i], h64[i]),
+                             "ours_f32": rel(ours_h[i]["input"], h64[i]),
+                             "inside": {name: {"transformers_f32": rel(inside32[i][name], ref_v),
+                                               "ours_f32": rel(ours_h[i][name], ref_v)}
+                                        for name, ref_v in inside64[i].items()}}
                             for i in range(len(h64))]
         for e in res["per_layer"]:
             print(f"  entering layer {e['layer']:2d}: transformers {e['transformers_f32']:.2e}  ours "
                   f"{e['ours_f32']:.2e}  ({e['ours_f32'] / max(e['transformers_f32'], 1e-30):.2f}×)", flush=True)
+            for name, v in e["inside"].items():
+                print(f"      {name:18s}: transformers {v['transformers_f32']:.2e}  ours {v['ours_f32']:.2e}  "
+                      f"({v['ours_f32'] / max(v['transformers_f32'], 1e-30):.2f}×)", flush=True)
     save_json(res, args.json)
     return res
 
 
-def layer_inputs(model, ids) -> list[np.ndarray]:
-    """The stream entering each layer of a float32 forward (the model's own attention path), as `model.logits`
-    runs it."""
+# The values inside a layer that both models have, by our tap's name: transformers' module, and whether the value is
+# that module's input (a pre-hook) or its output.
+INSIDE = {"attention_residual": ("pre_feedforward_layernorm", "input"), "mlp": ("mlp", "output"),
+          "experts": ("experts", "output")}
+
+
+def inside_hooks(hf, into: list) -> list:
+    """Hooks on transformers' decoder layers that put each layer's `INSIDE` values into `into` (a dict a layer, as
+    numpy arrays shaped like the stream [B,T,D]); the handles, to remove them."""
+    handles = []
+    for i, layer in enumerate(hf.model.layers):
+        into.append({})
+        for name, (module, where) in INSIDE.items():
+            mod = getattr(layer, module, None)
+            if mod is None or (name == "experts" and not getattr(layer, "enable_moe_block", False)):
+                continue
+
+            def keep(value, i=i, name=name):
+                v = value[0] if isinstance(value, tuple) else value
+                into[i][name] = v.detach().cpu().numpy().reshape(-1, v.shape[-1])
+
+            if where == "input":
+                handles.append(mod.register_forward_pre_hook(lambda m, args, keep=keep: keep(args[0])))
+            else:
+                handles.append(mod.register_forward_hook(lambda m, args, out, keep=keep: keep(out)))
+    return handles
+
+
+def layer_inputs(model, ids) -> list[dict[str, np.ndarray]]:
+    """What each layer of a float32 forward taps (the model's own attention path), as `model.logits` runs it: the
+    stream entering it ("input") and the `INSIDE` values, each [B·T, D] but "input" ([B,T,D])."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -243,4 +287,6 @@ def layer_inputs(model, ids) -> list[np.ndarray]:
         return taps
 
     with api.precision_scope("float32"):
-        return [np.asarray(t) for t in forward(state, jnp.asarray(ids))]
+        taps = forward(state, jnp.asarray(ids))
+    return [{name: np.asarray(v) if name == "input" else np.asarray(v).reshape(-1, v.shape[-1])
+             for name, v in t.items()} for t in taps]

@@ -506,12 +506,14 @@ class DecoderLayer(nnx.Module):
         self.layer_scalar = _param(rngs, (), (), dtype, stack, "ones")
 
     def __call__(self, x_btd, ple_btp, cos, sin, attend: AttendFn, owns_kv: bool | None = None,
-                 impl: str = "auto", next_weights: list[jax.Array] = ()):
+                 impl: str = "auto", next_weights: list[jax.Array] = (), taps: dict | None = None):
         """`owns_kv=False` runs a KV-shared layer from a stack that also holds K/V weights (the pipeline
         stores shared layers beside their owning kind); by default the stack's own kind decides. `impl` is
         the run's kernel setting, for the MoE experts and the decode-step projections (attention gets it through
         `attend`). `next_weights`: what the next layer reads first (its q/k/v projections), for the L2 prefetch
-        after this layer's MLP (`dispatch.L2_PREFETCH_NEXT_BYTES`)."""
+        after this layer's MLP (`dispatch.L2_PREFETCH_NEXT_BYTES`). `taps`, when given, receives the values inside
+        the layer where transformers' layer has them too (diagnostics: `bench.py numerics --per-layer`): the stream
+        after the attention block, the dense MLP's output, the routed experts' output."""
         eps = self.eps
         with jax.named_scope("attention"):  # named scopes: device traces name the layer's parts
             owns = self.attn.owns_kv if owns_kv is None else owns_kv
@@ -527,6 +529,8 @@ class DecoderLayer(nnx.Module):
             o, aux = attend(q, kv)
             x, a = residual_after("BTNH,NHD->BTD", x_btd, o, self.attn.o_proj[...], self.post_attn_norm[...],
                                   self.pre_ffw_norm[...], eps, impl)
+        if taps is not None:
+            taps["attention_residual"] = x
 
         b, t, d = x.shape
         x_mlp = x
@@ -541,6 +545,8 @@ class DecoderLayer(nnx.Module):
                     a = after(a, w)
         with jax.named_scope("mlp"):
             f = self.mlp(x_mlp, self.pre_ffw_norm[...], eps, impl, normed=a)
+            if taps is not None:
+                taps["mlp"] = f
             # the MLP is done: what the step reads next (the per-layer input's weights, the next layer's
             # projections) streams into L2 beside the chain of small kernels between the two layers
             ple_ws = [self.ple_gate[...], self.ple_proj[...]] if self.ple_enabled else []
@@ -550,6 +556,8 @@ class DecoderLayer(nnx.Module):
             with jax.named_scope("moe"):
                 dense = rms_norm(f, self.post_ffw_norm_1[...], eps)
                 m = self.moe.experts(rms_norm(x_md, self.pre_ffw_norm_2[...], eps), w, idx, impl, table)
+                if taps is not None:
+                    taps["experts"] = m.reshape(b, t, d)
                 f = dense + rms_norm(m.reshape(b, t, d), self.post_ffw_norm_2[...], eps)
         x = x + rms_norm(f, self.post_ffw_norm[...], eps)
 
@@ -610,7 +618,8 @@ def head(cfg: Gemma4Config, final_norm_d, table_vd, x_btd) -> jax.Array:
 
 def run_layers(layers, x_btd, ple_btlp, pos_bt, attender: Attender, dtype, taps: list | None = None) -> jax.Array:
     """The decoder layers in order: `layers` yields (spec, DecoderLayer, column of `ple` for it); RoPE tables
-    once per attention type; attention delegated to `attender`. `taps` receives the stream entering each layer."""
+    once per attention type; attention delegated to `attender`. `taps` receives a dict a layer: the stream entering
+    it ("input") and the values `DecoderLayer` taps inside it."""
     rope = {}
     layers = list(layers)
     for i, (spec, layer, j) in enumerate(layers):
@@ -624,11 +633,12 @@ def run_layers(layers, x_btd, ple_btlp, pos_bt, attender: Attender, dtype, taps:
             return attender(spec, q.value(), kv and kv.value()), None
 
         if taps is not None:
-            taps.append(x_btd)
+            taps.append({"input": x_btd})
         with jax.named_scope(f"layer_{spec.index}"):
             x_btd, _ = layer(x_btd, ple_btlp[:, :, j] if ple_btlp is not None else None, *rope[spec.attn_type],
                              attend, owns_kv=spec.owns_kv, impl=attender.impl,
-                             next_weights=nxt[1].attn.projections(nxt[0].owns_kv) if nxt else ())
+                             next_weights=nxt[1].attn.projections(nxt[0].owns_kv) if nxt else (),
+                             taps=taps[-1] if taps is not None else None)
     return x_btd
 
 
@@ -684,7 +694,7 @@ class Gemma4Text(nnx.Module):
     def decode_layers(self, ids_bt: jax.Array, pos_bt: jax.Array, attender: Attender,
                       mm: Multimodal | None = None, taps: list | None = None) -> jax.Array:
         """Embed (merging soft tokens `mm`), run every layer (attention delegated to `attender`), return
-        the final stream [B,T,D]. `taps`, when given, receives the stream entering each layer (diagnostics)."""
+        the final stream [B,T,D]. `taps`, when given, receives what each layer taps (`run_layers`; diagnostics)."""
         x, ple = self.embed_inputs(ids_bt, mm)
         layers = ((spec, layer, spec.index) for spec, layer in zip(self.cfg.layers, self.layers, strict=True))
         return run_layers(layers, x, ple, pos_bt, attender, self.dtype, taps)
