@@ -172,19 +172,14 @@ def run(args) -> dict:
         hf.save_pretrained(d)
         print(f"{res['preset']} cut to {args.layers} layers, vocab {args.vocab}, {args.tokens} tokens "
               f"({time.perf_counter() - t0:.0f} s to build)", flush=True)
-        inside32, inside64 = [], []  # per layer {INSIDE name: value} of the float32 and the float64 run
-        hooks = inside_hooks(hf, inside32) if args.per_layer else []
         with torch.no_grad():
             tids = torch.as_tensor(ids, device=dev)
-            out32 = hf(tids, output_hidden_states=args.per_layer)
+            with inside_values(hf, args.per_layer) as inside32:  # per layer {INSIDE name: value}
+                out32 = hf(tids, output_hidden_states=args.per_layer)
             f32 = out32.logits.float().cpu().numpy()
-            for h in hooks:
-                h.remove()
-            hooks = inside_hooks(hf, inside64) if args.per_layer else []
-            out64 = hf.double()(tids, output_hidden_states=args.per_layer)  # float64 holds the float32 weights
+            with inside_values(hf, args.per_layer) as inside64:  # float64 holds the float32 weights
+                out64 = hf.double()(tids, output_hidden_states=args.per_layer)
             ref = out64.logits.cpu().numpy()
-            for h in hooks:
-                h.remove()
             if args.per_layer:  # transformers' hidden_states[i] is the stream entering layer i (the last: normed)
                 h32 = [h.cpu().numpy() for h in out32.hidden_states[:-1]]
                 h64 = [h.cpu().numpy() for h in out64.hidden_states[:-1]]
@@ -245,15 +240,16 @@ INSIDE = {"attention_residual": ("pre_feedforward_layernorm", "input"), "mlp": (
           "experts": ("experts", "output")}
 
 
-def inside_hooks(hf, into: list) -> list:
-    """Hooks on transformers' decoder layers that put each layer's `INSIDE` values into `into` (a dict a layer, as
-    numpy arrays shaped like the stream [B,T,D]); the handles, to remove them."""
-    handles = []
-    for i, layer in enumerate(hf.model.layers):
+@contextlib.contextmanager
+def inside_values(hf, on: bool = True):
+    """While open (and `on`), hooks on transformers' decoder layers put each layer's `INSIDE` values into the list
+    it yields (a dict a layer, numpy arrays [B·T, D]; a layer without experts has no "experts")."""
+    into, handles = [], []
+    for i, layer in enumerate(hf.model.layers if on else ()):
         into.append({})
         for name, (module, where) in INSIDE.items():
-            mod = getattr(layer, module, None)
-            if mod is None or (name == "experts" and not getattr(layer, "enable_moe_block", False)):
+            mod = getattr(layer, module, None)  # `experts` only where the layer has them
+            if mod is None:
                 continue
 
             def keep(value, i=i, name=name):
@@ -264,7 +260,11 @@ def inside_hooks(hf, into: list) -> list:
                 handles.append(mod.register_forward_pre_hook(lambda m, args, keep=keep: keep(args[0])))
             else:
                 handles.append(mod.register_forward_hook(lambda m, args, out, keep=keep: keep(out)))
-    return handles
+    try:
+        yield into
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def layer_inputs(model, ids) -> list[dict[str, np.ndarray]]:

@@ -557,7 +557,7 @@ class DecoderLayer(nnx.Module):
                 dense = rms_norm(f, self.post_ffw_norm_1[...], eps)
                 m = self.moe.experts(rms_norm(x_md, self.pre_ffw_norm_2[...], eps), w, idx, impl, table)
                 if taps is not None:
-                    taps["experts"] = m.reshape(b, t, d)
+                    taps["experts"] = m
                 f = dense + rms_norm(m.reshape(b, t, d), self.post_ffw_norm_2[...], eps)
         x = x + rms_norm(f, self.post_ffw_norm[...], eps)
 
