@@ -758,7 +758,7 @@ def test_numerics_bench_runs_our_paths_as_asked(tmp_path, monkeypatch):
     # float64. A tap that read another value than transformers' module gives (for its mean) an error of order 1.
     assert [e["layer"] for e in res["per_layer"]] == [0, 1]
     for e in res["per_layer"]:
-        assert set(e["inside"]) == {"attention_residual", "mlp", "experts"}, e
+        assert set(e["inside"]) == {"queries", "attention", "attention_residual", "mlp", "experts"}, e
         for v in [e, *e["inside"].values()]:
             assert 0 <= v["transformers_f32"] < 1e-4 and 0 <= v["ours_f32"] < 1e-4, e
     assert res["per_layer"][1]["ours_f32"] > 0  # layer 0 ran in float32, not in float64

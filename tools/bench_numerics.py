@@ -18,8 +18,9 @@ percentile over tokens of max|Δ| (over the vocabulary) / max|ref|; top-1 agreem
 
 `--per-layer` adds the mean rel. error of the stream entering each layer (ours in float32, and transformers'
 float32, each against the float64 run), which says in which layer our float32 starts to drift further, and of
-three values inside each layer where both models have them (`INSIDE`: the stream after the attention block, the
-dense MLP's output, the routed experts' output), which says in which part of a layer.
+five values inside each layer where both models have them (`INSIDE`: the queries' projection, the attention's
+output before its projection, the stream after the attention block, the dense MLP's output, the routed experts'
+output), which says in which part of a layer.
 `--attn-impl` and `--moe-impl` choose our runs' attention and routed-expert paths (float32 takes XLA for both by
 default; `--moe-impl pallas`, the Triton expert kernels, multiplies float32 at IEEE precision), to tell which path
 an excess enters through.
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import operator
 import tempfile
 import time
 
@@ -236,7 +238,8 @@ def run(args) -> dict:
 
 # The values inside a layer that both models have, by our tap's name: transformers' module, and whether the value is
 # that module's input (a pre-hook) or its output.
-INSIDE = {"attention_residual": ("pre_feedforward_layernorm", "input"), "mlp": ("mlp", "output"),
+INSIDE = {"queries": ("self_attn.q_proj", "output"), "attention": ("self_attn.o_proj", "input"),
+          "attention_residual": ("pre_feedforward_layernorm", "input"), "mlp": ("mlp", "output"),
           "experts": ("experts", "output")}
 
 
@@ -248,8 +251,9 @@ def inside_values(hf, on: bool = True):
     for i, layer in enumerate(hf.model.layers if on else ()):
         into.append({})
         for name, (module, where) in INSIDE.items():
-            mod = getattr(layer, module, None)  # `experts` only where the layer has them
-            if mod is None:
+            try:
+                mod = operator.attrgetter(module)(layer)
+            except AttributeError:  # `experts` only where the layer has them
                 continue
 
             def keep(value, i=i, name=name):
@@ -269,7 +273,8 @@ def inside_values(hf, on: bool = True):
 
 def layer_inputs(model, ids) -> list[dict[str, np.ndarray]]:
     """What each layer of a float32 forward taps (the model's own attention path), as `model.logits` runs it: the
-    stream entering it ("input") and the `INSIDE` values, each [B·T, D] but "input" ([B,T,D])."""
+    stream entering it ("input", [B,T,D]) and the `INSIDE` values, each a row a token ([B·T, …], as transformers'
+    hooks keep them)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -288,5 +293,5 @@ def layer_inputs(model, ids) -> list[dict[str, np.ndarray]]:
 
     with api.precision_scope("float32"):
         taps = forward(state, jnp.asarray(ids))
-    return [{name: np.asarray(v) if name == "input" else np.asarray(v).reshape(-1, v.shape[-1])
+    return [{name: np.asarray(v) if name == "input" else np.asarray(v).reshape(np.size(ids), -1)
              for name, v in t.items()} for t in taps]

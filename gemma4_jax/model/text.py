@@ -513,7 +513,8 @@ class DecoderLayer(nnx.Module):
         `attend`). `next_weights`: what the next layer reads first (its q/k/v projections), for the L2 prefetch
         after this layer's MLP (`dispatch.L2_PREFETCH_NEXT_BYTES`). `taps`, when given, receives the values inside
         the layer where transformers' layer has them too (diagnostics: `bench.py numerics --per-layer`): the stream
-        after the attention block, the dense MLP's output, the routed experts' output."""
+        after the attention block, the dense MLP's output, the routed experts' output, and inside the attention block
+        the queries' projection and the attention's output (before its projection)."""
         eps = self.eps
         with jax.named_scope("attention"):  # named scopes: device traces name the layer's parts
             owns = self.attn.owns_kv if owns_kv is None else owns_kv
@@ -524,9 +525,13 @@ class DecoderLayer(nnx.Module):
             # (started from the queries' norm and RoPE instead, the step's chain grew a kernel a layer)
             rows, layer_bytes = x_btd.shape[0] * x_btd.shape[1], self.weight_bytes()
             token = prefetch_weights(self.weights_after_queries(), unadded(q), rows, layer_bytes, impl)
+            if taps is not None:
+                taps["queries"] = q
             q = self.attn.queries(q, cos, sin)
             kv = self.attn.keys_values(kv[0], kv[-1], cos, sin) if owns else None  # kv[-1] is kv[0] if k_eq_v
             o, aux = attend(q, kv)
+            if taps is not None:
+                taps["attention"] = o
             x, a = residual_after("BTNH,NHD->BTD", x_btd, o, self.attn.o_proj[...], self.post_attn_norm[...],
                                   self.pre_ffw_norm[...], eps, impl)
         if taps is not None:
