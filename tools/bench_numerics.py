@@ -246,7 +246,7 @@ INSIDE = {"queries": ("self_attn.q_proj", "output"), "attention": ("self_attn.o_
 @contextlib.contextmanager
 def inside_values(hf, on: bool = True):
     """While open (and `on`), hooks on transformers' decoder layers put each layer's `INSIDE` values into the list
-    it yields (a dict a layer, numpy arrays [B·T, D]; a layer without experts has no "experts")."""
+    it yields (a dict a layer, numpy arrays a row a token, [B·T, …]; a layer without experts has no "experts")."""
     into, handles = [], []
     for i, layer in enumerate(hf.model.layers if on else ()):
         into.append({})

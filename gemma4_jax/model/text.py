@@ -516,6 +516,7 @@ class DecoderLayer(nnx.Module):
         after the attention block, the dense MLP's output, the routed experts' output, and inside the attention block
         the queries' projection and the attention's output (before its projection)."""
         eps = self.eps
+        keep = taps.__setitem__ if taps is not None else lambda name, value: None
         with jax.named_scope("attention"):  # named scopes: device traces name the layer's parts
             owns = self.attn.owns_kv if owns_kv is None else owns_kv
             # the projections' K splits may stay unadded: the decode kernel adds them in its prologue
@@ -525,17 +526,14 @@ class DecoderLayer(nnx.Module):
             # (started from the queries' norm and RoPE instead, the step's chain grew a kernel a layer)
             rows, layer_bytes = x_btd.shape[0] * x_btd.shape[1], self.weight_bytes()
             token = prefetch_weights(self.weights_after_queries(), unadded(q), rows, layer_bytes, impl)
-            if taps is not None:
-                taps["queries"] = q
+            keep("queries", q)
             q = self.attn.queries(q, cos, sin)
             kv = self.attn.keys_values(kv[0], kv[-1], cos, sin) if owns else None  # kv[-1] is kv[0] if k_eq_v
             o, aux = attend(q, kv)
-            if taps is not None:
-                taps["attention"] = o
+            keep("attention", o)
             x, a = residual_after("BTNH,NHD->BTD", x_btd, o, self.attn.o_proj[...], self.post_attn_norm[...],
                                   self.pre_ffw_norm[...], eps, impl)
-        if taps is not None:
-            taps["attention_residual"] = x
+        keep("attention_residual", x)
 
         b, t, d = x.shape
         x_mlp = x
@@ -550,8 +548,7 @@ class DecoderLayer(nnx.Module):
                     a = after(a, w)
         with jax.named_scope("mlp"):
             f = self.mlp(x_mlp, self.pre_ffw_norm[...], eps, impl, normed=a)
-            if taps is not None:
-                taps["mlp"] = f
+            keep("mlp", f)
             # the MLP is done: what the step reads next (the per-layer input's weights, the next layer's
             # projections) streams into L2 beside the chain of small kernels between the two layers
             ple_ws = [self.ple_gate[...], self.ple_proj[...]] if self.ple_enabled else []
@@ -561,8 +558,7 @@ class DecoderLayer(nnx.Module):
             with jax.named_scope("moe"):
                 dense = rms_norm(f, self.post_ffw_norm_1[...], eps)
                 m = self.moe.experts(rms_norm(x_md, self.pre_ffw_norm_2[...], eps), w, idx, impl, table)
-                if taps is not None:
-                    taps["experts"] = m
+                keep("experts", m)
                 f = dense + rms_norm(m.reshape(b, t, d), self.post_ffw_norm_2[...], eps)
         x = x + rms_norm(f, self.post_ffw_norm[...], eps)
 
