@@ -747,7 +747,7 @@ def test_numerics_bench_runs_our_paths_as_asked(tmp_path, monkeypatch):
     bench_numerics.add_parser(parser.add_subparsers())
     args = parser.parse_args(["numerics", "--config", str(cfg), "--layers", "2", "--vocab", "256", "--tokens", "12",
                               "--no-default-run", "--attn-impl", "xla", "--moe-impl", "interpret", "--per-layer",
-                              "--json", str(tmp_path / "out.json")])
+                              "--reference", "float64", "--json", str(tmp_path / "out.json")])
     res = args.func(args)
     assert res["moe_impl"] == "interpret" and res["attn_impl"] == "xla" and dispatch.MOE_FORCE == before
     assert moe and set(moe) == {"interpret"} and asked and set(asked) == {"xla"}, (set(moe), set(asked))
@@ -758,7 +758,55 @@ def test_numerics_bench_runs_our_paths_as_asked(tmp_path, monkeypatch):
     # float64. A tap that read another value than transformers' module gives (for its mean) an error of order 1.
     assert [e["layer"] for e in res["per_layer"]] == [0, 1]
     for e in res["per_layer"]:
-        assert set(e["inside"]) == {"queries", "attention", "attention_residual", "mlp", "experts"}, e
+        assert set(e["inside"]) == {"normed", "queries", "keys", "attention", "projected", "projected_normed",
+                                    "attention_residual", "mlp", "experts"}, e
         for v in [e, *e["inside"].values()]:
             assert 0 <= v["transformers_f32"] < 1e-4 and 0 <= v["ours_f32"] < 1e-4, e
     assert res["per_layer"][1]["ours_f32"] > 0  # layer 0 ran in float32, not in float64
+    # the reference's input norm ran in float64: transformers' float32 norm of the (exact) embedding differs from it
+    # (transformers' own float64 run normalises in float32, to the bit as its float32 run: error 0)
+    assert res["reference"] == "float64" and res["per_layer"][0]["inside"]["normed"]["transformers_f32"] > 0
+
+
+def test_float64_throughout_lifts_transformers_float32_islands():
+    """Inside `bench_numerics.float64_throughout`, transformers' Gemma 4 RMSNorm, RoPE and softmax compute float64
+    inputs in float64 (against numpy's float64 to 1e-15, where as written they round to float32: 1e-8); float32
+    inputs run as written; on leaving, transformers' and torch's own functions are back."""
+    import numpy as np
+    import torch
+    from bench_numerics import float64_throughout
+    from hf_fixtures import FAMILIES
+    from transformers import Gemma4TextConfig
+    from transformers.models.gemma4 import modeling_gemma4 as m
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 5, 64))
+    w = rng.uniform(0.5, 1.5, size=64)
+    norm = m.Gemma4RMSNorm(64, eps=1e-6)
+    norm.weight.data = torch.as_tensor(w, dtype=torch.float32)
+    want_norm = x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6) * np.float32(w).astype(np.float64)
+    rope = m.Gemma4TextRotaryEmbedding(Gemma4TextConfig(**FAMILIES["e2b"]))
+    kind = rope.layer_types[0]
+    inv = getattr(rope, f"{kind}_inv_freq").numpy().astype(np.float64)
+    pos = np.arange(700, dtype=np.int64)[None]
+    want_cos = np.cos(np.concatenate([pos[..., None] * inv] * 2, axis=-1))
+    logits = rng.normal(size=(3, 7)) * 30
+    want_softmax = np.exp(logits - logits.max(-1, keepdims=True))
+    want_softmax /= want_softmax.sum(-1, keepdims=True)
+
+    def errors():
+        x64 = torch.as_tensor(x)
+        cos, _ = rope(x64, torch.as_tensor(pos), kind)
+        p = torch.nn.functional.softmax(torch.as_tensor(logits), dim=-1, dtype=torch.float32)
+        return [float(np.abs(got.detach().double().numpy() - want).max() / np.abs(want).max())
+                for got, want in ((norm(x64), want_norm), (cos, want_cos), (p, want_softmax))]
+
+    before = (m.Gemma4RMSNorm.forward, m.Gemma4TextRotaryEmbedding.forward, torch.nn.functional.softmax)
+    as_written = errors()
+    with float64_throughout():
+        exact = errors()
+        f32 = norm(torch.as_tensor(x, dtype=torch.float32))  # float32 runs as written
+        assert f32.dtype == torch.float32 and np.abs(f32.detach().numpy() - want_norm).max() > 1e-9
+    assert all(e < 1e-14 for e in exact), exact
+    assert all(e > 1e-9 for e in as_written), as_written
+    assert (m.Gemma4RMSNorm.forward, m.Gemma4TextRotaryEmbedding.forward, torch.nn.functional.softmax) == before

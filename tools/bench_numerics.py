@@ -7,7 +7,9 @@ proportion; `--experts` to cut an MoE's experts) with the vocabulary shrunk to `
 norm, layer scalar and router scale perturbed away from 1.0, and saves it as a real HF directory. One forward over
 `--tokens` random tokens, five ways:
 
-  reference             transformers in float64 (IEEE double: on the GPU when there is one, else the CPU)
+  reference             transformers in float64 (IEEE double: on the GPU when there is one, else the CPU); its
+                        code keeps its norms, RoPE and softmaxes in float32 (the float32 run shares those roundings)
+                        unless `--reference float64` lifts them (`float64_throughout`)
   transformers_f32      transformers in float32 (the same device; torch's defaults: no TF32)
   ours_f32              gemma4_jax, dtype float32 (every matmul at full float32 precision)
   ours_f32_default      the same under JAX's default matmul precision (what float32 was before: TF32 on a GPU)
@@ -18,9 +20,11 @@ percentile over tokens of max|Δ| (over the vocabulary) / max|ref|; top-1 agreem
 
 `--per-layer` adds the mean rel. error of the stream entering each layer (ours in float32, and transformers'
 float32, each against the float64 run), which says in which layer our float32 starts to drift further, and of
-five values inside each layer where both models have them (`INSIDE`: the queries' projection, the attention's
-output before its projection, the stream after the attention block, the dense MLP's output, the routed experts'
-output), which says in which part of a layer.
+the values inside each layer where both models have them (`INSIDE`, in the order a layer makes them: the
+normalised input, the queries' and keys' projections, the attention's output, its projection, that projection
+normalised, the stream after the attention block, the dense MLP's output, the routed experts' output), which says
+in which part of a layer: the first value whose ratio to transformers' error jumps is where an excess enters (later
+values carry what came before them).
 `--attn-impl` and `--moe-impl` choose our runs' attention and routed-expert paths (float32 takes XLA for both by
 default; `--moe-impl pallas`, the Triton expert kernels, multiplies float32 at IEEE precision), to tell which path
 an excess enters through.
@@ -59,6 +63,9 @@ def add_parser(sub) -> None:
     p.add_argument("--moe-impl", default=None, choices=["xla", "pallas", "interpret"],
                    help="our runs' routed experts (dispatch.MOE_FORCE): pallas, the Triton kernels, whose float32 "
                         "products are IEEE (default: the library's rule, XLA for float32)")
+    p.add_argument("--reference", default="transformers", choices=["transformers", "float64"],
+                   help="the exact run: transformers' code in float64 as it is (its norms, RoPE and softmaxes still "
+                        "in float32), or float64 throughout (`float64_throughout`)")
     p.add_argument("--json", default=None)
     p.set_defaults(func=run)
 
@@ -160,6 +167,7 @@ def run(args) -> dict:
            "experts": raw.get("num_experts", 0), "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
            "torch": torch.__version__, "card": jax.devices()[0].device_kind,
            "transformers_on": "cuda" if cuda else "cpu", "attn_impl": args.attn_impl, "moe_impl": args.moe_impl,
+           "reference": args.reference,
            "runs": {}}
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -179,7 +187,8 @@ def run(args) -> dict:
             with inside_values(hf, args.per_layer) as inside32:  # per layer {INSIDE name: value}
                 out32 = hf(tids, output_hidden_states=args.per_layer)
             f32 = out32.logits.float().cpu().numpy()
-            with inside_values(hf, args.per_layer) as inside64:  # float64 holds the float32 weights
+            exact = float64_throughout() if args.reference == "float64" else contextlib.nullcontext()
+            with inside_values(hf, args.per_layer) as inside64, exact:  # float64 holds the float32 weights
                 out64 = hf.double()(tids, output_hidden_states=args.per_layer)
             ref = out64.logits.cpu().numpy()
             if args.per_layer:  # transformers' hidden_states[i] is the stream entering layer i (the last: normed)
@@ -238,7 +247,9 @@ def run(args) -> dict:
 
 # The values inside a layer that both models have, by our tap's name: transformers' module, and whether the value is
 # that module's input (a pre-hook) or its output.
-INSIDE = {"queries": ("self_attn.q_proj", "output"), "attention": ("self_attn.o_proj", "input"),
+INSIDE = {"normed": ("input_layernorm", "output"), "queries": ("self_attn.q_proj", "output"),
+          "keys": ("self_attn.k_proj", "output"), "attention": ("self_attn.o_proj", "input"),
+          "projected": ("self_attn.o_proj", "output"), "projected_normed": ("post_attention_layernorm", "output"),
           "attention_residual": ("pre_feedforward_layernorm", "input"), "mlp": ("mlp", "output"),
           "experts": ("experts", "output")}
 
@@ -269,6 +280,46 @@ def inside_values(hf, on: bool = True):
     finally:
         for h in handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def float64_throughout():
+    """While open, transformers' Gemma 4 text model run in float64 stays in float64 where its code casts to float32:
+    every RMSNorm, the RoPE angles and their cos/sin (the inverse frequencies keep their float32 values, the model's
+    own), and the softmaxes of attention and the router. Without it a float64 run shares those float32 roundings with
+    transformers' float32 run, so the reference is not exact and transformers' float32 error leaves out its own
+    roundings there (the shared ones), while every other implementation's counts. Other dtypes run unchanged."""
+    import torch
+    from transformers.models.gemma4 import modeling_gemma4 as m
+
+    norm, rope, softmax = m.Gemma4RMSNorm.forward, m.Gemma4TextRotaryEmbedding.forward, torch.nn.functional.softmax
+    f64 = torch.float64
+
+    def norm64(self, x):
+        if x.dtype != f64:
+            return norm(self, x)
+        y = x * torch.pow(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon, -0.5)
+        return y * self.weight.to(f64) if self.with_scale else y
+
+    def rope64(self, x, position_ids, layer_type):
+        if x.dtype != f64:
+            return rope(self, x, position_ids, layer_type)
+        inv = getattr(self, f"{layer_type}_inv_freq").to(device=x.device, dtype=f64)
+        angles = position_ids[..., None].to(f64) * inv
+        emb = torch.cat((angles, angles), dim=-1)
+        scaling = getattr(self, f"{layer_type}_attention_scaling")
+        return emb.cos() * scaling, emb.sin() * scaling
+
+    def softmax64(x, *args, dtype=None, **kw):
+        return softmax(x, *args, dtype=f64 if x.dtype == f64 else dtype, **kw)
+
+    m.Gemma4RMSNorm.forward, m.Gemma4TextRotaryEmbedding.forward = norm64, rope64
+    torch.nn.functional.softmax = softmax64
+    try:
+        yield
+    finally:
+        m.Gemma4RMSNorm.forward, m.Gemma4TextRotaryEmbedding.forward = norm, rope
+        torch.nn.functional.softmax = softmax
 
 
 def layer_inputs(model, ids) -> list[dict[str, np.ndarray]]:

@@ -514,7 +514,9 @@ class DecoderLayer(nnx.Module):
         after this layer's MLP (`dispatch.L2_PREFETCH_NEXT_BYTES`). `taps`, when given, receives the values inside
         the layer where transformers' layer has them too (diagnostics: `bench.py numerics --per-layer`): the stream
         after the attention block, the dense MLP's output, the routed experts' output, and inside the attention block
-        the queries' projection and the attention's output (before its projection)."""
+        the normalised input, the queries' and keys' projections, the attention's output, its projection and that
+        projection normalised. The last two and the normalised input are made again from the inputs the forward's
+        helpers took, with the same ops."""
         eps = self.eps
         keep = taps.__setitem__ if taps is not None else lambda name, value: None
         with jax.named_scope("attention"):  # named scopes: device traces name the layer's parts
@@ -527,10 +529,16 @@ class DecoderLayer(nnx.Module):
             rows, layer_bytes = x_btd.shape[0] * x_btd.shape[1], self.weight_bytes()
             token = prefetch_weights(self.weights_after_queries(), unadded(q), rows, layer_bytes, impl)
             keep("queries", q)
+            if owns:
+                keep("keys", kv[0])
             q = self.attn.queries(q, cos, sin)
             kv = self.attn.keys_values(kv[0], kv[-1], cos, sin) if owns else None  # kv[-1] is kv[0] if k_eq_v
             o, aux = attend(q, kv)
             keep("attention", o)
+            if taps is not None:
+                taps["normed"] = rms_norm(x_btd, self.input_norm[...], eps)
+                taps["projected"] = linear("BTNH,NHD->BTD", o, self.attn.o_proj[...], impl)
+                taps["projected_normed"] = rms_norm(taps["projected"], self.post_attn_norm[...], eps)
             x, a = residual_after("BTNH,NHD->BTD", x_btd, o, self.attn.o_proj[...], self.post_attn_norm[...],
                                   self.pre_ffw_norm[...], eps, impl)
         keep("attention_residual", x)
