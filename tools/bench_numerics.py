@@ -298,7 +298,8 @@ def float64_throughout():
     def norm64(self, x):
         if x.dtype != f64:
             return norm(self, x)
-        y = x * torch.pow(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon, -0.5)
+        eps = self.eps if hasattr(self, "eps") else self.variance_epsilon  # transformers 5.17 names it eps
+        y = x * torch.pow(x.pow(2).mean(-1, keepdim=True) + eps, -0.5)
         return y * self.weight.to(f64) if self.with_scale else y
 
     def rope64(self, x, position_ids, layer_type):
