@@ -40,6 +40,7 @@ import json
 import operator
 import tempfile
 import time
+from unittest import mock
 
 import numpy as np
 from bench_common import save_json
@@ -314,13 +315,10 @@ def float64_throughout():
     def softmax64(x, *args, dtype=None, **kw):
         return softmax(x, *args, dtype=f64 if x.dtype == f64 else dtype, **kw)
 
-    m.Gemma4RMSNorm.forward, m.Gemma4TextRotaryEmbedding.forward = norm64, rope64
-    torch.nn.functional.softmax = softmax64
-    try:
+    with (mock.patch.object(m.Gemma4RMSNorm, "forward", norm64),
+          mock.patch.object(m.Gemma4TextRotaryEmbedding, "forward", rope64),
+          mock.patch.object(torch.nn.functional, "softmax", softmax64)):
         yield
-    finally:
-        m.Gemma4RMSNorm.forward, m.Gemma4TextRotaryEmbedding.forward = norm, rope
-        torch.nn.functional.softmax = softmax
 
 
 def layer_inputs(model, ids) -> list[dict[str, np.ndarray]]:
