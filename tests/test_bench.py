@@ -810,3 +810,22 @@ def test_float64_throughout_lifts_transformers_float32_islands():
     assert all(e < 1e-14 for e in exact), exact
     assert all(e > 1e-9 for e in as_written), as_written
     assert (m.Gemma4RMSNorm.forward, m.Gemma4TextRotaryEmbedding.forward, torch.nn.functional.softmax) == before
+
+
+def test_numerics_ops_measures_the_models_projections():
+    """`bench.py numerics --ops` measures the projections as the model runs them (`norm_linears` itself among
+    them) beside torch's as transformers runs them, each against float64, and says which kernels XLA compiled each
+    product to; on the CPU our blocked float32 sums keep every product within 1.5× torch's error."""
+    import numpy as np
+    from bench_numerics import PROJECTIONS, op_errors
+
+    ops = op_errors()
+    products = {name: r for name, r in ops.items() if "jax_kernels" in r}
+    assert len(products) == 3 + len(PROJECTIONS), sorted(products)
+    assert any(name.startswith("norm, then q, k, v") for name in products)
+    for name, r in ops.items():
+        for who in ("jax", "torch"):
+            assert np.isfinite(r[who]["mean_rel"]) and 0 < r[who]["mean_rel"] < 1e-6, (name, r)
+    for name, r in products.items():
+        assert r["jax_kernels"], name
+        assert r["jax"]["mean_rel"] <= 1.5 * r["torch"]["mean_rel"], (name, r)

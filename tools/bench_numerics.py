@@ -28,9 +28,11 @@ values carry what came before them).
 `--attn-impl` and `--moe-impl` choose our runs' attention and routed-expert paths (float32 takes XLA for both by
 default; `--moe-impl pallas`, the Triton expert kernels, multiplies float32 at IEEE precision), to tell which path
 an excess enters through.
-`--ops` instead measures single ops on this device at the model's shapes — a float32 matmul (ours at full
-precision, as `linear` runs it), tanh, exp, cos/sin of RoPE angles up to 1024 rad, x^-½, a mean of squares,
-softmax and the GELU — JAX's and torch's, each against float64 numpy.
+`--ops` instead measures single ops on this device at the model's shapes — float32 products (ours at full
+precision: a plain matmul, layer 0's query and key projections of the 17e-17f cuts as `linear` runs them, q/k/v
+of one input, and the model's `norm_linears` with its norm; torch's as transformers runs them, `F.linear` on an
+[out, in] weight), tanh, exp, cos/sin of RoPE angles up to 1024 rad, x^-½, a mean of squares, softmax and the
+GELU — JAX's and torch's, each against float64 numpy, with the kernels XLA compiled each product to.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import json
 import operator
+import re
 import tempfile
 import time
 from unittest import mock
@@ -95,6 +98,20 @@ def errors(ref: np.ndarray, got: np.ndarray) -> dict:
             "top1": float(np.mean(ref.argmax(-1) == got.argmax(-1)))}
 
 
+PROJECTIONS = {  # name: (contracted width, heads of 256) of layer-0 projections in the cuts 17e-17f measured
+    "26B-A4B-like queries": (2816, 16), "26B-A4B-like keys": (2816, 8), "E2B-like queries": (1536, 8),
+    "E2B-like keys": (1536, 1)}
+
+
+def product_kernels(hlo: str) -> list[str]:
+    """What a compiled program's products ran as: its custom calls (cuBLAS: `__cublas$gemm`, `__cublas$lt$matmul`),
+    its fusions' backend kinds (`__triton_gemm`, ...) and any algorithm XLA's autotuner selected, each once."""
+    found = re.findall(r'custom_call_target="([^"]+)"', hlo) + re.findall(r'"kind":"(__[A-Za-z_$]+)"', hlo)
+    found += [f"algorithm {a}" for a in re.findall(r'"selected_algorithm":"?(-?\w+)', hlo)]
+    found += [f"split_k {k}" for k in re.findall(r'"split_k":"?(\d+)', hlo) if k != "1"]
+    return sorted(set(found))
+
+
 def op_errors() -> dict:
     """Mean and max relative error of single float32 ops, JAX's (as the model runs them) and torch's, on this
     device, against float64 numpy."""
@@ -111,9 +128,34 @@ def op_errors() -> dict:
     a = (3 * rng.standard_normal((768, 1536))).astype(np.float32)
     ang = (np.arange(1024, dtype=np.float32)[:, None] * (10000.0 ** -(np.arange(128) / 128))).astype(np.float32)
     c = np.sqrt(2 / np.pi)
+    linear = torch.nn.functional.linear  # transformers' projections: the weight stored [out, in]
     cases = {  # name: (jax fn, torch fn, float64 fn, inputs)
         "matmul 768x2816x2112": (lambda x, w: numerics.einsum("MK,KN->MN", x, w), lambda x, w: x @ w,
                                  lambda x, w: x @ w, (x, w)),
+    }
+    for name, (k, heads) in PROJECTIONS.items():  # the projections as each side runs them in the model
+        pa, pw = rng.standard_normal((768, k), np.float32), rng.standard_normal((k, heads * 256), np.float32)
+        cases[f"{name} 768x{k}x{heads * 256}"] = (
+            lambda x, w, h=heads: numerics.einsum("TD,DNH->TNH", x, w.reshape(w.shape[0], h, 256)).reshape(
+                x.shape[0], -1),
+            lambda x, w: linear(x, w.T.contiguous()), lambda x, w: x @ w, (pa, pw))
+    qkv = [rng.standard_normal((2816, n), np.float32) for n in (4096, 2048, 2048)]
+    cases["q, k, v of one input 768x2816x(4096+2048+2048)"] = (
+        lambda x, *ws: jnp.concatenate([numerics.einsum("TD,DN->TN", x, w) for w in ws], -1),
+        lambda x, *ws: torch.cat([linear(x, w.T.contiguous()) for w in ws], -1),
+        lambda x, *ws: np.concatenate([x @ w for w in ws], -1), (x, *qkv))
+    from gemma4_jax.model.text import norm_linears
+    nw = (1 + 0.1 * rng.standard_normal(2816)).astype(np.float32)
+
+    def torch_norm(v, g):  # transformers' Gemma4RMSNorm in float32
+        return v * torch.pow(v.pow(2).mean(-1, keepdim=True) + 1e-6, -0.5) * g
+
+    cases["norm, then q, k, v 768x2816x(4096+2048+2048)"] = (  # the model's own function, XLA's fusions and all
+        lambda x, g, *ws: jnp.concatenate(norm_linears(x[None], g, 1e-6, list(ws), "xla"), -1)[0],
+        lambda x, g, *ws: torch.cat([linear(torch_norm(x, g), w.T.contiguous()) for w in ws], -1),
+        lambda x, g, *ws: np.concatenate([x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6) * g @ w for w in ws],
+                                         -1), (x, nw, *qkv))
+    cases |= {
         "tanh": (jnp.tanh, torch.tanh, np.tanh, (a,)),
         "exp": (lambda v: jnp.exp(-jnp.abs(v)), lambda v: torch.exp(-torch.abs(v)), lambda v: np.exp(-np.abs(v)),
                 (a,)),
@@ -133,15 +175,18 @@ def op_errors() -> dict:
     for name, (fj, ft, fr, ins) in cases.items():
         ref = fr(*(i.astype(np.float64) for i in ins))
         with api.precision_scope("float32"):
-            got_j = np.asarray(jax.jit(fj)(*ins), np.float64)
+            compiled = jax.jit(fj).lower(*ins).compile()
+            got_j = np.asarray(compiled(*ins), np.float64)
         got_t = ft(*(torch.as_tensor(i, device=dev) for i in ins)).cpu().numpy().astype(np.float64)
         scale = np.abs(ref)
         out[name] = {who: {"mean_rel": float(np.abs(g - ref).mean() / scale.mean()),
                            "max_rel": float(np.abs(g - ref).max() / scale.max())}
                      for who, g in (("jax", got_j), ("torch", got_t))}
         j, t = out[name]["jax"], out[name]["torch"]
+        if len(ins) > 1:  # a product: which kernels XLA compiled it to
+            out[name]["jax_kernels"] = product_kernels(compiled.as_text())
         print(f"  {name:22s} jax mean {j['mean_rel']:.2e} max {j['max_rel']:.2e}   torch mean {t['mean_rel']:.2e} "
-              f"max {t['max_rel']:.2e}", flush=True)
+              f"max {t['max_rel']:.2e}  {' '.join(out[name].get('jax_kernels', []))}", flush=True)
     return out
 
 
