@@ -821,7 +821,7 @@ def test_numerics_ops_measures_the_models_projections():
 
     ops = op_errors()
     products = {name: r for name, r in ops.items() if "jax_kernels" in r}
-    assert len(products) == 3 + len(PROJECTIONS), sorted(products)
+    assert len(products) == 4 + len(PROJECTIONS), sorted(products)
     assert any(name.startswith("norm, then q, k, v") for name in products)
     for name, r in ops.items():
         for who in ("jax", "torch"):

@@ -139,7 +139,10 @@ def op_errors() -> dict:
             lambda x, w, h=heads: numerics.einsum("TD,DNH->TNH", x, w.reshape(w.shape[0], h, 256)).reshape(
                 x.shape[0], -1),
             lambda x, w: linear(x, w.T.contiguous()), lambda x, w: x @ w, (pa, pw))
-    qkv = [rng.standard_normal((2816, n), np.float32) for n in (4096, 2048, 2048)]
+    qkv = [rng.standard_normal((2816, n), np.float32) for n in (4096, 2048, 2048)]  # XLA merges such siblings
+    cases["matmul 768x2816x8192"] = (lambda x, w: numerics.einsum("MK,KN->MN", x, w),  # q, k, v's width, as one
+                                     lambda x, w: linear(x, w.T.contiguous()), lambda x, w: x @ w,
+                                     (x, np.concatenate(qkv, -1)))
     cases["q, k, v of one input 768x2816x(4096+2048+2048)"] = (
         lambda x, *ws: jnp.concatenate([numerics.einsum("TD,DN->TN", x, w) for w in ws], -1),
         lambda x, *ws: torch.cat([linear(x, w.T.contiguous()) for w in ws], -1),
