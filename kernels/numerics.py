@@ -1,4 +1,5 @@
-"""float32 arithmetic as close to exact as torch's: blocked contractions on the CPU and an accurate GELU-tanh.
+"""float32 arithmetic as close to exact as torch's: blocked contractions on the CPU, unmerged products on a GPU and
+an accurate GELU-tanh.
 
 XLA's CPU backend sums a float32 dot's contraction in one running total: over K = 2816 terms its error is about
 2.5× that of a blocked sum (torch's CPU matmul, cuBLAS on a GPU), which is what made our float32 drift from
@@ -8,6 +9,9 @@ in memory at a time: the head's [T, vocabulary] logits are not multiplied by the
 
 It changes nothing elsewhere: 16-bit operands, other backends, and contractions of at most ACC_BLOCK terms
 go straight to `fn`.
+
+`unmerged` keeps float32 products that share an operand apart on a GPU, where XLA would merge them into one
+wider product that cuBLAS sums less exactly.
 
 `kernel_dot` is the one product inside the Triton kernels (attention, the skinny projections, the experts):
 float32 accumulation, and float32 operands at full precision, where Triton's default would round them to TF32.
@@ -52,6 +56,17 @@ def contract(fn: Callable[[jax.Array, jax.Array], jax.Array], a: jax.Array, b: j
 
     acc = lax.fori_loop(1, n, lambda i, acc: acc + block(i * ACC_BLOCK, ACC_BLOCK), block(0, ACC_BLOCK))
     return acc + block(n * ACC_BLOCK, tail) if tail else acc
+
+
+def unmerged(a: jax.Array, n: int) -> list[jax.Array]:
+    """n uses of `a` for n products that must stay apart. For float32 on a GPU, XLA's dot merger joins products
+    that share an operand (a layer's queries, keys and values; gate and up) into one wider cuBLAS product, and at
+    the merged width cuBLAS sums float32 further from exact: the 768 × 2816 × 8192 product of 26B-A4B's q, k and v
+    has 2.5× the error of torch's three (1.37× for each alone; docs/performance.md, "The dot merger"). Here the
+    uses come through one optimization barrier, so no two products see the same operand. Elsewhere `a`, n times."""
+    if a.dtype != jnp.float32 or n < 2 or jax.default_backend() != "gpu":
+        return [a] * n
+    return list(lax.optimization_barrier((a,) * n))
 
 
 def einsum(eq: str, a: jax.Array, b: jax.Array, **kw) -> jax.Array:

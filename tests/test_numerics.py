@@ -135,3 +135,41 @@ def test_rope_frequencies_are_transformers_to_the_bit(preset):
         assert ours.dtype == np.float32 and ours.shape == ref.shape
         assert int((ours != ref).sum()) <= 1, (spec.attn_type, int((ours != ref).sum()))
         np.testing.assert_allclose(ours, ref, rtol=2e-7)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_float32_projections_of_one_input_stay_apart_on_a_gpu(monkeypatch, dtype):
+    """On a GPU, XLA's dot merger would join the q/k/v (or gate/up) products of one normalised input into one wider
+    cuBLAS product whose float32 sums are 2.5× further from exact than torch's (docs/performance.md, "The dot
+    merger"): `norm_linears` hands a float32 model's products their input through one optimization barrier, so
+    each has its own operand; 16-bit models keep XLA's merge. Each product is still rms_norm(x) @ w."""
+    import jax.numpy as jnp
+
+    from gemma4_jax.kernels import numerics
+    from gemma4_jax.model.text import norm_linears
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 8, 64)).astype(np.float32)
+    g = (1 + 0.2 * rng.standard_normal(64)).astype(np.float32)
+    ws = [rng.standard_normal((64, n)).astype(np.float32) for n in (48, 32, 16)]
+    args = [jnp.asarray(a, dtype) for a in (x, g, *ws)]
+
+    def run(x, g, *ws):
+        return norm_linears(x, g, 1e-6, list(ws), "xla")
+
+    on_cpu = jax.make_jaxpr(run)(*args)
+    monkeypatch.setattr(numerics.jax, "default_backend", lambda: "gpu")
+    on_gpu = jax.make_jaxpr(lambda *a: run(*a))(*args)  # a new function: not the trace kept for the first
+
+    barriers = [e for e in on_gpu.jaxpr.eqns if e.primitive.name == "optimization_barrier"]
+    assert "optimization_barrier" not in str(on_cpu)
+    if dtype == "bfloat16":
+        assert not barriers
+        return
+    assert len(barriers) == 1 and len(barriers[0].outvars) == len(ws)
+    outs = [str(v) for v in barriers[0].outvars]
+    assert len(set(outs)) == len(ws)  # each product its own operand (that they reach the dots: the GPU measured it)
+    normed = x.astype(np.float64) / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-6) * g
+    for got, w in zip(jax.jit(run)(*args), ws, strict=True):
+        want = normed @ w
+        assert np.abs(np.asarray(got, np.float64) - want).max() < 1e-5 * np.abs(want).max()

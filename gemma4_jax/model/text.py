@@ -191,9 +191,9 @@ def norm_linears(x_btd: jax.Array, norm_d: jax.Array, eps: float, ws: list[jax.A
     rows = x_btd.size // d
     choices = {dispatch.resolve_dense(impl, rows=rows, k=d, n=w.size // d, dtype=x_btd.dtype) for w in ws}
     if not dispatch.FUSED_PROJECTIONS or len(choices) != 1 or choices == {"xla"}:
-        a = rms_norm(x_btd, norm_d, eps)
+        inputs = numerics.unmerged(rms_norm(x_btd, norm_d, eps), len(ws))  # float32 on a GPU: the products apart
         return [linear(f"BTD,D{'FGH'[:w.ndim - 1]}->BT{'FGH'[:w.ndim - 1]}", a, w, impl, into_elementwise,
-                       split_k=split) for w in ws]
+                       split_k=split) for a, w in zip(inputs, ws, strict=True)]
     ys = gemv.gemv_many(x_btd.reshape(rows, d), [w.reshape(d, -1) for w in ws], norm_d, eps=eps,
                         interpret=choices == {"interpret"})
     return [y.reshape(*x_btd.shape[:-1], *w.shape[1:]) for y, w in zip(ys, ws, strict=True)]
