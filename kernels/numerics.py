@@ -63,7 +63,8 @@ def unmerged(a: jax.Array, n: int) -> list[jax.Array]:
     that share an operand (a layer's queries, keys and values; gate and up) into one wider cuBLAS product, and at
     the merged width cuBLAS sums float32 further from exact: the 768 × 2816 × 8192 product of 26B-A4B's q, k and v
     has 2.5× the error of torch's three (1.37× for each alone; docs/performance.md, "The dot merger"). Here the
-    uses come through one optimization barrier, so no two products see the same operand. Elsewhere `a`, n times."""
+    uses come through one optimization barrier, so no two products see the same operand (the text model's
+    `norm_linears`, the towers' q/k/v and the vision tower's gate/up). Elsewhere `a`, n times."""
     if a.dtype != jnp.float32 or n < 2 or jax.default_backend() != "gpu":
         return [a] * n
     return list(lax.optimization_barrier((a,) * n))

@@ -123,6 +123,27 @@ def test_audio_features_match_transformers(hf_models, case):
     assert rel_err(audio_soft_tokens(audio, feats2, mask2), ref[ref_mask]) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_float32_projections_of_one_input_stay_apart_on_a_gpu(hf_models, monkeypatch, dtype):
+    """Each layer's q/k/v take their input through `numerics.unmerged` (float32 on a GPU: XLA would merge them into
+    one wider, less exact product; tests/test_numerics.py has the text model's): barriers on a GPU for float32,
+    none for bf16 and none on the CPU."""
+    from gemma4_jax.kernels import numerics
+
+    audio = ours(hf_models[list(CASES)[0]], dtype)
+    feats, mask = inputs()
+    traced = lambda: str(jax.make_jaxpr(lambda f, m: audio_features(audio, f, m))(feats, mask))  # noqa: E731
+    assert "optimization_barrier" not in traced()
+    monkeypatch.setattr(numerics.jax, "default_backend", lambda: "gpu")
+    jax.clear_caches()  # `audio_features`' jitted program would be traced once, on the CPU's terms
+    try:
+        count = traced().count("optimization_barrier")
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()
+    assert (count > 0) == (dtype == jnp.float32), count
+
+
 def test_clip_bounds_are_active(hf_models):
     """The finite bounds of the 'clipped' case change transformers' output (so the parity test covers them)."""
     model = hf_models["clipped"]

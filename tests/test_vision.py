@@ -129,6 +129,27 @@ def test_traceable_with_static_token_count_and_padded_form(case):
     np.testing.assert_allclose(np.asarray(padded)[np.asarray(valid)], np.asarray(eager), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_float32_projections_of_one_input_stay_apart_on_a_gpu(case, monkeypatch, dtype):
+    """Each layer's q/k/v and gate/up take their input through `numerics.unmerged` (float32 on a GPU: XLA would merge
+    them into one wider, less exact product; tests/test_numerics.py has the text model's): a barrier a group a
+    layer on a GPU for float32, none for bf16 and none on the CPU."""
+    from gemma4_jax.kernels import numerics
+
+    _, _, state, cfg, (pv, pos, _) = case
+    model = load_vision(state, cfg, dtype)
+    n = num_soft_tokens(pos, cfg.pooling_kernel_size)
+    traced = lambda: str(jax.make_jaxpr(lambda p, q: image_features(model, p, q, num_tokens=n))(pv, pos))  # noqa: E731
+    assert "optimization_barrier" not in traced()
+    monkeypatch.setattr(numerics.jax, "default_backend", lambda: "gpu")
+    jax.clear_caches()  # `image_features`' jitted program would be traced once, on the CPU's terms
+    try:
+        assert traced().count("optimization_barrier") == (2 if dtype == jnp.float32 else 0)  # layers are scanned
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()
+
+
 def test_missing_or_misshaped_tensor_is_one_clear_error(case):
     _, _, state, cfg, _ = case
     name = "model.vision_tower.encoder.layers.1.self_attn.k_norm.weight"

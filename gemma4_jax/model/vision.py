@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from ..errors import CheckpointError, ConfigError
+from ..kernels import numerics
 from .text import apply_rope, gelu, inverse_frequencies, rms_norm
 
 F32 = jnp.float32
@@ -237,14 +238,14 @@ class VisionLayer(nnx.Module):
 
     def __call__(self, x_bpd, cos, sin, valid_bp):
         eps = self.eps
-        a = rms_norm(x_bpd, self.input_norm[...], eps)
-        q = apply_rope_2d(rms_norm(self.q_proj(a), self.q_norm[...], eps), cos, sin)
-        k = apply_rope_2d(rms_norm(self.k_proj(a), self.k_norm[...], eps), cos, sin)
-        v = rms_norm(self.v_proj(a), None, eps)  # v_norm has no weight and V gets no RoPE
+        qa, ka, va = numerics.unmerged(rms_norm(x_bpd, self.input_norm[...], eps), 3)  # float32 on a GPU: apart
+        q = apply_rope_2d(rms_norm(self.q_proj(qa), self.q_norm[...], eps), cos, sin)
+        k = apply_rope_2d(rms_norm(self.k_proj(ka), self.k_norm[...], eps), cos, sin)
+        v = rms_norm(self.v_proj(va), None, eps)  # v_norm has no weight and V gets no RoPE
         o = self.o_proj(bidirectional_attention(q, k, v, valid_bp))
         x = x_bpd + rms_norm(o, self.post_attn_norm[...], eps)
-        a = rms_norm(x, self.pre_ffw_norm[...], eps)
-        m = self.down(gelu(self.gate(a)) * self.up(a))
+        ga, ua = numerics.unmerged(rms_norm(x, self.pre_ffw_norm[...], eps), 2)
+        m = self.down(gelu(self.gate(ga)) * self.up(ua))
         return x + rms_norm(m, self.post_ffw_norm[...], eps)
 
 
