@@ -157,6 +157,7 @@ def test_float32_projections_of_one_input_stay_apart_on_a_gpu(monkeypatch, dtype
     def run(x, g, *ws):
         return norm_linears(x, g, 1e-6, list(ws), "xla")
 
+    monkeypatch.setattr(numerics.jax, "default_backend", lambda: "cpu")  # whatever runs the test
     on_cpu = jax.make_jaxpr(run)(*args)
     monkeypatch.setattr(numerics.jax, "default_backend", lambda: "gpu")
     on_gpu = jax.make_jaxpr(lambda *a: run(*a))(*args)  # a new function: not the trace kept for the first
