@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from gemma4_jax import api  # noqa: E402
 from gemma4_jax.errors import CheckpointError  # noqa: E402
 from gemma4_jax.model.audio import (  # noqa: E402
     AudioConfig,
@@ -106,21 +107,22 @@ def test_audio_features_match_transformers(hf_models, case):
     np.testing.assert_array_equal(ref_mask, mask[:, ::4])  # output frame t' is valid iff input frame 4t' is
     assert ref.shape == (2, -(-FRAMES // 4), 24)
 
-    audio = ours(model)
-    got, got_mask = audio_features(audio, feats, mask)
-    np.testing.assert_array_equal(np.asarray(got_mask), ref_mask)
-    assert rel_err(got, ref) <= 1e-5, rel_err(got, ref)  # every row, padding rows included
+    with api.precision_scope("float32"):  # full float32 on a GPU too (JAX's default there is TF32), as the API runs it
+        audio = ours(model)
+        got, got_mask = audio_features(audio, feats, mask)
+        np.testing.assert_array_equal(np.asarray(got_mask), ref_mask)
+        assert rel_err(got, ref) <= 1e-5, rel_err(got, ref)  # every row, padding rows included
 
-    # What Gemma4Model.forward scatters: the valid rows, clip by clip.
-    tokens = audio_soft_tokens(audio, feats, mask)
-    assert tokens.shape == (int(num_soft_tokens(mask).sum()), 24)
-    assert rel_err(tokens, ref[ref_mask]) <= 1e-5
+        # What Gemma4Model.forward scatters: the valid rows, clip by clip.
+        tokens = audio_soft_tokens(audio, feats, mask)
+        assert tokens.shape == (int(num_soft_tokens(mask).sum()), 24)
+        assert rel_err(tokens, ref[ref_mask]) <= 1e-5
 
-    # More padding frames (a bigger jit bucket) leave the valid rows unchanged.
-    pad = 14
-    feats2 = np.concatenate([feats, np.full((2, pad, N_MELS), 7.0, np.float32)], axis=1)
-    mask2 = np.concatenate([mask, np.zeros((2, pad), bool)], axis=1)
-    assert rel_err(audio_soft_tokens(audio, feats2, mask2), ref[ref_mask]) <= 1e-5
+        # More padding frames (a bigger jit bucket) leave the valid rows unchanged.
+        pad = 14
+        feats2 = np.concatenate([feats, np.full((2, pad, N_MELS), 7.0, np.float32)], axis=1)
+        mask2 = np.concatenate([mask, np.zeros((2, pad), bool)], axis=1)
+        assert rel_err(audio_soft_tokens(audio, feats2, mask2), ref[ref_mask]) <= 1e-5
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

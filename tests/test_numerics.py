@@ -171,6 +171,8 @@ def test_float32_projections_of_one_input_stay_apart_on_a_gpu(monkeypatch, dtype
     outs = [str(v) for v in barriers[0].outvars]
     assert len(set(outs)) == len(ws)  # each product its own operand (that they reach the dots: the GPU measured it)
     normed = x.astype(np.float64) / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-6) * g
-    for got, w in zip(jax.jit(run)(*args), ws, strict=True):
+    with api.precision_scope("float32"):  # float32 at full precision on a GPU too, as a model's programs run it
+        outs = jax.jit(run)(*args)
+    for got, w in zip(outs, ws, strict=True):
         want = normed @ w
         assert np.abs(np.asarray(got, np.float64) - want).max() < 1e-5 * np.abs(want).max()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from gemma4_jax import api
 from gemma4_jax.errors import CheckpointError, ConfigError
 from gemma4_jax.model.vision import VisionConfig, image_features, load_vision, num_soft_tokens
 
@@ -90,7 +91,8 @@ def test_float32_matches_transformers(case):
     name, hf, state, cfg, (pv, pos, per_image) = case
     ref = _hf_features(hf, pv, pos)
     assert ref.shape == (per_image.sum(), TEXT["hidden_size"])
-    ours = image_features(load_vision(state, cfg), pv, pos)
+    with api.precision_scope("float32"):  # full float32 on a GPU too (JAX's default there is TF32), as the API runs it
+        ours = image_features(load_vision(state, cfg), pv, pos)
     assert ours.shape == ref.shape and ours.dtype == jnp.float32
     err = rel_err(ours, ref)
     assert err <= F32_BOUND, f"{name}: max|Δ|/max|ref| = {err:.2e}"
