@@ -128,34 +128,43 @@ def op_errors() -> dict:
     a = (3 * rng.standard_normal((768, 1536))).astype(np.float32)
     ang = (np.arange(1024, dtype=np.float32)[:, None] * (10000.0 ** -(np.arange(128) / 128))).astype(np.float32)
     c = np.sqrt(2 / np.pi)
-    linear = torch.nn.functional.linear  # transformers' projections: the weight stored [out, in]
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
+
+    from gemma4_jax.model.text import norm_linears
+
+    def jax_matmul(x, w):  # a plain product, as `linear` runs one
+        return numerics.einsum("MK,KN->MN", x, w)
+
+    def torch_linear(x, w):  # transformers' projections: nn.Linear, the weight stored [out, in]
+        return torch.nn.functional.linear(x, w.T.contiguous())
+
     cases = {  # name: (jax fn, torch fn, float64 fn, inputs)
-        "matmul 768x2816x2112": (lambda x, w: numerics.einsum("MK,KN->MN", x, w), lambda x, w: x @ w,
-                                 lambda x, w: x @ w, (x, w)),
+        "matmul 768x2816x2112": (jax_matmul, lambda x, w: x @ w, lambda x, w: x @ w, (x, w)),
     }
     for name, (k, heads) in PROJECTIONS.items():  # the projections as each side runs them in the model
         pa, pw = rng.standard_normal((768, k), np.float32), rng.standard_normal((k, heads * 256), np.float32)
         cases[f"{name} 768x{k}x{heads * 256}"] = (
             lambda x, w, h=heads: numerics.einsum("TD,DNH->TNH", x, w.reshape(w.shape[0], h, 256)).reshape(
                 x.shape[0], -1),
-            lambda x, w: linear(x, w.T.contiguous()), lambda x, w: x @ w, (pa, pw))
+            torch_linear, lambda x, w: x @ w, (pa, pw))
     qkv = [rng.standard_normal((2816, n), np.float32) for n in (4096, 2048, 2048)]  # XLA merges such siblings
-    cases["matmul 768x2816x8192"] = (lambda x, w: numerics.einsum("MK,KN->MN", x, w),  # q, k, v's width, as one
-                                     lambda x, w: linear(x, w.T.contiguous()), lambda x, w: x @ w,
+    cases["matmul 768x2816x8192"] = (jax_matmul, torch_linear, lambda x, w: x @ w,  # q, k, v's width, as one
                                      (x, np.concatenate(qkv, -1)))
     cases["q, k, v of one input 768x2816x(4096+2048+2048)"] = (
-        lambda x, *ws: jnp.concatenate([numerics.einsum("TD,DN->TN", x, w) for w in ws], -1),
-        lambda x, *ws: torch.cat([linear(x, w.T.contiguous()) for w in ws], -1),
+        lambda x, *ws: jnp.concatenate([jax_matmul(x, w) for w in ws], -1),
+        lambda x, *ws: torch.cat([torch_linear(x, w) for w in ws], -1),
         lambda x, *ws: np.concatenate([x @ w for w in ws], -1), (x, *qkv))
-    from gemma4_jax.model.text import norm_linears
     nw = (1 + 0.1 * rng.standard_normal(2816)).astype(np.float32)
+    torch_norm = Gemma4RMSNorm(2816, eps=1e-6).to(dev)  # transformers' own norm, its weight set per call
 
-    def torch_norm(v, g):  # transformers' Gemma4RMSNorm in float32
-        return v * torch.pow(v.pow(2).mean(-1, keepdim=True) + 1e-6, -0.5) * g
+    @torch.no_grad()
+    def torch_norm_linears(x, g, *ws):
+        torch_norm.weight.data = g
+        return torch.cat([torch_linear(torch_norm(x), w) for w in ws], -1)
 
     cases["norm, then q, k, v 768x2816x(4096+2048+2048)"] = (  # the model's own function, XLA's fusions and all
         lambda x, g, *ws: jnp.concatenate(norm_linears(x[None], g, 1e-6, list(ws), "xla"), -1)[0],
-        lambda x, g, *ws: torch.cat([linear(torch_norm(x, g), w.T.contiguous()) for w in ws], -1),
+        torch_norm_linears,
         lambda x, g, *ws: np.concatenate([x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6) * g @ w for w in ws],
                                          -1), (x, nw, *qkv))
     cases |= {
