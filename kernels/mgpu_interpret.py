@@ -4,7 +4,8 @@ Loaded by the kernels only for interpret mode (`params(True)` installs the shims
 never touches the interpreter's internals. Each shim is a no-op where the internals are not where expected
 (then the interpreter raises its own error):
 * wgmma with transposed operands (`plgpu.transpose_ref`), which jax 0.10's interpreter lacks;
-* a per-thread runner that puts the simulated warpgroups on distinct CPU devices and compiles each once.
+* a per-thread runner that puts the simulated warpgroups on distinct CPU devices, compiles each once and
+  returns only when the thread's program has finished.
 """
 
 from __future__ import annotations
@@ -112,8 +113,8 @@ def _install_interpret_thread_runner():
     """Make GPU interpret mode's simulated threads run on distinct CPU devices, compiled once.
 
     The interpreter runs a CTA's threads (here 3 warpgroups) as concurrent XLA computations whose host
-    callbacks block inside barrier waits. Two problems on small hosts, both fixed by this replacement of its
-    per-thread runner (jax 0.10's `thread_map._run_jaxpr`):
+    callbacks block inside barrier waits. Four things this replacement of its per-thread runner (jax 0.10's
+    `thread_map._run_jaxpr`) deals with:
     * XLA:CPU runs only about as many callbacks at once per device as the host has cores, so on a 2-core
       machine two threads blocked in a barrier can starve the third and the kernel deadlocks (intermittently).
       Thread i runs on CPU device i mod #devices; with ≥ 3 devices (set
@@ -125,6 +126,12 @@ def _install_interpret_thread_runner():
       set is cleared before each run; the simulated threads are concurrent by design.
     * The stock runner lowers and compiles the thread's program again for every grid point (~1.5 s each);
       here the executable is cached per (program, device, argument types).
+    * XLA:CPU may dispatch a thread's program asynchronously: the call returns while its last callbacks
+      (the barriers' deallocation) still run, the interpreter's end-of-kernel check finds a barrier still
+      allocated, and every later interpreted kernel in the process fails on the state left behind (CI,
+      intermittently; here by the fifth call of one kernel in one process). The runner returns the
+      program's outputs (the thread's final token, into which its callbacks are chained) and blocks on them
+      and on the run's effect tokens before the thread counts as done.
     Only ever called for interpret mode; a no-op if the internals are not where expected.
     """
     try:
@@ -143,7 +150,7 @@ def _install_interpret_thread_runner():
         tokens = None
 
     def _run(jaxpr, consts, *args):
-        jax.core.eval_jaxpr(jaxpr, consts, *args)
+        return jax.core.eval_jaxpr(jaxpr, consts, *args)
 
     def run(jaxpr, consts, *args):
         devices = jax.devices("cpu")
@@ -163,7 +170,9 @@ def _install_interpret_thread_runner():
             hit = cache[key] = (jaxpr, compiled)  # holding jaxpr keeps its id from being reused
         if tokens is not None:  # see the docstring: no ordering tokens carried over from other executions
             tokens.clear()
-        hit[1](consts, *args)
+        jax.block_until_ready(hit[1](consts, *args))  # see the docstring: the run must have finished
+        if tokens is not None:
+            tokens.block_until_ready()
 
     run._mgpu_thread_runner = True
     tm._run_jaxpr = run

@@ -35,6 +35,18 @@ def _fresh_compile_caches():
     jax.clear_caches()
 
 
+@pytest.fixture(autouse=True)
+def _gpu_interpreter_state_reset():
+    """A Mosaic GPU kernel that fails in JAX's GPU interpret mode leaves the interpreter's shared state behind
+    (for debugging), and every later interpreted kernel in this worker would then fail on it: one failure
+    stays one. A no-op unless a test left that state."""
+    yield
+    gc = sys.modules.get("jax._src.pallas.mosaic_gpu.interpret.gpu_callbacks")
+    reset = getattr(gc, "reset_gpu_interpret_mode_state", None)
+    if reset is not None and getattr(gc, "_shared_memory", None) is not None:
+        reset()
+
+
 @pytest.fixture(scope="session")
 def hf_models():
     """{family: float32 transformers model} with perturbed norms and scalars."""

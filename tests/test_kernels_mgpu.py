@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gemma4_jax.kernels import mgpu_interpret
 from gemma4_jax.kernels.flash_attention import flash_attention_reference
 from gemma4_jax.kernels.flash_attention_mgpu import (
     SMEM_BYTES,
@@ -189,3 +190,47 @@ def test_dispatcher_routes_prefill_at_512_to_mosaic(monkeypatch):
     assert np.isfinite(out).all()
     assert np.max(np.abs(out - ref) - 1e-2 * np.abs(ref)) <= 2e-2
     assert dispatch.resolve("auto", head_dim=h, group=g, q_len=1, batch=1, aligned=True) == "xla"  # decode
+
+
+def test_interpret_thread_runner_returns_after_the_thread_finished():
+    """GPU interpret mode runs each simulated thread as its own XLA:CPU program (kernels/mgpu_interpret.py's
+    runner), and XLA:CPU may return from a call before the program has run to its end. A thread that
+    returned early leaves its last callbacks (barrier deallocation) running while the interpreter checks
+    that no barrier is left, which failed CI intermittently. Here every thread's last callback is slow; the
+    caller, right after thread_map, must see every one of them done, for 24 kernel-like calls (without the
+    runner's wait, several of the 24 returned early in every try here)."""
+    import time
+
+    from jax._src import callback
+
+    mgpu_interpret.params(True)  # installs the runner
+    try:
+        from jax._src.pallas.mosaic.interpret import thread_map as tm
+    except ImportError:  # pragma: no cover
+        pytest.skip("this jax has no GPU interpret thread_map")
+    if not getattr(tm._run_jaxpr, "_mgpu_thread_runner", False):  # pragma: no cover
+        pytest.skip("the interpreter's thread runner is not where kernels/mgpu_interpret.py expects it")
+    finished, seen = [], []
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+
+    def last_step(tok):
+        time.sleep(0.02)
+        finished.append(1)
+        return tok
+
+    def thread(i, tok):
+        tok = jax.lax.fori_loop(0, i + 1, lambda j, t: t + j, tok)
+        return callback.io_callback(last_step, scalar, tok, ordered=False)
+
+    def after(tok):
+        seen.append(len(finished))
+        return tok
+
+    @jax.jit
+    def call(tok):
+        tok = tm.thread_map(thread, 3, tok, use_ordered_callback=True)
+        return callback.io_callback(after, scalar, tok, ordered=True)
+
+    for n in range(24):
+        jax.block_until_ready(call(jnp.int32(n)))
+    assert seen == [3 * (n + 1) for n in range(24)]
