@@ -33,7 +33,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from . import flash_attention_mgpu, gemv, l2_prefetch, moe_mgpu, router
+from . import flash_attention_mgpu, gemv, l2_prefetch, moe_mgpu, numerics, router
 from .decode_attention import NewKey, QueryPrologue, decode_attention, writes_in_place
 from .decode_attention import default_config as decode_config
 from .flash_attention import flash_attention, flash_attention_reference
@@ -580,4 +580,5 @@ def settings() -> str:
              "L2_PREFETCH_EVICTION", "L2_PREFETCH_ORDER", "L2_PREFETCH_MAX_ROWS", "L2_PREFETCH_MAX_LAYER_BYTES",
              "L2_PREFETCH_NEXT_BYTES")
     return ",".join([f"{n}={globals()[n]!r}" for n in names]
-                    + [f"gemv.{n}={getattr(gemv, n)!r}" for n in ("TARGET_PROGRAMS", "MIN_BLOCK_N", "MAX_SPLIT_K")])
+                    + [f"gemv.{n}={getattr(gemv, n)!r}" for n in ("TARGET_PROGRAMS", "MIN_BLOCK_N", "MAX_SPLIT_K")]
+                    + [f"numerics.FLOAT32_APART={numerics.FLOAT32_APART!r}"])

@@ -58,6 +58,11 @@ def contract(fn: Callable[[jax.Array, jax.Array], jax.Array], a: jax.Array, b: j
     return acc + block(n * ACC_BLOCK, tail) if tail else acc
 
 
+# False: `unmerged` leaves float32 products of one input to XLA's dot merger too (only to measure what keeping them
+# apart costs: `bench.py generate --dtype float32 --float32-merged`). Part of `dispatch.settings()`.
+FLOAT32_APART = True
+
+
 def unmerged(a: jax.Array, n: int) -> list[jax.Array]:
     """n uses of `a` for n products that must stay apart. For float32 on a GPU, XLA's dot merger joins products
     that share an operand (a layer's queries, keys and values; gate and up) into one wider cuBLAS product, and at
@@ -65,7 +70,7 @@ def unmerged(a: jax.Array, n: int) -> list[jax.Array]:
     has 2.5× the error of torch's three (1.37× for each alone; docs/performance.md, "The dot merger"). Here the
     uses come through one optimization barrier, so no two products see the same operand (the text model's
     `norm_linears`, the towers' q/k/v and the vision tower's gate/up). Elsewhere `a`, n times."""
-    if a.dtype != jnp.float32 or n < 2 or jax.default_backend() != "gpu":
+    if a.dtype != jnp.float32 or n < 2 or jax.default_backend() != "gpu" or not FLOAT32_APART:
         return [a] * n
     return list(lax.optimization_barrier((a,) * n))
 

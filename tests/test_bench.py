@@ -361,6 +361,40 @@ def test_trace_summary_cli_prints_the_windows(tmp_path, capsys):
     assert "down→gate_up: 1 windows, 6.0 µs, 4.0 µs covered" in out and "gemv_64x64" in out
 
 
+def test_bench_generate_float32(tmp_path):
+    """`--dtype float32`: a float32 model (every weight), its decode timed, the roofline at 4-byte weights and cache,
+    no MFU against bf16's peak; `--float32-merged` recorded (what it changes is a GPU program's: test_numerics)."""
+    import math
+
+    import bench_generate
+
+    from gemma4_jax.config import Gemma4Config
+
+    res = _bench(["generate", "--config", DEMO, "--batch", "1", "--prompt-len", "8", "--gen-len", "8",
+                  "--prefill-len", "0", "--repeat", "1", "--hbm-gib", "0.0625", "--dtype", "float32",
+                  "--float32-merged"], tmp_path)
+    assert res["dtype"] == "float32" and res["float32_merged"] is True and res["weight_dtypes"] == ["float32"]
+    r = res["results"]["1"]
+    assert math.isfinite(r["decode_ms_per_token"]) and r["decode_ms_per_token"] > 0, r
+    assert r["prefill_mfu"] is None and r["prefill_ms"] > 0, r
+    cfg = Gemma4Config.from_json(DEMO)
+    want = bench_generate.step_bytes(cfg, 1, 8 + 8 // 2, 4) / (res["hbm_gb_s"] * 1e9) * 1e3
+    assert math.isclose(r["roofline_ms_per_token"], want, rel_tol=1e-6), (r["roofline_ms_per_token"], want)
+
+
+@pytest.mark.parametrize("args,sentence", [
+    (["--dtype", "float32", "--pp", "2"],
+     "bench.py generate: --dtype float32 runs at --pp 1 only (the bench's pipeline is bfloat16)."),
+    (["--float32-merged"],
+     "bench.py generate: --float32-merged needs --dtype float32 (other dtypes are merged anyway)."),
+])
+def test_bench_generate_float32_flags_say_what_is_wrong(tmp_path, args, sentence):
+    run = _run_bench(["generate", "--config", DEMO, "--batch", "1", *args, "--json", str(tmp_path / "o")])
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert run.stderr.strip().splitlines() == [sentence]
+    assert not os.listdir(tmp_path)
+
+
 def test_bench_generate_profile_hlo_without_profile_says_so(tmp_path):
     run = _run_bench(["generate", "--config", DEMO, "--batch", "1", "--profile-hlo", "--json", str(tmp_path / "o")])
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
@@ -480,7 +514,8 @@ def test_numerics_bench_cuts_and_scores():
     assert errors(ref, ref[..., ::-1])["top1"] == 0.5
 
 
-def test_transformers_half_times_decode_by_its_clock_and_without_a_streamer():
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_transformers_half_times_decode_by_its_clock_and_without_a_streamer(dtype):
     """`generate --compare transformers`' half, in this process on the demo config (eager; the CPU here): decode
     timed by the streamer's clock, and the streamer-free difference of two generation lengths beside it."""
     import argparse
@@ -493,11 +528,13 @@ def test_transformers_half_times_decode_by_its_clock_and_without_a_streamer():
     parser = argparse.ArgumentParser()
     bench_generate.add_parser(parser.add_subparsers(dest="cmd"))
     args = parser.parse_args(["generate", "--config", DEMO, "--batch", "1", "--prompt-len", "8", "--gen-len", "5",
-                              "--compare", "transformers", "--compile-batches", "", "--prefill-len", "0"])
+                              "--compare", "transformers", "--compile-batches", "", "--prefill-len", "0",
+                              *(["--dtype", "float32"] if dtype == "float32" else [])])
     res: dict = {}
     bench_generate._transformers(args, res, Progress(res, None, start=time.time()))
     out = res["transformers"]
     assert out["device"] and "error" not in out, out
+    assert out["dtype"] == f"torch.{dtype}"  # bf16 by default, --dtype's otherwise
     m = out["1"]["eager"]
     assert set(out["1"]) == {"eager"} and "error" not in m, m
     assert math.isfinite(m["decode_ms_per_token"]) and m["decode_ms_per_token"] > 0, m

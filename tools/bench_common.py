@@ -223,16 +223,19 @@ def kl_per_token(ref: np.ndarray, other: np.ndarray) -> np.ndarray:
 # -- random models at a config's shapes: the benchmarks' calls into gemma4_jax's model building -------------------
 
 
-def random_model(cfg: Gemma4Config, attn_impl: str = "auto", pp: int = 1) -> Gemma4Model:
-    """A bf16 `Gemma4Model` with random weights at `cfg`'s shapes, made on the device by
-    `gemma4_jax.testing.synthetic.random_model`. With `pp` > 1 it is made on one device and copied through the
-    host into a pipeline at the split `load(..., pp=pp)` picks."""
+def random_model(cfg: Gemma4Config, attn_impl: str = "auto", pp: int = 1, dtype: str = "bfloat16") -> Gemma4Model:
+    """A `Gemma4Model` (bf16, or float32 at pp = 1: it runs at full precision, as `load(dtype="float32")` does)
+    with random weights at `cfg`'s shapes, made on the device by `gemma4_jax.testing.synthetic.random_model`.
+    With `pp` > 1 it is made on one device and copied through the host into a pipeline at the split
+    `load(..., pp=pp)` picks."""
     from gemma4_jax.api import Gemma4Model, RunConfig
     from gemma4_jax.testing.synthetic import random_model as random_module
 
-    module = random_module(cfg, jnp.bfloat16)
+    if pp > 1 and dtype != "bfloat16":
+        raise ValueError(f"the bench's pipelined model is bfloat16 only, not {dtype}")
+    module = random_module(cfg, jnp.dtype(dtype))
     if pp == 1:
-        return Gemma4Model(module, RunConfig("bfloat16", 1, None, attn_impl))
+        return Gemma4Model(module, RunConfig(dtype, 1, None, attn_impl))
     params = _host_params(module)
     del module  # off the device before the stages are placed
     return pipeline_model(cfg, params, pipeline_stages(cfg, pp), attn_impl)

@@ -39,7 +39,12 @@ that the rest of the step adds to the experts; `kernel_args`: each named kernel'
 GPU trace names XLA's fusions only by instruction; `hlo_annotated` counts the kernels found). With `--pp N` (a
 pipeline), prefill is timed as a 1-token generation instead.
 
-`--compare transformers` then runs the same shapes through transformers' Gemma4ForCausalLM (bf16,
+`--dtype float32` (pp 1) runs the model, its cache and compute in float32 at full precision, as
+`load(dtype="float32")` does (no MFU: bf16's peak is not its figure; the roofline at 4-byte weights). A float32 model
+keeps a layer's q/k/v and gate/up products apart on a GPU (`numerics.unmerged`, for exactness); `--float32-merged`
+lets XLA merge them, so that the two runs give what keeping them apart costs.
+
+`--compare transformers` then runs the same shapes through transformers' Gemma4ForCausalLM (in `--dtype`,
 random weights, built once; `transformers[str(batch)]`): `eager` for every batch, and `static_compiled`
 (a static cache, with the decode step under transformers' own `torch.compile(mode="reduce-overhead")`)
 for the batches in `--compile-batches` ('' for none). Decode from a streamer's clock: the time from the first
@@ -99,6 +104,12 @@ def add_parser(sub) -> None:
     p.add_argument("--prefill-len", type=int, default=2048, help="prompt tokens of the batch-1 prefill (0: skip)")
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--attn-impl", default="auto")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="the model's weights, cache and compute (float32: full-precision matmuls, pp 1 only; "
+                        "transformers' side with --compare in the same dtype)")
+    p.add_argument("--float32-merged", action="store_true",
+                   help="with --dtype float32: let XLA merge a layer's q/k/v and gate/up products (the library keeps "
+                        "them apart for exactness, numerics.unmerged) to measure what keeping them apart costs")
     add_decode_arguments(p)
     p.add_argument("--check-scheduling", action="store_true",
                    help="only compare greedy tokens under both decode schedulings (each twice), no timing")
@@ -365,7 +376,13 @@ def hlo_dump_flags(profile_dir: str) -> list[str]:
 
 
 def _header(args, cfg) -> dict:
-    return {"preset": args.config or args.preset, "pp": args.pp, "batches": _ints(args.batch),
+    dtype = getattr(args, "dtype", "bfloat16")
+    if dtype != "bfloat16" and args.pp > 1:
+        raise SystemExit(f"bench.py generate: --dtype {dtype} runs at --pp 1 only (the bench's pipeline is bfloat16).")
+    if getattr(args, "float32_merged", False) and dtype != "float32":
+        raise SystemExit("bench.py generate: --float32-merged needs --dtype float32 (other dtypes are merged anyway).")
+    return {"preset": args.config or args.preset, "pp": args.pp, "dtype": dtype,
+            "float32_merged": getattr(args, "float32_merged", False), "batches": _ints(args.batch),
             "prompt_len": args.prompt_len, "gen_len": args.gen_len,
             "short_len": short_len(args.prompt_len, args.gen_len, cfg.max_position_embeddings),
             "prefill_len": args.prefill_len, "repeat": args.repeat, "date": time.strftime("%Y-%m-%d"),
@@ -446,6 +463,7 @@ def apply_decode_settings(args) -> None:
     dispatch.ROUTER_KERNEL = getattr(args, "router_kernel", False)
     dispatch.ROUTER_OWN_NORM = getattr(args, "router_own_norm", False)
     dispatch.GEMV_SUM_IN_KERNEL = {None: False, "all": True, "norm": "norm"}[getattr(args, "gemv_sum_in_kernel", None)]
+    dispatch.numerics.FLOAT32_APART = not getattr(args, "float32_merged", False)
     if getattr(args, "moe_mosaic_min_rows", None):
         dispatch.MOSAIC_MOE_MIN_ROWS = args.moe_mosaic_min_rows
     for name, value in _weight_limits(args, dispatch).items():
@@ -550,6 +568,7 @@ def ours(args, start: float) -> dict:
     dev = jax.devices()[0]
     apply_decode_settings(args)
     res = _header(args, cfg)
+    dtype = jnp.dtype(res["dtype"])
     res.update(card=dev.device_kind, jax=jax.__version__, results={})
     progress = Progress(res, args.json, start)
     res["hbm_gb_s"] = (bw := copy_bandwidth(args.hbm_gib)) / 1e9
@@ -562,8 +581,8 @@ def ours(args, start: float) -> dict:
     progress("hbm_bandwidth")
 
     t0 = time.perf_counter()
-    model = random_model(cfg, args.attn_impl, args.pp)
-    jax.block_until_ready(weight_arrays(model))
+    model = random_model(cfg, args.attn_impl, args.pp, dtype.name)
+    res["weight_dtypes"] = sorted({str(w.dtype) for w in jax.block_until_ready(weight_arrays(model))})
     res["random_init_s"] = time.perf_counter() - t0
     progress("random_init")
 
@@ -573,7 +592,8 @@ def ours(args, start: float) -> dict:
         progress("scheduling_check")
         return res
 
-    peak = next((v for k, v in PEAK_BF16.items() if k in dev.device_kind), None)
+    # MFU against bf16's peak only (a float32 model's is not a tensor-core figure: no MFU)
+    peak = next((v for k, v in PEAK_BF16.items() if k in dev.device_kind), None) if dtype == jnp.bfloat16 else None
     context = model.context
 
     def prefill_times(prompts: list[list[int]], max_len: int, calls: int) -> list[float]:
@@ -589,7 +609,7 @@ def ours(args, start: float) -> dict:
         ids, lengths = jnp.asarray(ids), jnp.asarray([t] * b, jnp.int32)
         times = []
         for _ in range(calls):
-            cache = jax.block_until_ready(init_cache(cfg, b, max_len, jnp.bfloat16))
+            cache = jax.block_until_ready(init_cache(cfg, b, max_len, dtype))
             t0 = time.perf_counter()
             jax.block_until_ready(prefill(model.graphdef, model.state, ids, lengths, cache, impl=model.run.attn_impl,
                                           mm=None))  # as generate calls it: the same compiled program
@@ -619,7 +639,7 @@ def ours(args, start: float) -> dict:
         gen(args.gen_len, again)
         entry["tokens_same_in_process"] = bool(np.array_equal(np.asarray(first[0]), np.asarray(again[0])))
         decode /= args.gen_len - 1
-        floor = step_bytes(cfg, b, args.prompt_len + args.gen_len // 2) / bw
+        floor = step_bytes(cfg, b, args.prompt_len + args.gen_len // 2, dtype.itemsize) / bw
         entry.update(compile_s=entry["first_run_s"] - t_long, generate_s={str(args.gen_len): t_long},
                      decode_ms_per_token=decode * 1e3, decode_tokens_s=b / decode,
                      roofline_ms_per_token=floor * 1e3, decode_vs_roofline=decode / floor,
@@ -746,7 +766,7 @@ class CudagraphWatch:
 
 
 def _transformers(args, res: dict, progress: Progress) -> None:
-    """The same shapes through transformers' Gemma4ForCausalLM (bf16, built once): eager, and static cache +
+    """The same shapes through transformers' Gemma4ForCausalLM (in --dtype, built once): eager, and static cache +
     compile for `--compile-batches`; into `res["transformers"]`."""
     import gc
 
@@ -769,9 +789,13 @@ def _transformers(args, res: dict, progress: Progress) -> None:
 
     t0 = time.perf_counter()
     try:
-        with torch.device(device):  # bf16 from the start: a 31B model in float32 would not fit
+        # in --dtype from the start (bf16 by default: a 31B model in float32 would not fit); float32 without TF32,
+        # as ours runs it
+        dtype = getattr(torch, getattr(args, "dtype", "bfloat16"))
+        torch.backends.cuda.matmul.allow_tf32 = False
+        with torch.device(device):
             config = Gemma4TextConfig(**{k: v for k, v in raw.items() if k != "model_type"})
-            model = Gemma4ForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
+            model = Gemma4ForCausalLM._from_config(config, dtype=dtype).eval()
         sync()
     except Exception as e:
         traceback.print_exc()
@@ -779,6 +803,7 @@ def _transformers(args, res: dict, progress: Progress) -> None:
         progress("transformers_error")
         return
     out["random_init_s"] = time.perf_counter() - t0
+    out["dtype"] = str(model.dtype)
     progress("transformers_random_init")
 
     # transformers compiles the decode step itself when the cache is static (on CUDA; on a CPU, when told to).
