@@ -139,3 +139,21 @@ def all_eqns(jaxpr):
         yield e
         for sub in jaxprs_in_params(e.params):
             yield from all_eqns(sub)
+
+
+def barriers_by_backend(monkeypatch, trace, program) -> dict[str, int]:
+    """{"cpu": n, "gpu": n}: optimization barriers in the jaxpr text `trace()` returns, with the backend that
+    `numerics.unmerged` sees patched to each in turn. `program` (a jitted function `trace` reaches) has its traces
+    cleared around each, since it would otherwise keep the first backend's; the patch is undone at the end."""
+    from gemma4_jax.kernels import numerics
+
+    counts = {}
+    try:
+        for backend in ("cpu", "gpu"):
+            monkeypatch.setattr(numerics.jax, "default_backend", lambda b=backend: b)
+            program.clear_cache()
+            counts[backend] = trace().count("optimization_barrier")
+    finally:
+        monkeypatch.undo()
+        program.clear_cache()
+    return counts

@@ -130,21 +130,15 @@ def test_float32_projections_of_one_input_stay_apart_on_a_gpu(hf_models, monkeyp
     """Each layer's q/k/v take their input through `numerics.unmerged` (float32 on a GPU: XLA would merge them into
     one wider, less exact product; tests/test_numerics.py has the text model's): barriers on a GPU for float32,
     none for bf16 and none on the CPU."""
-    from gemma4_jax.kernels import numerics
+    from hf_fixtures import barriers_by_backend
+
     from gemma4_jax.model import audio as audio_module
 
     audio = ours(hf_models[list(CASES)[0]], dtype)
     feats, mask = inputs()
-    traced = lambda: str(jax.make_jaxpr(lambda f, m: audio_features(audio, f, m))(feats, mask))  # noqa: E731
-    counts = {}
-    try:
-        for backend in ("cpu", "gpu"):
-            monkeypatch.setattr(numerics.jax, "default_backend", lambda b=backend: b)
-            audio_module._features.clear_cache()  # its program would be traced once, on the first backend's terms
-            counts[backend] = traced().count("optimization_barrier")
-    finally:
-        monkeypatch.undo()
-        audio_module._features.clear_cache()
+    counts = barriers_by_backend(
+        monkeypatch, lambda: str(jax.make_jaxpr(lambda f, m: audio_features(audio, f, m))(feats, mask)),
+        audio_module._features)
     assert counts["cpu"] == 0 and (counts["gpu"] > 0) == (dtype == jnp.float32), counts
 
 

@@ -136,21 +136,17 @@ def test_float32_projections_of_one_input_stay_apart_on_a_gpu(case, monkeypatch,
     """Each layer's q/k/v and gate/up take their input through `numerics.unmerged` (float32 on a GPU: XLA would merge
     them into one wider, less exact product; tests/test_numerics.py has the text model's): a barrier a group a
     layer on a GPU for float32, none for bf16 and none on the CPU."""
-    from gemma4_jax.kernels import numerics
+    from hf_fixtures import barriers_by_backend
+
     from gemma4_jax.model import vision
 
     _, _, state, cfg, (pv, pos, _) = case
     model = load_vision(state, cfg, dtype)
     n = num_soft_tokens(pos, cfg.pooling_kernel_size)
-    traced = lambda: str(jax.make_jaxpr(lambda p, q: image_features(model, p, q, num_tokens=n))(pv, pos))  # noqa: E731
-    try:
-        for backend, barriers in (("cpu", 0), ("gpu", 2 if dtype == jnp.float32 else 0)):  # layers are scanned
-            monkeypatch.setattr(numerics.jax, "default_backend", lambda b=backend: b)
-            vision._image_features.clear_cache()  # its program would be traced once, on the first backend's terms
-            assert traced().count("optimization_barrier") == barriers, backend
-    finally:
-        monkeypatch.undo()
-        vision._image_features.clear_cache()
+    counts = barriers_by_backend(
+        monkeypatch, lambda: str(jax.make_jaxpr(lambda p, q: image_features(model, p, q, num_tokens=n))(pv, pos)),
+        vision._image_features)
+    assert counts == {"cpu": 0, "gpu": 2 if dtype == jnp.float32 else 0}, counts  # layers are scanned
 
 
 def test_missing_or_misshaped_tensor_is_one_clear_error(case):

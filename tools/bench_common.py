@@ -7,6 +7,7 @@ parameter paths, the pipeline's split and stage leaves): when those move, this s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -221,6 +222,21 @@ def kl_per_token(ref: np.ndarray, other: np.ndarray) -> np.ndarray:
 
 
 # -- random models at a config's shapes: the benchmarks' calls into gemma4_jax's model building -------------------
+
+
+@contextlib.contextmanager
+def torch_full_float32():
+    """float32 means float32 in torch inside this: TF32 off for CUDA matmuls and cuDNN convolutions (cuDNN's default
+    is TF32), as our float32 runs at full precision; both settings restored afterwards, for callers in the same
+    process."""
+    import torch
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def random_model(cfg: Gemma4Config, attn_impl: str = "auto", pp: int = 1, dtype: str = "bfloat16") -> Gemma4Model:

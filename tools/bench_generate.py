@@ -86,6 +86,7 @@ from bench_common import (
     random_model,
     read_bandwidth,
     seconds_once,
+    torch_full_float32,
     weight_arrays,
 )
 
@@ -767,7 +768,12 @@ class CudagraphWatch:
 
 def _transformers(args, res: dict, progress: Progress) -> None:
     """The same shapes through transformers' Gemma4ForCausalLM (in --dtype, built once): eager, and static cache +
-    compile for `--compile-batches`; into `res["transformers"]`."""
+    compile for `--compile-batches`; into `res["transformers"]`. float32 without TF32, as ours runs it."""
+    with torch_full_float32():
+        _transformers_runs(args, res, progress)
+
+
+def _transformers_runs(args, res: dict, progress: Progress) -> None:
     import gc
 
     import torch
@@ -789,10 +795,8 @@ def _transformers(args, res: dict, progress: Progress) -> None:
 
     t0 = time.perf_counter()
     try:
-        # in --dtype from the start (bf16 by default: a 31B model in float32 would not fit); float32 without TF32,
-        # as ours runs it
+        # in --dtype from the start (bf16 by default: a 31B model in float32 would not fit)
         dtype = getattr(torch, getattr(args, "dtype", "bfloat16"))
-        torch.backends.cuda.matmul.allow_tf32 = False
         with torch.device(device):
             config = Gemma4TextConfig(**{k: v for k, v in raw.items() if k != "model_type"})
             model = Gemma4ForCausalLM._from_config(config, dtype=dtype).eval()

@@ -139,16 +139,16 @@ def op_errors() -> dict:
         return torch.nn.functional.linear(x, w.T.contiguous())
 
     cases = {  # name: (jax fn, torch fn, float64 fn, inputs)
-        "matmul 768x2816x2112": (jax_matmul, lambda x, w: x @ w, lambda x, w: x @ w, (x, w)),
+        "matmul 768x2816x2112": (jax_matmul, operator.matmul, operator.matmul, (x, w)),
     }
     for name, (k, heads) in PROJECTIONS.items():  # the projections as each side runs them in the model
         pa, pw = rng.standard_normal((768, k), np.float32), rng.standard_normal((k, heads * 256), np.float32)
         cases[f"{name} 768x{k}x{heads * 256}"] = (
             lambda x, w, h=heads: numerics.einsum("TD,DNH->TNH", x, w.reshape(w.shape[0], h, 256)).reshape(
                 x.shape[0], -1),
-            torch_linear, lambda x, w: x @ w, (pa, pw))
+            torch_linear, operator.matmul, (pa, pw))
     qkv = [rng.standard_normal((2816, n), np.float32) for n in (4096, 2048, 2048)]  # XLA merges such siblings
-    cases["matmul 768x2816x8192"] = (jax_matmul, torch_linear, lambda x, w: x @ w,  # q, k, v's width, as one
+    cases["matmul 768x2816x8192"] = (jax_matmul, torch_linear, operator.matmul,  # q, k, v's width, as one
                                      (x, np.concatenate(qkv, -1)))
     cases["q, k, v of one input 768x2816x(4096+2048+2048)"] = (
         lambda x, *ws: jnp.concatenate([jax_matmul(x, w) for w in ws], -1),

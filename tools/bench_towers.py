@@ -34,7 +34,7 @@ import tempfile
 import time
 
 import numpy as np
-from bench_common import save_json
+from bench_common import save_json, torch_full_float32
 
 # The real towers (docs/architecture.md §1 and §5; the published config.json's `vision_config` / `audio_config`).
 VISION_SMALL = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=16, num_attention_heads=12,
@@ -301,23 +301,18 @@ def report(tower: str, r: dict) -> None:
 
 
 def run(args) -> dict:
-    import torch
-
     if not 1 <= args.images <= len(IMAGE_SIZES):
         raise SystemExit(f"--images must be 1..{len(IMAGE_SIZES)}")
     towers = [t.strip() for t in args.towers.split(",") if t.strip()]
     if not towers or not set(towers) <= {"vision", "audio"}:
         raise SystemExit(f"--towers {args.towers!r}: vision, audio or both")
-    # Torch shares the GPU, so JAX allocates as it goes; float32 means float32 in torch (cuDNN convolutions
-    # default to TF32). Both restored afterwards, for callers in the same process.
+    # Torch shares the GPU, so JAX allocates as it goes (restored afterwards, for callers in the same process).
     env = os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE")
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = env or "false"
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
-        return _run(args, towers)
+        with torch_full_float32():
+            return _run(args, towers)
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         if env is None:
             os.environ.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)
 
