@@ -86,6 +86,11 @@ def einsum(eq: str, a: jax.Array, b: jax.Array, **kw) -> jax.Array:
     return contract(lambda x, y: jnp.einsum(eq, x, y, **kw), a, b, la.index(c), lb.index(c))
 
 
+def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    """`a @ b` for a 2-D `b` (a's last axis against b's first), that axis blocked by `contract`."""
+    return contract(jnp.matmul, a, b, a.ndim - 1, 0)
+
+
 def gelu_tanh(x: jax.Array) -> jax.Array:
     """½x(1 + tanh(√(2/π)(x + 0.044715x³))); for float32 as x / (1 + exp(−2u)) (see the module note)."""
     if x.dtype != jnp.float32:

@@ -239,9 +239,9 @@ class ClippableLinear(nnx.Module):
 
     def __call__(self, x):
         if not self.clipped:
-            return x @ self.weight[...]
+            return numerics.matmul(x, self.weight[...])
         lo_in, hi_in, lo_out, hi_out = (self.bounds[..., i] for i in range(4))
-        return jnp.clip(jnp.clip(x, lo_in, hi_in) @ self.weight[...], lo_out, hi_out)
+        return jnp.clip(numerics.matmul(jnp.clip(x, lo_in, hi_in), self.weight[...]), lo_out, hi_out)
 
 
 class FeedForward(nnx.Module):
@@ -295,7 +295,7 @@ class ChunkedAttention(nnx.Module):
         q_bucnh = jnp.pad(q, ((0, 0), (0, u * c - t), (0, 0), (0, 0))).reshape(b, u, c, n, h)
         k_buwnh, v_buwnh = key_blocks(k, cfg), key_blocks(v, cfg)
         # The relative keys are projected in the parameter dtype (as transformers does), then float32.
-        r_lnh = (pos_ld @ self.rel_k[...]).astype(F32).reshape(-1, n, h)
+        r_lnh = numerics.matmul(pos_ld, self.rel_k[...]).astype(F32).reshape(-1, n, h)
         content = jnp.einsum("BUCNH,BUWNH->BNUCW", q_bucnh, k_buwnh)
         position = rel_shift(jnp.einsum("BUCNH,LNH->BNUCL", q_bucnh, r_lnh), w)
         logits = softcap(content + position, cfg.logit_cap)
@@ -384,7 +384,7 @@ class AudioTower(nnx.Module):
         if f * c != cfg.proj_in:
             raise ConfigError(f"audio features with {feats_btf.shape[-1]} mel bins give {f}×{c} values per frame "
                               f"after subsampling; this audio config expects {cfg.proj_in}")
-        return x.reshape(b, t, f * c) @ self.input_proj[...], valid_bt
+        return numerics.matmul(x.reshape(b, t, f * c), self.input_proj[...]), valid_bt
 
     def __call__(self, feats_btf: jax.Array, valid_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
         cfg = self.cfg
@@ -397,7 +397,7 @@ class AudioTower(nnx.Module):
             return nnx.merge(graphdef, layer_state)(x, pos_ld, valid_bucw), None
 
         x, _ = jax.lax.scan(body, x, stack)
-        return x @ self.output_proj[...] + self.output_bias[...], valid
+        return numerics.matmul(x, self.output_proj[...]) + self.output_bias[...], valid
 
 
 class AudioEmbedder(nnx.Module):
@@ -408,7 +408,7 @@ class AudioEmbedder(nnx.Module):
         self.proj = _param(rngs, (cfg.output_dims, cfg.text_hidden_size), ("audio_out", "embed"), dtype, None)
 
     def __call__(self, x_bto):
-        return rms_norm(x_bto, None, self.eps) @ self.proj[...]
+        return numerics.matmul(rms_norm(x_bto, None, self.eps), self.proj[...])
 
 
 class Gemma4Audio(nnx.Module):

@@ -145,7 +145,7 @@ def bidirectional_attention(q_bpnh, k_bskh, v_bskh, key_valid_bs) -> jax.Array:
     scores = jnp.einsum("BPKGH,BSKH->BKGPS", q, k_bskh, preferred_element_type=F32)
     scores = jnp.where(key_valid_bs[:, None, None, None, :], scores, jnp.finfo(F32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)  # softmax in float32
-    out = jnp.einsum("BKGPS,BSKH->BPKGH", probs, v_bskh, preferred_element_type=F32)
+    out = numerics.einsum("BKGPS,BSKH->BPKGH", probs, v_bskh, preferred_element_type=F32)
     return out.astype(q_bpnh.dtype).reshape(b, p, n, h)
 
 
@@ -209,7 +209,7 @@ class ClippedLinear(nnx.Module):
         if self.clipped:
             c = self.clip[...].astype(x.dtype)
             x = jnp.clip(x, c[0], c[1])
-        y = jnp.einsum(self.spec, x, self.w[...])
+        y = numerics.einsum(self.spec, x, self.w[...])
         if self.clipped:
             y = jnp.clip(y, c[2], c[3])
         return y
@@ -268,7 +268,7 @@ class VisionTower(nnx.Module):
     def embed_patches(self, pixel_values_bpc, position_ids_bp2, pad_bp):
         """Linear patch embedding of 2·pixel−1 (the model's only input normalisation) + x/y position tables."""
         pv = 2 * (pixel_values_bpc - 0.5)  # in the processor's dtype (float32), then cast, as transformers does
-        x = jnp.einsum("BPC,CD->BPD", pv.astype(self.dtype), self.patch_proj[...])
+        x = numerics.einsum("BPC,CD->BPD", pv.astype(self.dtype), self.patch_proj[...])
         pos = jnp.maximum(position_ids_bp2, 0)  # padding (-1) looks up row 0 and is zeroed below
         table = self.pos_table[...]
         pe = table[0][pos[..., 0]] + table[1][pos[..., 1]]
@@ -323,7 +323,7 @@ class MultimodalEmbedder(nnx.Module):
         self.proj = _param(rngs, (cfg.hidden_size, cfg.text_hidden_size), ("vision_embed", "embed"), dtype, None)
 
     def __call__(self, h_bld):
-        return jnp.einsum("BLD,DE->BLE", rms_norm(h_bld, None, self.eps), self.proj[...])
+        return numerics.einsum("BLD,DE->BLE", rms_norm(h_bld, None, self.eps), self.proj[...])
 
 
 class VisionModel(nnx.Module):
