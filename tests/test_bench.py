@@ -582,6 +582,39 @@ def test_towers_bench_scores_tiny_towers(tmp_path):
         assert ratio == pytest.approx(runs["ours_f32"]["max_rel"] / runs["transformers_f32"]["max_rel"])
 
 
+def test_towers_bench_runs_vision_parts_in_float64(tmp_path):
+    """`bench.py towers --f64-parts`: one run of ours per part with that part in float64, each a different result
+    from plain float32 (the part was swapped in), and with every part in float64 ours comes closer to the float64
+    reference than in plain float32 (only the parts' own float32 roundings are left). The bench turns JAX's float64
+    on for its whole process, so it runs in a subprocess here."""
+    import bench_towers
+
+    out = tmp_path / "towers.json"
+    run = _run_bench(["towers", "--tiny", "--towers", "vision", "--images", "1", "--image-tokens", "70",
+                      "--f64-parts", ",".join(bench_towers.VISION_F64_PARTS), "--json", str(out)])
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    runs = json.loads(out.read_text())["towers"]["vision"]["runs"]
+    base = runs["ours_f32"]
+    for part in bench_towers.VISION_F64_PARTS:
+        assert runs[f"ours_f32+f64:{part}"] != base, (part, runs)
+    every = runs["ours_f32+f64:" + ",".join(bench_towers.VISION_F64_PARTS)]
+    assert every["max_rel"] < base["max_rel"] and every["mean_rel"] < 0.8 * base["mean_rel"], runs
+
+
+@pytest.mark.parametrize("args,sentence", [
+    (["--f64-parts", "attention,softmax"],
+     "bench.py towers: --f64-parts softmax is not a part of the vision tower (the parts: attention, linears, norms, "
+     "gelu, rope, patches, embedder)."),
+    (["--towers", "audio", "--f64-parts", "norms"],
+     "bench.py towers: --f64-parts names parts of the vision tower; add vision to --towers."),
+])
+def test_towers_bench_f64_parts_say_what_is_wrong(tmp_path, args, sentence):
+    run = _run_bench(["towers", "--tiny", *args, "--json", str(tmp_path / "o")])
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert run.stderr.strip().splitlines() == [sentence]
+    assert not os.listdir(tmp_path)
+
+
 def _queue(args: list[str], tmp_path, queue: str, cwd=None):
     path = tmp_path / "queue.txt"
     path.write_text(queue)

@@ -24,6 +24,11 @@ extractor. Each tower's soft tokens (what `Gemma4Model.forward` scatters into th
 
 Against the reference: max rel = max|Δ| / max|ref| and mean rel = mean|Δ| / mean|ref| over the soft tokens
 (valid audio frames only); then ours ÷ transformers for each metric, in float32 and in bfloat16.
+
+`--f64-parts attention,linears,...` (the vision tower; JAX runs with float64 enabled) adds one run of ours in
+float32 per named part with that part computed in float64 (its inputs cast up, its result rounded back to float32),
+and one with all the named parts so: whichever part's float64 run drops ours' error the most is where our excess
+over transformers' float32 enters. Parts: VISION_F64_PARTS.
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ TINY_TEXT_WIDTH = 48
 # (height, width) of the synthetic images, in order; the processor resizes each to the soft-token budget.
 IMAGE_SIZES = [(480, 640), (300, 1100), (900, 700), (256, 256), (1024, 512), (200, 320)]
 RUNS = ("transformers_f32", "ours_f32", "transformers_bf16", "ours_bf16")
+# `--f64-parts`: the vision tower's parts that can run in float64 inside a float32 run (`vision_parts_in_float64`).
+VISION_F64_PARTS = ("attention", "linears", "norms", "gelu", "rope", "patches", "embedder")
 
 
 def add_parser(sub) -> None:
@@ -73,6 +80,9 @@ def add_parser(sub) -> None:
     p.add_argument("--image-tokens", type=int, default=280, help="soft-token budget per image (70/140/280/560/1120)")
     p.add_argument("--audio-seconds", type=float, default=8.0, help="the longer clip; the other is 60 %% of it")
     p.add_argument("--tiny", action="store_true", help="test-sized towers and text width (CPU smoke tests)")
+    p.add_argument("--f64-parts", default="",
+                   help="vision only: comma-separated parts of ours to rerun in float64, one run each and one with all "
+                        f"({', '.join(VISION_F64_PARTS)}), to say where our float32 error enters")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     p.set_defaults(func=run)
@@ -102,6 +112,78 @@ def float64_throughout(torch):
         yield
     finally:
         torch.Tensor.float, F.softmax = tensor_float, softmax
+
+
+@contextlib.contextmanager
+def vision_parts_in_float64(parts):
+    """Within this, the named parts of `gemma4_jax.model.vision` take their inputs in float64 and round their result
+    back to the input's dtype (JAX's float64 must be on). Compiled programs are dropped on entry and exit, so each
+    run traces the model as patched."""
+    import jax
+    import jax.numpy as jnp
+
+    from gemma4_jax.model import vision as V
+
+    f64 = jnp.float64
+
+    def attention(q, k, v, key_valid):
+        b, p, n, h = q.shape
+        kv = k.shape[2]
+        s = jnp.einsum("BPKGH,BSKH->BKGPS", q.astype(f64).reshape(b, p, kv, n // kv, h), k.astype(f64))
+        probs = jax.nn.softmax(jnp.where(key_valid[:, None, None, None, :], s, jnp.finfo(f64).min), axis=-1)
+        return jnp.einsum("BKGPS,BSKH->BPKGH", probs, v.astype(f64)).astype(q.dtype).reshape(b, p, n, h)
+
+    def wide(fn):  # fn on float64 copies of its array arguments, the result in the first one's dtype
+        def call(x, *rest):
+            return fn(x.astype(f64), *(r if r is None or isinstance(r, float) else r.astype(f64) for r in rest)
+                      ).astype(x.dtype)
+        return call
+
+    class Float64Weight:  # what a ClippedLinear's `w[...]` gives inside its float64 call
+        def __init__(self, w):
+            self.w = w
+
+        def __getitem__(self, index):
+            return self.w[index].astype(f64)
+
+    def linear(self, x):
+        w, self.w = self.w, Float64Weight(self.w)
+        try:
+            return linear_f32(self, x.astype(f64)).astype(x.dtype)
+        finally:
+            self.w = w
+
+    def norm(x, weight, eps):  # `rms_norm` computes in float32 whatever its input
+        y = x.astype(f64) * (jnp.mean(jnp.square(x.astype(f64)), axis=-1, keepdims=True) + eps) ** -0.5
+        return (y if weight is None else y * weight.astype(f64)).astype(x.dtype)
+
+    def embedder(self, h):
+        y = h.astype(f64) * (jnp.mean(jnp.square(h.astype(f64)), axis=-1, keepdims=True) + self.eps) ** -0.5
+        return jnp.einsum("BLD,DE->BLE", y,
+                          self.proj[...].astype(f64)).astype(h.dtype)
+
+    def patches(self, pixel_values, position_ids, pad):
+        x = jnp.einsum("BPC,CD->BPD", 2 * (pixel_values.astype(f64) - 0.5), self.patch_proj[...].astype(f64))
+        pos, table = jnp.maximum(position_ids, 0), self.pos_table[...].astype(f64)
+        pe = table[0][pos[..., 0]] + table[1][pos[..., 1]]
+        return (x + jnp.where(pad[..., None], 0.0, pe)).astype(self.dtype)
+
+    linear_f32 = V.ClippedLinear.__call__
+    where = {"attention": (V, "bidirectional_attention", attention), "linears": (V.ClippedLinear, "__call__", linear),
+             "norms": (V, "rms_norm", norm), "gelu": (V, "gelu", wide(V.gelu)),
+             "rope": (V, "apply_rope_2d", wide(V.apply_rope_2d)), "patches": (V.VisionTower, "embed_patches", patches),
+             "embedder": (V.MultimodalEmbedder, "__call__", embedder)}
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in (where[p] for p in parts)]
+    jax.clear_caches()
+    try:
+        for p in parts:
+            owner, name, fn = where[p]
+            setattr(owner, name, fn)
+        yield
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+        jax.clear_caches()
 
 
 def build(torch, tower: str, tower_cfg: dict, text_width: int, seed: int, dev: str):
@@ -277,6 +359,10 @@ def run_tower(tower: str, tower_cfg: dict, text_width: int, args, dev: str) -> d
     runs = {name: errors(ref, outs[name]) for name in RUNS}
     ratio = {bits: {k: runs[f"ours_{bits}"][k] / runs[f"transformers_{bits}"][k] for k in ("max_rel", "mean_rel")}
              for bits in ("f32", "bf16")}
+    parts = f64_parts(args) if tower == "vision" else []
+    for group in [[p] for p in parts] + ([parts] if len(parts) > 1 else []):
+        with vision_parts_in_float64(group):
+            runs["ours_f32+f64:" + ",".join(group)] = errors(ref, ours_out(jnp.float32)[0])
     return {"config": tower_cfg, "layers": tower_cfg["num_hidden_layers"], "params": int(params),
             "clipped_linears": n_clipped, "text_width": text_width, "inputs": inputs, "output": list(ref.shape),
             "runs": runs, "ours_over_transformers": ratio, "seconds": round(time.perf_counter() - t0, 1)}
@@ -292,10 +378,10 @@ def report(tower: str, r: dict) -> None:
     print(f"{tower}: {c['hidden_size']} wide, {r['layers']} layers, {r['params'] / 1e6:.1f} M parameters, "
           f"{r['clipped_linears']} clipped linears; inputs {r['inputs']}; soft tokens {r['output']} "
           f"({r['seconds']:.0f} s)", flush=True)
-    print(f"  {'run':18s} {'max|Δ|/max|ref|':>16s} {'mean|Δ|/mean|ref|':>18s}", flush=True)
-    for name in RUNS:
-        e = r["runs"][name]
-        print(f"  {name:18s} {e['max_rel']:16.2e} {e['mean_rel']:18.2e}", flush=True)
+    width = max(map(len, r["runs"]))
+    print(f"  {'run':{width}s} {'max|Δ|/max|ref|':>16s} {'mean|Δ|/mean|ref|':>18s}", flush=True)
+    for name, e in r["runs"].items():
+        print(f"  {name:{width}s} {e['max_rel']:16.2e} {e['mean_rel']:18.2e}", flush=True)
     for bits, q in r["ours_over_transformers"].items():
         print(f"  ours ÷ transformers ({bits}): max {q['max_rel']:.2f}×, mean {q['mean_rel']:.2f}×", flush=True)
 
@@ -306,6 +392,8 @@ def run(args) -> dict:
     towers = [t.strip() for t in args.towers.split(",") if t.strip()]
     if not towers or not set(towers) <= {"vision", "audio"}:
         raise SystemExit(f"--towers {args.towers!r}: vision, audio or both")
+    if f64_parts(args) and "vision" not in towers:
+        raise SystemExit("bench.py towers: --f64-parts names parts of the vision tower; add vision to --towers.")
     # Torch shares the GPU, so JAX allocates as it goes (restored afterwards, for callers in the same process).
     env = os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE")
     os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = env or "false"
@@ -317,10 +405,22 @@ def run(args) -> dict:
             os.environ.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)
 
 
+def f64_parts(args) -> list[str]:
+    parts = [p.strip() for p in getattr(args, "f64_parts", "").split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(VISION_F64_PARTS))
+    if unknown:
+        raise SystemExit(f"bench.py towers: --f64-parts {','.join(unknown)} is not a part of the vision tower "
+                         f"(the parts: {', '.join(VISION_F64_PARTS)}).")
+    return parts
+
+
 def _run(args, names: list[str]) -> dict:
     import jax
     import torch
     import transformers
+
+    if f64_parts(args):
+        jax.config.update("jax_enable_x64", True)  # before any array: the float64 parts need it
 
     from gemma4_jax.config import PRESETS
 
