@@ -134,10 +134,7 @@ def vision_parts_in_float64(parts):
         return jnp.einsum("BKGPS,BSKH->BPKGH", probs, v.astype(f64)).astype(q.dtype).reshape(b, p, n, h)
 
     def wide(fn):  # fn on float64 copies of its array arguments, the result in the first one's dtype
-        def call(x, *rest):
-            return fn(x.astype(f64), *(r if r is None or isinstance(r, float) else r.astype(f64) for r in rest)
-                      ).astype(x.dtype)
-        return call
+        return lambda *arrays: fn(*(a.astype(f64) for a in arrays)).astype(arrays[0].dtype)
 
     class Float64Weight:  # what a ClippedLinear's `w[...]` gives inside its float64 call
         def __init__(self, w):
@@ -153,14 +150,12 @@ def vision_parts_in_float64(parts):
         finally:
             self.w = w
 
-    def norm(x, weight, eps):  # `rms_norm` computes in float32 whatever its input
+    def norm64(x, weight, eps):  # `rms_norm` itself computes in float32 whatever its input
         y = x.astype(f64) * (jnp.mean(jnp.square(x.astype(f64)), axis=-1, keepdims=True) + eps) ** -0.5
-        return (y if weight is None else y * weight.astype(f64)).astype(x.dtype)
+        return y if weight is None else y * weight.astype(f64)
 
     def embedder(self, h):
-        y = h.astype(f64) * (jnp.mean(jnp.square(h.astype(f64)), axis=-1, keepdims=True) + self.eps) ** -0.5
-        return jnp.einsum("BLD,DE->BLE", y,
-                          self.proj[...].astype(f64)).astype(h.dtype)
+        return jnp.einsum("BLD,DE->BLE", norm64(h, None, self.eps), self.proj[...].astype(f64)).astype(h.dtype)
 
     def patches(self, pixel_values, position_ids, pad):
         x = jnp.einsum("BPC,CD->BPD", 2 * (pixel_values.astype(f64) - 0.5), self.patch_proj[...].astype(f64))
@@ -170,8 +165,9 @@ def vision_parts_in_float64(parts):
 
     linear_f32 = V.ClippedLinear.__call__
     where = {"attention": (V, "bidirectional_attention", attention), "linears": (V.ClippedLinear, "__call__", linear),
-             "norms": (V, "rms_norm", norm), "gelu": (V, "gelu", wide(V.gelu)),
-             "rope": (V, "apply_rope_2d", wide(V.apply_rope_2d)), "patches": (V.VisionTower, "embed_patches", patches),
+             "norms": (V, "rms_norm", lambda x, w, eps: norm64(x, w, eps).astype(x.dtype)),
+             "gelu": (V, "gelu", wide(V.gelu)), "rope": (V, "apply_rope_2d", wide(V.apply_rope_2d)),
+             "patches": (V.VisionTower, "embed_patches", patches),
              "embedder": (V.MultimodalEmbedder, "__call__", embedder)}
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in (where[p] for p in parts)]
     jax.clear_caches()
