@@ -123,6 +123,9 @@ def check_args(args: argparse.Namespace) -> None:
     check_cluster_args(args)
     check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed)
+    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
+        flag = "--top-k" if args.top_k is not None else "--top-p"
+        raise gemma4_jax.ConfigError(f"{flag} samples, so it needs --temperature above 0 (0 is greedy)")
     if args.pp < 1:
         raise gemma4_jax.ConfigError(f"--pp must be at least 1, got {args.pp}")
     if args.batch_size < 1:

@@ -202,6 +202,9 @@ def test_non_utf8_stdin():
     (["--max-new-tokens", "0"], "max_new_tokens must be at least 1"),
     (["--top-p", "1.5", "--model", "/no/such/dir"], "top_p must be in (0, 1]"),  # flags checked before loading
     (["--top-k", "0", "--model", "/no/such/dir"], "top_k must be between 1"),
+    # greedy would ignore them without a word
+    (["--top-p", "0.9", "--model", "/no/such/dir"], "--top-p samples, so it needs --temperature above 0 (0 is greedy)"),
+    (["--top-k", "5", "--temperature", "0", "--model", "/no/such/dir"], "--top-k samples, so it needs --temperature"),
     (["--think", "--no-chat", "--model", "/no/such/dir"], "--think and --show-thoughts need the chat template"),
     (["--show-thoughts", "--model", "/no/such/dir"], "--show-thoughts needs --think"),
     # argv's bytes as the shell passes them ($'caf\xe9'), as stdin's are checked
