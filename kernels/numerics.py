@@ -33,6 +33,10 @@ from jax import lax
 from jax.experimental.pallas import triton as plgpu
 
 ACC_BLOCK = 128
+# The backends whose float32 contractions `contract` sums in blocks. ("cpu", "gpu"): on a GPU too, only to measure
+# whether a GPU's own sums are what puts a float32 result further from exact (`bench.py towers
+# --blocked-sums-on-gpu`). Part of `dispatch.settings()`.
+BLOCKED_BACKENDS = ("cpu",)
 
 
 def kernel_dot(a: jax.Array, b: jax.Array, *, trans_b: bool = False) -> jax.Array:
@@ -44,10 +48,11 @@ def kernel_dot(a: jax.Array, b: jax.Array, *, trans_b: bool = False) -> jax.Arra
 def contract(fn: Callable[[jax.Array, jax.Array], jax.Array], a: jax.Array, b: jax.Array, a_axis: int,
              b_axis: int) -> jax.Array:
     """fn(a, b), a contraction linear in the paired axes a[a_axis] and b[b_axis], computed as a sum over
-    blocks of ACC_BLOCK along them when both operands are float32 on the CPU."""
+    blocks of ACC_BLOCK along them when both operands are float32 on the CPU (a backend in BLOCKED_BACKENDS)."""
     k = a.shape[a_axis]
     assert b.shape[b_axis] == k, (a.shape, a_axis, b.shape, b_axis)
-    if a.dtype != jnp.float32 or b.dtype != jnp.float32 or k <= ACC_BLOCK or jax.default_backend() != "cpu":
+    if (a.dtype != jnp.float32 or b.dtype != jnp.float32 or k <= ACC_BLOCK
+            or jax.default_backend() not in BLOCKED_BACKENDS):
         return fn(a, b)
     n, tail = divmod(k, ACC_BLOCK)
 

@@ -564,13 +564,16 @@ def test_cudagraph_watch_counts_the_skips_torch_logs():
 def test_towers_bench_scores_tiny_towers(tmp_path):
     """`bench.py towers --tiny`, in this process (no second start-up of jax, torch and transformers; the CPU here):
     both towers, ours and transformers' float32 within float32 rounding of the float64 reference, bfloat16 far
-    from it (so the scoring measures something)."""
+    from it (so the scoring measures something); `--blocked-sums-on-gpu` is recorded and undone after the run."""
     import bench
 
     out = tmp_path / "towers.json"
+    from gemma4_jax.kernels import numerics
+
     bench.main(["towers", "--tiny", "--images", "2", "--image-tokens", "70", "--audio-seconds", "1",
-                "--json", str(out)])
+                "--blocked-sums-on-gpu", "--json", str(out)])
     res = json.loads(out.read_text())
+    assert res["blocked_sums"] == ["cpu", "gpu"] and numerics.BLOCKED_BACKENDS == ("cpu",)  # and restored
     assert set(res["towers"]) == {"vision", "audio"} and res["card"] and res["transformers_on"] in ("cpu", "cuda")
     for name, tower in res["towers"].items():
         runs = tower["runs"]

@@ -203,3 +203,23 @@ def test_towers_float32_are_as_close_to_exact_as_transformers(case):
     res = bench_towers.run(args)["towers"][tower]
     ratio = res["ours_over_transformers"]["f32"]
     assert ratio["max_rel"] <= 1.2 and ratio["mean_rel"] <= 1.2, (case, res["runs"])
+
+
+@pytest.mark.parametrize("backends,blocked", [(("cpu",), False), (("cpu", "gpu"), True)])
+def test_contractions_are_blocked_on_the_backends_named(monkeypatch, backends, blocked):
+    """`numerics.contract` sums a long float32 contraction in blocks (a loop of ACC_BLOCK-term products) on the
+    backends in BLOCKED_BACKENDS, and hands it whole to XLA elsewhere: on a GPU only when the bench asks for it
+    (`bench.py towers --blocked-sums-on-gpu`). Either way the value is the product's; the knob keys the programs
+    (`dispatch.settings`)."""
+    from gemma4_jax.kernels import dispatch, numerics
+
+    before = dispatch.settings()
+    monkeypatch.setattr(numerics, "BLOCKED_BACKENDS", backends)
+    assert (dispatch.settings() != before) == blocked  # a program traced under the knob is another program
+    monkeypatch.setattr(numerics.jax, "default_backend", lambda: "gpu")
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(3, 4 * numerics.ACC_BLOCK + 5)).astype(np.float32)
+    b = rng.normal(size=(a.shape[1], 6)).astype(np.float32)
+    jaxpr = str(jax.make_jaxpr(lambda x, y: numerics.matmul(x, y))(a, b))  # a new function: no cached trace
+    assert ("scan" in jaxpr or "while" in jaxpr) == blocked, jaxpr  # fori_loop: a scan at a static trip count
+    np.testing.assert_allclose(np.asarray(numerics.matmul(a, b)), a.astype(np.float64) @ b, rtol=1e-5, atol=1e-5)

@@ -29,6 +29,9 @@ Against the reference: max rel = max|Δ| / max|ref| and mean rel = mean|Δ| / me
 float32 per named part with that part computed in float64 (its inputs cast up, its result rounded back to float32),
 and one with all the named parts so: whichever part's float64 run drops ours' error the most is where our excess
 over transformers' float32 enters. Parts: VISION_F64_PARTS.
+
+`--blocked-sums-on-gpu` sums ours' long float32 contractions in blocks of 128 on a GPU too (`numerics.contract`, as
+on the CPU; the towers' programs only), to say whether the GPU's own GEMM sums are what carries ours' excess there.
 """
 
 from __future__ import annotations
@@ -83,6 +86,8 @@ def add_parser(sub) -> None:
     p.add_argument("--f64-parts", default="",
                    help="vision only: comma-separated parts of ours to rerun in float64, one run each and one with all "
                         f"({', '.join(VISION_F64_PARTS)}), to say where our float32 error enters")
+    p.add_argument("--blocked-sums-on-gpu", action="store_true",
+                   help="ours' float32 contractions summed in blocks on a GPU too, as on the CPU (numerics.contract)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     p.set_defaults(func=run)
@@ -393,10 +398,16 @@ def run(args) -> dict:
     # Torch shares the GPU, so JAX allocates as it goes (restored afterwards, for callers in the same process).
     env = os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE")
     os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = env or "false"
+    from gemma4_jax.kernels import numerics
+
+    blocked = numerics.BLOCKED_BACKENDS
+    if getattr(args, "blocked_sums_on_gpu", False):
+        numerics.BLOCKED_BACKENDS = ("cpu", "gpu")
     try:
         with torch_full_float32():
             return _run(args, towers)
     finally:
+        numerics.BLOCKED_BACKENDS = blocked
         if env is None:
             os.environ.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)
 
@@ -419,6 +430,7 @@ def _run(args, names: list[str]) -> dict:
         jax.config.update("jax_enable_x64", True)  # before any array: the float64 parts need it
 
     from gemma4_jax.config import PRESETS
+    from gemma4_jax.kernels import numerics
 
     transformers.utils.logging.disable_progress_bar()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -427,6 +439,7 @@ def _run(args, names: list[str]) -> dict:
     res = {"preset": args.preset + (" (tiny)" if args.tiny else ""), "date": time.strftime("%Y-%m-%d"),
            "jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
            "card": jax.devices()[0].device_kind, "transformers_on": dev, "torch_tf32": False,
+           "blocked_sums": list(numerics.BLOCKED_BACKENDS),
            "text_width": text_width, "towers": {}}
     t0 = time.perf_counter()
     for tower in names:
