@@ -132,8 +132,7 @@ def op_errors() -> dict:
 
     from gemma4_jax.model.text import norm_linears
 
-    def jax_matmul(x, w):  # a plain product, as `linear` runs one
-        return numerics.einsum("MK,KN->MN", x, w)
+    jax_matmul = numerics.matmul  # a plain product, as `linear` runs one
 
     def torch_linear(x, w):  # transformers' projections: nn.Linear, the weight stored [out, in]
         return torch.nn.functional.linear(x, w.T.contiguous())

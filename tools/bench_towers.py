@@ -121,9 +121,9 @@ def float64_throughout(torch):
 
 @contextlib.contextmanager
 def vision_parts_in_float64(parts):
-    """Within this, the named parts of `gemma4_jax.model.vision` take their inputs in float64 and round their result
-    back to the input's dtype (JAX's float64 must be on). Compiled programs are dropped on entry and exit, so each
-    run traces the model as patched."""
+    """Within this, the named parts of `gemma4_jax.model.vision` run the model's own code on float64 inputs (and
+    float64 views of their weights) and round their result back to the input's dtype (JAX's float64 must be on).
+    Compiled programs are dropped on entry and exit, so each run traces the model as patched."""
     import jax
     import jax.numpy as jnp
 
@@ -131,49 +131,40 @@ def vision_parts_in_float64(parts):
 
     f64 = jnp.float64
 
-    def attention(q, k, v, key_valid):
-        b, p, n, h = q.shape
-        kv = k.shape[2]
-        s = jnp.einsum("BPKGH,BSKH->BKGPS", q.astype(f64).reshape(b, p, kv, n // kv, h), k.astype(f64))
-        probs = jax.nn.softmax(jnp.where(key_valid[:, None, None, None, :], s, jnp.finfo(f64).min), axis=-1)
-        return jnp.einsum("BKGPS,BSKH->BPKGH", probs, v.astype(f64)).astype(q.dtype).reshape(b, p, n, h)
+    def up(a):  # float arrays to float64; masks, eps and None as they are
+        return a.astype(f64) if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating) else a
 
-    def wide(fn):  # fn on float64 copies of its array arguments, the result in the first one's dtype
-        return lambda *arrays: fn(*(a.astype(f64) for a in arrays)).astype(arrays[0].dtype)
+    def wide(fn):  # fn on float64 copies of its float arguments, the result in the first one's dtype
+        return lambda x, *rest: fn(up(x), *map(up, rest)).astype(x.dtype)
 
-    class Float64Weight:  # what a ClippedLinear's `w[...]` gives inside its float64 call
+    class Float64Weight:  # what a module's `w[...]` gives inside its float64 call
         def __init__(self, w):
             self.w = w
 
         def __getitem__(self, index):
             return self.w[index].astype(f64)
 
-    def linear(self, x):
-        w, self.w = self.w, Float64Weight(self.w)
-        try:
-            return linear_f32(self, x.astype(f64)).astype(x.dtype)
-        finally:
-            self.w = w
+    def method(fn, weights):  # a module's method with the named weights (and its dtype) seen in float64
+        def call(self, x, *rest):
+            saved = {name: getattr(self, name) for name in (*weights, "dtype") if hasattr(self, name)}
+            for name in weights:
+                setattr(self, name, Float64Weight(saved[name]))
+            if "dtype" in saved:
+                self.dtype = jnp.dtype(f64)
+            try:
+                return fn(self, up(x), *map(up, rest)).astype(x.dtype)
+            finally:
+                for name, value in saved.items():
+                    setattr(self, name, value)
+        return call
 
-    def norm64(x, weight, eps):  # `rms_norm` itself computes in float32 whatever its input
-        y = x.astype(f64) * (jnp.mean(jnp.square(x.astype(f64)), axis=-1, keepdims=True) + eps) ** -0.5
-        return y if weight is None else y * weight.astype(f64)
-
-    def embedder(self, h):
-        return jnp.einsum("BLD,DE->BLE", norm64(h, None, self.eps), self.proj[...].astype(f64)).astype(h.dtype)
-
-    def patches(self, pixel_values, position_ids, pad):
-        x = jnp.einsum("BPC,CD->BPD", 2 * (pixel_values.astype(f64) - 0.5), self.patch_proj[...].astype(f64))
-        pos, table = jnp.maximum(position_ids, 0), self.pos_table[...].astype(f64)
-        pe = table[0][pos[..., 0]] + table[1][pos[..., 1]]
-        return (x + jnp.where(pad[..., None], 0.0, pe)).astype(self.dtype)
-
-    linear_f32 = V.ClippedLinear.__call__
-    where = {"attention": (V, "bidirectional_attention", attention), "linears": (V.ClippedLinear, "__call__", linear),
-             "norms": (V, "rms_norm", lambda x, w, eps: norm64(x, w, eps).astype(x.dtype)),
-             "gelu": (V, "gelu", wide(V.gelu)), "rope": (V, "apply_rope_2d", wide(V.apply_rope_2d)),
-             "patches": (V.VisionTower, "embed_patches", patches),
-             "embedder": (V.MultimodalEmbedder, "__call__", embedder)}
+    where = {"attention": (V, "bidirectional_attention", wide(V.bidirectional_attention)),
+             "linears": (V.ClippedLinear, "__call__", method(V.ClippedLinear.__call__, ("w",))),
+             "norms": (V, "rms_norm", wide(V.rms_norm)), "gelu": (V, "gelu", wide(V.gelu)),
+             "rope": (V, "apply_rope_2d", wide(V.apply_rope_2d)),
+             "patches": (V.VisionTower, "embed_patches",
+                         method(V.VisionTower.embed_patches, ("patch_proj", "pos_table"))),
+             "embedder": (V.MultimodalEmbedder, "__call__", method(V.MultimodalEmbedder.__call__, ("proj",)))}
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in (where[p] for p in parts)]
     jax.clear_caches()
     try:

@@ -36,11 +36,12 @@ F32 = jnp.float32
 
 
 def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:
-    """x · (mean(x²)+eps)^-½ · w, in float32, cast back. Gemma 4 weights multiply directly (no +1)."""
-    xf = x.astype(F32)
+    """x · (mean(x²)+eps)^-½ · w, in float32 (float64 for float64 x), cast back. Gemma 4 weights multiply directly
+    (no +1)."""
+    xf = x.astype(jnp.promote_types(x.dtype, F32))
     y = xf * jnp.power(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps, -0.5)
     if weight is not None:
-        y = y * weight.astype(F32)
+        y = y * weight.astype(xf.dtype)
     return y.astype(x.dtype)
 
 
@@ -169,7 +170,7 @@ def linear(eq: str, x: jax.Array, w: jax.Array, impl: str = "auto", into_element
         padded = dispatch.xla_rows(impl, rows=rows, k=k, n=wm.shape[1])
         if padded == rows:
             return numerics.einsum(eq, x, w)
-        y = numerics.einsum("MK,KN->MN", jnp.pad(xm, ((0, padded - rows), (0, 0))), wm)[:rows]
+        y = numerics.matmul(jnp.pad(xm, ((0, padded - rows), (0, 0))), wm)[:rows]
     else:
         summed = dispatch.GEMV_SUM_IN_KERNEL
         summed = summed is True or (summed == "norm" and not into_elementwise)

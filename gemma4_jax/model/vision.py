@@ -142,10 +142,11 @@ def bidirectional_attention(q_bpnh, k_bskh, v_bskh, key_valid_bs) -> jax.Array:
     b, p, n, h = q_bpnh.shape
     k = k_bskh.shape[2]
     q = q_bpnh.reshape(b, p, k, n // k, h)
-    scores = jnp.einsum("BPKGH,BSKH->BKGPS", q, k_bskh, preferred_element_type=F32)
+    acc = jnp.promote_types(q.dtype, F32)  # float32 (float64 for float64 inputs)
+    scores = jnp.einsum("BPKGH,BSKH->BKGPS", q, k_bskh, preferred_element_type=acc)
     scores = jnp.where(key_valid_bs[:, None, None, None, :], scores, jnp.finfo(F32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)  # softmax in float32
-    out = numerics.einsum("BKGPS,BSKH->BPKGH", probs, v_bskh, preferred_element_type=F32)
+    out = numerics.einsum("BKGPS,BSKH->BPKGH", probs, v_bskh, preferred_element_type=acc)
     return out.astype(q_bpnh.dtype).reshape(b, p, n, h)
 
 
