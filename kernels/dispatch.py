@@ -581,4 +581,5 @@ def settings() -> str:
              "L2_PREFETCH_NEXT_BYTES")
     return ",".join([f"{n}={globals()[n]!r}" for n in names]
                     + [f"gemv.{n}={getattr(gemv, n)!r}" for n in ("TARGET_PROGRAMS", "MIN_BLOCK_N", "MAX_SPLIT_K")]
-                    + [f"numerics.{n}={getattr(numerics, n)!r}" for n in ("FLOAT32_APART", "BLOCKED_BACKENDS")])
+                    + [f"numerics.{n}={getattr(numerics, n)!r}"
+                       for n in ("FLOAT32_APART", "BLOCKED_BACKENDS", "KEY_SUM_BACKENDS")])

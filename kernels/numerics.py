@@ -1,5 +1,5 @@
-"""float32 arithmetic as close to exact as torch's: blocked contractions on the CPU, unmerged products on a GPU and
-an accurate GELU-tanh.
+"""float32 arithmetic as close to exact as torch's: blocked contractions on the CPU (and over attention keys on a GPU),
+unmerged products on a GPU and an accurate GELU-tanh.
 
 XLA's CPU backend sums a float32 dot's contraction in one running total: over K = 2816 terms its error is about
 2.5× that of a blocked sum (torch's CPU matmul, cuBLAS on a GPU), which is what made our float32 drift from
@@ -37,6 +37,11 @@ ACC_BLOCK = 128
 # whether a GPU's own sums are what puts a float32 result further from exact (`bench.py towers
 # --blocked-sums-on-gpu`). Part of `dispatch.settings()`.
 BLOCKED_BACKENDS = ("cpu",)
+# The backends whose float32 sums over attention keys `contract` blocks (`backends=KEY_SUM_BACKENDS`: the vision
+# tower's probabilities × values, up to 2,520 keys an image). On a GPU too: on an H100 XLA's one product over the
+# keys was the vision tower's whole float32 excess over transformers (2.66× its max error, 0.86× with that product
+# in float64, 0.63× with every sum blocked; docs/multimodal.md, 2026-12-07). Part of `dispatch.settings()`.
+KEY_SUM_BACKENDS = ("cpu", "gpu")
 
 
 def kernel_dot(a: jax.Array, b: jax.Array, *, trans_b: bool = False) -> jax.Array:
@@ -46,13 +51,14 @@ def kernel_dot(a: jax.Array, b: jax.Array, *, trans_b: bool = False) -> jax.Arra
 
 
 def contract(fn: Callable[[jax.Array, jax.Array], jax.Array], a: jax.Array, b: jax.Array, a_axis: int,
-             b_axis: int) -> jax.Array:
+             b_axis: int, backends: tuple[str, ...] | None = None) -> jax.Array:
     """fn(a, b), a contraction linear in the paired axes a[a_axis] and b[b_axis], computed as a sum over
-    blocks of ACC_BLOCK along them when both operands are float32 on the CPU (a backend in BLOCKED_BACKENDS)."""
+    blocks of ACC_BLOCK along them when both operands are float32 on the CPU (a backend in `backends`, by default
+    BLOCKED_BACKENDS)."""
     k = a.shape[a_axis]
     assert b.shape[b_axis] == k, (a.shape, a_axis, b.shape, b_axis)
     if (a.dtype != jnp.float32 or b.dtype != jnp.float32 or k <= ACC_BLOCK
-            or jax.default_backend() not in BLOCKED_BACKENDS):
+            or jax.default_backend() not in (BLOCKED_BACKENDS if backends is None else backends)):
         return fn(a, b)
     n, tail = divmod(k, ACC_BLOCK)
 
@@ -80,15 +86,16 @@ def unmerged(a: jax.Array, n: int) -> list[jax.Array]:
     return list(lax.optimization_barrier((a,) * n))
 
 
-def einsum(eq: str, a: jax.Array, b: jax.Array, **kw) -> jax.Array:
-    """`jnp.einsum(eq, a, b, **kw)` for two operands, its longest contracted index blocked by `contract`."""
+def einsum(eq: str, a: jax.Array, b: jax.Array, backends: tuple[str, ...] | None = None, **kw) -> jax.Array:
+    """`jnp.einsum(eq, a, b, **kw)` for two operands, its longest contracted index blocked by `contract` (on
+    `backends`)."""
     ins, out = eq.split("->")
     la, lb = ins.split(",")
     summed = [c for c in la if c in lb and c not in out]
     if not summed:
         return jnp.einsum(eq, a, b, **kw)
     c = max(summed, key=lambda c: a.shape[la.index(c)])
-    return contract(lambda x, y: jnp.einsum(eq, x, y, **kw), a, b, la.index(c), lb.index(c))
+    return contract(lambda x, y: jnp.einsum(eq, x, y, **kw), a, b, la.index(c), lb.index(c), backends)
 
 
 def matmul(a: jax.Array, b: jax.Array) -> jax.Array:

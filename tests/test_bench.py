@@ -2,6 +2,7 @@
 
 import glob
 import json
+import math
 import os
 import subprocess
 import sys
@@ -564,16 +565,21 @@ def test_cudagraph_watch_counts_the_skips_torch_logs():
 def test_towers_bench_scores_tiny_towers(tmp_path):
     """`bench.py towers --tiny`, in this process (no second start-up of jax, torch and transformers; the CPU here):
     both towers, ours and transformers' float32 within float32 rounding of the float64 reference, bfloat16 far
-    from it (so the scoring measures something); `--blocked-sums-on-gpu` is recorded and undone after the run."""
+    from it (so the scoring measures something); `--blocked-sums-on-gpu` and `--key-sums-whole` are recorded and
+    undone after the run; `--time` gives each tower's forward a finite, positive time in both dtypes."""
     import bench
 
     out = tmp_path / "towers.json"
     from gemma4_jax.kernels import numerics
 
     bench.main(["towers", "--tiny", "--images", "2", "--image-tokens", "70", "--audio-seconds", "1",
-                "--blocked-sums-on-gpu", "--json", str(out)])
+                "--blocked-sums-on-gpu", "--key-sums-whole", "--time", "2", "--json", str(out)])
     res = json.loads(out.read_text())
     assert res["blocked_sums"] == ["cpu", "gpu"] and numerics.BLOCKED_BACKENDS == ("cpu",)  # and restored
+    assert res["key_sums_blocked"] == ["cpu"] and numerics.KEY_SUM_BACKENDS == ("cpu", "gpu")
+    for tower in res["towers"].values():
+        assert set(tower["ours_ms"]) == {"f32", "bf16"}
+        assert all(math.isfinite(ms) and ms > 0 for ms in tower["ours_ms"].values()), tower["ours_ms"]
     assert set(res["towers"]) == {"vision", "audio"} and res["card"] and res["transformers_on"] in ("cpu", "cuda")
     for name, tower in res["towers"].items():
         runs = tower["runs"]

@@ -223,3 +223,29 @@ def test_contractions_are_blocked_on_the_backends_named(monkeypatch, backends, b
     jaxpr = str(jax.make_jaxpr(lambda x, y: numerics.matmul(x, y))(a, b))  # a new function: no cached trace
     assert ("scan" in jaxpr or "while" in jaxpr) == blocked, jaxpr  # fori_loop: a scan at a static trip count
     np.testing.assert_allclose(np.asarray(numerics.matmul(a, b)), a.astype(np.float64) @ b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,blocked", [(np.float32, True), ("bfloat16", False)])
+def test_vision_attention_blocks_its_key_sum_on_a_gpu(monkeypatch, dtype, blocked):
+    """On a GPU the vision attention's float32 sum over keys is blocked (`numerics.KEY_SUM_BACKENDS`; XLA's one
+    product there carried the vision tower's whole float32 excess on an H100) while the other float32 contractions
+    are not (BLOCKED_BACKENDS); bf16 is never blocked. The output is softmax(q·k) @ v all the same."""
+    from gemma4_jax.kernels import numerics
+    from gemma4_jax.model.vision import bidirectional_attention
+
+    monkeypatch.setattr(numerics.jax, "default_backend", lambda: "gpu")
+    rng = np.random.default_rng(1)
+    b, p, n, s, h = 1, 5, 2, 3 * numerics.ACC_BLOCK + 7, 8
+    q, k, v = (jax.numpy.asarray(rng.normal(size=shape), dtype) for shape in ((b, p, n, h), (b, s, 1, h), (b, s, 1, h)))
+    valid = jax.numpy.asarray(np.arange(s)[None] < s - 3)
+    jaxpr = str(jax.make_jaxpr(bidirectional_attention)(q, k, v, valid))
+    assert ("scan" in jaxpr or "while" in jaxpr) == blocked, jaxpr
+    assert "scan" not in str(jax.make_jaxpr(numerics.matmul)(q[0, :, 0].astype(np.float32), k[0, :, 0].T))
+    q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, k, v))
+    scores = np.einsum("bpnh,bsh->bnps", q64, k64[:, :, 0])
+    scores = np.where(np.asarray(valid)[:, None, None], scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    want = np.einsum("bnps,bsh->bpnh", probs / probs.sum(-1, keepdims=True), v64[:, :, 0])
+    tol = 1e-5 if blocked else 3e-2
+    np.testing.assert_allclose(np.asarray(bidirectional_attention(q, k, v, valid), np.float64), want, rtol=tol,
+                               atol=tol)

@@ -32,6 +32,11 @@ over transformers' float32 enters. Parts: VISION_F64_PARTS.
 
 `--blocked-sums-on-gpu` sums ours' long float32 contractions in blocks of 128 on a GPU too (`numerics.contract`, as
 on the CPU; the towers' programs only), to say whether the GPU's own GEMM sums are what carries ours' excess there.
+`--key-sums-whole` leaves the vision attention's sum over keys whole on a GPU (`numerics.KEY_SUM_BACKENDS` without
+"gpu"), as before 2026-12-07: the error and the time that blocking it changes.
+
+`--time N` also times ours' forward (float32 and bfloat16, the compiled call N times after a first one, the median
+wall time in ms with the result on the device), to put a numerics change's cost beside its error.
 """
 
 from __future__ import annotations
@@ -88,6 +93,11 @@ def add_parser(sub) -> None:
                         f"({', '.join(VISION_F64_PARTS)}), to say where our float32 error enters")
     p.add_argument("--blocked-sums-on-gpu", action="store_true",
                    help="ours' float32 contractions summed in blocks on a GPU too, as on the CPU (numerics.contract)")
+    p.add_argument("--key-sums-whole", action="store_true",
+                   help="the vision attention's float32 sum over keys whole on a GPU (numerics.KEY_SUM_BACKENDS), "
+                        "as before it was blocked there")
+    p.add_argument("--time", type=int, default=0, metavar="N",
+                   help="time ours' forward N times (float32 and bfloat16; median ms after a first call)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     p.set_defaults(func=run)
@@ -288,11 +298,10 @@ def run_tower(tower: str, tower_cfg: dict, text_width: int, args, dev: str) -> d
 
         cfg = VisionConfig.from_hf(hf.config.to_dict())
 
-        def ours_out(dtype):
+        def ours_call(dtype):  # the forward on a loaded model: its result on the device, and what is valid
             model = load_vision(state, cfg, dtype)
-            with precision_scope(jnp.dtype(dtype).name):
-                # The token count from the processor, as `multimodal.Towers.image_features` passes it.
-                return np.asarray(image_features(model, pv, pos, sum(per_image)), np.float64), None
+            # The token count from the processor, as `multimodal.Towers.image_features` passes it.
+            return lambda: (image_features(model, pv, pos, sum(per_image)), None)
     else:
         from gemma4_jax.model.audio import AudioConfig, audio_features, load_audio
 
@@ -306,11 +315,15 @@ def run_tower(tower: str, tower_cfg: dict, text_width: int, args, dev: str) -> d
 
         cfg = AudioConfig.from_hf(hf.config.to_dict())
 
-        def ours_out(dtype):
+        def ours_call(dtype):
             model = load_audio(cfg, state, dtype)
-            with precision_scope(jnp.dtype(dtype).name):
-                got, valid = audio_features(model, feats, mask)
-                return np.asarray(got, np.float64), np.asarray(valid)
+            return lambda: audio_features(model, feats, mask)
+
+    def ours_out(dtype):
+        call = ours_call(dtype)
+        with precision_scope(jnp.dtype(dtype).name):
+            got, valid = call()
+            return np.asarray(got, np.float64), None if valid is None else np.asarray(valid)
 
     def hf_run(m):
         with torch.no_grad():
@@ -355,9 +368,30 @@ def run_tower(tower: str, tower_cfg: dict, text_width: int, args, dev: str) -> d
     for group in [[p] for p in parts] + ([parts] if len(parts) > 1 else []):
         with vision_parts_in_float64(group):
             runs["ours_f32+f64:" + ",".join(group)] = errors(ref, ours_out(jnp.float32)[0])
-    return {"config": tower_cfg, "layers": tower_cfg["num_hidden_layers"], "params": int(params),
-            "clipped_linears": n_clipped, "text_width": text_width, "inputs": inputs, "output": list(ref.shape),
-            "runs": runs, "ours_over_transformers": ratio, "seconds": round(time.perf_counter() - t0, 1)}
+    out = {"config": tower_cfg, "layers": tower_cfg["num_hidden_layers"], "params": int(params),
+           "clipped_linears": n_clipped, "text_width": text_width, "inputs": inputs, "output": list(ref.shape),
+           "runs": runs, "ours_over_transformers": ratio}
+    if getattr(args, "time", 0):
+        out["ours_ms"] = {bits: time_call(ours_call(dtype), jnp.dtype(dtype).name, args.time)
+                          for bits, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16))}
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def time_call(call, precision: str, n: int) -> float:
+    """The median wall time in ms of `call()` (its result on the device) over n calls after a first one."""
+    import jax
+
+    from gemma4_jax.api import precision_scope
+
+    with precision_scope(precision):
+        jax.block_until_ready(call())
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            jax.block_until_ready(call())
+            times.append(time.perf_counter() - t)
+    return round(1e3 * float(np.median(times)), 3)
 
 
 def empty_cache(torch) -> None:
@@ -376,6 +410,8 @@ def report(tower: str, r: dict) -> None:
         print(f"  {name:{width}s} {e['max_rel']:16.2e} {e['mean_rel']:18.2e}", flush=True)
     for bits, q in r["ours_over_transformers"].items():
         print(f"  ours ÷ transformers ({bits}): max {q['max_rel']:.2f}×, mean {q['mean_rel']:.2f}×", flush=True)
+    for bits, ms in r.get("ours_ms", {}).items():
+        print(f"  ours' forward ({bits}): {ms:.3f} ms (median)", flush=True)
 
 
 def run(args) -> dict:
@@ -391,14 +427,18 @@ def run(args) -> dict:
     os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = env or "false"
     from gemma4_jax.kernels import numerics
 
-    blocked = numerics.BLOCKED_BACKENDS
+    if getattr(args, "time", 0) < 0:
+        raise SystemExit(f"bench.py towers: --time {args.time}: a count of calls, 0 or more.")
+    blocked, key_sums = numerics.BLOCKED_BACKENDS, numerics.KEY_SUM_BACKENDS
     if getattr(args, "blocked_sums_on_gpu", False):
         numerics.BLOCKED_BACKENDS = ("cpu", "gpu")
+    if getattr(args, "key_sums_whole", False):
+        numerics.KEY_SUM_BACKENDS = tuple(b for b in key_sums if b != "gpu")
     try:
         with torch_full_float32():
             return _run(args, towers)
     finally:
-        numerics.BLOCKED_BACKENDS = blocked
+        numerics.BLOCKED_BACKENDS, numerics.KEY_SUM_BACKENDS = blocked, key_sums
         if env is None:
             os.environ.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)
 
@@ -430,7 +470,7 @@ def _run(args, names: list[str]) -> dict:
     res = {"preset": args.preset + (" (tiny)" if args.tiny else ""), "date": time.strftime("%Y-%m-%d"),
            "jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
            "card": jax.devices()[0].device_kind, "transformers_on": dev, "torch_tf32": False,
-           "blocked_sums": list(numerics.BLOCKED_BACKENDS),
+           "blocked_sums": list(numerics.BLOCKED_BACKENDS), "key_sums_blocked": list(numerics.KEY_SUM_BACKENDS),
            "text_width": text_width, "towers": {}}
     t0 = time.perf_counter()
     for tower in names:

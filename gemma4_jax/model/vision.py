@@ -146,7 +146,9 @@ def bidirectional_attention(q_bpnh, k_bskh, v_bskh, key_valid_bs) -> jax.Array:
     scores = jnp.einsum("BPKGH,BSKH->BKGPS", q, k_bskh, preferred_element_type=acc)
     scores = jnp.where(key_valid_bs[:, None, None, None, :], scores, jnp.finfo(F32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)  # softmax in float32
-    out = numerics.einsum("BKGPS,BSKH->BPKGH", probs, v_bskh, preferred_element_type=acc)
+    # The sum over keys blocked on a GPU too (numerics.KEY_SUM_BACKENDS: XLA's one product there sums far from exact).
+    out = numerics.einsum("BKGPS,BSKH->BPKGH", probs, v_bskh, backends=numerics.KEY_SUM_BACKENDS,
+                          preferred_element_type=acc)
     return out.astype(q_bpnh.dtype).reshape(b, p, n, h)
 
 
