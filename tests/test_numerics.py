@@ -238,7 +238,9 @@ def test_vision_attention_blocks_its_key_sum_on_a_gpu(monkeypatch, dtype, blocke
     b, p, n, s, h = 1, 5, 2, 3 * numerics.ACC_BLOCK + 7, 8
     q, k, v = (jax.numpy.asarray(rng.normal(size=shape), dtype) for shape in ((b, p, n, h), (b, s, 1, h), (b, s, 1, h)))
     valid = jax.numpy.asarray(np.arange(s)[None] < s - 3)
-    jaxpr = str(jax.make_jaxpr(bidirectional_attention)(q, k, v, valid))
+    with jax.default_matmul_precision("highest"):  # on a real GPU the default would be TF32
+        jaxpr = str(jax.make_jaxpr(bidirectional_attention)(q, k, v, valid))
+        got = np.asarray(bidirectional_attention(q, k, v, valid), np.float64)
     assert ("scan" in jaxpr or "while" in jaxpr) == blocked, jaxpr
     assert "scan" not in str(jax.make_jaxpr(numerics.matmul)(q[0, :, 0].astype(np.float32), k[0, :, 0].T))
     q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, k, v))
@@ -247,5 +249,4 @@ def test_vision_attention_blocks_its_key_sum_on_a_gpu(monkeypatch, dtype, blocke
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     want = np.einsum("bnps,bsh->bpnh", probs / probs.sum(-1, keepdims=True), v64[:, :, 0])
     tol = 1e-5 if blocked else 3e-2
-    np.testing.assert_allclose(np.asarray(bidirectional_attention(q, k, v, valid), np.float64), want, rtol=tol,
-                               atol=tol)
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
