@@ -222,7 +222,9 @@ def test_contractions_are_blocked_on_the_backends_named(monkeypatch, backends, b
     b = rng.normal(size=(a.shape[1], 6)).astype(np.float32)
     jaxpr = str(jax.make_jaxpr(lambda x, y: numerics.matmul(x, y))(a, b))  # a new function: no cached trace
     assert ("scan" in jaxpr or "while" in jaxpr) == blocked, jaxpr  # fori_loop: a scan at a static trip count
-    np.testing.assert_allclose(np.asarray(numerics.matmul(a, b)), a.astype(np.float64) @ b, rtol=1e-5, atol=1e-5)
+    with jax.default_matmul_precision("highest"):  # on a real GPU the default would be TF32
+        got = np.asarray(numerics.matmul(a, b))
+    np.testing.assert_allclose(got, a.astype(np.float64) @ b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype,blocked", [(np.float32, True), ("bfloat16", False)])
