@@ -616,6 +616,7 @@ def test_towers_bench_runs_vision_parts_in_float64(tmp_path):
      "gelu, rope, patches, embedder)."),
     (["--towers", "audio", "--f64-parts", "norms"],
      "bench.py towers: --f64-parts names parts of the vision tower; add vision to --towers."),
+    (["--time", "-1"], "bench.py towers: --time -1: a count of calls, 0 or more."),
 ])
 def test_towers_bench_f64_parts_say_what_is_wrong(tmp_path, args, sentence):
     run = _run_bench(["towers", "--tiny", *args, "--json", str(tmp_path / "o")])
