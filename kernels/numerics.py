@@ -53,8 +53,8 @@ def kernel_dot(a: jax.Array, b: jax.Array, *, trans_b: bool = False) -> jax.Arra
 def contract(fn: Callable[[jax.Array, jax.Array], jax.Array], a: jax.Array, b: jax.Array, a_axis: int,
              b_axis: int, backends: tuple[str, ...] | None = None) -> jax.Array:
     """fn(a, b), a contraction linear in the paired axes a[a_axis] and b[b_axis], computed as a sum over
-    blocks of ACC_BLOCK along them when both operands are float32 on the CPU (a backend in `backends`, by default
-    BLOCKED_BACKENDS)."""
+    blocks of ACC_BLOCK along them when both operands are float32 on a backend in `backends` (by default
+    BLOCKED_BACKENDS: the CPU)."""
     k = a.shape[a_axis]
     assert b.shape[b_axis] == k, (a.shape, a_axis, b.shape, b_axis)
     if (a.dtype != jnp.float32 or b.dtype != jnp.float32 or k <= ACC_BLOCK

@@ -47,7 +47,7 @@ import tempfile
 import time
 
 import numpy as np
-from bench_common import save_json, torch_full_float32
+from bench_common import save_json, seconds_per_call, torch_full_float32
 
 # The real towers (docs/architecture.md §1 and §5; the published config.json's `vision_config` / `audio_config`).
 VISION_SMALL = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=16, num_attention_heads=12,
@@ -380,18 +380,10 @@ def run_tower(tower: str, tower_cfg: dict, text_width: int, args, dev: str) -> d
 
 def time_call(call, precision: str, n: int) -> float:
     """The median wall time in ms of `call()` (its result on the device) over n calls after a first one."""
-    import jax
-
     from gemma4_jax.api import precision_scope
 
     with precision_scope(precision):
-        jax.block_until_ready(call())
-        times = []
-        for _ in range(n):
-            t = time.perf_counter()
-            jax.block_until_ready(call())
-            times.append(time.perf_counter() - t)
-    return round(1e3 * float(np.median(times)), 3)
+        return round(1e3 * seconds_per_call(call, repeat=n), 3)
 
 
 def empty_cache(torch) -> None:
