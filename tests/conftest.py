@@ -16,6 +16,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# On a GPU the tests share the card between JAX and torch (transformers' references, float64 for the towers): JAX
+# must not take the card's memory up front, or torch runs out on the larger references.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.dirname(__file__))
 
 from hf_fixtures import FAMILIES, build_hf_model, save_hf, xla_flags  # noqa: E402
