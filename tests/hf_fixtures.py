@@ -16,8 +16,9 @@ S, F = "sliding_attention", "full_attention"
 
 # The test processes compile hundreds of small programs on a 2-core CPU, where LLVM's optimisation passes cost more
 # than they save: tests/test_generate.py took 121 s at XLA's default level and 88 s at 0; test_numerics' 704-token
-# float32 runs at real widths 122 s and 118 s (2026-12-03, this machine, one process each).
-CPU_TEST_FLAGS = "--xla_backend_optimization_level=0"
+# float32 runs at real widths 122 s and 118 s (2026-12-03, this machine, one process each). XLA's older CPU fusion
+# emitters compile faster still: test_pipeline.py's splits took 80 s with the new ones and 71 s without (2026-12-07).
+CPU_TEST_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 
 
 def xla_flags(devices: int) -> str:

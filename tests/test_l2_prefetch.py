@@ -143,11 +143,18 @@ def _prefetch_launches(model, cache, tok, pos) -> tuple[list, set]:
     return calls, {id(e) for e in _live(jaxpr.jaxpr)}
 
 
+# A prefetch changes no value, but its launch is a new node in the step's program, around which XLA may fuse the
+# step's float32 sums in another order: without a prefetch and with one, the logits agree to float32 rounding
+# (1.6e-6 of 0.8 with the tests' XLA flags, 2026-12-07), far below what a prefetch that fed a weight's value into
+# the step would change.
+SAME_STEP = 1e-5
+
+
 def test_a_decode_step_prefetches_each_layers_next_weights(hf_dirs, monkeypatch):
     """With a budget, each layer of a decode step launches one prefetch after its queries, over the weights it
     streams next in the order it reads them (output projection, gate, up, down, the per-layer input's) up to the
     budget, and the step's results depend on it (else XLA would drop the kernel); the logits are the full
-    forward's and, bit for bit, those of the same step without it (float32)."""
+    forward's and, to float32 rounding (SAME_STEP), those of the same step without it."""
 
     model = gemma4_jax.load(hf_dirs["e2b", "causal"], dtype="float32", attn_impl="xla", progress=False)
     cfg = model.config
@@ -190,7 +197,7 @@ def test_a_decode_step_prefetches_each_layers_next_weights(hf_dirs, monkeypatch)
                     assert sum(counts) == min(budget // 4, sum(sizes)), (spec.index, counts)
         step, _ = decode_logits(model.graphdef, model.state, jax.tree.map(jnp.copy, cache), tok, pos)  # donated
         steps[on] = np.asarray(step)
-    np.testing.assert_array_equal(steps[budget], steps[0])
+    assert rel_err(steps[budget], steps[0]) <= SAME_STEP
     assert rel_err(steps[budget], full[:, 5]) <= 1e-4
 
 
@@ -211,7 +218,7 @@ def test_smallest_first_order_gives_the_budget_to_the_small_weights(hf_dirs, mon
     """`L2_PREFETCH_ORDER = 'smallest_first'`: each layer's prefetch takes the weights it streams next smallest first
     (in stream order among equals), so a budget of the two smallest, the per-layer input's, covers them whole and
     nothing else, where the stream order would give it to the output projection; the step's logits stay those
-    without a prefetch, bit for bit (float32)."""
+    without a prefetch, to float32 rounding (SAME_STEP)."""
     model, cache, tok, pos = _one_step_after_a_prompt(hf_dirs, monkeypatch)
     cfg = model.config
     d, spec = cfg.hidden_size, cfg.layers[0]
@@ -234,7 +241,7 @@ def test_smallest_first_order_gives_the_budget_to_the_small_weights(hf_dirs, mon
     monkeypatch.setattr(dispatch, "L2_PREFETCH_BYTES", 0)
     jax.clear_caches()
     without, _ = decode_logits(model.graphdef, model.state, jax.tree.map(jnp.copy, cache), tok, pos)
-    np.testing.assert_array_equal(np.asarray(with_order), np.asarray(without))
+    assert rel_err(np.asarray(with_order), np.asarray(without)) <= SAME_STEP
 
 
 def test_the_second_point_reads_the_per_layer_input_and_the_next_projections(hf_dirs, monkeypatch):
@@ -269,4 +276,4 @@ def test_the_second_point_reads_the_per_layer_input_and_the_next_projections(hf_
         jax.clear_caches()
         step, _ = decode_logits(model.graphdef, model.state, jax.tree.map(jnp.copy, cache), tok, pos)  # donated
         steps[on] = np.asarray(step)
-    np.testing.assert_array_equal(steps[2**30], steps[0])
+    assert rel_err(steps[2**30], steps[0]) <= SAME_STEP
