@@ -7,6 +7,7 @@ feature can hide behind a 1.0.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 
@@ -17,8 +18,11 @@ S, F = "sliding_attention", "full_attention"
 # The test processes compile hundreds of small programs on a 2-core CPU, where LLVM's optimisation passes cost more
 # than they save: tests/test_generate.py took 121 s at XLA's default level and 88 s at 0; test_numerics' 704-token
 # float32 runs at real widths 122 s and 118 s (2026-12-03, this machine, one process each). XLA's older CPU fusion
-# emitters compile faster still: test_pipeline.py's splits took 80 s with the new ones and 71 s without (2026-12-07).
-CPU_TEST_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+# emitters compile faster still: test_pipeline.py's splits took 80 s with the new ones and 71 s without, the suite
+# 977-1,057 s and 830 s (2026-12-07). jaxlib 0.11 has only the new ones, and XLA stops at a flag it does not know.
+CPU_TEST_FLAGS = "--xla_backend_optimization_level=0"
+if tuple(int(p) for p in importlib.metadata.version("jaxlib").split(".")[:2]) < (0, 11):
+    CPU_TEST_FLAGS += " --xla_cpu_use_fusion_emitters=false"
 
 
 def xla_flags(devices: int) -> str:
