@@ -144,13 +144,13 @@ def _prefetch_launches(model, cache, tok, pos) -> tuple[list, set]:
     return calls, {id(e) for e in _live(jaxpr.jaxpr)}
 
 
-
 @pytest.fixture(autouse=True)
 def _float32_as_the_api_runs_it():
     """These tests call a step's programs directly, in float32: at full float32 precision on a GPU too, as the API
     runs them (`api.precision_scope`; JAX's default there is TF32, 2e-3 from the full forward on an H100)."""
     with api.precision_scope("float32"):
         yield
+
 
 # A prefetch changes no value, but its launch is a new node in the step's program, around which XLA may fuse the
 # step's float32 sums in another order: without a prefetch and with one, the logits agree to float32 rounding
