@@ -19,7 +19,7 @@ S, F = "sliding_attention", "full_attention"
 # than they save: tests/test_generate.py took 121 s at XLA's default level and 88 s at 0; test_numerics' 704-token
 # float32 runs at real widths 122 s and 118 s (2026-12-03, this machine, one process each). XLA's older CPU fusion
 # emitters compile faster still: test_pipeline.py's splits took 80 s with the new ones and 71 s without, the suite
-# 977-1,057 s and 830 s (2026-12-07). jaxlib 0.11 has only the new ones, and XLA stops at a flag it does not know.
+# 977-1,038 s and 830 s (2026-12-07). jaxlib 0.11 has only the new ones, and XLA stops at a flag it does not know.
 CPU_TEST_FLAGS = "--xla_backend_optimization_level=0"
 if tuple(int(p) for p in importlib.metadata.version("jaxlib").split(".")[:2]) < (0, 11):
     CPU_TEST_FLAGS += " --xla_cpu_use_fusion_emitters=false"
