@@ -363,6 +363,7 @@ def load(path: str | None = None, *, pp: int = 1, dtype=None, max_seq_len: int |
     if split is not None and ckpt.converted and split != sc.manifest_stages(manifest, cfg):
         raise ConfigError(f"layer_split {bounds_text(split)} differs from the split {path} was converted with "
                           f"({bounds_text(sc.manifest_stages(manifest, cfg))}); drop layer_split or re-convert")
+    check_devices(pp)  # after the arguments: a bad split is named as such on a machine of any size
     tokenizer = Tokenizer.maybe_load(path)
     if tokenizer is not None:  # the built-in format follows the size class: 26B/31B (no per-layer inputs)
         tokenizer.empty_thoughts = not cfg.ple_dim  # write an empty thought channel when thinking is off
@@ -407,10 +408,15 @@ def bounds_text(stages: tuple) -> str:
 
 
 def check_pp(cfg: Gemma4Config, pp: int) -> None:
-    """`pp` must be at least 1 and at most the layer count and the device count."""
+    """`pp` must be a positive integer and at most the layer count."""
     if not isinstance(pp, int) or isinstance(pp, bool) or pp < 1:
         raise ConfigError(f"pp must be a positive integer, got {pp!r}")
     if pp > cfg.num_layers:
         raise ConfigError(f"pp={pp} is more stages than the model's {cfg.num_layers} layers")
-    if pp > len(jax.devices()):
-        raise ConfigError(f"pp={pp} needs {pp} devices but only {len(jax.devices())} are visible")
+
+
+def check_devices(pp: int) -> None:
+    """`pp` stages need as many devices."""
+    n = len(jax.devices())
+    if pp > n:
+        raise ConfigError(f"pp={pp} needs {pp} devices but only {n} {'is' if n == 1 else 'are'} visible")

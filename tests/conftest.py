@@ -28,6 +28,28 @@ os.environ.setdefault("XLA_FLAGS", xla_flags(4))  # before anything imports jax
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "devices(n): the test needs n JAX devices (a pipeline of n stages); skipped, "
+                                       "saying so, where fewer are visible (a machine of one GPU)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Skip a test that needs more devices than this process sees, before its fixtures load anything. A test
+    needs what its `devices` marks say and, if parametrized by `pp`, that many. On the CPU the suite sees four
+    (XLA_FLAGS above); on a GPU machine, its GPUs."""
+    need = max((m.args[0] for m in item.iter_markers("devices")), default=1)
+    pp = getattr(getattr(item, "callspec", None), "params", {}).get("pp")
+    if isinstance(pp, int):
+        need = max(need, pp)
+    if need > 1:
+        import jax
+
+        have = len(jax.devices())
+        if have < need:
+            pytest.skip(f"needs {need} devices, {have} visible (JAX_PLATFORMS=cpu runs it on 4 simulated ones)")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _fresh_compile_caches():
     """Drop compiled programs between test files: the suite compiles hundreds of programs (every

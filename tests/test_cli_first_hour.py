@@ -57,6 +57,7 @@ def demo():
     return gemma4_jax.load(progress=False)
 
 
+@pytest.mark.devices(2)
 def test_pp2_prints_exactly_what_pp1_prints():
     one = _gen("--prompt", QUESTION, "--max-new-tokens", "40")
     two = _gen("--prompt", QUESTION, "--max-new-tokens", "40", "--pp", "2")
@@ -64,6 +65,19 @@ def test_pp2_prints_exactly_what_pp1_prints():
     assert "#### 26" in one.stdout and "<pad>" not in two.stdout
     assert two.stdout == one.stdout
     assert "time to first token" in one.stderr and "time to first token" in two.stderr  # both stream
+
+
+def test_more_stages_than_devices_is_one_sentence():
+    """On a machine of one device (here the CPU, made one device): --pp 2 is one sentence naming what it needs and
+    sees; through the API, a split that does not match pp is named as such first, on a machine of any size."""
+    env = dict(_env(), JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    r = subprocess.run([sys.executable, "-m", "gemma4_jax.generate", "--prompt", "hi", "--max-new-tokens", "2", "--pp",
+                        "2"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    _one_sentence(r, 1, "pp=2 needs 2 devices but only 1 is visible")
+    code = ("import gemma4_jax\ntry:\n    gemma4_jax.load(pp=2, layer_split='0,2,4,6')\n"
+            "except gemma4_jax.Gemma4Error as e:\n    print(e)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0 and "layer_split 0,2,4,6 makes 3 stages but pp=2" in r.stdout, (r.stdout, r.stderr)
 
 
 def test_ctrl_c_while_the_next_chunk_compiles_exits_130():

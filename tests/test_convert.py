@@ -136,6 +136,7 @@ def test_bfloat16_conversion_loads_like_bfloat16_hf(hf_dirs, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.devices(2)
 def test_stages_restore_onto_their_own_devices(hf_dirs, tmp_path):
     hf_dir = hf_dirs["e4b", "causal"]
     cfg = Gemma4Config.from_json(hf_dir)

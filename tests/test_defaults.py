@@ -29,6 +29,7 @@ def test_cli_runs_the_demo_model_out_of_the_box():
     assert "#### 26" in r.stdout
 
 
+@pytest.mark.devices(2)
 def test_attention_path_is_selectable_and_agrees():
     """'interpret' runs the Pallas kernels (interpret mode) inside the model, at pp = 1 and through the pipeline's
     stages at pp = 2; both must give XLA's logits and greedy tokens."""

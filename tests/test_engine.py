@@ -140,6 +140,7 @@ def piped():
     return gemma4_jax.load(dtype="float32", progress=False, pp=2)
 
 
+@pytest.mark.devices(2)
 def test_the_pipeline_ring_gives_the_same_tokens(demo, piped, alone):
     """pp = 2: the slots are the ring's rows (two micro-batches of two rows); every answer is `generate`'s at
     pp = 1 for that prompt alone, also with long prompts prefilled in pieces; stop tokens end answers and turn

@@ -201,13 +201,14 @@ def demo_pp2():
 # worked examples at pp = 1 put the shared prefix several times past the demo's 64-token window, one at pp = 2 past
 # it once, at a fraction of eight's compile time (the eval's default 8 shots only lengthen the same prefix).
 @pytest.mark.parametrize("shots,pp", [(0, 1), (3, 1), (1, 2)])
-def test_engine_records_equal_static_batches(tmp_path, demo_model, demo_pp2, monkeypatch, shots, pp):
+def test_engine_records_equal_static_batches(tmp_path, demo_model, request, monkeypatch, shots, pp):
     """Continuous batching (`--engine`) writes the same greedy records as static batches, zero-shot and 3-shot
     at pp = 1 and 1-shot through the pipeline's ring at pp = 2; an interrupted engine run resumes to the same
     summary."""
     import gemma4_jax
 
-    monkeypatch.setattr(gemma4_jax, "load", lambda *a, **k: demo_model if pp == 1 else demo_pp2)
+    model = demo_model if pp == 1 else request.getfixturevalue("demo_pp2")  # built only where pp = 2 runs
+    monkeypatch.setattr(gemma4_jax, "load", lambda *a, **k: model)
     kw = dict(limit=2 if shots else 5 if pp == 1 else 3, batch_size=2, max_new_tokens=8 if shots else 20, shots=shots,
               pp=pp,
               progress=False, log=lambda s: None)

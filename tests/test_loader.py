@@ -140,7 +140,7 @@ def untied(tmp_path_factory):
     return hf, save_hf(hf, str(tmp_path_factory.mktemp("untied")))
 
 
-@pytest.mark.parametrize("route", ["hf_pp1", "converted_pp2"])
+@pytest.mark.parametrize("route", ["hf_pp1", pytest.param("converted_pp2", marks=pytest.mark.devices(2))])
 def test_untied_head_gives_transformers_logits(untied, tmp_path, route):
     """The head is lm_head.weight, not the embedding: from the HF directory at pp = 1, and through the converter
     (which puts it on the last stage) at pp = 2."""

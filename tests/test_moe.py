@@ -209,6 +209,7 @@ def test_model_with_moe_kernels_matches_transformers(shape, hf_models, hf_dirs, 
     assert rel_err(model.logits(ids), hf_logits(hf_models["26b-a4b"], ids)) <= 1e-4
 
 
+@pytest.mark.devices(2)
 def test_generation_and_pipeline_with_moe_kernels(hf_dirs, moe_kernels_in_model):
     """Prefill + decode (rows plan at decode) and a pp = 2 split with the kernels give the XLA path's greedy
     tokens (float32: bfloat16 pipelines drift from pp = 1 on random weights, docs/pipeline.md)."""

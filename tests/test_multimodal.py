@@ -291,6 +291,7 @@ def test_pipelined_soft_tokens_give_transformers_logits(multimodal, pp):
         one.generate(prompts, max_new_tokens=6, stop_tokens=(), soft_tokens=soft)
 
 
+@pytest.mark.devices(2)
 def test_converter_keeps_the_towers_on_the_first_stage(multimodal, tmp_path):
     """A converted multimodal checkpoint: the towers sit beside stage 0 only (not in any stage's leaves),
     load with the stages, and give the HF directory's features and logits exactly."""

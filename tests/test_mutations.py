@@ -87,6 +87,7 @@ def test_broken_feature_is_caught(name, monkeypatch, hf_models, hf_dirs):
 
 
 @pytest.mark.parametrize("name", ["no_final_softcap", "per_layer_embeddings_ignored", "rmsnorm_plus_one"])
+@pytest.mark.devices(2)
 def test_broken_feature_breaks_the_pipeline_too(name, monkeypatch, hf_models, hf_dirs):
     """The pipeline's stages run the model's own functions (embedding, per-layer inputs, layers, head), so a
     mutated model function breaks pp = 2 as well: one source of the math for both runtimes."""

@@ -114,6 +114,7 @@ def test_without_a_folder_a_program_is_a_jitted_function(monkeypatch):
     assert len(traces) == 1 and programs.folder() is None
 
 
+@pytest.mark.devices(2)
 def test_decode_programs_compile_with_the_decode_scheduling(monkeypatch):
     """`decode=True` programs reach XLA with `DECODE_SCHEDULING` and `DECODE_XLA_OPTIONS` (an invalid value is
     XLA's error), others do not;
