@@ -50,6 +50,24 @@ def pytest_runtest_setup(item):
             pytest.skip(f"needs {need} devices, {have} visible (JAX_PLATFORMS=cpu runs it on 4 simulated ones)")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _float32_by_default():
+    """The tests compare `load()`'s default model, float32 on the CPU, with float32 references; on a GPU, where
+    `load()` defaults to bfloat16, they keep float32 (in this process; command-line subprocesses keep the CLI's
+    default). A no-op on the CPU."""
+    import jax
+
+    from gemma4_jax import api
+
+    if jax.default_backend() == "cpu":
+        yield
+        return
+    real = api.default_dtype
+    api.default_dtype = lambda: "float32"
+    yield
+    api.default_dtype = real
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _fresh_compile_caches():
     """Drop compiled programs between test files: the suite compiles hundreds of programs (every
