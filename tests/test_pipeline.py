@@ -49,7 +49,7 @@ def single(hf_dirs):
 
 
 @pytest.mark.parametrize("name,stages,ratio", [("e4b", 2, 0.57), ("26b-a4b", 2, 0.55), ("31b", 2, 0.55),
-                                           ("31b", 4, 0.34), ("e2b", 4, 0.42)])
+                                               ("31b", 4, 0.34), ("e2b", 4, 0.42)])
 def test_real_shape_weights_per_device(name, stages, ratio):
     """Per-device parameter bytes of the real variants at their best split, against the whole model."""
     cfg = preset(name)
