@@ -68,6 +68,17 @@ def _float32_by_default():
     api.default_dtype = real
 
 
+@pytest.fixture
+def float32_as_the_api_runs_it():
+    """For tests that call a model's programs directly (prefill, decode steps) in float32: at full float32
+    precision on a GPU too, as the API runs them (`api.precision_scope`; JAX's default there is TF32: 2e-3 from the
+    full forward on an H100). `pytestmark = pytest.mark.usefixtures("float32_as_the_api_runs_it")`."""
+    from gemma4_jax import api
+
+    with api.precision_scope("float32"):
+        yield
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _fresh_compile_caches():
     """Drop compiled programs between test files: the suite compiles hundreds of programs (every

@@ -10,7 +10,6 @@ import pytest
 from hf_fixtures import all_eqns, rel_err
 
 import gemma4_jax
-from gemma4_jax import api
 from gemma4_jax.generation.cache import init_cache
 from gemma4_jax.generation.loop import decode_logits, prefill
 from gemma4_jax.kernels import dispatch, l2_prefetch
@@ -144,12 +143,7 @@ def _prefetch_launches(model, cache, tok, pos) -> tuple[list, set]:
     return calls, {id(e) for e in _live(jaxpr.jaxpr)}
 
 
-@pytest.fixture(autouse=True)
-def _float32_as_the_api_runs_it():
-    """These tests call a step's programs directly, in float32: at full float32 precision on a GPU too, as the API
-    runs them (`api.precision_scope`; JAX's default there is TF32, 2e-3 from the full forward on an H100)."""
-    with api.precision_scope("float32"):
-        yield
+pytestmark = pytest.mark.usefixtures("float32_as_the_api_runs_it")  # the steps are called directly
 
 
 # A prefetch changes no value, but its launch is a new node in the step's program, around which XLA may fuse the
