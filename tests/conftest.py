@@ -59,13 +59,10 @@ def _float32_by_default():
 
     from gemma4_jax import api
 
-    if jax.default_backend() == "cpu":
+    with pytest.MonkeyPatch.context() as mp:
+        if jax.default_backend() != "cpu":
+            mp.setattr(api, "default_dtype", lambda: "float32")
         yield
-        return
-    real = api.default_dtype
-    api.default_dtype = lambda: "float32"
-    yield
-    api.default_dtype = real
 
 
 @pytest.fixture

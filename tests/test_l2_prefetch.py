@@ -14,6 +14,8 @@ from gemma4_jax.generation.cache import init_cache
 from gemma4_jax.generation.loop import decode_logits, prefill
 from gemma4_jax.kernels import dispatch, l2_prefetch
 
+pytestmark = pytest.mark.usefixtures("float32_as_the_api_runs_it")  # several tests call a decode step directly
+
 
 @pytest.mark.parametrize("counts, loads", [("all", 1), ("prefixes", 1), ("all", 3), ("prefixes", 2)])
 def test_each_program_reads_its_share_and_nothing_past_the_counts(counts, loads):
@@ -141,9 +143,6 @@ def _prefetch_launches(model, cache, tok, pos) -> tuple[list, set]:
     jaxpr = jax.make_jaxpr(lambda c, t, p: decode_step(merge(model.graphdef, model.state), c, t, p))(cache, tok, pos)
     calls = [e for e in all_eqns(jaxpr.jaxpr) if e.primitive.name in ("jit", "pjit") and e.params["name"] == "prefetch"]
     return calls, {id(e) for e in _live(jaxpr.jaxpr)}
-
-
-pytestmark = pytest.mark.usefixtures("float32_as_the_api_runs_it")  # the steps are called directly
 
 
 # A prefetch changes no value, but its launch is a new node in the step's program, around which XLA may fuse the
