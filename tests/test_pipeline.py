@@ -175,6 +175,8 @@ def test_converted_stages_load_onto_their_devices(hf_dirs, single, tmp_path):
 
 def test_bad_pp_is_one_sentence(hf_dirs):
     n = len(jax.devices())  # 4 on the CPU (conftest); a GPU machine's own count
+    if n + 1 > 10:  # the test model's layers: past them, pp's layer sentence comes first (test_convert.py)
+        pytest.skip(f"{n} devices: pp={n + 1} exceeds the test model's 10 layers")
     with pytest.raises(Gemma4Error, match=f"pp={n + 1} needs {n + 1} devices but only {n} (is|are) visible"):
         gemma4_jax.load(hf_dirs["e2b", "causal"], pp=n + 1)
     with pytest.raises(Gemma4Error, match="makes 3 stages but pp=2"):
