@@ -97,8 +97,10 @@ def out_of_memory(err: BaseException) -> str | None:
     text = str(err)
     if type(err).__name__ not in ("JaxRuntimeError", "XlaRuntimeError") or "RESOURCE_EXHAUSTED" not in text:
         return None
-    asked = re.search(r"allocat\w* (\d+) bytes", text)
-    size = f" (an allocation of {int(asked[1]) / 2**30:.1f} GiB failed)" if asked else ""
+    # the size as the CPU says it ("allocate 4398046511104 bytes") or the GPU's allocator ("allocate 4.00TiB")
+    asked = re.search(r"allocat\w* (\d+(?:\.\d+)?) ?(bytes|[KMGT]iB)\b", text)
+    scale = {"bytes": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+    size = f" (an allocation of {float(asked[1]) * scale[asked[2]] / 2**30:.1f} GiB failed)" if asked else ""
     return (f"out of device memory{size}: use a smaller --batch-size or --max-new-tokens, shorter prompts, "
             "or more devices with --pp")
 

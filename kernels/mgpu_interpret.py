@@ -68,23 +68,29 @@ def _install_interpret_transpose_shim():
         return ts, perm
 
     @functools.wraps(orig)
-    def wgmma(*, token, device_id, grid_point_coords, thread_id, acc_allocation_key_as_array, acc_transforms,
-              acc_dtype, a_allocation_key_as_array, a_transforms, b_allocation_key_as_array, b_transforms,
-              source_info=None):
+    def wgmma(*, token, acc_allocation_key_as_array, acc_transforms, acc_dtype, a_allocation_key_as_array,
+              a_transforms, b_allocation_key_as_array, b_transforms, source_info=None, **where):
+        # `where`: the calling thread, as the interpreter names it (jax 0.10: device_id, grid_point_coords and
+        # thread_id; jax 0.11: mesh_location and thread), passed on as it came
         (a_ts, a_perm), (b_ts, b_perm) = peel(a_transforms), peel(b_transforms)
         if a_perm is None and b_perm is None:
-            return orig(token=token, device_id=device_id, grid_point_coords=grid_point_coords,
-                        thread_id=thread_id, acc_allocation_key_as_array=acc_allocation_key_as_array,
+            return orig(token=token, acc_allocation_key_as_array=acc_allocation_key_as_array,
                         acc_transforms=acc_transforms, acc_dtype=acc_dtype,
                         a_allocation_key_as_array=a_allocation_key_as_array, a_transforms=a_transforms,
                         b_allocation_key_as_array=b_allocation_key_as_array, b_transforms=b_transforms,
-                        source_info=source_info)
-        device_id, thread_id = int(device_id), int(thread_id)
-        coords = tuple(int(x) for x in grid_point_coords)
+                        source_info=source_info, **where)
         mem = gc._get_shared_memory()
-        tid = mem.get_global_thread_id(device_id, thread_id)
-        info = iu.GPULoggingInfo(device_id=device_id, grid_point_coords=coords, thread_id=thread_id,
-                                 source_info=source_info)
+        if "mesh_location" in where:  # jax 0.11
+            from jax._src.pallas.mosaic_gpu.interpret import shared_memory as sm
+
+            tid = where["thread"]
+            info = sm.GPULoggingInfo(where["mesh_location"], tid, source_info)
+        else:
+            device_id, thread_id = int(where["device_id"]), int(where["thread_id"])
+            coords = tuple(int(x) for x in where["grid_point_coords"])
+            tid = mem.get_global_thread_id(device_id, thread_id)
+            info = iu.GPULoggingInfo(device_id=device_id, grid_point_coords=coords, thread_id=thread_id,
+                                     source_info=source_info)
 
         def rng(ts):
             return iu.to_range(jax.tree.map(int, tuple(ts)))

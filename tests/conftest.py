@@ -76,6 +76,19 @@ def float32_as_the_api_runs_it():
         yield
 
 
+@pytest.fixture
+def on_the_cpu():
+    """The test's arrays and programs on the CPU, on a GPU machine too: for interpret-mode kernel tests that check a
+    bfloat16 rounding bit for bit. XLA:GPU may keep a fused value in float32 where the program rounds it to
+    bfloat16 (its excess-precision default: an H100 ran the router's rounding test, and the add-and-norm kernel's,
+    without the rounding), which the compiled kernel never does; the CPU runs such a program as written, as on CI.
+    `pytestmark = pytest.mark.usefixtures("on_the_cpu")`, or per test."""
+    import jax
+
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _fresh_compile_caches():
     """Drop compiled programs between test files: the suite compiles hundreds of programs (every

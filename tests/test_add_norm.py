@@ -10,6 +10,9 @@ import pytest
 from gemma4_jax.kernels.add_norm import add_norm, supports
 from gemma4_jax.model.text import rms_norm
 
+# interpret mode on the CPU, on a GPU machine too: the bfloat16 cases check the model's roundings bit for bit
+pytestmark = pytest.mark.usefixtures("on_the_cpu")
+
 EPS = 1e-6
 
 

@@ -225,6 +225,11 @@ def test_non_utf8_stdin():
     (["--prompt", b"caf\xe9", "--model", "/no/such/dir"], "prompt 1 is not UTF-8 text (byte 0xe9 at offset 3)"),
 ])
 def test_bad_flags_get_one_sentence(args, match):
+    if match == "needs a CUDA GPU":
+        import jax
+
+        if jax.default_backend() != "cpu":
+            pytest.skip("this machine has the GPU that --attn-impl pallas needs")
     _one_sentence(_gen("--prompt", "Hi", *args), 1, match)
 
 
@@ -428,6 +433,25 @@ def _refused_allocation(*args, **kwargs):
     import jax.numpy as jnp
 
     return jnp.zeros((2**40,), jnp.float32).block_until_ready()
+
+
+@pytest.mark.parametrize("message,gib", [
+    ("RESOURCE_EXHAUSTED: Out of memory allocating 4398046511104 bytes.", "4096.0"),  # XLA:CPU
+    ("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4.00TiB.", "4096.0"),  # the GPU's allocator
+    ("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 33762398024 bytes.", "31.4"),
+    ("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 512.00MiB.", "0.5"),
+])
+def test_out_of_memory_names_the_size_either_runtime_gives(message, gib):
+    """The sentence names the failed allocation's size whether XLA's runtime gives it in bytes (the CPU) or in
+    binary units (the GPU's allocator: an H100 run printed no size before this)."""
+    import jax
+
+    from gemma4_jax.cli import out_of_memory
+
+    got = out_of_memory(jax.errors.JaxRuntimeError(message))
+    assert got.startswith(f"out of device memory (an allocation of {gib} GiB failed): use a smaller --batch-size")
+    assert out_of_memory(jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: no size")).startswith("out of device memory:")
+    assert out_of_memory(jax.errors.JaxRuntimeError("INTERNAL: Out of memory allocating 8 bytes")) is None
 
 
 def test_device_out_of_memory_is_one_sentence(tmp_path, monkeypatch, capsys):

@@ -63,11 +63,12 @@ def _cli(*args, stdin=None):
 def test_cli_streams_one_prompt_and_batches_stdin(tiny_dir):
     model = gemma4_jax.load(tiny_dir, progress=False)
     want = model.generate_text(["Hi", "What is 2+3?"], max_new_tokens=6)
-    one = _cli("--model", tiny_dir, "--prompt", "Hi", "--max-new-tokens", "6")
+    # float32 as `model` (the CLI's default on a GPU is bfloat16, whose random-weight tokens are others)
+    one = _cli("--model", tiny_dir, "--prompt", "Hi", "--max-new-tokens", "6", "--dtype", "float32")
     assert one.returncode == 0, one.stderr
     assert one.stdout.rstrip("\n") == want[0]
     assert "time to first token" in one.stderr and "tokens/s" in one.stderr
-    many = _cli("--model", tiny_dir, "--max-new-tokens", "6", stdin="Hi\nWhat is 2+3?\n")
+    many = _cli("--model", tiny_dir, "--max-new-tokens", "6", "--dtype", "float32", stdin="Hi\nWhat is 2+3?\n")
     assert many.returncode == 0, many.stderr
     assert many.stdout.splitlines() == [w.replace("\n", "\\n") for w in want]
 

@@ -28,6 +28,7 @@ from gemma4_jax.kernels.moe_mgpu import (
     token_tiles_apply,
 )
 
+pytestmark = pytest.mark.usefixtures("float32_as_the_api_runs_it")  # float32 products at full precision on a GPU too
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
 # Small blocks: several column tiles, depth steps and row blocks even at these sizes.
 SORTED16 = MoeConfig(plan="sorted", block_m=16, block_n_up=16, block_k_up=16, block_n_down=32, block_k_down=16,
@@ -478,7 +479,10 @@ def test_dense_mlp_after_the_router_changes_no_value(monkeypatch):
         got[on] = np.asarray(Gemma4Model(model, RunConfig(dtype="float32", attn_impl="xla")).logits(ids))
         moe_layers = sum(s.moe for s in cfg.layers)
         assert len(calls) == (moe_layers if on else 0), (on, len(calls), moe_layers)
-    np.testing.assert_array_equal(got[True], got[False])
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(got[True], got[False])
+    else:  # XLA:GPU fuses around the tie otherwise: float32 roundings move (4e-7 of a logit on an H100), no more
+        np.testing.assert_allclose(got[True], got[False], rtol=0, atol=1e-5 * np.abs(got[False]).max())
 
 
 def test_router_own_norm_changes_no_value_and_has_its_own_reduction(monkeypatch):

@@ -14,6 +14,8 @@ from hf_fixtures import FAMILIES, rel_err
 import gemma4_jax
 from gemma4_jax.model.text import Multimodal, vision_blocks
 
+pytestmark = pytest.mark.usefixtures("float32_as_the_api_runs_it")  # float32 products at full precision on a GPU too
+
 IMAGE, BOI, EOI = 250, 251, 252
 TOKENS = dict(image_token_id=IMAGE, boi_token_id=BOI, eoi_token_id=EOI, audio_token_id=253, boa_token_id=254,
               eoa_token_index=255, video_token_id=249)

@@ -14,6 +14,8 @@ from test_parity import F32_BOUND
 import gemma4_jax
 from gemma4_jax.model import text as mdl
 
+pytestmark = pytest.mark.usefixtures("float32_as_the_api_runs_it")  # float32 products at full precision on a GPU too
+
 _orig = {name: getattr(mdl, name) for name in ("rms_norm", "attention", "attention_mask", "rope_inv_freq",
                                                 "softcap")}
 

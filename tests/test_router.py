@@ -8,6 +8,8 @@ import pytest
 
 from gemma4_jax.kernels import dispatch, moe_mgpu, router
 
+pytestmark = pytest.mark.usefixtures("float32_as_the_api_runs_it")  # float32 products at full precision on a GPU too
+
 
 def _parts(m: int, e: int, k: int, splits: int, seed: int) -> jnp.ndarray:
     """Partial products whose sums are small multiples of 1/4 (exact in bf16: many ties inside each row's top k),
@@ -38,6 +40,7 @@ def test_route_kernel_matches_the_model_router(m, e, k, splits):
     assert not np.any(np.asarray(table[0, :k]) >= 0)  # no row beyond M counted
 
 
+@pytest.mark.usefixtures("on_the_cpu")  # bfloat16 roundings as written (conftest)
 def test_route_rounds_the_logits_to_the_model_dtype():
     """Two experts whose float32 sums differ below bf16's resolution tie once rounded: the lower one wins."""
     parts = np.zeros((2, 1, 16), np.float32)
@@ -56,6 +59,7 @@ def test_route_kernel_lowers_for_the_gpu():
     assert "router_top8_of_128" in text and "stablehlo.sort" not in text
 
 
+@pytest.mark.usefixtures("on_the_cpu")  # bfloat16 roundings as written (conftest)
 def test_model_router_takes_the_kernel_at_decode(monkeypatch):
     """A 26B-A4B-family MoE layer's `route` under the skinny kernel (interpret) goes through the router kernel at
     ≤ 16 rows, with the XLA route's experts and weights, and hands its table on; at 17 rows, or with the knob off,
