@@ -3,7 +3,7 @@
 Loaded by the kernels only for interpret mode (`params(True)` installs the shims on first use); the GPU path
 never touches the interpreter's internals. Each shim is a no-op where the internals are not where expected
 (then the interpreter raises its own error):
-* wgmma with transposed operands (`plgpu.transpose_ref`), which jax 0.10's interpreter lacks;
+* wgmma with transposed operands (`plgpu.transpose_ref`), which the interpreter lacks before jax 0.11.2;
 * a per-thread runner that puts the simulated warpgroups on distinct CPU devices, compiles each once and
   returns only when the thread's program has finished.
 """
@@ -53,6 +53,8 @@ def _install_interpret_transpose_shim():
         from jax._src.state.types import TransposeTransform
     except ImportError:
         return
+    if hasattr(iu, "to_access"):  # jax ≥ 0.11.2: the interpreter reads transposed operands itself
+        return
     orig = getattr(gc, "wgmma", None)
     needed = ("_remove_noop_transforms", "_get_shared_memory", "HostAllocationKey")
     if orig is None or getattr(orig, "_mgpu_transpose_shim", False) or not all(hasattr(gc, n) for n in needed):
@@ -68,17 +70,18 @@ def _install_interpret_transpose_shim():
         return ts, perm
 
     @functools.wraps(orig)
-    def wgmma(*, token, acc_allocation_key_as_array, acc_transforms, acc_dtype, a_allocation_key_as_array,
-              a_transforms, b_allocation_key_as_array, b_transforms, source_info=None, **where):
-        # `where`: the calling thread, as the interpreter names it (jax 0.10: device_id, grid_point_coords and
-        # thread_id; jax 0.11: mesh_location and thread), passed on as it came
+    def wgmma(*, token, acc_allocation_key_as_array, acc_transforms, a_allocation_key_as_array, a_transforms,
+              b_allocation_key_as_array, b_transforms, source_info=None, **where):
+        # `where`: the calling thread as the interpreter names it (jax 0.10: device_id, grid_point_coords and
+        # thread_id; jax 0.11.0: mesh_location and thread), and acc_dtype; passed on as they came
         (a_ts, a_perm), (b_ts, b_perm) = peel(a_transforms), peel(b_transforms)
         if a_perm is None and b_perm is None:
             return orig(token=token, acc_allocation_key_as_array=acc_allocation_key_as_array,
-                        acc_transforms=acc_transforms, acc_dtype=acc_dtype,
+                        acc_transforms=acc_transforms,
                         a_allocation_key_as_array=a_allocation_key_as_array, a_transforms=a_transforms,
                         b_allocation_key_as_array=b_allocation_key_as_array, b_transforms=b_transforms,
                         source_info=source_info, **where)
+        acc_dtype = where.pop("acc_dtype", None)
         mem = gc._get_shared_memory()
         if "mesh_location" in where:  # jax 0.11
             from jax._src.pallas.mosaic_gpu.interpret import shared_memory as sm
@@ -107,7 +110,7 @@ def _install_interpret_transpose_shim():
         acc_key = gc.HostAllocationKey.from_array(acc_allocation_key_as_array)
         acc_rng = rng(gc._remove_noop_transforms(acc_transforms))
         acc, _, _ = mem.get_buffer_content(acc_key, acc_rng, tid, logging_info=info)
-        mem.store_buffer_content(acc_key, acc_rng, acc + np.matmul(a, b, dtype=acc_dtype), tid,
+        mem.store_buffer_content(acc_key, acc_rng, acc + np.matmul(a, b, dtype=acc_dtype or acc.dtype), tid,
                                  logging_info=info)
         return token
 

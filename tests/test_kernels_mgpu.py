@@ -42,6 +42,9 @@ def _interpret_available() -> str | None:
     except ImportError:
         if not hasattr(plgpu, "InterpretGPUParams"):
             return "this jax has no GPU interpret mode (InterpretGPUParams)"
+    if tuple(jax.__version_info__[:2]) >= (0, 11) and (os.cpu_count() or 1) < 3:
+        return ("jax >= 0.11's GPU interpreter deadlocks the 3-warpgroup kernel on < 3 CPU cores, one CPU device "
+                "per simulated thread or not (jax 0.11.2 on a 2-core CPU, 2026-12-08)")
     if len(jax.devices("cpu")) < 3 and (os.cpu_count() or 1) < 3:
         return ("GPU interpret mode can deadlock with < 3 CPU cores on one device; set "
                 "XLA_FLAGS=--xla_force_host_platform_device_count=4")
