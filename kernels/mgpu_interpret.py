@@ -73,7 +73,8 @@ def _install_interpret_transpose_shim():
     def wgmma(*, token, acc_allocation_key_as_array, acc_transforms, a_allocation_key_as_array, a_transforms,
               b_allocation_key_as_array, b_transforms, source_info=None, **where):
         # `where`: the calling thread as the interpreter names it (jax 0.10: device_id, grid_point_coords and
-        # thread_id; jax 0.11.0: mesh_location and thread), and acc_dtype; passed on as they came
+        # thread_id; jax 0.11.0 and 0.11.1: mesh_location and thread), and acc_dtype; passed on as they came
+        # (the Mosaic tests of tests/test_moe.py pass on the CPU with jax 0.10.2, 0.11.0 and 0.11.2, 2026-12-08)
         (a_ts, a_perm), (b_ts, b_perm) = peel(a_transforms), peel(b_transforms)
         if a_perm is None and b_perm is None:
             return orig(token=token, acc_allocation_key_as_array=acc_allocation_key_as_array,

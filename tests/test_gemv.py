@@ -28,6 +28,7 @@ from gemma4_jax.kernels.gemv import (
 from gemma4_jax.model.text import linear, rms_norm
 
 pytestmark = pytest.mark.usefixtures("float32_as_the_api_runs_it")  # float32 products at full precision on a GPU too
+
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
 

@@ -30,6 +30,7 @@ from gemma4_jax.model.text import attention as model_attention
 from gemma4_jax.model.text import attention_mask
 
 pytestmark = pytest.mark.usefixtures("float32_as_the_api_runs_it")  # float32 products at full precision on a GPU too
+
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 SMALL_FLASH = FlashConfig(block_m=16, block_k=16, num_warps=4, num_stages=1)
 SMALL_DECODE = DecodeConfig(block_k=16, num_warps=4, num_stages=1, target_programs=64)

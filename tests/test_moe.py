@@ -29,6 +29,7 @@ from gemma4_jax.kernels.moe_mgpu import (
 )
 
 pytestmark = pytest.mark.usefixtures("float32_as_the_api_runs_it")  # float32 products at full precision on a GPU too
+
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
 # Small blocks: several column tiles, depth steps and row blocks even at these sizes.
 SORTED16 = MoeConfig(plan="sorted", block_m=16, block_n_up=16, block_k_up=16, block_n_down=32, block_k_down=16,
