@@ -9,6 +9,7 @@ import pytest
 
 from gemma4_jax.kernels.add_norm import add_norm, supports
 from gemma4_jax.model.text import rms_norm
+from gemma4_jax.testing.lowering import lowered_for_the_gpu
 
 # interpret mode on the CPU, on a GPU machine too: the bfloat16 cases check the model's roundings bit for bit
 pytestmark = pytest.mark.usefixtures("on_the_cpu")
@@ -68,8 +69,7 @@ def test_add_norm_fails_without_each_step():
 
 def test_supports_and_lowers_for_the_gpu():
     assert supports(1536) and supports(2816) and supports(5376) and not supports(100)
-    f32 = jnp.float32
-    text = add_norm.trace(jax.ShapeDtypeStruct((11, 16, 2816), f32), jax.ShapeDtypeStruct((16, 2816), jnp.bfloat16),
-                          jax.ShapeDtypeStruct((2816,), jnp.bfloat16), jax.ShapeDtypeStruct((2816,), jnp.bfloat16),
-                          eps=EPS).lower(lowering_platforms=("cuda",)).as_text()
+    s, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+    text = lowered_for_the_gpu(add_norm, s((11, 16, 2816), jnp.float32), s((16, 2816), bf), s((2816,), bf),
+                               s((2816,), bf), eps=EPS)
     assert text.count("stablehlo.custom_call") == 1 and "add_rms_norm_2816" in text

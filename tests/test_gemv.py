@@ -26,6 +26,7 @@ from gemma4_jax.kernels.gemv import (
     gemv_reference,
 )
 from gemma4_jax.model.text import linear, rms_norm
+from gemma4_jax.testing.lowering import lowered_for_the_gpu
 
 pytestmark = pytest.mark.usefixtures("float32_as_the_api_runs_it")  # float32 products at full precision on a GPU too
 
@@ -135,7 +136,7 @@ def test_gemv_lowers_many_with_the_norm_for_the_gpu():
     bf = jnp.bfloat16
     x = jax.ShapeDtypeStruct((1, 1536), bf)
     ws = [jax.ShapeDtypeStruct((1536, n), bf) for n in (2048, 256, 256)]
-    text = gemv_many.trace(x, ws, jax.ShapeDtypeStruct((1536,), bf)).lower(lowering_platforms=("cuda",)).as_text()
+    text = lowered_for_the_gpu(gemv_many, x, ws, jax.ShapeDtypeStruct((1536,), bf))
     assert text.count("stablehlo.custom_call") == 1
 
 
@@ -173,7 +174,7 @@ def test_gemv_lowers_for_the_gpu_at_real_shapes(m, nk):
     bf = jnp.bfloat16
     shape = (2112, 2816) if nk else (2816, 2112)
     args = (jax.ShapeDtypeStruct((m, 2816), bf), jax.ShapeDtypeStruct(shape, bf))
-    text = gemv.trace(*args, nk=nk).lower(lowering_platforms=("cuda",)).as_text()
+    text = lowered_for_the_gpu(gemv, *args, nk=nk)
     assert text.count("stablehlo.custom_call") == 1
     for line in text.splitlines():
         if f"tensor<{shape[0]}x{shape[1]}xbf16>" in line:
@@ -361,7 +362,7 @@ def test_every_variant_lowers_its_decode_step_for_the_gpu(name, fused, monkeypat
     batch = 16 if fused == "b16" else 1  # "b16": the weight limit of 2-16 rows (dispatch.gemv_max_weight)
     cache = jax.eval_shape(lambda: init_cache(cfg, batch, 256, jnp.bfloat16))
     tok = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    text = decode_logits.trace(graphdef, state, cache, tok, tok).lower(lowering_platforms=("cuda",)).as_text()
+    text = lowered_for_the_gpu(decode_logits, graphdef, state, cache, tok, tok)
     names = re.findall(r'name = "((?:rmsnorm_|summed_)?gemv_[\dx_]+|moe_\w+)"', text)
     gemvs = [n for n in names if "gemv_" in n]
     plain = {n.split("gemv_")[1] for n in gemvs if not n.startswith("summed_")}

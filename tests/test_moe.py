@@ -27,6 +27,7 @@ from gemma4_jax.kernels.moe_mgpu import (
     token_table,
     token_tiles_apply,
 )
+from gemma4_jax.testing.lowering import lowered_for_the_gpu
 
 pytestmark = pytest.mark.usefixtures("float32_as_the_api_runs_it")  # float32 products at full precision on a GPU too
 
@@ -154,7 +155,7 @@ def _lower_at_real_shapes(fn, tokens: int, **static) -> str:
     s = jax.ShapeDtypeStruct
     args = (s((tokens, d), bf), s((tokens, k), jnp.float32), s((tokens, k), jnp.int32), s((e, f, d), bf),
             s((e, f, d), bf), s((e, d, f), bf))
-    text = fn.trace(*args, **static).lower(lowering_platforms=("cuda",)).as_text()
+    text = lowered_for_the_gpu(fn, *args, **static)
     weight_types = ("tensor<128x2816x704xbf16>", "tensor<128x704x2816xbf16>")
     for line in text.splitlines():
         if any(t in line for t in weight_types):
@@ -314,8 +315,7 @@ def test_mosaic_moe_with_the_plan_kernel_matches_reference():
 
 def test_plan_kernel_lowers_for_the_gpu():
     """26B-A4B's batch-16 plan (128 routed rows, 128 experts) lowers to one Triton call on this CPU."""
-    text = plan_tiles_kernel.trace(jax.ShapeDtypeStruct((16, 8), jnp.int32), 128, 64).lower(
-        lowering_platforms=("cuda",)).as_text()
+    text = lowered_for_the_gpu(plan_tiles_kernel, jax.ShapeDtypeStruct((16, 8), jnp.int32), 128, 64)
     assert text.count("stablehlo.custom_call") == 1
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from gemma4_jax.kernels import dispatch, moe_mgpu, router
+from gemma4_jax.testing.lowering import lowered_for_the_gpu
 
 pytestmark = pytest.mark.usefixtures("float32_as_the_api_runs_it")  # float32 products at full precision on a GPU too
 
@@ -53,9 +54,8 @@ def test_route_rounds_the_logits_to_the_model_dtype():
 
 
 def test_route_kernel_lowers_for_the_gpu():
-    text = router.route.trace(jax.ShapeDtypeStruct((22, 16, 128), jnp.float32),
-                              jax.ShapeDtypeStruct((128,), jnp.bfloat16), top_k=8).lower(
-        lowering_platforms=("cuda",)).as_text()
+    text = lowered_for_the_gpu(router.route, jax.ShapeDtypeStruct((22, 16, 128), jnp.float32),
+                               jax.ShapeDtypeStruct((128,), jnp.bfloat16), top_k=8)
     assert "router_top8_of_128" in text and "stablehlo.sort" not in text
 
 

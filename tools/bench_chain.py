@@ -24,6 +24,7 @@ differently, so compare settings within one target, and time on the card.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import re
@@ -199,6 +200,7 @@ def compile_step(cfg, batch: int, context: int, impl: str, target: str) -> str:
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Gemma4Text(cfg, jnp.bfloat16, nnx.Rngs(0))))
     cache = jax.eval_shape(lambda: init_cache(cfg, batch, context, jnp.bfloat16))
     tok = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    context = contextlib.nullcontext()
     if target == "h200":
         from jax.experimental import topologies
         from jax.sharding import NamedSharding, PartitionSpec
@@ -211,11 +213,16 @@ def compile_step(cfg, batch: int, context: int, impl: str, target: str) -> str:
                              f"and JAX_PLATFORMS=cpu JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 in the environment "
                              f"({type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})"
                              ) from None
-        sharding = NamedSharding(topologies.make_mesh(topology, (1,), ("x",)), PartitionSpec())
+        from gemma4_jax.testing.lowering import as_for_a_gpu
+
+        mesh = topologies.make_mesh(topology, (1,), ("x",))
+        sharding = NamedSharding(mesh, PartitionSpec())
         state, cache, tok = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                                          (state, cache, tok))
+        context = as_for_a_gpu(mesh)  # jax >= 0.11's Pallas reads the card from the abstract mesh
     options = _programs().compiler_options(True) or None  # as the decode loop compiles (scheduling, options)
-    return decode_logits.lower(graphdef, state, cache, tok, tok, impl=impl).compile(options).as_text()
+    with context:
+        return decode_logits.lower(graphdef, state, cache, tok, tok, impl=impl).compile(options).as_text()
 
 
 def run(args) -> dict:
