@@ -242,7 +242,7 @@ def _attention_kernel(q_ref, k_ref, v_ref, o_ref, *, head_dim: int, groups: int,
                 plgpu.barrier_wait(k_full.at[bar])
 
                 def qk(acc_ref):
-                    plgpu.wgmma(acc_ref, q_smem.at[c], plgpu.transpose_ref(k_smem.at[c, slot], (1, 0)))
+                    plgpu.wgmma(acc_ref, q_smem.at[c], k_smem.at[c, slot].transpose((1, 0)))
                     return acc_ref[...]
 
                 s_part = pl.run_scoped(qk, acc_type((BLOCK_Q, bkv), jnp.float32))

@@ -3,7 +3,7 @@
 Loaded by the kernels only for interpret mode (`params(True)` installs the shims on first use); the GPU path
 never touches the interpreter's internals. Each shim is a no-op where the internals are not where expected
 (then the interpreter raises its own error):
-* wgmma with transposed operands (`plgpu.transpose_ref`), which the interpreter lacks before jax 0.11.2;
+* wgmma with transposed operands (`ref.transpose`), which the interpreter lacks before jax 0.11.2;
 * a per-thread runner that puts the simulated warpgroups on distinct CPU devices, compiles each once and
   returns only when the thread's program has finished.
 """
@@ -39,7 +39,7 @@ def _interpret_params(interpret):
 
 
 def _install_interpret_transpose_shim():
-    """Teach GPU interpret mode's wgmma transposed operands (`plgpu.transpose_ref`), if it lacks them.
+    """Teach GPU interpret mode's wgmma transposed operands (`ref.transpose`), if it lacks them.
 
     jax 0.10's interpreter resolves wgmma operands with plain index ranges and fails on a TransposeTransform.
     This wraps its host callback: trailing transposes are peeled off the operand's transforms, the operand is

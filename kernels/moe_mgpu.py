@@ -293,7 +293,7 @@ def _grouped_kernel(tab_ref, a_ref, *refs, n_b: int, bm: int, bn: int, bk: int, 
         def acc_scope(*accs):
             def step(_, a_smem, *b_smem):
                 for acc, b in zip(accs, b_smem, strict=True):
-                    plgpu.wgmma(acc, a_smem, plgpu.transpose_ref(b, (1, 0)))
+                    plgpu.wgmma(acc, a_smem, b.transpose((1, 0)))
                 plgpu.wgmma_wait(n_b)  # the previous step's products are done: its slots may be refilled
 
             plgpu.emit_pipeline(

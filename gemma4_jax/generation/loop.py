@@ -141,7 +141,7 @@ def decode_step(model, cache: KVCache, token_b, pos_b, impl: str = "auto"):
     return model.head(x[:b])[:, 0], attender.cache
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames="impl", donate_argnums=(2, 3))
+@functools.partial(jax.jit, static_argnums=0, static_argnames="impl", donate_argnums=(2,))
 def decode_logits(graphdef, params, cache: KVCache, token_b, pos_b, impl: str = "auto"):
     """Jitted `decode_step` (for tests and teacher-forced scoring)."""
     return decode_step(merge(graphdef, params), cache, token_b, pos_b, impl)
