@@ -191,10 +191,10 @@ def _attention_kernel(q_ref, k_ref, v_ref, o_ref, *, head_dim: int, groups: int,
     def read_scores(ref):
         if interpret or cfg.exchange_swizzle:
             return ref[...]  # a tiled + swizzled ref loads in the wgmma layout
-        try:
+        try:  # jax >= 0.11: the ref alone (an index beside it is deprecated there)
+            return plgpu.load(ref, layout=_layout("acc"), optimized=False)
+        except TypeError:  # jax 0.10: the index is a required argument
             return plgpu.load(ref, (), layout=_layout("acc"), optimized=False)
-        except TypeError:  # no `optimized` keyword in this jax
-            return plgpu.load(ref, (), layout=_layout("acc"))
 
     def body(q_smem, k_smem, v_smem, x_smem, p_smem, k_full, v_full, k_free, v_free, q_full, x_bar):
         # q_smem [2, 64, H/2]; k_smem, v_smem [2, stages, bkv, H/2]; x_smem [2 parity, 2, 64, bkv] float32;
