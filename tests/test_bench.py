@@ -216,6 +216,25 @@ def test_trace_spans_keep_work_between_the_jobs_out():
     assert [[e[2] for e in g] for g in groups] == [["a", "b"], ["c", "d"]]
 
 
+def test_device_events_read_the_gpu_and_else_the_xla_threads():
+    """A GPU trace's kernels are its device processes' events; where those hold none (programs run on the CPU of a
+    machine with GPUs, whose trace still lists them) they are the XLA threads' events, as in a CPU-only trace."""
+    from trace_summary import device_events
+
+    def meta(kind, pid, name, tid=None):
+        return {"ph": "M", "name": kind, "pid": pid, "args": {"name": name}, **({} if tid is None else {"tid": tid})}
+
+    def ev(pid, tid, ts, name):
+        return {"ph": "X", "pid": pid, "tid": tid, "ts": ts, "dur": 2.0, "name": name}
+
+    host = [meta("process_name", 1, "/host:CPU"), meta("thread_name", 1, "tf_XLACpuThreadPool/1", tid=7),
+            meta("thread_name", 1, "python", tid=8), ev(1, 7, 5.0, "fusion.1"), ev(1, 8, 1.0, "PjitFunction")]
+    gpu = [meta("process_name", 2, "/device:GPU:0 NVIDIA H200"), meta("thread_name", 2, "stream 7", tid=1)]
+    assert [e[2] for e in device_events(host)] == ["fusion.1"]
+    assert [e[2] for e in device_events(host + gpu)] == ["fusion.1"]  # the GPU's process is empty
+    assert [e[2] for e in device_events(host + gpu + [ev(2, 1, 9.0, "gemv_1536x2048")])] == ["gemv_1536x2048"]
+
+
 def test_device_seconds_times_each_job_from_a_trace():
     """Two real programs in one CPU trace: one burst each, with their kernels' busy time (finite, positive)."""
     import jax

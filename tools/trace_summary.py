@@ -73,11 +73,13 @@ def read_trace(path: str) -> list[dict]:
 
 def device_events(events: list[dict]) -> list[tuple[float, float, str]]:
     """(start µs, duration µs, kernel name) of every complete event on the device, in start order (a GPU trace: the
-    `/device:…` processes; a CPU-only trace: the XLA runtime threads)."""
+    `/device:…` processes; a CPU-only trace, or one whose device processes hold no event, as where programs ran on
+    the CPU of a machine with GPUs: the XLA runtime threads)."""
     procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
                if e.get("ph") == "M" and e.get("name") == "thread_name"}
-    gpu = {p for p, n in procs.items() if "GPU" in n or "/device:" in n}
+    busy = {e["pid"] for e in events if e.get("ph") == "X"}
+    gpu = {p for p, n in procs.items() if ("GPU" in n or "/device:" in n) and p in busy}
 
     def on_device(e) -> bool:
         if gpu:
