@@ -29,6 +29,7 @@ from gemma4_jax.kernels.flash_attention_mgpu import (
     flash_attention_mgpu,
     smem_bytes,
 )
+from gemma4_jax.testing.lowering import lowered_for_the_gpu
 
 
 def _interpret_available() -> str | None:
@@ -112,7 +113,7 @@ def test_matches_reference_slow(b, t, n, kh, h, window, scale, amp, config):
 
 def _cuda_lowering_available() -> bool:
     try:
-        jax.jit(lambda x: x + 1).trace(jax.ShapeDtypeStruct((8,), jnp.float32)).lower(lowering_platforms=("cuda",))
+        lowered_for_the_gpu(jax.jit(lambda x: x + 1), jax.ShapeDtypeStruct((8,), jnp.float32))
         return True
     except Exception:  # noqa: BLE001 - any failure means: cannot lower for CUDA on this host
         return False
@@ -130,8 +131,7 @@ def test_lowers_to_mosaic_gpu(h, g, window, config):
     — everything short of PTX generation and running, which need a GPU."""
     q = jax.ShapeDtypeStruct((1, 1000, 8, h), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((1, 1000, 8 // g, h), jnp.bfloat16)
-    lowered = flash_attention_mgpu.trace(q, k, k, window=window, config=config).lower(lowering_platforms=("cuda",))
-    assert "mosaic_gpu" in lowered.as_text()
+    assert "mosaic_gpu" in lowered_for_the_gpu(flash_attention_mgpu, q, k, k, window=window, config=config)
 
 
 def test_default_configs_fit_shared_memory():

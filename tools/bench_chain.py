@@ -200,7 +200,7 @@ def compile_step(cfg, batch: int, context: int, impl: str, target: str) -> str:
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Gemma4Text(cfg, jnp.bfloat16, nnx.Rngs(0))))
     cache = jax.eval_shape(lambda: init_cache(cfg, batch, context, jnp.bfloat16))
     tok = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    context = contextlib.nullcontext()
+    target_scope = contextlib.nullcontext()
     if target == "h200":
         from jax.experimental import topologies
         from jax.sharding import NamedSharding, PartitionSpec
@@ -219,9 +219,9 @@ def compile_step(cfg, batch: int, context: int, impl: str, target: str) -> str:
         sharding = NamedSharding(mesh, PartitionSpec())
         state, cache, tok = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                                          (state, cache, tok))
-        context = as_for_a_gpu(mesh)  # jax >= 0.11's Pallas reads the card from the abstract mesh
+        target_scope = as_for_a_gpu(mesh)  # jax >= 0.11's Pallas reads the card from the abstract mesh
     options = _programs().compiler_options(True) or None  # as the decode loop compiles (scheduling, options)
-    with context:
+    with target_scope:
         return decode_logits.lower(graphdef, state, cache, tok, tok, impl=impl).compile(options).as_text()
 
 
